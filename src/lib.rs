@@ -1,0 +1,5 @@
+//! kiln: an OS image build appliance. A recipe goes in; a bootable, verified, signed disk image
+//! comes out. See DESIGN.md for the architecture; each module owns one concern.
+
+pub mod disk;
+pub mod tree;

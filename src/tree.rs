@@ -953,6 +953,7 @@ mod tests {
             h.set_uid(0);
             h.set_gid(0);
             h.set_mtime(0);
+            h.set_mode(0o644);
             h
         };
         let mut h = new_header();

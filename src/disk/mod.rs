@@ -110,3 +110,4 @@ mod tests {
         assert_eq!(&v[10..14], b"abcd");
     }
 }
+pub mod layout;

@@ -1,0 +1,224 @@
+//! The `kiln` command line: argument parsing (clap derive) and one function per subcommand.
+//! Results go to stdout (`--json` for machines), logs to stderr through `tracing`.
+
+use crate::recipe::{self, Diagnostic, LoadOptions};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Exit code for recipe errors (bad input the user can fix).
+pub const EXIT_RECIPE: i32 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build bootable OS disk images from recipes, prove they boot, and ship them",
+    long_about = "kiln turns a recipe (YAML rendered with minijinja templates) into a partitioned, \
+                  bootable raw or qcow2 disk image, boots it under QEMU to prove it works, and \
+                  publishes it for the hosts that run it.",
+    after_help = "Examples:\n  kiln render recipes/minimal.yaml --set hostname=demo\n  \
+                  kiln check recipes/*.yaml\n  kiln completions bash > /etc/bash_completion.d/kiln"
+)]
+pub struct Cli {
+    /// More log output on stderr (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a recipe fully rendered, merged and validated.
+    #[command(after_help = "Examples:\n  kiln render recipes/minimal.yaml\n  \
+                            kiln render recipes/minimal.yaml --set hostname=demo --json")]
+    Render(RenderArgs),
+    /// Validate recipes; exit 0 when all are valid, 2 when any is not.
+    #[command(after_help = "Examples:\n  kiln check recipes/*.yaml\n  \
+                            kiln check --json recipes/minimal.yaml")]
+    Check(CheckArgs),
+    /// Print the JSON Schema of recipes (the one in recipes/schema.json).
+    #[command(after_help = "Example:\n  kiln schema > recipes/schema.json")]
+    Schema,
+    /// Print shell completions.
+    #[command(after_help = "Examples:\n  kiln completions bash > ~/.local/share/bash-completion/completions/kiln\n  \
+                            kiln completions zsh > ~/.zfunc/_kiln")]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Options shared by commands that read a recipe.
+#[derive(Debug, Args)]
+pub struct RecipeOpts {
+    /// Override a recipe parameter (repeatable); the value takes the type of the default.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub set: Vec<(String, String)>,
+    /// The project's templates directory (default: the nearest templates/ above the recipe).
+    #[arg(long, value_name = "DIR")]
+    pub templates: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// The recipe file.
+    pub recipe: PathBuf,
+    #[command(flatten)]
+    pub opts: RecipeOpts,
+    /// Print JSON instead of YAML.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Recipe files.
+    #[arg(required = true)]
+    pub recipes: Vec<PathBuf>,
+    #[command(flatten)]
+    pub opts: RecipeOpts,
+    /// Print one JSON object per recipe.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE (e.g. --set hostname=demo)")),
+    }
+}
+
+impl RecipeOpts {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            set: self.set.clone(),
+            templates_dir: self.templates.clone(),
+            ..LoadOptions::default()
+        }
+    }
+}
+
+/// Set up logging to stderr.
+pub fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (_, 0) => "info",
+        (_, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("kiln={level}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+/// Run the command; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Render(args) => render(args),
+        Command::Check(args) => check(args),
+        Command::Schema => {
+            let text = serde_json::to_string_pretty(&recipe::schema::json_schema())?;
+            println!("{text}");
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());
+            Ok(0)
+        }
+    }
+}
+
+fn report(d: &Diagnostic) {
+    eprint!("{d}");
+}
+
+fn render(args: RenderArgs) -> anyhow::Result<i32> {
+    let loaded = match recipe::load(&args.recipe, &args.opts.load_options()) {
+        Ok(l) => l,
+        Err(d) => {
+            report(&d);
+            return Ok(EXIT_RECIPE);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let value = serde_json::json!({
+            "recipe": loaded.recipe,
+            "build": {
+                "inputs": loaded.inputs,
+                "source_date_epoch": loaded.source_date_epoch,
+            },
+            "params": loaded.params,
+            "files": loaded.rendered_files,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+    } else {
+        writeln!(out, "# inputs: {}", loaded.inputs)?;
+        writeln!(out, "# source_date_epoch: {}", loaded.source_date_epoch)?;
+        let options = serde_saphyr::SerializerOptions {
+            folded_wrap_chars: usize::MAX,
+            ..Default::default()
+        };
+        let yaml = serde_saphyr::to_string_with_options(&loaded.recipe, options)
+            .map_err(|e| anyhow::anyhow!("printing the recipe as YAML: {e}"))?;
+        write!(out, "{yaml}")?;
+        for (path, text) in &loaded.rendered_files {
+            writeln!(out, "# --- {path} (rendered template)")?;
+            for line in text.lines() {
+                writeln!(out, "#   {line}")?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<i32> {
+    let mut failed = 0;
+    let opts = args.opts.load_options();
+    let mut out = std::io::stdout().lock();
+    for path in &args.recipes {
+        match recipe::load(path, &opts) {
+            Ok(loaded) => {
+                if args.json {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({"recipe": path, "ok": true, "inputs": loaded.inputs})
+                    )?;
+                } else {
+                    writeln!(out, "ok  {}  {}", path.display(), loaded.inputs)?;
+                }
+            }
+            Err(d) => {
+                failed += 1;
+                if args.json {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({"recipe": path, "ok": false, "error": d.to_json()})
+                    )?;
+                } else {
+                    report(&d);
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        tracing::error!("{failed} of {} recipes failed", args.recipes.len());
+        return Ok(EXIT_RECIPE);
+    }
+    Ok(0)
+}

@@ -1,0 +1,13 @@
+//! Recipes: the YAML that platform engineers write, rendered with minijinja, checked against a
+//! typed schema and merged along its `extends:` chain. `load` is the entry point.
+
+pub mod diag;
+pub mod load;
+pub mod locate;
+pub mod render;
+pub mod schema;
+pub mod validate;
+
+pub use diag::{Diagnostic, Kind as DiagnosticKind};
+pub use load::{GitInfo, LoadOptions, Loaded, load};
+pub use schema::Recipe;

@@ -168,10 +168,8 @@ fn render(args: RenderArgs) -> anyhow::Result<i32> {
     } else {
         writeln!(out, "# inputs: {}", loaded.inputs)?;
         writeln!(out, "# source_date_epoch: {}", loaded.source_date_epoch)?;
-        let options = serde_saphyr::SerializerOptions {
-            folded_wrap_chars: usize::MAX,
-            ..Default::default()
-        };
+        let mut options = serde_saphyr::SerializerOptions::default();
+        options.prefer_block_scalars = false;
         let yaml = serde_saphyr::to_string_with_options(&loaded.recipe, options)
             .map_err(|e| anyhow::anyhow!("printing the recipe as YAML: {e}"))?;
         write!(out, "{yaml}")?;

@@ -6,8 +6,17 @@ fn main() {
     let code = match kiln::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
-            1
+            let broken_pipe = err
+                .chain()
+                .filter_map(|e| e.downcast_ref::<std::io::Error>())
+                .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+            if broken_pipe {
+                // The reader went away (`kiln render … | head`): not an error worth a message.
+                0
+            } else {
+                eprintln!("error: {err:#}");
+                1
+            }
         }
     };
     std::process::exit(code);

@@ -475,6 +475,7 @@ fn yaml_error(doc: &Doc, rendered: &str, e: &serde_saphyr::Error) -> Diagnostic 
 fn clean_yaml_message(e: &serde_saphyr::Error) -> String {
     let full = e.to_string();
     let first = full.lines().next().unwrap_or(&full).trim();
+    let first = first.trim_start_matches("error: ");
     let first = match first.find(" at line ") {
         Some(i) => &first[..i],
         None => first,
@@ -484,7 +485,7 @@ fn clean_yaml_message(e: &serde_saphyr::Error) -> String {
         Some((pos, rest)) if pos.contains("column") => rest,
         _ => first,
     };
-    first.trim_start_matches("error: ").to_string()
+    first.to_string()
 }
 
 /// `unknown field `x`, expected one of `a`, `b`` → (x, [a, b]).

@@ -45,8 +45,10 @@ pub enum Command {
     #[command(after_help = "Example:\n  kiln schema > recipes/schema.json")]
     Schema,
     /// Print shell completions.
-    #[command(after_help = "Examples:\n  kiln completions bash > ~/.local/share/bash-completion/completions/kiln\n  \
-                            kiln completions zsh > ~/.zfunc/_kiln")]
+    #[command(
+        after_help = "Examples:\n  kiln completions bash > ~/.local/share/bash-completion/completions/kiln\n  \
+                            kiln completions zsh > ~/.zfunc/_kiln"
+    )]
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,

@@ -32,8 +32,7 @@ fn golden(name: &str, actual: &str) {
     let expected = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1)", path.display()));
     assert_eq!(
-        expected,
-        actual,
+        expected, actual,
         "{name} changed; review and run with UPDATE_GOLDEN=1 to accept"
     );
 }
@@ -49,18 +48,29 @@ fn examples_render_to_their_golden_output() {
         ),
         ("recipes/minimal-demo.yaml", vec![], "minimal-demo.yaml"),
     ] {
-        let o = run(kiln().current_dir(root()).arg("render").arg(recipe).args(&args));
+        let o = run(kiln()
+            .current_dir(root())
+            .arg("render")
+            .arg(recipe)
+            .args(&args));
         assert!(o.status.success(), "{recipe}: {}", text(&o.stderr));
         golden(out, &text(&o.stdout));
     }
-    let o = run(kiln()
-        .current_dir(root())
-        .args(["render", "recipes/minimal.yaml", "--set", "hostname=demo", "--json"]));
+    let o = run(kiln().current_dir(root()).args([
+        "render",
+        "recipes/minimal.yaml",
+        "--set",
+        "hostname=demo",
+        "--json",
+    ]));
     assert!(o.status.success(), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["recipe"]["rootfs"]["hostname"], "demo");
     let inputs = v["build"]["inputs"].as_str().unwrap();
-    assert!(inputs.starts_with("sha256:") && inputs.len() == 71, "{inputs}");
+    assert!(
+        inputs.starts_with("sha256:") && inputs.len() == 71,
+        "{inputs}"
+    );
     assert_eq!(
         v["recipe"]["verify"]["expect"],
         format!("kiln-boot-ok {inputs}")
@@ -131,7 +141,10 @@ fn completions_and_help() {
     for sub in ["render", "check", "schema", "completions"] {
         let o = run(kiln().args([sub, "--help"]));
         assert!(o.status.success(), "{sub}");
-        assert!(text(&o.stdout).contains("Example"), "{sub} --help has no example");
+        assert!(
+            text(&o.stdout).contains("Example"),
+            "{sub} --help has no example"
+        );
     }
 }
 
@@ -165,7 +178,12 @@ struct Case {
     message: &'static str,
 }
 
-fn case(name: &'static str, recipe: impl Into<String>, place: &'static str, message: &'static str) -> Case {
+fn case(
+    name: &'static str,
+    recipe: impl Into<String>,
+    place: &'static str,
+    message: &'static str,
+) -> Case {
     Case {
         name,
         recipe: recipe.into(),
@@ -179,8 +197,18 @@ fn case(name: &'static str, recipe: impl Into<String>, place: &'static str, mess
 #[test]
 fn bad_inputs_fail_with_place_caret_and_help() {
     let cases = vec![
-        case("yaml syntax", "name: t\nkernel: [a,\n  b: c\n", "r.yaml:2:9", "expected"),
-        case("template syntax", "name: {{ params.x \n", "r.yaml:1:", "syntax error"),
+        case(
+            "yaml syntax",
+            "name: t\nkernel: [a,\n  b: c\n",
+            "r.yaml:2:9",
+            "expected",
+        ),
+        case(
+            "template syntax",
+            "name: {{ params.x \n",
+            "r.yaml:1:",
+            "syntax error",
+        ),
         case(
             "undefined variable",
             GOOD.replace("content: a", "content: \"{{ params.nope }}\""),
@@ -193,7 +221,12 @@ fn bad_inputs_fail_with_place_caret_and_help() {
             "r.yaml:7:",
             "undefined",
         ),
-        case("unknown field with suggestion", GOOD.replace("name: t", "nmae: t"), "r.yaml:1:1", "unknown field `nmae`"),
+        case(
+            "unknown field with suggestion",
+            GOOD.replace("name: t", "nmae: t"),
+            "r.yaml:1:1",
+            "unknown field `nmae`",
+        ),
         case(
             "unknown nested field",
             GOOD.replace("  partitions:", "  partitons:"),
@@ -208,7 +241,8 @@ fn bad_inputs_fail_with_place_caret_and_help() {
         ),
         case(
             "partitions larger than disk",
-            GOOD.replace("size: 1G", "size: 100M").replace("size: auto", "size: 200M"),
+            GOOD.replace("size: 1G", "size: 100M")
+                .replace("size: auto", "size: 200M"),
             "r.yaml:9:3",
             "need 266 MiB (264 MiB plus 2 MiB for the partition table and alignment) but the disk is 100 MiB",
         ),
@@ -218,11 +252,24 @@ fn bad_inputs_fail_with_place_caret_and_help() {
             "r.yaml:18:",
             "two root partitions",
         ),
-        case("relative image path", GOOD.replace("path: /etc/a", "path: etc/a"), "r.yaml:6:", "is relative"),
-        case("dotdot image path", GOOD.replace("path: /etc/a", "path: /etc/../a"), "r.yaml:6:", "`..`"),
+        case(
+            "relative image path",
+            GOOD.replace("path: /etc/a", "path: etc/a"),
+            "r.yaml:6:",
+            "is relative",
+        ),
+        case(
+            "dotdot image path",
+            GOOD.replace("path: /etc/a", "path: /etc/../a"),
+            "r.yaml:6:",
+            "`..`",
+        ),
         case(
             "duplicate image path",
-            GOOD.replace("      content: a\n", "      content: a\n    - path: /etc/a\n      content: b\n"),
+            GOOD.replace(
+                "      content: a\n",
+                "      content: a\n    - path: /etc/a\n      content: b\n",
+            ),
             "r.yaml:8:",
             "given twice",
         ),
@@ -252,11 +299,21 @@ fn bad_inputs_fail_with_place_caret_and_help() {
         },
         Case {
             args: vec!["--set", "hostnmae=x"],
-            ..case("unknown --set parameter", format!("params:\n  hostname: a\n{GOOD}"), "", "no parameter `hostnmae`")
+            ..case(
+                "unknown --set parameter",
+                format!("params:\n  hostname: a\n{GOOD}"),
+                "",
+                "no parameter `hostnmae`",
+            )
         },
         Case {
             args: vec!["--set", "count=many"],
-            ..case("--set of the wrong type", format!("params:\n  count: 1\n{GOOD}"), "", "integer")
+            ..case(
+                "--set of the wrong type",
+                format!("params:\n  count: 1\n{GOOD}"),
+                "",
+                "integer",
+            )
         },
         Case {
             files: vec![("outside.yaml", "name: x\n")],
@@ -279,8 +336,18 @@ fn bad_inputs_fail_with_place_caret_and_help() {
             "r.yaml:2:",
             "plain YAML",
         ),
-        case("no root partition", GOOD.replace("type: root", "type: data"), "r.yaml:10:", "no root partition"),
-        case("bad mode", GOOD.replace("content: a", "content: a\n      mode: \"999\""), "r.yaml:8:", "not an octal"),
+        case(
+            "no root partition",
+            GOOD.replace("type: root", "type: data"),
+            "r.yaml:10:",
+            "no root partition",
+        ),
+        case(
+            "bad mode",
+            GOOD.replace("content: a", "content: a\n      mode: \"999\""),
+            "r.yaml:8:",
+            "not an octal",
+        ),
     ];
     let mut failures = Vec::new();
     for c in cases {
@@ -302,8 +369,11 @@ fn bad_inputs_fail_with_place_caret_and_help() {
             std::fs::write(at, t).unwrap();
         }
         if c.name == "template symlink escapes" {
-            std::os::unix::fs::symlink(dir.path().join("outside.txt"), proj.join("templates/link.j2"))
-                .unwrap();
+            std::os::unix::fs::symlink(
+                dir.path().join("outside.txt"),
+                proj.join("templates/link.j2"),
+            )
+            .unwrap();
             std::fs::write(dir.path().join("outside.txt"), "secret").unwrap();
         }
         if c.name == "include escapes its root" {
@@ -330,7 +400,10 @@ fn bad_inputs_fail_with_place_caret_and_help() {
             if !err.contains(c.place) {
                 why.push(format!("no place {:?}", c.place));
             }
-            if !err.lines().any(|l| l.trim_start().starts_with("| ") && l.trim_end().ends_with('^')) {
+            if !err
+                .lines()
+                .any(|l| l.trim_start().starts_with("| ") && l.trim_end().ends_with('^'))
+            {
                 why.push("no caret line".into());
             }
         }

@@ -33,5 +33,7 @@ pub fn parse_size(text: &str) -> Result<Size, LayoutError> {
         "T" | "TiB" => 1 << 40,
         _ => return Err(LayoutError::BadSize(text.into())),
     };
-    n.checked_mul(mult).map(Size::Bytes).ok_or_else(|| LayoutError::BadSize(text.into()))
+    n.checked_mul(mult)
+        .map(Size::Bytes)
+        .ok_or_else(|| LayoutError::BadSize(text.into()))
 }

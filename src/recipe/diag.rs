@@ -39,7 +39,7 @@ pub enum Kind {
 pub struct Diagnostic {
     pub kind: Kind,
     pub message: String,
-    pub place: Option<Place>,
+    pub place: Option<Box<Place>>,
     pub help: Option<String>,
 }
 
@@ -54,7 +54,7 @@ impl Diagnostic {
     }
 
     pub fn at(mut self, place: Option<Place>) -> Self {
-        self.place = place;
+        self.place = place.map(Box::new);
         self
     }
 
@@ -65,14 +65,9 @@ impl Diagnostic {
 
     /// `file:line:column`, if the error has a place.
     pub fn location(&self) -> Option<String> {
-        self.place.as_ref().map(|p| {
-            format!(
-                "{}:{}:{}",
-                p.file.display(),
-                p.pos.line,
-                p.pos.column
-            )
-        })
+        self.place
+            .as_ref()
+            .map(|p| format!("{}:{}:{}", p.file.display(), p.pos.line, p.pos.column))
     }
 
     /// Machine-readable form for `--json`.
@@ -168,7 +163,10 @@ mod tests {
 
     #[test]
     fn suggests_close_names_only() {
-        assert_eq!(did_you_mean("nmae", ["name", "kernel"]), Some("name".into()));
+        assert_eq!(
+            did_you_mean("nmae", ["name", "kernel"]),
+            Some("name".into())
+        );
         assert_eq!(did_you_mean("zzz", ["name", "kernel"]), None);
     }
 }

@@ -165,9 +165,15 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
     for doc in chain.iter().rev() {
         let rendered = renderer.render_str(&doc.path, &doc.text, &ctx)?;
         deserialize_doc(doc, &rendered)?;
-        let value: Value = serde_saphyr::from_str(&rendered).map_err(|e| yaml_error(doc, &rendered, &e))?;
+        let value: Value =
+            serde_saphyr::from_str(&rendered).map_err(|e| yaml_error(doc, &rendered, &e))?;
         merge(&mut merged, value);
-        indexes.push((doc, PathIndex::new(&rendered), LineMap::new(&doc.text, &rendered), rendered));
+        indexes.push((
+            doc,
+            PathIndex::new(&rendered),
+            LineMap::new(&doc.text, &rendered),
+            rendered,
+        ));
     }
     if let Value::Object(map) = &mut merged {
         map.remove("extends");
@@ -181,7 +187,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
 
     // Semantic checks, located in the child-most file that writes the path.
     let locate = |path: &str| -> Option<Place> {
-        let exact = indexes.iter().rev().find(|(_, idx, _, _)| idx.contains(path));
+        let exact = indexes
+            .iter()
+            .rev()
+            .find(|(_, idx, _, _)| idx.contains(path));
         let (doc, idx, map, rendered) = exact.or_else(|| indexes.last())?;
         let pos = idx.find(path)?;
         Some(place_in(doc, rendered, map, pos))
@@ -287,7 +296,10 @@ fn read_chain(path: &Path) -> Result<Vec<Doc>, Diagnostic> {
             let real = base_path.canonicalize().map_err(|e| {
                 Diagnostic::new(
                     Kind::Io,
-                    format!("cannot read base recipe `{base}` ({}): {e}", base_path.display()),
+                    format!(
+                        "cannot read base recipe `{base}` ({}): {e}",
+                        base_path.display()
+                    ),
                 )
                 .at(place.clone())
                 .help("`extends:` takes a path relative to this recipe's directory")
@@ -295,12 +307,17 @@ fn read_chain(path: &Path) -> Result<Vec<Doc>, Diagnostic> {
             if !real.starts_with(&project) {
                 return Err(Diagnostic::new(
                     Kind::Semantic,
-                    format!("base recipe `{base}` is outside the project {}", project.display()),
+                    format!(
+                        "base recipe `{base}` is outside the project {}",
+                        project.display()
+                    ),
                 )
                 .at(place)
                 .help("extend recipes inside the project only"));
             }
-            if chain.iter().any(|d| d.path.canonicalize().ok().as_ref() == Some(&real))
+            if chain
+                .iter()
+                .any(|d| d.path.canonicalize().ok().as_ref() == Some(&real))
                 || path.canonicalize().ok().as_ref() == Some(&real)
             {
                 return Err(Diagnostic::new(
@@ -318,8 +335,10 @@ fn read_chain(path: &Path) -> Result<Vec<Doc>, Diagnostic> {
             preamble,
         });
         if chain.len() > 16 {
-            return Err(Diagnostic::new(Kind::Semantic, "`extends:` chain longer than 16")
-                .help("flatten the recipe hierarchy"));
+            return Err(
+                Diagnostic::new(Kind::Semantic, "`extends:` chain longer than 16")
+                    .help("flatten the recipe hierarchy"),
+            );
         }
     }
     Ok(chain)
@@ -336,9 +355,10 @@ fn parse_preamble(doc: &Doc) -> Result<Preamble, Diagnostic> {
             .next()
             .is_some_and(|c| !c.is_whitespace() && c != '-' && c != '#');
         if starts_block {
-            inside = PREAMBLE_KEYS
-                .iter()
-                .any(|k| line.strip_prefix(k).is_some_and(|r| r.trim_start().starts_with(':')));
+            inside = PREAMBLE_KEYS.iter().any(|k| {
+                line.strip_prefix(k)
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+            });
         }
         if inside {
             first_line.insert(out.lines().count(), n);
@@ -358,7 +378,10 @@ fn parse_preamble(doc: &Doc) -> Result<Preamble, Diagnostic> {
         )
         .at(Some(Place {
             file: doc.path.clone(),
-            pos: Pos { line: line + 1, column: 1 },
+            pos: Pos {
+                line: line + 1,
+                column: 1,
+            },
             line_text: doc.text.lines().nth(line).unwrap_or("").to_string(),
             rendered: None,
         }))
@@ -369,7 +392,10 @@ fn parse_preamble(doc: &Doc) -> Result<Preamble, Diagnostic> {
             .location()
             .map(|l| (l.line() as usize, l.column() as usize))
             .unwrap_or((1, 1));
-        let src_line = first_line.get(&line.saturating_sub(1)).copied().unwrap_or(0);
+        let src_line = first_line
+            .get(&line.saturating_sub(1))
+            .copied()
+            .unwrap_or(0);
         Diagnostic::new(Kind::Yaml, clean_yaml_message(&e))
             .at(Some(Place {
                 file: doc.path.clone(),
@@ -393,7 +419,10 @@ fn locate_raw(doc: &Doc, key: &str) -> Option<Place> {
         .find(|(_, l)| l.starts_with(key))?;
     Some(Place {
         file: doc.path.clone(),
-        pos: Pos { line: n + 1, column: 1 },
+        pos: Pos {
+            line: n + 1,
+            column: 1,
+        },
         line_text: line.to_string(),
         rendered: None,
     })
@@ -415,7 +444,10 @@ fn place_in(doc: &Doc, rendered: &str, map: &LineMap, pos: Pos) -> Place {
     if same {
         Place {
             file: doc.path.clone(),
-            pos: Pos { line, column: pos.column },
+            pos: Pos {
+                line,
+                column: pos.column,
+            },
             line_text,
             rendered: None,
         }
@@ -563,7 +595,9 @@ fn inputs_digest(
         h.update(bytes);
     };
     field("kiln-inputs", b"v1");
-    let base = top_dir.canonicalize().unwrap_or_else(|_| top_dir.to_path_buf());
+    let base = top_dir
+        .canonicalize()
+        .unwrap_or_else(|_| top_dir.to_path_buf());
     for doc in chain {
         // Names relative to the top recipe's directory, so a checkout's location does not matter.
         let real = doc.path.canonicalize().unwrap_or_else(|_| doc.path.clone());
@@ -579,7 +613,10 @@ fn inputs_digest(
         "params",
         serde_json::to_string(params).unwrap_or_default().as_bytes(),
     );
-    field("env", serde_json::to_string(env).unwrap_or_default().as_bytes());
+    field(
+        "env",
+        serde_json::to_string(env).unwrap_or_default().as_bytes(),
+    );
     field("epoch", &epoch.to_le_bytes());
     field("git", git.commit.as_bytes());
     format!("sha256:{}", hex::encode(h.finalize()))

@@ -63,10 +63,7 @@ impl LineMap {
     pub fn source_line(&self, rendered_line: usize) -> (usize, bool) {
         match self.lines.get(rendered_line.saturating_sub(1)) {
             Some(&(line, same)) => (line + 1, same),
-            None => (
-                self.lines.last().map(|l| l.0 + 1).unwrap_or(1),
-                false,
-            ),
+            None => (self.lines.last().map(|l| l.0 + 1).unwrap_or(1), false),
         }
     }
 }
@@ -97,7 +94,10 @@ impl PathIndex {
             };
             let is_node = matches!(
                 event,
-                Event::Scalar(..) | Event::MappingStart(..) | Event::SequenceStart(..) | Event::Alias(..)
+                Event::Scalar(..)
+                    | Event::MappingStart(..)
+                    | Event::SequenceStart(..)
+                    | Event::Alias(..)
             );
             if is_node {
                 // Is this node a key, or a value at some path?

@@ -249,7 +249,9 @@ mod tests {
     #[test]
     fn undefined_variables_are_errors_with_places() {
         let r = Renderer::new(TemplateRoots::new([]));
-        let ctx = minijinja::Value::from(minijinja::value::Serde(serde_json::json!({"params": {"a": 1}})));
+        let ctx = minijinja::Value::from(minijinja::value::Serde(
+            serde_json::json!({"params": {"a": 1}}),
+        ));
         let err = r
             .render_str(Path::new("r.yaml"), "x: 1\ny: {{ params.b }}\n", &ctx)
             .unwrap_err();

@@ -14,7 +14,11 @@ pub struct Problem {
     pub help: String,
 }
 
-fn problem(path: impl Into<String>, message: impl Into<String>, help: impl Into<String>) -> Problem {
+fn problem(
+    path: impl Into<String>,
+    message: impl Into<String>,
+    help: impl Into<String>,
+) -> Problem {
     Problem {
         path: path.into(),
         message: message.into(),
@@ -60,7 +64,10 @@ fn check_name(recipe: &Recipe, out: &mut Vec<Problem>) {
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
     if !ok {
         out.push(problem(
             "name",
@@ -135,7 +142,7 @@ fn check_disk(recipe: &Recipe, out: &mut Vec<Problem>) {
         let at = format!("disk.partitions[{i}]");
         if p.name.is_empty() {
             out.push(problem(
-                format!("{at}"),
+                at.to_string(),
                 format!("partition {} has no name", i + 1),
                 "give every partition a `name` (its GPT partition name)",
             ));
@@ -188,7 +195,10 @@ fn check_disk(recipe: &Recipe, out: &mut Vec<Problem>) {
         if p.mountpoint.is_some() && p.kind != PartitionType::Data {
             out.push(problem(
                 format!("{at}.mountpoint"),
-                format!("partition `{}`: only data partitions take a mountpoint", p.name),
+                format!(
+                    "partition `{}`: only data partitions take a mountpoint",
+                    p.name
+                ),
                 "remove `mountpoint`, or make the partition `type: data`",
             ));
         }
@@ -206,8 +216,12 @@ fn check_disk(recipe: &Recipe, out: &mut Vec<Problem>) {
         {
             out.push(problem(
                 format!("disk.partitions[{}].type", list[1]),
-                format!("two {kind:?} partitions (partitions {} and {})", list[0] + 1, list[1] + 1)
-                    .to_lowercase(),
+                format!(
+                    "two {kind:?} partitions (partitions {} and {})",
+                    list[0] + 1,
+                    list[1] + 1
+                )
+                .to_lowercase(),
                 "a disk has one root and at most one ESP; use `type: data` for other partitions",
             ));
         }
@@ -250,9 +264,9 @@ const SIZE_HELP: &str = "write a size like `512M`, `2G`, `4096` (bytes), `auto` 
 
 fn human(bytes: u64) -> String {
     const MIB: u64 = 1 << 20;
-    if bytes % (1 << 30) == 0 && bytes > 0 {
+    if bytes.is_multiple_of(1 << 30) && bytes > 0 {
         format!("{} GiB", bytes >> 30)
-    } else if bytes % MIB == 0 {
+    } else if bytes.is_multiple_of(MIB) {
         format!("{} MiB", bytes / MIB)
     } else {
         format!("{bytes} bytes")
@@ -271,7 +285,9 @@ fn bad_image_path(path: &str) -> Option<&'static str> {
     for c in inner.split('/') {
         match c {
             "" => return Some("has an empty component (`//`)"),
-            "." | ".." => return Some("has a `.` or `..` component; paths cannot leave the image root"),
+            "." | ".." => {
+                return Some("has a `.` or `..` component; paths cannot leave the image root");
+            }
             _ if c.contains('\0') => return Some("contains a NUL byte"),
             _ => {}
         }

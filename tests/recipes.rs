@@ -231,7 +231,7 @@ fn bad_inputs_fail_with_place_caret_and_help() {
             "unknown nested field",
             GOOD.replace("  partitions:", "  partitons:"),
             "r.yaml:10:3",
-            "unknown field `partitons`",
+            "did you mean `partitions`",
         ),
         case(
             "wrong type",

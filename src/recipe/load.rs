@@ -520,16 +520,21 @@ fn clean_yaml_message(e: &serde_saphyr::Error) -> String {
     first.to_string()
 }
 
-/// `unknown field `x`, expected one of `a`, `b`` → (x, [a, b]).
+/// `unknown field `x`, expected one of a, b` (names with or without backticks) → (x, [a, b]).
 fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
     let rest = message.split("unknown field `").nth(1)?;
     let (got, rest) = rest.split_once('`')?;
-    let expected = rest
-        .split('`')
-        .enumerate()
-        .filter(|(i, _)| i % 2 == 1)
-        .map(|(_, s)| s.to_string())
-        .collect();
+    let expected = match rest.split_once("expected one of ") {
+        Some((_, list)) => list
+            .split(", ")
+            .map(|s| s.trim().trim_matches('`').to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => match rest.split_once("expected ") {
+            Some((_, one)) => vec![one.trim().trim_matches('`').to_string()],
+            None => Vec::new(),
+        },
+    };
     Some((got.to_string(), expected))
 }
 
@@ -658,10 +663,14 @@ mod tests {
 
     #[test]
     fn unknown_field_parsing() {
-        let (got, exp) =
-            unknown_field("unknown field `nmae`, expected one of `name`, `version`").unwrap();
-        assert_eq!(got, "nmae");
-        assert_eq!(exp, ["name", "version"]);
+        for msg in [
+            "unknown field `nmae`, expected one of `name`, `version`",
+            "unknown field `nmae`, expected one of name, version",
+        ] {
+            let (got, exp) = unknown_field(msg).unwrap();
+            assert_eq!(got, "nmae");
+            assert_eq!(exp, ["name", "version"]);
+        }
     }
 
     #[test]

@@ -208,7 +208,7 @@ pub fn write_gpt(
 
 /// First and last LBA a partition may use on a disk of `disk_size` bytes.
 pub fn usable_lbas(disk_size: u64) -> Result<(u64, u64), GptError> {
-    if disk_size % SECTOR_SIZE != 0 {
+    if !disk_size.is_multiple_of(SECTOR_SIZE) {
         return Err(GptError::UnalignedDisk { size: disk_size });
     }
     let sectors = disk_size / SECTOR_SIZE;

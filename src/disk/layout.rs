@@ -252,7 +252,7 @@ pub fn plan(disk_size: Size, parts: &[PartitionSpec], seed: &str) -> Result<Layo
     let disk_is_auto = match disk_size {
         Size::Auto => true,
         Size::Bytes(0) => return Err(LayoutError::ZeroDisk),
-        Size::Bytes(n) if n % SECTOR_SIZE != 0 => {
+        Size::Bytes(n) if !n.is_multiple_of(SECTOR_SIZE) => {
             return Err(LayoutError::UnalignedDisk { size: n });
         }
         Size::Bytes(_) => false,

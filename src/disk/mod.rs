@@ -3,6 +3,9 @@
 
 use std::io;
 
+pub mod gpt;
+pub mod layout;
+
 /// A random-access byte sink: a raw image file, a qcow2 writer, or a partition window of either.
 /// Bytes never written read back as zeros, so writers leave zero regions unwritten.
 pub trait WriteAt {
@@ -110,4 +113,3 @@ mod tests {
         assert_eq!(&v[10..14], b"abcd");
     }
 }
-pub mod layout;

@@ -1,0 +1,178 @@
+//! kiln's local cache: `$KILN_HOME` (default `~/.cache/kiln`) and its content-addressed blob
+//! store. Blobs are written to a temp file, hashed while streaming, and renamed to
+//! `blobs/sha256/<hex>` only when complete, so a crash never leaves a partial blob under a digest.
+
+use crate::tree::Content;
+use sha2::{Digest, Sha256};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// `$KILN_HOME`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`, else `/var/tmp/kiln`.
+pub fn kiln_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("KILN_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(x).join("kiln");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(home).join(".cache").join("kiln");
+    }
+    PathBuf::from("/var/tmp/kiln")
+}
+
+/// A `sha256:<hex>` content digest.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Digest256(String);
+
+impl Digest256 {
+    /// Parse `sha256:<64 hex>`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let hex = text.strip_prefix("sha256:")?;
+        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+            .then(|| Digest256(text.to_string()))
+    }
+
+    pub fn from_sha256(hash: &[u8]) -> Self {
+        Digest256(format!("sha256:{}", hex::encode(hash)))
+    }
+
+    /// Digest of a byte slice.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self::from_sha256(&Sha256::digest(bytes))
+    }
+
+    pub fn hex(&self) -> &str {
+        &self.0["sha256:".len()..]
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Digest256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Content-addressed files under `<root>/blobs/sha256/`.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+impl BlobStore {
+    /// A store under `dir` (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        BlobStore { root: dir.into() }
+    }
+
+    /// The store in `$KILN_HOME`.
+    pub fn default_store() -> Self {
+        Self::new(kiln_home())
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.root.join("blobs").join("sha256")
+    }
+
+    /// Where a blob lives (whether or not it exists).
+    pub fn path(&self, digest: &Digest256) -> PathBuf {
+        self.dir().join(digest.hex())
+    }
+
+    pub fn contains(&self, digest: &Digest256) -> bool {
+        self.path(digest).is_file()
+    }
+
+    /// Stream `reader` into the store; returns its digest and length. Nothing appears under the
+    /// digest until all bytes are written and synced.
+    pub fn put(&self, reader: &mut dyn Read) -> io::Result<(Digest256, u64)> {
+        let dir = self.dir();
+        fs::create_dir_all(&dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0u64;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            tmp.write_all(&buf[..n])?;
+            len += n as u64;
+        }
+        let digest = Digest256::from_sha256(&hasher.finalize());
+        let dest = self.path(&digest);
+        if dest.is_file() {
+            return Ok((digest, len));
+        }
+        tmp.as_file().sync_all()?;
+        tmp.persist(&dest).map_err(|e| e.error)?;
+        Ok((digest, len))
+    }
+
+    /// Store bytes.
+    pub fn put_bytes(&self, bytes: &[u8]) -> io::Result<(Digest256, u64)> {
+        self.put(&mut &bytes[..])
+    }
+
+    /// Store a stream and return it as Tree content (a host file in the store).
+    pub fn put_content(&self, reader: &mut dyn Read) -> io::Result<Content> {
+        let (digest, len) = self.put(reader)?;
+        Ok(Content::Host {
+            path: self.path(&digest),
+            len,
+        })
+    }
+
+    /// Open a blob, checking that it is present.
+    pub fn open(&self, digest: &Digest256) -> io::Result<File> {
+        File::open(self.path(digest))
+    }
+}
+
+/// Write `bytes` to `path` atomically (temp file in the same directory, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_is_content_addressed_and_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path());
+        let (d1, n) = store.put_bytes(b"hello").unwrap();
+        let (d2, _) = store.put_bytes(b"hello").unwrap();
+        assert_eq!(d1, d2);
+        assert_eq!(n, 5);
+        assert_eq!(
+            d1.as_str(),
+            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(fs::read(store.path(&d1)).unwrap(), b"hello");
+        // Only the blob remains in the directory: no temp files.
+        assert_eq!(fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count(), 1);
+        assert!(Digest256::parse(d1.as_str()).is_some());
+        assert!(Digest256::parse("sha256:XYZ").is_none());
+    }
+}

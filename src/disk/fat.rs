@@ -120,7 +120,9 @@ pub enum FatError {
     DuplicateName { path: String, other: String },
     #[error("{path}: FAT cannot hold a {kind}; remove it from the ESP tree")]
     Unsupported { path: String, kind: &'static str },
-    #[error("{path}: {len} bytes is larger than the FAT32 file size limit of 4 GiB - 1 (4294967295 bytes)")]
+    #[error(
+        "{path}: {len} bytes is larger than the FAT32 file size limit of 4 GiB - 1 (4294967295 bytes)"
+    )]
     FileTooLarge { path: String, len: u64 },
     #[error(
         "{path}: directory has {entries} entries (long names included), more than the FAT limit of \
@@ -170,14 +172,16 @@ pub fn write_fat32(
     let label = parse_label(&opts.label)?;
     let plan = Plan::new(tree, label.is_some())?;
     let geo = Geometry::for_size(size)?;
-    let alloc = plan.allocate(&geo).map_err(|(path, needed)| FatError::NoSpace {
-        path,
-        needed,
-        available: u64::from(geo.clusters) * u64::from(geo.cluster_bytes()),
-        cluster_size: geo.cluster_bytes(),
-        size,
-        min_size: fat32_min_size(tree).unwrap_or(0),
-    })?;
+    let alloc = plan
+        .allocate(&geo)
+        .map_err(|(path, needed)| FatError::NoSpace {
+            path,
+            needed,
+            available: u64::from(geo.clusters) * u64::from(geo.cluster_bytes()),
+            cluster_size: geo.cluster_bytes(),
+            size,
+            min_size: fat32_min_size(tree).unwrap_or(0),
+        })?;
     let serial = {
         let id = derive_id(&opts.seed, "fat-serial");
         u32::from_le_bytes([id[0], id[1], id[2], id[3]])
@@ -255,14 +259,20 @@ struct Geometry {
 
 /// Sectors per cluster for FAT32 by volume size in sectors (fatgen103, "DskTableFAT32").
 fn sectors_per_cluster(total_sectors: u64) -> Option<u32> {
-    match total_sectors {
-        0..=MIN_SECTORS_EXCLUSIVE => None,
-        ..=532_480 => Some(1),
-        ..=16_777_216 => Some(8),
-        ..=33_554_432 => Some(16),
-        ..=67_108_864 => Some(32),
-        _ => Some(64),
+    const TABLE: [(u64, u32); 5] = [
+        (532_480, 1),     // up to 260 MiB: 512 B
+        (16_777_216, 8),  // up to 8 GiB: 4 KiB
+        (33_554_432, 16), // up to 16 GiB: 8 KiB
+        (67_108_864, 32), // up to 32 GiB: 16 KiB
+        (u64::MAX, 64),   // above: 32 KiB
+    ];
+    if total_sectors <= MIN_SECTORS_EXCLUSIVE {
+        return None;
     }
+    TABLE
+        .iter()
+        .find(|&&(limit, _)| total_sectors <= limit)
+        .map(|&(_, spc)| spc)
 }
 
 impl Geometry {
@@ -282,13 +292,13 @@ impl Geometry {
         // data area starts on a cluster boundary.
         let fat_for = |clusters: u64| {
             let mut sectors = ((clusters + 2) * 4).div_ceil(SECTOR);
-            while (reserved + fats * sectors) % spc != 0 {
+            while !(reserved + fats * sectors).is_multiple_of(spc) {
                 sectors += 1;
             }
             sectors
         };
         let clusters_with = |fat: u64| total.saturating_sub(reserved + fats * fat) / spc;
-        let aligned = |sectors: u64| (reserved + fats * sectors) % spc == 0;
+        let aligned = |sectors: u64| (reserved + fats * sectors).is_multiple_of(spc);
         // A FAT of `f` sectors is enough when it covers the clusters it leaves; that gets easier
         // as `f` grows. Sizing it for every sector as a cluster is enough; sizing it for the
         // clusters that leaves is a lower bound. Step up from there to the smallest that fits.
@@ -472,11 +482,7 @@ impl<'t> Plan<'t> {
             };
             let paths: Vec<&TreePath> = children.iter().map(|&c| nodes[c].path).collect();
             let names = name_directory(&paths)?;
-            let mut entries = if dir == 0 {
-                usize::from(has_label)
-            } else {
-                2
-            };
+            let mut entries = if dir == 0 { usize::from(has_label) } else { 2 };
             for (&child, (short, long)) in children.iter().zip(names) {
                 nodes[child].short = short;
                 nodes[child].long = long;
@@ -710,8 +716,11 @@ fn fold(name: &str) -> String {
         .collect()
 }
 
+/// A directory entry's names: the 11-byte short name and, when needed, the UTF-16 long name.
+type Names = ([u8; 11], Option<Vec<u16>>);
+
 /// Short names (and long names where needed) for the children of one directory, in order.
-fn name_directory(paths: &[&TreePath]) -> Result<Vec<([u8; 11], Option<Vec<u16>>)>, FatError> {
+fn name_directory(paths: &[&TreePath]) -> Result<Vec<Names>, FatError> {
     let mut folded: BTreeMap<String, &TreePath> = BTreeMap::new();
     let mut units = Vec::with_capacity(paths.len());
     for &path in paths {
@@ -1110,10 +1119,18 @@ mod tests {
         assert!(g.clusters >= MIN_CLUSTERS);
         assert_eq!(Geometry::for_size(260 * MIB).unwrap().cluster_bytes(), 512);
         assert_eq!(Geometry::for_size(261 * MIB).unwrap().cluster_bytes(), 4096);
-        assert_eq!(Geometry::for_size(8192 * MIB).unwrap().cluster_bytes(), 4096);
-        assert_eq!(Geometry::for_size(8193 * MIB).unwrap().cluster_bytes(), 8192);
         assert_eq!(
-            Geometry::for_size(32768 * MIB + MIB).unwrap().cluster_bytes(),
+            Geometry::for_size(8192 * MIB).unwrap().cluster_bytes(),
+            4096
+        );
+        assert_eq!(
+            Geometry::for_size(8193 * MIB).unwrap().cluster_bytes(),
+            8192
+        );
+        assert_eq!(
+            Geometry::for_size(32768 * MIB + MIB)
+                .unwrap()
+                .cluster_bytes(),
             32768
         );
         assert!(matches!(
@@ -1204,7 +1221,17 @@ mod tests {
 
     #[test]
     fn bad_names_are_refused() {
-        for bad in ["a:b", "a?", "tab\there", "end.", "end ", "q\"", "a|b", "a<b", "del\u{7f}"] {
+        for bad in [
+            "a:b",
+            "a?",
+            "tab\there",
+            "end.",
+            "end ",
+            "q\"",
+            "a|b",
+            "a<b",
+            "del\u{7f}",
+        ] {
             assert!(check_long_name(bad).is_err(), "{bad:?}");
         }
         assert!(check_long_name(&"x".repeat(255)).is_ok());
@@ -1220,7 +1247,10 @@ mod tests {
         assert_eq!(t.time, (22 << 11) | (13 << 5) | 10);
         assert_eq!(t.tenths, 0);
         assert_eq!(DosStamp::from_epoch(0).date, (1 << 5) | 1);
-        assert_eq!(DosStamp::from_epoch(i64::MAX).date, (127 << 9) | (12 << 5) | 31);
+        assert_eq!(
+            DosStamp::from_epoch(i64::MAX).date,
+            (127 << 9) | (12 << 5) | 31
+        );
         assert_eq!(DosStamp::from_epoch(1_700_000_001).tenths, 100);
     }
 
@@ -1266,7 +1296,7 @@ mod tests {
             .to_string();
         assert!(err.contains("/big"), "{err}");
         let min = fat32_min_size(&tree).unwrap();
-        assert!(min > MIN_SIZE + MIB && min % MIB == 0, "{min}");
+        assert!(min > MIN_SIZE + MIB && min.is_multiple_of(MIB), "{min}");
         write_fat32(&tree, &mut Vec::new(), min, &FatOptions::default()).unwrap();
     }
 }

@@ -282,6 +282,24 @@ fn esp_tree_passes_fsck_and_reads_back_through_mtools() {
         assert!(got[path] == *content, "{path}: content differs");
     }
 
+    // blkid sees a FAT32 volume with our label and the serial derived from the seed.
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let probe = String::from_utf8_lossy(&out.stdout);
+    let id = kiln::disk::derive_id("seed", "fat-serial");
+    let serial = u32::from_le_bytes([id[0], id[1], id[2], id[3]]);
+    for want in [
+        "TYPE=vfat".to_string(),
+        "VERSION=FAT32".to_string(),
+        "LABEL=ESP".to_string(),
+        format!("UUID={:04X}-{:04X}", serial >> 16, serial & 0xFFFF),
+    ] {
+        assert!(probe.lines().any(|l| l == want), "{want} not in\n{probe}");
+    }
+
     // Short names, long names, label and timestamps as mdir shows them.
     let root = mtool("mdir", &["-i", img_arg, "-a", "::/"]);
     assert!(root.contains("Volume in drive : is ESP"), "{root}");
@@ -633,6 +651,16 @@ fn too_much_content_and_too_small_partitions_are_refused() {
         "{msg}"
     );
 
+    // More than 65,536 directory entries: each of these names takes 3 (two long-name parts).
+    let mut tree = Tree::new();
+    for i in 0..22_000 {
+        tree.add(&format!("/crowded/a long file name {i:05}"), file(""))
+            .unwrap();
+    }
+    let err = refused(&tree, 64 * MIB);
+    assert!(matches!(err, FatError::DirTooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("/crowded"), "{err}");
+
     let err = refused(&Tree::new(), 32 * MIB);
     assert!(matches!(err, FatError::TooSmall { .. }), "{err}");
     assert!(err.to_string().contains("33"), "{err}");
@@ -644,7 +672,7 @@ fn too_much_content_and_too_small_partitions_are_refused() {
 }
 
 #[test]
-fn host_tree_with_a_device_node_is_refused() {
+fn host_tree_with_a_fifo_is_refused() {
     // A host directory with a fifo (a device node needs root; the Tree path is the same).
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");

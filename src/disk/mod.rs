@@ -1,6 +1,8 @@
 //! Disks: the byte sink that filesystem builders write into, and (in submodules) the GPT, FAT32,
 //! ext4 and qcow2 writers and the layout that ties them together.
 
+pub mod fat;
+
 use std::io;
 
 pub mod gpt;

@@ -1,6 +1,8 @@
 //! Disks: the byte sink that filesystem builders write into, and (in submodules) the GPT, FAT32,
 //! ext4 and qcow2 writers and the layout that ties them together.
 
+pub mod image;
+
 use std::io;
 
 /// A random-access byte sink: a raw image file, a qcow2 writer, or a partition window of either.

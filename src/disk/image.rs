@@ -478,7 +478,7 @@ impl Qcow2Sink {
                 "qcow2 cluster size {cluster_size} is not a power of two from 512 to 2097152"
             ));
         }
-        if virtual_size % SECTOR != 0 {
+        if !virtual_size.is_multiple_of(SECTOR) {
             return Err(format!(
                 "qcow2 virtual size {virtual_size} is not a multiple of 512 bytes; round it up"
             ));
@@ -672,7 +672,7 @@ impl Qcow2Sink {
         let n = bytes.len() as u64;
         let mut start = self.next_cluster * cs;
         let tail = self.compressed_tail;
-        if tail % cs != 0 {
+        if !tail.is_multiple_of(cs) {
             let tail_cluster = tail / cs;
             let fits = tail + n <= (tail_cluster + 1) * cs;
             let last = tail_cluster + 1 == self.next_cluster;
@@ -915,5 +915,83 @@ impl Qcow2Sink {
         counts.metadata =
             1 + l2_count + l1.len().div_ceil(cs as usize / 8) as u64 + blocks + table_clusters;
         Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_cluster(cs: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(cs + 64);
+        let mut i = 0;
+        while v.len() < cs {
+            v.extend_from_slice(format!("compressible line {i}\n").as_bytes());
+            i += 1;
+        }
+        v.truncate(cs);
+        v
+    }
+
+    #[test]
+    fn rewriting_a_compressed_cluster_stores_it_uncompressed_and_drops_its_references() {
+        let tmp = tempfile::tempfile().unwrap();
+        let mut q = Qcow2Sink::new(1 << 20, 4096, true);
+        let data = text_cluster(4096);
+        q.write(&tmp, 0, &data).unwrap();
+        q.write(&tmp, 4096, &data).unwrap();
+        let first = q.l2_entry(0);
+        let second = q.l2_entry(1);
+        assert_ne!(first & FLAG_COMPRESSED, 0);
+        assert_ne!(second & FLAG_COMPRESSED, 0);
+        // Both compressed clusters share host cluster 1.
+        let (start, _) = q.parse_descriptor(second);
+        assert_eq!(start / 4096, 1);
+        assert_eq!(q.refcounts[1], 2);
+
+        q.write(&tmp, 100, b"patched").unwrap();
+        let entry = q.l2_entry(0);
+        assert_eq!(entry & FLAG_COMPRESSED, 0);
+        assert_ne!(entry & FLAG_COPIED, 0);
+        assert_eq!(q.refcounts[1], 1);
+        let mut back = vec![0u8; 4096];
+        q.read_host(&tmp, entry & OFFSET_MASK, &mut back).unwrap();
+        let mut expected = data.clone();
+        expected[100..107].copy_from_slice(b"patched");
+        assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn partial_writes_wait_in_the_cache_until_the_cluster_is_full() {
+        let tmp = tempfile::tempfile().unwrap();
+        let mut q = Qcow2Sink::new(1 << 20, 4096, false);
+        q.write(&tmp, 8192 + 2048, &[7u8; 2048]).unwrap();
+        assert_eq!(q.l2_entry(2), 0);
+        assert_eq!(q.cache.len(), 1);
+        q.write(&tmp, 8192, &[9u8; 2048]).unwrap();
+        assert!(q.cache.is_empty());
+        assert_eq!(q.l2_entry(2), 4096 | FLAG_COPIED);
+        // Zeros into an unallocated cluster allocate nothing.
+        q.write(&tmp, 0, &[0u8; 4096]).unwrap();
+        q.write(&tmp, 4096 + 5, &[0u8; 100]).unwrap();
+        assert_eq!(q.l2_entry(0), 0);
+        assert!(q.cache.is_empty());
+    }
+
+    #[test]
+    fn coverage_merges_ranges() {
+        let mut c = CachedCluster {
+            index: 0,
+            data: Vec::new(),
+            covered: vec![(10, 20)],
+            last_use: 0,
+        };
+        c.cover(30, 40);
+        c.cover(0, 5);
+        assert_eq!(c.covered, vec![(0, 5), (10, 20), (30, 40)]);
+        c.cover(5, 30);
+        assert_eq!(c.covered, vec![(0, 40)]);
+        assert!(c.is_full(40));
+        assert!(!c.is_full(41));
     }
 }

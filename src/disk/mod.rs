@@ -1,12 +1,14 @@
 //! Disks: the byte sink that filesystem builders write into, and (in submodules) the GPT, FAT32,
 //! ext4 and qcow2 writers and the layout that ties them together.
 
+pub mod build;
+pub mod ext4;
 pub mod fat;
+pub mod gpt;
+pub mod image;
+pub mod layout;
 
 use std::io;
-
-pub mod gpt;
-pub mod layout;
 
 /// A random-access byte sink: a raw image file, a qcow2 writer, or a partition window of either.
 /// Bytes never written read back as zeros, so writers leave zero regions unwritten.

@@ -3,6 +3,8 @@
 
 use std::io;
 
+pub mod ext4;
+
 /// A random-access byte sink: a raw image file, a qcow2 writer, or a partition window of either.
 /// Bytes never written read back as zeros, so writers leave zero regions unwritten.
 pub trait WriteAt {

@@ -875,10 +875,20 @@ impl<'g> Alloc<'g> {
     fn take(&mut self, mut n: u64) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         while n > 0 {
-            let end = self.geo.group_start(self.group) + self.geo.group_len(self.group);
+            // Past the last group, blocks are only counted (contiguously) so a caller can learn
+            // how much space the tree needs.
+            let end = if self.group >= self.geo.groups {
+                u64::MAX
+            } else {
+                self.geo.group_start(self.group) + self.geo.group_len(self.group)
+            };
             if self.pos >= end {
                 self.group += 1;
-                self.pos = self.geo.data_start(self.group);
+                self.pos = if self.group >= self.geo.groups {
+                    self.geo.blocks
+                } else {
+                    self.geo.data_start(self.group)
+                };
                 continue;
             }
             let t = n.min(end - self.pos);
@@ -998,8 +1008,10 @@ fn layout(prep: &Prepared, size: u64) -> Result<Layout, Ext4Error> {
     }
     let end = alloc.runs.last().map(|r| r.0 + r.1).unwrap_or(0);
     if end > geo.blocks {
+        // Each extra group also carries bitmaps and an inode table.
+        let extra_groups = (end - geo.blocks).div_ceil(BPG);
         return Err(Ext4Error::TooSmall {
-            needed: end * BS,
+            needed: (end + extra_groups * (2 + geo.itable_blocks)) * BS,
             available: size,
         });
     }

@@ -1,7 +1,6 @@
 //! ext4 writer tests: build trees, write images with `write_ext4`, and check them with the real
 //! e2fsprogs tools (e2fsck, debugfs, dumpe2fs) and, where allowed, the kernel (loop mount).
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -75,7 +74,10 @@ fn field<'a>(stat: &'a str, name: &str) -> &'a str {
     let i = stat
         .find(&format!("{name}:"))
         .unwrap_or_else(|| panic!("no {name} in stat:\n{stat}"));
-    stat[i + name.len() + 1..].split_whitespace().next().unwrap()
+    stat[i + name.len() + 1..]
+        .split_whitespace()
+        .next()
+        .unwrap()
 }
 
 fn type_name(kind: &EntryKind) -> &'static str {
@@ -98,7 +100,7 @@ fn check_tree_matches(tree: &Tree, img: &Path) {
     let mut cmds = Vec::new();
     // (path, owner entry, cmd index of stat, dump file, xattr files)
     let mut checks = Vec::new();
-    for (path, entry) in tree.iter() {
+    for (path, _) in tree.iter() {
         let owner_path = tree.resolve_link(path).unwrap();
         let owner = tree.get(owner_path).unwrap();
         let p = format!("\"{path}\"");
@@ -116,8 +118,14 @@ fn check_tree_matches(tree: &Tree, img: &Path) {
             cmds.push(format!("ea_get -f {} {p} {name}", f.display()));
             xfiles.push((name.clone(), f));
         }
-        checks.push((path.clone(), owner_path.clone(), owner, stat_at, dump, xfiles));
-        let _ = entry;
+        checks.push((
+            path.clone(),
+            owner_path.clone(),
+            owner,
+            stat_at,
+            dump,
+            xfiles,
+        ));
     }
     let outs = debugfs(img, &cmds);
     for (path, owner_path, owner, stat_at, dump, xfiles) in checks {
@@ -141,7 +149,9 @@ fn check_tree_matches(tree: &Tree, img: &Path) {
                     .children(&path)
                     .filter(|(_, e)| matches!(e.kind, EntryKind::Dir))
                     .count()
-                    + usize::from(path.is_root() && tree.get(&TreePath::new("lost+found").unwrap()).is_none());
+                    + usize::from(
+                        path.is_root() && tree.get(&TreePath::new("lost+found").unwrap()).is_none(),
+                    );
                 assert_eq!(field(stat, "Links"), (2 + subdirs).to_string(), "{ctx}");
             }
             _ => {
@@ -158,7 +168,10 @@ fn check_tree_matches(tree: &Tree, img: &Path) {
             EntryKind::Symlink { target } => {
                 assert_eq!(field(stat, "Size"), target.len().to_string(), "{ctx}");
                 if target.len() < 60 {
-                    assert!(stat.contains(&format!("Fast link dest: \"{target}\"")), "{ctx}");
+                    assert!(
+                        stat.contains(&format!("Fast link dest: \"{target}\"")),
+                        "{ctx}"
+                    );
                 } else {
                     let got = std::fs::read(dump.unwrap()).unwrap();
                     assert_eq!(got, target.as_bytes(), "slow symlink target of {path}");
@@ -173,7 +186,11 @@ fn check_tree_matches(tree: &Tree, img: &Path) {
         let listed = stat
             .split("Extended attributes:")
             .nth(1)
-            .map(|s| s.lines().filter(|l| l.starts_with("  ") && l.contains(" (")).count())
+            .map(|s| {
+                s.lines()
+                    .filter(|l| l.starts_with("  ") && l.contains(" ("))
+                    .count()
+            })
             .unwrap_or(0);
         assert_eq!(listed, owner.xattrs.len(), "xattr count {ctx}");
         for (name, f) in xfiles {
@@ -185,7 +202,12 @@ fn check_tree_matches(tree: &Tree, img: &Path) {
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).wrapping_add(u32::from(seed)).to_be_bytes()[0])
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(u32::from(seed))
+                .to_be_bytes()[0]
+        })
         .collect()
 }
 
@@ -207,20 +229,42 @@ fn rich_tree(host: &Path) -> Tree {
     let mut t = Tree::new();
     let f = |c: Content, mode| Entry::file(c, mode).mtime(1_600_000_000);
     t.add("/empty", f(Content::inline(""), 0o644)).unwrap();
-    t.add("/small", f(Content::inline("hello\n"), 0o644).xattr("user.foo", "bar"))
+    t.add(
+        "/small",
+        f(Content::inline("hello\n"), 0o644).xattr("user.foo", "bar"),
+    )
+    .unwrap();
+    for (name, len) in [
+        ("b4095", 4095),
+        ("b4096", 4096),
+        ("b4097", 4097),
+        ("k300", 300 << 10),
+        ("m9", 9 << 20),
+    ] {
+        t.add(
+            &format!("/sizes/{name}"),
+            f(Content::inline(pattern(len, len as u8)), 0o600),
+        )
         .unwrap();
-    for (name, len) in [("b4095", 4095), ("b4096", 4096), ("b4097", 4097), ("k300", 300 << 10), ("m9", 9 << 20)] {
-        t.add(&format!("/sizes/{name}"), f(Content::inline(pattern(len, len as u8)), 0o600))
-            .unwrap();
     }
-    t.add("/frag/ten", f(fragmented_host_file(host, "ten", 10), 0o644)).unwrap();
-    t.add("/frag/many", f(fragmented_host_file(host, "many", 1500), 0o644)).unwrap();
-    t.add("/a/b/c/d/deep", f(Content::inline("deep"), 0o640)).unwrap();
-    t.add("/a/emptysub", Entry::dir(0o750)).unwrap();
-    t.add("/emptydir", Entry::dir(0o755).mtime(1_500_000_000)).unwrap();
-    t.add("/lnk", Entry::symlink("small")).unwrap();
-    t.add("/slow", Entry::symlink(format!("{}/target", "x".repeat(100))).xattr("user.on-link", "1"))
+    t.add("/frag/ten", f(fragmented_host_file(host, "ten", 10), 0o644))
         .unwrap();
+    t.add(
+        "/frag/many",
+        f(fragmented_host_file(host, "many", 1500), 0o644),
+    )
+    .unwrap();
+    t.add("/a/b/c/d/deep", f(Content::inline("deep"), 0o640))
+        .unwrap();
+    t.add("/a/emptysub", Entry::dir(0o750)).unwrap();
+    t.add("/emptydir", Entry::dir(0o755).mtime(1_500_000_000))
+        .unwrap();
+    t.add("/lnk", Entry::symlink("small")).unwrap();
+    t.add(
+        "/slow",
+        Entry::symlink(format!("{}/target", "x".repeat(100))).xattr("user.on-link", "1"),
+    )
+    .unwrap();
     t.add("/exact60", Entry::symlink("y".repeat(60))).unwrap();
     let hard = |target: &str| {
         Entry::new(
@@ -233,16 +277,36 @@ fn rich_tree(host: &Path) -> Tree {
     t.add("/hl1", hard("/small")).unwrap();
     t.add("/a/hl2", hard("/small")).unwrap();
     t.add("/aaa_link", hard("/zzz_owner")).unwrap();
-    t.add("/zzz_owner", f(Content::inline("owner"), 0o644)).unwrap();
-    t.add("/dev/null", Entry::new(EntryKind::CharDevice { major: 1, minor: 3 }, 0o666))
+    t.add("/zzz_owner", f(Content::inline("owner"), 0o644))
         .unwrap();
-    t.add("/dev/sda", Entry::new(EntryKind::BlockDevice { major: 8, minor: 0 }, 0o660).owner(0, 6))
+    t.add(
+        "/dev/null",
+        Entry::new(EntryKind::CharDevice { major: 1, minor: 3 }, 0o666),
+    )
+    .unwrap();
+    t.add(
+        "/dev/sda",
+        Entry::new(EntryKind::BlockDevice { major: 8, minor: 0 }, 0o660).owner(0, 6),
+    )
+    .unwrap();
+    t.add(
+        "/dev/big",
+        Entry::new(
+            EntryKind::CharDevice {
+                major: 300,
+                minor: 70000,
+            },
+            0o600,
+        ),
+    )
+    .unwrap();
+    t.add("/run/fifo", Entry::new(EntryKind::Fifo, 0o600))
         .unwrap();
-    t.add("/dev/big", Entry::new(EntryKind::CharDevice { major: 300, minor: 70000 }, 0o600))
+    t.add("/run/sock", Entry::new(EntryKind::Socket, 0o777))
         .unwrap();
-    t.add("/run/fifo", Entry::new(EntryKind::Fifo, 0o600)).unwrap();
-    t.add("/run/sock", Entry::new(EntryKind::Socket, 0o777)).unwrap();
-    let cap = [1u8, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let cap = [
+        1u8, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
     t.add(
         "/usr/bin/ping",
         f(Content::inline(pattern(5000, 9)), 0o4755).xattr("security.capability", cap.to_vec()),
@@ -252,14 +316,28 @@ fn rich_tree(host: &Path) -> Tree {
     for i in 0..12 {
         many = many.xattr(format!("user.attr{i:02}"), pattern(50 + i, i as u8));
     }
-    many = many.xattr("trusted.t", "trusted value").xattr("security.capability", cap.to_vec());
+    many = many
+        .xattr("trusted.t", "trusted value")
+        .xattr("security.capability", cap.to_vec());
     t.add("/usr/bin/many-xattrs", many).unwrap();
     t.add("/tmp", Entry::dir(0o1777)).unwrap();
-    t.add("/srv", Entry::dir(0o2775).xattr("user.dir", "d")).unwrap();
-    t.add("/owned", f(Content::inline("big ids"), 0o644).owner(100_000, 200_000))
+    t.add("/srv", Entry::dir(0o2775).xattr("user.dir", "d"))
         .unwrap();
-    t.add("/future", f(Content::inline("2100"), 0o644).mtime(4_200_000_000)).unwrap();
-    t.add("/past", f(Content::inline("1960"), 0o644).mtime(-300_000_000)).unwrap();
+    t.add(
+        "/owned",
+        f(Content::inline("big ids"), 0o644).owner(100_000, 200_000),
+    )
+    .unwrap();
+    t.add(
+        "/future",
+        f(Content::inline("2100"), 0o644).mtime(4_200_000_000),
+    )
+    .unwrap();
+    t.add(
+        "/past",
+        f(Content::inline("1960"), 0o644).mtime(-300_000_000),
+    )
+    .unwrap();
     t
 }
 
@@ -284,17 +362,32 @@ fn rich_tree_reads_back_and_fscks_clean() {
     assert_eq!(report.blocks_total - free, report.blocks_used);
     // The fragmented files got extent trees of depth 1 and 2.
     let outs = debugfs(&img, &["stat /frag/ten".into(), "stat /frag/many".into()]);
-    assert!(outs[0].contains("(ETB0)") && !outs[0].contains("(ETB1)"), "{}", outs[0]);
-    assert!(outs[1].contains("(ETB1)"), "depth-2 tree expected:\n{}", &outs[1][..outs[1].len().min(2000)]);
+    assert!(
+        outs[0].contains("(ETB0)") && !outs[0].contains("(ETB1)"),
+        "{}",
+        outs[0]
+    );
+    assert!(
+        outs[1].contains("(ETB1)"),
+        "depth-2 tree expected:\n{}",
+        &outs[1][..outs[1].len().min(2000)]
+    );
 }
 
 #[test]
 fn host_dir_with_lost_found_and_root_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let mut tree = Tree::new();
-    *tree.get_mut(&TreePath::root()).unwrap() = Entry::dir(0o711).owner(5, 6).mtime(1234567).xattr("user.root", "r");
+    *tree.get_mut(&TreePath::root()).unwrap() = Entry::dir(0o711)
+        .owner(5, 6)
+        .mtime(1234567)
+        .xattr("user.root", "r");
     tree.add("/lost+found", Entry::dir(0o700)).unwrap();
-    tree.add("/lost+found/stray", Entry::file(Content::inline("s"), 0o600)).unwrap();
+    tree.add(
+        "/lost+found/stray",
+        Entry::file(Content::inline("s"), 0o600),
+    )
+    .unwrap();
     tree.add("/z", Entry::dir(0o755)).unwrap();
     let img = dir.path().join("lf.img");
     write_image(&tree, &img, 16 * MIB).unwrap();
@@ -307,16 +400,29 @@ fn ten_thousand_entry_directory() {
     let dir = tempfile::tempdir().unwrap();
     let mut tree = Tree::new();
     for i in 0..10_000 {
-        let content = if i % 100 == 0 { Content::inline(format!("file {i}")) } else { Content::inline("") };
-        tree.add(&format!("/many/entry-with-a-longish-name-{i:05}"), Entry::file(content, 0o644))
-            .unwrap();
+        let content = if i % 100 == 0 {
+            Content::inline(format!("file {i}"))
+        } else {
+            Content::inline("")
+        };
+        tree.add(
+            &format!("/many/entry-with-a-longish-name-{i:05}"),
+            Entry::file(content, 0o644),
+        )
+        .unwrap();
     }
     tree.add("/many/sub", Entry::dir(0o755)).unwrap();
     let img = dir.path().join("big.img");
     let size = ext4_min_size(&tree).unwrap();
     write_image(&tree, &img, size).unwrap();
     e2fsck_clean(&img);
-    let outs = debugfs(&img, &["ls -p /many".into(), "cat /many/entry-with-a-longish-name-09900".into()]);
+    let outs = debugfs(
+        &img,
+        &[
+            "ls -p /many".into(),
+            "cat /many/entry-with-a-longish-name-09900".into(),
+        ],
+    );
     let names: Vec<&str> = outs[0]
         .lines()
         .filter_map(|l| l.split('/').nth(5))
@@ -341,8 +447,16 @@ fn five_gib_sparse_files() {
     f.write_at(b"needle in a haystack", at).unwrap();
     drop(f);
     let mut tree = Tree::new();
-    tree.add("/big/sparse", Entry::file(Content::Host { path: host, len }, 0o644)).unwrap();
-    tree.add("/big/zeros", Entry::file(Content::Zeros { len: len + 7 }, 0o644)).unwrap();
+    tree.add(
+        "/big/sparse",
+        Entry::file(Content::Host { path: host, len }, 0o644),
+    )
+    .unwrap();
+    tree.add(
+        "/big/zeros",
+        Entry::file(Content::Zeros { len: len + 7 }, 0o644),
+    )
+    .unwrap();
     let size = ext4_min_size(&tree).unwrap();
     assert!(size < 64 * MIB, "sparse data should not need space: {size}");
     let img = dir.path().join("sparse.img");
@@ -351,7 +465,12 @@ fn five_gib_sparse_files() {
     let lblk = at / 4096;
     let outs = debugfs(
         &img,
-        &["stat /big/sparse".into(), format!("bmap /big/sparse {lblk}"), "stat /big/zeros".into(), "bmap /big/sparse 0".into()],
+        &[
+            "stat /big/sparse".into(),
+            format!("bmap /big/sparse {lblk}"),
+            "stat /big/zeros".into(),
+            "bmap /big/sparse 0".into(),
+        ],
     );
     assert_eq!(field(&outs[0], "Size"), len.to_string());
     assert_eq!(field(&outs[0], "Blockcount"), "8", "one data block only");
@@ -360,7 +479,10 @@ fn five_gib_sparse_files() {
     assert_eq!(outs[3].trim(), "0", "block 0 is a hole");
     let phys: u64 = outs[1].trim().parse().unwrap();
     let mut buf = [0u8; 20];
-    File::open(&img).unwrap().read_exact_at(&mut buf, phys * 4096 + at % 4096).unwrap();
+    File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut buf, phys * 4096 + at % 4096)
+        .unwrap();
     assert_eq!(&buf, b"needle in a haystack");
 }
 
@@ -376,7 +498,11 @@ fn four_gib_plus_file_with_data() {
     f.write_at(&data, len - data.len() as u64).unwrap();
     drop(f);
     let mut tree = Tree::new();
-    tree.add("/big", Entry::file(Content::Host { path: host, len }, 0o644)).unwrap();
+    tree.add(
+        "/big",
+        Entry::file(Content::Host { path: host, len }, 0o644),
+    )
+    .unwrap();
     let size = ext4_min_size(&tree).unwrap();
     let img = dir.path().join("big.img");
     write_image(&tree, &img, size).unwrap();
@@ -386,7 +512,8 @@ fn four_gib_plus_file_with_data() {
     let got = File::open(&out).unwrap();
     assert_eq!(got.metadata().unwrap().len(), len);
     let mut buf = vec![0u8; data.len()];
-    got.read_exact_at(&mut buf, len - data.len() as u64).unwrap();
+    got.read_exact_at(&mut buf, len - data.len() as u64)
+        .unwrap();
     assert!(buf == data);
 }
 
@@ -395,8 +522,11 @@ fn min_size_is_tight_and_full_partition_is_clean() {
     let dir = tempfile::tempdir().unwrap();
     let mut tree = Tree::new();
     for i in 0..50 {
-        tree.add(&format!("/d{}/f{i}", i % 5), Entry::file(Content::inline(pattern(3000 * i + 1, i as u8)), 0o644))
-            .unwrap();
+        tree.add(
+            &format!("/d{}/f{i}", i % 5),
+            Entry::file(Content::inline(pattern(3000 * i + 1, i as u8)), 0o644),
+        )
+        .unwrap();
     }
     let min = ext4_min_size(&tree).unwrap();
     assert_eq!(min % MIB, 0);
@@ -412,8 +542,11 @@ fn min_size_is_tight_and_full_partition_is_clean() {
     let free = report.blocks_total - report.blocks_used;
     // One block goes to the extent tree leaf when the filler spans more than 4 extents; the
     // filler fits in one group here, so it is a single extent.
-    tree.add("/filler", Entry::file(Content::inline(pattern((free * 4096) as usize, 7)), 0o644))
-        .unwrap();
+    tree.add(
+        "/filler",
+        Entry::file(Content::inline(pattern((free * 4096) as usize, 7)), 0o644),
+    )
+    .unwrap();
     let report = write_image(&tree, &img, size).unwrap();
     assert_eq!(report.blocks_used, report.blocks_total, "{report:?}");
     e2fsck_clean(&img);
@@ -425,7 +558,11 @@ fn min_size_is_tight_and_full_partition_is_clean() {
 fn content_larger_than_partition_is_an_error_with_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let mut tree = Tree::new();
-    tree.add("/huge", Entry::file(Content::inline(vec![1u8; 20 << 20]), 0o644)).unwrap();
+    tree.add(
+        "/huge",
+        Entry::file(Content::inline(vec![1u8; 20 << 20]), 0o644),
+    )
+    .unwrap();
     let img = dir.path().join("small.img");
     let size = 16 * MIB;
     let err = write_image(&tree, &img, size).unwrap_err();
@@ -438,7 +575,10 @@ fn content_larger_than_partition_is_an_error_with_numbers() {
         other => panic!("unexpected error {other}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains(&min.to_string()) && msg.contains(&size.to_string()), "{msg}");
+    assert!(
+        msg.contains(&min.to_string()) && msg.contains(&size.to_string()),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -446,13 +586,24 @@ fn name_over_255_bytes_is_an_error_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let mut tree = Tree::new();
     let name = "n".repeat(256);
-    tree.add(&format!("/etc/{name}"), Entry::file(Content::inline("x"), 0o644)).unwrap();
+    tree.add(
+        &format!("/etc/{name}"),
+        Entry::file(Content::inline("x"), 0o644),
+    )
+    .unwrap();
     let err = write_image(&tree, &dir.path().join("x.img"), 16 * MIB).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains(&format!("/etc/{name}")) && msg.contains("256"), "{msg}");
+    assert!(
+        msg.contains(&format!("/etc/{name}")) && msg.contains("256"),
+        "{msg}"
+    );
     // 255 is fine.
     let mut tree = Tree::new();
-    tree.add(&format!("/etc/{}", "n".repeat(255)), Entry::file(Content::inline("x"), 0o644)).unwrap();
+    tree.add(
+        &format!("/etc/{}", "n".repeat(255)),
+        Entry::file(Content::inline("x"), 0o644),
+    )
+    .unwrap();
     let img = dir.path().join("y.img");
     write_image(&tree, &img, 16 * MIB).unwrap();
     e2fsck_clean(&img);
@@ -477,31 +628,59 @@ fn same_tree_same_bytes() {
     let mut o = opts();
     o.seed = "other".into();
     write_ext4(&tree, &mut file, 48 * MIB, &o).unwrap();
-    assert_ne!(hex::encode(Sha256::digest(std::fs::read(&img).unwrap())), digest("four.img"));
+    assert_ne!(
+        hex::encode(Sha256::digest(std::fs::read(&img).unwrap())),
+        digest("four.img")
+    );
 }
 
 #[test]
 fn journal_is_valid_and_clean() {
     let dir = tempfile::tempdir().unwrap();
     let mut tree = Tree::new();
-    tree.add("/f", Entry::file(Content::inline("j"), 0o644)).unwrap();
+    tree.add("/f", Entry::file(Content::inline("j"), 0o644))
+        .unwrap();
     for (size, journal_size) in [(16 * MIB, "4096k"), (200 * MIB, "16M"), (1200 * MIB, "32M")] {
         let img = dir.path().join("j.img");
         write_image(&tree, &img, size).unwrap();
         e2fsck_clean(&img);
         let (code, out, err) = run("dumpe2fs", &["-h", img.to_str().unwrap()]);
         assert_eq!(code, 0, "{err}");
-        let features = out.lines().find(|l| l.starts_with("Filesystem features:")).unwrap();
-        for feat in ["has_journal", "extent", "64bit", "metadata_csum", "huge_file", "dir_nlink", "extra_isize", "sparse_super", "large_file", "filetype", "ext_attr"] {
-            assert!(features.split_whitespace().any(|f| f == feat), "{feat} missing: {features}");
+        let features = out
+            .lines()
+            .find(|l| l.starts_with("Filesystem features:"))
+            .unwrap();
+        for feat in [
+            "has_journal",
+            "extent",
+            "64bit",
+            "metadata_csum",
+            "huge_file",
+            "dir_nlink",
+            "extra_isize",
+            "sparse_super",
+            "large_file",
+            "filetype",
+            "ext_attr",
+        ] {
+            assert!(
+                features.split_whitespace().any(|f| f == feat),
+                "{feat} missing: {features}"
+            );
         }
         assert!(out.contains("Filesystem state:         clean"), "{out}");
         assert!(out.contains("Journal start:            0"), "{out}");
-        assert!(out.contains(&format!("Total journal size:       {journal_size}\n")), "{out}");
+        assert!(
+            out.contains(&format!("Total journal size:       {journal_size}\n")),
+            "{out}"
+        );
         assert!(out.contains("Filesystem volume name:   root"), "{out}");
         let (code, out, err) = run("debugfs", &["-R", "logdump", img.to_str().unwrap()]);
         assert_eq!(code, 0, "{err}");
-        assert!(out.contains("Journal starts at block 0, transaction 1"), "{out}");
+        assert!(
+            out.contains("Journal starts at block 0, transaction 1"),
+            "{out}"
+        );
     }
 }
 
@@ -515,15 +694,30 @@ fn kernel_mounts_read_write() {
     write_image(&tree, &img, 64 * MIB).unwrap();
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let (code, _, err) = run("mount", &["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let (code, _, err) = run(
+        "mount",
+        &["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()],
+    );
     if code != 0 {
         eprintln!("skipping kernel mount check: {err}");
         return;
     }
     let result = std::panic::catch_unwind(|| {
         assert_eq!(std::fs::read(mnt.join("small")).unwrap(), b"hello\n");
-        assert_eq!(std::fs::read_link(mnt.join("slow")).unwrap().to_str().unwrap().len(), 107);
-        assert_eq!(xattr::get(mnt.join("usr/bin/many-xattrs"), "user.attr11").unwrap().unwrap(), pattern(61, 11));
+        assert_eq!(
+            std::fs::read_link(mnt.join("slow"))
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .len(),
+            107
+        );
+        assert_eq!(
+            xattr::get(mnt.join("usr/bin/many-xattrs"), "user.attr11")
+                .unwrap()
+                .unwrap(),
+            pattern(61, 11)
+        );
         std::fs::write(mnt.join("new-file"), b"written by the kernel").unwrap();
         std::fs::create_dir(mnt.join("tmp/newdir")).unwrap();
         for i in 0..300 {
@@ -534,6 +728,7 @@ fn kernel_mounts_read_write() {
     assert_eq!(code, 0, "umount: {err}");
     result.unwrap();
     e2fsck_clean(&img);
-    let mut tree = BTreeMap::new();
-    tree.insert(1, 1);
+    let outs = debugfs(&img, &["cat /new-file".into(), "ls -p /emptydir".into()]);
+    assert_eq!(outs[0], "written by the kernel");
+    assert_eq!(outs[1].lines().filter(|l| l.contains("/f")).count(), 300);
 }

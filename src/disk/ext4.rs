@@ -309,17 +309,23 @@ fn prepare(tree: &Tree, epoch: i64) -> Result<Prepared<'_>, Ext4Error> {
         let Some(parent) = path.parent() else {
             continue;
         };
-        let parent_ino = inos.get(&parent).copied().ok_or_else(|| Ext4Error::Unsupported {
-            path: path.to_string(),
-            reason: "parent directory missing from the tree".into(),
-        })?;
+        let parent_ino = inos
+            .get(&parent)
+            .copied()
+            .ok_or_else(|| Ext4Error::Unsupported {
+                path: path.to_string(),
+                reason: "parent directory missing from the tree".into(),
+            })?;
         let (ino, ftype) = match &entry.kind {
             EntryKind::HardLink { .. } => {
                 let owner = tree.resolve_link(path)?;
-                let ino = inos.get(owner).copied().ok_or_else(|| Ext4Error::Unsupported {
-                    path: path.to_string(),
-                    reason: "hard link target has no inode".into(),
-                })?;
+                let ino = inos
+                    .get(owner)
+                    .copied()
+                    .ok_or_else(|| Ext4Error::Unsupported {
+                        path: path.to_string(),
+                        reason: "hard link target has no inode".into(),
+                    })?;
                 let kind = tree.get(owner).map(|e| file_type(&e.kind)).unwrap_or(1);
                 (ino, kind)
             }
@@ -690,9 +696,7 @@ fn encode_xattrs(
         });
     }
     // The kernel searches block entries in (index, name length, name) order.
-    ents.sort_by(|a, b| {
-        (a.index, a.name.len(), &a.name).cmp(&(b.index, b.name.len(), &b.name))
-    });
+    ents.sort_by(|a, b| (a.index, a.name.len(), &a.name).cmp(&(b.index, b.name.len(), &b.name)));
     let ibody_cap = INODE_SIZE - IBODY_OFF - 4;
     let mut used = 4; // terminator
     let mut split = 0;
@@ -714,7 +718,12 @@ fn encode_xattrs(
     }
     let mut xblock = None;
     if !outer.is_empty() {
-        let need: usize = 32 + 4 + outer.iter().map(|e| e.entry_len() + e.value_len()).sum::<usize>();
+        let need: usize = 32
+            + 4
+            + outer
+                .iter()
+                .map(|e| e.entry_len() + e.value_len())
+                .sum::<usize>();
         if need > BSU {
             return Err(err(
                 &format!("{} and others", outer[0].name.escape_ascii()),
@@ -1273,9 +1282,7 @@ impl<'p> Image<'p> {
     fn extent_root(&self, p: &Placed) -> [u8; 60] {
         let mut b = [0u8; 60];
         match p.depth {
-            0 => write_extent_node(&mut b, 4, 0, &p.extents, |e| {
-                (e.lblk, e.len, e.phys)
-            }),
+            0 => write_extent_node(&mut b, 4, 0, &p.extents, |e| (e.lblk, e.len, e.phys)),
             1 => {
                 let entries: Vec<(u64, u64)> = p
                     .leaves
@@ -1460,8 +1467,9 @@ impl<'p> Image<'p> {
             let jsb = self.journal_superblock();
             w.put(first.phys, &jsb)?;
         }
+        let mut buf = vec![0u8; CHUNK];
         for (node, placed) in self.prep.nodes.iter().zip(&self.lay.placed) {
-            self.write_node(&mut w, node, placed)?;
+            self.write_node(&mut w, &mut buf, node, placed)?;
         }
         w.meta_upto(self.lay.geo.groups)?;
         w.seq.flush()
@@ -1469,7 +1477,8 @@ impl<'p> Image<'p> {
 
     fn journal_superblock(&self) -> Vec<u8> {
         let mut b = vec![0u8; BSU];
-        let be = |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_be_bytes());
+        let be =
+            |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_be_bytes());
         be(&mut b, 0x0, 0xC03B_3998);
         be(&mut b, 0x4, 4); // superblock v2
         be(&mut b, 0xC, BS as u32);
@@ -1482,10 +1491,15 @@ impl<'p> Image<'p> {
         b
     }
 
-    fn write_node(&self, w: &mut Writer, node: &Node, placed: &Placed) -> Result<(), Ext4Error> {
+    fn write_node(
+        &self,
+        w: &mut Writer,
+        buf: &mut [u8],
+        node: &Node,
+        placed: &Placed,
+    ) -> Result<(), Ext4Error> {
         match &node.body {
             Body::File { content, .. } => {
-                let mut buf = vec![0u8; CHUNK];
                 for e in &placed.extents {
                     let mut done = 0;
                     while done < e.len {

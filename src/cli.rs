@@ -41,6 +41,14 @@ pub enum Command {
     #[command(after_help = "Examples:\n  kiln check recipes/*.yaml\n  \
                             kiln check --json recipes/minimal.yaml")]
     Check(CheckArgs),
+    /// Write a partitioned disk image from directory trees (GPT, FAT32 ESP, ext4 root and data).
+    #[command(
+        after_help = "Examples:\n  kiln disk --root rootfs/ --esp esp/ -o disk.qcow2\n  \
+                            kiln disk --root rootfs/ --data srv/:2G --size 8G --format raw -o disk.raw\n\n\
+                            Owners, modes, xattrs and links come from the directories as they are; \
+                            run as root (or from an unpacked tarball you own) for exact owners."
+    )]
+    Disk(DiskArgs),
     /// Print the JSON Schema of recipes (the one in recipes/schema.json).
     #[command(after_help = "Example:\n  kiln schema > recipes/schema.json")]
     Schema,
@@ -89,6 +97,47 @@ pub struct CheckArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct DiskArgs {
+    /// Directory holding the root filesystem (ext4, root-x86-64 partition).
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// Directory holding the EFI System Partition's files (FAT32).
+    #[arg(long, value_name = "DIR")]
+    pub esp: Option<PathBuf>,
+    /// A data partition (ext4) from DIR with SIZE (`2G`, `auto`, `rest`); repeatable.
+    #[arg(long, value_name = "DIR:SIZE")]
+    pub data: Vec<String>,
+    /// Disk size: `auto` (content plus headroom) or a size such as `8G`.
+    #[arg(long, default_value = "auto")]
+    pub size: String,
+    /// ESP size (`auto` or a size).
+    #[arg(long, default_value = "auto")]
+    pub esp_size: String,
+    /// Root partition size (`auto`, `rest` or a size).
+    #[arg(long, default_value = "auto")]
+    pub root_size: String,
+    /// Output format.
+    #[arg(long, default_value = "qcow2", value_parser = ["raw", "qcow2"])]
+    pub format: String,
+    /// qcow2: compress clusters.
+    #[arg(long)]
+    pub compress: bool,
+    /// Seed for every identifier on the disk (GUIDs, UUIDs, serials); same seed, same bytes.
+    #[arg(long, default_value = "kiln")]
+    pub seed: String,
+    /// Timestamp for every file (default: SOURCE_DATE_EPOCH, else 0): mtimes later than it are
+    /// clamped.
+    #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
+    pub epoch: i64,
+    /// Output file (appears only when complete).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Print the layout and image report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -130,6 +179,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Render(args) => render(args),
         Command::Check(args) => check(args),
+        Command::Disk(args) => disk(args),
         Command::Schema => {
             let text = serde_json::to_string_pretty(&recipe::schema::json_schema())?;
             println!("{text}");
@@ -219,6 +269,160 @@ fn check(args: CheckArgs) -> anyhow::Result<i32> {
     if failed > 0 {
         tracing::error!("{failed} of {} recipes failed", args.recipes.len());
         return Ok(EXIT_RECIPE);
+    }
+    Ok(0)
+}
+
+fn disk(args: DiskArgs) -> anyhow::Result<i32> {
+    use crate::disk::build::{DiskSpec, PartitionInput, build_disk, image_format};
+    use crate::disk::gpt::PartitionKind;
+    use crate::disk::image::ImageOptions;
+    use crate::disk::layout::{Filesystem, parse_size};
+    use crate::tree::Tree;
+    use anyhow::Context;
+
+    let usage = |msg: String| -> anyhow::Result<i32> {
+        eprintln!("error: {msg}");
+        Ok(EXIT_RECIPE)
+    };
+    let read_tree = |dir: &PathBuf| -> anyhow::Result<Tree> {
+        let mut tree = Tree::from_host_dir(dir)
+            .with_context(|| format!("reading the tree {}", dir.display()))?;
+        tree.clamp_mtimes(args.epoch);
+        Ok(tree)
+    };
+    let size = |text: &str, what: &str| -> Result<crate::disk::layout::Size, String> {
+        parse_size(text).map_err(|e| format!("{what}: {e}"))
+    };
+    let mut partitions = Vec::new();
+    if let Some(esp) = &args.esp {
+        let esp_size = match size(&args.esp_size, "--esp-size") {
+            Ok(s) => s,
+            Err(e) => return usage(e),
+        };
+        partitions.push(PartitionInput {
+            name: "esp".into(),
+            kind: PartitionKind::Esp,
+            filesystem: Filesystem::Fat32,
+            size: esp_size,
+            label: Some("ESP".into()),
+            tree: Some(read_tree(esp)?),
+        });
+    }
+    let root_size = match size(&args.root_size, "--root-size") {
+        Ok(s) => s,
+        Err(e) => return usage(e),
+    };
+    partitions.push(PartitionInput {
+        name: "root".into(),
+        kind: PartitionKind::RootX86_64,
+        filesystem: Filesystem::Ext4,
+        size: root_size,
+        label: Some("root".into()),
+        tree: Some(read_tree(&args.root)?),
+    });
+    for (i, spec) in args.data.iter().enumerate() {
+        let Some((dir, sz)) = spec.rsplit_once(':') else {
+            return usage(format!("--data {spec}: expected DIR:SIZE, e.g. srv/:2G"));
+        };
+        let sz = match size(sz, "--data") {
+            Ok(s) => s,
+            Err(e) => return usage(e),
+        };
+        let name = if i == 0 {
+            "data".to_string()
+        } else {
+            format!("data{}", i + 1)
+        };
+        partitions.push(PartitionInput {
+            name: name.clone(),
+            kind: PartitionKind::LinuxData,
+            filesystem: Filesystem::Ext4,
+            size: sz,
+            label: Some(name),
+            tree: Some(read_tree(&PathBuf::from(dir))?),
+        });
+    }
+    let disk_size = match size(&args.size, "--size") {
+        Ok(s) => s,
+        Err(e) => return usage(e),
+    };
+    let Some(format) = image_format(&args.format) else {
+        return usage(format!("--format {}: use raw or qcow2", args.format));
+    };
+    let image = ImageOptions {
+        format,
+        compress: args.compress,
+        ..ImageOptions::default()
+    };
+    let spec = DiskSpec {
+        size: disk_size,
+        image,
+        seed: args.seed.clone(),
+        epoch: args.epoch,
+        partitions,
+    };
+    let started = std::time::Instant::now();
+    let report = match build_disk(&spec, &args.output) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            return Ok(EXIT_RECIPE);
+        }
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let parts: Vec<_> = report
+            .layout
+            .partitions
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "type": p.kind.name(),
+                    "offset": p.offset,
+                    "size": p.size,
+                    "partuuid": uuid::Uuid::from_bytes(p.guid).to_string(),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "output": args.output,
+            "format": args.format,
+            "disk_size": report.layout.disk_size,
+            "file_size": report.image.file_size,
+            "allocated_bytes": report.image.allocated_bytes,
+            "partitions": parts,
+            "seconds": elapsed,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(
+            out,
+            "{}: {} disk, {} MiB, file {} MiB, {:.2} s",
+            args.output.display(),
+            args.format,
+            report.layout.disk_size >> 20,
+            report.image.file_size >> 20,
+            elapsed
+        )?;
+        for p in &report.layout.partitions {
+            writeln!(
+                out,
+                "  {:<8} {:<12} at {:>6} MiB, {:>6} MiB, PARTUUID {}",
+                p.name,
+                p.kind.name(),
+                p.offset >> 20,
+                p.size >> 20,
+                uuid::Uuid::from_bytes(p.guid)
+            )?;
+        }
     }
     Ok(0)
 }

@@ -10,8 +10,6 @@ pub mod layout;
 
 use std::io;
 
-pub mod ext4;
-
 /// A random-access byte sink: a raw image file, a qcow2 writer, or a partition window of either.
 /// Bytes never written read back as zeros, so writers leave zero regions unwritten.
 pub trait WriteAt {

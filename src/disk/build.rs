@@ -1,0 +1,212 @@
+//! Building a whole disk: size every partition from its content, plan the layout, then write the
+//! GPT and each filesystem straight into the output image (raw or qcow2) in one pass. The image
+//! appears at its path only when complete.
+
+use super::WriteAt;
+use super::ext4::{Ext4Error, Ext4Options, ext4_min_size, write_ext4};
+use super::fat::{FatError, FatOptions, fat32_min_size, write_fat32};
+use super::gpt::{GptError, PartitionKind};
+use super::image::{ImageError, ImageFormat, ImageOptions, ImageReport, ImageWriter};
+use super::layout::{Filesystem, Layout, LayoutError, PartitionSpec, Size, plan};
+use super::{Region, derive_id};
+use crate::tree::Tree;
+use std::path::Path;
+
+/// One partition to build: what it is, how big, and (for filesystems) the tree it holds.
+pub struct PartitionInput {
+    pub name: String,
+    pub kind: PartitionKind,
+    pub filesystem: Filesystem,
+    pub size: Size,
+    /// Filesystem label (default: the partition name).
+    pub label: Option<String>,
+    /// Content for `Fat32`/`Ext4` partitions (empty tree when absent).
+    pub tree: Option<Tree>,
+}
+
+/// A whole disk to build.
+pub struct DiskSpec {
+    pub size: Size,
+    pub image: ImageOptions,
+    /// Everything that identifies the disk (GUIDs, UUIDs, serials, hash seeds) derives from it.
+    pub seed: String,
+    /// Filesystem timestamps (SOURCE_DATE_EPOCH).
+    pub epoch: i64,
+    pub partitions: Vec<PartitionInput>,
+}
+
+/// What was built.
+#[derive(Debug, Clone)]
+pub struct DiskReport {
+    pub layout: Layout,
+    pub image: ImageReport,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("partition table: {0}")]
+    Gpt(#[from] GptError),
+    #[error("partition `{partition}` (ext4): {source}")]
+    Ext4 {
+        partition: String,
+        #[source]
+        source: Ext4Error,
+    },
+    #[error("partition `{partition}` (FAT32): {source}")]
+    Fat {
+        partition: String,
+        #[source]
+        source: FatError,
+    },
+    #[error("partition `{partition}` (swap): {source}")]
+    Swap {
+        partition: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("partition `{partition}`: a {kind} partition cannot hold files")]
+    TreeOnRawPartition {
+        partition: String,
+        kind: &'static str,
+    },
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
+/// Smallest swap area kiln writes (one page header plus some pages).
+const MIN_SWAP: u64 = 1 << 20;
+
+/// Build the disk at `out` (written to a temp file and renamed into place when complete).
+pub fn build_disk(spec: &DiskSpec, out: &Path) -> Result<DiskReport, DiskError> {
+    let mut specs = Vec::with_capacity(spec.partitions.len());
+    for p in &spec.partitions {
+        let min_size = match (p.filesystem, &p.tree) {
+            (Filesystem::Ext4, tree) => {
+                let empty = Tree::new();
+                ext4_min_size(tree.as_ref().unwrap_or(&empty)).map_err(|source| {
+                    DiskError::Ext4 {
+                        partition: p.name.clone(),
+                        source,
+                    }
+                })?
+            }
+            (Filesystem::Fat32, tree) => {
+                let empty = Tree::new();
+                fat32_min_size(tree.as_ref().unwrap_or(&empty)).map_err(|source| {
+                    DiskError::Fat {
+                        partition: p.name.clone(),
+                        source,
+                    }
+                })?
+            }
+            (Filesystem::Swap, None) => MIN_SWAP,
+            (Filesystem::None, None) => 0,
+            (Filesystem::Swap, Some(_)) | (Filesystem::None, Some(_)) => {
+                return Err(DiskError::TreeOnRawPartition {
+                    partition: p.name.clone(),
+                    kind: if p.filesystem == Filesystem::Swap {
+                        "swap"
+                    } else {
+                        "raw"
+                    },
+                });
+            }
+        };
+        specs.push(PartitionSpec {
+            name: p.name.clone(),
+            kind: p.kind,
+            filesystem: p.filesystem,
+            size: p.size,
+            min_size,
+        });
+    }
+    let layout = plan(spec.size, &specs, &spec.seed)?;
+    tracing::debug!(disk_size = layout.disk_size, "planned layout");
+    let mut image = ImageWriter::create(out, layout.disk_size, &spec.image)?;
+    layout.write_table(&mut image)?;
+    for (input, planned) in spec.partitions.iter().zip(&layout.partitions) {
+        let mut region = Region::new(&mut image, planned.offset, planned.size);
+        let label = input.label.clone().unwrap_or_else(|| input.name.clone());
+        let seed = format!("{}/{}", spec.seed, input.name);
+        let empty = Tree::new();
+        let tree = input.tree.as_ref().unwrap_or(&empty);
+        tracing::info!(
+            partition = %input.name,
+            size = planned.size,
+            "writing {:?}",
+            input.filesystem
+        );
+        match input.filesystem {
+            Filesystem::Ext4 => {
+                let opts = Ext4Options {
+                    seed,
+                    label,
+                    epoch: spec.epoch,
+                };
+                write_ext4(tree, &mut region, planned.size, &opts).map_err(|source| {
+                    DiskError::Ext4 {
+                        partition: input.name.clone(),
+                        source,
+                    }
+                })?;
+            }
+            Filesystem::Fat32 => {
+                let mut opts = FatOptions::new(seed, spec.epoch);
+                opts.label = label;
+                write_fat32(tree, &mut region, planned.size, &opts).map_err(|source| {
+                    DiskError::Fat {
+                        partition: input.name.clone(),
+                        source,
+                    }
+                })?;
+            }
+            Filesystem::Swap => {
+                write_swap(&mut region, planned.size, &seed, &label).map_err(|source| {
+                    DiskError::Swap {
+                        partition: input.name.clone(),
+                        source,
+                    }
+                })?;
+            }
+            Filesystem::None => {}
+        }
+    }
+    let image = image.finish()?;
+    Ok(DiskReport { layout, image })
+}
+
+/// Write a Linux swap signature (version 1, 4 KiB pages) like `mkswap`: the header in the first
+/// page, `SWAPSPACE2` at its end.
+fn write_swap(out: &mut dyn WriteAt, size: u64, seed: &str, label: &str) -> std::io::Result<()> {
+    const PAGE: u64 = 4096;
+    let pages = size / PAGE;
+    if pages < 10 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("swap needs at least 40 KiB, the partition has {size} bytes"),
+        ));
+    }
+    let mut page = vec![0u8; PAGE as usize];
+    // struct swap_header_v1_2 starts after 1024 bytes of boot block.
+    page[1024..1028].copy_from_slice(&1u32.to_le_bytes()); // version
+    let last_page = (pages - 1).min(u64::from(u32::MAX)) as u32;
+    page[1028..1032].copy_from_slice(&last_page.to_le_bytes());
+    // nr_badpages = 0 at 1032..1036
+    page[1036..1052].copy_from_slice(&derive_id(seed, "swap-uuid"));
+    let name = label.as_bytes();
+    let n = name.len().min(16);
+    page[1052..1052 + n].copy_from_slice(&name[..n]);
+    page[PAGE as usize - 10..].copy_from_slice(b"SWAPSPACE2");
+    out.write_at(0, &page)
+}
+
+/// Parse a format name from the command line or a recipe.
+pub fn image_format(name: &str) -> Option<ImageFormat> {
+    match name {
+        "raw" => Some(ImageFormat::Raw),
+        "qcow2" => Some(ImageFormat::Qcow2),
+        _ => None,
+    }
+}

@@ -784,7 +784,9 @@ impl Geometry {
                 .max(need_inodes)
                 .max(INODES_PER_BLOCK)
                 .next_multiple_of(INODES_PER_BLOCK);
-            if ipg > BPG {
+            // s_inodes_count is 32 bits: very large filesystems get fewer inodes per group.
+            let ipg = ipg.min((u64::from(u32::MAX) / groups) / INODES_PER_BLOCK * INODES_PER_BLOCK);
+            if ipg > BPG || ipg * groups < u64::from(max_ino) {
                 let groups_needed = u64::from(max_ino).div_ceil(BPG);
                 return Err(too_small(groups_needed * BPG));
             }

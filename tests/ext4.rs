@@ -241,7 +241,9 @@ fn rich_tree(host: &Path) -> Tree {
     t.add("/empty", f(Content::inline(""), 0o644)).unwrap();
     t.add(
         "/small",
-        f(Content::inline("hello\n"), 0o644).xattr("user.foo", "bar"),
+        f(Content::inline("hello\n"), 0o644)
+            .xattr("user.foo", "bar")
+            .xattr("user.e", ""),
     )
     .unwrap();
     for (name, len) in [
@@ -327,6 +329,7 @@ fn rich_tree(host: &Path) -> Tree {
         many = many.xattr(format!("user.attr{i:02}"), pattern(50 + i, i as u8));
     }
     many = many
+        .xattr("user.zz-empty-in-block", "")
         .xattr("trusted.t", "trusted value")
         .xattr("security.capability", cap.to_vec());
     t.add("/usr/bin/many-xattrs", many).unwrap();
@@ -346,6 +349,11 @@ fn rich_tree(host: &Path) -> Tree {
     t.add(
         "/acl",
         f(Content::inline("acl"), 0o640).xattr("system.posix_acl_access", acl),
+    )
+    .unwrap();
+    t.add(
+        "/ünïcode-名前",
+        f(Content::inline("utf-8"), 0o644).xattr("user.ключ", "значение"),
     )
     .unwrap();
     t.add("/tmp", Entry::dir(0o1777)).unwrap();

@@ -754,6 +754,14 @@ fn kernel_mounts_read_write() {
                 .unwrap(),
             pattern(61, 11)
         );
+        // Extent trees of depth 0, 1 and 2 read back through the kernel.
+        for p in ["sizes/m9", "frag/ten", "frag/many"] {
+            let want = match &tree.get(&TreePath::new(p).unwrap()).unwrap().kind {
+                EntryKind::File(c) => read_content(c).unwrap(),
+                _ => unreachable!(),
+            };
+            assert!(std::fs::read(mnt.join(p)).unwrap() == want, "{p} differs");
+        }
         // The kernel reads the ACL back in the xattr format, with its undefined ids.
         let acl = xattr::get(mnt.join("acl"), "system.posix_acl_access")
             .unwrap()

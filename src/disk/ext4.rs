@@ -11,6 +11,10 @@
 //! the partition size. `layout` picks the geometry for a size and allocates every block
 //! sequentially. The writer then emits group metadata and data in disk order, skipping blocks that
 //! are all zeros (the sink reads unwritten bytes as zeros). Same Tree + same seed => same bytes.
+//!
+//! Directories are linear (no htree index, as with `mke2fs -d`), so their entries stay in Tree
+//! order; e2fsck accepts them and the kernel indexes nothing it did not create. No blocks are
+//! reserved for root (`-m 0`): images are sized to their contents.
 
 use std::io;
 
@@ -90,8 +94,11 @@ pub struct Ext4Options {
 /// What was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ext4Report {
+    /// Filesystem size in 4 KiB blocks (the partition may have a few unused blocks after it).
     pub blocks_total: u64,
+    /// Blocks in use: metadata, journal and data.
     pub blocks_used: u64,
+    /// Inodes in use, the reserved inodes 1-10 included.
     pub inodes_used: u64,
 }
 

@@ -530,7 +530,7 @@ fn four_gib_plus_file_with_data() {
     let len: u64 = (4 << 30) + 4096 * 3;
     let f = File::create(&host).unwrap();
     f.set_len(len).unwrap();
-    let data = pattern(300 << 20, 3);
+    let data = pattern(140 << 20, 3);
     f.write_at(&data, len - data.len() as u64).unwrap();
     drop(f);
     let mut tree = Tree::new();

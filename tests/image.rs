@@ -445,17 +445,18 @@ fn bench_qcow2_writer_vs_qemu_img_convert() {
         v[v.len() / 2]
     };
     for compress in [false, true] {
-        let mut ours = Vec::new();
-        let mut theirs = Vec::new();
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let (mut ours_cpu, mut theirs_cpu) = (Vec::new(), Vec::new());
         for round in 0..5 {
             let out = dir.path().join(format!("ours-{compress}-{round}.qcow2"));
-            let t = Instant::now();
+            let (t, cpu) = (Instant::now(), cpu_seconds(libc::RUSAGE_THREAD));
             let mut w = ImageWriter::create(&out, size, &ImageOptions::qcow2(compress)).unwrap();
             for (i, c) in chunks.iter().enumerate() {
                 w.write_at(i as u64 * MIB, c).unwrap();
             }
             w.finish().unwrap();
             ours.push(t.elapsed().as_secs_f64());
+            ours_cpu.push(cpu_seconds(libc::RUSAGE_THREAD) - cpu);
 
             let out2 = dir.path().join(format!("qemu-{compress}-{round}.qcow2"));
             let mut cmd = Command::new("qemu-img");
@@ -463,8 +464,9 @@ fn bench_qcow2_writer_vs_qemu_img_convert() {
             if compress {
                 cmd.arg("-c");
             }
-            let t = Instant::now();
+            let (t, cpu) = (Instant::now(), cpu_seconds(libc::RUSAGE_CHILDREN));
             let (ok, text) = run(cmd.arg(&raw).arg(&out2));
+            theirs_cpu.push(cpu_seconds(libc::RUSAGE_CHILDREN) - cpu);
             // qemu-img convert does not fsync by default; ours does, so time a sync too.
             let synced = std::fs::File::open(&out2).unwrap().sync_all();
             theirs.push(t.elapsed().as_secs_f64());
@@ -497,7 +499,7 @@ fn bench_qcow2_writer_vs_qemu_img_convert() {
         }
         println!(
             "compress={compress}: kiln samples {ours:.3?}, kiln 4 KiB-write samples {small:.3?}, \
-             qemu-img samples {theirs:.3?}"
+             qemu-img samples {theirs:.3?}; CPU s kiln {ours_cpu:.3?} qemu-img {theirs_cpu:.3?}"
         );
         let (a, b) = (median(ours), median(theirs));
         println!(
@@ -507,5 +509,20 @@ fn bench_qcow2_writer_vs_qemu_img_convert() {
             200.0 / b,
             b / a
         );
+        let (a, b) = (median(ours_cpu), median(theirs_cpu));
+        println!(
+            "qcow2 compress={compress}: CPU time (user+sys) kiln {a:.3} s, qemu-img {b:.3} s, \
+             ratio {:.2}",
+            b / a
+        );
     }
+}
+
+/// User + system CPU seconds of this thread or of the reaped children.
+fn cpu_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::getrusage(who, &mut ru) }, 0);
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
 }

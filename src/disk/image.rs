@@ -1,22 +1,24 @@
 //! Disk image outputs: the file a whole disk is written into, as a sparse raw image or as a qcow2
 //! (version 3) image written directly, without a raw intermediate and without `qemu-img`.
 //!
-//! Both go through [`ImageWriter`], a [`WriteAt`] sink. Writes land in a temp file next to the final
-//! path (`.NAME.XXXXXX.tmp`); [`ImageWriter::finish`] completes the metadata, fsyncs and renames it
-//! into place. Dropping the writer without `finish`, or any failed write, discards the temp file, so a
-//! half-written image never appears at the final path.
+//! Both go through [`ImageWriter`], a [`WriteAt`] sink. Writes land in a temp file next to the
+//! final path (`.NAME.XXXXXX.tmp`); [`ImageWriter::finish`] completes the metadata, fsyncs and
+//! renames it into place. Dropping the writer without `finish`, or any failed write, discards the
+//! temp file, so a half-written image never appears at the final path.
 //!
 //! qcow2 layout written here: cluster 0 holds the header; guest data clusters follow in the order
-//! they are stored (a cluster is stored when it has been completely written, when it is evicted from
-//! a small cache of partially written clusters, or at `finish`); all-zero clusters are never
-//! allocated. With compression, each stored cluster is raw-deflated (4 KiB window, as qemu does) and
-//! packed byte-wise when that saves at least an eighth of the cluster. At `finish` the L2 tables, the L1 table, the
-//! refcount blocks and the refcount table are appended, then the header is written. The result
-//! depends only on the sequence of writes.
+//! they are stored (a cluster is stored when it has been completely written, when it is evicted
+//! from a small cache of partially written clusters, or at `finish`); all-zero clusters are never
+//! allocated, and rewrites of stored clusters go in place. With compression, each stored cluster is
+//! raw-deflated (4 KiB window, as qemu does) and packed byte-wise when that saves at least an
+//! eighth of the cluster; a compressed cluster that is written again is inflated, patched and
+//! stored uncompressed. At `finish` the L2 tables, the L1 table, the refcount blocks and the
+//! refcount table are appended, then the header is written. The output depends only on the sequence
+//! of writes.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -212,7 +214,6 @@ impl ImageWriter {
         };
         file.sync_all().map_err(io_err("fsync the temp file"))?;
         let meta = file.metadata().map_err(io_err("stat the temp file"))?;
-        use std::os::unix::fs::MetadataExt;
         let report = ImageReport {
             format: self.format,
             virtual_size: self.virtual_size,
@@ -273,6 +274,21 @@ impl WriteAt for ImageWriter {
             self.failed = Some(e.to_string());
         }
         result
+    }
+}
+
+/// Ask the kernel to start writing `[offset, offset + len)` to disk now, so that the fsync in
+/// `finish` has little left to wait for. Only a hint: errors are ignored (they surface at fsync).
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return;
+    };
+    // SAFETY: sync_file_range on a file descriptor we own; it does not touch memory.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
@@ -810,6 +826,7 @@ impl Qcow2Sink {
     fn flush_pending(&mut self, file: &File) -> io::Result<()> {
         if !self.pending.is_empty() {
             file.write_all_at(&self.pending, self.pending_start)?;
+            start_writeback(file, self.pending_start, self.pending.len() as u64);
             self.pending_start += self.pending.len() as u64;
             self.pending.clear();
         }

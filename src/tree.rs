@@ -23,7 +23,9 @@ pub enum TreeError {
     ParentNotDir { path: String, parent: String },
     #[error("{path}: hard link to {target}, which is not in the tree (add the target first)")]
     MissingLinkTarget { path: String, target: String },
-    #[error("{path}: hard link to {target}, which is a {kind} (only non-directories can be hard linked)")]
+    #[error(
+        "{path}: hard link to {target}, which is a {kind} (only non-directories can be hard linked)"
+    )]
     BadLinkTarget {
         path: String,
         target: String,
@@ -82,7 +84,11 @@ impl TreePath {
             match component {
                 "" => return Err(invalid("has an empty component (`//`)")),
                 "." => return Err(invalid("has a `.` component")),
-                ".." => return Err(invalid("has a `..` component; paths cannot leave the image root")),
+                ".." => {
+                    return Err(invalid(
+                        "has a `..` component; paths cannot leave the image root",
+                    ));
+                }
                 _ => {}
             }
         }
@@ -275,11 +281,21 @@ fn host_data_ranges(path: &Path, len: u64) -> io::Result<Vec<(u64, u64)>> {
 pub enum EntryKind {
     File(Content),
     Dir,
-    Symlink { target: String },
+    Symlink {
+        target: String,
+    },
     /// Another name for the non-directory at `target` (same inode).
-    HardLink { target: TreePath },
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    HardLink {
+        target: TreePath,
+    },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
     Socket,
 }
@@ -512,7 +528,8 @@ impl Tree {
         dir: &TreePath,
     ) -> impl Iterator<Item = (&'a TreePath, &'a Entry)> + 'a {
         let depth = dir.depth() + 1;
-        self.descendants(dir).filter(move |(p, _)| p.depth() == depth)
+        self.descendants(dir)
+            .filter(move |(p, _)| p.depth() == depth)
     }
 
     /// Follow a hard link to the entry that owns the inode. Errors if the target is missing or is
@@ -715,13 +732,12 @@ impl Tree {
             if raw_path == "." || raw_path.is_empty() {
                 // The archive's root: take its owner and mode.
                 let header = item.header();
-                let root = self
-                    .entries
-                    .get_mut(&TreePath::root())
-                    .ok_or_else(|| TreeError::InvalidPath {
+                let root = self.entries.get_mut(&TreePath::root()).ok_or_else(|| {
+                    TreeError::InvalidPath {
                         path: "/".into(),
                         reason: "tree has no root",
-                    })?;
+                    }
+                })?;
                 root.mode = header.mode().unwrap_or(0o755) & 0o7777;
                 root.uid = header.uid().unwrap_or(0) as u32;
                 root.gid = header.gid().unwrap_or(0) as u32;
@@ -747,8 +763,12 @@ impl Tree {
             let mode = header
                 .mode()
                 .map_err(tar_err(format!("{path}: reading mode")))?;
-            let uid = header.uid().map_err(tar_err(format!("{path}: reading uid")))? as u32;
-            let gid = header.gid().map_err(tar_err(format!("{path}: reading gid")))? as u32;
+            let uid = header
+                .uid()
+                .map_err(tar_err(format!("{path}: reading uid")))? as u32;
+            let gid = header
+                .gid()
+                .map_err(tar_err(format!("{path}: reading gid")))? as u32;
             let mtime = header
                 .mtime()
                 .map_err(tar_err(format!("{path}: reading mtime")))? as i64;
@@ -833,10 +853,12 @@ fn read_host_xattrs(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, TreeError>
     let names = match xattr::list(path) {
         Ok(names) => names,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
-        Err(e) => return Err(TreeError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }),
+        Err(e) => {
+            return Err(TreeError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
     };
     for name in names {
         let Some(name) = name.to_str().map(str::to_string) else {
@@ -878,8 +900,10 @@ mod tests {
     #[test]
     fn insert_creates_parents_and_children_are_ordered() {
         let mut t = Tree::new();
-        t.add("/b/z", Entry::file(Content::inline("z"), 0o644)).unwrap();
-        t.add("/b/a", Entry::file(Content::inline("a"), 0o644)).unwrap();
+        t.add("/b/z", Entry::file(Content::inline("z"), 0o644))
+            .unwrap();
+        t.add("/b/a", Entry::file(Content::inline("a"), 0o644))
+            .unwrap();
         t.add("/b/a.d/x", Entry::file(Content::inline("x"), 0o644))
             .unwrap();
         t.add("/a", Entry::dir(0o700)).unwrap();
@@ -903,7 +927,8 @@ mod tests {
     #[test]
     fn file_parent_is_an_error() {
         let mut t = Tree::new();
-        t.add("/f", Entry::file(Content::inline("f"), 0o644)).unwrap();
+        t.add("/f", Entry::file(Content::inline("f"), 0o644))
+            .unwrap();
         assert!(matches!(
             t.add("/f/x", Entry::dir(0o755)),
             Err(TreeError::ParentNotDir { .. })
@@ -942,7 +967,11 @@ mod tests {
         let ranges = c.data_ranges().unwrap();
         let data: u64 = ranges.iter().map(|r| r.1).sum();
         assert!(data < 1 << 20, "{ranges:?}");
-        assert!(ranges.iter().any(|&(o, l)| o <= 32 << 20 && o + l >= (32 << 20) + 5));
+        assert!(
+            ranges
+                .iter()
+                .any(|&(o, l)| o <= 32 << 20 && o + l >= (32 << 20) + 5)
+        );
     }
 
     #[test]

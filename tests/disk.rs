@@ -298,3 +298,54 @@ fn bad_input_fails_clearly_and_leaves_nothing() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("lots"));
 }
+
+#[test]
+fn hard_link_to_a_missing_path_is_refused_before_writing() {
+    use kiln::disk::build::{DiskSpec, PartitionInput, build_disk};
+    use kiln::disk::gpt::PartitionKind;
+    use kiln::disk::image::ImageOptions;
+    use kiln::disk::layout::{Filesystem, Size};
+    use kiln::tree::{Content, Entry, EntryKind, Tree, TreePath};
+
+    for fs in [Filesystem::Ext4, Filesystem::Fat32] {
+        let mut tree = Tree::new();
+        tree.add("/a", Entry::file(Content::inline("a"), 0o644))
+            .unwrap();
+        tree.add(
+            "/link",
+            Entry::new(
+                EntryKind::HardLink {
+                    target: TreePath::new("/missing").unwrap(),
+                },
+                0o644,
+            ),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("d.raw");
+        let kind = if fs == Filesystem::Ext4 {
+            PartitionKind::RootX86_64
+        } else {
+            PartitionKind::Esp
+        };
+        let spec = DiskSpec {
+            size: Size::Auto,
+            image: ImageOptions::default(),
+            seed: "s".into(),
+            epoch: 0,
+            partitions: vec![PartitionInput {
+                name: "p".into(),
+                kind,
+                filesystem: fs,
+                size: Size::Auto,
+                label: None,
+                tree: Some(tree),
+            }],
+        };
+        let err = build_disk(&spec, &out).unwrap_err();
+        let text = format!("{err} {:?}", std::error::Error::source(&err));
+        assert!(text.contains("/missing"), "{fs:?}: {text}");
+        assert!(!out.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

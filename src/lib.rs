@@ -5,4 +5,5 @@ pub mod cache;
 pub mod cli;
 pub mod disk;
 pub mod recipe;
+pub mod rootfs;
 pub mod tree;

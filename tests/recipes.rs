@@ -106,11 +106,13 @@ fn inputs_digest_follows_inputs_not_location() {
     // A copy of the project elsewhere gives the same digest.
     let copy = tempfile::tempdir().unwrap();
     for sub in ["recipes", "templates"] {
-        std::fs::create_dir_all(copy.path().join(sub)).unwrap();
-        for e in std::fs::read_dir(root().join(sub)).unwrap() {
-            let p = e.unwrap().path();
-            std::fs::copy(&p, copy.path().join(sub).join(p.file_name().unwrap())).unwrap();
-        }
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(root().join(sub))
+            .arg(copy.path().join(sub))
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
     let here = digest(&root(), &[]);
     assert_eq!(here, digest(copy.path(), &[]));

@@ -51,6 +51,37 @@ pub struct Loaded {
     pub rendered_files: BTreeMap<String, String>,
     /// Every file read: the recipe chain (child first) and the templates.
     pub sources: Vec<PathBuf>,
+    /// The template context (`params`, `env`, `build`, `git`) the recipe was rendered with.
+    pub context: Value,
+    /// Where templates come from (the recipe's directory, the project's templates/).
+    pub templates: TemplateRoots,
+}
+
+impl Loaded {
+    /// Render a template (from the roots, else kiln's built-ins) with the recipe's context plus
+    /// `extra` (an object whose keys are added at the top level).
+    pub fn render_template(&self, name: &str, extra: Value) -> Result<String, String> {
+        let mut ctx = self.context.clone();
+        if let (Value::Object(c), Value::Object(e)) = (&mut ctx, extra) {
+            c.extend(e);
+        }
+        let renderer = Renderer::new(self.templates.clone());
+        renderer.render_template(name, &minijinja::Value::from(minijinja::value::Serde(ctx)))
+    }
+}
+
+/// Templates the build itself renders for a rootfs base; they count towards `build.inputs`.
+pub fn standard_templates(recipe: &Recipe) -> &'static [&'static str] {
+    match recipe.rootfs.base {
+        super::schema::RootfsBase::Busybox => &[
+            "busybox/init.sh.j2",
+            "busybox/passwd.j2",
+            "busybox/group.j2",
+            "busybox/fstab.j2",
+            "busybox/applets.txt",
+        ],
+        super::schema::RootfsBase::Debian => &[],
+    }
 }
 
 /// One file of the `extends:` chain.
@@ -133,7 +164,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
     let renderer = Renderer::new(roots.clone());
     let ctx = context(&params, &env_values, "", source_date_epoch, &opts.git);
     let mut file_templates = Vec::new();
-    for doc in &chain {
+    let mut pass1 = Value::Object(Map::new());
+    for doc in chain.iter().rev() {
         let rendered = renderer.render_str(&doc.path, &doc.text, &ctx)?;
         let recipe = deserialize_doc(doc, &rendered)?;
         for f in &recipe.rootfs.files {
@@ -141,6 +173,12 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
                 file_templates.push(t.clone());
             }
         }
+        if let Ok(v) = serde_saphyr::from_str::<Value>(&rendered) {
+            merge(&mut pass1, v);
+        }
+    }
+    if let Ok(recipe) = serde_json::from_value::<Recipe>(pass1) {
+        file_templates.extend(standard_templates(&recipe).iter().map(|s| s.to_string()));
     }
     for t in &file_templates {
         // Errors are reported in pass 2 with their places.
@@ -239,6 +277,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
 
     let mut sources: Vec<PathBuf> = chain.iter().map(|d| d.path.clone()).collect();
     sources.extend(renderer.loaded().values().map(|t| t.path.clone()));
+    let context = context_json(&params, &env_values, &inputs, source_date_epoch, &opts.git);
     Ok(Loaded {
         recipe,
         inputs,
@@ -246,6 +285,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
         params,
         rendered_files,
         sources,
+        context,
+        templates: renderer.roots().clone(),
     })
 }
 
@@ -569,6 +610,21 @@ fn coerce_param(key: &str, value: &str, default: &Value) -> Result<Value, Diagno
     })
 }
 
+fn context_json(
+    params: &BTreeMap<String, Value>,
+    env: &BTreeMap<String, String>,
+    inputs: &str,
+    epoch: i64,
+    git: &GitInfo,
+) -> Value {
+    serde_json::json!({
+        "params": params,
+        "env": env,
+        "build": { "inputs": inputs, "source_date_epoch": epoch },
+        "git": git,
+    })
+}
+
 fn context(
     params: &BTreeMap<String, Value>,
     env: &BTreeMap<String, String>,
@@ -576,12 +632,9 @@ fn context(
     epoch: i64,
     git: &GitInfo,
 ) -> minijinja::Value {
-    minijinja::Value::from(minijinja::value::Serde(serde_json::json!({
-        "params": params,
-        "env": env,
-        "build": { "inputs": inputs, "source_date_epoch": epoch },
-        "git": git,
-    })))
+    minijinja::Value::from(minijinja::value::Serde(context_json(
+        params, env, inputs, epoch, git,
+    )))
 }
 
 fn inputs_digest(

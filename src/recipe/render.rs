@@ -9,6 +9,39 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// Templates kiln ships, used when neither the recipe's directory nor the project's `templates/`
+/// has a file of that name (so a project overrides any of them by adding its own).
+pub const BUILTIN_TEMPLATES: &[(&str, &str)] = &[
+    (
+        "busybox/init.sh.j2",
+        include_str!("../../templates/busybox/init.sh.j2"),
+    ),
+    (
+        "busybox/passwd.j2",
+        include_str!("../../templates/busybox/passwd.j2"),
+    ),
+    (
+        "busybox/group.j2",
+        include_str!("../../templates/busybox/group.j2"),
+    ),
+    (
+        "busybox/fstab.j2",
+        include_str!("../../templates/busybox/fstab.j2"),
+    ),
+    (
+        "busybox/applets.txt",
+        include_str!("../../templates/busybox/applets.txt"),
+    ),
+];
+
+/// The built-in template of that name.
+pub fn builtin_template(name: &str) -> Option<&'static str> {
+    BUILTIN_TEMPLATES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, text)| *text)
+}
+
 /// The directories templates may be read from, in lookup order.
 #[derive(Debug, Clone)]
 pub struct TemplateRoots {
@@ -104,7 +137,19 @@ impl Renderer {
                 minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg)
             })?;
             let Some(path) = path else {
-                return Ok(None);
+                let Some(text) = builtin_template(name) else {
+                    return Ok(None);
+                };
+                if let Ok(mut map) = record.lock() {
+                    map.insert(
+                        name.to_string(),
+                        LoadedTemplate {
+                            path: PathBuf::from(format!("<builtin>/{name}")),
+                            text: text.to_string(),
+                        },
+                    );
+                }
+                return Ok(Some(text.to_string()));
             };
             let text = std::fs::read_to_string(&path).map_err(|e| {
                 minijinja::Error::new(

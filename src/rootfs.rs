@@ -1,0 +1,366 @@
+//! The root filesystem Tree: a base (the busybox-static userland, for now) plus what the recipe
+//! adds — files, directories, symlinks, users and groups — with every timestamp set to
+//! SOURCE_DATE_EPOCH. Pure Tree work: packages arrive already read into Trees.
+
+use crate::recipe::Loaded;
+use crate::recipe::validate::parse_mode;
+use crate::tree::{Content, Entry, EntryKind, Tree, TreeError, TreePath};
+use serde_json::json;
+use std::collections::BTreeMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("the busybox-static package has no /bin/busybox; is the package right?")]
+    NoBusybox,
+    #[error("template `{name}`: {message}")]
+    Template { name: String, message: String },
+    #[error("{path}: owner `{owner}` names an unknown {what}; define it under rootfs.users/groups")]
+    UnknownOwner {
+        path: String,
+        owner: String,
+        what: &'static str,
+    },
+    #[error("user `{user}`: uid {uid} is already used by `{other}`")]
+    UidClash {
+        user: String,
+        uid: u32,
+        other: String,
+    },
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+}
+
+/// Where the image's partitions are, for /etc/fstab.
+#[derive(Debug, Clone)]
+pub struct Mounts {
+    pub root_partuuid: String,
+    pub esp_partuuid: Option<String>,
+}
+
+/// A user or group with its numeric id settled.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Account {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: String,
+    shell: String,
+    members: Vec<String>,
+    password: String,
+}
+
+/// Build the root Tree of a `rootfs.base: busybox` recipe.
+pub fn busybox_rootfs(
+    loaded: &Loaded,
+    busybox: &Tree,
+    mounts: &Mounts,
+) -> Result<Tree, RootfsError> {
+    let epoch = loaded.source_date_epoch;
+    let recipe = &loaded.recipe;
+    let render = |name: &str, extra: serde_json::Value| {
+        loaded
+            .render_template(name, extra)
+            .map_err(|message| RootfsError::Template {
+                name: name.to_string(),
+                message,
+            })
+    };
+    let mut tree = Tree::new();
+    let bin = TreePath::new("/bin/busybox")?;
+    let busybox_entry = busybox
+        .get(&bin)
+        .filter(|e| matches!(e.kind, EntryKind::File(_)))
+        .ok_or(RootfsError::NoBusybox)?;
+    for dir in [
+        "/bin",
+        "/sbin",
+        "/usr/bin",
+        "/usr/sbin",
+        "/etc",
+        "/dev",
+        "/proc",
+        "/sys",
+        "/run",
+        "/tmp",
+        "/root",
+        "/home",
+        "/var",
+        "/var/log",
+        "/mnt",
+        "/boot",
+        "/boot/efi",
+        "/lib",
+    ] {
+        let mode = match dir {
+            "/tmp" => 0o1777,
+            "/root" => 0o700,
+            _ => 0o755,
+        };
+        tree.add(dir, Entry::dir(mode))?;
+    }
+    tree.insert(bin.clone(), busybox_entry.clone().owner(0, 0))?;
+    let applets = render("busybox/applets.txt", json!({}))?;
+    for line in applets.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line == "bin/busybox" {
+            continue;
+        }
+        let path = TreePath::new(line)?;
+        if tree.get(&path).is_some() {
+            continue;
+        }
+        // Relative links so the tree works wherever it is mounted.
+        let up = "../".repeat(path.depth() - 1);
+        tree.insert(path, Entry::symlink(format!("{up}bin/busybox")))?;
+    }
+
+    let (users, groups) = accounts(loaded)?;
+    let hostname = recipe
+        .rootfs
+        .hostname
+        .clone()
+        .unwrap_or_else(|| recipe.name.clone());
+    let expect = recipe.verify.expect.clone().unwrap_or_default();
+    let ctx = json!({
+        "users": users,
+        "groups": groups,
+        "expect": expect,
+        "expect_shell": shell_quote(&expect),
+        "root_partuuid": mounts.root_partuuid,
+        "esp_partuuid": mounts.esp_partuuid,
+        "hostname": hostname,
+    });
+    let init = render("busybox/init.sh.j2", ctx.clone())?;
+    tree.add("/sbin/init", Entry::file(Content::inline(init), 0o755))?;
+    tree.add(
+        "/etc/passwd",
+        Entry::file(
+            Content::inline(render("busybox/passwd.j2", ctx.clone())?),
+            0o644,
+        ),
+    )?;
+    tree.add(
+        "/etc/group",
+        Entry::file(
+            Content::inline(render("busybox/group.j2", ctx.clone())?),
+            0o644,
+        ),
+    )?;
+    let mut shadow = String::from("root:*:19000:0:99999:7:::\n");
+    for u in &users {
+        shadow.push_str(&format!("{}:{}:19000:0:99999:7:::\n", u.name, u.password));
+    }
+    tree.add("/etc/shadow", Entry::file(Content::inline(shadow), 0o600))?;
+    tree.add(
+        "/etc/fstab",
+        Entry::file(
+            Content::inline(render("busybox/fstab.j2", ctx.clone())?),
+            0o644,
+        ),
+    )?;
+    tree.add(
+        "/etc/hostname",
+        Entry::file(Content::inline(format!("{hostname}\n")), 0o644),
+    )?;
+    // Device nodes needed before devtmpfs is mounted.
+    tree.add(
+        "/dev/console",
+        Entry::new(EntryKind::CharDevice { major: 5, minor: 1 }, 0o600),
+    )?;
+    tree.add(
+        "/dev/null",
+        Entry::new(EntryKind::CharDevice { major: 1, minor: 3 }, 0o666),
+    )?;
+    for u in &users {
+        let home = TreePath::new(&u.home)?;
+        tree.insert(home.clone(), Entry::dir(0o750).owner(u.uid, u.gid))?;
+        let spec = recipe.rootfs.users.iter().find(|s| s.name == u.name);
+        if let Some(spec) = spec
+            && !spec.ssh_authorized_keys.is_empty()
+        {
+            let ssh = home.join(".ssh")?;
+            tree.insert(ssh.clone(), Entry::dir(0o700).owner(u.uid, u.gid))?;
+            let mut keys = spec.ssh_authorized_keys.join("\n");
+            keys.push('\n');
+            tree.insert(
+                ssh.join("authorized_keys")?,
+                Entry::file(Content::inline(keys), 0o600).owner(u.uid, u.gid),
+            )?;
+        }
+    }
+    apply_recipe_entries(&mut tree, loaded, &users, &groups)?;
+    for (_, entry) in tree.iter_mut() {
+        entry.mtime = epoch;
+    }
+    tree.validate()?;
+    Ok(tree)
+}
+
+/// Files, directories and symlinks from the recipe, over whatever the base put there.
+fn apply_recipe_entries(
+    tree: &mut Tree,
+    loaded: &Loaded,
+    users: &[Account],
+    groups: &[Account],
+) -> Result<(), RootfsError> {
+    let r = &loaded.recipe.rootfs;
+    for d in &r.directories {
+        let (uid, gid) = owner(d.owner.as_deref(), &d.path, users, groups)?;
+        let mode = d.mode.as_deref().and_then(parse_mode).unwrap_or(0o755);
+        tree.add(&d.path, Entry::dir(mode).owner(uid, gid))?;
+    }
+    for f in &r.files {
+        let (uid, gid) = owner(f.owner.as_deref(), &f.path, users, groups)?;
+        let mode = f.mode.as_deref().and_then(parse_mode).unwrap_or(0o644);
+        let text = match (&f.content, loaded.rendered_files.get(&f.path)) {
+            (Some(c), _) => c.clone(),
+            (None, Some(rendered)) => rendered.clone(),
+            (None, None) => String::new(),
+        };
+        tree.add(
+            &f.path,
+            Entry::file(Content::inline(text), mode).owner(uid, gid),
+        )?;
+    }
+    for s in &r.symlinks {
+        tree.add(&s.path, Entry::symlink(s.target.clone()))?;
+    }
+    Ok(())
+}
+
+/// Users and groups with ids settled: given ids kept, others allocated from 1000 up in recipe
+/// order; each user gets a group of its own name unless it names one.
+fn accounts(loaded: &Loaded) -> Result<(Vec<Account>, Vec<Account>), RootfsError> {
+    let r = &loaded.recipe.rootfs;
+    let mut groups: Vec<Account> = Vec::new();
+    let mut used_gids: BTreeMap<u32, String> = BTreeMap::new();
+    used_gids.insert(0, "root".into());
+    used_gids.insert(65534, "nogroup".into());
+    let next_free = |used: &BTreeMap<u32, String>| (1000..).find(|id| !used.contains_key(id));
+    for g in &r.groups {
+        let gid = match g.gid {
+            Some(id) => id,
+            None => next_free(&used_gids).unwrap_or(60000),
+        };
+        used_gids.insert(gid, g.name.clone());
+        groups.push(Account {
+            name: g.name.clone(),
+            uid: gid,
+            gid,
+            home: String::new(),
+            shell: String::new(),
+            members: Vec::new(),
+            password: String::new(),
+        });
+    }
+    let mut users: Vec<Account> = Vec::new();
+    let mut used_uids: BTreeMap<u32, String> = BTreeMap::new();
+    used_uids.insert(0, "root".into());
+    used_uids.insert(65534, "nobody".into());
+    for u in &r.users {
+        let uid = match u.uid {
+            Some(id) => {
+                if let Some(other) = used_uids.get(&id) {
+                    return Err(RootfsError::UidClash {
+                        user: u.name.clone(),
+                        uid: id,
+                        other: other.clone(),
+                    });
+                }
+                id
+            }
+            None => next_free(&used_uids).unwrap_or(60000),
+        };
+        used_uids.insert(uid, u.name.clone());
+        let group_name = u.group.clone().unwrap_or_else(|| u.name.clone());
+        let gid = match groups.iter().find(|g| g.name == group_name) {
+            Some(g) => g.gid,
+            None => {
+                let gid = if used_gids.contains_key(&uid) {
+                    next_free(&used_gids).unwrap_or(60000)
+                } else {
+                    uid
+                };
+                used_gids.insert(gid, group_name.clone());
+                groups.push(Account {
+                    name: group_name.clone(),
+                    uid: gid,
+                    gid,
+                    home: String::new(),
+                    shell: String::new(),
+                    members: Vec::new(),
+                    password: String::new(),
+                });
+                gid
+            }
+        };
+        for extra in &u.groups {
+            if let Some(g) = groups.iter_mut().find(|g| &g.name == extra) {
+                g.members.push(u.name.clone());
+            }
+        }
+        users.push(Account {
+            name: u.name.clone(),
+            uid,
+            gid,
+            home: u
+                .home
+                .clone()
+                .unwrap_or_else(|| format!("/home/{}", u.name)),
+            shell: u.shell.clone().unwrap_or_else(|| "/bin/sh".into()),
+            members: Vec::new(),
+            password: u.password_hash.clone().unwrap_or_else(|| "!".into()),
+        });
+    }
+    Ok((users, groups))
+}
+
+/// `user:group` (names or numbers) → ids.
+fn owner(
+    spec: Option<&str>,
+    path: &str,
+    users: &[Account],
+    groups: &[Account],
+) -> Result<(u32, u32), RootfsError> {
+    let Some(spec) = spec else { return Ok((0, 0)) };
+    let (u, g) = spec.split_once(':').unwrap_or((spec, spec));
+    let unknown = |what| RootfsError::UnknownOwner {
+        path: path.to_string(),
+        owner: spec.to_string(),
+        what,
+    };
+    let uid = match u.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) if u == "root" => 0,
+        Err(_) => users
+            .iter()
+            .find(|a| a.name == u)
+            .map(|a| a.uid)
+            .ok_or_else(|| unknown("user"))?,
+    };
+    let gid = match g.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) if g == "root" => 0,
+        Err(_) => groups
+            .iter()
+            .find(|a| a.name == g)
+            .map(|a| a.gid)
+            .ok_or_else(|| unknown("group"))?,
+    };
+    Ok((uid, gid))
+}
+
+/// Quote a string for POSIX sh (single quotes).
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}

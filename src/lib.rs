@@ -5,6 +5,7 @@ pub mod cache;
 pub mod cli;
 pub mod disk;
 pub mod manifest;
+pub mod pipeline;
 pub mod recipe;
 pub mod rootfs;
 pub mod tree;

@@ -76,7 +76,7 @@ fn cloud_kernel_module_facts() {
     assert_eq!(root_names.last(), Some(&"virtio_blk"));
     let pos = |n: &str| root_names.iter().position(|x| *x == n).unwrap();
     assert!(pos("virtio_ring") < pos("virtio_pci") && pos("virtio") < pos("virtio_blk"));
-    assert_eq!(root_names.len(), 5, "{root_names:?}");
+    assert_eq!(root_names.len(), 6, "{root_names:?}");
     assert_eq!(root.builtin, ["ext4", "crc32c"]);
 
     // Deterministic.

@@ -18,8 +18,8 @@ pub const DEFAULT_INIT_TEMPLATE: &str = include_str!("../../templates/initramfs-
 
 /// busybox applets the default `/init` calls by name, linked in `/bin`.
 pub const APPLETS: &[&str] = &[
-    "cat", "echo", "grep", "insmod", "ls", "mkdir", "mount", "poweroff", "reboot", "sed", "sh",
-    "sleep", "switch_root", "tr", "umount",
+    "cat", "echo", "grep", "insmod", "ls", "mkdir", "mount", "od", "poweroff", "readlink", "reboot",
+    "sed", "sh", "sleep", "switch_root", "tr", "umount",
 ];
 
 /// zstd level: a good ratio at a speed that does not matter for a few MiB.
@@ -99,6 +99,8 @@ struct InitContext {
     modules: Vec<InitModule>,
     builtin: Vec<String>,
     root_partuuid: String,
+    /// The GUID as its 16 bytes appear in a GPT entry, in hex.
+    root_partuuid_gpt: String,
     rootfstype: String,
     timeout: u32,
     fail_delay: u32,
@@ -107,9 +109,7 @@ struct InitContext {
 /// The uncompressed initramfs as a Tree, with the module closure it loads.
 pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), InitramfsError> {
     let partuuid = uuid::Uuid::try_parse(&spec.root_partuuid)
-        .map_err(|_| InitramfsError::BadPartuuid(spec.root_partuuid.clone()))?
-        .hyphenated()
-        .to_string();
+        .map_err(|_| InitramfsError::BadPartuuid(spec.root_partuuid.clone()))?;
     if spec.rootfstype.is_empty()
         || !spec
             .rootfstype
@@ -168,7 +168,8 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
         kernel_version: spec.kernel.version.clone(),
         modules: init_modules,
         builtin: closure.builtin.clone(),
-        root_partuuid: partuuid,
+        root_partuuid: partuuid.hyphenated().to_string(),
+        root_partuuid_gpt: hex::encode(partuuid.to_bytes_le()),
         rootfstype: spec.rootfstype.clone(),
         timeout: spec.timeout_secs,
         fail_delay: 10,

@@ -48,13 +48,26 @@ fn assert_deps_first(list: &[String], deps: &[&str], last: &str) {
 fn cloud_kernel_module_facts() {
     let k = kernel("cloud-amd64");
     assert!(k.version.starts_with("6.1.0-") && k.version.ends_with("-cloud-amd64"));
-    assert!(k.vmlinuz.len() > 4 << 20, "vmlinuz is {} bytes", k.vmlinuz.len());
-    assert!(k.index.modules.len() > 500, "{} modules", k.index.modules.len());
+    assert!(
+        k.vmlinuz.len() > 4 << 20,
+        "vmlinuz is {} bytes",
+        k.vmlinuz.len()
+    );
+    assert!(
+        k.index.modules.len() > 500,
+        "{} modules",
+        k.index.modules.len()
+    );
 
     let pci = names(&k, &["virtio_pci"]);
     assert_deps_first(
         &pci,
-        &["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev"],
+        &[
+            "virtio_ring",
+            "virtio",
+            "virtio_pci_modern_dev",
+            "virtio_pci_legacy_dev",
+        ],
         "virtio_pci",
     );
     let blk = names(&k, &["virtio_blk"]);
@@ -100,7 +113,12 @@ fn generic_kernel_has_ext4_as_module() {
     let pci = names(&k, &["virtio_pci"]);
     assert_deps_first(
         &pci,
-        &["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev"],
+        &[
+            "virtio_ring",
+            "virtio",
+            "virtio_pci_modern_dev",
+            "virtio_pci_legacy_dev",
+        ],
         "virtio_pci",
     );
     let root = k.root_disk_closure().unwrap();
@@ -122,21 +140,33 @@ fn unknown_module_is_an_error_with_a_suggestion() {
         )
     );
     let err = k.closure(&["zzzzqqqq"]).unwrap_err().to_string();
-    assert!(err.starts_with("kernel module `zzzzqqqq` not in linux 6.1.0-"), "{err}");
+    assert!(
+        err.starts_with("kernel module `zzzzqqqq` not in linux 6.1.0-"),
+        "{err}"
+    );
 }
 
 fn sample_tree() -> Tree {
     let mut t = Tree::new();
     t.add("etc", Entry::dir(0o755)).unwrap();
-    t.add("etc/hostname", Entry::file(Content::inline(b"kiln\n".to_vec()), 0o644))
-        .unwrap();
+    t.add(
+        "etc/hostname",
+        Entry::file(Content::inline(b"kiln\n".to_vec()), 0o644),
+    )
+    .unwrap();
     t.add("etc/empty", Entry::file(Content::inline(Vec::new()), 0o600))
         .unwrap();
     let big: Vec<u8> = (0..(1u32 << 20) + 3).map(|i| (i * 7 % 251) as u8).collect();
-    t.add("data/big.bin", Entry::file(Content::inline(big), 0o640).owner(1000, 1000))
-        .unwrap();
-    t.add("data/zeros", Entry::file(Content::Zeros { len: 70_001 }, 0o644))
-        .unwrap();
+    t.add(
+        "data/big.bin",
+        Entry::file(Content::inline(big), 0o640).owner(1000, 1000),
+    )
+    .unwrap();
+    t.add(
+        "data/zeros",
+        Entry::file(Content::Zeros { len: 70_001 }, 0o644),
+    )
+    .unwrap();
     t.add(
         "data/hard",
         Entry::new(
@@ -148,9 +178,13 @@ fn sample_tree() -> Tree {
     )
     .unwrap();
     t.add("bin/sh", Entry::symlink("busybox")).unwrap();
-    t.add("bin/busybox", Entry::file(Content::inline(b"#!fake\n".to_vec()), 0o4755))
+    t.add(
+        "bin/busybox",
+        Entry::file(Content::inline(b"#!fake\n".to_vec()), 0o4755),
+    )
+    .unwrap();
+    t.add("run/fifo", Entry::new(EntryKind::Fifo, 0o600))
         .unwrap();
-    t.add("run/fifo", Entry::new(EntryKind::Fifo, 0o600)).unwrap();
     t
 }
 
@@ -183,7 +217,11 @@ fn cpio_is_read_by_gnu_cpio_and_round_trips() {
         let meta = std::fs::symlink_metadata(&host).unwrap();
         match &entry.kind {
             EntryKind::File(c) => {
-                assert_eq!(std::fs::read(&host).unwrap(), read_content(c).unwrap(), "{path}");
+                assert_eq!(
+                    std::fs::read(&host).unwrap(),
+                    read_content(c).unwrap(),
+                    "{path}"
+                );
                 assert_eq!(meta.mode() & 0o7777, entry.mode, "{path}");
                 assert_eq!(meta.mtime(), epoch, "{path}");
             }
@@ -203,7 +241,9 @@ fn cpio_is_read_by_gnu_cpio_and_round_trips() {
         }
     }
     assert_eq!(
-        std::fs::metadata(dir.path().join("data/big.bin")).unwrap().uid(),
+        std::fs::metadata(dir.path().join("data/big.bin"))
+            .unwrap()
+            .uid(),
         1000
     );
     // Same tree, same bytes.
@@ -219,7 +259,9 @@ fn run_cpio(args: &[&str], input: &[u8], dir: Option<&Path>) -> String {
     if let Some(d) = dir {
         cmd.current_dir(d);
     }
-    let mut child = cmd.spawn().expect("GNU cpio (Debian package cpio) installed");
+    let mut child = cmd
+        .spawn()
+        .expect("GNU cpio (Debian package cpio) installed");
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_vec();
     let feeder = std::thread::spawn(move || stdin.write_all(&input));
@@ -251,7 +293,13 @@ fn initramfs_contents_and_determinism() {
         .unwrap();
     let listed = run_cpio(&["-t", "--quiet"], &raw, None);
     let listed: Vec<&str> = listed.lines().collect();
-    for want in ["init", "bin/busybox", "bin/sh", "bin/switch_root", "dev/console"] {
+    for want in [
+        "init",
+        "bin/busybox",
+        "bin/sh",
+        "bin/switch_root",
+        "dev/console",
+    ] {
         assert!(listed.contains(&want), "{want} not in {listed:?}");
     }
     for m in &closure.modules {
@@ -261,11 +309,19 @@ fn initramfs_contents_and_determinism() {
 
     // /init loads the closure in order and looks for our PARTUUID.
     let dir = tempfile::tempdir().unwrap();
-    run_cpio(&["-id", "--quiet", "--no-absolute-filenames"], &raw, Some(dir.path()));
+    run_cpio(
+        &["-id", "--quiet", "--no-absolute-filenames"],
+        &raw,
+        Some(dir.path()),
+    );
     let init = std::fs::read_to_string(dir.path().join("init")).unwrap();
     assert!(init.starts_with("#!/bin/sh\n"));
     assert_eq!(
-        std::fs::metadata(dir.path().join("init")).unwrap().permissions().mode() & 0o777,
+        std::fs::metadata(dir.path().join("init"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
         0o755
     );
     let insmods: Vec<&str> = init
@@ -274,15 +330,25 @@ fn initramfs_contents_and_determinism() {
         .collect();
     assert_eq!(insmods.len(), closure.modules.len());
     for (line, m) in insmods.iter().zip(&closure.modules) {
-        assert!(line.contains(&format!("/{} ", m.plain_rel_path())), "{line}");
+        assert!(
+            line.contains(&format!("/{} ", m.plain_rel_path())),
+            "{line}"
+        );
     }
     assert!(init.contains(&format!("root_partuuid=\"{PARTUUID}\"")));
-    let bb_bytes = read_content(&match &bb.get(&kiln::tree::TreePath::new("bin/busybox").unwrap()).unwrap().kind {
+    let bb_bytes = read_content(&match &bb
+        .get(&kiln::tree::TreePath::new("bin/busybox").unwrap())
+        .unwrap()
+        .kind
+    {
         EntryKind::File(c) => c.clone(),
         _ => unreachable!(),
     })
     .unwrap();
-    assert_eq!(std::fs::read(dir.path().join("bin/busybox")).unwrap(), bb_bytes);
+    assert_eq!(
+        std::fs::read(dir.path().join("bin/busybox")).unwrap(),
+        bb_bytes
+    );
 
     // Same inputs, same bytes (gzip and zstd); another epoch changes them.
     let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
@@ -318,7 +384,17 @@ fn accel(vmlinuz: &Path) -> &'static str {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serial.log");
         let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "kvm", "-M", "pc", "-m", "256", "-nodefaults", "-display", "none"])
+            .args([
+                "-accel",
+                "kvm",
+                "-M",
+                "pc",
+                "-m",
+                "256",
+                "-nodefaults",
+                "-display",
+                "none",
+            ])
             .args(["-no-reboot", "-kernel"])
             .arg(vmlinuz)
             .args(["-append", "console=ttyS0 panic=-1", "-serial"])
@@ -369,13 +445,20 @@ fn make_disk(dir: &Path, bb: &Tree) -> PathBuf {
     for d in ["bin", "sbin", "dev", "proc", "sys"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    let busybox = match &bb.get(&kiln::tree::TreePath::new("bin/busybox").unwrap()).unwrap().kind {
+    let busybox = match &bb
+        .get(&kiln::tree::TreePath::new("bin/busybox").unwrap())
+        .unwrap()
+        .kind
+    {
         EntryKind::File(c) => c.clone(),
         _ => unreachable!(),
     };
     write_content(&busybox, &root.join("bin/busybox"));
-    std::fs::set_permissions(root.join("bin/busybox"), std::fs::Permissions::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        root.join("bin/busybox"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     std::fs::write(
         root.join("sbin/init"),
         format!(
@@ -384,8 +467,11 @@ fn make_disk(dir: &Path, bb: &Tree) -> PathBuf {
         ),
     )
     .unwrap();
-    std::fs::set_permissions(root.join("sbin/init"), std::fs::Permissions::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        root.join("sbin/init"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
 
     let disk = dir.join("disk.img");
     let f = std::fs::File::create(&disk).unwrap();
@@ -442,7 +528,17 @@ fn boot(flavour: &str, compression: Compression) {
     let accel = accel(&vmlinuz);
     let log = dir.path().join("serial.log");
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", accel, "-M", "pc", "-m", "512", "-nodefaults", "-display", "none"])
+        .args([
+            "-accel",
+            accel,
+            "-M",
+            "pc",
+            "-m",
+            "512",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
         .arg("-no-reboot")
         .arg("-kernel")
         .arg(&vmlinuz)
@@ -484,7 +580,10 @@ fn boot(flavour: &str, compression: Compression) {
         start.elapsed(),
         tail.join("\n")
     );
-    eprintln!("{flavour}: reached the root's init in {:?} under {accel}", start.elapsed());
+    eprintln!(
+        "{flavour}: reached the root's init in {:?} under {accel}",
+        start.elapsed()
+    );
 }
 
 #[test]

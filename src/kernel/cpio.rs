@@ -119,8 +119,8 @@ impl<W: Write> CpioWriter<W> {
             MemberData::None => {}
             MemberData::Bytes(b) => self.raw(b).map_err(io_err)?,
             MemberData::Content(c) => {
-                let copied = io::copy(&mut c.open().map_err(io_err)?, &mut self.out)
-                    .map_err(io_err)?;
+                let copied =
+                    io::copy(&mut c.open().map_err(io_err)?, &mut self.out).map_err(io_err)?;
                 if copied != size {
                     return Err(CpioError::Invalid {
                         path: member.path.to_string(),
@@ -142,9 +142,7 @@ impl<W: Write> CpioWriter<W> {
         self.header(0, 0, 0, 0, 1, 0, 0, (0, 0), "TRAILER!!!")
             .map_err(io_err)?;
         self.out.flush().map_err(io_err)?;
-        self.out
-            .into_inner()
-            .map_err(|e| io_err(e.into_error()))
+        self.out.into_inner().map_err(|e| io_err(e.into_error()))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -220,7 +218,11 @@ pub fn write_tree<W: Write>(tree: &Tree, out: W, epoch: i64) -> Result<W, CpioEr
         };
         let (nlink, rdev, data) = match &owner.kind {
             EntryKind::File(content) => (1, (0, 0), MemberData::Content(content)),
-            EntryKind::Dir => (2 + subdirs.get(path).copied().unwrap_or(0), (0, 0), MemberData::None),
+            EntryKind::Dir => (
+                2 + subdirs.get(path).copied().unwrap_or(0),
+                (0, 0),
+                MemberData::None,
+            ),
             EntryKind::Symlink { target } => (1, (0, 0), MemberData::Bytes(target.as_bytes())),
             EntryKind::CharDevice { major, minor } | EntryKind::BlockDevice { major, minor } => {
                 (1, (*major, *minor), MemberData::None)

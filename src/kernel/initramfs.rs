@@ -11,15 +11,30 @@ use thiserror::Error;
 use super::cpio::{self, CpioError};
 use super::{Closure, Kernel, KernelError, ROOT_DISK_MODULES};
 use crate::recipe::schema::Compression;
-use crate::tree::{Content, Entry, EntryKind, Tree, TreePath, TreeError};
+use crate::tree::{Content, Entry, EntryKind, Tree, TreeError, TreePath};
 
 /// The default `/init` template, also shipped as `templates/initramfs-init.sh.j2`.
 pub const DEFAULT_INIT_TEMPLATE: &str = include_str!("../../templates/initramfs-init.sh.j2");
 
 /// busybox applets the default `/init` calls by name, linked in `/bin`.
 pub const APPLETS: &[&str] = &[
-    "cat", "echo", "grep", "insmod", "ls", "mkdir", "mount", "od", "poweroff", "readlink", "reboot",
-    "sed", "sh", "sleep", "switch_root", "tr", "umount",
+    "cat",
+    "echo",
+    "grep",
+    "insmod",
+    "ls",
+    "mkdir",
+    "mount",
+    "od",
+    "poweroff",
+    "readlink",
+    "reboot",
+    "sed",
+    "sh",
+    "sleep",
+    "switch_root",
+    "tr",
+    "umount",
 ];
 
 /// zstd level: a good ratio at a speed that does not matter for a few MiB.
@@ -174,7 +189,10 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
         timeout: spec.timeout_secs,
         fail_delay: 10,
     };
-    let init = render_init(spec.init_template.unwrap_or(DEFAULT_INIT_TEMPLATE), &context)?;
+    let init = render_init(
+        spec.init_template.unwrap_or(DEFAULT_INIT_TEMPLATE),
+        &context,
+    )?;
     tree.add("init", Entry::file(Content::inline(init), 0o755))?;
     Ok((tree, closure))
 }
@@ -206,8 +224,8 @@ pub fn build<W: Write>(spec: &InitramfsSpec<'_>, out: W) -> Result<(W, Closure),
             enc.finish().map_err(InitramfsError::Compress)?
         }
         Compression::Zstd => {
-            let mut enc =
-                zstd::stream::write::Encoder::new(out, ZSTD_LEVEL).map_err(InitramfsError::Compress)?;
+            let mut enc = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)
+                .map_err(InitramfsError::Compress)?;
             // The kernel's zstd decompressor wants a content checksum or not, both fine; the
             // frame is single-threaded so the output is deterministic.
             enc.include_checksum(true)

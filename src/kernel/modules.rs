@@ -170,7 +170,12 @@ pub fn parse_modinfo(section: &[u8]) -> Vec<(String, String)> {
 
 type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> io::Result<usize> + 'a;
 
-fn read_exact_at(path: &str, read: &mut ReadAt<'_>, off: u64, len: u64) -> Result<Vec<u8>, ModuleError> {
+fn read_exact_at(
+    path: &str,
+    read: &mut ReadAt<'_>,
+    off: u64,
+    len: u64,
+) -> Result<Vec<u8>, ModuleError> {
     let mut buf = vec![0u8; len as usize];
     let n = read(off, &mut buf).map_err(|source| ModuleError::Io {
         path: path.to_string(),
@@ -267,12 +272,9 @@ pub fn apply_modinfo(module: &mut Module, records: &[(String, String)]) {
     for (key, value) in records {
         match key.as_str() {
             "name" if !value.is_empty() => module.name = canonical(value),
-            "depends" => module.depends.extend(
-                value
-                    .split(',')
-                    .filter(|d| !d.is_empty())
-                    .map(canonical),
-            ),
+            "depends" => module
+                .depends
+                .extend(value.split(',').filter(|d| !d.is_empty()).map(canonical)),
             "softdep" => parse_softdep(value, &mut module.softdep_pre, &mut module.softdep_post),
             "alias" if !value.contains(['*', '?', '[']) => module.aliases.push(canonical(value)),
             _ => {}

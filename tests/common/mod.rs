@@ -99,6 +99,10 @@ fn unpack_deb(deb: &Path) -> Tree {
         store.put_content(r)
     })
     .unwrap();
-    assert!(child.wait().unwrap().success(), "dpkg-deb {}", deb.display());
+    assert!(
+        child.wait().unwrap().success(),
+        "dpkg-deb {}",
+        deb.display()
+    );
     tree
 }

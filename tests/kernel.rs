@@ -505,12 +505,74 @@ fn make_disk(dir: &Path, bb: &Tree) -> PathBuf {
     disk
 }
 
-fn boot(flavour: &str, compression: Compression) {
-    let k = kernel(flavour);
-    let bb = busybox();
+struct Boot {
+    /// Whether `expect` appeared on the serial console.
+    seen: bool,
+    /// Whether QEMU stopped by itself (the guest powered off).
+    exited: bool,
+    elapsed: Duration,
+    accel: &'static str,
+    serial: String,
+}
+
+impl Boot {
+    fn last_lines(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.serial.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// Boot `k` with `initrd` and `disk` as virtio-blk until `expect` shows on the serial console
+/// and QEMU exits, or `timeout` passes (then QEMU is killed).
+fn run_qemu(k: &Kernel, initrd: &[u8], disk: &Path, expect: &str, timeout: Duration) -> Boot {
     let dir = tempfile::tempdir().unwrap();
     let vmlinuz = dir.path().join("vmlinuz");
     write_content(&k.vmlinuz, &vmlinuz);
+    std::fs::write(dir.path().join("initrd"), initrd).unwrap();
+    let accel = accel(&vmlinuz);
+    let log = dir.path().join("serial.log");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", accel, "-M", "pc", "-m", "512", "-nodefaults"])
+        .args(["-display", "none", "-no-reboot", "-kernel"])
+        .arg(&vmlinuz)
+        .arg("-initrd")
+        .arg(dir.path().join("initrd"))
+        .args(["-append", "console=ttyS0 panic=-1 rw"])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", disk.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let start = Instant::now();
+    let mut exited = false;
+    while start.elapsed() < timeout {
+        if child.try_wait().unwrap().is_some() {
+            exited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let elapsed = start.elapsed();
+    if !exited {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    Boot {
+        seen: serial.contains(expect),
+        exited,
+        elapsed,
+        accel,
+        serial,
+    }
+}
+
+fn boot(flavour: &str, compression: Compression) {
+    let k = kernel(flavour);
+    let bb = busybox();
     let mut spec = InitramfsSpec::new(&k, &bb, PARTUUID);
     spec.compression = compression;
     spec.timeout_secs = 20;
@@ -522,67 +584,23 @@ fn boot(flavour: &str, compression: Compression) {
         closure.names(),
         closure.builtin
     );
-    std::fs::write(dir.path().join("initrd"), &initrd).unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let disk = make_disk(dir.path(), &bb);
-
-    let accel = accel(&vmlinuz);
-    let log = dir.path().join("serial.log");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            accel,
-            "-M",
-            "pc",
-            "-m",
-            "512",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .arg("-no-reboot")
-        .arg("-kernel")
-        .arg(&vmlinuz)
-        .arg("-initrd")
-        .arg(dir.path().join("initrd"))
-        .args(["-append", "console=ttyS0 panic=-1 rw"])
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", disk.display()))
-        .arg("-serial")
-        .arg(format!("file:{}", log.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qemu-system-x86_64");
-    let start = Instant::now();
-    let timeout = Duration::from_secs(180);
-    let mut seen = false;
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains(&format!("{MARKER} pid 1 root ext2/ext3")) {
-            seen = true;
-        }
-        let exited = child.try_wait().unwrap().is_some();
-        if exited || (seen && start.elapsed() > Duration::from_secs(1)) || start.elapsed() > timeout
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    seen |= text.contains(&format!("{MARKER} pid 1 root ext2/ext3"));
-    let tail: Vec<&str> = text.lines().rev().take(40).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    // The root's init runs as PID 1 on the ext4 partition, then powers off.
+    let expect = format!("{MARKER} pid 1 root ext2/ext3");
+    let b = run_qemu(&k, &initrd, &disk, &expect, Duration::from_secs(180));
     assert!(
-        seen,
-        "{flavour}: marker not on the serial console after {:?} ({accel}); last 40 lines:\n{}",
-        start.elapsed(),
-        tail.join("\n")
+        b.seen && b.exited,
+        "{flavour}: marker seen {}, QEMU exited {} after {:?} ({}); last 40 lines:\n{}",
+        b.seen,
+        b.exited,
+        b.elapsed,
+        b.accel,
+        b.last_lines(40)
     );
     eprintln!(
-        "{flavour}: reached the root's init in {:?} under {accel}",
-        start.elapsed()
+        "{flavour}: booted to the root's init and powered off in {:?} under {}",
+        b.elapsed, b.accel
     );
 }
 
@@ -594,4 +612,37 @@ fn cloud_kernel_boots_to_root_with_kiln_initramfs() {
 #[test]
 fn generic_kernel_boots_with_ext4_module() {
     boot("amd64", Compression::Gzip);
+}
+
+#[test]
+fn missing_root_partition_is_reported_and_powers_off() {
+    let k = kernel("cloud-amd64");
+    let bb = busybox();
+    let wanted = "0b0e9c4f-1111-4222-8333-944455556666";
+    let mut spec = InitramfsSpec::new(&k, &bb, wanted);
+    spec.timeout_secs = 2;
+    spec.fail_delay_secs = 1;
+    let (initrd, _) = initramfs::build_bytes(&spec).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = make_disk(dir.path(), &bb); // its partition has PARTUUID, not `wanted`
+    let expect = format!(
+        "kiln-initramfs: ERROR: root partition PARTUUID={wanted} did not appear within 2 s"
+    );
+    let b = run_qemu(&k, &initrd, &disk, &expect, Duration::from_secs(120));
+    assert!(
+        b.seen && b.exited,
+        "message seen {}, QEMU exited {} after {:?}; last 40 lines:\n{}",
+        b.seen,
+        b.exited,
+        b.elapsed,
+        b.last_lines(40)
+    );
+    // It says what it found: the partition that is there, and the modules loaded.
+    assert!(
+        b.serial.contains("DEVNAME=vda1 DEVTYPE=partition"),
+        "{}",
+        b.last_lines(40)
+    );
+    assert!(b.serial.contains("virtio_blk "), "{}", b.last_lines(40));
+    assert!(!b.serial.contains(MARKER));
 }

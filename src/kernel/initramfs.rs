@@ -78,6 +78,8 @@ pub struct InitramfsSpec<'a> {
     pub rootfstype: String,
     /// Seconds to wait for the root partition.
     pub timeout_secs: u32,
+    /// Seconds the failure message stays on the console before `/init` powers off.
+    pub fail_delay_secs: u32,
     pub compression: Compression,
     /// Every mtime in the archive.
     pub epoch: i64,
@@ -86,7 +88,7 @@ pub struct InitramfsSpec<'a> {
 }
 
 impl<'a> InitramfsSpec<'a> {
-    /// Defaults: root disk modules, ext4, 30 s timeout, zstd, epoch 0, default template.
+    /// Defaults: root disk modules, ext4, 30 s timeout, 10 s failure delay, zstd, epoch 0, default template.
     pub fn new(kernel: &'a Kernel, busybox: &'a Tree, root_partuuid: impl Into<String>) -> Self {
         InitramfsSpec {
             kernel,
@@ -95,6 +97,7 @@ impl<'a> InitramfsSpec<'a> {
             root_partuuid: root_partuuid.into(),
             rootfstype: "ext4".into(),
             timeout_secs: 30,
+            fail_delay_secs: 10,
             compression: Compression::Zstd,
             epoch: 0,
             init_template: None,
@@ -187,7 +190,7 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
         root_partuuid_gpt: hex::encode(partuuid.to_bytes_le()),
         rootfstype: spec.rootfstype.clone(),
         timeout: spec.timeout_secs,
-        fail_delay: 10,
+        fail_delay: spec.fail_delay_secs,
     };
     let init = render_init(
         spec.init_template.unwrap_or(DEFAULT_INIT_TEMPLATE),

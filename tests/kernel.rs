@@ -19,7 +19,15 @@ use sha2::{Digest, Sha256};
 
 fn kernel(flavour: &str) -> Kernel {
     let tree = common::deb_tree(&common::kernel_package(flavour));
-    Kernel::from_tree(&tree).unwrap()
+    let start = Instant::now();
+    let k = Kernel::from_tree(&tree).unwrap();
+    eprintln!(
+        "{}: indexed {} modules in {:?}",
+        k.version,
+        k.index.modules.len(),
+        start.elapsed()
+    );
+    k
 }
 
 fn busybox() -> Tree {
@@ -645,4 +653,62 @@ fn missing_root_partition_is_reported_and_powers_off() {
     );
     assert!(b.serial.contains("virtio_blk "), "{}", b.last_lines(40));
     assert!(!b.serial.contains(MARKER));
+}
+
+/// A merged-/usr layout (`/usr/lib/modules`) with zstd-compressed modules, as newer Debian
+/// releases ship them: indexed the same, and the initramfs gets them decompressed.
+#[test]
+fn usr_lib_modules_and_zstd_modules() {
+    let original = common::deb_tree(&common::kernel_package("cloud-amd64"));
+    let mut tree = Tree::new();
+    let mut plain = std::collections::BTreeMap::new();
+    for (path, entry) in original.iter().filter(|(p, _)| !p.is_root()) {
+        let p = path.as_str();
+        match (&entry.kind, p.strip_prefix("lib/")) {
+            (EntryKind::File(c), Some(rest))
+                if p.ends_with("/virtio.ko") || p.ends_with("/virtio_blk.ko") =>
+            {
+                let bytes = read_content(c).unwrap();
+                let zst = zstd::encode_all(&bytes[..], 3).unwrap();
+                tree.add(
+                    &format!("usr/lib/{rest}.zst"),
+                    Entry::file(Content::inline(zst), 0o644),
+                )
+                .unwrap();
+                plain.insert(format!("usr/lib/{rest}"), bytes);
+            }
+            (_, Some(rest)) => tree.add(&format!("usr/lib/{rest}"), entry.clone()).unwrap(),
+            _ => tree.add(p, entry.clone()).unwrap(),
+        }
+    }
+    let k = Kernel::from_tree(&tree).unwrap();
+    assert_eq!(
+        k.modules_dir.as_ref().unwrap().as_str(),
+        format!("usr/lib/modules/{}", k.version)
+    );
+    let c = k.closure(&["virtio_blk"]).unwrap();
+    assert_deps_first(
+        &c.modules.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
+        &["virtio_ring", "virtio"],
+        "virtio_blk",
+    );
+    let virtio = c.modules.iter().find(|m| m.name == "virtio").unwrap();
+    assert_eq!(virtio.compression, kiln::kernel::ModuleCompression::Zstd);
+
+    let bb = busybox();
+    let (initramfs, _) = initramfs::build_tree(&InitramfsSpec {
+        modules: vec!["virtio_blk".into()],
+        ..InitramfsSpec::new(&k, &bb, PARTUUID)
+    })
+    .unwrap();
+    for (usr_path, bytes) in &plain {
+        let rel = usr_path.strip_prefix("usr/").unwrap();
+        let entry = initramfs
+            .get(&kiln::tree::TreePath::new(rel).unwrap())
+            .unwrap();
+        let EntryKind::File(c) = &entry.kind else {
+            panic!("{rel} is not a file")
+        };
+        assert_eq!(&read_content(c).unwrap(), bytes, "{rel} decompressed");
+    }
 }

@@ -244,3 +244,36 @@ pub fn write_tree<W: Write>(tree: &Tree, out: W, epoch: i64) -> Result<W, CpioEr
     }
     writer.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newc_layout_is_exact() {
+        let mut t = Tree::new();
+        t.add("a", Entry::file(Content::inline(b"hi".to_vec()), 0o644))
+            .unwrap();
+        let out = write_tree(&t, Vec::new(), 0x1234).unwrap();
+        let first = "070701\
+            00000001000081A4000000000000000000000001\
+            00001234000000020000000000000000\
+            00000000000000000000000200000000";
+        assert_eq!(&out[..110], first.as_bytes());
+        // name "a\0" ends at 112, already aligned; then "hi" padded to 116.
+        assert_eq!(&out[110..116], b"a\0hi\0\0");
+        let trailer = &out[116..];
+        assert!(trailer.starts_with(b"070701"));
+        assert_eq!(&trailer[110..121], b"TRAILER!!!\0");
+        assert_eq!(trailer.len(), 124);
+    }
+
+    #[test]
+    fn refuses_files_over_4_gib() {
+        let mut t = Tree::new();
+        t.add("huge", Entry::file(Content::Zeros { len: 1 << 32 }, 0o644))
+            .unwrap();
+        let err = write_tree(&t, io::sink(), 0).unwrap_err().to_string();
+        assert!(err.contains("/huge is 4294967296 bytes"), "{err}");
+    }
+}

@@ -143,10 +143,29 @@ pub fn canonical(name: &str) -> String {
 pub fn read_modinfo(module: &Module) -> Result<Vec<(String, String)>, ModuleError> {
     let path = module.tree_path.to_string();
     let section = match module.compression {
-        ModuleCompression::None => {
-            let content = &module.content;
-            modinfo_section(&path, &mut |off, buf| content.read_at(off, buf))?
-        }
+        ModuleCompression::None => match &module.content {
+            // One open for the four reads (header, section table, names, .modinfo).
+            Content::Host { path: host, len } => {
+                use std::os::unix::fs::FileExt;
+                let file = std::fs::File::open(host).map_err(|source| ModuleError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let len = *len;
+                modinfo_section(&path, &mut |off, buf| {
+                    let want = (buf.len() as u64).min(len.saturating_sub(off)) as usize;
+                    let mut done = 0;
+                    while done < want {
+                        match file.read_at(&mut buf[done..want], off + done as u64)? {
+                            0 => break,
+                            n => done += n,
+                        }
+                    }
+                    Ok(done)
+                })?
+            }
+            content => modinfo_section(&path, &mut |off, buf| content.read_at(off, buf))?,
+        },
         _ => {
             let plain = module.plain_content()?;
             modinfo_section(&path, &mut |off, buf| plain.read_at(off, buf))?
@@ -363,5 +382,150 @@ impl ModuleIndex {
             .keys()
             .chain(self.builtin.iter())
             .map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal 64-bit little-endian ELF with sections: null, `.shstrtab`, `.modinfo`.
+    fn tiny_elf(modinfo: &[u8]) -> Vec<u8> {
+        let shstrtab = b"\0.shstrtab\0.modinfo\0";
+        let names_off = 64u64;
+        let info_off = names_off + shstrtab.len() as u64;
+        let sh_off = (info_off + modinfo.len() as u64).next_multiple_of(8);
+        let mut f = vec![0u8; sh_off as usize];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[6] = 1;
+        f[0x28..0x30].copy_from_slice(&sh_off.to_le_bytes());
+        f[0x3A..0x3C].copy_from_slice(&64u16.to_le_bytes());
+        f[0x3C..0x3E].copy_from_slice(&3u16.to_le_bytes());
+        f[0x3E..0x40].copy_from_slice(&1u16.to_le_bytes());
+        f[64..64 + shstrtab.len()].copy_from_slice(shstrtab);
+        f[info_off as usize..info_off as usize + modinfo.len()].copy_from_slice(modinfo);
+        for (name, off, size) in [
+            (0u32, 0u64, 0u64),
+            (1, names_off, shstrtab.len() as u64),
+            (11, info_off, modinfo.len() as u64),
+        ] {
+            let mut sh = [0u8; 64];
+            sh[0..4].copy_from_slice(&name.to_le_bytes());
+            sh[24..32].copy_from_slice(&off.to_le_bytes());
+            sh[32..40].copy_from_slice(&size.to_le_bytes());
+            f.extend_from_slice(&sh);
+        }
+        f
+    }
+
+    fn module(file: &str, bytes: Vec<u8>) -> Module {
+        let (stem, compression) = ModuleCompression::from_file_name(file).unwrap();
+        Module {
+            name: canonical(stem),
+            rel_path: format!("kernel/{file}"),
+            tree_path: TreePath::new(&format!("lib/modules/v/kernel/{file}")).unwrap(),
+            content: Content::inline(bytes),
+            compression,
+            depends: vec![],
+            softdep_pre: vec![],
+            softdep_post: vec![],
+            aliases: vec![],
+        }
+    }
+
+    const INFO: &[u8] = b"alias=fs-foo\0alias=pci:v*d*\0depends=bar-core,baz\0\
+        softdep=pre: crc32c post: qux\0name=foo_fs\0vermagic=6.1\0\0\0";
+
+    #[test]
+    fn reads_modinfo_of_plain_and_zstd_modules() {
+        let elf = tiny_elf(INFO);
+        let zst = zstd::encode_all(&elf[..], 3).unwrap();
+        for m in [
+            module("foo-fs.ko", elf.clone()),
+            module("foo-fs.ko.zst", zst),
+        ] {
+            let mut m = m;
+            let records = read_modinfo(&m).unwrap();
+            assert_eq!(records[2], ("depends".into(), "bar-core,baz".into()));
+            apply_modinfo(&mut m, &records);
+            assert_eq!(m.name, "foo_fs");
+            assert_eq!(m.depends, ["bar_core", "baz"]);
+            assert_eq!(m.softdep_pre, ["crc32c"]);
+            assert_eq!(m.softdep_post, ["qux"]);
+            assert_eq!(m.aliases, ["fs_foo"]);
+            assert_eq!(m.plain_rel_path(), "kernel/foo-fs.ko");
+            assert_eq!(
+                crate::tree::read_content(&m.plain_content().unwrap()).unwrap(),
+                elf
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_read() {
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            (
+                "a.ko",
+                b"not an elf at all, but long enough to hold a header.............".to_vec(),
+                "not an ELF",
+            ),
+            ("b.ko", b"\x7fELF".to_vec(), "truncated"),
+            (
+                "c.ko",
+                {
+                    let mut e = tiny_elf(INFO);
+                    e[4] = 1;
+                    e
+                },
+                "only 64-bit little-endian",
+            ),
+            (
+                "d.ko",
+                tiny_elf(INFO)
+                    .into_iter()
+                    .map(|b| if b == b'.' { b'_' } else { b })
+                    .collect(),
+                "no .modinfo",
+            ),
+            (
+                "e.ko.xz",
+                vec![0xfd, b'7', b'z'],
+                "xz-compressed modules are not supported",
+            ),
+        ];
+        for (file, bytes, want) in cases {
+            let err = read_modinfo(&module(file, bytes)).unwrap_err().to_string();
+            assert!(err.contains(want), "{file}: {err}");
+        }
+    }
+
+    #[test]
+    fn resolves_names_builtins_and_aliases() {
+        let mut index = ModuleIndex::default();
+        for (name, aliases) in [
+            ("crc32c_intel", vec!["crc32c"]),
+            ("crc32c_generic", vec!["crc32c"]),
+        ] {
+            let mut m = module(&format!("{name}.ko"), vec![]);
+            m.aliases = aliases.into_iter().map(String::from).collect();
+            index.insert(m);
+        }
+        index.add_builtin_list("kernel/fs/ext4/ext4.ko\nkernel/lib/crc-t10dif.ko\n");
+        index
+            .add_builtin_modinfo(b"ext4.alias=fs-ext4\0ext4.file=fs/ext4/ext4\0zlib.license=GPL\0");
+        let name = |r: Option<Resolved<'_>>| match r {
+            Some(Resolved::Module(m)) => format!("module {}", m.name),
+            Some(Resolved::Builtin(b)) => format!("builtin {b}"),
+            None => "none".into(),
+        };
+        assert_eq!(name(index.resolve("crc32c")), "module crc32c_generic");
+        assert_eq!(name(index.resolve("crc32c-intel")), "module crc32c_intel");
+        assert_eq!(name(index.resolve("ext4")), "builtin ext4");
+        assert_eq!(name(index.resolve("fs-ext4")), "builtin ext4");
+        assert_eq!(name(index.resolve("crc_t10dif")), "builtin crc_t10dif");
+        assert_eq!(name(index.resolve("zlib")), "builtin zlib");
+        assert_eq!(name(index.resolve("nope")), "none");
     }
 }

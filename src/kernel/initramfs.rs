@@ -51,6 +51,11 @@ pub enum InitramfsError {
     BadPartuuid(String),
     #[error("initramfs: root filesystem type `{0}` is not a plain name (letters, digits, _)")]
     BadFsType(String),
+    #[error(
+        "initramfs: {what} `{value}` has characters that are unsafe in the /init shell script \
+         (allowed: letters, digits, . _ - + / ,)"
+    )]
+    UnsafeName { what: &'static str, value: String },
     #[error("initramfs: rendering the /init template: {0:#}")]
     Template(#[from] minijinja::Error),
     #[error("initramfs: {0}")]
@@ -142,6 +147,7 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
         spec.modules.clone()
     };
     let closure = spec.kernel.closure(&requested)?;
+    check_safe("kernel version", &spec.kernel.version)?;
 
     let busybox = TreePath::new("bin/busybox")?;
     let busybox_owner = spec
@@ -174,6 +180,8 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
     let mut init_modules = Vec::new();
     for module in &closure.modules {
         let rel = module.plain_rel_path();
+        check_safe("module path", &rel)?;
+        check_safe("module name", &module.name)?;
         let content: Content = module.plain_content().map_err(KernelError::from)?;
         tree.add(&format!("{mod_base}/{rel}"), Entry::file(content, 0o644))?;
         init_modules.push(InitModule {
@@ -198,6 +206,22 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
     )?;
     tree.add("init", Entry::file(Content::inline(init), 0o755))?;
     Ok((tree, closure))
+}
+
+/// Names that go into the shell script unquoted-safe: nothing a shell would interpret.
+fn check_safe(what: &'static str, value: &str) -> Result<(), InitramfsError> {
+    let ok = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-+/,".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(InitramfsError::UnsafeName {
+            what,
+            value: value.to_string(),
+        })
+    }
 }
 
 fn render_init(template: &str, context: &InitContext) -> Result<String, minijinja::Error> {

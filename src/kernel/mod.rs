@@ -292,3 +292,98 @@ fn file_content<'t>(tree: &'t Tree, path: &TreePath) -> Result<&'t Content, &'st
         None => Err("missing entry"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::Entry;
+
+    fn add_module(tree: &mut Tree, version: &str, file: &str, info: &str) {
+        let elf = modules::tests::tiny_elf(info.replace(';', "\0").as_bytes());
+        tree.add(
+            &format!("lib/modules/{version}/kernel/{file}"),
+            Entry::file(Content::inline(elf), 0o644),
+        )
+        .unwrap();
+    }
+
+    fn sample(version: &str) -> Tree {
+        let mut t = Tree::new();
+        t.add(
+            &format!("boot/vmlinuz-{version}"),
+            Entry::file(Content::inline(b"bzImage".to_vec()), 0o644),
+        )
+        .unwrap();
+        add_module(
+            &mut t,
+            version,
+            "a.ko",
+            "name=a;depends=b,c;softdep=post: d",
+        );
+        add_module(
+            &mut t,
+            version,
+            "b.ko",
+            "name=b;depends=c;softdep=pre: loop-alias",
+        );
+        add_module(&mut t, version, "c.ko", "name=c;depends=");
+        add_module(&mut t, version, "d.ko", "name=d;depends=;softdep=pre: a");
+        add_module(
+            &mut t,
+            version,
+            "e-x.ko",
+            "name=e_x;alias=loop-alias;softdep=pre: b",
+        );
+        add_module(&mut t, version, "broken.ko", "name=broken;depends=gone");
+        t.add(
+            &format!("lib/modules/{version}/modules.builtin"),
+            Entry::file(Content::inline(b"kernel/fs/ext4/ext4.ko\n".to_vec()), 0o644),
+        )
+        .unwrap();
+        t
+    }
+
+    #[test]
+    fn closure_orders_dependencies_first_and_survives_soft_cycles() {
+        let k = Kernel::from_tree(&sample("9.9.9-test")).unwrap();
+        assert_eq!(k.version, "9.9.9-test");
+        assert_eq!(read_content(&k.vmlinuz).unwrap(), b"bzImage");
+        let c = k.closure(&["a", "ext4", "e-x"]).unwrap();
+        // a needs b, then c. b softly wants e_x (by its alias) before itself and needs c;
+        // e_x softly wants b back (a cycle: skipped). d comes after a (post), its pre-softdep
+        // on a already satisfied.
+        assert_eq!(c.names(), ["e_x", "c", "b", "a", "d"]);
+        assert_eq!(c.builtin, ["ext4"]);
+        let err = k.closure(&["broken"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "kernel module `broken` depends on `gone`, which linux 9.9.9-test does not have \
+             (a broken kernel package?)"
+        );
+    }
+
+    #[test]
+    fn finds_exactly_one_kernel_or_says_why() {
+        assert!(matches!(
+            Kernel::from_tree(&Tree::new()),
+            Err(KernelError::NoKernel)
+        ));
+        let mut two = sample("1.0");
+        two.add(
+            "boot/vmlinuz-2.0",
+            Entry::file(Content::inline(vec![1]), 0o644),
+        )
+        .unwrap();
+        let err = Kernel::from_tree(&two).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "several kernels in the tree (1.0, 2.0); name the one to boot"
+        );
+        let k = Kernel::from_tree_version(&two, Some("2.0")).unwrap();
+        assert!(k.modules_dir.is_none() && k.index.modules.is_empty());
+        let err = Kernel::from_tree_version(&two, Some("3.0"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "kernel 3.0 not in the tree; found: 1.0, 2.0");
+    }
+}

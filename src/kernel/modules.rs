@@ -386,11 +386,11 @@ impl ModuleIndex {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A minimal 64-bit little-endian ELF with sections: null, `.shstrtab`, `.modinfo`.
-    fn tiny_elf(modinfo: &[u8]) -> Vec<u8> {
+    pub(crate) fn tiny_elf(modinfo: &[u8]) -> Vec<u8> {
         let shstrtab = b"\0.shstrtab\0.modinfo\0";
         let names_off = 64u64;
         let info_off = names_off + shstrtab.len() as u64;

@@ -471,7 +471,8 @@ fn make_disk(dir: &Path, bb: &Tree) -> PathBuf {
         root.join("sbin/init"),
         format!(
             "#!/bin/busybox sh\n/bin/busybox echo \"{MARKER} pid $$ root $(/bin/busybox \
-             stat -f -c %T /)\"\n/bin/busybox poweroff -f\n"
+             stat -f -c %T /) mount $(/bin/busybox grep -m1 ' / ' /proc/mounts)\"\n\
+             /bin/busybox poweroff -f\n"
         ),
     )
     .unwrap();
@@ -532,7 +533,14 @@ impl Boot {
 
 /// Boot `k` with `initrd` and `disk` as virtio-blk until `expect` shows on the serial console
 /// and QEMU exits, or `timeout` passes (then QEMU is killed).
-fn run_qemu(k: &Kernel, initrd: &[u8], disk: &Path, expect: &str, timeout: Duration) -> Boot {
+fn run_qemu(
+    k: &Kernel,
+    initrd: &[u8],
+    disk: &Path,
+    append: &str,
+    expect: &str,
+    timeout: Duration,
+) -> Boot {
     let dir = tempfile::tempdir().unwrap();
     let vmlinuz = dir.path().join("vmlinuz");
     write_content(&k.vmlinuz, &vmlinuz);
@@ -545,7 +553,8 @@ fn run_qemu(k: &Kernel, initrd: &[u8], disk: &Path, expect: &str, timeout: Durat
         .arg(&vmlinuz)
         .arg("-initrd")
         .arg(dir.path().join("initrd"))
-        .args(["-append", "console=ttyS0 panic=-1 rw"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 {append}"))
         .arg("-drive")
         .arg(format!("file={},format=raw,if=virtio", disk.display()))
         .arg("-serial")
@@ -578,7 +587,9 @@ fn run_qemu(k: &Kernel, initrd: &[u8], disk: &Path, expect: &str, timeout: Durat
     }
 }
 
-fn boot(flavour: &str, compression: Compression) {
+/// Boot `flavour` with kiln's initramfs; `rw` adds `rw` to the command line, which /init
+/// honours when it mounts the root (else read-only).
+fn boot(flavour: &str, compression: Compression, rw: bool) {
     let k = kernel(flavour);
     let bb = busybox();
     let mut spec = InitramfsSpec::new(&k, &bb, PARTUUID);
@@ -595,8 +606,16 @@ fn boot(flavour: &str, compression: Compression) {
     let dir = tempfile::tempdir().unwrap();
     let disk = make_disk(dir.path(), &bb);
     // The root's init runs as PID 1 on the ext4 partition, then powers off.
-    let expect = format!("{MARKER} pid 1 root ext2/ext3");
-    let b = run_qemu(&k, &initrd, &disk, &expect, Duration::from_secs(180));
+    let (append, mode) = if rw { ("rw", "rw,") } else { ("", "ro,") };
+    let expect = format!("{MARKER} pid 1 root ext2/ext3 mount /dev/vda1 / ext4 {mode}");
+    let b = run_qemu(
+        &k,
+        &initrd,
+        &disk,
+        append,
+        &expect,
+        Duration::from_secs(180),
+    );
     assert!(
         b.seen && b.exited,
         "{flavour}: marker seen {}, QEMU exited {} after {:?} ({}); last 40 lines:\n{}",
@@ -614,12 +633,12 @@ fn boot(flavour: &str, compression: Compression) {
 
 #[test]
 fn cloud_kernel_boots_to_root_with_kiln_initramfs() {
-    boot("cloud-amd64", Compression::Zstd);
+    boot("cloud-amd64", Compression::Zstd, false);
 }
 
 #[test]
 fn generic_kernel_boots_with_ext4_module() {
-    boot("amd64", Compression::Gzip);
+    boot("amd64", Compression::Gzip, true);
 }
 
 #[test]
@@ -636,7 +655,7 @@ fn missing_root_partition_is_reported_and_powers_off() {
     let expect = format!(
         "kiln-initramfs: ERROR: root partition PARTUUID={wanted} did not appear within 2 s"
     );
-    let b = run_qemu(&k, &initrd, &disk, &expect, Duration::from_secs(120));
+    let b = run_qemu(&k, &initrd, &disk, "", &expect, Duration::from_secs(120));
     assert!(
         b.seen && b.exited,
         "message seen {}, QEMU exited {} after {:?}; last 40 lines:\n{}",

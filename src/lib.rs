@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod cli;
 pub mod disk;
+pub mod kernel;
 pub mod manifest;
 pub mod pipeline;
 pub mod recipe;

@@ -1,0 +1,108 @@
+//! Test helpers: real Debian packages unpacked into a Tree. Downloads are cached in
+//! /var/tmp/kiln-test-debs so reruns do not download (to be replaced by kiln's own archive
+//! client).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use kiln::cache::BlobStore;
+use kiln::tree::Tree;
+
+pub const DEB_CACHE: &str = "/var/tmp/kiln-test-debs";
+
+static TREES: Mutex<BTreeMap<String, Tree>> = Mutex::new(BTreeMap::new());
+
+fn cached_deb(package: &str) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(DEB_CACHE)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// The versioned package a metapackage depends on, e.g. `linux-image-cloud-amd64` →
+/// `linux-image-6.1.0-56-cloud-amd64`. Falls back to a cached download when apt has no lists.
+pub fn kernel_package(flavour: &str) -> String {
+    let meta = format!("linux-image-{flavour}");
+    let out = Command::new("apt-cache")
+        .args(["depends", &meta])
+        .output()
+        .expect("run apt-cache");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let suffix = format!("-{flavour}");
+    if let Some(name) = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|n| n.starts_with("linux-image-") && n.ends_with(&suffix))
+    {
+        return name.to_string();
+    }
+    let mut cached: Vec<String> = std::fs::read_dir(DEB_CACHE)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.split('_').next().map(str::to_string))
+        .filter(|n| n.starts_with("linux-image-") && n.ends_with(&suffix))
+        .collect();
+    cached.sort();
+    cached.pop().unwrap_or_else(|| {
+        panic!("apt-cache depends {meta} found no kernel (run apt-get update) and none is cached")
+    })
+}
+
+/// The .deb of `package`, downloaded with `apt-get download` unless cached.
+pub fn deb_path(package: &str) -> PathBuf {
+    std::fs::create_dir_all(DEB_CACHE).unwrap();
+    if let Some(p) = cached_deb(package) {
+        return p;
+    }
+    let status = Command::new("apt-get")
+        .args(["download", "-q", package])
+        .current_dir(DEB_CACHE)
+        .status()
+        .expect("run apt-get download");
+    assert!(status.success(), "apt-get download {package} failed");
+    cached_deb(package).unwrap_or_else(|| panic!("{package} not in {DEB_CACHE} after download"))
+}
+
+/// The files of `package` as a Tree (contents in a blob store under the cache dir).
+pub fn deb_tree(package: &str) -> Tree {
+    let mut trees = TREES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = trees.get(package) {
+        return t.clone();
+    }
+    let deb = deb_path(package);
+    let tree = unpack_deb(&deb);
+    trees.insert(package.to_string(), tree.clone());
+    tree
+}
+
+fn unpack_deb(deb: &Path) -> Tree {
+    let store = BlobStore::new(Path::new(DEB_CACHE).join("blobs"));
+    let mut child = Command::new("dpkg-deb")
+        .arg("--fsys-tarfile")
+        .arg(deb)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run dpkg-deb");
+    let mut tree = Tree::new();
+    tree.extend_from_tar(child.stdout.take().unwrap(), &mut |r, _len| {
+        store.put_content(r)
+    })
+    .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "dpkg-deb {}",
+        deb.display()
+    );
+    tree
+}

@@ -1,8 +1,10 @@
 //! kiln: an OS image build appliance. A recipe goes in; a bootable, verified, signed disk image
 //! comes out. See DESIGN.md for the architecture; each module owns one concern.
 
+pub mod boot;
 pub mod cache;
 pub mod cli;
 pub mod disk;
 pub mod recipe;
 pub mod tree;
+pub mod verify;

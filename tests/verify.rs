@@ -108,7 +108,10 @@ fn direct_boot_times_out_with_the_console_tail() {
     let err = verify::boot(&spec).expect_err("the marker never comes");
     let took = start.elapsed();
     eprintln!("failed after {took:?} as expected:\n{err}");
-    let VerifyError::Timeout { pid, ref tail, .. } = err else {
+    let VerifyError::Timeout {
+        pid, ref console, ..
+    } = err
+    else {
         panic!("expected a timeout, got: {err}");
     };
     assert!(
@@ -127,7 +130,11 @@ fn direct_boot_times_out_with_the_console_tail() {
         !expected.is_empty(),
         "the guest printed nothing in {timeout:?}"
     );
-    let tail_lines: Vec<&str> = tail.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail_lines: Vec<&str> = console
+        .tail
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     assert!(tail_lines.len() <= 40);
     assert_eq!(
         tail_lines[tail_lines.len() - expected.len()..],
@@ -144,11 +151,18 @@ fn direct_boot_reports_qemu_exiting_first() {
     let start = Instant::now();
     let err = verify::boot(&spec).expect_err("the guest powers off without the marker");
     eprintln!("failed after {:?} as expected:\n{err}", start.elapsed());
-    let VerifyError::Exited { status, tail, .. } = &err else {
+    let VerifyError::Exited {
+        status, console, ..
+    } = &err
+    else {
         panic!("expected QEMU to exit first, got: {err}");
     };
     assert!(status.contains("exit status: 0"), "{status}");
-    assert!(tail.contains("kiln-test: quitting"), "{tail}");
+    assert!(
+        console.tail.contains("kiln-test: quitting"),
+        "{}",
+        console.tail
+    );
     assert_eq!(qemu_children(), Vec::<u32>::new());
 }
 
@@ -168,11 +182,11 @@ fn direct_boot_fails_fast_on_a_kernel_panic() {
     let err = verify::boot(&spec).expect_err("the kernel panics");
     let took = start.elapsed();
     eprintln!("failed after {took:?} as expected:\n{err}");
-    let VerifyError::Panic { line, tail, .. } = &err else {
+    let VerifyError::Panic { line, console, .. } = &err else {
         panic!("expected a kernel panic error, got: {err}");
     };
     assert!(line.contains("Kernel panic - not syncing"), "{line}");
-    assert!(tail.contains("Kernel panic"), "{tail}");
+    assert!(console.tail.contains("Kernel panic"), "{}", console.tail);
     assert!(took < Duration::from_secs(60), "took {took:?}");
     assert_eq!(qemu_children(), Vec::<u32>::new());
 }
@@ -305,8 +319,88 @@ fn uefi_boot_through_systemd_boot() {
     assert_gone(report.qemu_pid);
 }
 
+/// The same UEFI boot from a disk that kiln wrote itself: layout plan, GPT and FAT32 writers.
+#[test]
+fn uefi_boot_of_a_disk_kiln_wrote() {
+    use kiln::disk::fat::{FatOptions, fat32_min_size, write_fat32};
+    use kiln::disk::gpt::PartitionKind;
+    use kiln::disk::layout::{Filesystem, PartitionSpec, Size, plan};
+    use kiln::disk::{Region, WriteAt};
+
+    let _one = qemu_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, vmlinuz, release) = cloud_kernel();
+    let initrd = initramfs(dir.path());
+    let content = |p: &Path| Content::Host {
+        path: p.to_path_buf(),
+        len: std::fs::metadata(p).unwrap().len(),
+    };
+    let seed = "verify-kiln-disk";
+    let epoch = 1_700_000_000;
+    // The root partition's GUID is known before the ESP is written: the layout derives it.
+    let parts = |esp_size: u64| {
+        vec![
+            PartitionSpec {
+                name: "esp".into(),
+                kind: PartitionKind::Esp,
+                filesystem: Filesystem::Fat32,
+                size: Size::Bytes(esp_size),
+                min_size: esp_size,
+            },
+            PartitionSpec {
+                name: "root".into(),
+                kind: PartitionKind::RootX86_64,
+                filesystem: Filesystem::None,
+                size: Size::Bytes(8 << 20),
+                min_size: 0,
+            },
+        ]
+    };
+    let make_esp = |root: uuid::Uuid| {
+        let package = kiln::tree::Tree::from_host_dir(&systemd_boot_root()).unwrap();
+        let entry = BootEntry {
+            name: "kiln".into(),
+            title: "kiln test image".into(),
+            version: Some(release.clone()),
+            kernel: content(&vmlinuz),
+            initrd: Some(content(&initrd)),
+            cmdline: "console=ttyS0,115200 panic=-1".into(),
+            root_partuuid: Some(root),
+        };
+        let sdboot = boot::systemd_boot_from(&package).unwrap();
+        boot::esp_tree(&sdboot, &[entry], &LoaderOptions::new(epoch)).unwrap()
+    };
+    let probe_layout = plan(Size::Auto, &parts(64 << 20), seed).unwrap();
+    let root_uuid = uuid::Uuid::from_bytes(probe_layout.partition("root").unwrap().guid);
+    let esp = make_esp(root_uuid);
+    let layout = plan(Size::Auto, &parts(fat32_min_size(&esp).unwrap()), seed).unwrap();
+    assert_eq!(
+        layout.partition("root").unwrap().guid,
+        *root_uuid.as_bytes()
+    );
+
+    let disk = dir.path().join("kiln.raw");
+    let mut file = std::fs::File::create(&disk).unwrap();
+    file.set_len(layout.disk_size).unwrap();
+    layout.write_table(&mut file).unwrap();
+    let part = layout.partition("esp").unwrap();
+    let mut region = Region::new(&mut file as &mut dyn WriteAt, part.offset, part.size);
+    write_fat32(&esp, &mut region, part.size, &FatOptions::new(seed, epoch)).unwrap();
+    drop(file);
+
+    let mut opts = BootImageOptions::new("uefi", MARKER, Duration::from_secs(240));
+    opts.serial_log = Some(dir.path().join("kiln-disk.log"));
+    let report = verify::boot_image(&disk, &opts).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("kiln-written disk: {report}");
+    let log = log_text(&report.serial_log);
+    assert!(log.contains(&format!("root=PARTUUID={root_uuid}")), "{log}");
+    assert!(report.powered_off);
+    assert_gone(report.qemu_pid);
+}
+
 #[test]
 fn missing_inputs_are_named() {
+    let _one = qemu_lock();
     let dir = tempfile::tempdir().unwrap();
     let mut spec = BootSpec::new(
         profile("direct"),
@@ -338,6 +432,23 @@ fn missing_inputs_are_named() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("direct") && err.contains("uefi"), "{err}");
+
+    // QEMU refusing its arguments: its own message is in the error.
+    let mut odd = profile("direct");
+    odd.machine = "no-such-machine".into();
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let mut spec = BootSpec::new(odd, MARKER, Duration::from_secs(30), dir.path().join("log"));
+    spec.kernel = Some(kernel);
+    spec.accel = Some(Accel::Tcg);
+    let err = verify::boot(&spec).unwrap_err();
+    assert!(matches!(err, VerifyError::Exited { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("QEMU said") && text.contains("unsupported machine type"),
+        "{text}"
+    );
+    assert_eq!(qemu_children(), Vec::<u32>::new());
 
     // The message for a missing QEMU names the Debian package.
     let missing = VerifyError::QemuMissing {

@@ -193,14 +193,14 @@ fn kvm_guest_check(qemu: &Path) -> Result<String, String> {
                 .kill()
                 .map_err(|e| format!("stopping the probe QEMU: {e}"))?;
             let stage = if reached(b'P') {
-                "reached protected mode but did not exit"
+                "it reached protected mode but did not exit"
             } else if reached(b'R') {
-                "ran in real mode but hung switching to protected mode, as every kernel would"
+                "it ran in real mode but hung switching to protected mode, as a kernel would"
             } else {
-                "printed nothing"
+                "it printed nothing"
             };
             Err(format!(
-                "a test guest under KVM {stage} within {} s",
+                "a test guest under KVM did not finish within {} s: {stage}",
                 PROBE_TIMEOUT.as_secs()
             ))
         }

@@ -85,11 +85,11 @@ pub enum VerifyError {
         source: std::io::Error,
     },
     #[error(
-        "no line containing {marker:?} on the serial console within {} s ({accel}; {}); QEMU \
+        "no line containing {marker:?} on the serial console within {:.1} s ({accel}; {}); QEMU \
          (pid {pid}) was killed{}",
         timeout.as_secs_f64(),
         if *kernel_seen { "the kernel started" } else { "the kernel never printed its banner" },
-        Tail(log, tail)
+        console
     )]
     Timeout {
         marker: String,
@@ -97,55 +97,69 @@ pub enum VerifyError {
         accel: Accel,
         pid: u32,
         kernel_seen: bool,
-        log: PathBuf,
-        tail: String,
+        console: Box<Console>,
     },
     #[error(
-        "QEMU exited ({status}) after {} s, before a line containing {marker:?} appeared{}{}",
+        "QEMU exited ({status}) after {:.2} s, before a line containing {marker:?} appeared{}{}",
         after.as_secs_f64(),
         Stderr(stderr),
-        Tail(log, tail)
+        console
     )]
     Exited {
         marker: String,
         status: String,
         after: Duration,
         stderr: String,
-        log: PathBuf,
-        tail: String,
+        console: Box<Console>,
     },
     #[error(
-        "the kernel panicked after {} s, before a line containing {marker:?} appeared: {line}; \
+        "the kernel panicked after {:.2} s, before a line containing {marker:?} appeared: {line}; \
          QEMU was killed{}",
         after.as_secs_f64(),
-        Tail(log, tail)
+        console
     )]
     Panic {
         marker: String,
         line: String,
         after: Duration,
-        log: PathBuf,
-        tail: String,
+        console: Box<Console>,
     },
 }
 
-/// Formats the tail of the serial log for an error message.
-struct Tail<'a>(&'a PathBuf, &'a String);
+impl VerifyError {
+    /// The serial console's log file and last lines, for errors from a boot that ran.
+    pub fn console(&self) -> Option<&Console> {
+        match self {
+            VerifyError::Timeout { console, .. }
+            | VerifyError::Exited { console, .. }
+            | VerifyError::Panic { console, .. } => Some(console),
+            _ => None,
+        }
+    }
+}
 
-impl fmt::Display for Tail<'_> {
+/// The serial console of a failed boot: where the full log is, and its last lines.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Console {
+    pub log: PathBuf,
+    /// The last [`serial::TAIL_LINES`] lines, joined by newlines.
+    pub tail: String,
+}
+
+impl fmt::Display for Console {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.1.is_empty() {
+        if self.tail.is_empty() {
             write!(
                 f,
                 "\nthe serial console printed nothing (log: {})",
-                self.0.display()
+                self.log.display()
             )
         } else {
             write!(
                 f,
                 "\nlast {TAIL_LINES} lines of the serial console (full log: {}):\n{}",
-                self.0.display(),
-                self.1
+                self.log.display(),
+                self.tail
             )
         }
     }
@@ -460,7 +474,6 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
     tracing::debug!(qemu = %qemu.display(), ?args, "starting QEMU");
     let mut cmd = Command::new(&qemu);
     cmd.args(&args)
-        .current_dir(scratch.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -584,8 +597,10 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
             marker: spec.expect.clone(),
             line,
             after,
-            log: spec.serial_log.clone(),
-            tail: watcher.tail(),
+            console: Box::new(Console {
+                log: spec.serial_log.clone(),
+                tail: watcher.tail(),
+            }),
         });
     }
     if eof {
@@ -613,8 +628,10 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
             status,
             after,
             stderr,
-            log: spec.serial_log.clone(),
-            tail: watcher.tail(),
+            console: Box::new(Console {
+                log: spec.serial_log.clone(),
+                tail: watcher.tail(),
+            }),
         });
     }
     process.kill().map_err(|e| io_err("stopping QEMU", e))?;
@@ -624,8 +641,10 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
         accel,
         pid,
         kernel_seen: seen.kernel.is_some(),
-        log: spec.serial_log.clone(),
-        tail: watcher.tail(),
+        console: Box::new(Console {
+            log: spec.serial_log.clone(),
+            tail: watcher.tail(),
+        }),
     })
 }
 

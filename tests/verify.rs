@@ -170,14 +170,15 @@ fn direct_boot_reports_qemu_exiting_first() {
 fn direct_boot_fails_fast_on_a_kernel_panic() {
     let _one = qemu_lock();
     let dir = tempfile::tempdir().unwrap();
-    // No such init and no root disk: the kernel panics. The profile's panic=-1 would reboot it
-    // at once, which -no-reboot turns into a QEMU exit; the panic line must win.
-    let spec = direct_spec(
+    // No such init and no root disk: the kernel panics. Without the profile's panic=-1 a
+    // panicked kernel waits forever, so only the panic line can end this boot before the timeout.
+    let mut spec = direct_spec(
         dir.path(),
         MARKER,
         Duration::from_secs(120),
         "/no-such-init",
     );
+    spec.profile.append = "console=ttyS0,115200".into();
     let start = Instant::now();
     let err = verify::boot(&spec).expect_err("the kernel panics");
     let took = start.elapsed();

@@ -21,7 +21,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -484,44 +484,8 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
     let started = Instant::now();
     let pid = process.pid();
 
-    // Serial output arrives on QEMU's stdout; a thread reads it and stamps each chunk.
-    let (tx, rx) = mpsc::channel::<Option<(Instant, Vec<u8>)>>();
-    if let Some(mut stdout) = process.stdout() {
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match stdout.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if tx.send(Some((Instant::now(), buf[..n].to_vec()))).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            let _ = tx.send(None);
-        });
-    }
-    let stderr_text = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let stderr_thread = process.stderr().map(|mut stderr| {
-        let text = Arc::clone(&stderr_text);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut t) = text.lock() {
-                    t.extend_from_slice(&buf[..n]);
-                    // Keep the last 8 KiB: QEMU's error is at the end.
-                    if t.len() > 8192 {
-                        let cut = t.len() - 8192;
-                        t.drain(..cut);
-                    }
-                }
-            }
-        })
-    });
+    let rx = read_serial(process.stdout());
+    let stderr = StderrTail::read(process.stderr());
 
     let mut watcher = SerialWatcher::new(&spec.expect);
     let mut seen = Seen::default();
@@ -616,13 +580,7 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
                 "closed its console and was killed".to_string()
             }
         };
-        if let Some(thread) = stderr_thread {
-            let _ = thread.join();
-        }
-        let stderr = stderr_text
-            .lock()
-            .map(|t| String::from_utf8_lossy(&t).into_owned())
-            .unwrap_or_default();
+        let stderr = stderr.text();
         return Err(VerifyError::Exited {
             marker: spec.expect.clone(),
             status,
@@ -646,6 +604,81 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
             tail: watcher.tail(),
         }),
     })
+}
+
+/// Serial output arrives on QEMU's stdout; a thread reads it and sends each chunk stamped with
+/// its arrival time, then `None` at the end of the stream.
+fn read_serial(stdout: Option<ChildStdout>) -> mpsc::Receiver<Option<(Instant, Vec<u8>)>> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(mut stdout) = stdout {
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send(Some((Instant::now(), buf[..n].to_vec()))).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = tx.send(None);
+        });
+    }
+    rx
+}
+
+/// The last [`StderrTail::KEEP`] bytes of QEMU's stderr (its error message is at the end),
+/// read by a thread.
+struct StderrTail {
+    text: Arc<Mutex<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StderrTail {
+    const KEEP: usize = 8192;
+
+    fn read(stderr: Option<ChildStderr>) -> StderrTail {
+        let text = Arc::new(Mutex::new(Vec::new()));
+        let thread = stderr.map(|mut stderr| {
+            let text = Arc::clone(&text);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stderr.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Ok(mut t) = text.lock() {
+                        t.extend_from_slice(&buf[..n]);
+                        if t.len() > Self::KEEP {
+                            let cut = t.len() - Self::KEEP;
+                            t.drain(..cut);
+                        }
+                    }
+                }
+            })
+        });
+        StderrTail { text, thread }
+    }
+
+    /// What was read, once QEMU has exited: the thread ends at the end of the stream, which it
+    /// is given up to a second to reach (a stray process could hold the pipe open).
+    fn text(mut self) -> String {
+        if let Some(thread) = self.thread.take() {
+            let until = Instant::now() + Duration::from_secs(1);
+            while !thread.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
+        self.text
+            .lock()
+            .map(|t| String::from_utf8_lossy(&t).into_owned())
+            .unwrap_or_default()
+    }
 }
 
 /// What the watcher has reported so far, with times since QEMU started.

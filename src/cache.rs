@@ -23,9 +23,7 @@ pub fn kiln_home() -> PathBuf {
 }
 
 /// A `sha256:<hex>` content digest.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct Digest256(String);
 
@@ -33,11 +31,8 @@ impl Digest256 {
     /// Parse `sha256:<64 hex>`.
     pub fn parse(text: &str) -> Option<Self> {
         let hex = text.strip_prefix("sha256:")?;
-        (hex.len() == 64
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| Digest256(text.to_string()))
+        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+            .then(|| Digest256(text.to_string()))
     }
 
     pub fn from_sha256(hash: &[u8]) -> Self {
@@ -176,12 +171,7 @@ mod tests {
         );
         assert_eq!(fs::read(store.path(&d1)).unwrap(), b"hello");
         // Only the blob remains in the directory: no temp files.
-        assert_eq!(
-            fs::read_dir(dir.path().join("blobs/sha256"))
-                .unwrap()
-                .count(),
-            1
-        );
+        assert_eq!(fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count(), 1);
         assert!(Digest256::parse(d1.as_str()).is_some());
         assert!(Digest256::parse("sha256:XYZ").is_none());
     }

@@ -1,6 +1,7 @@
 //! kiln: an OS image build appliance. A recipe goes in; a bootable, verified, signed disk image
 //! comes out. See DESIGN.md for the architecture; each module owns one concern.
 
+pub mod boot;
 pub mod cache;
 pub mod cli;
 pub mod disk;
@@ -10,3 +11,4 @@ pub mod pipeline;
 pub mod recipe;
 pub mod rootfs;
 pub mod tree;
+pub mod verify;

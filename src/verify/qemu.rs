@@ -1,0 +1,296 @@
+//! The QEMU process: finding the binary, building its command line from a profile and a boot
+//! spec, and owning the running process so that it is always killed (its whole process group) and
+//! reaped — on success, on error and on drop.
+
+use std::ffi::OsString;
+use std::io::{self, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use super::accel::Accel;
+use super::profile::{BootMethod, Profile};
+use super::{BootSpec, VerifyError};
+
+/// The QEMU binary kiln runs (override with `$KILN_QEMU`).
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// Find QEMU: `$KILN_QEMU` if set, else `qemu-system-x86_64` on `$PATH`.
+pub fn find_qemu() -> Result<PathBuf, VerifyError> {
+    if let Some(path) = std::env::var_os("KILN_QEMU").filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(path);
+        return if is_executable(&path) {
+            Ok(path)
+        } else {
+            Err(VerifyError::QemuMissing {
+                binary: path.display().to_string(),
+            })
+        };
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(QEMU_BINARY))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| VerifyError::QemuMissing {
+            binary: QEMU_BINARY.to_string(),
+        })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// A disk image's format, from its first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    /// `qcow2` if the file starts with the qcow2 magic `QFI\xfb`, else `raw`.
+    pub fn detect(path: &Path) -> Result<DiskFormat, VerifyError> {
+        let io_err = |source| VerifyError::Io {
+            what: "reading the disk image header",
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io_err)?;
+        let mut magic = [0u8; 4];
+        let mut got = 0;
+        while got < magic.len() {
+            let n = file.read(&mut magic[got..]).map_err(io_err)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        Ok(if got == 4 && magic == *b"QFI\xfb" {
+            DiskFormat::Qcow2
+        } else {
+            DiskFormat::Raw
+        })
+    }
+}
+
+/// A `-drive` option value: commas in file names are doubled.
+fn drive_file(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// QEMU's arguments for `spec` on `profile`. `vars` is the private OVMF variable store copy
+/// (UEFI only); `disk` the image and its format.
+pub(crate) fn qemu_args(
+    profile: &Profile,
+    spec: &BootSpec,
+    accel: Accel,
+    vars: Option<&Path>,
+    disk: Option<(&Path, DiskFormat)>,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    push(&["-nodefaults", "-display", "none", "-no-user-config"]);
+    push(&["-machine", &profile.machine, "-accel", accel.qemu_name()]);
+    if accel == Accel::Kvm {
+        push(&["-cpu", "host"]);
+    }
+    push(&["-m", &profile.memory_mib.to_string()]);
+    push(&["-smp", &profile.cpus.to_string()]);
+    // The serial port is QEMU's stdout, which kiln reads; a guest reboot ends QEMU.
+    push(&["-serial", "stdio", "-no-reboot"]);
+    match profile.boot {
+        BootMethod::Direct => {
+            if let Some(kernel) = &spec.kernel {
+                args.push("-kernel".into());
+                args.push(kernel.into());
+            }
+            if let Some(initrd) = &spec.initrd {
+                args.push("-initrd".into());
+                args.push(initrd.into());
+            }
+            let cmdline = [spec.cmdline.trim(), profile.append.trim()]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ");
+            args.push("-append".into());
+            args.push(cmdline.into());
+        }
+        BootMethod::Uefi => {
+            if let Some(fw) = &profile.firmware {
+                args.push("-drive".into());
+                args.push(
+                    format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        drive_file(&fw.code)
+                    )
+                    .into(),
+                );
+            }
+            if let Some(vars) = vars {
+                args.push("-drive".into());
+                args.push(format!("if=pflash,format=raw,unit=1,file={}", drive_file(vars)).into());
+            }
+        }
+    }
+    if let Some((path, format)) = disk {
+        // snapshot=on: the guest may write, but the writes go to a temporary overlay, so booting
+        // never changes the image kiln built.
+        args.push("-drive".into());
+        args.push(
+            format!(
+                "file={},format={},if=virtio,snapshot=on",
+                drive_file(path),
+                format.qemu_name()
+            )
+            .into(),
+        );
+    }
+    args.extend(profile.extra_args.iter().map(OsString::from));
+    args
+}
+
+/// A running QEMU in its own process group. Dropping it kills the group and reaps QEMU.
+pub(crate) struct QemuProcess {
+    child: Child,
+    started: Instant,
+    status: Option<ExitStatus>,
+}
+
+impl QemuProcess {
+    /// Start `cmd` in a new process group, with SIGKILL as its parent-death signal so that it
+    /// cannot outlive kiln even if kiln itself is killed.
+    pub(crate) fn spawn(mut cmd: Command) -> io::Result<QemuProcess> {
+        cmd.process_group(0);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        Ok(QemuProcess {
+            child,
+            started: Instant::now(),
+            status: None,
+        })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Time since QEMU was started.
+    pub(crate) fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub(crate) fn stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    pub(crate) fn stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+
+    /// The exit status if QEMU has exited (reaping it).
+    pub(crate) fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait()?;
+        }
+        Ok(self.status)
+    }
+
+    /// Wait up to `limit` for QEMU to exit; `None` if it is still running.
+    pub(crate) fn wait_timeout(&mut self, limit: Duration) -> io::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(20)));
+        }
+    }
+
+    /// Kill QEMU's process group with SIGKILL and reap QEMU. Returns its exit status (the
+    /// natural one if it had already exited).
+    pub(crate) fn kill(&mut self) -> io::Result<ExitStatus> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        self.kill_group();
+        let status = self.child.wait()?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    fn kill_group(&self) {
+        if let Ok(pgid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) with a negative pid signals the process group QEMU leads (spawned
+            // with process_group(0)); it has no memory effects.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            self.kill_group();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_qcow2_by_magic() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("a.qcow2");
+        std::fs::write(&q, b"QFI\xfb\0\0\0\x03rest").unwrap();
+        let r = dir.path().join("a.img");
+        std::fs::write(&r, [0u8; 512]).unwrap();
+        let e = dir.path().join("empty");
+        std::fs::write(&e, b"").unwrap();
+        assert_eq!(DiskFormat::detect(&q).unwrap(), DiskFormat::Qcow2);
+        assert_eq!(DiskFormat::detect(&r).unwrap(), DiskFormat::Raw);
+        assert_eq!(DiskFormat::detect(&e).unwrap(), DiskFormat::Raw);
+    }
+
+    #[test]
+    fn drive_file_names_escape_commas() {
+        assert_eq!(drive_file(Path::new("/a,b/c")), "/a,,b/c");
+    }
+
+    #[test]
+    fn dropping_kills_the_process_group() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 30 & sleep 30"]);
+        let p = QemuProcess::spawn(cmd).unwrap();
+        let pid = p.pid();
+        std::thread::sleep(Duration::from_millis(100));
+        drop(p);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    }
+}

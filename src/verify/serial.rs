@@ -1,0 +1,206 @@
+//! Reading the serial console: bytes in, lines out. Splits the stream into lines (CR and terminal
+//! escapes removed), remembers the last lines for error messages, and says when the first kernel
+//! line, the expected marker or a kernel panic goes by.
+
+use std::collections::VecDeque;
+
+/// Lines kept for error messages.
+pub const TAIL_LINES: usize = 40;
+
+/// The kernel's first console line starts with its banner.
+pub const KERNEL_BANNER: &str = "Linux version ";
+
+/// A panicking kernel prints this.
+pub const PANIC_TEXT: &str = "Kernel panic - not syncing";
+
+/// Something the watcher noticed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The first byte of output.
+    FirstOutput,
+    /// The first complete line.
+    FirstLine,
+    /// The kernel's banner line.
+    Kernel,
+    /// A line containing the expected marker.
+    Marker(String),
+    /// A kernel panic line.
+    Panic(String),
+}
+
+/// Splits serial output into lines and watches them.
+pub struct SerialWatcher {
+    marker: String,
+    partial: Vec<u8>,
+    tail: VecDeque<String>,
+    seen_output: bool,
+    seen_line: bool,
+    seen_kernel: bool,
+    seen_marker: bool,
+}
+
+impl SerialWatcher {
+    /// Watch for `marker` (a substring of one line).
+    pub fn new(marker: &str) -> SerialWatcher {
+        SerialWatcher {
+            marker: marker.to_string(),
+            partial: Vec::new(),
+            tail: VecDeque::with_capacity(TAIL_LINES + 1),
+            seen_output: false,
+            seen_line: false,
+            seen_kernel: false,
+            seen_marker: false,
+        }
+    }
+
+    /// Feed bytes as they arrive; returns what they revealed, in order. The marker is also found
+    /// in a line that has not ended yet (a guest may print it and power off without a newline).
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<Event> {
+        let mut events = Vec::new();
+        if !bytes.is_empty() && !self.seen_output {
+            self.seen_output = true;
+            events.push(Event::FirstOutput);
+        }
+        for &b in bytes {
+            if b == b'\n' {
+                let line = clean_line(&self.partial);
+                self.partial.clear();
+                self.line(line, &mut events);
+            } else {
+                self.partial.push(b);
+                // A runaway line (binary noise) is split rather than held without bound.
+                if self.partial.len() >= 64 * 1024 {
+                    let line = clean_line(&self.partial);
+                    self.partial.clear();
+                    self.line(line, &mut events);
+                }
+            }
+        }
+        if !self.seen_marker && !self.partial.is_empty() {
+            let partial = clean_line(&self.partial);
+            if partial.contains(&self.marker) {
+                self.seen_marker = true;
+                events.push(Event::Marker(partial));
+            }
+        }
+        events
+    }
+
+    /// End of stream: the unfinished line counts as a line.
+    pub fn finish(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        if !self.partial.is_empty() {
+            let line = clean_line(&self.partial);
+            self.partial.clear();
+            self.line(line, &mut events);
+        }
+        events
+    }
+
+    fn line(&mut self, line: String, events: &mut Vec<Event>) {
+        if !self.seen_line {
+            self.seen_line = true;
+            events.push(Event::FirstLine);
+        }
+        if !self.seen_kernel && line.contains(KERNEL_BANNER) {
+            self.seen_kernel = true;
+            events.push(Event::Kernel);
+        }
+        if !self.seen_marker && line.contains(&self.marker) {
+            self.seen_marker = true;
+            events.push(Event::Marker(line.clone()));
+        }
+        if line.contains(PANIC_TEXT) {
+            events.push(Event::Panic(line.clone()));
+        }
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line);
+    }
+
+    /// The last lines (at most [`TAIL_LINES`]), the unfinished one included, joined by newlines.
+    pub fn tail(&self) -> String {
+        let mut lines: Vec<&str> = self.tail.iter().map(String::as_str).collect();
+        let partial = clean_line(&self.partial);
+        if !partial.is_empty() {
+            if lines.len() == TAIL_LINES {
+                lines.remove(0);
+            }
+            lines.push(&partial);
+            return lines.join("\n");
+        }
+        lines.join("\n")
+    }
+}
+
+/// A line as text: invalid UTF-8 replaced, ANSI escape sequences (firmware screen control) and
+/// other control characters except tab removed.
+fn clean_line(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte; other escapes: ESC and one character.
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if ('\u{40}'..='\u{7e}').contains(&c) {
+                        break;
+                    }
+                }
+            } else {
+                chars.next();
+            }
+        } else if c == '\t' || !c.is_control() {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_markers_and_panics() {
+        let mut w = SerialWatcher::new("READY");
+        let ev = w.feed(b"\x1b[2J\x1b[01;01Hfirmware\r\n[    0.0] Linux version 6.1\r\npart");
+        assert_eq!(
+            ev,
+            vec![Event::FirstOutput, Event::FirstLine, Event::Kernel]
+        );
+        let ev = w.feed(b"ial\r\nRE");
+        assert!(ev.is_empty());
+        let ev = w.feed(b"ADY now");
+        assert_eq!(ev, vec![Event::Marker("READY now".into())]);
+        // Found once, even when the line ends later.
+        assert!(w.feed(b"\r\n").is_empty());
+        let ev = w.feed(b"Kernel panic - not syncing: oops\n");
+        assert_eq!(
+            ev,
+            vec![Event::Panic("Kernel panic - not syncing: oops".into())]
+        );
+        assert_eq!(
+            w.tail(),
+            "firmware\n[    0.0] Linux version 6.1\npartial\nREADY now\nKernel panic - not syncing: oops"
+        );
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let mut w = SerialWatcher::new("never");
+        for i in 0..100 {
+            w.feed(format!("line {i}\n").as_bytes());
+        }
+        w.feed(b"unfinished");
+        let tail = w.tail();
+        let lines: Vec<&str> = tail.lines().collect();
+        assert_eq!(lines.len(), TAIL_LINES);
+        assert_eq!(lines[0], "line 61");
+        assert_eq!(lines[TAIL_LINES - 1], "unfinished");
+        assert_eq!(w.finish(), vec![]);
+    }
+}

@@ -4,5 +4,6 @@
 pub mod cache;
 pub mod cli;
 pub mod disk;
+pub mod packages;
 pub mod recipe;
 pub mod tree;

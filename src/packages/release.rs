@@ -33,7 +33,7 @@ pub struct Keyring {
 
 impl Keyring {
     /// Parse a keyring: binary (`.gpg`) or ASCII-armored (`.asc`), one or more keys. Keys whose
-    /// self-signatures do not verify are dropped.
+    /// binding signatures do not verify are dropped.
     pub fn from_bytes(bytes: &[u8]) -> Result<Keyring, ReleaseError> {
         let parsed: Vec<pgp::errors::Result<SignedPublicKey>> = if bytes.starts_with(b"-----") {
             let (keys, _) = SignedPublicKey::from_armor_many(bytes)
@@ -48,13 +48,20 @@ impl Keyring {
         let mut last_error = String::from("empty keyring");
         for key in parsed {
             match key {
-                Ok(key) => match key.verify_bindings() {
-                    Ok(()) => keys.push(key),
-                    Err(e) => {
-                        last_error = format!("key {}: {e}", key.fingerprint());
-                        tracing::debug!("{last_error}");
-                    }
-                },
+                Ok(mut key) => {
+                    // The primary key is the trust anchor; a subkey counts only if the primary
+                    // key's binding signature on it verifies. (User-ID certifications by other
+                    // keys are not checked: they say nothing about the archive.)
+                    let primary = key.primary_key.clone();
+                    key.public_subkeys.retain(|sub| match sub.verify_bindings(&primary) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::debug!("dropping an unbound subkey of {}: {e}", primary.fingerprint());
+                            false
+                        }
+                    });
+                    keys.push(key);
+                }
                 Err(e) => last_error = e.to_string(),
             }
         }

@@ -278,6 +278,7 @@ pub struct Archive {
     opts: ArchiveOptions,
     release: Release,
     release_digest: Digest256,
+    inrelease: Vec<u8>,
     index: Index,
     fetcher: Fetcher,
     store: BlobStore,
@@ -296,6 +297,7 @@ impl Archive {
             opts,
             release,
             release_digest,
+            inrelease: bytes,
             index: Index::new(),
             fetcher,
             store,
@@ -335,6 +337,11 @@ impl Archive {
     /// SHA256 of the verified InRelease: pins every package choice, so use it in cache keys.
     pub fn release_digest(&self) -> &Digest256 {
         &self.release_digest
+    }
+
+    /// The verified InRelease file as fetched (signature included).
+    pub fn inrelease(&self) -> &[u8] {
+        &self.inrelease
     }
 
     /// The merged index of all components.

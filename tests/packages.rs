@@ -163,16 +163,16 @@ fn warm_cache_makes_no_request() {
     let mut opts = ArchiveOptions::new(dir.path());
     opts.mirror = "http://127.0.0.1:9/debian".into();
     opts.fetch.offline = true;
-    let err = Archive::open(opts).err().expect("offline without cache fails");
+    let err = Archive::open(opts)
+        .err()
+        .expect("offline without cache fails");
     assert!(matches!(err, PackagesError::Offline { .. }), "{err}");
     assert!(err.to_string().contains("KILN_OFFLINE"), "{err}");
 }
 
 #[test]
 fn unknown_package_names_it_and_the_suite() {
-    let err = real()
-        .resolve(&["busybox-statik"], Deps::All)
-        .unwrap_err();
+    let err = real().resolve(&["busybox-statik"], Deps::All).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("package `busybox-statik` is not in Debian bookworm (main, amd64)"),
@@ -194,9 +194,14 @@ fn unreachable_mirror_gives_up_quickly() {
     let err = Archive::open(opts).err().expect("closed port must fail");
     let elapsed = started.elapsed();
     let msg = err.to_string();
-    assert!(matches!(err, PackagesError::Unreachable { tries: 4, .. }), "{msg}");
     assert!(
-        msg.contains(&format!("http://127.0.0.1:{port}/debian/dists/bookworm/InRelease")),
+        matches!(err, PackagesError::Unreachable { tries: 4, .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!(
+            "http://127.0.0.1:{port}/debian/dists/bookworm/InRelease"
+        )),
         "{msg}"
     );
     assert!(msg.contains("did not answer after 4 tries"), "{msg}");
@@ -253,12 +258,16 @@ fn answer(stream: TcpStream, handler: &Handler, n: usize) -> std::io::Result<()>
     }
     let mut out = stream;
     match handler(&path, range, n) {
-        Reply::NotFound => {
-            out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?
-        }
+        Reply::NotFound => out.write_all(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?,
         Reply::Body(body) => {
             let from = range.unwrap_or(0).min(body.len() as u64) as usize;
-            let status = if range.is_some() { "206 Partial Content" } else { "200 OK" };
+            let status = if range.is_some() {
+                "206 Partial Content"
+            } else {
+                "200 OK"
+            };
             write!(
                 out,
                 "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -349,20 +358,28 @@ fn tampered_inrelease_is_refused_and_nothing_cached() {
     let mut opts = ArchiveOptions::new(dir.path());
     opts.mirror = mirror.clone();
     opts.fetch.tries = 1;
-    let err = Archive::open(opts).err().expect("tampered InRelease accepted");
+    let err = Archive::open(opts)
+        .err()
+        .expect("tampered InRelease accepted");
     let msg = err.to_string();
     assert!(matches!(err, PackagesError::BadSignature { .. }), "{msg}");
     assert!(msg.contains("BAD signature"), "{msg}");
     assert!(msg.contains(&mirror), "{msg}");
-    assert!(files_under(dir.path()).is_empty(), "{:?}", files_under(dir.path()));
+    assert!(
+        files_under(dir.path()).is_empty(),
+        "{:?}",
+        files_under(dir.path())
+    );
 
     // The same text with its signature block cut off.
     let unsigned = String::from_utf8(real.inrelease.clone()).unwrap();
     let cut = unsigned.find("-----BEGIN PGP SIGNATURE-----").unwrap();
-    let (mirror, _) = fake_mirror(&real, unsigned[..cut].as_bytes().to_vec(), Reply::NotFound);
+    let (mirror, _) = fake_mirror(&real, unsigned.as_bytes()[..cut].to_vec(), Reply::NotFound);
     let mut opts = ArchiveOptions::new(dir.path());
     opts.mirror = mirror;
-    let err = Archive::open(opts).err().expect("unsigned InRelease accepted");
+    let err = Archive::open(opts)
+        .err()
+        .expect("unsigned InRelease accepted");
     assert!(matches!(err, PackagesError::BadSignature { .. }), "{err}");
     assert!(files_under(dir.path()).is_empty());
 }

@@ -110,8 +110,8 @@ impl<R: Read> ArReader<R> {
                 Err(e) => return Err(e),
             }
         }
-        let member = parse_ar_header(&header)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let member =
+            parse_ar_header(&header).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         self.pending = member.size + (member.size & 1);
         Ok(Some(member))
     }
@@ -199,7 +199,11 @@ impl DebInfo {
 const MAX_CONTROL_MEMBER: u64 = 64 << 20;
 
 /// Read a .deb into `tree`, streaming file contents into `store`; returns its control data.
-pub fn read_into_tree(path: &Path, tree: &mut Tree, store: &BlobStore) -> Result<DebInfo, DebError> {
+pub fn read_into_tree(
+    path: &Path,
+    tree: &mut Tree,
+    store: &BlobStore,
+) -> Result<DebInfo, DebError> {
     let file = File::open(path).map_err(|source| DebError::Io {
         path: path.to_path_buf(),
         member: "the file".into(),
@@ -452,7 +456,12 @@ mod tests {
     #[test]
     fn reads_a_small_deb() {
         let control = tar_gz(&[
-            ("./control", b"Package: hello\nVersion: 1.0\nDepends: libc6\n", 0o644, 0),
+            (
+                "./control",
+                b"Package: hello\nVersion: 1.0\nDepends: libc6\n",
+                0o644,
+                0,
+            ),
             ("./postinst", b"#!/bin/sh\nexit 0\n", 0o755, 0),
         ]);
         let data = tar_gz(&[
@@ -471,7 +480,11 @@ mod tests {
         assert_eq!(info.field("package"), Some("hello"));
         assert_eq!(info.field("Depends"), Some("libc6"));
         assert_eq!(info.control_files["postinst"], b"#!/bin/sh\nexit 0\n");
-        assert!(info.files.contains(&"usr/bin/hello".to_string()), "{:?}", info.files);
+        assert!(
+            info.files.contains(&"usr/bin/hello".to_string()),
+            "{:?}",
+            info.files
+        );
         let e = tree.get(&TreePath::new("usr/bin/hello").unwrap()).unwrap();
         assert_eq!((e.mode, e.uid), (0o755, 0));
         let EntryKind::File(content) = &e.kind else {
@@ -498,7 +511,10 @@ mod tests {
         let data = tar_gz(&[("./a", b"x", 0o644, 0)]);
         let mut deb = ar(&[
             ("debian-binary", b"2.0\n"),
-            ("control.tar.gz", &tar_gz(&[("./control", b"Package: a\n", 0o644, 0)])),
+            (
+                "control.tar.gz",
+                &tar_gz(&[("./control", b"Package: a\n", 0o644, 0)]),
+            ),
             ("data.tar.bz2", &data),
         ]);
         assert!(read_deb(p, &deb[..], &mut tree, &store).is_err());
@@ -516,7 +532,10 @@ mod tests {
         h[48..49].copy_from_slice(b"4");
         h[58..60].copy_from_slice(b"`\n");
         let m = parse_ar_header(&h).unwrap();
-        assert_eq!((m.name.as_str(), m.size, m.mode), ("debian-binary", 4, 0o100644));
+        assert_eq!(
+            (m.name.as_str(), m.size, m.mode),
+            ("debian-binary", 4, 0o100644)
+        );
         h[59] = b'x';
         assert!(parse_ar_header(&h).is_err());
     }
@@ -530,12 +549,16 @@ mod tests {
             .unwrap();
         let mut pkg = Tree::new();
         pkg.add("bin", Entry::dir(0o755)).unwrap();
-        pkg.add("bin/sh", Entry::file(Content::inline("sh"), 0o755)).unwrap();
+        pkg.add("bin/sh", Entry::file(Content::inline("sh"), 0o755))
+            .unwrap();
         pkg.add("usr/bin", Entry::dir(0o700)).unwrap();
         let files = merge(&mut tree, &pkg).unwrap();
         assert_eq!(files, ["bin", "bin/sh", "usr", "usr/bin"]);
         let get = |p: &str| tree.get(&TreePath::new(p).unwrap()).cloned();
-        assert!(matches!(get("bin").unwrap().kind, EntryKind::Symlink { .. }));
+        assert!(matches!(
+            get("bin").unwrap().kind,
+            EntryKind::Symlink { .. }
+        ));
         assert!(get("usr/bin/sh").is_some());
         assert!(get("usr/bin/old").is_some(), "existing children stay");
         assert_eq!(get("usr/bin").unwrap().mode, 0o700);

@@ -124,11 +124,7 @@ impl Fetcher {
         })
     }
 
-    fn send(
-        &self,
-        url: &str,
-        range_from: u64,
-    ) -> Result<reqwest::blocking::Response, Attempt> {
+    fn send(&self, url: &str, range_from: u64) -> Result<reqwest::blocking::Response, Attempt> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut req = self.client.get(url);
         if range_from > 0 {
@@ -267,7 +263,9 @@ impl Fetcher {
             source,
         };
         self.with_retries(url, || {
-            let mut have = file.seek(SeekFrom::End(0)).map_err(|e| Attempt::Fatal(cache_err(e)))?;
+            let mut have = file
+                .seek(SeekFrom::End(0))
+                .map_err(|e| Attempt::Fatal(cache_err(e)))?;
             if size.is_some_and(|s| have > s) {
                 file.set_len(0).map_err(|e| Attempt::Fatal(cache_err(e)))?;
                 have = 0;
@@ -305,7 +303,9 @@ impl Fetcher {
                     .map_err(|e| Attempt::Fatal(cache_err(e)))?;
                 self.bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
-            let got = file.stream_position().map_err(|e| Attempt::Fatal(cache_err(e)))?;
+            let got = file
+                .stream_position()
+                .map_err(|e| Attempt::Fatal(cache_err(e)))?;
             match size {
                 Some(s) if got < s => Err(Attempt::Retry(format!(
                     "connection closed after {got} of {s} bytes"

@@ -374,7 +374,9 @@ impl Index {
             let line = stanzas.line_no;
             let entry = PackageEntry::from_stanza(&stanza)
                 .map_err(|reason| SyntaxError { line, reason })?;
-            index.add(entry).map_err(|reason| SyntaxError { line, reason })?;
+            index
+                .add(entry)
+                .map_err(|reason| SyntaxError { line, reason })?;
         }
         Ok(())
     }
@@ -395,7 +397,10 @@ impl Index {
                     Some((Op::Eq, v)) => Some(v),
                     _ => None,
                 };
-                self.provides.entry(rel.name).or_default().push((id, version));
+                self.provides
+                    .entry(rel.name)
+                    .or_default()
+                    .push((id, version));
             }
         }
         self.by_name.entry(entry.name.clone()).or_default().push(id);

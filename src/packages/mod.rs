@@ -50,7 +50,9 @@ const MAX_INRELEASE: u64 = 16 << 20;
 /// and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum PackagesError {
-    #[error("{url} did not answer after {tries} tries ({reason}); check KILN_DEBIAN_MIRROR or the network")]
+    #[error(
+        "{url} did not answer after {tries} tries ({reason}); check KILN_DEBIAN_MIRROR or the network"
+    )]
     Unreachable {
         url: String,
         tries: u32,
@@ -228,7 +230,9 @@ pub fn mirror_from_deb822(text: &str) -> Option<String> {
         if !types.split_whitespace().any(|t| t == "deb") {
             continue;
         }
-        if s.get("Enabled").is_some_and(|e| e.eq_ignore_ascii_case("no")) {
+        if s.get("Enabled")
+            .is_some_and(|e| e.eq_ignore_ascii_case("no"))
+        {
             continue;
         }
         if let Some(uri) = s
@@ -565,7 +569,13 @@ fn load_keyring(path: Option<&Path>) -> Result<Keyring> {
 fn release_cache_path(opts: &ArchiveOptions) -> PathBuf {
     let key: String = format!("{}_{}", opts.mirror, opts.suite)
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     opts.home.join("debian").join(key).join("InRelease")
 }
@@ -625,12 +635,11 @@ fn check_release(
     url: &str,
     opts: &ArchiveOptions,
 ) -> Result<Release> {
-    let text = release::verify_clearsigned(bytes, keyring).map_err(|e| {
-        PackagesError::BadSignature {
+    let text =
+        release::verify_clearsigned(bytes, keyring).map_err(|e| PackagesError::BadSignature {
             url: url.to_string(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     let release = Release::parse(&text).map_err(|e| PackagesError::BadRelease {
         url: url.to_string(),
         reason: e.to_string(),
@@ -663,7 +672,10 @@ mod tests {
             mirror_from_one_line(one).as_deref(),
             Some("http://ftp.de.debian.org/debian")
         );
-        assert_eq!(mirror_from_one_line("deb http://x/ubuntu jammy main\n"), None);
+        assert_eq!(
+            mirror_from_one_line("deb http://x/ubuntu jammy main\n"),
+            None
+        );
         let deb822 = "Types: deb\n# http://snapshot.debian.org/archive/debian/2025\n\
                       URIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\n\n\
                       Types: deb\nURIs: http://deb.debian.org/debian-security\n";

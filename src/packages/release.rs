@@ -53,13 +53,17 @@ impl Keyring {
                     // key's binding signature on it verifies. (User-ID certifications by other
                     // keys are not checked: they say nothing about the archive.)
                     let primary = key.primary_key.clone();
-                    key.public_subkeys.retain(|sub| match sub.verify_bindings(&primary) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            tracing::debug!("dropping an unbound subkey of {}: {e}", primary.fingerprint());
-                            false
-                        }
-                    });
+                    key.public_subkeys
+                        .retain(|sub| match sub.verify_bindings(&primary) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::debug!(
+                                    "dropping an unbound subkey of {}: {e}",
+                                    primary.fingerprint()
+                                );
+                                false
+                            }
+                        });
                     keys.push(key);
                 }
                 Err(e) => last_error = e.to_string(),
@@ -147,7 +151,8 @@ pub fn verify_clearsigned(bytes: &[u8], keyring: &Keyring) -> Result<String, Rel
 fn issued_by(sig: &pgp::packet::Signature, key: &impl KeyDetails) -> bool {
     let fp = key.fingerprint();
     let id = key.legacy_key_id();
-    sig.issuer_fingerprint().iter().any(|f| **f == fp) || sig.issuer_key_id().iter().any(|k| **k == id)
+    sig.issuer_fingerprint().iter().any(|f| **f == fp)
+        || sig.issuer_key_id().iter().any(|k| **k == id)
 }
 
 /// One file listed in a Release: size and SHA256 (lower-case hex).
@@ -307,8 +312,14 @@ mod tests {
     #[test]
     fn dates() {
         assert_eq!(parse_date("Thu, 01 Jan 1970 00:00:00 UTC"), Some(0));
-        assert_eq!(parse_date("Sat, 11 Jul 2026 10:16:37 UTC"), Some(1783764997));
-        assert_eq!(parse_date("Sat, 10 Jun 2023 08:53:33 +0100"), Some(1686383613));
+        assert_eq!(
+            parse_date("Sat, 11 Jul 2026 10:16:37 UTC"),
+            Some(1783764997)
+        );
+        assert_eq!(
+            parse_date("Sat, 10 Jun 2023 08:53:33 +0100"),
+            Some(1686383613)
+        );
         assert_eq!(parse_date("29 Feb 2024 00:00:00 UTC"), Some(1709164800));
         assert_eq!(parse_date("Sat, 11 Foo 2026 10:16:37 UTC"), None);
         assert_eq!(parse_date("garbage"), None);

@@ -260,7 +260,10 @@ impl Resolver<'_> {
 
     fn chain(&self, id: usize) -> String {
         let mut names = vec![self.index.get(id).name.clone()];
-        while let Some(p) = self.parent.get(names.last().map(String::as_str).unwrap_or("")) {
+        while let Some(p) = self
+            .parent
+            .get(names.last().map(String::as_str).unwrap_or(""))
+        {
             if names.contains(p) {
                 break;
             }
@@ -290,7 +293,10 @@ impl Resolver<'_> {
                 let e = self.index.get(*p);
                 match v {
                     Some(v) => format!("{} {} provides {} {v}", e.name, e.version, rel.name),
-                    None => format!("{} {} provides {} (unversioned)", e.name, e.version, rel.name),
+                    None => format!(
+                        "{} {} provides {} (unversioned)",
+                        e.name, e.version, rel.name
+                    ),
                 }
             }));
             if available.is_empty() {
@@ -349,13 +355,29 @@ mod tests {
 
     fn index() -> Index {
         let mut t = String::new();
-        t += &pkg("app", "1.0", "Depends: libfoo (>= 2.0), mail-transport-agent\n");
+        t += &pkg(
+            "app",
+            "1.0",
+            "Depends: libfoo (>= 2.0), mail-transport-agent\n",
+        );
         t += &pkg("libfoo", "1.5", "");
         t += &pkg("libfoo", "2.1", "Pre-Depends: libc6 (>= 2.36)\n");
         t += &pkg("libc6", "2.36-9", "");
-        t += &pkg("exim", "4.96", "Provides: mail-transport-agent\nPriority: standard\n");
-        t += &pkg("alpha-mta", "1", "Provides: mail-transport-agent\nPriority: extra\n");
-        t += &pkg("tool", "1", "Depends: nothere | libfoo:any (>= 2), python3:native\n");
+        t += &pkg(
+            "exim",
+            "4.96",
+            "Provides: mail-transport-agent\nPriority: standard\n",
+        );
+        t += &pkg(
+            "alpha-mta",
+            "1",
+            "Provides: mail-transport-agent\nPriority: extra\n",
+        );
+        t += &pkg(
+            "tool",
+            "1",
+            "Depends: nothere | libfoo:any (>= 2), python3:native\n",
+        );
         t += &pkg("python3", "3.11", "");
         t += &pkg("top", "1", "Depends: middle\n");
         t += &pkg("middle", "1", "Depends: bottom\n");

@@ -198,7 +198,11 @@ mod tests {
         ("1+", "1.", Ordering::Less),
         ("1.0-a", "1.0-A", Ordering::Greater),
         ("252.39-1~deb12u1", "252.38-1~deb12u1", Ordering::Greater),
-        ("1:9.18.33-1~deb12u2", "1:9.18.33-1~deb12u1", Ordering::Greater),
+        (
+            "1:9.18.33-1~deb12u2",
+            "1:9.18.33-1~deb12u1",
+            Ordering::Greater,
+        ),
         ("0.0.0", "0", Ordering::Greater),
         ("0", "00", Ordering::Equal),
         ("1.0-1-1", "1.0-1", Ordering::Greater),

@@ -174,6 +174,7 @@ fn warm_cache_makes_no_request() {
 fn unknown_package_names_it_and_the_suite() {
     let err = real().resolve(&["busybox-statik"], Deps::All).unwrap_err();
     let msg = err.to_string();
+    eprintln!("{msg}");
     assert!(
         msg.contains("package `busybox-statik` is not in Debian bookworm (main, amd64)"),
         "{msg}"
@@ -194,6 +195,7 @@ fn unreachable_mirror_gives_up_quickly() {
     let err = Archive::open(opts).err().expect("closed port must fail");
     let elapsed = started.elapsed();
     let msg = err.to_string();
+    eprintln!("after {elapsed:.1?}: {msg}");
     assert!(
         matches!(err, PackagesError::Unreachable { tries: 4, .. }),
         "{msg}"
@@ -362,6 +364,7 @@ fn tampered_inrelease_is_refused_and_nothing_cached() {
         .err()
         .expect("tampered InRelease accepted");
     let msg = err.to_string();
+    eprintln!("{msg}");
     assert!(matches!(err, PackagesError::BadSignature { .. }), "{msg}");
     assert!(msg.contains("BAD signature"), "{msg}");
     assert!(msg.contains(&mirror), "{msg}");
@@ -399,6 +402,7 @@ fn tampered_deb_is_refused_and_nothing_cached() {
     let pkg = archive.resolve(&["busybox-static"], Deps::None).unwrap();
     let err = archive.fetch(&pkg[0]).unwrap_err();
     let msg = err.to_string();
+    eprintln!("{msg}");
     assert!(matches!(err, PackagesError::HashMismatch { .. }), "{msg}");
     assert!(msg.contains("package busybox-static"), "{msg}");
     assert!(msg.contains(pkg[0].sha256.as_str()), "{msg}");
@@ -429,4 +433,52 @@ fn interrupted_download_resumes() {
     assert_eq!(std::fs::read(&path).unwrap(), real.deb);
     // The truncated answer, then one resumed request.
     assert_eq!(requests.load(Ordering::SeqCst) - before, 2);
+}
+
+#[test]
+fn keyring_override_is_used() {
+    use pgp::composed::{Deserializable, SignedPublicKey};
+    use pgp::ser::Serialize;
+    let real = real_files();
+    // Only the bullseye keys: none of them signs bookworm's InRelease.
+    let mut ring = Vec::new();
+    for key in
+        SignedPublicKey::from_bytes_many(kiln::packages::release::DEBIAN_ARCHIVE_KEYRING).unwrap()
+    {
+        let key = key.unwrap();
+        let bullseye = key
+            .details
+            .users
+            .iter()
+            .any(|u| String::from_utf8_lossy(u.id.id()).contains("(11/bullseye)"));
+        if bullseye {
+            ring.extend(key.to_bytes().unwrap());
+        }
+    }
+    assert!(!ring.is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let ring_path = dir.path().join("bullseye.gpg");
+    std::fs::write(&ring_path, &ring).unwrap();
+    let home = dir.path().join("home");
+    let (mirror, _) = fake_mirror(&real, real.inrelease.clone(), Reply::NotFound);
+    let mut opts = ArchiveOptions::new(&home);
+    opts.mirror = mirror.clone();
+    opts.keyring = Some(ring_path);
+    let err = Archive::open(opts)
+        .err()
+        .expect("bookworm InRelease accepted by bullseye keys");
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, PackagesError::BadSignature { .. }), "{msg}");
+    assert!(msg.contains("is by a key in the keyring"), "{msg}");
+    assert!(msg.contains("KILN_DEBIAN_KEYRING"), "{msg}");
+    assert!(files_under(&home).is_empty());
+
+    // A keyring path that does not exist.
+    let mut opts = ArchiveOptions::new(&home);
+    opts.mirror = mirror;
+    opts.keyring = Some(dir.path().join("missing.gpg"));
+    let err = Archive::open(opts).err().expect("missing keyring accepted");
+    assert!(matches!(err, PackagesError::Keyring { .. }), "{err}");
+    assert!(err.to_string().contains("missing.gpg"), "{err}");
 }

@@ -130,7 +130,7 @@ impl Fetcher {
         if range_from > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={range_from}-"));
         }
-        let resp = req.send().map_err(|e| Attempt::Retry(error_chain(&e)))?;
+        let resp = req.send().map_err(|e| Attempt::Retry(short_reason(&e)))?;
         let status = resp.status();
         if status.is_success() || status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
             return Ok(resp);
@@ -349,6 +349,23 @@ pub fn hash_file(file: &mut File) -> io::Result<(Digest256, u64)> {
         len += n as u64;
     }
     Ok((Digest256::from_sha256(&hasher.finalize()), len))
+}
+
+/// The root cause of a failed request, short: `Connection refused (os error 111)`, `timed out`.
+fn short_reason(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".into();
+    }
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let text = cause.to_string();
+    if e.is_connect() && !text.contains("onnect") {
+        format!("cannot connect: {text}")
+    } else {
+        text
+    }
 }
 
 /// An error and its causes on one line (reqwest's top-level message alone says little).

@@ -65,10 +65,7 @@ pub enum PackagesError {
          run once with network access, or unset KILN_OFFLINE"
     )]
     Offline { what: String, url: String },
-    #[error(
-        "refusing {url}: {reason}. Nothing was cached. If the mirror is genuine, the keyring may \
-         be outdated: point KILN_DEBIAN_KEYRING at a current debian-archive-keyring.gpg"
-    )]
+    #[error("refusing {url}: {reason}. Nothing was cached")]
     BadSignature { url: String, reason: String },
     #[error("keyring {path}: {reason}; point KILN_DEBIAN_KEYRING at an OpenPGP keyring")]
     Keyring { path: String, reason: String },
@@ -635,11 +632,25 @@ fn check_release(
     url: &str,
     opts: &ArchiveOptions,
 ) -> Result<Release> {
-    let text =
-        release::verify_clearsigned(bytes, keyring).map_err(|e| PackagesError::BadSignature {
+    let text = release::verify_clearsigned(bytes, keyring).map_err(|e| {
+        let advice = match e {
+            release::ReleaseError::BadSignature(ref r) if r.starts_with("BAD") => {
+                "the file was altered on the way or on the mirror: use another mirror \
+                 (KILN_DEBIAN_MIRROR)"
+            }
+            release::ReleaseError::NotSigned(_) => {
+                "check that KILN_DEBIAN_MIRROR points at a Debian mirror"
+            }
+            _ => {
+                "if the mirror is genuine, the keyring may be outdated: point \
+                 KILN_DEBIAN_KEYRING at a current debian-archive-keyring.gpg"
+            }
+        };
+        PackagesError::BadSignature {
             url: url.to_string(),
-            reason: e.to_string(),
-        })?;
+            reason: format!("{e}; {advice}"),
+        }
+    })?;
     let release = Release::parse(&text).map_err(|e| PackagesError::BadRelease {
         url: url.to_string(),
         reason: e.to_string(),

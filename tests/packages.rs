@@ -482,3 +482,42 @@ fn keyring_override_is_used() {
     assert!(matches!(err, PackagesError::Keyring { .. }), "{err}");
     assert!(err.to_string().contains("missing.gpg"), "{err}");
 }
+
+#[test]
+fn real_closures_resolve() {
+    let archive = real();
+    // The essential set plus a few base packages: real alternatives, virtual packages
+    // (awk, mail-transport-agent…), `:any` qualifiers and Pre-Depends.
+    let mut names = archive.index().essential();
+    names.extend([
+        "systemd",
+        "udev",
+        "kmod",
+        "e2fsprogs",
+        "openssh-server",
+        "python3",
+    ]);
+    let started = Instant::now();
+    let pkgs = archive.resolve(&names, Deps::All).unwrap();
+    eprintln!(
+        "{} requested -> {} packages in {:.1?}",
+        names.len(),
+        pkgs.len(),
+        started.elapsed()
+    );
+    for want in [
+        "libc6",
+        "systemd",
+        "python3",
+        "openssh-server",
+        "dpkg",
+        "base-files",
+    ] {
+        assert!(pkgs.iter().any(|p| p.name == want), "{want} missing");
+    }
+    // Every package appears once; same answer twice.
+    let mut seen: Vec<&str> = pkgs.iter().map(|p| p.name.as_str()).collect();
+    seen.dedup();
+    assert_eq!(seen.len(), pkgs.len());
+    assert_eq!(pkgs, archive.resolve(&names, Deps::All).unwrap());
+}

@@ -286,60 +286,149 @@ fn parse_relation(text: &str) -> Result<Relation, String> {
     })
 }
 
-/// One binary package of a `Packages` index (only the fields kiln uses; relation fields are kept
-/// as text and parsed when resolving).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The text fields of a [`PackageEntry`], in storage order.
+#[derive(Clone, Copy)]
+enum Field {
+    Name,
+    Version,
+    Architecture,
+    MultiArch,
+    Depends,
+    PreDepends,
+    Provides,
+    Filename,
+    Priority,
+}
+
+const FIELDS: usize = 9;
+
+/// One binary package of a `Packages` index: only the fields kiln uses, packed into one string
+/// (a full bookworm index holds 63 000 of these, so each costs one allocation, not ten).
+/// Relation fields are kept as text and parsed when resolving.
+#[derive(Clone, PartialEq, Eq)]
 pub struct PackageEntry {
-    pub name: String,
-    pub version: Version,
-    pub architecture: String,
-    pub multi_arch: Option<String>,
-    pub depends: String,
-    pub pre_depends: String,
-    pub provides: String,
-    /// Path of the .deb relative to the mirror root (`pool/main/…`).
-    pub filename: String,
-    pub size: u64,
-    /// Lower-case hex.
-    pub sha256: String,
-    pub essential: bool,
-    pub priority: Option<String>,
+    text: Box<str>,
+    /// End offset of each field in `text`.
+    ends: [u32; FIELDS],
+    size: u64,
+    sha256: [u8; 32],
+    essential: bool,
+}
+
+impl fmt::Debug for PackageEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PackageEntry({} {})", self.name(), self.version_str())
+    }
 }
 
 impl PackageEntry {
     /// Build an entry from a stanza; `Err` names the missing or malformed field.
     pub fn from_stanza(stanza: &Stanza) -> Result<PackageEntry, String> {
         let need = |f: &str| stanza.get(f).ok_or_else(|| format!("missing field {f}"));
-        let name = need("Package")?.to_string();
+        let name = need("Package")?;
         let size = need("Size")?
             .parse()
             .map_err(|_| format!("package {name}: Size is not a number"))?;
-        let sha256 = need("SHA256")?.to_ascii_lowercase();
-        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("package {name}: SHA256 is not 64 hex digits"));
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(need("SHA256")?, &mut sha256)
+            .map_err(|_| format!("package {name}: SHA256 is not 64 hex digits"))?;
+        let values: [&str; FIELDS] = [
+            name,
+            need("Version")?,
+            need("Architecture")?,
+            stanza.get("Multi-Arch").unwrap_or(""),
+            stanza.get("Depends").unwrap_or(""),
+            stanza.get("Pre-Depends").unwrap_or(""),
+            stanza.get("Provides").unwrap_or(""),
+            need("Filename")?,
+            stanza.get("Priority").unwrap_or(""),
+        ];
+        let mut text = String::with_capacity(values.iter().map(|v| v.len()).sum());
+        let mut ends = [0u32; FIELDS];
+        for (i, v) in values.iter().enumerate() {
+            text.push_str(v);
+            ends[i] = u32::try_from(text.len())
+                .map_err(|_| format!("package {name}: fields too long"))?;
         }
         Ok(PackageEntry {
-            version: Version::new(need("Version")?),
-            architecture: need("Architecture")?.to_string(),
-            multi_arch: stanza.get("Multi-Arch").map(str::to_string),
-            depends: stanza.get("Depends").unwrap_or("").to_string(),
-            pre_depends: stanza.get("Pre-Depends").unwrap_or("").to_string(),
-            provides: stanza.get("Provides").unwrap_or("").to_string(),
-            filename: need("Filename")?.to_string(),
+            text: text.into_boxed_str(),
+            ends,
             size,
             sha256,
             essential: stanza
                 .get("Essential")
                 .is_some_and(|v| v.eq_ignore_ascii_case("yes")),
-            priority: stanza.get("Priority").map(str::to_string),
-            name,
         })
+    }
+
+    fn field(&self, f: Field) -> &str {
+        let i = f as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
+    }
+
+    fn optional(&self, f: Field) -> Option<&str> {
+        Some(self.field(f)).filter(|v| !v.is_empty())
+    }
+
+    pub fn name(&self) -> &str {
+        self.field(Field::Name)
+    }
+
+    pub fn version(&self) -> Version {
+        Version::new(self.version_str())
+    }
+
+    pub fn version_str(&self) -> &str {
+        self.field(Field::Version)
+    }
+
+    pub fn architecture(&self) -> &str {
+        self.field(Field::Architecture)
+    }
+
+    pub fn multi_arch(&self) -> Option<&str> {
+        self.optional(Field::MultiArch)
+    }
+
+    pub fn depends(&self) -> &str {
+        self.field(Field::Depends)
+    }
+
+    pub fn pre_depends(&self) -> &str {
+        self.field(Field::PreDepends)
+    }
+
+    pub fn provides(&self) -> &str {
+        self.field(Field::Provides)
+    }
+
+    /// Path of the .deb relative to the mirror root (`pool/main/…`).
+    pub fn filename(&self) -> &str {
+        self.field(Field::Filename)
+    }
+
+    pub fn priority(&self) -> Option<&str> {
+        self.optional(Field::Priority)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// SHA256 of the .deb.
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.sha256
+    }
+
+    pub fn essential(&self) -> bool {
+        self.essential
     }
 
     /// `Pre-Depends` then `Depends`, parsed.
     pub fn dependencies(&self) -> Result<Vec<Alternatives>, String> {
-        let mut all = parse_relations(&self.pre_depends)?;
-        all.extend(parse_relations(&self.depends)?);
+        let mut all = parse_relations(self.pre_depends())?;
+        all.extend(parse_relations(self.depends())?);
         Ok(all)
     }
 }
@@ -389,8 +478,8 @@ impl Index {
     /// Add a package (a later index, e.g. another component, adds to the same lookups).
     pub fn add(&mut self, entry: PackageEntry) -> Result<(), String> {
         let id = self.packages.len();
-        for group in parse_relations(&entry.provides)
-            .map_err(|e| format!("package {}: Provides: {e}", entry.name))?
+        for group in parse_relations(entry.provides())
+            .map_err(|e| format!("package {}: Provides: {e}", entry.name()))?
         {
             for rel in group {
                 let version = match rel.constraint {
@@ -403,7 +492,10 @@ impl Index {
                     .push((id, version));
             }
         }
-        self.by_name.entry(entry.name.clone()).or_default().push(id);
+        self.by_name
+            .entry(entry.name().to_string())
+            .or_default()
+            .push(id);
         self.packages.push(entry);
         Ok(())
     }
@@ -443,7 +535,7 @@ impl Index {
     pub fn essential(&self) -> Vec<&str> {
         self.by_name
             .iter()
-            .filter(|(_, ids)| ids.iter().any(|&i| self.packages[i].essential))
+            .filter(|(_, ids)| ids.iter().any(|&i| self.packages[i].essential()))
             .map(|(n, _)| n.as_str())
             .collect()
     }
@@ -454,7 +546,7 @@ impl Index {
             .iter()
             .filter(|(_, ids)| {
                 ids.iter()
-                    .any(|&i| self.packages[i].priority.as_deref() == Some(priority))
+                    .any(|&i| self.packages[i].priority() == Some(priority))
             })
             .map(|(n, _)| n.as_str())
             .collect()

@@ -262,14 +262,14 @@ pub struct PackageRef {
 impl PackageRef {
     fn from_entry(e: &PackageEntry) -> PackageRef {
         PackageRef {
-            name: e.name.clone(),
-            version: e.version.to_string(),
-            architecture: e.architecture.clone(),
-            filename: e.filename.clone(),
-            size: e.size,
-            sha256: Digest256::from_sha256(&hex::decode(&e.sha256).unwrap_or_default()),
-            essential: e.essential,
-            priority: e.priority.clone(),
+            name: e.name().to_string(),
+            version: e.version_str().to_string(),
+            architecture: e.architecture().to_string(),
+            filename: e.filename().to_string(),
+            size: e.size(),
+            sha256: Digest256::from_sha256(e.sha256()),
+            essential: e.essential(),
+            priority: e.priority().map(str::to_string),
         }
     }
 }

@@ -95,7 +95,7 @@ pub fn resolve(
             let groups = entry
                 .dependencies()
                 .map_err(|reason| ResolveError::BadField {
-                    name: entry.name.clone(),
+                    name: entry.name().to_string(),
                     scope: scope.to_string(),
                     reason,
                 })?;
@@ -128,14 +128,14 @@ struct Resolver<'a> {
 impl Resolver<'_> {
     /// Record a choice; false if that package name was already chosen.
     fn select(&mut self, id: usize, parent: Option<usize>) -> bool {
-        let name = &self.index.get(id).name;
+        let name = self.index.get(id).name();
         if self.selected.contains_key(name) {
             return false;
         }
-        self.selected.insert(name.clone(), id);
+        self.selected.insert(name.to_string(), id);
         if let Some(p) = parent {
             self.parent
-                .insert(name.clone(), self.index.get(p).name.clone());
+                .insert(name.to_string(), self.index.get(p).name().to_string());
         }
         true
     }
@@ -161,7 +161,7 @@ impl Resolver<'_> {
         let versions: Vec<String> = self
             .index
             .versions_of(name)
-            .map(|(_, e)| e.version.to_string())
+            .map(|(_, e)| e.version_str().to_string())
             .collect();
         match wanted {
             Some(v) if !versions.is_empty() => Err(ResolveError::NoSuchVersion {
@@ -208,7 +208,7 @@ impl Resolver<'_> {
             return false;
         }
         if let Some(&id) = self.selected.get(&rel.name)
-            && Self::version_ok(rel, &self.index.get(id).version)
+            && Self::version_ok(rel, &self.index.get(id).version())
         {
             return true;
         }
@@ -216,7 +216,7 @@ impl Resolver<'_> {
             .providers_of(&rel.name)
             .iter()
             .any(|(id, provided)| {
-                self.selected.get(&self.index.get(*id).name) == Some(id)
+                self.selected.get(self.index.get(*id).name()) == Some(id)
                     && Self::provide_ok(rel, provided)
             })
     }
@@ -230,8 +230,8 @@ impl Resolver<'_> {
         let real = self
             .index
             .versions_of(&rel.name)
-            .filter(|(_, e)| Self::version_ok(rel, &e.version))
-            .max_by(|(ia, a), (ib, b)| a.version.cmp(&b.version).then(ib.cmp(ia)))
+            .filter(|(_, e)| Self::version_ok(rel, &e.version()))
+            .max_by(|(ia, a), (ib, b)| a.version().cmp(&b.version()).then(ib.cmp(ia)))
             .map(|(id, _)| id);
         if real.is_some() {
             return real;
@@ -244,22 +244,22 @@ impl Resolver<'_> {
             .map(|(id, _)| *id);
         if let Some(chosen) = providers
             .clone()
-            .find(|id| self.selected.get(&self.index.get(*id).name) == Some(id))
+            .find(|id| self.selected.get(self.index.get(*id).name()) == Some(id))
         {
             return Some(chosen);
         }
         providers.min_by(|&a, &b| {
             let (ea, eb) = (self.index.get(a), self.index.get(b));
-            priority_rank(ea.priority.as_deref())
-                .cmp(&priority_rank(eb.priority.as_deref()))
-                .then_with(|| ea.name.cmp(&eb.name))
-                .then_with(|| eb.version.cmp(&ea.version))
+            priority_rank(ea.priority())
+                .cmp(&priority_rank(eb.priority()))
+                .then_with(|| ea.name().cmp(eb.name()))
+                .then_with(|| eb.version().cmp(&ea.version()))
                 .then(a.cmp(&b))
         })
     }
 
     fn chain(&self, id: usize) -> String {
-        let mut names = vec![self.index.get(id).name.clone()];
+        let mut names = vec![self.index.get(id).name().to_string()];
         while let Some(p) = self
             .parent
             .get(names.last().map(String::as_str).unwrap_or(""))
@@ -287,15 +287,19 @@ impl Resolver<'_> {
             let mut available: Vec<String> = self
                 .index
                 .versions_of(&rel.name)
-                .map(|(_, e)| format!("{} {}", e.name, e.version))
+                .map(|(_, e)| format!("{} {}", e.name(), e.version_str()))
                 .collect();
             available.extend(self.index.providers_of(&rel.name).iter().map(|(p, v)| {
                 let e = self.index.get(*p);
                 match v {
-                    Some(v) => format!("{} {} provides {} {v}", e.name, e.version, rel.name),
+                    Some(v) => {
+                        format!("{} {} provides {} {v}", e.name(), e.version_str(), rel.name)
+                    }
                     None => format!(
                         "{} {} provides {} (unversioned)",
-                        e.name, e.version, rel.name
+                        e.name(),
+                        e.version_str(),
+                        rel.name
                     ),
                 }
             }));
@@ -391,7 +395,7 @@ mod tests {
 
     fn names(index: &Index, ids: &[usize]) -> Vec<String> {
         ids.iter()
-            .map(|&i| format!("{}={}", index.get(i).name, index.get(i).version))
+            .map(|&i| format!("{}={}", index.get(i).name(), index.get(i).version_str()))
             .collect()
     }
 

@@ -521,3 +521,22 @@ fn real_closures_resolve() {
     assert_eq!(seen.len(), pkgs.len());
     assert_eq!(pkgs, archive.resolve(&names, Deps::All).unwrap());
 }
+
+#[test]
+fn https_mirror_works_with_rustls() {
+    let mut opts = ArchiveOptions::new(SHARED_CACHE);
+    opts.mirror = "https://deb.debian.org/debian/".into();
+    let archive = Archive::open(opts).unwrap();
+    assert_eq!(archive.options().mirror, "https://deb.debian.org/debian");
+    assert_eq!(archive.release().codename.as_deref(), Some("bookworm"));
+    let pkgs = archive.resolve(&["busybox-static"], Deps::None).unwrap();
+    // Same content-addressed cache: the .deb fetched over http serves https too.
+    real()
+        .fetch(&real().resolve(&["busybox-static"], Deps::None).unwrap()[0])
+        .unwrap();
+    if pkgs == real().resolve(&["busybox-static"], Deps::None).unwrap() {
+        let before = archive.network_requests();
+        archive.fetch(&pkgs[0]).unwrap();
+        assert_eq!(archive.network_requests(), before);
+    }
+}

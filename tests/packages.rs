@@ -540,3 +540,23 @@ fn https_mirror_works_with_rustls() {
         assert_eq!(archive.network_requests(), before);
     }
 }
+
+#[test]
+fn unknown_suite_is_a_clear_error() {
+    let real = real_files();
+    let (mirror, _) = fake_mirror(&real, real.inrelease.clone(), Reply::NotFound);
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = ArchiveOptions::new(dir.path());
+    opts.mirror = mirror.clone();
+    opts.suite = "bookwrm".into();
+    let err = Archive::open(opts).err().expect("unknown suite accepted");
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, PackagesError::Http { .. }), "{msg}");
+    assert!(
+        msg.contains(&format!("{mirror}/dists/bookwrm/InRelease: HTTP 404")),
+        "{msg}"
+    );
+    assert!(msg.contains("suite"), "{msg}");
+    assert!(files_under(dir.path()).is_empty());
+}

@@ -16,7 +16,11 @@
 //! hash matched).
 //!
 //! Mirror: `KILN_DEBIAN_MIRROR`, else the first Debian URI (`…/debian`) in the host's apt sources,
-//! else `http://deb.debian.org/debian`.
+//! else `http://deb.debian.org/debian`. HTTPS works with the system CA store or the bundled
+//! webpki roots (rustls, no OpenSSL).
+//!
+//! The network calls block (reqwest's blocking client): from async code, call them inside
+//! `tokio::task::spawn_blocking`.
 
 pub mod deb;
 pub mod fetch;
@@ -613,7 +617,7 @@ fn load_release(
         if now > until {
             return Err(PackagesError::Expired {
                 url,
-                valid_until: format!("{until} (seconds since 1970)"),
+                valid_until: release::format_date(until),
             });
         }
     }

@@ -294,6 +294,28 @@ pub fn parse_date(text: &str) -> Option<i64> {
     Some(days_from_civil(year, month, day) * 86400 + h * 3600 + m * 60 + s - offset)
 }
 
+/// Format seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC` (for messages).
+pub fn format_date(secs: i64) -> String {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Inverse of `days_from_civil` (Howard Hinnant's civil_from_days).
+    let z = days + 719468;
+    let era = if z >= 0 { z } else { z - 146096 } / 146097;
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -323,6 +345,9 @@ mod tests {
         assert_eq!(parse_date("29 Feb 2024 00:00:00 UTC"), Some(1709164800));
         assert_eq!(parse_date("Sat, 11 Foo 2026 10:16:37 UTC"), None);
         assert_eq!(parse_date("garbage"), None);
+        assert_eq!(format_date(1783764997), "2026-07-11 10:16:37 UTC");
+        assert_eq!(format_date(1709164800), "2024-02-29 00:00:00 UTC");
+        assert_eq!(format_date(0), "1970-01-01 00:00:00 UTC");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod disk;
 pub mod kernel;
 pub mod manifest;
+pub mod packages;
 pub mod pipeline;
 pub mod recipe;
 pub mod rootfs;

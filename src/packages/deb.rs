@@ -1,0 +1,566 @@
+//! `.deb` files read straight into a [`Tree`]: the `ar` container (parsed here), its
+//! `control.tar.*` (fields and maintainer scripts) and `data.tar.*` (files, owners and modes from
+//! the archive, contents streamed into the [`BlobStore`]). Decompression: xz, zstd, gzip, lzma
+//! or none.
+
+use crate::cache::BlobStore;
+use crate::tree::{EntryKind, Tree, TreeError, TreePath};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+/// Why a .deb could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DebError {
+    #[error("{path}: not a Debian package: {reason}")]
+    Format { path: PathBuf, reason: String },
+    #[error("{path}: reading {member}: {source}")]
+    Io {
+        path: PathBuf,
+        member: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: data.tar: {source}")]
+    Tree {
+        path: PathBuf,
+        #[source]
+        source: TreeError,
+    },
+}
+
+/// One member header of an `ar` archive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArMember {
+    pub name: String,
+    pub size: u64,
+    pub mode: u32,
+}
+
+/// The `ar` global header.
+pub const AR_MAGIC: &[u8; 8] = b"!<arch>\n";
+
+/// Parse a 60-byte `ar` member header (System V / GNU names: trailing `/` and spaces dropped).
+pub fn parse_ar_header(header: &[u8; 60]) -> Result<ArMember, String> {
+    if &header[58..60] != b"`\n" {
+        return Err("bad ar member header (missing terminator)".into());
+    }
+    let field = |range: std::ops::Range<usize>| {
+        std::str::from_utf8(&header[range])
+            .map(|s| s.trim_end_matches(' '))
+            .map_err(|_| "non-ASCII ar header".to_string())
+    };
+    let name = field(0..16)?;
+    let name = name.strip_suffix('/').unwrap_or(name).to_string();
+    if name.is_empty() {
+        return Err("empty ar member name".into());
+    }
+    let size = field(48..58)?
+        .parse()
+        .map_err(|_| format!("ar member {name}: bad size"))?;
+    let mode_text = field(40..48)?;
+    let mode = if mode_text.is_empty() {
+        0o644
+    } else {
+        u32::from_str_radix(mode_text, 8).map_err(|_| format!("ar member {name}: bad mode"))?
+    };
+    Ok(ArMember { name, size, mode })
+}
+
+/// Reads `ar` members in order from a stream.
+pub struct ArReader<R> {
+    inner: R,
+    /// Bytes of the current member (plus its padding) not yet consumed.
+    pending: u64,
+}
+
+impl<R: Read> ArReader<R> {
+    /// Check the global header.
+    pub fn new(mut inner: R) -> io::Result<Self> {
+        let mut magic = [0u8; 8];
+        inner.read_exact(&mut magic)?;
+        if &magic != AR_MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no `!<arch>` header",
+            ));
+        }
+        Ok(ArReader { inner, pending: 0 })
+    }
+
+    /// The next member header, or `None` at the end of the archive. Any unread data of the
+    /// previous member is skipped.
+    pub fn next_member(&mut self) -> io::Result<Option<ArMember>> {
+        io::copy(&mut (&mut self.inner).take(self.pending), &mut io::sink())?;
+        self.pending = 0;
+        let mut header = [0u8; 60];
+        let mut got = 0;
+        while got < 60 {
+            match self.inner.read(&mut header[got..]) {
+                Ok(0) if got == 0 => return Ok(None),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "truncated ar member header",
+                    ));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let member =
+            parse_ar_header(&header).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        self.pending = member.size + (member.size & 1);
+        Ok(Some(member))
+    }
+
+    /// A reader over the current member's data.
+    pub fn data(&mut self, member: &ArMember) -> MemberReader<'_, R> {
+        MemberReader {
+            ar: self,
+            left: member.size,
+        }
+    }
+}
+
+/// The data of one `ar` member.
+pub struct MemberReader<'a, R> {
+    ar: &'a mut ArReader<R>,
+    left: u64,
+}
+
+impl<R: Read> Read for MemberReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(self.left) as usize;
+        let n = self.ar.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "ar member is truncated",
+            ));
+        }
+        self.left -= n as u64;
+        self.ar.pending -= n as u64;
+        Ok(n)
+    }
+}
+
+/// A decompressing reader chosen by the member name's suffix (`data.tar.xz`, …).
+pub fn decompressor<'a>(name: &str, inner: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+    let ext = name.rsplit_once(".tar").map(|(_, e)| e).unwrap_or("?");
+    Ok(match ext {
+        "" => Box::new(inner),
+        ".xz" => Box::new(liblzma::read::XzDecoder::new_multi_decoder(inner)),
+        ".lzma" => {
+            let stream = liblzma::stream::Stream::new_lzma_decoder(u64::MAX)
+                .map_err(|e| io::Error::other(format!("lzma decoder: {e}")))?;
+            Box::new(liblzma::read::XzDecoder::new_stream(inner, stream))
+        }
+        ".zst" => Box::new(zstd::stream::read::Decoder::new(inner)?),
+        ".gz" => Box::new(flate2::read::GzDecoder::new(inner)),
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("member {name}: unsupported compression {other:?}"),
+            ));
+        }
+    })
+}
+
+/// What a .deb says about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DebInfo {
+    /// Fields of `control` (Package, Version, Depends, …), in file order.
+    pub control: Vec<(String, String)>,
+    /// Other control members by name: maintainer scripts (`preinst`, `postinst`, `prerm`,
+    /// `postrm`, `config`), `conffiles`, `triggers`, `shlibs`, `md5sums`, … (bytes as shipped).
+    pub control_files: BTreeMap<String, Vec<u8>>,
+    /// Paths (`/`-separated, no leading `/`) of the data entries in archive order: what dpkg
+    /// would record in `/var/lib/dpkg/info/<package>.list`.
+    pub files: Vec<String>,
+}
+
+impl DebInfo {
+    /// A control field by name (case-insensitive).
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.control
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Control members larger than this are refused (they are tiny text files in real packages).
+const MAX_CONTROL_MEMBER: u64 = 64 << 20;
+
+/// Read a .deb into `tree`, streaming file contents into `store`; returns its control data.
+pub fn read_into_tree(
+    path: &Path,
+    tree: &mut Tree,
+    store: &BlobStore,
+) -> Result<DebInfo, DebError> {
+    let file = File::open(path).map_err(|source| DebError::Io {
+        path: path.to_path_buf(),
+        member: "the file".into(),
+        source,
+    })?;
+    read_deb(path, BufReader::with_capacity(1 << 20, file), tree, store)
+}
+
+/// [`read_into_tree`] from any stream; `path` is only used in messages.
+pub fn read_deb(
+    path: &Path,
+    reader: impl Read,
+    tree: &mut Tree,
+    store: &BlobStore,
+) -> Result<DebInfo, DebError> {
+    let format = |reason: String| DebError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let io_err = |member: &str| {
+        let member = member.to_string();
+        move |source| DebError::Io {
+            path: path.to_path_buf(),
+            member,
+            source,
+        }
+    };
+    let mut ar = ArReader::new(reader).map_err(|e| format(e.to_string()))?;
+    let first = ar
+        .next_member()
+        .map_err(|e| format(e.to_string()))?
+        .ok_or_else(|| format("empty ar archive".into()))?;
+    if first.name != "debian-binary" {
+        return Err(format(format!(
+            "first member is {:?}, expected debian-binary",
+            first.name
+        )));
+    }
+    let mut version = String::new();
+    ar.data(&first)
+        .take(64)
+        .read_to_string(&mut version)
+        .map_err(io_err("debian-binary"))?;
+    if !version.starts_with("2.") {
+        return Err(format(format!(
+            "format version {:?} (only 2.x is known)",
+            version.trim()
+        )));
+    }
+    let mut info = DebInfo::default();
+    let mut saw_control = false;
+    let mut saw_data = false;
+    // The package's own tree first, so a broken archive leaves `tree` untouched.
+    let mut pkg_tree = Tree::new();
+    while let Some(member) = ar.next_member().map_err(|e| format(e.to_string()))? {
+        if member.name.starts_with("control.tar") {
+            let data = ar.data(&member);
+            let tar = decompressor(&member.name, data).map_err(io_err(&member.name))?;
+            read_control(tar, &mut info).map_err(io_err(&member.name))?;
+            saw_control = true;
+        } else if member.name.starts_with("data.tar") {
+            let data = ar.data(&member);
+            let tar = decompressor(&member.name, data).map_err(io_err(&member.name))?;
+            pkg_tree
+                .extend_from_tar(tar, &mut |r: &mut dyn Read, _len| store.put_content(r))
+                .map_err(|source| DebError::Tree {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            saw_data = true;
+        } else if member.name.starts_with('_') {
+            // Reserved for extensions; dpkg ignores them too.
+        } else {
+            return Err(format(format!("unexpected member {:?}", member.name)));
+        }
+    }
+    if !saw_control || !saw_data {
+        return Err(format(
+            "missing control.tar or data.tar member (truncated download?)".into(),
+        ));
+    }
+    info.files = merge(tree, &pkg_tree).map_err(|source| DebError::Tree {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(info)
+}
+
+/// Add a package's entries to `tree` the way dpkg unpacks onto a filesystem: a directory that
+/// the tree already has as a symlink to a directory (merged `/usr`: `bin -> usr/bin`) is kept and
+/// entries go through it; a directory already present keeps its children and takes the package's
+/// metadata. Returns the package's paths (as named in the package), in path order.
+pub fn merge(tree: &mut Tree, pkg: &Tree) -> Result<Vec<String>, TreeError> {
+    let mut files = Vec::new();
+    for (path, entry) in pkg.iter() {
+        if path.is_root() {
+            continue;
+        }
+        files.push(path.as_str().to_string());
+        let dest = redirect(tree, path)?;
+        let mut entry = entry.clone();
+        if let EntryKind::HardLink { target } = &entry.kind {
+            entry.kind = EntryKind::HardLink {
+                target: redirect(tree, target)?,
+            };
+        }
+        match (tree.get(&dest).map(|e| &e.kind), &entry.kind) {
+            (Some(EntryKind::Symlink { .. }), EntryKind::Dir)
+                if resolve_dir(tree, &dest).is_some() =>
+            {
+                continue;
+            }
+            (Some(EntryKind::Dir), EntryKind::Dir) => {
+                if let Some(old) = tree.get_mut(&dest) {
+                    *old = entry;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        tree.insert(dest, entry)?;
+    }
+    Ok(files)
+}
+
+/// `path` with its parent directories resolved through symlinks in `tree`.
+fn redirect(tree: &Tree, path: &TreePath) -> Result<TreePath, TreeError> {
+    let Some(parent) = path.parent() else {
+        return Ok(path.clone());
+    };
+    match resolve_dir(tree, &parent) {
+        Some(dir) if dir != parent => dir.join(path.file_name()),
+        _ => Ok(path.clone()),
+    }
+}
+
+/// Resolve every component of `path` through symlinks in `tree`; `Some` only if the result is a
+/// directory of the tree.
+fn resolve_dir(tree: &Tree, path: &TreePath) -> Option<TreePath> {
+    let mut cur = TreePath::root();
+    let mut hops = 0;
+    let mut pending: Vec<String> = path.as_str().split('/').rev().map(str::to_string).collect();
+    while let Some(comp) = pending.pop() {
+        match comp.as_str() {
+            "." | "" => continue,
+            ".." => {
+                cur = cur.parent().unwrap_or_else(TreePath::root);
+                continue;
+            }
+            _ => {}
+        }
+        let next = cur.join(&comp).ok()?;
+        match tree.get(&next).map(|e| &e.kind) {
+            Some(EntryKind::Dir) => cur = next,
+            Some(EntryKind::Symlink { target }) => {
+                hops += 1;
+                if hops > 40 {
+                    return None;
+                }
+                if target.starts_with('/') {
+                    cur = TreePath::root();
+                }
+                pending.extend(target.split('/').rev().map(str::to_string));
+            }
+            _ => return None,
+        }
+    }
+    Some(cur)
+}
+
+/// Collect `control` fields and the other small control members.
+fn read_control(reader: impl Read, info: &mut DebInfo) -> io::Result<()> {
+    let mut archive = tar::Archive::new(reader);
+    for item in archive.entries()? {
+        let mut item = item?;
+        if item.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let name = item.path()?.to_string_lossy().into_owned();
+        let name = name.trim_start_matches("./").to_string();
+        if item.size() > MAX_CONTROL_MEMBER {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("control member {name} is {} bytes", item.size()),
+            ));
+        }
+        let mut bytes = Vec::with_capacity(item.size() as usize);
+        item.read_to_end(&mut bytes)?;
+        if name == "control" {
+            let text = String::from_utf8_lossy(&bytes);
+            let stanzas = super::index::parse_stanzas(&text)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("control: {e}")))?;
+            info.control = stanzas.into_iter().next().unwrap_or_default().fields;
+        } else {
+            info.control_files.insert(name, bytes);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::{Content, Entry};
+
+    fn ar(members: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = AR_MAGIC.to_vec();
+        for (name, data) in members {
+            out.extend(
+                format!(
+                    "{:<16}{:<12}{:<6}{:<6}{:<8}{:<10}`\n",
+                    name,
+                    0,
+                    0,
+                    0,
+                    "100644",
+                    data.len()
+                )
+                .as_bytes(),
+            );
+            out.extend_from_slice(data);
+            if data.len() % 2 == 1 {
+                out.push(b'\n');
+            }
+        }
+        out
+    }
+
+    fn tar_gz(files: &[(&str, &[u8], u32, u64)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        let mut dir = tar::Header::new_gnu();
+        dir.set_entry_type(tar::EntryType::Directory);
+        dir.set_mode(0o755);
+        dir.set_size(0);
+        builder.append_data(&mut dir, "./", &[][..]).unwrap();
+        for (name, data, mode, uid) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(*mode);
+            h.set_uid(*uid);
+            h.set_gid(*uid);
+            h.set_size(data.len() as u64);
+            builder.append_data(&mut h, name, *data).unwrap();
+        }
+        builder.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn reads_a_small_deb() {
+        let control = tar_gz(&[
+            (
+                "./control",
+                b"Package: hello\nVersion: 1.0\nDepends: libc6\n",
+                0o644,
+                0,
+            ),
+            ("./postinst", b"#!/bin/sh\nexit 0\n", 0o755, 0),
+        ]);
+        let data = tar_gz(&[
+            ("./usr/bin/hello", b"ELF!", 0o755, 0),
+            ("./home/user/x", b"abc", 0o600, 1000),
+        ]);
+        let deb = ar(&[
+            ("debian-binary", b"2.0\n"),
+            ("control.tar.gz", &control),
+            ("data.tar.gz", &data),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path());
+        let mut tree = Tree::new();
+        let info = read_deb(Path::new("hello.deb"), &deb[..], &mut tree, &store).unwrap();
+        assert_eq!(info.field("package"), Some("hello"));
+        assert_eq!(info.field("Depends"), Some("libc6"));
+        assert_eq!(info.control_files["postinst"], b"#!/bin/sh\nexit 0\n");
+        assert!(
+            info.files.contains(&"usr/bin/hello".to_string()),
+            "{:?}",
+            info.files
+        );
+        let e = tree.get(&TreePath::new("usr/bin/hello").unwrap()).unwrap();
+        assert_eq!((e.mode, e.uid), (0o755, 0));
+        let EntryKind::File(content) = &e.kind else {
+            panic!("not a file")
+        };
+        assert_eq!(crate::tree::read_content(content).unwrap(), b"ELF!");
+        let e = tree.get(&TreePath::new("home/user/x").unwrap()).unwrap();
+        assert_eq!((e.mode, e.uid, e.gid), (0o600, 1000, 1000));
+    }
+
+    #[test]
+    fn refuses_bad_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path());
+        let mut tree = Tree::new();
+        let p = Path::new("x.deb");
+        let err = read_deb(p, &b"hello"[..], &mut tree, &store).unwrap_err();
+        assert!(err.to_string().contains("not a Debian package"), "{err}");
+        let deb = ar(&[("debian-binary", b"3.0\n")]);
+        assert!(read_deb(p, &deb[..], &mut tree, &store).is_err());
+        let deb = ar(&[("debian-binary", b"2.0\n")]);
+        let err = read_deb(p, &deb[..], &mut tree, &store).unwrap_err();
+        assert!(err.to_string().contains("missing control.tar"), "{err}");
+        let data = tar_gz(&[("./a", b"x", 0o644, 0)]);
+        let mut deb = ar(&[
+            ("debian-binary", b"2.0\n"),
+            (
+                "control.tar.gz",
+                &tar_gz(&[("./control", b"Package: a\n", 0o644, 0)]),
+            ),
+            ("data.tar.bz2", &data),
+        ]);
+        assert!(read_deb(p, &deb[..], &mut tree, &store).is_err());
+        deb.truncate(deb.len() - 10);
+        assert!(read_deb(p, &deb[..], &mut tree, &store).is_err());
+        // A failed read leaves the tree as it was.
+        assert_eq!(tree, Tree::new());
+    }
+
+    #[test]
+    fn ar_headers() {
+        let mut h = [b' '; 60];
+        h[..14].copy_from_slice(b"debian-binary/");
+        h[40..46].copy_from_slice(b"100644");
+        h[48..49].copy_from_slice(b"4");
+        h[58..60].copy_from_slice(b"`\n");
+        let m = parse_ar_header(&h).unwrap();
+        assert_eq!(
+            (m.name.as_str(), m.size, m.mode),
+            ("debian-binary", 4, 0o100644)
+        );
+        h[59] = b'x';
+        assert!(parse_ar_header(&h).is_err());
+    }
+
+    #[test]
+    fn merge_goes_through_directory_symlinks() {
+        let mut tree = Tree::new();
+        tree.add("usr/bin", Entry::dir(0o755)).unwrap();
+        tree.add("bin", Entry::symlink("usr/bin")).unwrap();
+        tree.add("usr/bin/old", Entry::file(Content::inline("o"), 0o755))
+            .unwrap();
+        let mut pkg = Tree::new();
+        pkg.add("bin", Entry::dir(0o755)).unwrap();
+        pkg.add("bin/sh", Entry::file(Content::inline("sh"), 0o755))
+            .unwrap();
+        pkg.add("usr/bin", Entry::dir(0o700)).unwrap();
+        let files = merge(&mut tree, &pkg).unwrap();
+        assert_eq!(files, ["bin", "bin/sh", "usr", "usr/bin"]);
+        let get = |p: &str| tree.get(&TreePath::new(p).unwrap()).cloned();
+        assert!(matches!(
+            get("bin").unwrap().kind,
+            EntryKind::Symlink { .. }
+        ));
+        assert!(get("usr/bin/sh").is_some());
+        assert!(get("usr/bin/old").is_some(), "existing children stay");
+        assert_eq!(get("usr/bin").unwrap().mode, 0o700);
+    }
+}

@@ -1,0 +1,562 @@
+//! The Debian archive client against the real Debian mirror (downloads cached in
+//! /var/tmp/kiln-test-cache so reruns are fast) and against loopback HTTP servers that misbehave:
+//! a closed port, a tampered InRelease, a tampered .deb, a connection that drops mid-download.
+
+use kiln::cache::BlobStore;
+use kiln::packages::{Archive, ArchiveOptions, Deps, PackagesError, deb};
+use kiln::tree::{EntryKind, Tree, TreePath};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+const SHARED_CACHE: &str = "/var/tmp/kiln-test-cache";
+
+fn real_options(home: &Path) -> ArchiveOptions {
+    let mut opts = ArchiveOptions::new(home);
+    opts.mirror = kiln::packages::default_mirror();
+    opts
+}
+
+/// One archive per test binary, on the shared cache.
+fn real() -> &'static Archive {
+    static ARCHIVE: OnceLock<Archive> = OnceLock::new();
+    ARCHIVE.get_or_init(|| {
+        let started = Instant::now();
+        let archive = Archive::open(real_options(Path::new(SHARED_CACHE))).unwrap();
+        eprintln!(
+            "opened {} with {} packages in {:.1?} ({} requests)",
+            archive.scope(),
+            archive.index().len(),
+            started.elapsed(),
+            archive.network_requests()
+        );
+        archive
+    })
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn busybox_static_reads_into_a_tree() {
+    let archive = real();
+    let pkgs = archive.resolve(&["busybox-static"], Deps::None).unwrap();
+    assert_eq!(pkgs.len(), 1);
+    assert_eq!(pkgs[0].name, "busybox-static");
+    let path = archive.fetch(&pkgs[0]).unwrap();
+    let store = BlobStore::new(SHARED_CACHE);
+    assert_eq!(path, store.path(&pkgs[0].sha256));
+
+    let mut tree = Tree::new();
+    let info = deb::read_into_tree(&path, &mut tree, &store).unwrap();
+    assert_eq!(info.field("Package"), Some("busybox-static"));
+    assert_eq!(info.field("Version"), Some(pkgs[0].version.as_str()));
+    assert!(info.files.contains(&"bin/busybox".to_string()));
+    let bb = tree.get(&TreePath::new("bin/busybox").unwrap()).unwrap();
+    assert_eq!((bb.mode, bb.uid, bb.gid), (0o755, 0, 0));
+    let EntryKind::File(content) = &bb.kind else {
+        panic!("/bin/busybox is a {}", bb.kind.name());
+    };
+    let mut head = [0u8; 4];
+    content.open().unwrap().read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"\x7fELF");
+    tree.validate().unwrap();
+}
+
+#[test]
+fn kernel_metapackage_resolves_to_the_versioned_image() {
+    let archive = real();
+    // Standalone: only the metapackage.
+    let alone = archive
+        .resolve(&["linux-image-cloud-amd64"], Deps::None)
+        .unwrap();
+    assert_eq!(alone.len(), 1);
+    let all = archive
+        .resolve(&["linux-image-cloud-amd64"], Deps::All)
+        .unwrap();
+    let image = all
+        .iter()
+        .find(|p| {
+            p.name.starts_with("linux-image-6.1.0-")
+                && p.name.ends_with("-cloud-amd64")
+                && p.name != "linux-image-cloud-amd64"
+        })
+        .unwrap_or_else(|| panic!("no versioned image in {all:?}"));
+    // Sorted by name, deterministic.
+    let mut names: Vec<&str> = all.iter().map(|p| p.name.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        all.iter().map(|p| p.name.as_str()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        all,
+        archive
+            .resolve(&["linux-image-cloud-amd64"], Deps::All)
+            .unwrap()
+    );
+    for pkg in [&alone[0], image] {
+        let path = archive.fetch(pkg).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), pkg.size);
+    }
+}
+
+#[test]
+fn systemd_boot_efi_has_the_loader() {
+    let archive = real();
+    let pkgs = archive.resolve(&["systemd-boot-efi"], Deps::None).unwrap();
+    let path = archive.fetch(&pkgs[0]).unwrap();
+    let mut tree = Tree::new();
+    let store = BlobStore::new(SHARED_CACHE);
+    deb::read_into_tree(&path, &mut tree, &store).unwrap();
+    let efi = tree
+        .get(&TreePath::new("usr/lib/systemd/boot/efi/systemd-bootx64.efi").unwrap())
+        .expect("systemd-bootx64.efi in the tree");
+    let EntryKind::File(content) = &efi.kind else {
+        panic!("not a file");
+    };
+    let mut mz = [0u8; 2];
+    content.open().unwrap().read_exact(&mut mz).unwrap();
+    assert_eq!(&mz, b"MZ");
+}
+
+#[test]
+fn warm_cache_makes_no_request() {
+    let warm = real();
+    let pkgs = warm.resolve(&["busybox-static"], Deps::None).unwrap();
+    warm.fetch(&pkgs[0]).unwrap();
+
+    // A second run on the same cache: no request at all.
+    let again = Archive::open(real_options(Path::new(SHARED_CACHE))).unwrap();
+    let pkgs = again.resolve(&["busybox-static"], Deps::None).unwrap();
+    again.fetch(&pkgs[0]).unwrap();
+    assert_eq!(again.network_requests(), 0);
+    assert_eq!(again.release_digest(), warm.release_digest());
+
+    // Offline with a stale InRelease: still served from the cache, still no request.
+    let mut opts = real_options(Path::new(SHARED_CACHE));
+    opts.fetch.offline = true;
+    opts.release_max_age = Duration::ZERO;
+    let offline = Archive::open(opts).unwrap();
+    let pkgs = offline.resolve(&["busybox-static"], Deps::None).unwrap();
+    offline.fetch(&pkgs[0]).unwrap();
+    assert_eq!(offline.network_requests(), 0);
+
+    // Offline on a mirror never seen: a clear error, no request.
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = ArchiveOptions::new(dir.path());
+    opts.mirror = "http://127.0.0.1:9/debian".into();
+    opts.fetch.offline = true;
+    let err = Archive::open(opts)
+        .err()
+        .expect("offline without cache fails");
+    assert!(matches!(err, PackagesError::Offline { .. }), "{err}");
+    assert!(err.to_string().contains("KILN_OFFLINE"), "{err}");
+}
+
+#[test]
+fn unknown_package_names_it_and_the_suite() {
+    let err = real().resolve(&["busybox-statik"], Deps::All).unwrap_err();
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(
+        msg.contains("package `busybox-statik` is not in Debian bookworm (main, amd64)"),
+        "{msg}"
+    );
+    assert!(msg.contains("did you mean `busybox-static`?"), "{msg}");
+}
+
+#[test]
+fn unreachable_mirror_gives_up_quickly() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = ArchiveOptions::new(dir.path());
+    opts.mirror = format!("http://127.0.0.1:{port}/debian");
+    let started = Instant::now();
+    let err = Archive::open(opts).err().expect("closed port must fail");
+    let elapsed = started.elapsed();
+    let msg = err.to_string();
+    eprintln!("after {elapsed:.1?}: {msg}");
+    assert!(
+        matches!(err, PackagesError::Unreachable { tries: 4, .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!(
+            "http://127.0.0.1:{port}/debian/dists/bookworm/InRelease"
+        )),
+        "{msg}"
+    );
+    assert!(msg.contains("did not answer after 4 tries"), "{msg}");
+    assert!(msg.contains("KILN_DEBIAN_MIRROR"), "{msg}");
+    assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
+    assert!(files_under(dir.path()).is_empty());
+}
+
+/// What the loopback mirror answers for one request.
+type Handler = dyn Fn(&str, Option<u64>, usize) -> Reply + Send + Sync;
+
+enum Reply {
+    NotFound,
+    /// Full body (200), or from the requested offset (206) when a Range came.
+    Body(Vec<u8>),
+    /// Announce the whole length but send only the first `n` bytes, then close.
+    Truncated(Vec<u8>, usize),
+}
+
+/// A tiny HTTP/1.1 server on a free loopback port; returns its base URL and a request counter.
+fn serve(handler: Arc<Handler>) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/debian", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let handler = handler.clone();
+            std::thread::spawn(move || {
+                let _ = answer(stream, &*handler, n);
+            });
+        }
+    });
+    (base, count)
+}
+
+fn answer(stream: TcpStream, handler: &Handler, n: usize) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut range = None;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+            range = v.trim().trim_end_matches('-').parse::<u64>().ok();
+        }
+    }
+    let mut out = stream;
+    match handler(&path, range, n) {
+        Reply::NotFound => out.write_all(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?,
+        Reply::Body(body) => {
+            let from = range.unwrap_or(0).min(body.len() as u64) as usize;
+            let status = if range.is_some() {
+                "206 Partial Content"
+            } else {
+                "200 OK"
+            };
+            write!(
+                out,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len() - from
+            )?;
+            out.write_all(&body[from..])?;
+        }
+        Reply::Truncated(body, keep) => {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
+            out.write_all(&body[..keep])?;
+        }
+    }
+    out.flush()
+}
+
+/// The real InRelease, Packages.xz and busybox-static .deb bytes, from the shared cache.
+struct Real {
+    inrelease: Vec<u8>,
+    packages_xz: Vec<u8>,
+    deb_path: String,
+    deb: Vec<u8>,
+}
+
+fn real_files() -> Real {
+    let archive = real();
+    let xz = &archive.release().sha256["main/binary-amd64/Packages.xz"];
+    let xz_digest = kiln::cache::Digest256::parse(&format!("sha256:{}", xz.sha256)).unwrap();
+    let store = BlobStore::new(SHARED_CACHE);
+    let packages_xz = match std::fs::read(store.path(&xz_digest)) {
+        Ok(b) => b,
+        // The compressed index was never downloaded (the uncompressed one was already
+        // cached): fetch it once through a fresh home.
+        Err(_) => {
+            let dir = tempfile::tempdir().unwrap();
+            let fresh = Archive::open(real_options(dir.path())).unwrap();
+            std::fs::read(fresh.store().path(&xz_digest)).unwrap()
+        }
+    };
+    let pkg = archive.resolve(&["busybox-static"], Deps::None).unwrap();
+    let deb = std::fs::read(archive.fetch(&pkg[0]).unwrap()).unwrap();
+    Real {
+        inrelease: archive.inrelease().to_vec(),
+        packages_xz,
+        deb_path: format!("/debian/{}", pkg[0].filename),
+        deb,
+    }
+}
+
+/// A mirror that serves `inrelease` and the real index, and `deb` for busybox-static.
+fn fake_mirror(real: &Real, inrelease: Vec<u8>, deb: Reply) -> (String, Arc<AtomicUsize>) {
+    let xz = real.packages_xz.clone();
+    let deb_path = real.deb_path.clone();
+    let deb = std::sync::Mutex::new(Some(deb));
+    let full_deb = real.deb.clone();
+    serve(Arc::new(move |path: &str, _range, _n| {
+        if path == "/debian/dists/bookworm/InRelease" {
+            Reply::Body(inrelease.clone())
+        } else if path.starts_with("/debian/dists/bookworm/main/binary-amd64/")
+            && (path.ends_with("Packages.xz") || path.contains("/by-hash/SHA256/"))
+        {
+            Reply::Body(xz.clone())
+        } else if path == deb_path {
+            // The scripted reply once, the real file afterwards (for resumes).
+            deb.lock()
+                .unwrap()
+                .take()
+                .unwrap_or_else(|| Reply::Body(full_deb.clone()))
+        } else {
+            Reply::NotFound
+        }
+    }))
+}
+
+#[test]
+fn tampered_inrelease_is_refused_and_nothing_cached() {
+    let real = real_files();
+    let text = String::from_utf8(real.inrelease.clone()).unwrap();
+    // Change one hash digit inside the signed text.
+    let pos = text.find("main/binary-amd64/Packages.xz").unwrap() - 20;
+    let mut bytes = text.into_bytes();
+    bytes[pos] = if bytes[pos] == b'0' { b'1' } else { b'0' };
+    let (mirror, _) = fake_mirror(&real, bytes, Reply::NotFound);
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = ArchiveOptions::new(dir.path());
+    opts.mirror = mirror.clone();
+    opts.fetch.tries = 1;
+    let err = Archive::open(opts)
+        .err()
+        .expect("tampered InRelease accepted");
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, PackagesError::BadSignature { .. }), "{msg}");
+    assert!(msg.contains("BAD signature"), "{msg}");
+    assert!(msg.contains(&mirror), "{msg}");
+    assert!(
+        files_under(dir.path()).is_empty(),
+        "{:?}",
+        files_under(dir.path())
+    );
+
+    // The same text with its signature block cut off.
+    let unsigned = String::from_utf8(real.inrelease.clone()).unwrap();
+    let cut = unsigned.find("-----BEGIN PGP SIGNATURE-----").unwrap();
+    let (mirror, _) = fake_mirror(&real, unsigned.as_bytes()[..cut].to_vec(), Reply::NotFound);
+    let mut opts = ArchiveOptions::new(dir.path());
+    opts.mirror = mirror;
+    let err = Archive::open(opts)
+        .err()
+        .expect("unsigned InRelease accepted");
+    assert!(matches!(err, PackagesError::BadSignature { .. }), "{err}");
+    assert!(files_under(dir.path()).is_empty());
+}
+
+#[test]
+fn tampered_deb_is_refused_and_nothing_cached() {
+    let real = real_files();
+    let mut bad = real.deb.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    let (mirror, _) = fake_mirror(&real, real.inrelease.clone(), Reply::Body(bad));
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = ArchiveOptions::new(dir.path());
+    opts.mirror = mirror;
+    let archive = Archive::open(opts).unwrap();
+    assert_eq!(archive.release_digest(), self::real().release_digest());
+    let pkg = archive.resolve(&["busybox-static"], Deps::None).unwrap();
+    let err = archive.fetch(&pkg[0]).unwrap_err();
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, PackagesError::HashMismatch { .. }), "{msg}");
+    assert!(msg.contains("package busybox-static"), "{msg}");
+    assert!(msg.contains(pkg[0].sha256.as_str()), "{msg}");
+    assert!(!archive.store().contains(&pkg[0].sha256));
+    let leftovers: Vec<PathBuf> = files_under(dir.path())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn interrupted_download_resumes() {
+    let real = real_files();
+    let half = real.deb.len() / 2;
+    let (mirror, requests) = fake_mirror(
+        &real,
+        real.inrelease.clone(),
+        Reply::Truncated(real.deb.clone(), half),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = ArchiveOptions::new(dir.path());
+    opts.mirror = mirror;
+    let archive = Archive::open(opts).unwrap();
+    let pkg = archive.resolve(&["busybox-static"], Deps::None).unwrap();
+    let before = requests.load(Ordering::SeqCst);
+    let path = archive.fetch(&pkg[0]).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), real.deb);
+    // The truncated answer, then one resumed request.
+    assert_eq!(requests.load(Ordering::SeqCst) - before, 2);
+}
+
+#[test]
+fn keyring_override_is_used() {
+    use pgp::composed::{Deserializable, SignedPublicKey};
+    use pgp::ser::Serialize;
+    let real = real_files();
+    // Only the bullseye keys: none of them signs bookworm's InRelease.
+    let mut ring = Vec::new();
+    for key in
+        SignedPublicKey::from_bytes_many(kiln::packages::release::DEBIAN_ARCHIVE_KEYRING).unwrap()
+    {
+        let key = key.unwrap();
+        let bullseye = key
+            .details
+            .users
+            .iter()
+            .any(|u| String::from_utf8_lossy(u.id.id()).contains("(11/bullseye)"));
+        if bullseye {
+            ring.extend(key.to_bytes().unwrap());
+        }
+    }
+    assert!(!ring.is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let ring_path = dir.path().join("bullseye.gpg");
+    std::fs::write(&ring_path, &ring).unwrap();
+    let home = dir.path().join("home");
+    let (mirror, _) = fake_mirror(&real, real.inrelease.clone(), Reply::NotFound);
+    let mut opts = ArchiveOptions::new(&home);
+    opts.mirror = mirror.clone();
+    opts.keyring = Some(ring_path);
+    let err = Archive::open(opts)
+        .err()
+        .expect("bookworm InRelease accepted by bullseye keys");
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, PackagesError::BadSignature { .. }), "{msg}");
+    assert!(msg.contains("is by a key in the keyring"), "{msg}");
+    assert!(msg.contains("KILN_DEBIAN_KEYRING"), "{msg}");
+    assert!(files_under(&home).is_empty());
+
+    // A keyring path that does not exist.
+    let mut opts = ArchiveOptions::new(&home);
+    opts.mirror = mirror;
+    opts.keyring = Some(dir.path().join("missing.gpg"));
+    let err = Archive::open(opts).err().expect("missing keyring accepted");
+    assert!(matches!(err, PackagesError::Keyring { .. }), "{err}");
+    assert!(err.to_string().contains("missing.gpg"), "{err}");
+}
+
+#[test]
+fn real_closures_resolve() {
+    let archive = real();
+    // The essential set plus a few base packages: real alternatives, virtual packages
+    // (awk, mail-transport-agent…), `:any` qualifiers and Pre-Depends.
+    let mut names = archive.index().essential();
+    names.extend([
+        "systemd",
+        "udev",
+        "kmod",
+        "e2fsprogs",
+        "openssh-server",
+        "python3",
+    ]);
+    let started = Instant::now();
+    let pkgs = archive.resolve(&names, Deps::All).unwrap();
+    eprintln!(
+        "{} requested -> {} packages in {:.1?}",
+        names.len(),
+        pkgs.len(),
+        started.elapsed()
+    );
+    for want in [
+        "libc6",
+        "systemd",
+        "python3",
+        "openssh-server",
+        "dpkg",
+        "base-files",
+    ] {
+        assert!(pkgs.iter().any(|p| p.name == want), "{want} missing");
+    }
+    // Every package appears once; same answer twice.
+    let mut seen: Vec<&str> = pkgs.iter().map(|p| p.name.as_str()).collect();
+    seen.dedup();
+    assert_eq!(seen.len(), pkgs.len());
+    assert_eq!(pkgs, archive.resolve(&names, Deps::All).unwrap());
+}
+
+#[test]
+fn https_mirror_works_with_rustls() {
+    let mut opts = ArchiveOptions::new(SHARED_CACHE);
+    opts.mirror = "https://deb.debian.org/debian/".into();
+    let archive = Archive::open(opts).unwrap();
+    assert_eq!(archive.options().mirror, "https://deb.debian.org/debian");
+    assert_eq!(archive.release().codename.as_deref(), Some("bookworm"));
+    let pkgs = archive.resolve(&["busybox-static"], Deps::None).unwrap();
+    // Same content-addressed cache: the .deb fetched over http serves https too.
+    real()
+        .fetch(&real().resolve(&["busybox-static"], Deps::None).unwrap()[0])
+        .unwrap();
+    if pkgs == real().resolve(&["busybox-static"], Deps::None).unwrap() {
+        let before = archive.network_requests();
+        archive.fetch(&pkgs[0]).unwrap();
+        assert_eq!(archive.network_requests(), before);
+    }
+}
+
+#[test]
+fn unknown_suite_is_a_clear_error() {
+    let real = real_files();
+    let (mirror, _) = fake_mirror(&real, real.inrelease.clone(), Reply::NotFound);
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = ArchiveOptions::new(dir.path());
+    opts.mirror = mirror.clone();
+    opts.suite = "bookwrm".into();
+    let err = Archive::open(opts).err().expect("unknown suite accepted");
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, PackagesError::Http { .. }), "{msg}");
+    assert!(
+        msg.contains(&format!("{mirror}/dists/bookwrm/InRelease: HTTP 404")),
+        "{msg}"
+    );
+    assert!(msg.contains("suite"), "{msg}");
+    assert!(files_under(dir.path()).is_empty());
+}

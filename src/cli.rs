@@ -41,6 +41,24 @@ pub enum Command {
     #[command(after_help = "Examples:\n  kiln check recipes/*.yaml\n  \
                             kiln check --json recipes/minimal.yaml")]
     Check(CheckArgs),
+    /// Build a recipe's disk image and boot it under QEMU to prove it works.
+    #[command(after_help = "Examples:\n  kiln build recipes/minimal.yaml\n  \
+                            kiln build recipes/minimal.yaml --set hostname=demo -o out/ --profile direct\n  \
+                            kiln build recipes/minimal.yaml --no-verify --json\n\n\
+                            Every stage is cached in $KILN_HOME (default ~/.cache/kiln) by its inputs: \
+                            an unchanged rebuild makes no download and no boot. The image, its serial \
+                            log and a JSON report are written to the output directory.")]
+    Build(BuildArgs),
+    /// Boot a disk image under QEMU and wait for a line on its serial console.
+    #[command(
+        after_help = "Examples:\n  kiln boot out/minimal-1.0.0.qcow2 --profile uefi --expect kiln-boot-ok\n  \
+                            kiln boot disk.raw --profile direct --kernel vmlinuz --initrd initrd.img \\\n      \
+                            --cmdline 'root=PARTUUID=…' --expect 'login:'\n\n\
+                            Profiles are files in qemu/ (or --profiles DIR). The disk is attached with \
+                            snapshot=on, so booting never changes it. KVM is used when a probe shows it \
+                            runs guests, else TCG."
+    )]
+    Boot(BootArgs),
     /// Write a partitioned disk image from directory trees (GPT, FAT32 ESP, ext4 root and data).
     #[command(
         after_help = "Examples:\n  kiln disk --root rootfs/ --esp esp/ -o disk.qcow2\n  \
@@ -93,6 +111,62 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub opts: RecipeOpts,
     /// Print one JSON object per recipe.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The recipe file.
+    pub recipe: PathBuf,
+    #[command(flatten)]
+    pub opts: RecipeOpts,
+    /// Output directory for the image, serial log and report.
+    #[arg(short, long, value_name = "DIR", default_value = "out")]
+    pub output: PathBuf,
+    /// Skip the boot verification.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Boot with this QEMU profile instead of the recipe's verify.profile.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
+    #[arg(long, value_name = "DIR")]
+    pub profiles: Option<PathBuf>,
+    /// Print the build report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BootArgs {
+    /// The disk image (raw or qcow2).
+    pub image: PathBuf,
+    /// QEMU profile name (direct, uefi) or a profile file.
+    #[arg(long, default_value = "uefi")]
+    pub profile: String,
+    /// Directory of QEMU profiles.
+    #[arg(long, value_name = "DIR")]
+    pub profiles: Option<PathBuf>,
+    /// Text that must appear on the serial console.
+    #[arg(long)]
+    pub expect: String,
+    /// Seconds to wait for it.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// Direct boot: the kernel.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Direct boot: the initramfs.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Direct boot: the kernel command line (the profile adds its console settings).
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Where the serial log goes (default: IMAGE.serial.log).
+    #[arg(long, value_name = "FILE")]
+    pub serial_log: Option<PathBuf>,
+    /// Print the boot report as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -179,6 +253,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Render(args) => render(args),
         Command::Check(args) => check(args),
+        Command::Build(args) => build(args),
+        Command::Boot(args) => boot(args),
         Command::Disk(args) => disk(args),
         Command::Schema => {
             let text = serde_json::to_string_pretty(&recipe::schema::json_schema())?;
@@ -423,6 +499,129 @@ fn disk(args: DiskArgs) -> anyhow::Result<i32> {
                 uuid::Uuid::from_bytes(p.guid)
             )?;
         }
+    }
+    Ok(0)
+}
+
+fn build(args: BuildArgs) -> anyhow::Result<i32> {
+    use crate::pipeline::build::{BuildError, BuildOptions, build};
+    let opts = BuildOptions {
+        recipe: args.recipe.clone(),
+        load: args.opts.load_options(),
+        out_dir: args.output.clone(),
+        home: crate::cache::kiln_home(),
+        verify: !args.no_verify,
+        profile: args.profile.clone(),
+        profiles_dir: args.profiles.clone(),
+        archive: crate::packages::ArchiveOptions::from_env(),
+    };
+    let progress = |stage: &str, what: &str| {
+        tracing::info!("{stage:>8}: {what}");
+    };
+    let report = match build(&opts, &progress) {
+        Ok(r) => r,
+        Err(BuildError::Recipe(d)) => {
+            report(&d);
+            return Ok(EXIT_RECIPE);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            return Ok(if e.is_input_error() { EXIT_RECIPE } else { 1 });
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        return Ok(0);
+    }
+    writeln!(out, "image   {}", report.image.display())?;
+    writeln!(out, "digest  {}", report.image_digest)?;
+    writeln!(
+        out,
+        "size    {} MiB disk, {} MiB file ({})",
+        report.disk_size >> 20,
+        report.file_size >> 20,
+        report.format
+    )?;
+    writeln!(
+        out,
+        "kernel  {} ({} modules in the initramfs)",
+        report.kernel_version,
+        report.modules.len()
+    )?;
+    let stages: Vec<String> = report
+        .stages
+        .iter()
+        .map(|s| format!("{} {} {:.2}s", s.stage, s.cache, s.seconds))
+        .collect();
+    writeln!(out, "stages  {}", stages.join(", "))?;
+    match &report.boot {
+        Some(b) => writeln!(
+            out,
+            "boot    {} ({}): marker after {:.2} s{}",
+            b.profile,
+            b.accel,
+            b.time_to_marker,
+            b.time_to_kernel
+                .map(|k| format!(", kernel after {k:.2} s"))
+                .unwrap_or_default()
+        )?,
+        None => writeln!(out, "boot    not verified (--no-verify)")?,
+    }
+    if let Some(log) = &report.serial_log {
+        writeln!(out, "serial  {}", log.display())?;
+    }
+    writeln!(
+        out,
+        "total   {:.2} s, {} mirror requests",
+        report.seconds, report.mirror_requests
+    )?;
+    Ok(0)
+}
+
+fn boot(args: BootArgs) -> anyhow::Result<i32> {
+    use crate::verify::{BootImageOptions, boot_image};
+    let mut opts = BootImageOptions::new(
+        args.profile.clone(),
+        args.expect.clone(),
+        std::time::Duration::from_secs(args.timeout),
+    );
+    opts.profiles_dir = args.profiles.clone();
+    opts.kernel = args.kernel.clone();
+    opts.initrd = args.initrd.clone();
+    opts.cmdline = args.cmdline.clone();
+    opts.serial_log = args.serial_log.clone();
+    let report = match boot_image(&args.image, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(1);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64());
+        let v = serde_json::json!({
+            "image": args.image,
+            "profile": report.profile,
+            "accel": report.accel.to_string(),
+            "accel_detail": report.accel_detail,
+            "time_to_first_output": secs(report.time_to_first_output),
+            "time_to_kernel": secs(report.time_to_kernel),
+            "time_to_marker": report.time_to_marker.as_secs_f64(),
+            "total": report.total.as_secs_f64(),
+            "marker_line": report.marker_line,
+            "powered_off": report.powered_off,
+            "serial_log": report.serial_log,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(out, "{report}")?;
     }
     Ok(0)
 }

@@ -217,6 +217,10 @@ type Handler = dyn Fn(&str, Option<u64>, usize) -> Reply + Send + Sync;
 
 enum Reply {
     NotFound,
+    /// An error status with an empty body.
+    Status(u16),
+    /// Wait this long before answering 404 (a stalled server).
+    Stall(Duration),
     /// Full body (200), or from the requested offset (206) when a Range came.
     Body(Vec<u8>),
     /// Announce the whole length but send only the first `n` bytes, then close.
@@ -260,6 +264,14 @@ fn answer(stream: TcpStream, handler: &Handler, n: usize) -> std::io::Result<()>
     }
     let mut out = stream;
     match handler(&path, range, n) {
+        Reply::Status(code) => write!(
+            out,
+            "HTTP/1.1 {code} Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?,
+        Reply::Stall(wait) => {
+            std::thread::sleep(wait);
+            out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?
+        }
         Reply::NotFound => out.write_all(
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         )?,
@@ -793,4 +805,55 @@ fn release_for_another_suite_is_refused() {
         "{msg}"
     );
     assert!(files_under(home.path()).is_empty());
+}
+
+#[test]
+fn server_errors_are_retried_then_succeed() {
+    let test = test_archive("Fri, 01 Jan 2100 00:00:00 UTC");
+    let files = test.files.clone();
+    // Every path answers 503 on its first request, then the file.
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let (mirror, requests) = serve(Arc::new(move |path: &str, _range, _n| {
+        if seen.lock().unwrap().insert(path.to_string()) {
+            return Reply::Status(503);
+        }
+        match files.get(path) {
+            Some(body) => Reply::Body(body.clone()),
+            None => Reply::NotFound,
+        }
+    }));
+    let home = tempfile::tempdir().unwrap();
+    let mut opts = test_options(home.path(), &mirror, &test);
+    opts.fetch.first_backoff = Duration::from_millis(10);
+    let archive = Archive::open(opts).unwrap();
+    let pkg = archive.resolve(&["libhello"], Deps::None).unwrap();
+    archive.fetch(&pkg[0]).unwrap();
+    // InRelease, Packages.gz and the .deb: each failed once, then worked.
+    assert_eq!(requests.load(Ordering::SeqCst), 6);
+    assert_eq!(archive.network_requests(), 6);
+}
+
+#[test]
+fn stalled_server_times_out() {
+    let (mirror, _) = serve(Arc::new(|_: &str, _range, _n| {
+        Reply::Stall(Duration::from_secs(5))
+    }));
+    let home = tempfile::tempdir().unwrap();
+    let mut opts = ArchiveOptions::new(home.path());
+    opts.mirror = mirror;
+    opts.fetch.read_timeout = Duration::from_millis(500);
+    opts.fetch.tries = 2;
+    let started = Instant::now();
+    let err = Archive::open(opts).err().expect("stalled server accepted");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, PackagesError::Unreachable { tries: 2, .. }),
+        "{msg}"
+    );
+    assert!(msg.contains("timed out"), "{msg}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -217,6 +217,10 @@ type Handler = dyn Fn(&str, Option<u64>, usize) -> Reply + Send + Sync;
 
 enum Reply {
     NotFound,
+    /// An error status with an empty body.
+    Status(u16),
+    /// Wait this long before answering 404 (a stalled server).
+    Stall(Duration),
     /// Full body (200), or from the requested offset (206) when a Range came.
     Body(Vec<u8>),
     /// Announce the whole length but send only the first `n` bytes, then close.
@@ -260,6 +264,14 @@ fn answer(stream: TcpStream, handler: &Handler, n: usize) -> std::io::Result<()>
     }
     let mut out = stream;
     match handler(&path, range, n) {
+        Reply::Status(code) => write!(
+            out,
+            "HTTP/1.1 {code} Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?,
+        Reply::Stall(wait) => {
+            std::thread::sleep(wait);
+            out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?
+        }
         Reply::NotFound => out.write_all(
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         )?,
@@ -559,4 +571,289 @@ fn unknown_suite_is_a_clear_error() {
     );
     assert!(msg.contains("suite"), "{msg}");
     assert!(files_under(dir.path()).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A self-made archive signed with a key generated here: the whole flow without the Debian
+// mirror, and the checks that need a signature kiln trusts on content Debian would never sign.
+
+struct TestArchive {
+    keyring: PathBuf,
+    files: std::collections::BTreeMap<String, Vec<u8>>,
+    _dir: tempfile::TempDir,
+}
+
+fn ar(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = b"!<arch>\n".to_vec();
+    for (name, data) in members {
+        let header = format!(
+            "{:<16}{:<12}{:<6}{:<6}{:<8}{:<10}`\n",
+            name,
+            0,
+            0,
+            0,
+            "100644",
+            data.len()
+        );
+        out.extend(header.as_bytes());
+        out.extend_from_slice(data);
+        if data.len() % 2 == 1 {
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+fn tar_gz(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut builder = tar::Builder::new(gz);
+    for (name, data, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(*mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        builder.append_data(&mut h, name, *data).unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+fn make_deb(name: &str, version: &str, depends: &str, file: &str) -> Vec<u8> {
+    let control = format!("Package: {name}\nVersion: {version}\nDepends: {depends}\n");
+    ar(&[
+        ("debian-binary", b"2.0\n"),
+        (
+            "control.tar.gz",
+            &tar_gz(&[("./control", control.as_bytes(), 0o644)]),
+        ),
+        (
+            "data.tar.gz",
+            &tar_gz(&[(file, format!("{name} {version}").as_bytes(), 0o755)]),
+        ),
+    ])
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A suite `kilntest` with `hello` (needing `libhello (>= 1.0) | libalt`) and `libhello`,
+/// listing only `Packages.gz`, valid until `valid_until`.
+fn test_archive(valid_until: &str) -> TestArchive {
+    use pgp::composed::{ArmorOptions, CleartextSignedMessage, KeyType, SecretKeyParamsBuilder};
+    use pgp::ser::Serialize;
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let key = SecretKeyParamsBuilder::default()
+        .key_type(KeyType::Ed25519Legacy)
+        .can_certify(true)
+        .can_sign(true)
+        .primary_user_id("kiln test archive".into())
+        .build()
+        .unwrap()
+        .generate(&mut rng)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("test-archive.gpg");
+    std::fs::write(&keyring, key.to_public_key().to_bytes().unwrap()).unwrap();
+
+    let mut files = std::collections::BTreeMap::new();
+    let mut packages = String::new();
+    for (name, version, depends, file) in [
+        (
+            "hello",
+            "2.0-1",
+            "libhello (>= 1.0) | libalt",
+            "./usr/bin/hello",
+        ),
+        ("libhello", "1.2-1", "", "./usr/lib/libhello.so.1"),
+    ] {
+        let deb = make_deb(name, version, depends, file);
+        let filename = format!("pool/main/{name}_{version}_amd64.deb");
+        packages += &format!(
+            "Package: {name}\nVersion: {version}\nArchitecture: amd64\nDepends: {depends}\n\
+             Filename: {filename}\nSize: {}\nSHA256: {}\n\n",
+            deb.len(),
+            sha256_hex(&deb)
+        );
+        files.insert(format!("/debian/{filename}"), deb);
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(packages.as_bytes()).unwrap();
+    let packages_gz = gz.finish().unwrap();
+    let release = format!(
+        "Origin: kiln\nSuite: testing\nCodename: kilntest\nDate: Thu, 01 Jan 2026 00:00:00 UTC\n\
+         Valid-Until: {valid_until}\nArchitectures: amd64\nComponents: main\nSHA256:\n \
+         {} {} main/binary-amd64/Packages.gz\n",
+        sha256_hex(&packages_gz),
+        packages_gz.len()
+    );
+    let signed =
+        CleartextSignedMessage::sign(&mut rng, &release, &key.primary_key, &"".into()).unwrap();
+    let inrelease = signed
+        .to_armored_string(ArmorOptions::default())
+        .unwrap()
+        .into_bytes();
+    files.insert("/debian/dists/kilntest/InRelease".into(), inrelease);
+    files.insert(
+        "/debian/dists/kilntest/main/binary-amd64/Packages.gz".into(),
+        packages_gz,
+    );
+    TestArchive {
+        keyring,
+        files,
+        _dir: dir,
+    }
+}
+
+fn serve_files(files: std::collections::BTreeMap<String, Vec<u8>>) -> String {
+    serve(Arc::new(move |path: &str, _range, _n| {
+        match files.get(path) {
+            Some(body) => Reply::Body(body.clone()),
+            None => Reply::NotFound,
+        }
+    }))
+    .0
+}
+
+fn test_options(home: &Path, mirror: &str, test: &TestArchive) -> ArchiveOptions {
+    let mut opts = ArchiveOptions::new(home);
+    opts.mirror = mirror.to_string();
+    opts.suite = "kilntest".into();
+    opts.keyring = Some(test.keyring.clone());
+    opts
+}
+
+#[test]
+fn self_signed_archive_end_to_end() {
+    let test = test_archive("Fri, 01 Jan 2100 00:00:00 UTC");
+    let mirror = serve_files(test.files.clone());
+    let home = tempfile::tempdir().unwrap();
+    let archive = Archive::open(test_options(home.path(), &mirror, &test)).unwrap();
+    assert_eq!(archive.index().len(), 2);
+    let pkgs = archive.resolve(&["hello"], Deps::All).unwrap();
+    let names: Vec<&str> = pkgs.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["hello", "libhello"]);
+    let mut tree = Tree::new();
+    for pkg in &pkgs {
+        let path = archive.fetch(pkg).unwrap();
+        deb::read_into_tree(&path, &mut tree, archive.store()).unwrap();
+    }
+    let hello = tree.get(&TreePath::new("usr/bin/hello").unwrap()).unwrap();
+    assert_eq!(hello.mode, 0o755);
+    let EntryKind::File(content) = &hello.kind else {
+        panic!("not a file");
+    };
+    assert_eq!(kiln::tree::read_content(content).unwrap(), b"hello 2.0-1");
+    assert!(
+        tree.get(&TreePath::new("usr/lib/libhello.so.1").unwrap())
+            .is_some()
+    );
+    // InRelease + Packages.gz + two .debs.
+    assert_eq!(archive.network_requests(), 4);
+
+    // Warm: nothing asked (the index was stored compressed, as only Packages.gz was listed).
+    let again = Archive::open(test_options(home.path(), &mirror, &test)).unwrap();
+    for pkg in again.resolve(&["hello"], Deps::All).unwrap() {
+        again.fetch(&pkg).unwrap();
+    }
+    assert_eq!(again.network_requests(), 0);
+    assert_eq!(again.release_digest(), archive.release_digest());
+
+    // The built-in Debian keyring does not trust this archive.
+    let mut opts = test_options(tempfile::tempdir().unwrap().path(), &mirror, &test);
+    opts.keyring = None;
+    let err = Archive::open(opts)
+        .err()
+        .expect("untrusted archive accepted");
+    assert!(matches!(err, PackagesError::BadSignature { .. }), "{err}");
+}
+
+#[test]
+fn expired_release_is_refused() {
+    let test = test_archive("Fri, 02 Jan 2026 00:00:00 UTC");
+    let mirror = serve_files(test.files.clone());
+    let home = tempfile::tempdir().unwrap();
+    let err = Archive::open(test_options(home.path(), &mirror, &test))
+        .err()
+        .expect("expired InRelease accepted");
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, PackagesError::Expired { .. }), "{msg}");
+    assert!(msg.contains("2026-01-02 00:00:00 UTC"), "{msg}");
+    assert!(files_under(home.path()).is_empty());
+}
+
+#[test]
+fn release_for_another_suite_is_refused() {
+    let test = test_archive("Fri, 01 Jan 2100 00:00:00 UTC");
+    let mut files = test.files.clone();
+    // A mirror answering `stable` with the (validly signed) kilntest file.
+    let inrelease = files["/debian/dists/kilntest/InRelease"].clone();
+    files.insert("/debian/dists/stable/InRelease".into(), inrelease);
+    let mirror = serve_files(files);
+    let home = tempfile::tempdir().unwrap();
+    let mut opts = test_options(home.path(), &mirror, &test);
+    opts.suite = "stable".into();
+    let err = Archive::open(opts).err().expect("wrong suite accepted");
+    let msg = err.to_string();
+    assert!(matches!(err, PackagesError::BadRelease { .. }), "{msg}");
+    assert!(
+        msg.contains("signed for suite testing (kilntest), not stable"),
+        "{msg}"
+    );
+    assert!(files_under(home.path()).is_empty());
+}
+
+#[test]
+fn server_errors_are_retried_then_succeed() {
+    let test = test_archive("Fri, 01 Jan 2100 00:00:00 UTC");
+    let files = test.files.clone();
+    // Every path answers 503 on its first request, then the file.
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let (mirror, requests) = serve(Arc::new(move |path: &str, _range, _n| {
+        if seen.lock().unwrap().insert(path.to_string()) {
+            return Reply::Status(503);
+        }
+        match files.get(path) {
+            Some(body) => Reply::Body(body.clone()),
+            None => Reply::NotFound,
+        }
+    }));
+    let home = tempfile::tempdir().unwrap();
+    let mut opts = test_options(home.path(), &mirror, &test);
+    opts.fetch.first_backoff = Duration::from_millis(10);
+    let archive = Archive::open(opts).unwrap();
+    let pkg = archive.resolve(&["libhello"], Deps::None).unwrap();
+    archive.fetch(&pkg[0]).unwrap();
+    // InRelease, Packages.gz and the .deb: each failed once, then worked.
+    assert_eq!(requests.load(Ordering::SeqCst), 6);
+    assert_eq!(archive.network_requests(), 6);
+}
+
+#[test]
+fn stalled_server_times_out() {
+    let (mirror, _) = serve(Arc::new(|_: &str, _range, _n| {
+        Reply::Stall(Duration::from_secs(5))
+    }));
+    let home = tempfile::tempdir().unwrap();
+    let mut opts = ArchiveOptions::new(home.path());
+    opts.mirror = mirror;
+    opts.fetch.read_timeout = Duration::from_millis(500);
+    opts.fetch.tries = 2;
+    let started = Instant::now();
+    let err = Archive::open(opts).err().expect("stalled server accepted");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, PackagesError::Unreachable { tries: 2, .. }),
+        "{msg}"
+    );
+    assert!(msg.contains("timed out"), "{msg}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }

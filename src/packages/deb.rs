@@ -432,11 +432,8 @@ mod tests {
         out
     }
 
-    fn tar_gz(files: &[(&str, &[u8], u32, u64)]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
-            Vec::new(),
-            flate2::Compression::fast(),
-        ));
+    fn tar(files: &[(&str, &[u8], u32, u64)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
         let mut dir = tar::Header::new_gnu();
         dir.set_entry_type(tar::EntryType::Directory);
         dir.set_mode(0o755);
@@ -450,7 +447,57 @@ mod tests {
             h.set_size(data.len() as u64);
             builder.append_data(&mut h, name, *data).unwrap();
         }
-        builder.into_inner().unwrap().finish().unwrap()
+        builder.into_inner().unwrap()
+    }
+
+    fn tar_gz(files: &[(&str, &[u8], u32, u64)]) -> Vec<u8> {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar(files)).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn reads_xz_and_zstd_members() {
+        use std::io::Write;
+        let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
+        xz.write_all(&tar(&[(
+            "./control",
+            b"Package: z\nVersion: 2\n",
+            0o644,
+            0,
+        )]))
+        .unwrap();
+        let control = xz.finish().unwrap();
+        let data = zstd::encode_all(&tar(&[("./etc/z.conf", b"zzz", 0o640, 0)])[..], 3).unwrap();
+        let deb = ar(&[
+            ("debian-binary", b"2.0\n"),
+            ("control.tar.xz", &control),
+            ("data.tar.zst", &data),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path());
+        let mut tree = Tree::new();
+        let info = read_deb(Path::new("z.deb"), &deb[..], &mut tree, &store).unwrap();
+        assert_eq!(info.field("Version"), Some("2"));
+        let e = tree.get(&TreePath::new("etc/z.conf").unwrap()).unwrap();
+        assert_eq!(e.mode, 0o640);
+        let EntryKind::File(content) = &e.kind else {
+            panic!("not a file")
+        };
+        assert_eq!(crate::tree::read_content(content).unwrap(), b"zzz");
+        // Uncompressed members work too.
+        let deb = ar(&[
+            ("debian-binary", b"2.0\n"),
+            (
+                "control.tar",
+                &tar(&[("./control", b"Package: u\n", 0o644, 0)]),
+            ),
+            ("data.tar", &tar(&[("./u", b"u", 0o644, 0)])),
+        ]);
+        let mut tree = Tree::new();
+        read_deb(Path::new("u.deb"), &deb[..], &mut tree, &store).unwrap();
+        assert!(tree.get(&TreePath::new("u").unwrap()).is_some());
     }
 
     #[test]

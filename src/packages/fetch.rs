@@ -34,7 +34,7 @@ impl Default for FetchPolicy {
             tries: 4,
             first_backoff: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(30),
             offline: false,
         }
     }

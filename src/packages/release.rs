@@ -280,7 +280,7 @@ pub fn parse_date(text: &str) -> Option<i64> {
     };
     let offset = match zone.first().copied() {
         None | Some("UTC") | Some("GMT") | Some("Z") => 0,
-        Some(z) if (z.starts_with('+') || z.starts_with('-')) && z.len() == 5 => {
+        Some(z) if (z.starts_with('+') || z.starts_with('-')) && z.len() == 5 && z.is_ascii() => {
             let sign = if z.starts_with('-') { -1 } else { 1 };
             let hh: i64 = z[1..3].parse().ok()?;
             let mm: i64 = z[3..5].parse().ok()?;
@@ -288,7 +288,7 @@ pub fn parse_date(text: &str) -> Option<i64> {
         }
         Some(_) => return None,
     };
-    if !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+    if !(1..=31).contains(&day) || !(1..=9999).contains(&year) || h > 23 || m > 59 || s > 60 {
         return None;
     }
     Some(days_from_civil(year, month, day) * 86400 + h * 3600 + m * 60 + s - offset)
@@ -345,6 +345,8 @@ mod tests {
         assert_eq!(parse_date("29 Feb 2024 00:00:00 UTC"), Some(1709164800));
         assert_eq!(parse_date("Sat, 11 Foo 2026 10:16:37 UTC"), None);
         assert_eq!(parse_date("garbage"), None);
+        assert_eq!(parse_date("1 Jan 99999999999999999 00:00:00 UTC"), None);
+        assert_eq!(parse_date("1 Jan 2026 00:00:00 +0é0"), None);
         assert_eq!(format_date(1783764997), "2026-07-11 10:16:37 UTC");
         assert_eq!(format_date(1709164800), "2024-02-29 00:00:00 UTC");
         assert_eq!(format_date(0), "1970-01-01 00:00:00 UTC");

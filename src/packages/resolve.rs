@@ -90,31 +90,12 @@ pub fn resolve(
         }
     }
     if deps == Deps::All {
-        while let Some(id) = queue.pop_front() {
-            let entry = index.get(id);
-            let groups = entry
-                .dependencies()
-                .map_err(|reason| ResolveError::BadField {
-                    name: entry.name().to_string(),
-                    scope: scope.to_string(),
-                    reason,
-                })?;
-            for group in groups {
-                if group.iter().any(|rel| r.satisfied_by_selected(rel)) {
-                    continue;
-                }
-                let Some(found) = group.iter().find_map(|rel| r.candidate(rel)) else {
-                    return Err(r.unsatisfiable(id, &group));
-                };
-                if r.select(found, Some(id)) {
-                    queue.push_back(found);
-                }
-            }
-        }
+        r.close(queue, true)?;
     }
     Ok(r.selected.into_values().collect())
 }
 
+#[derive(Clone)]
 struct Resolver<'a> {
     index: &'a Index,
     arch: &'a str,
@@ -126,6 +107,53 @@ struct Resolver<'a> {
 }
 
 impl Resolver<'_> {
+    /// Follow the dependencies of everything in `queue`. For a group of alternatives that nothing
+    /// chosen satisfies, take the first alternative whose own closure resolves (checked on a
+    /// copy of the state when `trials` is on; nested checks are greedy), else the first one that
+    /// exists at all.
+    fn close(&mut self, mut queue: VecDeque<usize>, trials: bool) -> Result<(), ResolveError> {
+        while let Some(id) = queue.pop_front() {
+            let entry = self.index.get(id);
+            let groups = entry
+                .dependencies()
+                .map_err(|reason| ResolveError::BadField {
+                    name: entry.name().to_string(),
+                    scope: self.scope.to_string(),
+                    reason,
+                })?;
+            for group in groups {
+                if group.iter().any(|rel| self.satisfied_by_selected(rel)) {
+                    continue;
+                }
+                // A package whose name is already chosen (in another version) cannot be added.
+                let viable: Vec<usize> = group
+                    .iter()
+                    .filter_map(|rel| self.candidate(rel))
+                    .filter(|&c| !self.selected.contains_key(self.index.get(c).name()))
+                    .collect();
+                let Some(&first) = viable.first() else {
+                    return Err(self.unsatisfiable(id, &group));
+                };
+                let mut chosen = first;
+                if trials && viable.len() > 1 {
+                    for &cand in &viable {
+                        let mut trial = self.clone();
+                        if !trial.select(cand, Some(id))
+                            || trial.close(VecDeque::from([cand]), false).is_ok()
+                        {
+                            chosen = cand;
+                            break;
+                        }
+                    }
+                }
+                if self.select(chosen, Some(id)) {
+                    queue.push_back(chosen);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Record a choice; false if that package name was already chosen.
     fn select(&mut self, id: usize, parent: Option<usize>) -> bool {
         let name = self.index.get(id).name();
@@ -284,6 +312,15 @@ impl Resolver<'_> {
                 ));
                 continue;
             }
+            if let Some(&chosen) = self.selected.get(&rel.name) {
+                let e = self.index.get(chosen);
+                reasons.push(format!(
+                    "{} {} is already chosen",
+                    e.name(),
+                    e.version_str()
+                ));
+                continue;
+            }
             let mut available: Vec<String> = self
                 .index
                 .versions_of(&rel.name)
@@ -390,6 +427,9 @@ mod tests {
         t += &pkg("gawk", "5", "Provides: awk (= 1.3)\n");
         t += &pkg("mawk", "1", "Provides: awk\n");
         t += &pkg("foreign", "1", "Depends: libc6:arm64\n");
+        t += &pkg("picky", "1", "Depends: broken | fine\n");
+        t += &pkg("broken", "1", "Depends: libgone\n");
+        t += &pkg("fine", "1", "");
         Index::parse(&t).unwrap()
     }
 
@@ -434,6 +474,13 @@ mod tests {
     }
 
     #[test]
+    fn first_satisfiable_alternative_wins() {
+        let ix = index();
+        let got = resolve(&ix, &["picky"], Deps::All, "amd64", SCOPE).unwrap();
+        assert_eq!(names(&ix, &got), ["fine=1", "picky=1"]);
+    }
+
+    #[test]
     fn unsatisfiable_prints_chain_and_constraint() {
         let ix = index();
         let err = resolve(&ix, &["top"], Deps::All, "amd64", SCOPE).unwrap_err();
@@ -446,6 +493,12 @@ mod tests {
         assert!(msg.contains("`libmissing` is not in the archive"), "{msg}");
         let err = resolve(&ix, &["foreign"], Deps::All, "amd64", SCOPE).unwrap_err();
         assert!(err.to_string().contains("architecture arm64"), "{err}");
+        // A version chosen earlier that does not fit a later constraint.
+        let err = resolve(&ix, &["libfoo=1.5", "app"], Deps::All, "amd64", SCOPE).unwrap_err();
+        assert!(
+            err.to_string().contains("libfoo 1.5 is already chosen"),
+            "{err}"
+        );
         // Without dependencies the broken chain does not matter.
         assert!(resolve(&ix, &["top"], Deps::None, "amd64", SCOPE).is_ok());
     }

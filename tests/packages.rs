@@ -29,7 +29,7 @@ fn real() -> &'static Archive {
         eprintln!(
             "opened {} with {} packages in {:.1?} ({} requests)",
             archive.scope(),
-            archive.index().len(),
+            archive.index().unwrap().len(),
             started.elapsed(),
             archive.network_requests()
         );
@@ -500,7 +500,7 @@ fn real_closures_resolve() {
     let archive = real();
     // The essential set plus a few base packages: real alternatives, virtual packages
     // (awk, mail-transport-agent…), `:any` qualifiers and Pre-Depends.
-    let mut names = archive.index().essential();
+    let mut names = archive.index().unwrap().essential();
     names.extend([
         "systemd",
         "udev",
@@ -732,7 +732,7 @@ fn self_signed_archive_end_to_end() {
     let mirror = serve_files(test.files.clone());
     let home = tempfile::tempdir().unwrap();
     let archive = Archive::open(test_options(home.path(), &mirror, &test)).unwrap();
-    assert_eq!(archive.index().len(), 2);
+    assert_eq!(archive.index().unwrap().len(), 2);
     let pkgs = archive.resolve(&["hello"], Deps::All).unwrap();
     let names: Vec<&str> = pkgs.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["hello", "libhello"]);

@@ -249,7 +249,7 @@ pub fn mirror_from_deb822(text: &str) -> Option<String> {
 }
 
 /// A package chosen from the index: enough to download and name it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PackageRef {
     pub name: String,
     pub version: String,
@@ -284,40 +284,58 @@ pub struct Archive {
     release: Release,
     release_digest: Digest256,
     inrelease: Vec<u8>,
-    index: Index,
+    /// Loaded on first use ([`Archive::open_lazy`]) or at open.
+    index: std::sync::OnceLock<Index>,
     fetcher: Fetcher,
     store: BlobStore,
 }
 
 impl Archive {
     /// Fetch (or reuse) and verify InRelease, then load the indices of every component.
-    pub fn open(mut opts: ArchiveOptions) -> Result<Archive> {
+    pub fn open(opts: ArchiveOptions) -> Result<Archive> {
+        let archive = Self::open_lazy(opts)?;
+        archive.loaded_index()?;
+        Ok(archive)
+    }
+
+    /// Fetch (or reuse) and verify InRelease only; the indices are loaded when first needed
+    /// (`resolve`, `index`). A caller that has already resolved its packages against this
+    /// release (same [`Archive::release_digest`]) can `fetch` without paying for the index.
+    pub fn open_lazy(mut opts: ArchiveOptions) -> Result<Archive> {
         opts.mirror = opts.mirror.trim().trim_end_matches('/').to_string();
         let keyring = load_keyring(opts.keyring.as_deref())?;
         let fetcher = Fetcher::new(opts.fetch.clone())?;
         let store = BlobStore::new(&opts.home);
         let (bytes, release) = load_release(&opts, &keyring, &fetcher)?;
         let release_digest = Digest256::of(&bytes);
-        let mut archive = Archive {
+        Ok(Archive {
             opts,
             release,
             release_digest,
             inrelease: bytes,
-            index: Index::new(),
+            index: std::sync::OnceLock::new(),
             fetcher,
             store,
-        };
-        for component in archive.opts.components.clone() {
-            archive.load_index(&component)?;
+        })
+    }
+
+    /// The merged index of all components, loading it on first use.
+    fn loaded_index(&self) -> Result<&Index> {
+        if let Some(index) = self.index.get() {
+            return Ok(index);
+        }
+        let mut index = Index::new();
+        for component in &self.opts.components {
+            self.load_index(component, &mut index)?;
         }
         tracing::info!(
-            suite = %archive.opts.suite,
-            packages = archive.index.len(),
-            release = %archive.release_digest,
+            suite = %self.opts.suite,
+            packages = index.len(),
+            release = %self.release_digest,
             "opened Debian archive {}",
-            archive.opts.mirror
+            self.opts.mirror
         );
-        Ok(archive)
+        Ok(self.index.get_or_init(|| index))
     }
 
     /// `Debian bookworm (main, amd64)`: how errors name this archive.
@@ -349,9 +367,9 @@ impl Archive {
         &self.inrelease
     }
 
-    /// The merged index of all components.
-    pub fn index(&self) -> &Index {
-        &self.index
+    /// The merged index of all components (loaded now if it was not yet).
+    pub fn index(&self) -> Result<&Index> {
+        self.loaded_index()
     }
 
     /// HTTP requests this archive has made (0 on a warm cache).
@@ -367,10 +385,11 @@ impl Archive {
     /// Choose packages by name (`name`, `name=version`, `name:amd64`), with or without their
     /// dependencies. The result is sorted by package name.
     pub fn resolve(&self, names: &[&str], deps: Deps) -> Result<Vec<PackageRef>> {
-        let ids = resolve::resolve(&self.index, names, deps, &self.opts.arch, &self.scope())?;
+        let index = self.loaded_index()?;
+        let ids = resolve::resolve(index, names, deps, &self.opts.arch, &self.scope())?;
         Ok(ids
             .into_iter()
-            .map(|id| PackageRef::from_entry(self.index.get(id)))
+            .map(|id| PackageRef::from_entry(index.get(id)))
             .collect())
     }
 
@@ -397,7 +416,7 @@ impl Archive {
     }
 
     /// Load `<component>/binary-<arch>/Packages` into the index, from the cache when possible.
-    fn load_index(&mut self, component: &str) -> Result<()> {
+    fn load_index(&self, component: &str, index: &mut Index) -> Result<()> {
         let rel = format!("{component}/binary-{}/Packages", self.opts.arch);
         let what = format!("{} {rel}", self.opts.suite);
         let plain = self.release.sha256.get(&rel).cloned();
@@ -410,7 +429,7 @@ impl Archive {
             path: path.clone(),
             source,
         })?;
-        let before = self.index.len();
+        let before = index.len();
         let reader: Box<dyn Read> = match &plain_digest {
             Some(_) => Box::new(file),
             // Only a compressed index is listed: it is stored compressed.
@@ -423,13 +442,13 @@ impl Archive {
                 source,
             })?,
         };
-        self.index
+        index
             .read_into(BufReader::with_capacity(1 << 20, reader))
             .map_err(|e| PackagesError::BadIndex {
                 what: what.clone(),
                 reason: e.to_string(),
             })?;
-        tracing::debug!(index = %what, packages = self.index.len() - before, "index loaded");
+        tracing::debug!(index = %what, packages = index.len() - before, "index loaded");
         Ok(())
     }
 

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Format versions of the stages: bump one when its output for the same inputs changes.
+const PACKAGES_VERSION: u32 = 1;
 const ROOTFS_VERSION: u32 = 1;
 const KERNEL_VERSION: u32 = 1;
 const DISK_VERSION: u32 = 1;
@@ -152,6 +153,14 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Io { what, source }
 }
 
+/// The packages a busybox build uses, chosen from one signed release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ChosenPackages {
+    kernel: PackageRef,
+    busybox: PackageRef,
+    systemd_boot: PackageRef,
+}
+
 /// Outputs of the rootfs stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RootfsOut {
@@ -250,22 +259,38 @@ pub fn build(
     let seed = loaded.inputs.clone();
     let epoch = loaded.source_date_epoch;
 
-    // Packages: the kernel image, busybox-static, systemd-boot-efi — each on its own.
-    progress("packages", "started");
-    let pkg_started = Instant::now();
+    // Packages: the kernel image, busybox-static, systemd-boot-efi — each on its own. The
+    // choice is cached by the signed release it was made from, so a warm build reads no index.
     let mut archive_opts = opts.archive.clone();
     if let Some(suite) = &recipe.rootfs.suite {
         archive_opts.suite = suite.clone();
     }
-    let archive = Archive::open(archive_opts)?;
+    let archive = Archive::open_lazy(archive_opts)?;
     let kernel_name = recipe
         .kernel
         .package
         .clone()
         .unwrap_or_else(|| "linux-image-cloud-amd64".into());
-    let kernel_pkg = kernel_image_package(&archive, &kernel_name)?;
-    let busybox_pkg = one_package(&archive, "busybox-static")?;
-    let sdboot_pkg = one_package(&archive, "systemd-boot-efi")?;
+    let chosen: ChosenPackages = runner.stage(
+        "packages",
+        PACKAGES_VERSION,
+        &serde_json::json!({
+            "release": archive.release_digest(),
+            "kernel": kernel_name,
+            "mirror": archive.options().mirror,
+            "arch": archive.options().arch,
+            "components": archive.options().components,
+        }),
+        || {
+            Ok(ChosenPackages {
+                kernel: kernel_image_package(&archive, &kernel_name)?,
+                busybox: one_package(&archive, "busybox-static")?,
+                systemd_boot: one_package(&archive, "systemd-boot-efi")?,
+            })
+        },
+    )?;
+    let (kernel_pkg, busybox_pkg, sdboot_pkg) =
+        (chosen.kernel, chosen.busybox, chosen.systemd_boot);
     let mut packages = Vec::new();
     for p in [&kernel_pkg, &busybox_pkg, &sdboot_pkg] {
         archive.fetch(p)?;
@@ -275,17 +300,6 @@ pub fn build(
             sha256: p.sha256.clone(),
         });
     }
-    runner.stages.push(StageReport {
-        stage: "packages".into(),
-        cache: if archive.network_requests() == 0 {
-            "hit"
-        } else {
-            "miss"
-        },
-        seconds: pkg_started.elapsed().as_secs_f64(),
-        key: archive.release_digest().to_string(),
-    });
-    progress("packages", "done");
     let read_pkg = |p: &PackageRef| -> Result<Tree, BuildError> {
         let path = archive.fetch(p)?;
         let mut tree = Tree::new();
@@ -635,7 +649,7 @@ fn kernel_image_package(archive: &Archive, name: &str) -> Result<PackageRef, Bui
     let mut current = one_package(archive, name)?;
     for _ in 0..4 {
         let next = archive
-            .index()
+            .index()?
             .versions_of(&current.name)
             .find(|(_, e)| e.version_str() == current.version)
             .and_then(|(_, e)| {

@@ -127,9 +127,10 @@ pub struct BuildArgs {
     /// Skip the boot verification.
     #[arg(long)]
     pub no_verify: bool,
-    /// Boot with this QEMU profile instead of the recipe's verify.profile.
+    /// Boot with this QEMU profile instead of the recipe's verify.profile (repeatable: each
+    /// profile boots the image once).
     #[arg(long)]
-    pub profile: Option<String>,
+    pub profile: Vec<String>,
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
     #[arg(long, value_name = "DIR")]
     pub profiles: Option<PathBuf>,
@@ -511,7 +512,7 @@ fn build(args: BuildArgs) -> anyhow::Result<i32> {
         out_dir: args.output.clone(),
         home: crate::cache::kiln_home(),
         verify: !args.no_verify,
-        profile: args.profile.clone(),
+        profiles: args.profile.clone(),
         profiles_dir: args.profiles.clone(),
         archive: crate::packages::ArchiveOptions::from_env(),
     };
@@ -560,21 +561,24 @@ fn build(args: BuildArgs) -> anyhow::Result<i32> {
         .map(|s| format!("{} {} {:.2}s", s.stage, s.cache, s.seconds))
         .collect();
     writeln!(out, "stages  {}", stages.join(", "))?;
-    match &report.boot {
-        Some(b) => writeln!(
+    if report.boots.is_empty() {
+        writeln!(out, "boot    not verified (--no-verify)")?;
+    }
+    for b in &report.boots {
+        writeln!(
             out,
-            "boot    {} ({}): marker after {:.2} s{}",
+            "boot    {} ({}): marker after {:.2} s{}{}",
             b.profile,
             b.accel,
             b.time_to_marker,
             b.time_to_kernel
                 .map(|k| format!(", kernel after {k:.2} s"))
+                .unwrap_or_default(),
+            b.serial_log
+                .as_ref()
+                .map(|l| format!(", serial log {}", l.display()))
                 .unwrap_or_default()
-        )?,
-        None => writeln!(out, "boot    not verified (--no-verify)")?,
-    }
-    if let Some(log) = &report.serial_log {
-        writeln!(out, "serial  {}", log.display())?;
+        )?;
     }
     writeln!(
         out,

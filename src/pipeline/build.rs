@@ -41,8 +41,8 @@ pub struct BuildOptions {
     pub home: PathBuf,
     /// Boot the image to prove it (default); `false` skips the verify stage.
     pub verify: bool,
-    /// Boot with this profile instead of the recipe's.
-    pub profile: Option<String>,
+    /// Boot with these profiles (in order) instead of the recipe's `verify.profile`.
+    pub profiles: Vec<String>,
     pub profiles_dir: Option<PathBuf>,
     /// Debian archive settings (mirror, keyring, offline); the suite comes from the recipe.
     pub archive: ArchiveOptions,
@@ -62,6 +62,8 @@ pub struct StageReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BootSummary {
     pub profile: String,
+    /// The serial console of this boot.
+    pub serial_log: Option<PathBuf>,
     pub accel: String,
     pub time_to_first_output: Option<f64>,
     pub time_to_kernel: Option<f64>,
@@ -85,8 +87,8 @@ pub struct BuildReport {
     pub modules: Vec<String>,
     pub packages: Vec<PackageSummary>,
     pub stages: Vec<StageReport>,
-    pub boot: Option<BootSummary>,
-    pub serial_log: Option<PathBuf>,
+    /// One boot per profile (empty with `--no-verify`).
+    pub boots: Vec<BootSummary>,
     /// Network requests made to the Debian mirror during this build.
     pub mirror_requests: u64,
     pub seconds: f64,
@@ -549,58 +551,70 @@ pub fn build(
     let image_path = opts.out_dir.join(file_name);
     copy_sparse(&blobs.path(&disk.image), &image_path)?;
 
-    // verify
-    let mut boot = None;
-    let mut serial_log = None;
+    // verify: one boot per profile, each cached by image digest, profile and marker.
+    let mut boots = Vec::new();
     if opts.verify {
-        let profile = opts
-            .profile
-            .clone()
-            .or_else(|| recipe.verify.profile.clone())
-            .unwrap_or_else(|| "direct".into());
+        let profiles = if opts.profiles.is_empty() {
+            vec![
+                recipe
+                    .verify
+                    .profile
+                    .clone()
+                    .unwrap_or_else(|| "direct".into()),
+            ]
+        } else {
+            opts.profiles.clone()
+        };
         let expect = recipe.verify.expect.clone().unwrap_or_default();
         let timeout = Duration::from_secs(recipe.verify.timeout.unwrap_or(120));
-        let log = verify::serial_log_path(&image_path);
-        let summary: BootSummary = runner.stage(
-            "verify",
-            VERIFY_VERSION,
-            &serde_json::json!({
-                "image": disk.image,
-                "profile": profile,
-                "expect": expect,
-                "vmlinuz": kernel.vmlinuz,
-                "initrd": kernel.initrd,
-                "cmdline": cmdline,
-            }),
-            || {
-                let method = verify::profile::ProfileDir::locate(opts.profiles_dir.as_deref())?
-                    .load(&profile)?
-                    .boot;
-                let mut bo = BootImageOptions::new(profile.clone(), expect.clone(), timeout);
-                bo.profiles_dir = opts.profiles_dir.clone();
-                if method == verify::profile::BootMethod::Direct {
-                    bo.kernel = Some(blobs.path(&kernel.vmlinuz));
-                    bo.initrd = Some(blobs.path(&kernel.initrd));
-                    bo.cmdline = format!("{cmdline} root=PARTUUID={root_partuuid}");
-                }
-                bo.serial_log = Some(log.clone());
-                let report = verify::boot_image(&image_path, &bo)?;
-                let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
-                Ok(BootSummary {
-                    profile: profile.clone(),
-                    accel: report.accel.to_string(),
-                    time_to_first_output: secs(report.time_to_first_output),
-                    time_to_kernel: secs(report.time_to_kernel),
-                    time_to_marker: report.time_to_marker.as_secs_f64(),
-                    total: report.total.as_secs_f64(),
-                    marker_line: report.marker_line.clone(),
-                })
-            },
-        )?;
-        if log.exists() {
-            serial_log = Some(log);
+        for profile in profiles {
+            let log = if boots.is_empty() {
+                verify::serial_log_path(&image_path)
+            } else {
+                let mut name = image_path.as_os_str().to_os_string();
+                name.push(format!(".{profile}.serial.log"));
+                PathBuf::from(name)
+            };
+            let mut summary: BootSummary = runner.stage(
+                "verify",
+                VERIFY_VERSION,
+                &serde_json::json!({
+                    "image": disk.image,
+                    "profile": profile,
+                    "expect": expect,
+                    "vmlinuz": kernel.vmlinuz,
+                    "initrd": kernel.initrd,
+                    "cmdline": cmdline,
+                }),
+                || {
+                    let method = verify::profile::ProfileDir::locate(opts.profiles_dir.as_deref())?
+                        .load(&profile)?
+                        .boot;
+                    let mut bo = BootImageOptions::new(profile.clone(), expect.clone(), timeout);
+                    bo.profiles_dir = opts.profiles_dir.clone();
+                    if method == verify::profile::BootMethod::Direct {
+                        bo.kernel = Some(blobs.path(&kernel.vmlinuz));
+                        bo.initrd = Some(blobs.path(&kernel.initrd));
+                        bo.cmdline = format!("{cmdline} root=PARTUUID={root_partuuid}");
+                    }
+                    bo.serial_log = Some(log.clone());
+                    let report = verify::boot_image(&image_path, &bo)?;
+                    let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+                    Ok(BootSummary {
+                        profile: profile.clone(),
+                        serial_log: None,
+                        accel: report.accel.to_string(),
+                        time_to_first_output: secs(report.time_to_first_output),
+                        time_to_kernel: secs(report.time_to_kernel),
+                        time_to_marker: report.time_to_marker.as_secs_f64(),
+                        total: report.total.as_secs_f64(),
+                        marker_line: report.marker_line.clone(),
+                    })
+                },
+            )?;
+            summary.serial_log = log.exists().then_some(log);
+            boots.push(summary);
         }
-        boot = Some(summary);
     }
 
     let report = BuildReport {
@@ -616,8 +630,7 @@ pub fn build(
         modules: kernel.modules.clone(),
         packages,
         stages: runner.stages,
-        boot,
-        serial_log,
+        boots,
         mirror_requests: archive.network_requests(),
         seconds: started.elapsed().as_secs_f64(),
     };

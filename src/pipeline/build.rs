@@ -537,7 +537,8 @@ pub fn build(
         },
     )?;
 
-    // Deliver the image (a sparse copy, so the cache's blob is never touched by a boot).
+    // The image goes to the output directory only once verified; boots use the cached blob
+    // (attached with snapshot=on, so it is never changed).
     std::fs::create_dir_all(&opts.out_dir)
         .map_err(io(format!("creating {}", opts.out_dir.display())))?;
     let ext = match format {
@@ -549,7 +550,7 @@ pub fn build(
         None => format!("{}.{ext}", recipe.name),
     };
     let image_path = opts.out_dir.join(file_name);
-    copy_sparse(&blobs.path(&disk.image), &image_path)?;
+    let cached_image = blobs.path(&disk.image);
 
     // verify: one boot per profile, each cached by image digest, profile and marker.
     let mut boots = Vec::new();
@@ -598,7 +599,7 @@ pub fn build(
                         bo.cmdline = format!("{cmdline} root=PARTUUID={root_partuuid}");
                     }
                     bo.serial_log = Some(log.clone());
-                    let report = verify::boot_image(&image_path, &bo)?;
+                    let report = verify::boot_image(&cached_image, &bo)?;
                     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
                     Ok(BootSummary {
                         profile: profile.clone(),
@@ -616,6 +617,8 @@ pub fn build(
             boots.push(summary);
         }
     }
+
+    copy_sparse(&cached_image, &image_path)?;
 
     let report = BuildReport {
         name: recipe.name.clone(),

@@ -1,5 +1,6 @@
-//! The build pipeline: stages as functions of their inputs, each result cached by a key over
-//! those inputs, run in process by `kiln build` (and, later, by workers on NATS).
+//! The build pipeline: stages as functions of their inputs (`stages`), each result cached by a key
+//! over those inputs (`cache`), run in process by `kiln build` (`build`) and, on NATS, by workers.
 
 pub mod build;
 pub mod cache;
+pub mod stages;

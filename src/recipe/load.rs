@@ -28,7 +28,7 @@ pub struct LoadOptions {
 }
 
 /// Where the recipe came from in git (empty when it did not).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GitInfo {
     pub commit: String,
     #[serde(rename = "ref")]
@@ -38,8 +38,9 @@ pub struct GitInfo {
     pub time: Option<i64>,
 }
 
-/// A loaded, rendered and validated recipe.
-#[derive(Debug, Clone)]
+/// A loaded, rendered and validated recipe: everything later stages need, self-contained (it
+/// carries the text of every template it used), so it can be stored and sent to another worker.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Loaded {
     pub recipe: Recipe,
     /// `sha256:<hex>` over the recipe chain, templates, parameters and environment used.
@@ -53,8 +54,8 @@ pub struct Loaded {
     pub sources: Vec<PathBuf>,
     /// The template context (`params`, `env`, `build`, `git`) the recipe was rendered with.
     pub context: Value,
-    /// Where templates come from (the recipe's directory, the project's templates/).
-    pub templates: TemplateRoots,
+    /// The text of every template the recipe and the build use, by name.
+    pub templates: BTreeMap<String, String>,
 }
 
 impl Loaded {
@@ -65,7 +66,7 @@ impl Loaded {
         if let (Value::Object(c), Value::Object(e)) = (&mut ctx, extra) {
             c.extend(e);
         }
-        let renderer = Renderer::new(self.templates.clone());
+        let renderer = Renderer::from_texts(self.templates.clone());
         renderer.render_template(name, &minijinja::Value::from(minijinja::value::Serde(ctx)))
     }
 }
@@ -185,6 +186,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
         let _ = renderer.render_template(t, &ctx);
     }
     let templates = renderer.loaded();
+    let mut template_texts: BTreeMap<String, String> = templates
+        .iter()
+        .map(|(name, t)| (name.clone(), t.text.clone()))
+        .collect();
     let inputs = inputs_digest(
         &chain,
         &top_dir,
@@ -286,7 +291,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
         rendered_files,
         sources,
         context,
-        templates: renderer.roots().clone(),
+        templates: {
+            template_texts.extend(renderer.loaded().into_iter().map(|(n, t)| (n, t.text)));
+            template_texts
+        },
     })
 }
 

@@ -119,17 +119,7 @@ impl Renderer {
     pub fn new(roots: TemplateRoots) -> Self {
         let loaded: Arc<Mutex<BTreeMap<String, LoadedTemplate>>> = Arc::default();
         let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        // Recipes are YAML, but values are inserted as written (use `| tojson` to quote).
-        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
-        if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
-            .keep_trailing_newline(true)
-            .trim_blocks(true)
-            .lstrip_blocks(true)
-            .build()
-        {
-            env.set_syntax(syntax);
-        }
+        configure(&mut env);
         let loader_roots = roots.clone();
         let record = Arc::clone(&loaded);
         env.set_loader(move |name| {
@@ -173,6 +163,25 @@ impl Renderer {
 
     pub fn roots(&self) -> &TemplateRoots {
         &self.roots
+    }
+
+    /// A renderer that reads templates only from `texts` (name → text), then kiln's built-ins:
+    /// what a stage uses to render with the templates a recipe was loaded with, on any worker.
+    pub fn from_texts(texts: BTreeMap<String, String>) -> Self {
+        let loaded: Arc<Mutex<BTreeMap<String, LoadedTemplate>>> = Arc::default();
+        let mut env = Environment::new();
+        configure(&mut env);
+        env.set_loader(move |name| {
+            Ok(texts
+                .get(name)
+                .cloned()
+                .or_else(|| builtin_template(name).map(str::to_string)))
+        });
+        Renderer {
+            env,
+            roots: TemplateRoots { roots: Vec::new() },
+            loaded,
+        }
     }
 
     /// Templates loaded so far (includes, and templates rendered by name), by name.
@@ -245,6 +254,21 @@ impl Renderer {
         Diagnostic::new(Kind::Template, describe(err))
             .at(place)
             .help(help)
+    }
+}
+
+/// Strict undefined values, no auto-escaping (recipes are YAML: values are inserted as written; use
+/// `| tojson` to quote), and block tags that leave no blank lines.
+fn configure(env: &mut Environment<'static>) {
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+    if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
+        .keep_trailing_newline(true)
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+    {
+        env.set_syntax(syntax);
     }
 }
 

@@ -1,0 +1,865 @@
+//! The stages of a build as functions of a serializable [`BuildState`]: packages → rootfs → kernel
+//! → disk → verify. Each stage reads what earlier stages recorded in the state (content digests,
+//! resolved in the blob store), runs — or finds its result recorded under its key — and adds its
+//! outputs to the state. The same functions run in `kiln build` and on NATS workers; a worker that
+//! did not run the stage before gets the blobs it needs through the store.
+
+use super::cache::stage_key;
+use crate::boot::{BootEntry, LoaderOptions, esp_tree, systemd_boot_from};
+use crate::cache::{BlobStore, Digest256};
+use crate::disk::build::{DiskSpec, PartitionInput, build_disk};
+use crate::disk::derive_id;
+use crate::disk::gpt::PartitionKind;
+use crate::disk::image::{ImageFormat, ImageOptions};
+use crate::disk::layout::{Filesystem, Size, parse_size};
+use crate::kernel::Kernel;
+use crate::kernel::initramfs::{self, InitramfsSpec};
+use crate::manifest::{Manifest, from_manifest, to_manifest};
+use crate::packages::{Archive, ArchiveOptions, Deps, PackageRef, read_into_tree};
+use crate::recipe::Loaded;
+use crate::recipe::schema::{
+    Compression, DiskFormat, FilesystemKind, Loader, PartitionType, RootfsBase,
+};
+use crate::tree::{Content, Tree};
+use crate::verify::{self, BootImageOptions};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where a stage runs: the local cache and how to reach the Debian archive and QEMU profiles.
+#[derive(Debug, Clone)]
+pub struct StageEnv {
+    /// `$KILN_HOME`.
+    pub home: PathBuf,
+    pub blobs: BlobStore,
+    /// Debian archive settings; the suite comes from the recipe.
+    pub archive: ArchiveOptions,
+    pub profiles_dir: Option<PathBuf>,
+    /// Requests made to the Debian mirror by the stages run in this environment.
+    pub mirror_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StageEnv {
+    pub fn new(home: PathBuf, archive: ArchiveOptions, profiles_dir: Option<PathBuf>) -> Self {
+        StageEnv {
+            blobs: BlobStore::new(&home),
+            home,
+            archive,
+            profiles_dir,
+            mirror_requests: Default::default(),
+        }
+    }
+
+    /// Count an archive's requests once it is done with.
+    fn note(&self, archive: &Archive) {
+        self.mirror_requests.fetch_add(
+            archive.network_requests(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+/// Where stage results are recorded (the local stage cache, or a shared KV bucket).
+pub trait StageRecords {
+    fn get(&self, stage: &str, key: &Digest256) -> Option<Value>;
+    fn put(&self, stage: &str, key: &Digest256, outputs: &Value) -> std::io::Result<()>;
+}
+
+impl StageRecords for super::cache::StageCache {
+    fn get(&self, stage: &str, key: &Digest256) -> Option<Value> {
+        super::cache::StageCache::get(self, stage, key)
+    }
+    fn put(&self, stage: &str, key: &Digest256, outputs: &Value) -> std::io::Result<()> {
+        super::cache::StageCache::put(self, stage, key, outputs)
+    }
+}
+
+/// The stages after render, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Packages,
+    Rootfs,
+    Kernel,
+    Disk,
+    /// Boot under one QEMU profile.
+    Verify(String),
+}
+
+impl Stage {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Stage::Packages => "packages",
+            Stage::Rootfs => "rootfs",
+            Stage::Kernel => "kernel",
+            Stage::Disk => "disk",
+            Stage::Verify(_) => "verify",
+        }
+    }
+
+    /// Format version: bump when the stage's output for the same inputs changes.
+    fn version(&self) -> u32 {
+        1
+    }
+}
+
+/// The packages a busybox build uses, chosen from one signed release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChosenPackages {
+    pub kernel: PackageRef,
+    pub busybox: PackageRef,
+    pub systemd_boot: PackageRef,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootfsOut {
+    /// The Tree manifest (a blob).
+    pub manifest: Digest256,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KernelOut {
+    pub version: String,
+    pub vmlinuz: Digest256,
+    pub initrd: Digest256,
+    pub modules: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskOut {
+    pub image: Digest256,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    pub disk_size: u64,
+    pub file_size: u64,
+}
+
+/// What a boot proved (cached by image digest, profile and marker).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BootSummary {
+    pub profile: String,
+    /// The serial console of this boot.
+    pub serial_log: Option<PathBuf>,
+    pub accel: String,
+    pub time_to_first_output: Option<f64>,
+    pub time_to_kernel: Option<f64>,
+    pub time_to_marker: f64,
+    pub total: f64,
+    pub marker_line: String,
+}
+
+/// Everything a build has made so far; it travels with the build from stage to stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildState {
+    pub loaded: Loaded,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<ChosenPackages>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<RootfsOut>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelOut>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskOut>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boots: Vec<BootSummary>,
+}
+
+impl BuildState {
+    pub fn new(loaded: Loaded) -> Self {
+        BuildState {
+            loaded,
+            packages: None,
+            rootfs: None,
+            kernel: None,
+            disk: None,
+            boots: Vec::new(),
+        }
+    }
+
+    /// The digests this state refers to that a worker needs locally to run `stage`.
+    pub fn blobs_needed(&self, stage: &Stage) -> Vec<Digest256> {
+        let mut out = Vec::new();
+        let debs = |p: &Option<ChosenPackages>| -> Vec<Digest256> {
+            p.iter()
+                .flat_map(|c| {
+                    [
+                        c.kernel.sha256.clone(),
+                        c.busybox.sha256.clone(),
+                        c.systemd_boot.sha256.clone(),
+                    ]
+                })
+                .collect()
+        };
+        match stage {
+            Stage::Packages => {}
+            Stage::Rootfs | Stage::Kernel => out.extend(debs(&self.packages)),
+            Stage::Disk => {
+                out.extend(debs(&self.packages));
+                out.extend(self.rootfs.iter().map(|r| r.manifest.clone()));
+                out.extend(
+                    self.kernel
+                        .iter()
+                        .flat_map(|k| [k.vmlinuz.clone(), k.initrd.clone()]),
+                );
+            }
+            Stage::Verify(_) => {
+                out.extend(
+                    self.kernel
+                        .iter()
+                        .flat_map(|k| [k.vmlinuz.clone(), k.initrd.clone()]),
+                );
+                out.extend(self.disk.iter().map(|d| d.image.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// One stage run, for reports and messages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageReport {
+    pub stage: String,
+    /// `hit` or `miss`.
+    pub cache: String,
+    pub seconds: f64,
+    pub key: Digest256,
+    /// The stage's outputs.
+    pub outputs: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("packages: {0}")]
+    Packages(#[from] crate::packages::PackagesError),
+    #[error("reading package {package}: {message}")]
+    Deb { package: String, message: String },
+    #[error("rootfs: {0}")]
+    Rootfs(#[from] crate::rootfs::RootfsError),
+    #[error("kernel: {0}")]
+    Kernel(#[from] crate::kernel::KernelError),
+    #[error("{0}")]
+    Initramfs(#[from] crate::kernel::initramfs::InitramfsError),
+    #[error("boot loader: {0}")]
+    Boot(#[from] crate::boot::BootError),
+    #[error("disk: {0}")]
+    Disk(#[from] crate::disk::build::DiskError),
+    #[error("{0}")]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error("verify: {0}")]
+    Verify(#[from] verify::VerifyError),
+    #[error("the recipe asks for {0}, which kiln cannot build yet")]
+    Unsupported(String),
+    #[error("{0} must run before this stage")]
+    Missing(&'static str),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StageError {
+    /// Whether the user's input is at fault (a retry cannot help) rather than the environment.
+    pub fn is_input_error(&self) -> bool {
+        matches!(
+            self,
+            StageError::Unsupported(_)
+                | StageError::Kernel(_)
+                | StageError::Initramfs(_)
+                | StageError::Verify(_)
+                | StageError::Rootfs(_)
+                | StageError::Packages(crate::packages::PackagesError::Resolve(_))
+        )
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StageError {
+    let what = what.into();
+    move |source| StageError::Io { what, source }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Value, StageError> {
+    serde_json::to_value(v).map_err(|e| io("recording stage outputs")(std::io::Error::other(e)))
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(v: Value) -> Option<T> {
+    serde_json::from_value(v).ok()
+}
+
+/// The checks a recipe must pass before its stages can run.
+pub fn check_supported(loaded: &Loaded) -> Result<(), StageError> {
+    if loaded.recipe.rootfs.base != RootfsBase::Busybox {
+        return Err(StageError::Unsupported("rootfs.base: debian".into()));
+    }
+    if loaded.recipe.kernel.build.is_some() {
+        return Err(StageError::Unsupported("kernel.build".into()));
+    }
+    Ok(())
+}
+
+/// Run one stage against `records`: a recorded result is reused, otherwise the stage runs and
+/// its result is recorded. The outputs are added to `state`.
+pub fn run_stage(
+    env: &StageEnv,
+    records: &dyn StageRecords,
+    stage: &Stage,
+    state: &mut BuildState,
+) -> Result<StageReport, StageError> {
+    let started = Instant::now();
+    let (key, outputs, hit) = match stage {
+        Stage::Packages => {
+            let archive = open_archive(env, &state.loaded)?;
+            let inputs = json!({
+                "release": archive.release_digest(),
+                "kernel": kernel_package_name(&state.loaded),
+                "mirror": archive.options().mirror,
+                "arch": archive.options().arch,
+                "components": archive.options().components,
+            });
+            let key = stage_key(stage.name(), stage.version(), &inputs);
+            let (chosen, hit) = match records.get(stage.name(), &key).and_then(from_json) {
+                Some(c) => (c, true),
+                None => (choose_packages(&archive, &state.loaded)?, false),
+            };
+            let chosen: ChosenPackages = chosen;
+            for p in [&chosen.kernel, &chosen.busybox, &chosen.systemd_boot] {
+                if !env.blobs.contains(&p.sha256) {
+                    archive.fetch(p)?;
+                }
+            }
+            env.note(&archive);
+            let out = to_json(&chosen)?;
+            state.packages = Some(chosen);
+            (key, out, hit)
+        }
+        Stage::Rootfs => {
+            let pk = state
+                .packages
+                .as_ref()
+                .ok_or(StageError::Missing("packages"))?;
+            let ids = Partitions::of(&state.loaded);
+            let inputs = json!({
+                "inputs": state.loaded.inputs,
+                "busybox": pk.busybox.sha256,
+                "root": ids.root.to_string(),
+                "esp": ids.esp.map(|u| u.to_string()),
+            });
+            let (key, out, hit) = cached(records, stage, &inputs, || rootfs(env, state))?;
+            state.rootfs = Some(out.clone());
+            (key, to_json(&out)?, hit)
+        }
+        Stage::Kernel => {
+            let pk = state
+                .packages
+                .as_ref()
+                .ok_or(StageError::Missing("packages"))?;
+            let ids = Partitions::of(&state.loaded);
+            let recipe = &state.loaded.recipe;
+            let inputs = json!({
+                "kernel": pk.kernel.sha256,
+                "busybox": pk.busybox.sha256,
+                "modules": recipe.initramfs.modules,
+                "compression": recipe.initramfs.compression,
+                "root": ids.root.to_string(),
+                "epoch": state.loaded.source_date_epoch,
+            });
+            let (key, out, hit) = cached(records, stage, &inputs, || kernel(env, state))?;
+            state.kernel = Some(out.clone());
+            (key, to_json(&out)?, hit)
+        }
+        Stage::Disk => {
+            let pk = state
+                .packages
+                .as_ref()
+                .ok_or(StageError::Missing("packages"))?;
+            let rootfs_out = state.rootfs.as_ref().ok_or(StageError::Missing("rootfs"))?;
+            let kernel_out = state.kernel.as_ref().ok_or(StageError::Missing("kernel"))?;
+            let recipe = &state.loaded.recipe;
+            let inputs = json!({
+                "rootfs": rootfs_out.manifest,
+                "systemd_boot": pk.systemd_boot.sha256,
+                "vmlinuz": kernel_out.vmlinuz,
+                "initrd": kernel_out.initrd,
+                "disk": recipe.disk,
+                "boot": recipe.boot,
+                "name": recipe.name,
+                "description": recipe.description,
+                "version": recipe.version,
+                "seed": state.loaded.inputs,
+                "epoch": state.loaded.source_date_epoch,
+            });
+            let (key, out, hit) = cached(records, stage, &inputs, || disk(env, state))?;
+            state.disk = Some(out.clone());
+            (key, to_json(&out)?, hit)
+        }
+        Stage::Verify(profile) => {
+            let kernel_out = state.kernel.as_ref().ok_or(StageError::Missing("kernel"))?;
+            let disk_out = state.disk.as_ref().ok_or(StageError::Missing("disk"))?;
+            let inputs = json!({
+                "image": disk_out.image,
+                "profile": profile,
+                "expect": state.loaded.recipe.verify.expect,
+                "vmlinuz": kernel_out.vmlinuz,
+                "initrd": kernel_out.initrd,
+                "cmdline": cmdline(&state.loaded),
+            });
+            let (key, out, hit) = cached(records, stage, &inputs, || {
+                verify_boot(env, state, profile, None)
+            })?;
+            state.boots.push(out.clone());
+            (key, to_json(&out)?, hit)
+        }
+    };
+    if !hit {
+        records
+            .put(stage.name(), &key, &outputs)
+            .map_err(io(format!("recording the {} stage", stage.name())))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        stage = stage.name(),
+        cache = if hit { "hit" } else { "miss" },
+        "{seconds:.2} s"
+    );
+    Ok(StageReport {
+        stage: stage.name().to_string(),
+        cache: if hit { "hit" } else { "miss" }.to_string(),
+        seconds,
+        key,
+        outputs,
+    })
+}
+
+/// Look a stage's result up by key, or compute it.
+fn cached<T, F>(
+    records: &dyn StageRecords,
+    stage: &Stage,
+    inputs: &Value,
+    run: F,
+) -> Result<(Digest256, T, bool), StageError>
+where
+    T: for<'de> Deserialize<'de>,
+    F: FnOnce() -> Result<T, StageError>,
+{
+    let key = stage_key(stage.name(), stage.version(), inputs);
+    if let Some(out) = records.get(stage.name(), &key).and_then(from_json) {
+        return Ok((key, out, true));
+    }
+    Ok((key, run()?, false))
+}
+
+fn open_archive(env: &StageEnv, loaded: &Loaded) -> Result<Archive, StageError> {
+    let mut opts = env.archive.clone();
+    opts.home = env.home.clone();
+    if let Some(suite) = &loaded.recipe.rootfs.suite {
+        opts.suite = suite.clone();
+    }
+    Ok(Archive::open_lazy(opts)?)
+}
+
+fn kernel_package_name(loaded: &Loaded) -> String {
+    loaded
+        .recipe
+        .kernel
+        .package
+        .clone()
+        .unwrap_or_else(|| "linux-image-cloud-amd64".into())
+}
+
+fn choose_packages(archive: &Archive, loaded: &Loaded) -> Result<ChosenPackages, StageError> {
+    Ok(ChosenPackages {
+        kernel: kernel_image_package(archive, &kernel_package_name(loaded))?,
+        busybox: one_package(archive, "busybox-static")?,
+        systemd_boot: one_package(archive, "systemd-boot-efi")?,
+    })
+}
+
+/// The `.deb` of a package in the local store, downloaded (and verified) if missing.
+fn deb_path(env: &StageEnv, loaded: &Loaded, p: &PackageRef) -> Result<PathBuf, StageError> {
+    if env.blobs.contains(&p.sha256) {
+        return Ok(env.blobs.path(&p.sha256));
+    }
+    let archive = open_archive(env, loaded)?;
+    let path = archive.fetch(p);
+    env.note(&archive);
+    Ok(path?)
+}
+
+fn read_pkg(env: &StageEnv, loaded: &Loaded, p: &PackageRef) -> Result<Tree, StageError> {
+    let path = deb_path(env, loaded, p)?;
+    let mut tree = Tree::new();
+    read_into_tree(&path, &mut tree, &env.blobs).map_err(|e| StageError::Deb {
+        package: p.name.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(tree)
+}
+
+/// Partition identities follow from the seed (`build.inputs`), so the initramfs and fstab can
+/// name them before the disk exists.
+pub struct Partitions {
+    pub root: uuid::Uuid,
+    pub esp: Option<uuid::Uuid>,
+}
+
+impl Partitions {
+    pub fn of(loaded: &Loaded) -> Self {
+        let parts = &loaded.recipe.disk.partitions;
+        let id = |name: &str| {
+            uuid::Uuid::from_bytes(derive_id(&loaded.inputs, &format!("partition:{name}")))
+        };
+        let root = parts
+            .iter()
+            .find(|p| p.kind == PartitionType::Root)
+            .map(|p| p.name.as_str())
+            .unwrap_or("root");
+        let esp = parts
+            .iter()
+            .find(|p| p.kind == PartitionType::Esp)
+            .map(|p| id(&p.name));
+        Partitions {
+            root: id(root),
+            esp,
+        }
+    }
+}
+
+fn cmdline(loaded: &Loaded) -> String {
+    loaded
+        .recipe
+        .boot
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| "console=ttyS0".into())
+}
+
+fn rootfs(env: &StageEnv, state: &BuildState) -> Result<RootfsOut, StageError> {
+    let pk = state
+        .packages
+        .as_ref()
+        .ok_or(StageError::Missing("packages"))?;
+    let busybox = read_pkg(env, &state.loaded, &pk.busybox)?;
+    let ids = Partitions::of(&state.loaded);
+    let mounts = crate::rootfs::Mounts {
+        root_partuuid: ids.root.to_string(),
+        esp_partuuid: ids.esp.map(|u| u.to_string()),
+    };
+    let tree = crate::rootfs::busybox_rootfs(&state.loaded, &busybox, &mounts)?;
+    let manifest = to_manifest(&tree, &env.blobs)?;
+    let bytes = serde_json::to_vec(&manifest)
+        .map_err(|e| io("writing the manifest")(std::io::Error::other(e)))?;
+    let (digest, _) = env
+        .blobs
+        .put_bytes(&bytes)
+        .map_err(io("storing the manifest"))?;
+    Ok(RootfsOut { manifest: digest })
+}
+
+fn kernel(env: &StageEnv, state: &BuildState) -> Result<KernelOut, StageError> {
+    let pk = state
+        .packages
+        .as_ref()
+        .ok_or(StageError::Missing("packages"))?;
+    let recipe = &state.loaded.recipe;
+    let kernel_tree = read_pkg(env, &state.loaded, &pk.kernel)?;
+    let busybox = read_pkg(env, &state.loaded, &pk.busybox)?;
+    let kernel = Kernel::from_tree(&kernel_tree)?;
+    let ids = Partitions::of(&state.loaded);
+    let mut spec = InitramfsSpec::new(&kernel, &busybox, ids.root.to_string());
+    spec.modules = recipe.initramfs.modules.clone();
+    spec.compression = recipe.initramfs.compression.unwrap_or(Compression::Zstd);
+    spec.epoch = state.loaded.source_date_epoch;
+    let (bytes, closure) = initramfs::build_bytes(&spec)?;
+    let (initrd, _) = env
+        .blobs
+        .put_bytes(&bytes)
+        .map_err(io("storing the initramfs"))?;
+    let mut reader = kernel.vmlinuz.open().map_err(io("reading vmlinuz"))?;
+    let (vmlinuz, _) = env.blobs.put(&mut reader).map_err(io("storing vmlinuz"))?;
+    Ok(KernelOut {
+        version: kernel.version.clone(),
+        vmlinuz,
+        initrd,
+        modules: closure.names().iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+fn blob_content(blobs: &BlobStore, digest: &Digest256) -> Result<Content, StageError> {
+    let path = blobs.path(digest);
+    let len = std::fs::metadata(&path)
+        .map_err(io(format!("reading blob {digest}")))?
+        .len();
+    Ok(Content::Host { path, len })
+}
+
+fn disk(env: &StageEnv, state: &BuildState) -> Result<DiskOut, StageError> {
+    let pk = state
+        .packages
+        .as_ref()
+        .ok_or(StageError::Missing("packages"))?;
+    let rootfs_out = state.rootfs.as_ref().ok_or(StageError::Missing("rootfs"))?;
+    let kernel_out = state.kernel.as_ref().ok_or(StageError::Missing("kernel"))?;
+    let loaded = &state.loaded;
+    let recipe = &loaded.recipe;
+    let blobs = &env.blobs;
+    let manifest: Manifest = {
+        let file = blobs
+            .open(&rootfs_out.manifest)
+            .map_err(io("reading the rootfs manifest"))?;
+        serde_json::from_reader(std::io::BufReader::new(file))
+            .map_err(|e| io("reading the rootfs manifest")(std::io::Error::other(e)))?
+    };
+    let root_tree = from_manifest(&manifest, blobs)?;
+    let ids = Partitions::of(loaded);
+    let loader = recipe.boot.loader.unwrap_or(Loader::SystemdBoot);
+    let mut esp = if loader == Loader::SystemdBoot && ids.esp.is_some() {
+        let sdboot = systemd_boot_from(&read_pkg(env, loaded, &pk.systemd_boot)?)?;
+        let entry = BootEntry {
+            name: recipe.name.clone(),
+            title: recipe
+                .description
+                .clone()
+                .unwrap_or_else(|| recipe.name.clone()),
+            version: recipe.version.clone(),
+            kernel: blob_content(blobs, &kernel_out.vmlinuz)?,
+            initrd: Some(blob_content(blobs, &kernel_out.initrd)?),
+            cmdline: cmdline(loaded),
+            root_partuuid: Some(ids.root),
+        };
+        let mut loader_opts = LoaderOptions::new(loaded.source_date_epoch);
+        if let Some(t) = recipe.boot.timeout {
+            loader_opts.timeout_secs = t;
+        }
+        Some(esp_tree(&sdboot, &[entry], &loader_opts)?)
+    } else {
+        None
+    };
+    let mut root_tree = Some(root_tree);
+    let size = |text: Option<&str>| -> Result<Size, StageError> {
+        match text {
+            None => Ok(Size::Auto),
+            Some(t) => parse_size(t).map_err(|e| StageError::Unsupported(e.to_string())),
+        }
+    };
+    let mut inputs = Vec::new();
+    for p in &recipe.disk.partitions {
+        let raw = p.filesystem() == FilesystemKind::None;
+        let (kind, filesystem, tree) = match p.kind {
+            PartitionType::Esp => (
+                PartitionKind::Esp,
+                Filesystem::Fat32,
+                Some(esp.take().unwrap_or_default()),
+            ),
+            PartitionType::Root => (
+                PartitionKind::RootX86_64,
+                Filesystem::Ext4,
+                root_tree.take(),
+            ),
+            PartitionType::Data if raw => (PartitionKind::LinuxData, Filesystem::None, None),
+            PartitionType::Data => (
+                PartitionKind::LinuxData,
+                Filesystem::Ext4,
+                Some(Tree::new()),
+            ),
+            PartitionType::Swap => (PartitionKind::Swap, Filesystem::Swap, None),
+        };
+        inputs.push(PartitionInput {
+            name: p.name.clone(),
+            kind,
+            filesystem,
+            size: size(p.size.as_deref())?,
+            label: p.label.clone(),
+            tree,
+        });
+    }
+    let format = match recipe.disk.format {
+        Some(DiskFormat::Raw) => ImageFormat::Raw,
+        _ => ImageFormat::Qcow2,
+    };
+    let spec = DiskSpec {
+        size: size(recipe.disk.size.as_deref())?,
+        image: ImageOptions {
+            format,
+            compress: recipe.disk.compress,
+            ..ImageOptions::default()
+        },
+        seed: loaded.inputs.clone(),
+        epoch: loaded.source_date_epoch,
+        partitions: inputs,
+    };
+    let tmp_dir = env.home.join("tmp");
+    std::fs::create_dir_all(&tmp_dir).map_err(io("creating the cache's tmp dir"))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("image-")
+        .tempdir_in(&tmp_dir)
+        .map_err(io("creating a temp dir for the image"))?;
+    let path = tmp.path().join("disk");
+    let report = build_disk(&spec, &path)?;
+    let mut file = std::fs::File::open(&path).map_err(io("reading the new image"))?;
+    let (image, _) = blobs.put(&mut file).map_err(io("storing the image"))?;
+    Ok(DiskOut {
+        image,
+        format: match format {
+            ImageFormat::Raw => "raw".into(),
+            ImageFormat::Qcow2 => "qcow2".into(),
+        },
+        disk_size: report.layout.disk_size,
+        file_size: report.image.file_size,
+    })
+}
+
+/// Where the serial log of a boot goes when the caller does not say: beside the cached image.
+fn default_serial_log(env: &StageEnv, disk: &DiskOut, profile: &str) -> PathBuf {
+    env.home
+        .join("logs")
+        .join(format!("{}.{profile}.serial.log", disk.image.hex()))
+}
+
+/// Boot the built image under `profile` (the cached blob, attached with snapshot=on).
+pub fn verify_boot(
+    env: &StageEnv,
+    state: &BuildState,
+    profile: &str,
+    serial_log: Option<PathBuf>,
+) -> Result<BootSummary, StageError> {
+    let kernel_out = state.kernel.as_ref().ok_or(StageError::Missing("kernel"))?;
+    let disk_out = state.disk.as_ref().ok_or(StageError::Missing("disk"))?;
+    let recipe = &state.loaded.recipe;
+    let expect = recipe.verify.expect.clone().unwrap_or_default();
+    let timeout = Duration::from_secs(recipe.verify.timeout.unwrap_or(120));
+    let log = serial_log.unwrap_or_else(|| default_serial_log(env, disk_out, profile));
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    let method = verify::profile::ProfileDir::locate(env.profiles_dir.as_deref())?
+        .load(profile)?
+        .boot;
+    let mut bo = BootImageOptions::new(profile, expect, timeout);
+    bo.profiles_dir = env.profiles_dir.clone();
+    if method == verify::profile::BootMethod::Direct {
+        bo.kernel = Some(env.blobs.path(&kernel_out.vmlinuz));
+        bo.initrd = Some(env.blobs.path(&kernel_out.initrd));
+        bo.cmdline = format!(
+            "{} root=PARTUUID={}",
+            cmdline(&state.loaded),
+            Partitions::of(&state.loaded).root
+        );
+    }
+    bo.serial_log = Some(log.clone());
+    let report = verify::boot_image(&env.blobs.path(&disk_out.image), &bo)?;
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    Ok(BootSummary {
+        profile: profile.to_string(),
+        serial_log: Some(log),
+        accel: report.accel.to_string(),
+        time_to_first_output: secs(report.time_to_first_output),
+        time_to_kernel: secs(report.time_to_kernel),
+        time_to_marker: report.time_to_marker.as_secs_f64(),
+        total: report.total.as_secs_f64(),
+        marker_line: report.marker_line.clone(),
+    })
+}
+
+/// One package without its dependencies.
+fn one_package(archive: &Archive, name: &str) -> Result<PackageRef, StageError> {
+    let mut found = archive.resolve(&[name], Deps::None)?;
+    found
+        .pop()
+        .ok_or_else(|| StageError::Unsupported(format!("package {name}")))
+}
+
+/// The versioned kernel image package behind a name such as `linux-image-cloud-amd64` (a
+/// metapackage that depends on `linux-image-<version>-cloud-amd64`).
+fn kernel_image_package(archive: &Archive, name: &str) -> Result<PackageRef, StageError> {
+    let mut current = one_package(archive, name)?;
+    for _ in 0..4 {
+        if looks_versioned(&current.name) {
+            break;
+        }
+        let next = archive
+            .index()?
+            .versions_of(&current.name)
+            .find(|(_, e)| e.version_str() == current.version)
+            .and_then(|(_, e)| {
+                e.depends()
+                    .split(',')
+                    .map(|d| {
+                        d.trim()
+                            .split([' ', '(', '|'])
+                            .next()
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .find(|d| d.starts_with("linux-image-") && d != &current.name)
+            });
+        match next {
+            Some(n) => current = one_package(archive, &n)?,
+            None => break,
+        }
+    }
+    Ok(current)
+}
+
+/// `linux-image-6.1.0-26-cloud-amd64` (versioned) vs `linux-image-cloud-amd64` (meta).
+fn looks_versioned(name: &str) -> bool {
+    name.trim_start_matches("linux-image-")
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_digit())
+}
+
+/// Copy a file keeping its holes (temp file + rename).
+pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), StageError> {
+    use std::os::unix::fs::FileExt;
+    let len = std::fs::metadata(from)
+        .map_err(io(format!("reading {}", from.display())))?
+        .len();
+    let content = Content::Host {
+        path: from.to_path_buf(),
+        len,
+    };
+    let dir = match to.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(io(format!("creating a file in {}", dir.display())))?;
+    tmp.as_file().set_len(len).map_err(io("sizing the copy"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (start, length) in content
+        .data_ranges()
+        .map_err(io("reading the cached image"))?
+    {
+        let mut off = start;
+        while off < start + length {
+            let want = ((start + length - off) as usize).min(buf.len());
+            let n = content
+                .read_at(off, &mut buf[..want])
+                .map_err(io("reading the cached image"))?;
+            if n == 0 {
+                break;
+            }
+            tmp.as_file()
+                .write_all_at(&buf[..n], off)
+                .map_err(io("writing the copy"))?;
+            off += n as u64;
+        }
+    }
+    tmp.as_file().sync_all().map_err(io("syncing the copy"))?;
+    tmp.persist(to)
+        .map_err(|e| io(format!("writing {}", to.display()))(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versioned_kernel_names() {
+        assert!(looks_versioned("linux-image-6.1.0-26-cloud-amd64"));
+        assert!(!looks_versioned("linux-image-cloud-amd64"));
+    }
+}

@@ -7,7 +7,7 @@
 //! prints `R` in real mode, switches to 32-bit protected mode, prints `P` and writes to QEMU's
 //! `isa-debug-exit` port, so QEMU exits with status 3. Anything else within [`PROBE_TIMEOUT`] means
 //! KVM cannot run guests here, and the answer says which step failed. The result is cached per
-//! process and QEMU binary.
+//! process and QEMU binary, and on disk per host boot (see `record_path`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -73,9 +73,68 @@ pub fn probe_cached(qemu: &Path) -> AccelProbe {
     if let Some(answer) = map.get(qemu) {
         return answer.clone();
     }
+    let record = record_path(qemu);
+    if let Some(answer) = record.as_deref().and_then(read_record) {
+        map.insert(qemu.to_path_buf(), answer.clone());
+        return answer;
+    }
     let answer = probe(qemu);
+    if let Some(path) = &record {
+        write_record(path, &answer);
+    }
     map.insert(qemu.to_path_buf(), answer.clone());
     answer
+}
+
+/// Where the probe's answer is kept across processes: `$KILN_HOME/accel/<key>.json`, keyed by the
+/// QEMU binary (path, size, mtime), the host kernel and the host's boot id — so it is asked again
+/// after a reboot, a kernel or a QEMU change.
+fn record_path(qemu: &Path) -> Option<PathBuf> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(qemu).ok()?;
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(qemu.as_os_str().as_encoded_bytes());
+    h.update(meta.size().to_le_bytes());
+    h.update(meta.mtime().to_le_bytes());
+    h.update(boot_id.trim().as_bytes());
+    h.update(release.trim().as_bytes());
+    let key = hex::encode(&h.finalize()[..16]);
+    Some(
+        crate::cache::kiln_home()
+            .join("accel")
+            .join(format!("{key}.json")),
+    )
+}
+
+fn read_record(path: &Path) -> Option<AccelProbe> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let kvm_usable = v["kvm_usable"].as_bool()?;
+    Some(AccelProbe {
+        accel: if kvm_usable { Accel::Kvm } else { Accel::Tcg },
+        kvm_usable,
+        detail: format!(
+            "{} (probed earlier this boot; delete {} to probe again)",
+            v["detail"].as_str()?,
+            path.display()
+        ),
+        took: Duration::ZERO,
+    })
+}
+
+fn write_record(path: &Path, answer: &AccelProbe) {
+    let v = serde_json::json!({
+        "kvm_usable": answer.kvm_usable,
+        "detail": answer.detail,
+        "took_ms": answer.took.as_millis() as u64,
+    });
+    if let Ok(bytes) = serde_json::to_vec_pretty(&v)
+        && let Err(e) = crate::cache::write_atomic(path, &bytes)
+    {
+        tracing::debug!("cannot record the KVM probe in {}: {e}", path.display());
+    }
 }
 
 /// Probe now (uncached): can `qemu` run a guest under KVM?

@@ -9,9 +9,7 @@
 //! error (mirror the repository locally or serve it over http on a trusted network).
 
 use crate::recipe::{GitInfo, LoadOptions};
-use git2::{
-    AutotagOption, FetchOptions, FetchPrune, ObjectType, Oid, Repository, Tree,
-};
+use git2::{AutotagOption, FetchOptions, FetchPrune, ObjectType, Oid, Repository, Tree};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::Write;
@@ -29,7 +27,9 @@ pub enum SourceError {
          (mirror the repository to a local path or serve it over http)"
     )]
     UnsupportedScheme { url: String, scheme: String },
-    #[error("repository {url} is not a local path that exists: {path}; check the path or use a URL")]
+    #[error(
+        "repository {url} is not a local path that exists: {path}; check the path or use a URL"
+    )]
     NoSuchPath { url: String, path: PathBuf },
     #[error(
         "cannot reach repository {url}: {message}; check the URL, that the repository exists and \
@@ -76,7 +76,9 @@ pub enum SourceError {
         what: String,
         message: String,
     },
-    #[error("checkout of commit {commit}: tree entry {name:?} in {parent:?} is not a safe file name")]
+    #[error(
+        "checkout of commit {commit}: tree entry {name:?} in {parent:?} is not a safe file name"
+    )]
     BadTreeEntry {
         commit: String,
         parent: String,
@@ -185,7 +187,9 @@ impl GitSource {
     pub fn resolve(&self, reference: &str) -> Result<(String, i64), SourceError> {
         let (repo, _) = self.mirror_for(reference)?;
         let oid = self.resolve_in(&repo, reference)?;
-        let commit = repo.find_commit(oid).map_err(|e| self.git("reading a commit", e))?;
+        let commit = repo
+            .find_commit(oid)
+            .map_err(|e| self.git("reading a commit", e))?;
         Ok((oid.to_string(), commit.time().seconds()))
     }
 
@@ -195,7 +199,9 @@ impl GitSource {
         let rel = safe_relative(recipe)?;
         let (repo, cloned) = self.mirror_for(reference)?;
         let oid = self.resolve_in(&repo, reference)?;
-        let commit = repo.find_commit(oid).map_err(|e| self.git("reading a commit", e))?;
+        let commit = repo
+            .find_commit(oid)
+            .map_err(|e| self.git("reading a commit", e))?;
         let hex = oid.to_string();
         let tree = commit.tree().map_err(|e| self.git("reading a tree", e))?;
         let missing = || SourceError::MissingRecipe {
@@ -254,7 +260,9 @@ impl GitSource {
     pub fn checkout_tree(&self, reference: &str) -> Result<Checkout, SourceError> {
         let (repo, cloned) = self.mirror_for(reference)?;
         let oid = self.resolve_in(&repo, reference)?;
-        let commit = repo.find_commit(oid).map_err(|e| self.git("reading a commit", e))?;
+        let commit = repo
+            .find_commit(oid)
+            .map_err(|e| self.git("reading a commit", e))?;
         let hex = oid.to_string();
         let tree = commit.tree().map_err(|e| self.git("reading a tree", e))?;
         let (dir, reused) = self.write_checkout(&repo, &tree, &hex)?;
@@ -306,7 +314,8 @@ impl GitSource {
             return Ok((self.open_mirror()?, false));
         }
         let parent = self.home.join("git");
-        fs::create_dir_all(&parent).map_err(|e| io_err("creating the mirror directory", &parent, e))?;
+        fs::create_dir_all(&parent)
+            .map_err(|e| io_err("creating the mirror directory", &parent, e))?;
         let tmp = tempfile::Builder::new()
             .prefix(".clone-")
             .tempdir_in(&parent)
@@ -333,8 +342,7 @@ impl GitSource {
             .remote_anonymous(&self.url)
             .map_err(|e| self.git("setting up the remote", e))?;
         let mut opts = FetchOptions::new();
-        opts.prune(FetchPrune::On)
-            .download_tags(AutotagOption::All);
+        opts.prune(FetchPrune::On).download_tags(AutotagOption::All);
         remote
             .fetch(&REFSPECS, Some(&mut opts), None)
             .map_err(|e| SourceError::Unreachable {
@@ -361,8 +369,8 @@ impl GitSource {
                 return Ok(oid);
             }
         }
-        let is_hex = (4..=40).contains(&reference.len())
-            && reference.bytes().all(|b| b.is_ascii_hexdigit());
+        let is_hex =
+            (4..=40).contains(&reference.len()) && reference.bytes().all(|b| b.is_ascii_hexdigit());
         if is_hex
             && let Ok(obj) = repo.revparse_single(reference)
             && let Ok(c) = obj.peel_to_commit()
@@ -501,12 +509,7 @@ fn ref_names(repo: &Repository, prefix: &str) -> Vec<String> {
     let mut names: Vec<String> = repo
         .references_glob(&format!("{prefix}*"))
         .map(|refs| {
-            refs.filter_map(|r| {
-                r.ok()?
-                    .name()
-                    .ok()
-                    .map(|n| n[prefix.len()..].to_string())
-            })
+            refs.filter_map(|r| r.ok()?.name().ok().map(|n| n[prefix.len()..].to_string()))
                 .collect()
         })
         .unwrap_or_default();
@@ -585,8 +588,8 @@ fn write_tree(
                     std::os::unix::fs::symlink(target, &path)
                         .map_err(|e| io_err("creating symlink", &path, e))?;
                 } else {
-                    let mut f = fs::File::create(&path)
-                        .map_err(|e| io_err("creating file", &path, e))?;
+                    let mut f =
+                        fs::File::create(&path).map_err(|e| io_err("creating file", &path, e))?;
                     f.write_all(blob.content())
                         .map_err(|e| io_err("writing file", &path, e))?;
                     let perm = if mode == MODE_EXEC { 0o755 } else { 0o644 };

@@ -86,7 +86,12 @@ impl Watcher {
         recipes_glob: &str,
         state_file: &Path,
     ) -> Result<Self, WatchError> {
-        Self::with_source(GitSource::new(repo_url)?, reference, recipes_glob, state_file)
+        Self::with_source(
+            GitSource::new(repo_url)?,
+            reference,
+            recipes_glob,
+            state_file,
+        )
     }
 
     /// Like [`Watcher::new`] with an explicit source (e.g. another kiln home).

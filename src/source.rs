@@ -4,9 +4,11 @@
 //! temporary directory and renamed into place when complete, so a half-written checkout is never
 //! used; a complete one is reused. File modes (the executable bit) and symlinks come from git.
 //!
-//! Supported URLs: local paths, `file://` and plain `http://` (libgit2's own transports).
-//! `https://` and ssh need a TLS/ssh backend this build does not link; they fail with a clear
-//! error (mirror the repository locally or serve it over http on a trusted network).
+//! Supported URLs: local paths and `file://` (libgit2's local transport), `http://` and
+//! `https://` (git's smart HTTP protocol, fetch only, over kiln's own HTTP client — reqwest with
+//! rustls — registered with libgit2 as its http transport, so no OpenSSL is linked). ssh is not
+//! supported and fails with a clear error. The HTTP transport blocks: call from a plain thread
+//! (or `spawn_blocking`), never directly inside an async runtime.
 
 use crate::recipe::{GitInfo, LoadOptions};
 use git2::{AutotagOption, FetchOptions, FetchPrune, ObjectType, Oid, Repository, Tree};
@@ -23,8 +25,8 @@ const REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/ta
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error(
-        "repository {url}: unsupported URL scheme `{scheme}`; kiln reads local paths, file:// and http:// \
-         (mirror the repository to a local path or serve it over http)"
+        "repository {url}: unsupported URL scheme `{scheme}`; kiln reads local paths, file://, \
+         http:// and https:// (use the repository's https URL or a local mirror)"
     )]
     UnsupportedScheme { url: String, scheme: String },
     #[error(
@@ -338,6 +340,13 @@ impl GitSource {
     }
 
     fn fetch(&self, repo: &Repository) -> Result<(), SourceError> {
+        if self.url.starts_with("http://") || self.url.starts_with("https://") {
+            http::register().map_err(|message| SourceError::Git {
+                url: self.url.clone(),
+                what: "setting up the http transport".into(),
+                message,
+            })?;
+        }
         let mut remote = repo
             .remote_anonymous(&self.url)
             .map_err(|e| self.git("setting up the remote", e))?;
@@ -464,7 +473,7 @@ pub fn load_options_for(checkout: &Checkout, set: Vec<(String, String)>) -> Load
 fn normalize_url(url: &str) -> Result<String, SourceError> {
     if let Some((scheme, _)) = url.split_once("://") {
         return match scheme {
-            "file" | "http" => Ok(url.to_string()),
+            "file" | "http" | "https" => Ok(url.to_string()),
             _ => Err(SourceError::UnsupportedScheme {
                 url: url.to_string(),
                 scheme: scheme.to_string(),
@@ -625,6 +634,175 @@ fn list_files(
         }
     }
     Ok(())
+}
+
+/// git's smart HTTP protocol (fetch side) over reqwest, as a libgit2 subtransport.
+mod http {
+    use git2::transport::{Service, SmartSubtransport, SmartSubtransportStream, Transport};
+    use std::io::{self, Read, Write};
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::Duration;
+
+    const LS: &str = "/info/refs?service=git-upload-pack";
+
+    /// Register the transport for http:// and https:// once per process.
+    pub fn register() -> Result<(), String> {
+        static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+        DONE.get_or_init(|| {
+            let client = reqwest::blocking::Client::builder()
+                .connect_timeout(Duration::from_secs(30))
+                .timeout(None)
+                .user_agent(concat!("git/2.0 (kiln ", env!("CARGO_PKG_VERSION"), ")"))
+                .build()
+                .map_err(|e| format!("building the HTTP client: {e}"))?;
+            for scheme in ["http", "https"] {
+                let client = client.clone();
+                // SAFETY: runs once (OnceLock), before this process's first HTTP fetch; kiln
+                // creates no other libgit2 transports concurrently with it.
+                unsafe {
+                    git2::transport::register(scheme, move |remote| {
+                        Transport::smart(
+                            remote,
+                            true,
+                            Subtransport {
+                                client: client.clone(),
+                                base: Arc::new(Mutex::new(None)),
+                            },
+                        )
+                    })
+                }
+                .map_err(|e| format!("registering {scheme}: {}", e.message()))?;
+            }
+            Ok(())
+        })
+        .clone()
+    }
+
+    struct Subtransport {
+        client: reqwest::blocking::Client,
+        /// The repository URL, updated when the server redirects the ref listing.
+        base: Arc<Mutex<Option<String>>>,
+    }
+
+    impl SmartSubtransport for Subtransport {
+        fn action(
+            &self,
+            url: &str,
+            action: Service,
+        ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
+            let base = {
+                let mut b = self
+                    .base
+                    .lock()
+                    .map_err(|_| git2::Error::from_str("http transport state poisoned"))?;
+                b.get_or_insert_with(|| url.trim_end_matches('/').to_string())
+                    .clone()
+            };
+            let (post, path, expect) = match action {
+                Service::UploadPackLs => (false, LS, "application/x-git-upload-pack-advertisement"),
+                Service::UploadPack => (
+                    true,
+                    "/git-upload-pack",
+                    "application/x-git-upload-pack-result",
+                ),
+                Service::ReceivePackLs | Service::ReceivePack => {
+                    return Err(git2::Error::from_str(
+                        "kiln only fetches over http; pushing is not supported",
+                    ));
+                }
+            };
+            Ok(Box::new(Stream {
+                client: self.client.clone(),
+                url: format!("{base}{path}"),
+                post,
+                expect,
+                body: Vec::new(),
+                response: None,
+                base: Arc::clone(&self.base),
+            }))
+        }
+
+        fn close(&self) -> Result<(), git2::Error> {
+            Ok(())
+        }
+    }
+
+    /// One request: written body, then the streamed response.
+    struct Stream {
+        client: reqwest::blocking::Client,
+        url: String,
+        post: bool,
+        expect: &'static str,
+        body: Vec<u8>,
+        response: Option<reqwest::blocking::Response>,
+        base: Arc<Mutex<Option<String>>>,
+    }
+
+    impl Stream {
+        fn send(&mut self) -> io::Result<reqwest::blocking::Response> {
+            let request = if self.post {
+                self.client
+                    .post(&self.url)
+                    .header("Content-Type", "application/x-git-upload-pack-request")
+                    .header("Accept", self.expect)
+                    .body(std::mem::take(&mut self.body))
+            } else {
+                self.client.get(&self.url)
+            };
+            let response = request
+                .send()
+                .map_err(|e| io::Error::other(format!("{}: {e}", self.url)))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(io::Error::other(format!(
+                    "{} answered HTTP {status}",
+                    self.url
+                )));
+            }
+            let content_type = response
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !content_type.starts_with(self.expect) {
+                return Err(io::Error::other(format!(
+                    "{} answered {content_type:?}, not {}: not a git smart-HTTP server",
+                    self.url, self.expect
+                )));
+            }
+            // Follow a redirect of the ref listing for the requests after it.
+            if !self.post
+                && let Some(moved) = response.url().as_str().strip_suffix(LS)
+                && let Ok(mut b) = self.base.lock()
+            {
+                *b = Some(moved.to_string());
+            }
+            Ok(response)
+        }
+    }
+
+    impl Read for Stream {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.response.is_none() {
+                self.response = Some(self.send()?);
+            }
+            match &mut self.response {
+                Some(r) => r.read(buf),
+                None => Ok(0),
+            }
+        }
+    }
+
+    impl Write for Stream {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.body.extend_from_slice(data);
+            Ok(data.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

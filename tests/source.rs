@@ -435,3 +435,134 @@ fn watcher_state_for_other_ref_does_not_apply_and_bad_state_is_an_error() {
     let e = Watcher::with_source(source(&f), "main", "recipes/[.yaml", &state).unwrap_err();
     assert!(e.to_string().contains("glob"), "{e}");
 }
+
+/// A one-request-per-connection HTTP server on loopback running `git http-backend` (CGI) for
+/// the repositories under `root`. Returns its base URL.
+fn serve_git_http(root: PathBuf) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let exec_path = std::process::Command::new("git")
+        .arg("--exec-path")
+        .output()
+        .expect("git is installed (Debian package git)");
+    let backend =
+        PathBuf::from(String::from_utf8(exec_path.stdout).unwrap().trim()).join("git-http-backend");
+    assert!(backend.is_file(), "{} missing", backend.display());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let mut parts = line.split_whitespace();
+            let method = parts.next().unwrap_or("").to_string();
+            let target = parts.next().unwrap_or("").to_string();
+            let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+            let mut headers = Vec::new();
+            loop {
+                let mut h = String::new();
+                reader.read_line(&mut h).unwrap();
+                let h = h.trim_end().to_string();
+                if h.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') {
+                    headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                }
+            }
+            let header = |name: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            let len: usize = header("content-length").parse().unwrap_or(0);
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            // Only kiln's transport (its user agent) is served: proves libgit2's built-in http
+            // client is not the one talking.
+            if !header("user-agent").contains("kiln") {
+                let mut conn = reader.into_inner();
+                let _ = conn.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+                continue;
+            }
+            let mut child = std::process::Command::new(&backend)
+                .env_clear()
+                .env("GIT_PROJECT_ROOT", &root)
+                .env("GIT_HTTP_EXPORT_ALL", "1")
+                .env("REQUEST_METHOD", &method)
+                .env("PATH_INFO", path)
+                .env("QUERY_STRING", query)
+                .env("CONTENT_TYPE", header("content-type"))
+                .env("CONTENT_LENGTH", len.to_string())
+                .env("REMOTE_ADDR", "127.0.0.1")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(&body).unwrap();
+            let out = child.wait_with_output().unwrap().stdout;
+            let split = out
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|i| (i, 4))
+                .or_else(|| out.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
+            let (head, rest) = match split {
+                Some((i, n)) => (
+                    String::from_utf8_lossy(&out[..i]).to_string(),
+                    &out[i + n..],
+                ),
+                None => (String::new(), &out[..]),
+            };
+            let mut status = "200 OK".to_string();
+            let mut response = Vec::new();
+            for h in head.lines() {
+                match h.strip_prefix("Status:") {
+                    Some(s) => status = s.trim().to_string(),
+                    None => response.extend_from_slice(format!("{h}\r\n").as_bytes()),
+                }
+            }
+            let mut conn = reader.into_inner();
+            let _ = conn.write_all(format!("HTTP/1.1 {status}\r\n").as_bytes());
+            let _ = conn.write_all(&response);
+            let _ = conn.write_all(
+                format!(
+                    "Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    rest.len()
+                )
+                .as_bytes(),
+            );
+            let _ = conn.write_all(rest);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn fetch_over_smart_http() {
+    let f = fixture();
+    let base = serve_git_http(f.work.parent().unwrap().to_path_buf());
+    let src = GitSource::with_home(&format!("{base}/repo"), &f.home).unwrap();
+    let c = src.checkout("v1", "recipes/minimal.yaml").unwrap();
+    assert!(c.cloned);
+    assert_eq!(c.commit, f.c1);
+    assert_eq!(c.time, T1);
+    assert_eq!(fs::read_to_string(c.dir.join("VERSION")).unwrap(), "1\n");
+    // A later commit arrives by fetch (a negotiation with haves) over the same transport.
+    fs::write(f.work.join("VERSION"), "3\n").unwrap();
+    let c3 = commit_all(&f.repo, "third", T2 + 1);
+    let c = src.checkout("main", "VERSION").unwrap();
+    assert!(!c.cloned);
+    assert_eq!(c.commit, c3);
+    assert_eq!(fs::read_to_string(&c.recipe_path).unwrap(), "3\n");
+    // A path that is no repository: a clear error naming the URL.
+    let e = GitSource::with_home(&format!("{base}/nothing"), &f.home)
+        .unwrap()
+        .checkout("main", "x")
+        .unwrap_err();
+    assert!(matches!(e, SourceError::Unreachable { .. }), "{e:?}");
+    assert!(e.to_string().contains("/nothing"), "{e}");
+}

@@ -9,6 +9,10 @@
 //! rustls — registered with libgit2 as its http transport, so no OpenSSL is linked). ssh is not
 //! supported and fails with a clear error. The HTTP transport blocks: call from a plain thread
 //! (or `spawn_blocking`), never directly inside an async runtime.
+//!
+//! Limits: file contents are read whole from git (recipe repositories are small); checkouts are
+//! kept until something removes `$KILN_HOME/checkouts/<commit>` (nothing does yet); two
+//! processes fetching into one mirror at the same moment may see a libgit2 lock error and retry.
 
 use crate::recipe::{GitInfo, LoadOptions};
 use git2::{AutotagOption, FetchOptions, FetchPrune, ObjectType, Oid, Repository, Tree};
@@ -172,16 +176,6 @@ impl GitSource {
     /// Where a commit's checkout lives: `<home>/checkouts/<commit>`.
     pub fn checkout_dir(&self, commit: &str) -> PathBuf {
         self.home.join("checkouts").join(commit)
-    }
-
-    /// Open the mirror, cloning it first when there is none; then fetch every branch and tag.
-    /// Returns the repository and whether it was cloned by this call.
-    pub fn update(&self) -> Result<(Repository, bool), SourceError> {
-        let (repo, cloned) = self.open_or_clone()?;
-        if !cloned {
-            self.fetch(&repo)?;
-        }
-        Ok((repo, cloned))
     }
 
     /// Fetch, then resolve `reference` (branch, tag, full or abbreviated commit id) to a commit.

@@ -11,5 +11,7 @@ pub mod packages;
 pub mod pipeline;
 pub mod recipe;
 pub mod rootfs;
+pub mod source;
 pub mod tree;
 pub mod verify;
+pub mod watch;

@@ -1,0 +1,290 @@
+//! The watcher: turns a new commit on a watched ref into build triggers. Each poll fetches the
+//! repository; when the ref moved, the new commit is checked out, every recipe matching the glob
+//! (`recipes/*.yaml`) is loaded, and a recipe triggers when its inputs changed since the last
+//! value seen. The last values live in a JSON state file (written atomically), so a restart does
+//! not rebuild everything.
+//!
+//! What counts as a change: the recipe's `build.inputs` digest (its `extends:` chain, templates,
+//! parameters, environment and SOURCE_DATE_EPOCH) computed *without* the commit id, because the
+//! loader folds the commit id into `build.inputs` and a commit that touches only a README must not
+//! rebuild anything. Exceptions, both deliberate: a recipe or template that mentions `git.commit`
+//! depends on the commit, so it triggers on every commit; a recipe without `source_date_epoch`
+//! takes the commit time as its epoch, so its inputs (and image) change with every commit.
+//!
+//! A recipe that fails to load yields a trigger with `error` set (and no inputs), so the caller
+//! can report the build as `failed`; it triggers again only when its error changes.
+//!
+//! Delivery: [`Watcher::poll`] saves the state before returning the triggers (at most once);
+//! [`Watcher::run`] hands every trigger to its callback first and saves after (at least once).
+
+use crate::recipe::{self, Diagnostic, GitInfo};
+use crate::source::{Checkout, GitSource, SourceError, load_options_for};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What went wrong watching a repository.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("recipe glob {glob:?} is not valid: {message}; write e.g. recipes/*.yaml")]
+    BadGlob { glob: String, message: String },
+    #[error(
+        "watch state file {path}: {message}; fix or delete it (deleting triggers every recipe once)"
+    )]
+    State { path: PathBuf, message: String },
+}
+
+/// A recipe to build (or to report as failed).
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    /// The recipe's path in the repository, e.g. `recipes/minimal.yaml`.
+    pub recipe_path: String,
+    /// The recipe file in the checkout.
+    pub file: PathBuf,
+    /// The commit the recipe was read at (40 hex digits).
+    pub commit: String,
+    /// The watched ref.
+    pub reference: String,
+    /// The commit time (the SOURCE_DATE_EPOCH when the recipe sets none).
+    pub time: i64,
+    /// The recipe's `build.inputs` at this commit (as the build will compute it); empty on error.
+    pub inputs: String,
+    /// Why the recipe did not load, when it did not: the caller reports the build `failed`.
+    pub error: Option<Diagnostic>,
+}
+
+/// What the state file holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WatchState {
+    pub url: String,
+    pub reference: String,
+    /// The last commit processed.
+    pub commit: Option<String>,
+    /// Per recipe path: the change key last seen (`sha256:` inputs without the commit id, or
+    /// `error:<digest>`).
+    pub recipes: BTreeMap<String, String>,
+}
+
+/// Watches one ref of one repository.
+#[derive(Debug)]
+pub struct Watcher {
+    source: GitSource,
+    reference: String,
+    pattern: glob::Pattern,
+    state_file: PathBuf,
+    state: WatchState,
+}
+
+impl Watcher {
+    /// Watch `reference` of `repo_url` (mirrored under `$KILN_HOME`) for recipes matching
+    /// `recipes_glob`; remember what was seen in `state_file`.
+    pub fn new(
+        repo_url: &str,
+        reference: &str,
+        recipes_glob: &str,
+        state_file: &Path,
+    ) -> Result<Self, WatchError> {
+        Self::with_source(
+            GitSource::new(repo_url)?,
+            reference,
+            recipes_glob,
+            state_file,
+        )
+    }
+
+    /// Like [`Watcher::new`] with an explicit source (e.g. another kiln home).
+    pub fn with_source(
+        source: GitSource,
+        reference: &str,
+        recipes_glob: &str,
+        state_file: &Path,
+    ) -> Result<Self, WatchError> {
+        let pattern = glob::Pattern::new(recipes_glob).map_err(|e| WatchError::BadGlob {
+            glob: recipes_glob.to_string(),
+            message: e.msg.to_string(),
+        })?;
+        let fresh = WatchState {
+            url: source.url().to_string(),
+            reference: reference.to_string(),
+            ..WatchState::default()
+        };
+        let state = match std::fs::read(state_file) {
+            Ok(bytes) => {
+                let s: WatchState =
+                    serde_json::from_slice(&bytes).map_err(|e| WatchError::State {
+                        path: state_file.to_path_buf(),
+                        message: format!("not valid watch state JSON: {e}"),
+                    })?;
+                // State for another repository or ref does not apply.
+                if s.url == fresh.url && s.reference == fresh.reference {
+                    s
+                } else {
+                    fresh
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fresh,
+            Err(e) => {
+                return Err(WatchError::State {
+                    path: state_file.to_path_buf(),
+                    message: format!("cannot read: {e}"),
+                });
+            }
+        };
+        Ok(Watcher {
+            source,
+            reference: reference.to_string(),
+            pattern,
+            state_file: state_file.to_path_buf(),
+            state,
+        })
+    }
+
+    /// The state as last saved or computed.
+    pub fn state(&self) -> &WatchState {
+        &self.state
+    }
+
+    /// Fetch; when the ref moved, return a trigger per recipe whose inputs changed (every recipe
+    /// on the first poll) and save the state.
+    pub fn poll(&mut self) -> Result<Vec<Trigger>, WatchError> {
+        let Some((triggers, state)) = self.scan()? else {
+            return Ok(Vec::new());
+        };
+        self.save(state)?;
+        Ok(triggers)
+    }
+
+    /// Poll every `interval` until `stop()` is true, handing each trigger to `on_trigger` before
+    /// the state is saved. A poll that fails (repository unreachable, say) is logged and retried
+    /// at the next interval.
+    pub fn run(
+        &mut self,
+        interval: Duration,
+        mut on_trigger: impl FnMut(&Trigger),
+        stop: impl Fn() -> bool,
+    ) {
+        while !stop() {
+            let started = Instant::now();
+            match self.scan() {
+                Ok(Some((triggers, state))) => {
+                    for t in &triggers {
+                        on_trigger(t);
+                    }
+                    if let Err(e) = self.save(state) {
+                        tracing::warn!("watch {}: {e}", self.source.url());
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("watch {}: {e}", self.source.url()),
+            }
+            while !stop() && started.elapsed() < interval {
+                let left = interval.saturating_sub(started.elapsed());
+                std::thread::sleep(left.min(Duration::from_millis(100)));
+            }
+        }
+    }
+
+    /// The triggers and the new state, or None when the ref did not move.
+    fn scan(&self) -> Result<Option<(Vec<Trigger>, WatchState)>, WatchError> {
+        let (commit, _) = self.source.resolve(&self.reference)?;
+        if self.state.commit.as_deref() == Some(commit.as_str()) {
+            return Ok(None);
+        }
+        let checkout = self.source.checkout_tree(&commit)?;
+        let options = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: true,
+        };
+        let recipes: Vec<String> = self
+            .source
+            .files_at(&checkout.commit)?
+            .into_iter()
+            .filter(|p| self.pattern.matches_with(p, options))
+            .collect();
+        let mut state = WatchState {
+            url: self.state.url.clone(),
+            reference: self.reference.clone(),
+            commit: Some(commit),
+            recipes: BTreeMap::new(),
+        };
+        let mut triggers = Vec::new();
+        for path in recipes {
+            let (trigger, key) = self.examine(&checkout, &path);
+            if self.state.recipes.get(&path) != Some(&key) {
+                triggers.push(trigger);
+            }
+            state.recipes.insert(path, key);
+        }
+        Ok(Some((triggers, state)))
+    }
+
+    /// Load one recipe: its trigger and its change key.
+    fn examine(&self, checkout: &Checkout, path: &str) -> (Trigger, String) {
+        let file = checkout.dir.join(path);
+        let at = Checkout {
+            recipe_path: file.clone(),
+            reference: self.reference.clone(),
+            ..checkout.clone()
+        };
+        let opts = load_options_for(&at, Vec::new());
+        let mut trigger = Trigger {
+            recipe_path: path.to_string(),
+            file: file.clone(),
+            commit: checkout.commit.clone(),
+            reference: self.reference.clone(),
+            time: checkout.time,
+            inputs: String::new(),
+            error: None,
+        };
+        let loaded = match recipe::load(&file, &opts) {
+            Ok(l) => l,
+            Err(d) => {
+                // Key on the message without the checkout's location, which changes per commit.
+                let text = d.to_string().replace(&*checkout.dir.to_string_lossy(), "");
+                let key = format!("error:{}", crate::cache::Digest256::of(text.as_bytes()));
+                trigger.error = Some(d);
+                return (trigger, key);
+            }
+        };
+        trigger.inputs = loaded.inputs.clone();
+        if mentions_commit(&loaded.sources) {
+            return (trigger, loaded.inputs);
+        }
+        // The same load without the commit id: the key a README-only commit does not change.
+        let mut blank = opts;
+        blank.git = GitInfo {
+            commit: String::new(),
+            ..blank.git
+        };
+        let key = match recipe::load(&file, &blank) {
+            Ok(l) => l.inputs,
+            Err(_) => loaded.inputs,
+        };
+        (trigger, key)
+    }
+
+    fn save(&mut self, state: WatchState) -> Result<(), WatchError> {
+        let bytes = serde_json::to_vec_pretty(&state).map_err(|e| WatchError::State {
+            path: self.state_file.clone(),
+            message: format!("cannot encode: {e}"),
+        })?;
+        crate::cache::write_atomic(&self.state_file, &bytes).map_err(|e| WatchError::State {
+            path: self.state_file.clone(),
+            message: format!("cannot write: {e}"),
+        })?;
+        self.state = state;
+        Ok(())
+    }
+}
+
+/// Whether any file the recipe read uses the commit id.
+fn mentions_commit(sources: &[PathBuf]) -> bool {
+    sources.iter().any(|p| {
+        std::fs::read_to_string(p).is_ok_and(|t| {
+            t.contains("git.commit") || t.contains("git[\"commit\"]") || t.contains("git['commit']")
+        })
+    })
+}

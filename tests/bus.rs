@@ -68,7 +68,10 @@ fn every_documented_example_parses() {
     // Every message type has an example (and a schema file of the same name).
     for (file, _) in kiln::bus::messages::json_schemas() {
         let name = file.trim_end_matches(".json");
-        assert!(seen.contains(name), "docs/messages.md has no example of {name}");
+        assert!(
+            seen.contains(name),
+            "docs/messages.md has no example of {name}"
+        );
     }
     assert!(
         examples.iter().any(|(n, _)| n.ends_with("(nats pub)")),
@@ -348,7 +351,13 @@ async fn progress_acks_keep_a_slow_message() {
         stolen.map(|m| m.subject.to_string())
     );
     assert_eq!(*calls.lock().unwrap(), vec![1]);
-    assert!(other.next_message(Duration::from_secs(2)).await.unwrap().is_none());
+    assert!(
+        other
+            .next_message(Duration::from_secs(2))
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,7 +398,13 @@ async fn handler_errors_are_retried_then_given_up() {
         vec![(1, false), (2, false), (3, true)]
     );
     // Nothing more comes, not even after the ack wait.
-    assert!(worker.next_message(Duration::from_secs(2)).await.unwrap().is_none());
+    assert!(
+        worker
+            .next_message(Duration::from_secs(2))
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,7 +440,13 @@ async fn final_errors_are_not_redelivered() {
     let errors = errors.lock().unwrap().clone();
     assert_eq!(errors.len(), 1);
     assert!(errors[0].contains("`requester`"), "{errors:?}");
-    assert!(worker.next_message(Duration::from_secs(2)).await.unwrap().is_none());
+    assert!(
+        worker
+            .next_message(Duration::from_secs(2))
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -599,7 +620,9 @@ async fn build_events_are_one_builds_history_in_order() {
         bus.publish_event(&started(&format!("b{i}"), Stage::Source))
             .await
             .unwrap();
-        bus.publish_event(&started("ab", Stage::Source)).await.unwrap();
+        bus.publish_event(&started("ab", Stage::Source))
+            .await
+            .unwrap();
         bus.publish_request(&request("a")).await.unwrap();
     }
     // A foreign publisher's junk on a build subject does not hide the rest.

@@ -42,9 +42,7 @@ pub enum BlobError {
         expected: Digest256,
         actual: Digest256,
     },
-    #[error(
-        "{path} changed while uploading: it hashed to {before}, the upload to {after}; retry"
-    )]
+    #[error("{path} changed while uploading: it hashed to {before}, the upload to {after}; retry")]
     Changed {
         path: PathBuf,
         before: Digest256,
@@ -68,9 +66,7 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Blo
 }
 
 /// Create the blob bucket if missing (idempotent).
-pub(crate) async fn ensure_object_store(
-    bus: &Bus,
-) -> Result<object_store::ObjectStore, BusError> {
+pub(crate) async fn ensure_object_store(bus: &Bus) -> Result<object_store::ObjectStore, BusError> {
     let js = bus.jetstream();
     if let Ok(store) = js.get_object_store(BLOB_BUCKET).await {
         return Ok(store);
@@ -82,7 +78,9 @@ pub(crate) async fn ensure_object_store(
         ..Default::default()
     })
     .await
-    .map_err(nats_err(format!("create object store bucket {BLOB_BUCKET}")))
+    .map_err(nats_err(format!(
+        "create object store bucket {BLOB_BUCKET}"
+    )))
 }
 
 /// sha256 of a file, streamed.
@@ -220,7 +218,9 @@ impl Blobs {
                     digest: digest.clone(),
                 });
             }
-            Err(e) => return Err(nats_err(format!("download {digest} from {BLOB_BUCKET}"))(e).into()),
+            Err(e) => {
+                return Err(nats_err(format!("download {digest} from {BLOB_BUCKET}"))(e).into());
+            }
         };
         let dir = dest
             .parent()
@@ -229,7 +229,8 @@ impl Blobs {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(io_err("create", &dir))?;
-        let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err("create a temp file in", &dir))?;
+        let tmp =
+            tempfile::NamedTempFile::new_in(&dir).map_err(io_err("create a temp file in", &dir))?;
         let (std_file, tmp_path) = tmp.into_parts();
         let mut file = tokio::fs::File::from_std(std_file);
         let mut hasher = Sha256::new();
@@ -256,13 +257,11 @@ impl Blobs {
                 actual,
             });
         }
-        tmp_path
-            .persist(&dest)
-            .map_err(|e| BlobError::Io {
-                what: "rename into the store",
-                path: dest.clone(),
-                source: e.error,
-            })?;
+        tmp_path.persist(&dest).map_err(|e| BlobError::Io {
+            what: "rename into the store",
+            path: dest.clone(),
+            source: e.error,
+        })?;
         Ok(dest)
     }
 
@@ -274,8 +273,7 @@ impl Blobs {
 
 /// Base64 URL-safe with padding, as the object store writes digests.
 fn base64_url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
         let b = [

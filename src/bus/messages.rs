@@ -118,7 +118,10 @@ pub fn new_build_id() -> String {
         .unwrap_or_default();
     let stamp = format_rfc3339_ms(now.as_millis() as u64);
     // 2026-11-26T02:24:07.123Z -> 20261126T022407Z
-    let compact: String = stamp[..19].chars().filter(|c| *c != '-' && *c != ':').collect();
+    let compact: String = stamp[..19]
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect();
     let mut random = [0u8; 4];
     let got = std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random));
@@ -148,9 +151,7 @@ pub enum RecipeSource {
         name: String,
     },
     /// A recipe in a git repository at a ref.
-    Git {
-        git: GitSource,
-    },
+    Git { git: GitSource },
 }
 
 /// A recipe file in a git repository.
@@ -572,10 +573,13 @@ mod tests {
     #[test]
     fn rfc3339_formatting() {
         assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_rfc3339_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(
+            format_rfc3339_ms(951_782_400_123),
+            "2000-02-29T00:00:00.123Z"
+        );
         assert_eq!(
             format_rfc3339_ms(1_795_919_047_000),
-            "2026-11-28T23:04:07.000Z"
+            "2026-11-29T02:24:07.000Z"
         );
         let id = new_build_id();
         assert!(subjects::is_clean_token(&id), "{id}");

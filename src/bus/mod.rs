@@ -61,7 +61,9 @@ pub enum BusError {
 }
 
 /// Wrap any NATS client error with what we were doing.
-pub(crate) fn nats_err<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> BusError {
+pub(crate) fn nats_err<E: std::fmt::Display>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> BusError {
     let what = what.into();
     move |e| BusError::Nats {
         what,
@@ -181,7 +183,9 @@ impl Bus {
     pub fn stream_config() -> stream::Config {
         stream::Config {
             name: STREAM.to_string(),
-            description: Some("kiln build requests, stage events, publications, deployments".into()),
+            description: Some(
+                "kiln build requests, stage events, publications, deployments".into(),
+            ),
             subjects: vec![format!("{}.>", subjects::ROOT)],
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
@@ -200,11 +204,12 @@ impl Bus {
         let name = config.name.clone();
         match self.js.create_stream(config.clone()).await {
             Ok(s) => Ok(s),
-            Err(e) if matches!(
-                e.kind(),
-                jetstream::context::CreateStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
-            ) =>
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::CreateStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
+                ) =>
             {
                 self.js
                     .update_stream(config)
@@ -311,7 +316,10 @@ impl Bus {
         self.publish_raw(msg.subject(), encode(msg)).await
     }
 
-    fn events_consumer_config(build: &str, deliver: consumer::DeliverPolicy) -> consumer::pull::OrderedConfig {
+    fn events_consumer_config(
+        build: &str,
+        deliver: consumer::DeliverPolicy,
+    ) -> consumer::pull::OrderedConfig {
         consumer::pull::OrderedConfig {
             filter_subject: subjects::build_events(build),
             deliver_policy: deliver,
@@ -363,7 +371,8 @@ impl Bus {
         &self,
         build: &str,
         history: bool,
-    ) -> Result<impl futures::Stream<Item = Result<RecordedEvent, BusError>> + use<>, BusError> {
+    ) -> Result<impl futures::Stream<Item = Result<RecordedEvent, BusError>> + use<>, BusError>
+    {
         let stream = self.ensure_kiln_stream().await?;
         let deliver = if history {
             consumer::DeliverPolicy::All

@@ -133,8 +133,7 @@ impl PrivateServer {
             if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut line = String::new();
-                if BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO")
-                {
+                if BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO") {
                     return Ok(());
                 }
             }

@@ -270,7 +270,10 @@ mod tests {
             stage_event("x.y", Stage::Disk, EventKind::Failed),
             "kiln.build.x_y.disk.failed"
         );
-        assert_eq!(deploy("host 1", DeployKind::Completed), "kiln.deploy.host_1.completed");
+        assert_eq!(
+            deploy("host 1", DeployKind::Completed),
+            "kiln.deploy.host_1.completed"
+        );
         assert!(is_clean_token("abc-1_2"));
         assert!(!is_clean_token("a.b"));
     }

@@ -59,10 +59,7 @@ impl RetryPolicy {
     /// Delay before redelivering after failed attempt number `attempt` (1-based).
     pub fn nak_delay(&self, attempt: u64) -> Option<Duration> {
         let i = (attempt.max(1) - 1) as usize;
-        self.backoff
-            .get(i)
-            .or(self.backoff.last())
-            .copied()
+        self.backoff.get(i).or(self.backoff.last()).copied()
     }
 
     /// Check what the server would reject.

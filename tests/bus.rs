@@ -164,6 +164,15 @@ async fn setup_twice_is_idempotent() {
         stream.consumer_names().try_collect().await.unwrap()
     };
     assert_eq!(names.len(), Stage::ALL.len(), "{names:?}");
+    // A changed policy is applied to the existing consumer.
+    let changed = fast_policy(1000, &[2000, 4000], 5);
+    bus.ensure_consumer(Stage::Disk, &changed).await.unwrap();
+    let c = stream
+        .consumer_info(Stage::Disk.consumer_name())
+        .await
+        .unwrap();
+    assert_eq!(c.config.max_deliver, 5);
+    assert_eq!(c.config.backoff, changed.backoff);
     // A bad policy is refused before the server sees it.
     let bad = fast_policy(1000, &[100, 200], 2);
     assert!(bus.ensure_consumer(Stage::Disk, &bad).await.is_err());
@@ -655,4 +664,45 @@ async fn build_events_are_one_builds_history_in_order() {
         .unwrap()
         .unwrap();
     assert_eq!(rec.event.unwrap(), new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_say_where() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let err = tokio::time::timeout(Duration::from_secs(15), Bus::connect_url(&url))
+        .await
+        .expect("connecting to a closed port must fail, not hang")
+        .unwrap_err();
+    assert!(err.to_string().contains(&url), "{err}");
+
+    let mut opts = ConnectOptions::new(&url);
+    opts.auth = Auth::CredsFile("/nonexistent/kiln.creds".into());
+    let err = Bus::connect(&opts).await.unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/kiln.creds"), "{err}");
+
+    // User and password against a server that requires them.
+    let server = PrivateServer::start_with_args(&["--user", "kiln", "--pass", "s3cret"]).unwrap();
+    let mut opts = ConnectOptions::new(server.url());
+    let err = Bus::connect(&opts).await.unwrap_err();
+    assert!(err.to_string().contains(&server.url()), "{err}");
+    opts.auth = Auth::UserPassword {
+        user: "kiln".into(),
+        password: "s3cret".into(),
+    };
+    let bus = Bus::connect(&opts).await.unwrap();
+    bus.ensure_kiln_stream().await.unwrap();
+    drop(server);
+
+    // A token.
+    let server = PrivateServer::start_with_args(&["--auth", "t0ken"]).unwrap();
+    let mut opts = ConnectOptions::new(server.url());
+    opts.auth = Auth::Token("wrong".into());
+    assert!(Bus::connect(&opts).await.is_err());
+    opts.auth = Auth::Token("t0ken".into());
+    Bus::connect(&opts).await.unwrap();
 }

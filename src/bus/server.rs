@@ -44,6 +44,7 @@ pub struct PrivateServer {
     port: u16,
     store_dir: PathBuf,
     log: PathBuf,
+    extra_args: Vec<String>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -69,13 +70,26 @@ fn free_port() -> Result<u16, ServerError> {
 impl PrivateServer {
     /// Start a server with JetStream in a new temp dir on a free port.
     pub fn start() -> Result<PrivateServer, ServerError> {
+        Self::start_with_args(&[])
+    }
+
+    /// Like [`PrivateServer::start`], with more `nats-server` arguments (e.g. `--user`,
+    /// `--pass`).
+    pub fn start_with_args(args: &[&str]) -> Result<PrivateServer, ServerError> {
         let temp = tempfile::Builder::new()
             .prefix("kiln-nats-")
             .tempdir()
             .map_err(io("create a temp dir for nats-server"))?;
         let store = temp.path().join("jetstream");
-        let mut server = Self::start_in(&store, free_port()?)?;
-        server._temp = Some(temp);
+        let mut server = PrivateServer {
+            child: None,
+            port: free_port()?,
+            log: store.with_extension("log"),
+            store_dir: store,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            _temp: Some(temp),
+        };
+        server.spawn()?;
         Ok(server)
     }
 
@@ -87,6 +101,7 @@ impl PrivateServer {
             port,
             store_dir: store_dir.to_path_buf(),
             log: store_dir.with_extension("log"),
+            extra_args: Vec::new(),
             _temp: None,
         };
         server.spawn()?;
@@ -112,6 +127,7 @@ impl PrivateServer {
             .arg("-sd")
             .arg(&self.store_dir)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)

@@ -27,9 +27,7 @@ fn home() -> tempfile::TempDir {
 
 fn kiln(home: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env("KILN_HOME", home)
-        .env_remove("KILN_OFFLINE")
-        .current_dir(root());
+    c.env("KILN_HOME", home).env_remove("KILN_OFFLINE").current_dir(root());
     c
 }
 
@@ -63,16 +61,7 @@ fn minimal_builds_boots_both_ways_and_rebuilds_from_cache() {
     let out = tempfile::tempdir().unwrap();
     let report = json(
         &kiln(home.path())
-            .args([
-                "build",
-                "recipes/minimal.yaml",
-                "--json",
-                "--profile",
-                "uefi",
-                "--profile",
-                "direct",
-                "-o",
-            ])
+            .args(["build", "recipes/minimal.yaml", "--json", "--profile", "uefi", "--profile", "direct", "-o"])
             .arg(out.path())
             .output()
             .unwrap(),
@@ -83,10 +72,7 @@ fn minimal_builds_boots_both_ways_and_rebuilds_from_cache() {
     for (boot, profile) in boots.iter().zip(["uefi", "direct"]) {
         assert_eq!(boot["profile"], profile);
         let marker = boot["marker_line"].as_str().unwrap();
-        assert!(
-            marker.contains(&format!("kiln-boot-ok {inputs}")),
-            "{marker}"
-        );
+        assert!(marker.contains(&format!("kiln-boot-ok {inputs}")), "{marker}");
         let log = boot["serial_log"].as_str().unwrap();
         let text = std::fs::read_to_string(log).unwrap();
         // kiln's initramfs found the root partition and handed over to the image's init.
@@ -98,38 +84,17 @@ fn minimal_builds_boots_both_ways_and_rebuilds_from_cache() {
     assert!(uefi_log.contains("BdsDxe"), "{uefi_log}");
     let image = PathBuf::from(report["image"].as_str().unwrap());
     assert_eq!(image.file_name().unwrap(), "minimal-1.0.0.qcow2");
-    let check = Command::new("qemu-img")
-        .arg("check")
-        .arg(&image)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    let check = Command::new("qemu-img").arg("check").arg(&image).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
     let mut report_file = image.as_os_str().to_os_string();
     report_file.push(".report.json");
     assert!(Path::new(&report_file).is_file());
-    assert!(
-        stages(&report)
-            .iter()
-            .any(|(s, c)| s == "disk" && c == "miss")
-    );
+    assert!(stages(&report).iter().any(|(s, c)| s == "disk" && c == "miss"));
 
     // Unchanged rebuild: all cache hits, no download, no boot.
     let again = json(
         &kiln(home.path())
-            .args([
-                "build",
-                "recipes/minimal.yaml",
-                "--json",
-                "--profile",
-                "uefi",
-                "--profile",
-                "direct",
-                "-o",
-            ])
+            .args(["build", "recipes/minimal.yaml", "--json", "--profile", "uefi", "--profile", "direct", "-o"])
             .arg(out.path())
             .output()
             .unwrap(),
@@ -147,30 +112,16 @@ fn minimal_builds_boots_both_ways_and_rebuilds_from_cache() {
     let out2 = tempfile::tempdir().unwrap();
     let fresh = json(
         &kiln(home.path())
-            .args([
-                "build",
-                "recipes/minimal.yaml",
-                "--json",
-                "--no-verify",
-                "-o",
-            ])
+            .args(["build", "recipes/minimal.yaml", "--json", "--no-verify", "-o"])
             .arg(out2.path())
             .output()
             .unwrap(),
     );
-    assert!(
-        stages(&fresh).iter().all(|(_, c)| c == "miss"),
-        "{:?}",
-        stages(&fresh)
-    );
+    assert!(stages(&fresh).iter().all(|(_, c)| c == "miss"), "{:?}", stages(&fresh));
     assert_eq!(fresh["image_digest"], report["image_digest"]);
     let sha = |p: &Path| {
         let o = Command::new("sha256sum").arg(p).output().unwrap();
-        String::from_utf8_lossy(&o.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
+        String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap().to_string()
     };
     assert_eq!(sha(&image), sha(&out2.path().join("minimal-1.0.0.qcow2")));
     assert_eq!(
@@ -240,18 +191,11 @@ fn bad_input_is_refused_clearly() {
 
     // An image that does not boot: its init is missing, the kernel panics; the error shows the
     // end of the serial log.
-    let p =
-        variant("boot:\n  cmdline: \"console=ttyS0 init=/sbin/missing\"\nverify:\n  timeout: 60\n");
+    let p = variant("boot:\n  cmdline: \"console=ttyS0 init=/sbin/missing\"\nverify:\n  timeout: 60\n");
     let (code, err) = fails(home.path(), p.path(), &["--profile", "direct"]);
     assert_ne!(code, Some(0));
-    assert!(
-        err.to_lowercase().contains("serial") || err.contains("panic"),
-        "{err}"
-    );
-    assert!(
-        err.lines().count() > 10,
-        "expected the serial log's last lines:\n{err}"
-    );
+    assert!(err.to_lowercase().contains("serial") || err.contains("panic"), "{err}");
+    assert!(err.lines().count() > 10, "expected the serial log's last lines:\n{err}");
 }
 
 #[test]

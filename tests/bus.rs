@@ -4,7 +4,6 @@
 //! across two local stores, the KV workaround, a server restart, and build history. Also checks
 //! that every example in docs/messages.md parses and that docs/schemas/ is current.
 
-use kiln::bus::worker::Handled;
 use kiln::bus::*;
 use kiln::cache::{BlobStore, Digest256};
 use std::io::{BufRead, BufReader, Write};

@@ -20,8 +20,8 @@ pub use messages::{
     StageFailed, StageProgress, StageStarted, VERSION, decode, encode, new_build_id,
 };
 pub use server::{PrivateServer, ServerError};
-pub use subjects::{EventKind, Stage};
-pub use worker::{Delivery, Outcome, RetryPolicy, Worker};
+pub use subjects::{DeployKind, EventKind, Stage};
+pub use worker::{Delivery, Handled, Outcome, RetryPolicy, Worker};
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;

@@ -2,6 +2,7 @@
 //! comes out. See DESIGN.md for the architecture; each module owns one concern.
 
 pub mod boot;
+pub mod bus;
 pub mod cache;
 pub mod cli;
 pub mod disk;

@@ -1,0 +1,623 @@
+//! The message schemas: one type per subject, JSON with `"v": 1`.
+//!
+//! Unknown fields are ignored (a newer publisher may add some); a missing required field is an
+//! error that names the field; a `v` other than 1 is rejected. [`decode`] does all three checks.
+//! `docs/messages.md` shows an example of each message and `docs/schemas/*.json` holds the JSON
+//! Schemas generated from these types by [`json_schemas`].
+
+use super::subjects::{self, DeployKind, EventKind, Stage};
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The message format version every message carries as `"v"`.
+pub const VERSION: u32 = 1;
+
+/// Why a payload could not be read as a message.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON, a wrong type, or a missing required field (serde names the field).
+    #[error("invalid {what} message: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "unsupported {what} message version v={found}: this kiln reads v={VERSION}; upgrade kiln or publish v={VERSION}"
+    )]
+    Version { what: &'static str, found: u32 },
+}
+
+/// Implemented by every message type.
+pub trait Message: Serialize + DeserializeOwned {
+    /// Short name, used in errors and as the schema file name (`docs/schemas/<NAME>.json`).
+    const NAME: &'static str;
+    /// The message's `"v"`.
+    fn version(&self) -> u32;
+}
+
+/// Parse a message: JSON, required fields present, `v` = 1. Unknown fields are ignored.
+pub fn decode<M: Message>(payload: &[u8]) -> Result<M, DecodeError> {
+    let msg: M = serde_json::from_slice(payload).map_err(|source| DecodeError::Json {
+        what: M::NAME,
+        source,
+    })?;
+    if msg.version() != VERSION {
+        return Err(DecodeError::Version {
+            what: M::NAME,
+            found: msg.version(),
+        });
+    }
+    Ok(msg)
+}
+
+/// Serialize a message (compact JSON).
+pub fn encode<M: Message>(msg: &M) -> Vec<u8> {
+    // Serializing these plain data types cannot fail (no maps with non-string keys).
+    serde_json::to_vec(msg).unwrap_or_default()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A point in time: RFC 3339 text (what kiln writes, UTC with milliseconds) or Unix milliseconds
+/// (what a shell script can produce most easily).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum EventTime {
+    /// e.g. `2026-11-26T02:24:07.123Z`
+    Rfc3339(String),
+    /// Milliseconds since 1970-01-01T00:00:00Z.
+    UnixMs(u64),
+}
+
+impl EventTime {
+    /// The current time as RFC 3339 UTC.
+    pub fn now() -> EventTime {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        EventTime::Rfc3339(format_rfc3339_ms(ms))
+    }
+}
+
+/// Format Unix milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn format_rfc3339_ms(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
+/// A new build id: `<UTC time>-<8 random hex digits>`, e.g. `20261126T022407Z-9f3a01c2`. Sorts
+/// by submission time and is a valid subject token.
+pub fn new_build_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let stamp = format_rfc3339_ms(now.as_millis() as u64);
+    // 2026-11-26T02:24:07.123Z -> 20261126T022407Z
+    let compact: String = stamp[..19]
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect();
+    let mut random = [0u8; 4];
+    let got = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random));
+    if got.is_err() {
+        // No urandom: mix the clock's nanoseconds and the process id instead.
+        let mix = now.subsec_nanos() ^ std::process::id().rotate_left(16);
+        random = mix.to_le_bytes();
+    }
+    format!("{compact}Z-{}", hex::encode(random))
+}
+
+/// Where the recipe of a build comes from. Exactly one of `path`, `inline` (with `name`) or
+/// `git` is given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RecipeSource {
+    /// A recipe file on the worker's file system (single-host setups and tests).
+    Path {
+        /// Path of the recipe file.
+        path: PathBuf,
+    },
+    /// The recipe text itself. Includes and templates it names must be inline too or absent.
+    Inline {
+        /// The recipe YAML.
+        inline: String,
+        /// A file name for messages (`file:line:column`), e.g. `web.yaml`.
+        name: String,
+    },
+    /// A recipe in a git repository at a ref.
+    Git { git: GitSource },
+}
+
+/// A recipe file in a git repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct GitSource {
+    /// Clone URL.
+    pub url: String,
+    /// Branch, tag or commit.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// Path of the recipe inside the repository.
+    pub path: String,
+}
+
+/// What the wire form of a recipe source may contain; checked into [`RecipeSource`] with errors
+/// that say which keys are wrong.
+#[derive(Deserialize)]
+struct RecipeSourceWire {
+    path: Option<PathBuf>,
+    inline: Option<String>,
+    name: Option<String>,
+    git: Option<GitSource>,
+}
+
+impl<'de> Deserialize<'de> for RecipeSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let w = RecipeSourceWire::deserialize(d)?;
+        let given = [w.path.is_some(), w.inline.is_some(), w.git.is_some()]
+            .iter()
+            .filter(|g| **g)
+            .count();
+        if given != 1 {
+            return Err(D::Error::custom(
+                "recipe needs exactly one of `path`, `inline` (with `name`) or `git`",
+            ));
+        }
+        if let Some(path) = w.path {
+            return Ok(RecipeSource::Path { path });
+        }
+        if let Some(git) = w.git {
+            return Ok(RecipeSource::Git { git });
+        }
+        match (w.inline, w.name) {
+            (Some(inline), Some(name)) => Ok(RecipeSource::Inline { inline, name }),
+            _ => Err(D::Error::missing_field("name")),
+        }
+    }
+}
+
+/// `kiln.build.requested`: start a build.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BuildRequest {
+    /// Message format version: 1.
+    pub v: u32,
+    /// Build id; the submitter may choose one (it is sanitized into a subject token), else the
+    /// first stage assigns one. Unique per submission; it never changes what the image contains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The recipe to build.
+    pub recipe: RecipeSource,
+    /// Recipe parameters (`--set KEY=VALUE`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+    /// Who asked: a user, `ci:<pipeline>`, `git:<repo>`…
+    pub requester: String,
+    /// Verification profiles to boot (default: the recipe's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profiles: Vec<String>,
+    /// Boot the image under QEMU before publishing it (default true).
+    #[serde(default = "default_true")]
+    pub verify: bool,
+}
+
+impl Message for BuildRequest {
+    const NAME: &'static str = "build-requested";
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+impl BuildRequest {
+    /// A v1 request with defaults.
+    pub fn new(recipe: RecipeSource, requester: impl Into<String>) -> Self {
+        BuildRequest {
+            v: VERSION,
+            id: None,
+            recipe,
+            params: BTreeMap::new(),
+            requester: requester.into(),
+            profiles: Vec::new(),
+            verify: true,
+        }
+    }
+}
+
+/// How a stage got its outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheStatus {
+    /// Outputs were already recorded for this stage's key.
+    Hit,
+    /// The stage did the work.
+    Miss,
+}
+
+/// What kind of failure: tells the user whether to fix the recipe, retry, or report a bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The recipe (or a parameter) is wrong; `file:line:column` say where. Not retried.
+    Recipe,
+    /// Network, crash, timeout: retried; `failed` with this kind means retries ran out.
+    Transient,
+    /// A bug or broken installation in kiln.
+    Internal,
+    /// The message that triggered the stage could not be read (e.g. a missing field).
+    InvalidMessage,
+    /// The boot check failed.
+    Verification,
+    /// A kind this version of kiln does not know.
+    #[serde(other)]
+    Other,
+}
+
+/// Why something failed: enough that nobody needs a worker's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorInfo {
+    pub kind: ErrorKind,
+    /// One line.
+    pub message: String,
+    /// For recipe errors: the file…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// …line (1-based)…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    /// …and column (1-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<u32>,
+}
+
+impl ErrorInfo {
+    /// An error without a location; the message is cut to its first line.
+    pub fn new(kind: ErrorKind, message: &str) -> Self {
+        ErrorInfo {
+            kind,
+            message: message.lines().next().unwrap_or("").to_string(),
+            file: None,
+            line: None,
+            column: None,
+        }
+    }
+}
+
+/// `kiln.build.<id>.<stage>.started`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StageStarted {
+    pub v: u32,
+    /// Build id.
+    pub build: String,
+    pub stage: Stage,
+    /// Which worker (host/process) runs it.
+    pub worker: String,
+    pub time: EventTime,
+    /// Delivery attempt, 1 for the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u64>,
+}
+
+/// `kiln.build.<id>.<stage>.progress`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StageProgress {
+    pub v: u32,
+    pub build: String,
+    pub stage: Stage,
+    pub worker: String,
+    pub time: EventTime,
+    /// Done so far, 0.0–1.0, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    /// What is happening, one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `kiln.build.<id>.<stage>.completed`: triggers the next stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StageCompleted {
+    pub v: u32,
+    pub build: String,
+    pub stage: Stage,
+    pub worker: String,
+    pub time: EventTime,
+    /// Content digests of what the stage produced (a JSON object, stage-specific).
+    pub outputs: serde_json::Value,
+    /// Build state accumulated so far that later stages need (stage-specific JSON).
+    #[serde(default)]
+    pub state: serde_json::Value,
+    pub cache: CacheStatus,
+    pub duration_ms: u64,
+}
+
+/// `kiln.build.<id>.<stage>.failed`: the build stops here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StageFailed {
+    pub v: u32,
+    pub build: String,
+    pub stage: Stage,
+    pub worker: String,
+    pub time: EventTime,
+    pub error: ErrorInfo,
+    /// How many delivery attempts were made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+/// `kiln.image.published.<repository>`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ImagePublished {
+    pub v: u32,
+    pub build: String,
+    /// Repository, unsanitized (e.g. `registry:5000/team/web`).
+    pub repository: String,
+    /// `repo:tag@sha256:…`
+    pub reference: String,
+    /// Manifest digest `sha256:…`.
+    pub digest: String,
+    /// Signature over the manifest digest (format defined by the publish stage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// The verification report (profiles booted, markers seen, durations).
+    #[serde(default)]
+    pub verification: serde_json::Value,
+    pub time: EventTime,
+}
+
+/// `kiln.deploy.<agent>.completed`: what runs where now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeployCompleted {
+    pub v: u32,
+    /// Agent (host) name, unsanitized.
+    pub agent: String,
+    /// The application (VM) that was updated.
+    pub application: String,
+    /// Image now running: `repo:tag@sha256:…`
+    pub reference: String,
+    /// Image that ran before, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    pub time: EventTime,
+}
+
+/// `kiln.deploy.<agent>.failed`: the new image did not take; says why and what runs now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeployFailed {
+    pub v: u32,
+    pub agent: String,
+    pub application: String,
+    /// Image that was tried.
+    pub reference: String,
+    pub error: ErrorInfo,
+    /// True when the previous image was restored.
+    #[serde(default)]
+    pub rolled_back: bool,
+    /// Image running now, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
+    pub time: EventTime,
+}
+
+macro_rules! message {
+    ($t:ty, $name:literal) => {
+        impl Message for $t {
+            const NAME: &'static str = $name;
+            fn version(&self) -> u32 {
+                self.v
+            }
+        }
+    };
+}
+message!(StageStarted, "stage-started");
+message!(StageProgress, "stage-progress");
+message!(StageCompleted, "stage-completed");
+message!(StageFailed, "stage-failed");
+message!(ImagePublished, "image-published");
+message!(DeployCompleted, "deploy-completed");
+message!(DeployFailed, "deploy-failed");
+
+/// Any stage event, as read back from the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageEvent {
+    Started(StageStarted),
+    Progress(StageProgress),
+    Completed(StageCompleted),
+    Failed(StageFailed),
+}
+
+impl StageEvent {
+    /// Decode a payload published on `kiln.build.<id>.<stage>.<kind>`.
+    pub fn decode(kind: EventKind, payload: &[u8]) -> Result<StageEvent, DecodeError> {
+        Ok(match kind {
+            EventKind::Started => StageEvent::Started(decode(payload)?),
+            EventKind::Progress => StageEvent::Progress(decode(payload)?),
+            EventKind::Completed => StageEvent::Completed(decode(payload)?),
+            EventKind::Failed => StageEvent::Failed(decode(payload)?),
+        })
+    }
+
+    pub fn kind(&self) -> EventKind {
+        match self {
+            StageEvent::Started(_) => EventKind::Started,
+            StageEvent::Progress(_) => EventKind::Progress,
+            StageEvent::Completed(_) => EventKind::Completed,
+            StageEvent::Failed(_) => EventKind::Failed,
+        }
+    }
+
+    pub fn build(&self) -> &str {
+        match self {
+            StageEvent::Started(e) => &e.build,
+            StageEvent::Progress(e) => &e.build,
+            StageEvent::Completed(e) => &e.build,
+            StageEvent::Failed(e) => &e.build,
+        }
+    }
+
+    pub fn stage(&self) -> Stage {
+        match self {
+            StageEvent::Started(e) => e.stage,
+            StageEvent::Progress(e) => e.stage,
+            StageEvent::Completed(e) => e.stage,
+            StageEvent::Failed(e) => e.stage,
+        }
+    }
+
+    /// The subject this event is published on.
+    pub fn subject(&self) -> String {
+        subjects::stage_event(self.build(), self.stage(), self.kind())
+    }
+
+    /// The JSON payload.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            StageEvent::Started(e) => encode(e),
+            StageEvent::Progress(e) => encode(e),
+            StageEvent::Completed(e) => encode(e),
+            StageEvent::Failed(e) => encode(e),
+        }
+    }
+}
+
+impl ImagePublished {
+    pub fn subject(&self) -> String {
+        subjects::image_published(&self.repository)
+    }
+}
+
+impl DeployCompleted {
+    pub fn subject(&self) -> String {
+        subjects::deploy(&self.agent, DeployKind::Completed)
+    }
+}
+
+impl DeployFailed {
+    pub fn subject(&self) -> String {
+        subjects::deploy(&self.agent, DeployKind::Failed)
+    }
+}
+
+fn schema_of<T: JsonSchema>() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(T)).unwrap_or(serde_json::Value::Null)
+}
+
+/// `(file name, JSON Schema)` of every message, for `docs/schemas/`.
+pub fn json_schemas() -> Vec<(String, serde_json::Value)> {
+    vec![
+        (
+            format!("{}.json", BuildRequest::NAME),
+            schema_of::<BuildRequest>(),
+        ),
+        (
+            format!("{}.json", StageStarted::NAME),
+            schema_of::<StageStarted>(),
+        ),
+        (
+            format!("{}.json", StageProgress::NAME),
+            schema_of::<StageProgress>(),
+        ),
+        (
+            format!("{}.json", StageCompleted::NAME),
+            schema_of::<StageCompleted>(),
+        ),
+        (
+            format!("{}.json", StageFailed::NAME),
+            schema_of::<StageFailed>(),
+        ),
+        (
+            format!("{}.json", ImagePublished::NAME),
+            schema_of::<ImagePublished>(),
+        ),
+        (
+            format!("{}.json", DeployCompleted::NAME),
+            schema_of::<DeployCompleted>(),
+        ),
+        (
+            format!("{}.json", DeployFailed::NAME),
+            schema_of::<DeployFailed>(),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formatting() {
+        assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_rfc3339_ms(951_782_400_123),
+            "2000-02-29T00:00:00.123Z"
+        );
+        assert_eq!(
+            format_rfc3339_ms(1_795_919_047_000),
+            "2026-11-29T02:24:07.000Z"
+        );
+        let id = new_build_id();
+        assert!(subjects::is_clean_token(&id), "{id}");
+        assert_eq!(id.len(), "20261126T022407Z-9f3a01c2".len(), "{id}");
+    }
+
+    #[test]
+    fn requests_check_fields() {
+        let ok = br#"{"v":1,"recipe":{"path":"r.yaml"},"requester":"ci","extra":true}"#;
+        let r: BuildRequest = decode(ok).unwrap();
+        assert!(r.verify);
+        assert_eq!(
+            r.recipe,
+            RecipeSource::Path {
+                path: "r.yaml".into()
+            }
+        );
+        let e = decode::<BuildRequest>(br#"{"v":1,"recipe":{"path":"r"}}"#).unwrap_err();
+        assert!(e.to_string().contains("requester"), "{e}");
+        let e = decode::<BuildRequest>(br#"{"v":1,"recipe":{"inline":"x"},"requester":"a"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("`name`"), "{e}");
+        let e = decode::<BuildRequest>(
+            br#"{"v":1,"recipe":{"path":"a","git":{"url":"u","ref":"r","path":"p"}},"requester":"a"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("exactly one"), "{e}");
+        let e = decode::<BuildRequest>(br#"{"v":2,"recipe":{"path":"r"},"requester":"a"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("v=2"), "{e}");
+        let e = decode::<BuildRequest>(br#"{"recipe":{"path":"r"},"requester":"a"}"#).unwrap_err();
+        assert!(e.to_string().contains("`v`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_error_kinds_are_kept_readable() {
+        let e: ErrorInfo = serde_json::from_str(r#"{"kind":"cosmic_ray","message":"m"}"#).unwrap();
+        assert_eq!(e.kind, ErrorKind::Other);
+        assert_eq!(ErrorInfo::new(ErrorKind::Internal, "a\nb").message, "a");
+    }
+}

@@ -1,0 +1,409 @@
+//! The message bus: NATS subjects, message schemas, the `KILN` stream and its per-stage durable
+//! consumers, the worker loop helper, the blob object store and stage-output KV bucket, and a
+//! private `nats-server` for single-process use.
+//!
+//! Everything here works against NATS 2.9 (Debian 12's `nats-server` 2.9.10) and later servers:
+//! async-nats is built without the `server_2_10+` features, and the KV bucket's backing stream is
+//! created by hand because `create_key_value` cannot parse 2.9's account info. See
+//! `docs/messages.md` for the subjects and the stream/consumer setup.
+
+pub mod blobs;
+pub mod messages;
+pub mod server;
+pub mod subjects;
+pub mod worker;
+
+pub use blobs::{BLOB_BUCKET, BlobError, Blobs, STAGE_BUCKET, StageOutputs};
+pub use messages::{
+    BuildRequest, CacheStatus, DecodeError, DeployCompleted, DeployFailed, ErrorInfo, ErrorKind,
+    EventTime, GitSource, ImagePublished, Message, RecipeSource, StageCompleted, StageEvent,
+    StageFailed, StageProgress, StageStarted, VERSION, decode, encode, new_build_id,
+};
+pub use server::{PrivateServer, ServerError};
+pub use subjects::{DeployKind, EventKind, Stage};
+pub use worker::{Delivery, Handled, Outcome, RetryPolicy, Worker};
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Name of the stream that keeps every kiln message.
+pub const STREAM: &str = "KILN";
+/// How long the stream keeps messages (build history).
+pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long requests to the JetStream API may take before they count as failed. APIs a server
+/// lacks time out rather than fail, so this stays short.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A failure talking to NATS, with what kiln was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error(
+        "cannot connect to NATS at {url}: {message} (is the server running and the URL right? `kiln` starts a private one when no --nats URL is given)"
+    )]
+    Connect { url: String, message: String },
+    #[error("cannot read NATS credentials file {path}: {source}")]
+    Credentials {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("NATS: cannot {what}: {message}")]
+    Nats { what: String, message: String },
+    #[error("message on {subject} (stream sequence {sequence}): {source}")]
+    Decode {
+        subject: String,
+        sequence: u64,
+        #[source]
+        source: DecodeError,
+    },
+}
+
+/// Wrap any NATS client error with what we were doing.
+pub(crate) fn nats_err<E: std::fmt::Display>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> BusError {
+    let what = what.into();
+    move |e| BusError::Nats {
+        what,
+        message: e.to_string(),
+    }
+}
+
+/// How to authenticate to the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Auth {
+    #[default]
+    None,
+    UserPassword {
+        user: String,
+        password: String,
+    },
+    Token(String),
+    /// A `.creds` file (JWT and NKey seed), as `nsc` writes it.
+    CredsFile(PathBuf),
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// One URL or several separated by commas, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    pub auth: Auth,
+    /// Client name shown in the server's connection list.
+    pub name: String,
+}
+
+impl ConnectOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        ConnectOptions {
+            url: url.into(),
+            auth: Auth::None,
+            name: "kiln".to_string(),
+        }
+    }
+}
+
+/// A connection to NATS with JetStream.
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus").finish_non_exhaustive()
+    }
+}
+
+/// A stage event read back from the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    /// Stream sequence: the order in which the server stored it.
+    pub sequence: u64,
+    pub subject: String,
+    /// The event, or why its payload could not be read (a foreign publisher may send junk; one
+    /// bad message must not hide a build's history).
+    pub event: Result<StageEvent, String>,
+}
+
+impl Bus {
+    /// Connect. The client reconnects by itself when the server restarts.
+    pub async fn connect(opts: &ConnectOptions) -> Result<Bus, BusError> {
+        let base = match &opts.auth {
+            Auth::None => async_nats::ConnectOptions::new(),
+            Auth::UserPassword { user, password } => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            Auth::Token(t) => async_nats::ConnectOptions::with_token(t.clone()),
+            Auth::CredsFile(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| BusError::Credentials {
+                    path: path.clone(),
+                    source,
+                })?,
+        };
+        let client = base
+            .name(&opts.name)
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None)
+            .connect(opts.url.as_str())
+            .await
+            .map_err(|e| BusError::Connect {
+                url: opts.url.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(Self::from_client(client))
+    }
+
+    /// Connect to a URL without authentication.
+    pub async fn connect_url(url: &str) -> Result<Bus, BusError> {
+        Self::connect(&ConnectOptions::new(url)).await
+    }
+
+    /// Use an existing client.
+    pub fn from_client(client: async_nats::Client) -> Bus {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(API_TIMEOUT)
+            .build(client.clone());
+        Bus { client, js }
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The configuration of the `KILN` stream.
+    pub fn stream_config() -> stream::Config {
+        stream::Config {
+            name: STREAM.to_string(),
+            description: Some(
+                "kiln build requests, stage events, publications, deployments".into(),
+            ),
+            subjects: vec![format!("{}.>", subjects::ROOT)],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            max_age: RETENTION,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    /// Create (or bring up to date) a stream. Creating with an identical configuration is a
+    /// no-op on the server; a changed one is applied as an update.
+    pub(crate) async fn ensure_stream(
+        &self,
+        config: stream::Config,
+    ) -> Result<stream::Stream, BusError> {
+        let name = config.name.clone();
+        match self.js.create_stream(config.clone()).await {
+            Ok(s) => Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::CreateStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
+                ) =>
+            {
+                self.js
+                    .update_stream(config)
+                    .await
+                    .map_err(nats_err(format!("update stream {name}")))?;
+                self.js
+                    .get_stream(&name)
+                    .await
+                    .map_err(nats_err(format!("open stream {name}")))
+            }
+            Err(e) => Err(nats_err(format!(
+                "create stream {name} (does the server run with JetStream, `-js`?)"
+            ))(e)),
+        }
+    }
+
+    /// Create the `KILN` stream if it is missing (idempotent).
+    pub async fn ensure_kiln_stream(&self) -> Result<stream::Stream, BusError> {
+        self.ensure_stream(Self::stream_config()).await
+    }
+
+    /// The durable pull consumer config of one stage.
+    pub fn consumer_config(stage: Stage, policy: &RetryPolicy) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(stage.consumer_name()),
+            description: Some(format!("kiln {} stage", stage.name())),
+            filter_subject: stage.trigger_subject(),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: policy.ack_wait(),
+            max_deliver: policy.max_deliver,
+            backoff: policy.backoff.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Create the stream if needed and the stage's durable consumer (idempotent).
+    pub async fn ensure_consumer(
+        &self,
+        stage: Stage,
+        policy: &RetryPolicy,
+    ) -> Result<consumer::PullConsumer, BusError> {
+        policy.check()?;
+        let stream = self.ensure_kiln_stream().await?;
+        let config = Self::consumer_config(stage, policy);
+        stream
+            .create_consumer(config)
+            .await
+            .map_err(nats_err(format!(
+                "create consumer {} on stream {STREAM}",
+                stage.consumer_name()
+            )))
+    }
+
+    /// The stream, every stage's consumer, the blob bucket and the stage KV bucket.
+    pub async fn setup(&self, policy: &RetryPolicy) -> Result<(), BusError> {
+        self.ensure_kiln_stream().await?;
+        for stage in Stage::ALL {
+            self.ensure_consumer(stage, policy).await?;
+        }
+        blobs::ensure_object_store(self).await?;
+        StageOutputs::open(self).await?;
+        Ok(())
+    }
+
+    /// Publish raw bytes to the stream and wait for the server to store them; returns the stream
+    /// sequence.
+    pub async fn publish_raw(&self, subject: String, payload: Vec<u8>) -> Result<u64, BusError> {
+        let ack = self
+            .js
+            .publish(subject.clone(), payload.into())
+            .await
+            .map_err(nats_err(format!("publish to {subject}")))?
+            .await
+            .map_err(nats_err(format!(
+                "get the stream's ack for {subject} (is the {STREAM} stream set up?)"
+            )))?;
+        Ok(ack.sequence)
+    }
+
+    /// Publish a build request on `kiln.build.requested`.
+    pub async fn publish_request(&self, req: &BuildRequest) -> Result<u64, BusError> {
+        self.publish_raw(subjects::BUILD_REQUESTED.to_string(), encode(req))
+            .await
+    }
+
+    /// Publish a stage event on its subject.
+    pub async fn publish_event(&self, event: &StageEvent) -> Result<u64, BusError> {
+        self.publish_raw(event.subject(), event.encode()).await
+    }
+
+    /// Publish `kiln.image.published.<repository>`.
+    pub async fn publish_image(&self, msg: &ImagePublished) -> Result<u64, BusError> {
+        self.publish_raw(msg.subject(), encode(msg)).await
+    }
+
+    /// Publish `kiln.deploy.<agent>.completed`.
+    pub async fn publish_deploy_completed(&self, msg: &DeployCompleted) -> Result<u64, BusError> {
+        self.publish_raw(msg.subject(), encode(msg)).await
+    }
+
+    /// Publish `kiln.deploy.<agent>.failed`.
+    pub async fn publish_deploy_failed(&self, msg: &DeployFailed) -> Result<u64, BusError> {
+        self.publish_raw(msg.subject(), encode(msg)).await
+    }
+
+    fn events_consumer_config(
+        build: &str,
+        deliver: consumer::DeliverPolicy,
+    ) -> consumer::pull::OrderedConfig {
+        consumer::pull::OrderedConfig {
+            filter_subject: subjects::build_events(build),
+            deliver_policy: deliver,
+            ..Default::default()
+        }
+    }
+
+    /// Every stage event of one build stored in the stream, in stream order.
+    pub async fn build_events(&self, build: &str) -> Result<Vec<RecordedEvent>, BusError> {
+        let stream = self.ensure_kiln_stream().await?;
+        let consumer = stream
+            .create_consumer(Self::events_consumer_config(
+                build,
+                consumer::DeliverPolicy::All,
+            ))
+            .await
+            .map_err(nats_err(format!("read the history of build {build}")))?;
+        let pending = consumer.cached_info().num_pending;
+        let mut out = Vec::new();
+        if pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(nats_err(format!("read the history of build {build}")))?;
+        while let Some(msg) = tokio::time::timeout(API_TIMEOUT, messages.next())
+            .await
+            .map_err(nats_err(format!(
+                "read the history of build {build} (timed out)"
+            )))?
+        {
+            let msg = msg.map_err(nats_err(format!("read the history of build {build}")))?;
+            let (sequence, remaining) = match msg.info() {
+                Ok(i) => (i.stream_sequence, i.pending),
+                Err(_) => (0, 0),
+            };
+            out.push(record(&msg.subject, sequence, &msg.payload));
+            if remaining == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A live stream of one build's events: the ones already stored first when `history` is
+    /// true, then each new one as it is published. Ends only when dropped.
+    pub async fn follow(
+        &self,
+        build: &str,
+        history: bool,
+    ) -> Result<impl futures::Stream<Item = Result<RecordedEvent, BusError>> + use<>, BusError>
+    {
+        let stream = self.ensure_kiln_stream().await?;
+        let deliver = if history {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::New
+        };
+        let consumer = stream
+            .create_consumer(Self::events_consumer_config(build, deliver))
+            .await
+            .map_err(nats_err(format!("follow build {build}")))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(nats_err(format!("follow build {build}")))?;
+        let build = build.to_string();
+        Ok(messages.map(move |m| {
+            let msg = m.map_err(nats_err(format!("follow build {build}")))?;
+            let sequence = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            Ok(record(&msg.subject, sequence, &msg.payload))
+        }))
+    }
+}
+
+fn record(subject: &str, sequence: u64, payload: &[u8]) -> RecordedEvent {
+    let event = match subjects::parse_stage_subject(subject) {
+        Some(s) => StageEvent::decode(s.kind, payload).map_err(|e| e.to_string()),
+        None => Err(format!("{subject} is not a stage event subject")),
+    };
+    RecordedEvent {
+        sequence,
+        subject: subject.to_string(),
+        event,
+    }
+}

@@ -212,8 +212,9 @@ def logged_qemu_args(stderr):
 def bare_qemu(args, marker, grace=3.0, timeout=180.0):
     """Run qemu-system-x86_64 ARGS; return (seconds to marker line, seconds to exit)."""
     t0 = time.perf_counter()
+    err = tempfile.TemporaryFile()
     p = subprocess.Popen(["qemu-system-x86_64", *args], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                         stdout=subprocess.PIPE, stderr=err)
     buf = b""
     t_marker = None
     fd = p.stdout.fileno()
@@ -224,7 +225,9 @@ def bare_qemu(args, marker, grace=3.0, timeout=180.0):
                 die(f"bare QEMU: no {marker!r} within {timeout} s:\n{buf[-2000:].decode(errors='replace')}")
             chunk = os.read(fd, 65536)
             if not chunk:
-                die(f"bare QEMU exited before {marker!r}:\n{buf[-2000:].decode(errors='replace')}")
+                err.seek(0)
+                die(f"bare QEMU exited before {marker!r}: {err.read().decode(errors='replace')}\n"
+                    f"{' '.join(args)}\n{buf[-2000:].decode(errors='replace')}")
             buf += chunk
             if any(marker.encode() in line for line in buf.split(b"\n")[:-1]):
                 t_marker = time.perf_counter() - t0
@@ -319,7 +322,10 @@ def main():
             print(f"warning: warm rebuild missed {misses}, {wrep['mirror_requests']} mirror requests",
                   file=sys.stderr)
         r["kiln-warm"].append(t)
-        warm_stages.append({s["stage"]: s["seconds"] for s in wrep["stages"]})
+        ws = {s["stage"]: s["seconds"] for s in wrep["stages"]}
+        # Process start, recipe load, copying the image to -o, the report, exit.
+        ws["(outside stages)"] = t - sum(ws.values())
+        warm_stages.append(ws)
 
         if std_env is None:
             pk = {p["name"]: p for p in rep["packages"]}
@@ -352,10 +358,9 @@ def main():
             boots["direct-args"] = logged_qemu_args(err)
             _, _, err = kiln_boot(kiln, image, "uefi", kiln_marker, verbose=True)
             boots["uefi-args"] = logged_qemu_args(err)
-        std_args = substitute(boots["direct-args"], kernel=os.path.join(sdir, "k/boot/vmlinuz-" + std_env["KREL"]),
+        std_args = substitute(boots["direct-args"], image=os.path.join(sdir, "disk.qcow2"), kernel=os.path.join(sdir, "k/boot/vmlinuz-" + std_env["KREL"]),
                               initrd=os.path.join(sdir, "initrd.img"),
-                              append=f"{std_env['CMDLINE']} root=PARTUUID={STD_ROOT_UUID} console=ttyS0,115200 panic=-1",
-                              image=os.path.join(sdir, "disk.qcow2"))
+                              append=f"{std_env['CMDLINE']} root=PARTUUID={STD_ROOT_UUID} console=ttyS0,115200 panic=-1")
         # Until QEMU exits, as kiln's verify stage waits for the guest to power off.
         _, t_boot = bare_qemu(std_args, STD_MARKER)
         steps["boot"] = t_boot
@@ -380,7 +385,8 @@ def main():
             t, brep, _ = kiln_boot(kiln, image, tcg, kiln_marker, d)
             boots.setdefault(f"{prof}-kiln-noprobe", []).append(t)
             boots.setdefault(f"{prof}-kiln-noprobe-outside", []).append(t - brep["time_to_marker"])
-            args = boots[f"{prof}-args"]
+            # This round's image, kernel and initrd (the paths kiln logged were round 1's).
+            args = substitute(boots[f"{prof}-args"], image, **({"kernel": d["kernel"], "initrd": d["initrd"]} if d else {}))
             if prof == "uefi":
                 vars_copy = os.path.join(work, "OVMF_VARS.fd")
                 shutil.copy("/usr/share/OVMF/OVMF_VARS_4M.fd", vars_copy)
@@ -399,11 +405,12 @@ def main():
         shutil.rmtree(work)
 
 
-def substitute(args, kernel, initrd, append, image):
-    """kiln's direct-boot QEMU arguments with another kernel, initrd, command line and disk."""
+def substitute(args, image, kernel=None, initrd=None, append=None):
+    """kiln's QEMU arguments with another disk (and, for direct boot, kernel, initrd, command line)."""
     out = list(args)
     for flag, value in [("-kernel", kernel), ("-initrd", initrd), ("-append", append)]:
-        out[out.index(flag) + 1] = value
+        if value is not None:
+            out[out.index(flag) + 1] = value
     i = next(i for i, x in enumerate(out) if x.startswith("file=") and "if=virtio" in x)
     out[i] = re.sub(r"^file=.*?,format=", f"file={image},format=", out[i])
     return out

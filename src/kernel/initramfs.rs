@@ -37,8 +37,8 @@ pub const APPLETS: &[&str] = &[
     "umount",
 ];
 
-/// zstd level: a good ratio at a speed that does not matter for a few MiB.
-const ZSTD_LEVEL: i32 = 19;
+/// zstd level: most of level 19's ratio at a fraction of its time (19 took ~1 s for a 2 MiB cpio).
+const ZSTD_LEVEL: i32 = 9;
 
 #[derive(Debug, Error)]
 pub enum InitramfsError {

@@ -167,6 +167,10 @@ pub struct BootArgs {
     /// Where the serial log goes (default: IMAGE.serial.log).
     #[arg(long, value_name = "FILE")]
     pub serial_log: Option<PathBuf>,
+    /// Accelerator: `kvm` or `tcg` (default: the profile's choice; `auto` probes whether KVM can
+    /// run a guest, once per host boot).
+    #[arg(long, env = "KILN_ACCEL", value_parser = ["auto", "kvm", "tcg"])]
+    pub accel: Option<String>,
     /// Print the boot report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -600,6 +604,11 @@ fn boot(args: BootArgs) -> anyhow::Result<i32> {
     opts.initrd = args.initrd.clone();
     opts.cmdline = args.cmdline.clone();
     opts.serial_log = args.serial_log.clone();
+    opts.accel = match args.accel.as_deref() {
+        Some("kvm") => Some(crate::verify::accel::Accel::Kvm),
+        Some("tcg") => Some(crate::verify::accel::Accel::Tcg),
+        _ => None,
+    };
     let report = match boot_image(&args.image, &opts) {
         Ok(r) => r,
         Err(e) => {

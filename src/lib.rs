@@ -11,5 +11,6 @@ pub mod packages;
 pub mod pipeline;
 pub mod recipe;
 pub mod rootfs;
+pub mod store;
 pub mod tree;
 pub mod verify;

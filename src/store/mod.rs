@@ -49,7 +49,7 @@ pub mod sign;
 use crate::cache::Digest256;
 use layout::Layout;
 pub use reference::{Location, Reference, ReferenceError};
-use registry::{Credentials, OCI_MANIFEST, Registry};
+use registry::{Credentials, FetchedManifest, OCI_MANIFEST, Registry};
 use sha2::{Digest, Sha256};
 pub use sign::{KeyError, SigningKey, VerifyingKey, keygen, load_signing_key, load_verifying_key};
 use std::collections::BTreeMap;
@@ -422,15 +422,17 @@ impl Target {
     }
 
     /// Manifest bytes and, from a registry, its claimed digest.
-    fn get_manifest(
-        &self,
-        reference: &str,
-    ) -> Result<Option<(Vec<u8>, Option<String>)>, StoreError> {
+    fn get_manifest(&self, reference: &str) -> Result<Option<FetchedManifest>, StoreError> {
         match self {
-            Target::Registry { reg, repo } => Ok(reg
-                .get_manifest(repo, reference, OCI_MANIFEST)?
-                .map(|(b, _, d)| (b, d))),
-            Target::Layout(l) => Ok(l.get_manifest(reference)?.map(|(b, _)| (b, None))),
+            Target::Registry { reg, repo } => reg.get_manifest(repo, reference, OCI_MANIFEST),
+            Target::Layout(l) => {
+                Ok(l.get_manifest(reference)?
+                    .map(|(bytes, media_type)| FetchedManifest {
+                        bytes,
+                        media_type,
+                        digest: None,
+                    }))
+            }
         }
     }
 
@@ -717,7 +719,11 @@ fn fetch_manifest(
     r: &Reference,
     reference: &str,
 ) -> Result<(Vec<u8>, Digest256, Manifest), StoreError> {
-    let (bytes, claimed) = target
+    let FetchedManifest {
+        bytes,
+        digest: claimed,
+        ..
+    } = target
         .get_manifest(reference)?
         .ok_or_else(|| StoreError::NotFound {
             what: format!("manifest {reference}"),
@@ -1070,7 +1076,7 @@ pub fn images(target: &str, opts: &StoreOptions) -> Result<Vec<ImageInfo>, Store
         let tags = t.tags()?;
         let repository = name.unwrap_or_else(|| r.to_string());
         for tag in tags.iter().filter(|t| !is_signature_tag(t)) {
-            let Some((bytes, _)) = t.get_manifest(tag)? else {
+            let Some(FetchedManifest { bytes, .. }) = t.get_manifest(tag)? else {
                 continue;
             };
             let digest = Digest256::of(&bytes);

@@ -131,10 +131,13 @@ pub struct Registry {
     auth: Mutex<Auth>,
 }
 
-/// Result of a HEAD on a blob or manifest.
-pub struct Found {
-    pub size: Option<u64>,
-    pub digest: Option<Digest256>,
+/// A manifest as a registry served it.
+pub struct FetchedManifest {
+    pub bytes: Vec<u8>,
+    /// `Content-Type` of the response.
+    pub media_type: String,
+    /// `Docker-Content-Digest` of the response, if sent.
+    pub digest: Option<String>,
 }
 
 fn http_err(method: &str, url: &str, e: &reqwest::Error) -> StoreError {
@@ -152,7 +155,7 @@ fn http_err(method: &str, url: &str, e: &reqwest::Error) -> StoreError {
     }
 }
 
-fn header_str<'a>(h: &'a HeaderMap, name: impl header::AsHeaderName) -> Option<&'a str> {
+fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -509,7 +512,7 @@ impl Registry {
         repo: &str,
         reference: &str,
         accept: &str,
-    ) -> Result<Option<(Vec<u8>, String, Option<String>)>, StoreError> {
+    ) -> Result<Option<FetchedManifest>, StoreError> {
         let r = self.send("GET", &format!("/v2/{repo}/manifests/{reference}"), &|rb| {
             rb.header(header::ACCEPT, accept)
         })?;
@@ -535,7 +538,11 @@ impl Registry {
                 reason: format!("manifest larger than {MAX_MANIFEST} bytes"),
             });
         }
-        Ok(Some((bytes, media, digest)))
+        Ok(Some(FetchedManifest {
+            bytes,
+            media_type: media,
+            digest,
+        }))
     }
 
     /// GET a blob, from byte `from` on (a Range request when `from > 0`). Returns the response

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -456,6 +456,8 @@ struct Proxy {
     sent: Arc<Mutex<Vec<u8>>>,
     received: Arc<AtomicU64>,
     cut_after: Arc<AtomicU64>,
+    /// Rename the client's `Range` header (same length) so the registry ignores it.
+    hide_range: Arc<AtomicBool>,
 }
 
 fn start_proxy(upstream: u16) -> Proxy {
@@ -464,7 +466,13 @@ fn start_proxy(upstream: u16) -> Proxy {
     let sent = Arc::new(Mutex::new(Vec::new()));
     let received = Arc::new(AtomicU64::new(0));
     let cut_after = Arc::new(AtomicU64::new(u64::MAX));
-    let (s, r, c) = (sent.clone(), received.clone(), cut_after.clone());
+    let hide_range = Arc::new(AtomicBool::new(false));
+    let (s, r, c, h) = (
+        sent.clone(),
+        received.clone(),
+        cut_after.clone(),
+        hide_range.clone(),
+    );
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(client) = conn else { return };
@@ -473,13 +481,23 @@ fn start_proxy(upstream: u16) -> Proxy {
             };
             let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
             let log = s.clone();
+            let hide = h.clone();
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 64 * 1024];
                 while let Ok(n) = c_in.read(&mut buf) {
-                    if n == 0 || s_out.write_all(&buf[..n]).is_err() {
+                    if n == 0 {
                         break;
                     }
                     log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if hide.load(Ordering::SeqCst) {
+                        let lower = buf[..n].to_ascii_lowercase();
+                        if let Some(i) = lower.windows(13).position(|w| w == b"range: bytes=") {
+                            buf[i..i + 6].copy_from_slice(b"x-rng:");
+                        }
+                    }
+                    if s_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
                 }
                 let _ = s_out.shutdown(Shutdown::Write);
             });
@@ -513,6 +531,7 @@ fn start_proxy(upstream: u16) -> Proxy {
         sent,
         received,
         cut_after,
+        hide_range,
     }
 }
 
@@ -565,6 +584,19 @@ fn interrupted_pull_resumes_with_a_range_request() {
     );
     assert_eq!(sha256sum(&out), sha256sum(&image));
     assert!(!partial.exists());
+
+    // A server that ignores Range (200 with the whole blob): the pull starts over and verifies.
+    let out2 = work.path().join("out2.raw");
+    proxy.cut_after.store(12 * MIB, Ordering::SeqCst);
+    proxy.received.store(0, Ordering::SeqCst);
+    store::pull(&via_proxy, &out2, Some(&vk), &opts()).unwrap_err();
+    assert!(store::partial_path(&out2).exists());
+    proxy.cut_after.store(u64::MAX, Ordering::SeqCst);
+    proxy.hide_range.store(true, Ordering::SeqCst);
+    let pr = store::pull(&via_proxy, &out2, Some(&vk), &opts()).unwrap();
+    assert_eq!(pr.resumed_from, 0);
+    assert_eq!(pr.transferred, 30 * MIB);
+    assert_eq!(sha256sum(&out2), sha256sum(&image));
 }
 
 #[test]

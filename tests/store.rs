@@ -10,7 +10,7 @@ use kiln::store::{
 };
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -759,4 +759,207 @@ fn pull_throughput_against_curl() {
         mib / b,
         a / b
     );
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    let mut child = Command::new("basenc")
+        .args(["--base64url", "-w0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim_end_matches('=')
+        .to_string()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// A token service for distribution's `token` auth: answers `GET /token?service=…&scope=…` with
+/// an RS256 JWT (signed by `openssl dgst`, certificate in `x5c`) granting the scope asked for,
+/// when the request carries the right basic-auth user. Counts the tokens it issued.
+fn start_token_service(dir: &Path) -> (u16, Arc<AtomicU64>, PathBuf) {
+    let key = dir.join("token.key");
+    let cert = dir.join("token.crt");
+    let st = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=kiln-test-token", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let der = Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap()
+        .stdout;
+    let x5c = {
+        let mut child = Command::new("basenc")
+            .args(["--base64", "-w0"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&der).unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let issued = Arc::new(AtomicU64::new(0));
+    let count = issued.clone();
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let req = String::from_utf8_lossy(&req).to_string();
+            // "kiln:s3cret" in basic auth.
+            let authorized = req
+                .to_ascii_lowercase()
+                .contains("authorization: basic a2lsbjpzm2nyzxq=");
+            let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+            let query = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+            let mut access = Vec::new();
+            for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+                if k == "scope" {
+                    let scope = percent_decode(v);
+                    let mut parts = scope.splitn(3, ':');
+                    let (t, n, a) = (parts.next(), parts.next(), parts.next());
+                    if let (Some(t), Some(n), Some(a)) = (t, n, a) {
+                        access.push(serde_json::json!({
+                            "type": t, "name": n,
+                            "actions": a.split(',').collect::<Vec<_>>()
+                        }));
+                    }
+                }
+            }
+            let response = if authorized {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [x5c]});
+                let claims = serde_json::json!({
+                    "iss": "kiln-test-issuer", "sub": "kiln", "aud": "kiln-test-registry",
+                    "exp": now + 300, "nbf": now - 10, "iat": now - 10,
+                    "jti": format!("t{}", count.load(Ordering::SeqCst)), "access": access,
+                });
+                let input = format!(
+                    "{}.{}",
+                    b64url(header.to_string().as_bytes()),
+                    b64url(claims.to_string().as_bytes())
+                );
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let input_path = dir.join(format!("jwt-input-{n}"));
+                std::fs::write(&input_path, &input).unwrap();
+                let sig = Command::new("openssl")
+                    .args(["dgst", "-sha256", "-sign"])
+                    .arg(&key)
+                    .arg(&input_path)
+                    .output()
+                    .unwrap()
+                    .stdout;
+                let body =
+                    serde_json::json!({"token": format!("{input}.{}", b64url(&sig))}).to_string();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_string()
+            };
+            let _ = conn.write_all(response.as_bytes());
+        }
+    });
+    (port, issued, cert)
+}
+
+#[test]
+fn bearer_token_auth_flow() {
+    let work = tempfile::tempdir().unwrap();
+    let (token_port, issued, cert) = start_token_service(work.path());
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = format!(
+        "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  token:\n    realm: http://127.0.0.1:{token_port}/token\n    service: kiln-test-registry\n    issuer: kiln-test-issuer\n    rootcertbundle: {}\n",
+        root.path().join("data").display(),
+        cert.display()
+    );
+    let cfg = root.path().join("config.yml");
+    std::fs::write(&cfg, config).unwrap();
+    let child = Command::new("/usr/bin/docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(root.path().join("registry.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let reg = RegistryServer { child, port, root };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("curl")
+            .args(["-s", "-D", "-", "-o", "/dev/null"])
+            .arg(format!("http://127.0.0.1:{port}/v2/"))
+            .output()
+            .unwrap();
+        let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        if head.contains("401") {
+            assert!(head.contains("www-authenticate: bearer realm="), "{head}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "registry did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let image = work.path().join("disk.raw");
+    make_image(&image, 2 * MIB, 7);
+    let r = format!("127.0.0.1:{}/kiln/img:v1", reg.port);
+    let e = store::publish(&image, &r, &meta("c"), None, &opts()).unwrap_err();
+    assert!(matches!(e, StoreError::Unauthorized { .. }), "{e}");
+    let good = StoreOptions {
+        credentials: Some(Credentials {
+            username: "kiln".into(),
+            password: "s3cret".into(),
+        }),
+        ..Default::default()
+    };
+    let (sk, vk) = keypair(work.path(), "k");
+    store::publish(&image, &r, &meta("c"), Some(&sk), &good).unwrap();
+    let out = work.path().join("out.raw");
+    let pr = store::pull(&r, &out, Some(&vk), &good).unwrap();
+    assert!(matches!(pr.signature, SignatureCheck::Verified { .. }));
+    assert_eq!(sha256sum(&out), sha256sum(&image));
+    assert!(issued.load(Ordering::SeqCst) >= 2);
+    let list = store::images(&format!("127.0.0.1:{}/kiln/img", reg.port), &good).unwrap();
+    assert_eq!(list.len(), 1);
 }

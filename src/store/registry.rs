@@ -409,8 +409,10 @@ impl Registry {
         let mut location = self.location(&r, "start blob upload")?;
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
-        let mut buf = vec![0u8; chunk.max(4096)];
+        let chunk = chunk.max(4096);
         loop {
+            // A fresh buffer per chunk, moved into a `Bytes` that a resend can share: no copy.
+            let mut buf = vec![0u8; chunk];
             let n = read_full(reader, &mut buf).map_err(|source| StoreError::Io {
                 what: "read the image for upload".into(),
                 path: Default::default(),
@@ -419,18 +421,19 @@ impl Registry {
             if n == 0 {
                 break;
             }
-            let data = &buf[..n];
-            hasher.update(data);
+            buf.truncate(n);
+            hasher.update(&buf);
+            let data = bytes::Bytes::from(buf);
             let range = format!("{}-{}", offset, offset + n as u64 - 1);
             let r = self.send("PATCH", &location, &|rb| {
                 rb.header(header::CONTENT_TYPE, "application/octet-stream")
                     .header(header::CONTENT_RANGE, range.as_str())
-                    .body(data.to_vec())
+                    .body(data.clone())
             })?;
             let r = self.expect(r, "PATCH", "upload blob chunk", &[StatusCode::ACCEPTED])?;
             location = self.location(&r, "upload blob chunk")?;
             offset += n as u64;
-            if n < buf.len() {
+            if n < chunk {
                 break;
             }
         }

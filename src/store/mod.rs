@@ -43,7 +43,7 @@
 //! 256 MiB blob, median of 5): pull 307 MiB/s including the sha256 check against `curl -o`
 //! 393 MiB/s; publish 75 MiB/s (hash pass + 16 MiB chunked upload).
 //!
-//! Credentials: [`StoreOptions::credentials`], else `KILN_REGISTRY_USER` and
+//! Credentials: `StoreOptions::credentials`, else `KILN_REGISTRY_USER` and
 //! `KILN_REGISTRY_PASSWORD` from the environment.
 
 pub mod layout;

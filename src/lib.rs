@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod recipe;
 pub mod rootfs;
 pub mod source;
+pub mod store;
 pub mod tree;
 pub mod verify;
 pub mod watch;

@@ -59,6 +59,42 @@ pub enum Command {
                             runs guests, else TCG."
     )]
     Boot(BootArgs),
+    /// Write an ed25519 signing key (FILE, mode 0600) and its public key (FILE.pub).
+    #[command(
+        after_help = "Example:\n  kiln keygen -o keys/images.key   # writes keys/images.key and keys/images.key.pub"
+    )]
+    Keygen {
+        /// Where the secret key goes; the public key goes to FILE.pub.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Push a disk image to an OCI registry (or an OCI layout directory), signed.
+    #[command(
+        after_help = "Examples:\n  kiln publish out/minimal-1.0.0.qcow2 --to localhost:5000/images/minimal:1.0.0 --key images.key\n  \
+                            kiln publish disk.raw --to oci:/srv/images:latest\n\n\
+                            The signature is an OCI artifact whose subject is the image manifest, also tagged \
+                            sha256-<manifest hex>.sig. Registry credentials: KILN_REGISTRY_USER and \
+                            KILN_REGISTRY_PASSWORD."
+    )]
+    Publish(PublishArgs),
+    /// Pull a disk image, checking digests and (with --trust) its signature; resumes an interrupted pull.
+    #[command(
+        after_help = "Example:\n  kiln pull localhost:5000/images/minimal:1.0.0 -o minimal.qcow2 --trust images.key.pub"
+    )]
+    Pull(PullArgs),
+    /// List images in a registry, a repository or an OCI layout directory.
+    #[command(
+        after_help = "Examples:\n  kiln images localhost:5000\n  kiln images localhost:5000/images/minimal --json\n  kiln images oci:/srv/images"
+    )]
+    Images {
+        /// `host:port`, `host:port/repository` or `oci:/dir`.
+        target: String,
+        /// Use plain http for a registry that is not on loopback.
+        #[arg(long)]
+        insecure: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a partitioned disk image from directory trees (GPT, FAT32 ESP, ext4 root and data).
     #[command(
         after_help = "Examples:\n  kiln disk --root rootfs/ --esp esp/ -o disk.qcow2\n  \
@@ -177,6 +213,46 @@ pub struct BootArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The disk image (raw or qcow2).
+    pub image: PathBuf,
+    /// Where to: `host:port/repository:tag` or `oci:/dir:tag`.
+    #[arg(long, value_name = "REF")]
+    pub to: String,
+    /// Signing key (from `kiln keygen`); without it the image is published unsigned.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// More tags for the same manifest (repeatable).
+    #[arg(long)]
+    pub tag: Vec<String>,
+    /// Recipe name recorded in the image's config (default: the file name).
+    #[arg(long)]
+    pub recipe: Option<String>,
+    /// Use plain http for a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// `host:port/repository:tag`, `…@sha256:…` or `oci:/dir:tag`.
+    pub reference: String,
+    /// Output file (written as FILE.partial, renamed when verified).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Public key the image's signature must verify with; unsigned images are then refused.
+    #[arg(long, value_name = "KEYFILE")]
+    pub trust: Option<PathBuf>,
+    /// Use plain http for a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct DiskArgs {
     /// Directory holding the root filesystem (ext4, root-x86-64 partition).
     #[arg(long, value_name = "DIR")]
@@ -261,6 +337,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Build(args) => build(args),
         Command::Boot(args) => boot(args),
         Command::Disk(args) => disk(args),
+        Command::Keygen { output } => keygen(&output),
+        Command::Publish(args) => publish(args),
+        Command::Pull(args) => pull(args),
+        Command::Images {
+            target,
+            insecure,
+            json,
+        } => images(&target, insecure, json),
         Command::Schema => {
             let text = serde_json::to_string_pretty(&recipe::schema::json_schema())?;
             println!("{text}");
@@ -637,4 +721,180 @@ fn boot(args: BootArgs) -> anyhow::Result<i32> {
         writeln!(out, "{report}")?;
     }
     Ok(0)
+}
+
+fn store_failed(e: &crate::store::StoreError) -> i32 {
+    eprintln!("error: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        eprintln!("  caused by: {s}");
+        source = s.source();
+    }
+    1
+}
+
+fn keygen(output: &std::path::Path) -> anyhow::Result<i32> {
+    match crate::store::keygen_files(output) {
+        Ok(key) => {
+            println!(
+                "secret key {} (keep it private), public key {}.pub, key id {}",
+                output.display(),
+                output.display(),
+                crate::store::sign::key_id(&key)
+            );
+            Ok(0)
+        }
+        Err(e) => Ok(store_failed(&e)),
+    }
+}
+
+fn publish(args: PublishArgs) -> anyhow::Result<i32> {
+    use crate::store::{PublishMeta, StoreOptions, load_signing_key};
+    let key = match &args.key {
+        Some(path) => match load_signing_key(path) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(EXIT_RECIPE);
+            }
+        },
+        None => {
+            tracing::warn!(
+                "no --key: publishing unsigned; agents and `kiln pull --trust` refuse it"
+            );
+            None
+        }
+    };
+    let meta = PublishMeta {
+        recipe: args.recipe.clone().unwrap_or_else(|| {
+            args.image
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        }),
+        source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        extra_tags: args.tag.clone(),
+        ..PublishMeta::default()
+    };
+    let opts = StoreOptions {
+        insecure: args.insecure,
+        credentials: None,
+    };
+    match crate::store::publish(&args.image, &args.to, &meta, key.as_ref(), &opts) {
+        Ok(r) => {
+            if args.json {
+                let v = serde_json::json!({
+                    "reference": r.reference, "manifest_digest": r.manifest_digest,
+                    "layer_digest": r.layer_digest, "signature_digest": r.signature_digest,
+                    "tags": r.tags, "bytes": r.bytes, "uploaded": r.uploaded, "seconds": r.seconds,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{} ({} MiB, {} MiB uploaded, {:.2} s){}",
+                    r.reference,
+                    r.bytes >> 20,
+                    r.uploaded >> 20,
+                    r.seconds,
+                    if r.signature_digest.is_some() {
+                        ", signed"
+                    } else {
+                        ", unsigned"
+                    }
+                );
+            }
+            Ok(0)
+        }
+        Err(e) => Ok(store_failed(&e)),
+    }
+}
+
+fn pull(args: PullArgs) -> anyhow::Result<i32> {
+    use crate::store::{SignatureCheck, StoreOptions, load_verifying_key};
+    let trust = match &args.trust {
+        Some(path) => match load_verifying_key(path) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(EXIT_RECIPE);
+            }
+        },
+        None => None,
+    };
+    let opts = StoreOptions {
+        insecure: args.insecure,
+        credentials: None,
+    };
+    match crate::store::pull(&args.reference, &args.output, trust.as_ref(), &opts) {
+        Ok(r) => {
+            let signature = match &r.signature {
+                SignatureCheck::Verified { key } => format!("signature verified (key {key})"),
+                SignatureCheck::Unchecked { key } => {
+                    format!("signed by {key}, not checked (no --trust)")
+                }
+                SignatureCheck::Missing => "unsigned".to_string(),
+            };
+            if args.json {
+                let v = serde_json::json!({
+                    "reference": r.reference, "manifest_digest": r.manifest_digest,
+                    "layer_digest": r.layer_digest, "format": r.format, "signature": signature,
+                    "bytes": r.bytes, "transferred": r.transferred, "resumed_from": r.resumed_from,
+                    "seconds": r.seconds, "output": args.output,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{} -> {} ({} MiB, {:.2} s, {signature})",
+                    r.reference,
+                    args.output.display(),
+                    r.bytes >> 20,
+                    r.seconds
+                );
+            }
+            Ok(0)
+        }
+        Err(e) => Ok(store_failed(&e)),
+    }
+}
+
+fn images(target: &str, insecure: bool, json: bool) -> anyhow::Result<i32> {
+    let opts = crate::store::StoreOptions {
+        insecure,
+        credentials: None,
+    };
+    match crate::store::images(target, &opts) {
+        Ok(list) => {
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "repository": i.repository, "tag": i.tag,
+                            "manifest_digest": i.manifest_digest, "size": i.size,
+                            "created": i.created, "format": i.format, "signed": i.signed,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for i in &list {
+                    println!(
+                        "{}:{}  {}  {} MiB  {}  {}{}",
+                        i.repository,
+                        i.tag,
+                        i.manifest_digest,
+                        i.size >> 20,
+                        i.format.as_deref().unwrap_or("-"),
+                        i.created.as_deref().unwrap_or("-"),
+                        if i.signed { "  signed" } else { "" }
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Err(e) => Ok(store_failed(&e)),
+    }
 }

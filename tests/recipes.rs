@@ -140,7 +140,19 @@ fn completions_and_help() {
     let o = run(kiln().args(["completions", "bash"]));
     assert!(o.status.success());
     assert!(text(&o.stdout).contains("kiln"));
-    for sub in ["render", "check", "schema", "completions"] {
+    for sub in [
+        "render",
+        "check",
+        "schema",
+        "completions",
+        "build",
+        "boot",
+        "disk",
+        "keygen",
+        "publish",
+        "pull",
+        "images",
+    ] {
         let o = run(kiln().args([sub, "--help"]));
         assert!(o.status.success(), "{sub}");
         assert!(

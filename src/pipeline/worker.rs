@@ -638,3 +638,57 @@ async fn pipeline(
     };
     Ok((state, Value::Object(outputs), cache))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_accepts_a_documented_request() {
+        let request: BuildRequest = crate::bus::decode(
+            br#"{ "v": 1, "recipe": { "path": "recipes/minimal.yaml" }, "requester": "alice" }"#,
+        )
+        .unwrap();
+        let state = PipelineState {
+            request,
+            commit: Some("0123".into()),
+            time: Some(1_700_000_000),
+            build: None,
+        };
+        let v = serde_json::to_value(&state).unwrap();
+        assert_eq!(v["request"]["recipe"]["path"], "recipes/minimal.yaml");
+        assert!(v.get("build").is_none());
+        let back: PipelineState = serde_json::from_value(v).unwrap();
+        assert_eq!(back.commit.as_deref(), Some("0123"));
+        assert_eq!(back.request.requester, "alice");
+    }
+
+    #[test]
+    fn recipe_errors_keep_their_place_and_others_retry() {
+        let d = Diagnostic::new(crate::recipe::diag::Kind::Schema, "unknown field `kernal`").at(
+            Some(crate::recipe::diag::Place {
+                file: PathBuf::from("/r/bad.yaml"),
+                pos: crate::recipe::diag::Pos { line: 3, column: 1 },
+                line_text: "kernal:".into(),
+                rendered: None,
+            }),
+        );
+        let info = diagnostic_info(&d);
+        assert_eq!(info.kind, ErrorKind::Recipe);
+        assert_eq!(
+            (info.file.as_deref(), info.line, info.column),
+            (Some("/r/bad.yaml"), Some(3), Some(1))
+        );
+        assert!(matches!(
+            stage_failure(&StageError::Unsupported("kernel.build".into())),
+            Failure::Input(ErrorInfo {
+                kind: ErrorKind::Recipe,
+                ..
+            })
+        ));
+        assert!(matches!(
+            stage_failure(&StageError::Missing("packages")),
+            Failure::Retry(_)
+        ));
+    }
+}

@@ -352,6 +352,11 @@ fn two_workers_on_separate_homes_build_a_raw_request_through_the_object_store() 
             break;
         }
     }
+    // The request had no id: the source stage assigned one like `20261126T022407Z-0000002a`.
+    let id = completed[0].1["build"].as_str().unwrap();
+    let (stamp, seq) = id.split_once("Z-").unwrap();
+    assert_eq!((stamp.len(), &stamp[8..9], seq.len()), (15, "T", 8), "{id}");
+    assert!(completed.iter().all(|(_, v)| v["build"] == id));
     let worker = |stage: &str| {
         completed
             .iter()

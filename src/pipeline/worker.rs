@@ -342,7 +342,7 @@ fn read_input(
                 return Err((id, invalid(&e)));
             }
         };
-        let id = request.id.clone().unwrap_or_else(bus::new_build_id);
+        let id = request.id.clone().unwrap_or_else(|| assigned_id(d));
         request.id = Some(id.clone());
         let state = PipelineState {
             request,
@@ -370,6 +370,24 @@ fn read_input(
                 prev.stage
             )),
         )),
+    }
+}
+
+/// The id of a request that has none: the request's publication time and stream sequence, in the
+/// form of [`bus::new_build_id`], so every delivery attempt of the request assigns the same id.
+fn assigned_id(d: &Delivery) -> String {
+    match d.message().info() {
+        Ok(info) => {
+            let ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            let stamp = bus::messages::format_rfc3339_ms(ms);
+            let compact: String = stamp
+                .chars()
+                .take(19)
+                .filter(|c| *c != '-' && *c != ':')
+                .collect();
+            format!("{compact}Z-{:08x}", d.stream_sequence())
+        }
+        Err(_) => bus::new_build_id(),
     }
 }
 

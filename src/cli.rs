@@ -351,9 +351,15 @@ pub struct StatusArgs {
 }
 
 fn parse_stage(s: &str) -> Result<crate::bus::Stage, String> {
-    crate::bus::Stage::from_name(s.trim()).ok_or_else(|| {
-        format!("unknown stage `{s}` (stages: source, render, rootfs, kernel, disk, verify)")
-    })
+    match crate::bus::Stage::from_name(s.trim()) {
+        Some(crate::bus::Stage::Publish) => {
+            Err("the publish stage has no worker yet (stages: source, render, rootfs, kernel, disk, verify)".into())
+        }
+        Some(stage) => Ok(stage),
+        None => Err(format!(
+            "unknown stage `{s}` (stages: source, render, rootfs, kernel, disk, verify)"
+        )),
+    }
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {

@@ -103,6 +103,30 @@ pub enum Command {
                             run as root (or from an unpacked tarball you own) for exact owners."
     )]
     Disk(DiskArgs),
+    /// Run every build stage as NATS JetStream workers (all stages of `kiln worker`).
+    #[command(
+        after_help = "Examples:\n  kiln up --nats nats://nats.example.com:4222\n  \
+                            KILN_NATS_URL=nats://127.0.0.1:4222 kiln up"
+    )]
+    Up(UpArgs),
+    /// Run some build stages as NATS JetStream workers until SIGINT/SIGTERM.
+    #[command(
+        after_help = "Examples:\n  kiln worker --nats nats://127.0.0.1:4222 --stages rootfs,kernel,disk\n  \
+                            kiln worker --stages verify\n\n\
+                            Stages: source, render, rootfs, kernel, disk, verify (publish has no worker yet). \
+                            Blobs travel through the kiln-blobs object store, stage records through the \
+                            kiln-stages KV bucket."
+    )]
+    Worker(WorkerArgs),
+    /// Submit a build request to NATS and print its build id.
+    #[command(
+        after_help = "Examples:\n  kiln submit recipes/minimal.yaml --follow\n  \
+                            kiln submit web.yaml --git https://git.example.com/images.git --ref main --path recipes/web.yaml"
+    )]
+    Submit(SubmitArgs),
+    /// Show the stages of a build: time, cache hit/miss and worker.
+    #[command(after_help = "Example:\n  kiln status 20261126T022407Z-9f3a01c2 --json")]
+    Status(StatusArgs),
     /// Print the JSON Schema of recipes (the one in recipes/schema.json).
     #[command(after_help = "Example:\n  kiln schema > recipes/schema.json")]
     Schema,
@@ -293,6 +317,131 @@ pub struct DiskArgs {
     pub json: bool,
 }
 
+/// How to reach NATS.
+#[derive(Debug, Args)]
+pub struct NatsOpts {
+    /// NATS server URL.
+    #[arg(
+        long = "nats",
+        env = "KILN_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub url: String,
+    /// User name (with --nats-password).
+    #[arg(long, env = "KILN_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// Password (with --nats-user).
+    #[arg(long, env = "KILN_NATS_PASSWORD", requires = "nats_user")]
+    pub nats_password: Option<String>,
+    /// Token authentication.
+    #[arg(long, env = "KILN_NATS_TOKEN", conflicts_with = "nats_user")]
+    pub nats_token: Option<String>,
+    /// A .creds file (JWT + NKey).
+    #[arg(long, env = "KILN_NATS_CREDS", conflicts_with_all = ["nats_user", "nats_token"])]
+    pub nats_creds: Option<PathBuf>,
+}
+
+impl NatsOpts {
+    fn connect_options(&self) -> crate::bus::ConnectOptions {
+        use crate::bus::Auth;
+        let mut o = crate::bus::ConnectOptions::new(self.url.clone());
+        o.auth = match (
+            &self.nats_user,
+            &self.nats_password,
+            &self.nats_token,
+            &self.nats_creds,
+        ) {
+            (Some(u), Some(p), _, _) => Auth::UserPassword {
+                user: u.clone(),
+                password: p.clone(),
+            },
+            (_, _, Some(t), _) => Auth::Token(t.clone()),
+            (_, _, _, Some(c)) => Auth::CredsFile(c.clone()),
+            _ => Auth::None,
+        };
+        o
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub nats: NatsOpts,
+    /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
+    #[arg(long, value_name = "DIR")]
+    pub profiles: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub nats: NatsOpts,
+    /// Comma-separated stages to run (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = parse_stage)]
+    pub stages: Vec<crate::bus::Stage>,
+    /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
+    #[arg(long, value_name = "DIR")]
+    pub profiles: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The recipe file (with --git: ignored unless --path is missing, then its path in the repo).
+    pub recipe: Option<PathBuf>,
+    /// Override a recipe parameter (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub set: Vec<(String, String)>,
+    /// Build the recipe from this git repository.
+    #[arg(long, requires = "git_ref")]
+    pub git: Option<String>,
+    /// Branch, tag or commit (with --git).
+    #[arg(long = "ref", requires = "git")]
+    pub git_ref: Option<String>,
+    /// Path of the recipe in the repository (with --git).
+    #[arg(long, requires = "git")]
+    pub path: Option<String>,
+    /// Boot with these profiles (repeatable; default: the recipe's).
+    #[arg(long)]
+    pub profile: Vec<String>,
+    /// Skip the boot verification.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Use this build id (default: a new one).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Print events until the build ends; exit 1 when a stage fails.
+    #[arg(long)]
+    pub follow: bool,
+    /// Print JSON (one object per line).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The build id.
+    pub build: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOpts,
+}
+
+fn parse_stage(s: &str) -> Result<crate::bus::Stage, String> {
+    match crate::bus::Stage::from_name(s.trim()) {
+        Some(crate::bus::Stage::Publish) => {
+            Err("the publish stage has no worker yet (stages: source, render, rootfs, kernel, disk, verify)".into())
+        }
+        Some(stage) => Ok(stage),
+        None => Err(format!(
+            "unknown stage `{s}` (stages: source, render, rootfs, kernel, disk, verify)"
+        )),
+    }
+}
+
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -345,6 +494,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             insecure,
             json,
         } => images(&target, insecure, json),
+        Command::Up(args) => nats_up(args),
+        Command::Worker(args) => nats_worker(args),
+        Command::Submit(args) => nats_submit(args),
+        Command::Status(args) => nats_status(args),
         Command::Schema => {
             let text = serde_json::to_string_pretty(&recipe::schema::json_schema())?;
             println!("{text}");
@@ -897,4 +1050,260 @@ fn images(target: &str, insecure: bool, json: bool) -> anyhow::Result<i32> {
         }
         Err(e) => Ok(store_failed(&e)),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("stopping workers");
+}
+
+fn run_workers(
+    nats: &NatsOpts,
+    stages: Vec<crate::bus::Stage>,
+    profiles: Option<PathBuf>,
+) -> anyhow::Result<i32> {
+    use crate::pipeline::worker::{RUNNABLE, WorkerConfig, run_workers};
+    let stages = if stages.is_empty() {
+        RUNNABLE.to_vec()
+    } else {
+        stages
+    };
+    let mut config = WorkerConfig::from_env();
+    config.profiles_dir = profiles;
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&nats.connect_options()).await?;
+        let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
+        tracing::info!(
+            "worker {} running stages {} against {}",
+            config.name,
+            names.join(","),
+            nats.url
+        );
+        run_workers(&bus, &stages, config, shutdown_signal()).await?;
+        Ok(0)
+    })
+}
+
+fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
+    run_workers(&args.nats, Vec::new(), args.profiles)
+}
+
+fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
+    run_workers(&args.nats, args.stages, args.profiles)
+}
+
+/// One stage event as a JSON object with its `kind` (started, progress, completed, failed).
+fn event_json(e: &crate::bus::StageEvent) -> serde_json::Value {
+    use crate::bus::StageEvent;
+    let mut v = match e {
+        StageEvent::Started(m) => serde_json::to_value(m),
+        StageEvent::Progress(m) => serde_json::to_value(m),
+        StageEvent::Completed(m) => serde_json::to_value(m),
+        StageEvent::Failed(m) => serde_json::to_value(m),
+    }
+    .unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("kind".into(), e.kind().name().into());
+        // The accumulated state is large and for the next stage only.
+        o.remove("state");
+    }
+    v
+}
+
+fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
+    use crate::bus::{BuildRequest, RecipeSource, StageEvent};
+    use futures::StreamExt;
+    let recipe = match (&args.git, &args.recipe) {
+        (Some(url), _) => {
+            let path = args
+                .path
+                .clone()
+                .or_else(|| args.recipe.as_ref().map(|p| p.display().to_string()))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--git needs --path (the recipe in the repository)")
+                })?;
+            RecipeSource::Git {
+                git: crate::bus::GitSource {
+                    url: url.clone(),
+                    git_ref: args.git_ref.clone().unwrap_or_default(),
+                    path,
+                },
+            }
+        }
+        (None, Some(path)) => RecipeSource::Path {
+            path: std::path::absolute(path)?,
+        },
+        (None, None) => anyhow::bail!("give a recipe file, or --git URL --ref REF --path FILE"),
+    };
+    let requester = std::env::var("USER").unwrap_or_else(|_| "kiln submit".into());
+    let mut req = BuildRequest::new(recipe, requester);
+    let id = args.id.clone().unwrap_or_else(crate::bus::new_build_id);
+    req.id = Some(id.clone());
+    req.params = args.set.iter().cloned().collect();
+    req.profiles = args.profile.clone();
+    req.verify = !args.no_verify;
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
+        bus.ensure_kiln_stream().await?;
+        bus.publish_request(&req).await?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            writeln!(out, "{}", serde_json::json!({ "build": id }))?;
+        } else {
+            writeln!(out, "{id}")?;
+        }
+        out.flush()?;
+        drop(out);
+        if !args.follow {
+            return Ok(0);
+        }
+        let events = bus.follow(&id, true).await?;
+        tokio::pin!(events);
+        while let Some(ev) = events.next().await {
+            let ev = ev?;
+            let Ok(event) = ev.event else { continue };
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                writeln!(out, "{}", event_json(&event))?;
+            } else {
+                match &event {
+                    StageEvent::Started(s) => {
+                        writeln!(out, "{:>8} started on {}", s.stage.name(), s.worker)?
+                    }
+                    StageEvent::Progress(p) => writeln!(
+                        out,
+                        "{:>8} {}",
+                        p.stage.name(),
+                        p.message.clone().unwrap_or_default()
+                    )?,
+                    StageEvent::Completed(c) => writeln!(
+                        out,
+                        "{:>8} completed ({}, {:.2} s) on {}",
+                        c.stage.name(),
+                        if c.cache == crate::bus::CacheStatus::Hit {
+                            "hit"
+                        } else {
+                            "miss"
+                        },
+                        c.duration_ms as f64 / 1000.0,
+                        c.worker
+                    )?,
+                    StageEvent::Failed(f) => {
+                        let place = match (&f.error.file, f.error.line, f.error.column) {
+                            (Some(file), Some(l), Some(c)) => format!("{file}:{l}:{c}: "),
+                            (Some(file), _, _) => format!("{file}: "),
+                            _ => String::new(),
+                        };
+                        writeln!(
+                            out,
+                            "{:>8} failed on {}: {place}{}",
+                            f.stage.name(),
+                            f.worker,
+                            f.error.message
+                        )?
+                    }
+                }
+            }
+            out.flush()?;
+            match &event {
+                StageEvent::Failed(_) => return Ok(1),
+                StageEvent::Completed(c) if c.stage == crate::bus::Stage::Verify => {
+                    return Ok(0);
+                }
+                _ => {}
+            }
+        }
+        anyhow::bail!("the event stream of build {id} ended")
+    })
+}
+
+fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
+    use crate::bus::StageEvent;
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
+        let events = bus.build_events(&args.build).await?;
+        if events.is_empty() {
+            anyhow::bail!("no events for build {} (is the id right?)", args.build);
+        }
+        // One row per stage, in pipeline order, from its latest event.
+        let mut rows: Vec<(crate::bus::Stage, serde_json::Value)> = Vec::new();
+        let mut failed = false;
+        for ev in events {
+            let Ok(event) = ev.event else { continue };
+            let stage = event.stage();
+            let mut row = match rows.iter().position(|(s, _)| *s == stage) {
+                Some(i) => rows.remove(i).1,
+                None => serde_json::json!({ "stage": stage.name() }),
+            };
+            let o = row.as_object_mut().ok_or_else(|| anyhow::anyhow!("row"))?;
+            match &event {
+                StageEvent::Started(s) => {
+                    o.insert("status".into(), "started".into());
+                    o.insert("started".into(), serde_json::to_value(&s.time)?);
+                    o.insert("worker".into(), s.worker.clone().into());
+                }
+                StageEvent::Progress(_) => {}
+                StageEvent::Completed(c) => {
+                    o.insert("status".into(), "completed".into());
+                    o.insert("time".into(), serde_json::to_value(&c.time)?);
+                    o.insert("worker".into(), c.worker.clone().into());
+                    o.insert("cache".into(), serde_json::to_value(c.cache)?);
+                    o.insert("duration_ms".into(), c.duration_ms.into());
+                }
+                StageEvent::Failed(f) => {
+                    failed = true;
+                    o.insert("status".into(), "failed".into());
+                    o.insert("time".into(), serde_json::to_value(&f.time)?);
+                    o.insert("worker".into(), f.worker.clone().into());
+                    o.insert("error".into(), serde_json::to_value(&f.error)?);
+                }
+            }
+            rows.push((stage, row));
+        }
+        rows.sort_by_key(|(s, _)| crate::bus::Stage::ALL.iter().position(|x| x == s));
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            let stages: Vec<serde_json::Value> = rows.into_iter().map(|(_, r)| r).collect();
+            let doc = serde_json::json!({ "build": args.build, "stages": stages });
+            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        } else {
+            writeln!(out, "build {}", args.build)?;
+            for (_, r) in &rows {
+                let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+                let secs = r["duration_ms"]
+                    .as_u64()
+                    .map(|ms| format!("{:.2}s", ms as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into());
+                writeln!(
+                    out,
+                    "{:>8} {:<9} {:<6} {:>8} {:<24} {}",
+                    s("stage"),
+                    s("status"),
+                    s("cache"),
+                    secs,
+                    s("time"),
+                    s("worker")
+                )?;
+            }
+        }
+        Ok(if failed { 1 } else { 0 })
+    })
 }

@@ -152,6 +152,10 @@ fn completions_and_help() {
         "publish",
         "pull",
         "images",
+        "up",
+        "worker",
+        "submit",
+        "status",
     ] {
         let o = run(kiln().args([sub, "--help"]));
         assert!(o.status.success(), "{sub}");

@@ -4,3 +4,4 @@
 pub mod build;
 pub mod cache;
 pub mod stages;
+pub mod worker;

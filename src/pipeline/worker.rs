@@ -1,0 +1,712 @@
+//! kiln's build stages as NATS JetStream workers: one [`Worker`] per bus stage, each running the
+//! pipeline work of [`super::stages`] for the messages of its durable consumer.
+//!
+//! Mapping of bus stages to pipeline work:
+//! - `source`: resolve the recipe source (git: check out → commit; path: must exist on this host;
+//!   inline: nothing to fetch) and assign the build id when the request has none.
+//! - `render`: load the recipe (git recipes are checked out again by commit on this worker, inline
+//!   recipes are written to a temp project directory) → a new [`BuildState`].
+//! - `rootfs`: [`Stage::Packages`] then [`Stage::Rootfs`]; `kernel`, `disk`: the stage of that name;
+//!   `verify`: one [`Stage::Verify`] per profile (the request's, else the recipe's).
+//! - `publish`: not run here yet (issue 6). The verify stage's `completed` message ends a build;
+//!   no worker consumes `kiln-publish`.
+//!
+//! Every `completed` message carries the accumulated [`PipelineState`] in `state`. Before a stage
+//! runs, the worker makes every blob it needs local through the `kiln-blobs` object store; after
+//! it runs, it uploads every blob the stage produced, then publishes `completed`, so the next stage
+//! may run on another host. Stage records live in the local stage cache and in the `kiln-stages`
+//! KV bucket. Recipe errors give one `failed` message (kind `recipe`, with file:line:column) and
+//! no retry; other errors are retried, and the last attempt publishes `failed`.
+
+use super::cache::StageCache;
+use super::stages::{
+    BuildState, Stage, StageEnv, StageError, StageRecords, check_supported, run_stage,
+};
+use crate::bus::{
+    self, BlobError, Blobs, BuildRequest, Bus, BusError, CacheStatus, Delivery, ErrorInfo,
+    ErrorKind, EventTime, Outcome, RecipeSource, RetryPolicy, StageCompleted, StageEvent,
+    StageFailed, StageOutputs, StageStarted, VERSION,
+};
+use crate::cache::Digest256;
+use crate::manifest::{Manifest, ManifestKind};
+use crate::packages::ArchiveOptions;
+use crate::recipe::{Diagnostic, LoadOptions};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What a build carries from stage to stage (`state` of every `completed` message).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipelineState {
+    /// The request, with its build id filled in.
+    pub request: BuildRequest,
+    /// The git commit of a git recipe (set by `source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// The commit time (seconds since the epoch) of a git recipe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<i64>,
+    /// The pipeline state (set by `render`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildState>,
+}
+
+/// How the workers of one process run.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// `$KILN_HOME` of this worker.
+    pub home: PathBuf,
+    pub archive: ArchiveOptions,
+    pub profiles_dir: Option<PathBuf>,
+    /// The worker name in messages, e.g. `host/pid`.
+    pub name: String,
+    pub policy: RetryPolicy,
+}
+
+impl WorkerConfig {
+    /// Defaults for this process: `$KILN_HOME`, archive settings from the environment, name
+    /// `<hostname>/<pid>`.
+    pub fn from_env() -> Self {
+        WorkerConfig {
+            home: crate::cache::kiln_home(),
+            archive: ArchiveOptions::from_env(),
+            profiles_dir: None,
+            name: default_worker_name(),
+            policy: RetryPolicy::default(),
+        }
+    }
+}
+
+/// `<hostname>/<pid>`.
+pub fn default_worker_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}/{}", std::process::id())
+}
+
+/// The bus stages a worker can run (all but `publish`).
+pub const RUNNABLE: [bus::Stage; 6] = [
+    bus::Stage::Source,
+    bus::Stage::Render,
+    bus::Stage::Rootfs,
+    bus::Stage::Kernel,
+    bus::Stage::Disk,
+    bus::Stage::Verify,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error(
+        "the {0} stage has no worker in this kiln yet (publishing is issue 6); stages: source, render, rootfs, kernel, disk, verify"
+    )]
+    NotRunnable(bus::Stage),
+}
+
+/// Why handling one message failed.
+#[derive(Debug)]
+enum Failure {
+    /// The input is wrong: publish `failed` once, do not retry.
+    Input(ErrorInfo),
+    /// Anything else: retry; on the last attempt publish `failed`.
+    Retry(ErrorInfo),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Input(e) | Failure::Retry(e) => f.write_str(&e.message),
+        }
+    }
+}
+
+fn transient(e: impl std::fmt::Display) -> Failure {
+    Failure::Retry(ErrorInfo::new(ErrorKind::Transient, &e.to_string()))
+}
+
+fn diagnostic_info(d: &Diagnostic) -> ErrorInfo {
+    let mut info = ErrorInfo::new(ErrorKind::Recipe, &d.message);
+    if let Some(place) = &d.place {
+        info.file = Some(place.file.display().to_string());
+        info.line = u32::try_from(place.pos.line).ok();
+        info.column = u32::try_from(place.pos.column).ok();
+    }
+    info
+}
+
+fn stage_failure(e: &StageError) -> Failure {
+    let message = e.to_string();
+    if !e.is_input_error() {
+        return Failure::Retry(ErrorInfo::new(ErrorKind::Transient, &message));
+    }
+    let kind = match e {
+        StageError::Verify(_) => ErrorKind::Verification,
+        _ => ErrorKind::Recipe,
+    };
+    Failure::Input(ErrorInfo::new(kind, &message))
+}
+
+/// Stage records in the local stage cache and the shared KV bucket (get: local, else KV; put:
+/// both). Used from blocking code: KV calls run on `rt`.
+struct SharedRecords {
+    local: StageCache,
+    kv: StageOutputs,
+    rt: tokio::runtime::Handle,
+}
+
+impl StageRecords for SharedRecords {
+    fn get(&self, stage: &str, key: &Digest256) -> Option<Value> {
+        if let Some(v) = self.local.get(stage, key) {
+            return Some(v);
+        }
+        let v = match self.rt.block_on(self.kv.get(&format!("{stage}/{key}"))) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(stage, "reading the shared stage record: {e}");
+                None
+            }
+        }?;
+        let _ = self.local.put(stage, key, &v);
+        Some(v)
+    }
+
+    fn put(&self, stage: &str, key: &Digest256, outputs: &Value) -> std::io::Result<()> {
+        self.local.put(stage, key, outputs)?;
+        self.rt
+            .block_on(self.kv.put(&format!("{stage}/{key}"), outputs))
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// Everything the handlers share.
+struct Ctx {
+    bus: Bus,
+    blobs: Blobs,
+    kv: StageOutputs,
+    env: StageEnv,
+    config: WorkerConfig,
+}
+
+/// Run workers for `stages` until `shutdown` completes.
+pub async fn run_workers(
+    bus: &Bus,
+    stages: &[bus::Stage],
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    if let Some(s) = stages.iter().find(|s| !RUNNABLE.contains(s)) {
+        return Err(WorkerError::NotRunnable(*s));
+    }
+    bus.ensure_kiln_stream().await?;
+    let env = StageEnv::new(
+        config.home.clone(),
+        config.archive.clone(),
+        config.profiles_dir.clone(),
+    );
+    let ctx = Arc::new(Ctx {
+        bus: bus.clone(),
+        blobs: Blobs::open(bus, env.blobs.clone()).await?,
+        kv: StageOutputs::open(bus).await?,
+        env,
+        config: config.clone(),
+    });
+    let mut workers = Vec::new();
+    for stage in stages {
+        workers.push(bus::Worker::new(bus, *stage, config.policy.clone()).await?);
+    }
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let runs = workers.iter().map(|w| {
+        let ctx = ctx.clone();
+        let mut rx = rx.clone();
+        let stage = w.stage();
+        let handler = move |d: Delivery| handle(ctx.clone(), stage, d);
+        async move {
+            let stop = async move {
+                let _ = rx.wait_for(|v| *v).await;
+            };
+            w.run(handler, stop).await
+        }
+    });
+    let all = futures::future::join_all(runs);
+    tokio::pin!(all);
+    let results = tokio::select! {
+        r = &mut all => r,
+        _ = shutdown => {
+            let _ = tx.send(true);
+            all.await
+        }
+    };
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome, Failure> {
+    let started = Instant::now();
+    // Which build: from the request (source) or the previous stage's completed message.
+    let (build, state) = match read_input(stage, &d) {
+        Ok(v) => v,
+        Err((build, info)) => {
+            publish_failed(&ctx, &build, stage, info, &d, started).await;
+            return Ok(Outcome::Final);
+        }
+    };
+    let _ = ctx
+        .bus
+        .publish_event(&StageEvent::Started(StageStarted {
+            v: VERSION,
+            build: build.clone(),
+            stage,
+            worker: ctx.config.name.clone(),
+            time: EventTime::now(),
+            attempt: Some(d.attempt()),
+        }))
+        .await;
+    match run(&ctx, stage, state).await {
+        Ok((state, outputs, cache)) => {
+            let state = serde_json::to_value(&state).map_err(transient)?;
+            let done = StageEvent::Completed(StageCompleted {
+                v: VERSION,
+                build,
+                stage,
+                worker: ctx.config.name.clone(),
+                time: EventTime::now(),
+                outputs,
+                state,
+                cache,
+                duration_ms: started.elapsed().as_millis() as u64,
+            });
+            ctx.bus.publish_event(&done).await.map_err(transient)?;
+            Ok(Outcome::Done)
+        }
+        Err(Failure::Input(info)) => {
+            publish_failed(&ctx, &build, stage, info, &d, started).await;
+            Ok(Outcome::Final)
+        }
+        Err(Failure::Retry(info)) => {
+            if d.is_last_attempt() {
+                publish_failed(&ctx, &build, stage, info.clone(), &d, started).await;
+            }
+            Err(Failure::Retry(info))
+        }
+    }
+}
+
+async fn publish_failed(
+    ctx: &Ctx,
+    build: &str,
+    stage: bus::Stage,
+    error: ErrorInfo,
+    d: &Delivery,
+    started: Instant,
+) {
+    let msg = StageEvent::Failed(StageFailed {
+        v: VERSION,
+        build: build.to_string(),
+        stage,
+        worker: ctx.config.name.clone(),
+        time: EventTime::now(),
+        error,
+        attempts: Some(d.attempt()),
+        duration_ms: Some(started.elapsed().as_millis() as u64),
+    });
+    if let Err(e) = ctx.bus.publish_event(&msg).await {
+        tracing::warn!(%stage, build, "cannot publish failed: {e}");
+    }
+}
+
+/// The build id and state a message carries, or the build id (best known) and why it is unusable.
+fn read_input(
+    stage: bus::Stage,
+    d: &Delivery,
+) -> Result<(String, PipelineState), (String, ErrorInfo)> {
+    let invalid =
+        |e: &dyn std::fmt::Display| ErrorInfo::new(ErrorKind::InvalidMessage, &e.to_string());
+    if stage == bus::Stage::Source {
+        let mut request: BuildRequest = match d.decode() {
+            Ok(r) => r,
+            Err(e) => {
+                // The id, if the payload has one, so the failure lands on that build.
+                let id = serde_json::from_slice::<Value>(d.payload())
+                    .ok()
+                    .and_then(|v| v["id"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| format!("invalid-{}", d.stream_sequence()));
+                return Err((id, invalid(&e)));
+            }
+        };
+        let id = request.id.clone().unwrap_or_else(|| assigned_id(d));
+        request.id = Some(id.clone());
+        let state = PipelineState {
+            request,
+            commit: None,
+            time: None,
+            build: None,
+        };
+        return Ok((id, state));
+    }
+    let prev: StageCompleted = match d.decode() {
+        Ok(p) => p,
+        Err(e) => {
+            let id = bus::subjects::parse_stage_subject(d.subject())
+                .map(|s| s.build)
+                .unwrap_or_else(|| format!("invalid-{}", d.stream_sequence()));
+            return Err((id, invalid(&e)));
+        }
+    };
+    match serde_json::from_value::<PipelineState>(prev.state) {
+        Ok(s) => Ok((prev.build, s)),
+        Err(e) => Err((
+            prev.build,
+            invalid(&format!(
+                "the state of the {} stage's completed message: {e}",
+                prev.stage
+            )),
+        )),
+    }
+}
+
+/// The id of a request that has none: the request's publication time and stream sequence, in the
+/// form of [`bus::new_build_id`], so every delivery attempt of the request assigns the same id.
+fn assigned_id(d: &Delivery) -> String {
+    match d.message().info() {
+        Ok(info) => {
+            let ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            let stamp = bus::messages::format_rfc3339_ms(ms);
+            let compact: String = stamp
+                .chars()
+                .take(19)
+                .filter(|c| *c != '-' && *c != ':')
+                .collect();
+            format!("{compact}Z-{:08x}", d.stream_sequence())
+        }
+        Err(_) => bus::new_build_id(),
+    }
+}
+
+type StageResult = (PipelineState, Value, CacheStatus);
+
+async fn run(
+    ctx: &Arc<Ctx>,
+    stage: bus::Stage,
+    state: PipelineState,
+) -> Result<StageResult, Failure> {
+    match stage {
+        bus::Stage::Source => source(ctx, state).await,
+        bus::Stage::Render => render(ctx, state).await,
+        bus::Stage::Rootfs => pipeline(ctx, state, vec![Stage::Packages, Stage::Rootfs]).await,
+        bus::Stage::Kernel => pipeline(ctx, state, vec![Stage::Kernel]).await,
+        bus::Stage::Disk => pipeline(ctx, state, vec![Stage::Disk]).await,
+        bus::Stage::Verify => {
+            let build = state.build.as_ref().ok_or_else(|| missing("render"))?;
+            let stages = if !state.request.verify {
+                Vec::new()
+            } else if !state.request.profiles.is_empty() {
+                state
+                    .request
+                    .profiles
+                    .iter()
+                    .cloned()
+                    .map(Stage::Verify)
+                    .collect()
+            } else {
+                let p = build.loaded.recipe.verify.profile.clone();
+                vec![Stage::Verify(p.unwrap_or_else(|| "direct".into()))]
+            };
+            pipeline(ctx, state, stages).await
+        }
+        bus::Stage::Publish => Err(Failure::Input(ErrorInfo::new(
+            ErrorKind::Internal,
+            "the publish stage has no worker yet",
+        ))),
+    }
+}
+
+fn missing(what: &str) -> Failure {
+    Failure::Input(ErrorInfo::new(
+        ErrorKind::InvalidMessage,
+        &format!("the message's state has no {what} outputs"),
+    ))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Failure::Retry(ErrorInfo::new(ErrorKind::Internal, &e.to_string())))?
+}
+
+fn params(req: &BuildRequest) -> Vec<(String, String)> {
+    req.params
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+async fn source(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult, Failure> {
+    let outputs = match state.request.recipe.clone() {
+        RecipeSource::Path { path } => {
+            if !path.is_file() {
+                let mut info = ErrorInfo::new(
+                    ErrorKind::Recipe,
+                    &format!(
+                        "recipe {} does not exist on this worker (path recipes are read on the worker's file system; use an absolute path, or send it inline or from git)",
+                        path.display()
+                    ),
+                );
+                info.file = Some(path.display().to_string());
+                return Err(Failure::Input(info));
+            }
+            json!({ "path": path })
+        }
+        RecipeSource::Inline { name, .. } => json!({ "inline": name }),
+        RecipeSource::Git { git } => {
+            let home = ctx.config.home.clone();
+            let checkout = blocking(move || {
+                crate::source::GitSource::with_home(&git.url, &home)
+                    .and_then(|s| s.checkout(&git.git_ref, &git.path))
+                    .map_err(transient)
+            })
+            .await?;
+            state.commit = Some(checkout.commit.clone());
+            state.time = Some(checkout.time);
+            json!({ "commit": checkout.commit })
+        }
+    };
+    Ok((state, outputs, CacheStatus::Miss))
+}
+
+async fn render(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult, Failure> {
+    let home = ctx.config.home.clone();
+    let st = state.clone();
+    let loaded = blocking(move || {
+        let set = params(&st.request);
+        let load = |path: &std::path::Path, opts: &LoadOptions| {
+            crate::recipe::load(path, opts).map_err(|d| Failure::Input(diagnostic_info(&d)))
+        };
+        let loaded = match &st.request.recipe {
+            RecipeSource::Path { path } => load(
+                path,
+                &LoadOptions {
+                    set,
+                    ..Default::default()
+                },
+            )?,
+            RecipeSource::Inline { inline, name } => {
+                let dir = tempfile::tempdir().map_err(transient)?;
+                let file_name = std::path::Path::new(name)
+                    .file_name()
+                    .map(|n| n.to_os_string())
+                    .unwrap_or_else(|| "recipe.yaml".into());
+                let path = dir.path().join(file_name);
+                std::fs::write(&path, inline).map_err(transient)?;
+                load(
+                    &path,
+                    &LoadOptions {
+                        set,
+                        ..Default::default()
+                    },
+                )?
+            }
+            RecipeSource::Git { git } => {
+                let commit = st.commit.clone().ok_or_else(|| missing("source"))?;
+                let checkout = crate::source::GitSource::with_home(&git.url, &home)
+                    .and_then(|s| s.checkout(&commit, &git.path))
+                    .map_err(transient)?;
+                let mut opts = crate::source::load_options_for(&checkout, set);
+                opts.git.reference = git.git_ref.clone();
+                load(&checkout.recipe_path, &opts)?
+            }
+        };
+        check_supported(&loaded).map_err(|e| stage_failure(&e))?;
+        Ok(loaded)
+    })
+    .await?;
+    let outputs = json!({ "inputs": loaded.inputs, "name": loaded.recipe.name });
+    state.build = Some(BuildState::new(loaded));
+    Ok((state, outputs, CacheStatus::Miss))
+}
+
+/// The file blobs a rootfs manifest names (the manifest blob must be local).
+fn manifest_blobs(env: &StageEnv, manifest: &Digest256) -> Result<Vec<Digest256>, Failure> {
+    let file = env.blobs.open(manifest).map_err(transient)?;
+    let m: Manifest = serde_json::from_reader(std::io::BufReader::new(file)).map_err(transient)?;
+    Ok(m.entries
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            ManifestKind::File { digest, .. } => Some(digest),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Make `digests` local (from the object store when needed).
+async fn fetch(ctx: &Ctx, digests: &[Digest256]) -> Result<(), Failure> {
+    for d in digests {
+        ctx.blobs.get_blob(d).await.map_err(transient)?;
+    }
+    Ok(())
+}
+
+/// Put `digests` in the object store (a blob that is not local must be there already).
+async fn upload(ctx: &Ctx, digests: &[Digest256]) -> Result<(), Failure> {
+    for d in digests {
+        if ctx.blobs.local().contains(d) {
+            ctx.blobs.publish_local(d).await.map_err(transient)?;
+        } else if !ctx.blobs.remote_has(d).await {
+            return Err(transient(format!(
+                "blob {d} is neither local nor in the object store"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The blobs a pipeline stage produced.
+async fn produced(ctx: &Ctx, state: &BuildState, stage: &Stage) -> Result<Vec<Digest256>, Failure> {
+    Ok(match stage {
+        Stage::Packages => state
+            .packages
+            .iter()
+            .flat_map(|p| {
+                [
+                    p.kernel.sha256.clone(),
+                    p.busybox.sha256.clone(),
+                    p.systemd_boot.sha256.clone(),
+                ]
+            })
+            .collect(),
+        Stage::Rootfs => {
+            let Some(r) = &state.rootfs else {
+                return Ok(Vec::new());
+            };
+            ctx.blobs.get_blob(&r.manifest).await.map_err(transient)?;
+            let mut out = vec![r.manifest.clone()];
+            let env = ctx.env.clone();
+            let m = r.manifest.clone();
+            out.extend(blocking(move || manifest_blobs(&env, &m)).await?);
+            out
+        }
+        Stage::Kernel => state
+            .kernel
+            .iter()
+            .flat_map(|k| [k.vmlinuz.clone(), k.initrd.clone()])
+            .collect(),
+        Stage::Disk => state.disk.iter().map(|d| d.image.clone()).collect(),
+        Stage::Verify(_) => Vec::new(),
+    })
+}
+
+/// Run pipeline `stages` in order on this worker: blobs in, run, blobs out.
+async fn pipeline(
+    ctx: &Arc<Ctx>,
+    mut state: PipelineState,
+    stages: Vec<Stage>,
+) -> Result<StageResult, Failure> {
+    let mut build = state.build.take().ok_or_else(|| missing("render"))?;
+    let mut outputs = serde_json::Map::new();
+    let mut all_hit = true;
+    for stage in stages {
+        let mut needed = build.blobs_needed(&stage);
+        if stage == Stage::Disk
+            && let Some(r) = &build.rootfs
+        {
+            ctx.blobs.get_blob(&r.manifest).await.map_err(transient)?;
+            let env = ctx.env.clone();
+            let m = r.manifest.clone();
+            needed.extend(blocking(move || manifest_blobs(&env, &m)).await?);
+        }
+        fetch(ctx, &needed).await?;
+        let records = SharedRecords {
+            local: StageCache::new(&ctx.config.home),
+            kv: ctx.kv.clone(),
+            rt: tokio::runtime::Handle::current(),
+        };
+        let env = ctx.env.clone();
+        let st = stage.clone();
+        let (b, report) = blocking(move || {
+            let mut b = build;
+            let r = run_stage(&env, &records, &st, &mut b).map_err(|e| stage_failure(&e))?;
+            Ok((b, r))
+        })
+        .await?;
+        build = b;
+        let blobs = produced(ctx, &build, &stage).await?;
+        upload(ctx, &blobs).await?;
+        all_hit &= report.cache == "hit";
+        let key = match &stage {
+            Stage::Verify(p) => format!("verify.{p}"),
+            s => s.name().to_string(),
+        };
+        outputs.insert(key, report.outputs);
+    }
+    state.build = Some(build);
+    let cache = if all_hit && !outputs.is_empty() {
+        CacheStatus::Hit
+    } else {
+        CacheStatus::Miss
+    };
+    Ok((state, Value::Object(outputs), cache))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_accepts_a_documented_request() {
+        let request: BuildRequest = crate::bus::decode(
+            br#"{ "v": 1, "recipe": { "path": "recipes/minimal.yaml" }, "requester": "alice" }"#,
+        )
+        .unwrap();
+        let state = PipelineState {
+            request,
+            commit: Some("0123".into()),
+            time: Some(1_700_000_000),
+            build: None,
+        };
+        let v = serde_json::to_value(&state).unwrap();
+        assert_eq!(v["request"]["recipe"]["path"], "recipes/minimal.yaml");
+        assert!(v.get("build").is_none());
+        let back: PipelineState = serde_json::from_value(v).unwrap();
+        assert_eq!(back.commit.as_deref(), Some("0123"));
+        assert_eq!(back.request.requester, "alice");
+    }
+
+    #[test]
+    fn recipe_errors_keep_their_place_and_others_retry() {
+        let d = Diagnostic::new(crate::recipe::diag::Kind::Schema, "unknown field `kernal`").at(
+            Some(crate::recipe::diag::Place {
+                file: PathBuf::from("/r/bad.yaml"),
+                pos: crate::recipe::diag::Pos { line: 3, column: 1 },
+                line_text: "kernal:".into(),
+                rendered: None,
+            }),
+        );
+        let info = diagnostic_info(&d);
+        assert_eq!(info.kind, ErrorKind::Recipe);
+        assert_eq!(
+            (info.file.as_deref(), info.line, info.column),
+            (Some("/r/bad.yaml"), Some(3), Some(1))
+        );
+        assert!(matches!(
+            stage_failure(&StageError::Unsupported("kernel.build".into())),
+            Failure::Input(ErrorInfo {
+                kind: ErrorKind::Recipe,
+                ..
+            })
+        ));
+        assert!(matches!(
+            stage_failure(&StageError::Missing("packages")),
+            Failure::Retry(_)
+        ));
+    }
+}

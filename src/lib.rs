@@ -14,6 +14,7 @@ pub mod recipe;
 pub mod rootfs;
 pub mod source;
 pub mod store;
+pub mod time;
 pub mod tree;
 pub mod verify;
 pub mod watch;

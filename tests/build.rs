@@ -8,21 +8,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const SHARED: &str = "/var/tmp/kiln-test-cache";
+mod common;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A fresh KILN_HOME whose downloads (blobs, InRelease) are shared with other runs.
+/// A fresh KILN_HOME whose downloads are shared with other runs.
 fn home() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let shared = Path::new(SHARED);
-    std::fs::create_dir_all(shared.join("blobs")).unwrap();
-    std::fs::create_dir_all(shared.join("debian")).unwrap();
-    std::os::unix::fs::symlink(shared.join("blobs"), dir.path().join("blobs")).unwrap();
-    std::os::unix::fs::symlink(shared.join("debian"), dir.path().join("debian")).unwrap();
-    dir
+    common::shared_home()
 }
 
 fn kiln(home: &Path) -> Command {

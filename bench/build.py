@@ -311,7 +311,7 @@ def main():
         home = tempfile.mkdtemp(prefix="home.", dir=work)
         out = tempfile.mkdtemp(prefix="out.", dir=work)
         t, rep = kiln_build(kiln, recipe, home, out)
-        if not rep.get("boot"):
+        if not rep.get("boots"):
             die("kiln build did not boot the image")
         r["kiln-cold"].append(t)
         cold_stages.append({s["stage"]: s["seconds"] for s in rep["stages"]})
@@ -344,7 +344,7 @@ def main():
                                                os.listdir(os.path.join(home, "stages", "kernel"))[0])))
             blob = lambda d: os.path.join(home, "blobs", "sha256", d.split(":")[-1])  # noqa: E731
             kiln_direct_cmdline = f"{cmdline} root=PARTUUID={root['uuid'].lower()}"
-            kiln_marker = rep["boot"]["marker_line"].strip()
+            kiln_marker = rep["boots"][0]["marker_line"].strip()
 
         # 1b. standard tools, cold (empty download dir)
         t_std, steps, sdir = standard(work, std_env)

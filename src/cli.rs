@@ -684,12 +684,7 @@ fn disk(args: DiskArgs) -> anyhow::Result<i32> {
     let report = match build_disk(&spec, &args.output) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
-            }
+            report_error(&e);
             return Ok(EXIT_RECIPE);
         }
     };
@@ -767,12 +762,7 @@ fn build(args: BuildArgs) -> anyhow::Result<i32> {
             return Ok(EXIT_RECIPE);
         }
         Err(e) => {
-            eprintln!("error: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
-            }
+            report_error(&e);
             return Ok(if e.is_input_error() { EXIT_RECIPE } else { 1 });
         }
     };
@@ -876,13 +866,18 @@ fn boot(args: BootArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn store_failed(e: &crate::store::StoreError) -> i32 {
+/// Print an error and the chain of its causes to stderr.
+fn report_error(e: &dyn std::error::Error) {
     eprintln!("error: {e}");
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(s) = source {
         eprintln!("  caused by: {s}");
         source = s.source();
     }
+}
+
+fn store_failed(e: &crate::store::StoreError) -> i32 {
+    report_error(e);
     1
 }
 

@@ -204,23 +204,51 @@ impl Content {
         }
     }
 
+    /// Read up to `buf.len()` bytes at `offset` (short only at the end of the content). Opens a
+    /// host file for this one read: writers reading a file in chunks use [`Content::reader`].
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader()?.read_at(offset, buf)
+    }
+
+    /// A positioned reader that keeps a host file open across reads.
+    pub fn reader(&self) -> io::Result<ContentReader<'_>> {
+        let file = match self {
+            Content::Host { path, .. } => Some(File::open(path)?),
+            _ => None,
+        };
+        Ok(ContentReader {
+            content: self,
+            file,
+        })
+    }
+}
+
+/// Reads a [`Content`] at offsets; see [`Content::reader`].
+pub struct ContentReader<'a> {
+    content: &'a Content,
+    file: Option<File>,
+}
+
+impl ContentReader<'_> {
     /// Read up to `buf.len()` bytes at `offset` (short only at the end of the content).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Content::Inline(b) => {
+        match (self.content, &self.file) {
+            (Content::Inline(b), _) => {
                 let start = (offset as usize).min(b.len());
                 let n = buf.len().min(b.len() - start);
                 buf[..n].copy_from_slice(&b[start..start + n]);
                 Ok(n)
             }
-            Content::Zeros { len } => {
+            (Content::Zeros { len }, _) => {
                 let n = (buf.len() as u64).min(len.saturating_sub(offset)) as usize;
                 buf[..n].fill(0);
                 Ok(n)
             }
-            Content::Host { path, len } => {
+            (Content::Host { path, len }, file) => {
                 use std::os::unix::fs::FileExt;
-                let file = File::open(path)?;
+                let file = file
+                    .as_ref()
+                    .ok_or_else(|| io::Error::other("host file not open"))?;
                 let want = (buf.len() as u64).min(len.saturating_sub(offset)) as usize;
                 let mut done = 0;
                 while done < want {

@@ -1518,6 +1518,10 @@ impl<'p> Image<'p> {
     ) -> Result<(), Ext4Error> {
         match &node.body {
             Body::File { content, .. } => {
+                let reader = content.reader().map_err(|source| Ext4Error::Read {
+                    path: node.path.clone(),
+                    source,
+                })?;
                 for e in &placed.extents {
                     let mut done = 0;
                     while done < e.len {
@@ -1527,7 +1531,7 @@ impl<'p> Image<'p> {
                         let chunk = &mut buf[..(n * BS) as usize];
                         let mut got = 0;
                         while got < want {
-                            let r = content
+                            let r = reader
                                 .read_at(offset + got as u64, &mut chunk[got..want])
                                 .map_err(|source| Ext4Error::Read {
                                     path: node.path.clone(),

@@ -987,6 +987,7 @@ fn write_content(w: &mut SeqWriter, path: &TreePath, content: &Content) -> Resul
     };
     let start = w.position();
     let len = content.len();
+    let reader = content.reader().map_err(read_err)?;
     for (offset, range_len) in content.data_ranges().map_err(read_err)? {
         let end = (offset + range_len).min(len);
         if offset >= end {
@@ -997,7 +998,7 @@ fn write_content(w: &mut SeqWriter, path: &TreePath, content: &Content) -> Resul
         while at < end {
             let want = (end - at).min(CHUNK as u64) as usize;
             let space = w.space(want)?;
-            let n = content.read_at(at, space).map_err(read_err)?;
+            let n = reader.read_at(at, space).map_err(read_err)?;
             if n == 0 {
                 return Err(read_err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

@@ -827,6 +827,7 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), StageError> {
     let tmp = tempfile::NamedTempFile::new_in(dir)
         .map_err(io(format!("creating a file in {}", dir.display())))?;
     tmp.as_file().set_len(len).map_err(io("sizing the copy"))?;
+    let reader = content.reader().map_err(io("reading the cached image"))?;
     let mut buf = vec![0u8; 1 << 20];
     for (start, length) in content
         .data_ranges()
@@ -835,7 +836,7 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), StageError> {
         let mut off = start;
         while off < start + length {
             let want = ((start + length - off) as usize).min(buf.len());
-            let n = content
+            let n = reader
                 .read_at(off, &mut buf[..want])
                 .map_err(io("reading the cached image"))?;
             if n == 0 {

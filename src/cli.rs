@@ -522,6 +522,25 @@ impl RecipeOpts {
     }
 }
 
+/// The progress bars on stderr, when `kiln build` shows them: log lines are written around them.
+static PROGRESS_BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+
+/// stderr for log lines, which hides the progress bars while it writes.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match PROGRESS_BARS.get() {
+            Some(bars) => bars.suspend(|| std::io::stderr().write(buf)),
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Set up logging to stderr.
 pub fn init_logging(verbose: u8, quiet: bool) {
     let level = match (quiet, verbose) {
@@ -534,7 +553,7 @@ pub fn init_logging(verbose: u8, quiet: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("kiln={level}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
@@ -833,7 +852,9 @@ impl StageDisplay {
             ProgressMode::Json
         } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             ProgressMode::Bars {
-                multi: indicatif::MultiProgress::new(),
+                multi: PROGRESS_BARS
+                    .get_or_init(indicatif::MultiProgress::new)
+                    .clone(),
                 bars: Vec::new(),
             }
         } else {

@@ -374,6 +374,10 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
             .all(|s| s["cache"] == "hit"),
         "{report}"
     );
+    // The serial log of the boot on the worker came through the object store too.
+    let serial = std::fs::read_to_string(out.path().join("minimal-1.0.0.qcow2.serial.log"))
+        .expect("the serial log in -o");
+    assert!(serial.contains("kiln-boot-ok"), "{serial}");
     let remote_build = json_lines(&o.stderr)[0]["build"]
         .as_str()
         .unwrap()

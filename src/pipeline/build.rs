@@ -192,7 +192,15 @@ pub fn deliver(
         }
         name.push(".serial.log");
         let dest = PathBuf::from(name);
-        if log.is_file() && std::fs::copy(log, &dest).is_ok() {
+        // The log where the boot wrote it (this host), else its blob (fetched from the store).
+        let source = match &boot.serial_log_blob {
+            _ if log.is_file() => Some(log.clone()),
+            Some(d) if blobs.contains(d) => Some(blobs.path(d)),
+            _ => None,
+        };
+        if let Some(source) = source
+            && std::fs::copy(&source, &dest).is_ok()
+        {
             boot.serial_log = Some(dest);
         }
     }

@@ -207,6 +207,15 @@ pub async fn build_over_bus(
     if !private && let Some(disk) = &build.disk {
         let blobs = Blobs::open(&bus, local.clone()).await?;
         blobs.get_blob(&disk.image).await?;
+        for d in build
+            .boots
+            .iter()
+            .filter_map(|b| b.serial_log_blob.as_ref())
+        {
+            if let Err(e) = blobs.get_blob(d).await {
+                tracing::warn!("the serial log {d} is not in the object store: {e}");
+            }
+        }
     }
     let report = deliver(
         opts,

@@ -222,6 +222,10 @@ pub struct BootSummary {
     pub profile: String,
     /// The serial console of this boot.
     pub serial_log: Option<PathBuf>,
+    /// The serial log's content as a blob, so that a host other than the one that booted the
+    /// image can deliver it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_log_blob: Option<Digest256>,
     pub accel: String,
     pub time_to_first_output: Option<f64>,
     pub time_to_kernel: Option<f64>,
@@ -924,9 +928,14 @@ pub fn verify_boot(
     bo.serial_log = Some(log.clone());
     let report = verify::boot_image(&env.blobs.path(&disk_out.image), &bo)?;
     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    let serial_log_blob = std::fs::File::open(&log)
+        .and_then(|mut f| env.blobs.put(&mut f))
+        .map(|(digest, _)| digest)
+        .ok();
     Ok(BootSummary {
         profile: profile.to_string(),
         serial_log: Some(log),
+        serial_log_blob,
         accel: report.accel.to_string(),
         time_to_first_output: secs(report.time_to_first_output),
         time_to_kernel: secs(report.time_to_kernel),

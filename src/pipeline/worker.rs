@@ -710,7 +710,12 @@ async fn produced(ctx: &Ctx, state: &BuildState, stage: &Stage) -> Result<Vec<Di
             .flat_map(|k| [k.vmlinuz.clone(), k.initrd.clone()])
             .collect(),
         Stage::Disk => state.disk.iter().map(|d| d.image.clone()).collect(),
-        Stage::Verify(_) => Vec::new(),
+        Stage::Verify(_) => state
+            .boots
+            .iter()
+            .filter_map(|b| b.serial_log_blob.clone())
+            .filter(|d| ctx.blobs.local().contains(d))
+            .collect(),
     })
 }
 

@@ -44,10 +44,18 @@ pub enum Command {
     /// Build a recipe's disk image and boot it under QEMU to prove it works.
     #[command(after_help = "Examples:\n  kiln build recipes/minimal.yaml\n  \
                             kiln build recipes/minimal.yaml --set hostname=demo -o out/ --profile direct\n  \
-                            kiln build recipes/minimal.yaml --no-verify --json\n\n\
+                            kiln build recipes/minimal.yaml --no-verify --json\n  \
+                            kiln build recipes/minimal.yaml --nats nats://127.0.0.1:4222   # workers of `kiln up`\n  \
+                            kiln build recipes/minimal.yaml --no-bus                       # no NATS at all\n\n\
                             Every stage is cached in $KILN_HOME (default ~/.cache/kiln) by its inputs: \
                             an unchanged rebuild makes no download and no boot. The image, its serial \
-                            log and a JSON report are written to the output directory.")]
+                            log and a JSON report are written to the output directory.\n\n\
+                            Without --nats, kiln starts a private nats-server (Debian package \
+                            `nats-server`; JetStream in a temp dir, a free loopback port), runs every \
+                            stage worker in this process and stops the server when the build ends: \
+                            the same stage workers and messages as `kiln up`. Progress: a bar per \
+                            stage when stderr is a terminal, plain lines otherwise, JSON lines with \
+                            --json, nothing with -q.")]
     Build(BuildArgs),
     /// Boot a disk image under QEMU and wait for a line on its serial console.
     #[command(
@@ -124,9 +132,20 @@ pub enum Command {
                             kiln submit web.yaml --git https://git.example.com/images.git --ref main --path recipes/web.yaml"
     )]
     Submit(SubmitArgs),
-    /// Show the stages of a build: time, cache hit/miss and worker.
-    #[command(after_help = "Example:\n  kiln status 20261126T022407Z-9f3a01c2 --json")]
+    /// List recent builds, or show the stages of one: time, cache hit/miss and worker.
+    #[command(
+        after_help = "Examples:\n  kiln status\n  kiln status --limit 5 --json\n  \
+                            kiln status 20261126T022407Z-9f3a01c2 --json\n\n\
+                            Read back from the KILN stream (kiln.build.>); no database."
+    )]
     Status(StatusArgs),
+    /// Print every event of a build from the stream; -f follows it live until it ends.
+    #[command(after_help = "Examples:\n  kiln logs 20261126T022407Z-9f3a01c2\n  \
+                            kiln logs -f 20261126T022407Z-9f3a01c2 --json\n\n\
+                            One line per event: time, stage, event, then worker, cache and duration, \
+                            progress, or the error with file:line:column and help. Exit 1 when the \
+                            build failed.")]
+    Logs(LogsArgs),
     /// Print the JSON Schema of recipes (the one in recipes/schema.json).
     #[command(after_help = "Example:\n  kiln schema > recipes/schema.json")]
     Schema,
@@ -194,9 +213,36 @@ pub struct BuildArgs {
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
     #[arg(long, value_name = "DIR")]
     pub profiles: Option<PathBuf>,
-    /// Print the build report as JSON.
+    /// Print the build report as JSON (progress events go to stderr as JSON lines).
     #[arg(long)]
     pub json: bool,
+    /// Submit to this NATS server, whose workers (`kiln up`) build it, instead of starting a
+    /// private one.
+    #[arg(long = "nats", value_name = "URL", conflicts_with = "no_bus")]
+    pub nats: Option<String>,
+    #[command(flatten)]
+    pub auth: NatsAuth,
+    /// Run the stages in this process without NATS (no nats-server needed; measures the bus's
+    /// overhead).
+    #[arg(long)]
+    pub no_bus: bool,
+}
+
+/// NATS credentials for `kiln build --nats`.
+#[derive(Debug, Args)]
+pub struct NatsAuth {
+    /// User name (with --nats-password).
+    #[arg(long, env = "KILN_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// Password (with --nats-user).
+    #[arg(long, env = "KILN_NATS_PASSWORD", requires = "nats_user")]
+    pub nats_password: Option<String>,
+    /// Token authentication.
+    #[arg(long, env = "KILN_NATS_TOKEN", conflicts_with = "nats_user")]
+    pub nats_token: Option<String>,
+    /// A .creds file (JWT + NKey).
+    #[arg(long, env = "KILN_NATS_CREDS", conflicts_with_all = ["nats_user", "nats_token"])]
+    pub nats_creds: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -421,9 +467,26 @@ pub struct SubmitArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// The build id (default: list recent builds).
+    pub build: Option<String>,
+    /// How many builds to list, newest first.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
     /// The build id.
     pub build: String,
-    /// Print JSON.
+    /// Follow the build live until it completes or fails.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Print JSON (one object per event).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -459,6 +522,25 @@ impl RecipeOpts {
     }
 }
 
+/// The progress bars on stderr, when `kiln build` shows them: log lines are written around them.
+static PROGRESS_BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+
+/// stderr for log lines, which hides the progress bars while it writes.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match PROGRESS_BARS.get() {
+            Some(bars) => bars.suspend(|| std::io::stderr().write(buf)),
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Set up logging to stderr.
 pub fn init_logging(verbose: u8, quiet: bool) {
     let level = match (quiet, verbose) {
@@ -471,7 +553,7 @@ pub fn init_logging(verbose: u8, quiet: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("kiln={level}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
@@ -480,10 +562,11 @@ pub fn init_logging(verbose: u8, quiet: bool) {
 
 /// Run the command; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    let quiet = cli.quiet;
     match cli.command {
         Command::Render(args) => render(args),
         Command::Check(args) => check(args),
-        Command::Build(args) => build(args),
+        Command::Build(args) => build(args, quiet),
         Command::Boot(args) => boot(args),
         Command::Disk(args) => disk(args),
         Command::Keygen { output } => keygen(&output),
@@ -498,6 +581,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Worker(args) => nats_worker(args),
         Command::Submit(args) => nats_submit(args),
         Command::Status(args) => nats_status(args),
+        Command::Logs(args) => nats_logs(args),
         Command::Schema => {
             let text = serde_json::to_string_pretty(&recipe::schema::json_schema())?;
             println!("{text}");
@@ -740,8 +824,191 @@ fn disk(args: DiskArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn build(args: BuildArgs) -> anyhow::Result<i32> {
+/// How `kiln build` shows its stages on stderr.
+enum ProgressMode {
+    /// A bar per stage (stderr is a terminal).
+    Bars {
+        multi: indicatif::MultiProgress,
+        bars: Vec<(String, indicatif::ProgressBar)>,
+    },
+    /// A line per event, progress at most once a second per stage.
+    Lines {
+        last: Vec<(String, std::time::Instant)>,
+    },
+    /// One JSON object per event (`--json`).
+    Json,
+    /// Nothing (`-q`).
+    Quiet,
+}
+
+/// `kiln build`'s stage display, shared by the NATS and the in-process paths.
+struct StageDisplay(std::sync::Mutex<ProgressMode>);
+
+impl StageDisplay {
+    fn new(quiet: bool, json: bool) -> Self {
+        let mode = if quiet {
+            ProgressMode::Quiet
+        } else if json {
+            ProgressMode::Json
+        } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ProgressMode::Bars {
+                multi: PROGRESS_BARS
+                    .get_or_init(indicatif::MultiProgress::new)
+                    .clone(),
+                bars: Vec::new(),
+            }
+        } else {
+            ProgressMode::Lines { last: Vec::new() }
+        };
+        StageDisplay(std::sync::Mutex::new(mode))
+    }
+
+    fn note(
+        &self,
+        stage: &str,
+        note: &crate::pipeline::build::StageNote,
+        json: impl Fn() -> serde_json::Value,
+    ) {
+        use crate::pipeline::build::StageNote;
+        let mut mode = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *mode {
+            ProgressMode::Quiet => {}
+            ProgressMode::Json => eprintln!("{}", json()),
+            ProgressMode::Lines { last } => {
+                let text = match note {
+                    StageNote::Started => "started".to_string(),
+                    StageNote::Progress(p) => {
+                        let now = std::time::Instant::now();
+                        let done = p.fraction.is_some_and(|f| f >= 1.0);
+                        match last.iter_mut().find(|(s, _)| s == stage) {
+                            Some((_, t)) if !done && now.duration_since(*t).as_secs_f64() < 1.0 => {
+                                return;
+                            }
+                            Some((_, t)) => *t = now,
+                            None => last.push((stage.to_string(), now)),
+                        }
+                        match p.fraction {
+                            Some(f) => format!("{:>3.0}% {}", f * 100.0, p.message),
+                            None => p.message.clone(),
+                        }
+                    }
+                    StageNote::Completed { cache, seconds } => {
+                        format!("completed ({cache}, {seconds:.2} s)")
+                    }
+                };
+                eprintln!("{stage:>8}: {text}");
+            }
+            ProgressMode::Bars { multi, bars } => {
+                let bar = match bars.iter().find(|(s, _)| s == stage) {
+                    Some((_, b)) => b.clone(),
+                    None => {
+                        let b = multi.add(indicatif::ProgressBar::new(100));
+                        let style = indicatif::ProgressStyle::with_template(
+                            "{prefix:>8} [{bar:24}] {percent:>3}% {elapsed:>4} {wide_msg}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                        .progress_chars("=> ");
+                        b.set_style(style);
+                        b.set_prefix(stage.to_string());
+                        b.enable_steady_tick(std::time::Duration::from_millis(200));
+                        bars.push((stage.to_string(), b.clone()));
+                        b
+                    }
+                };
+                match note {
+                    StageNote::Started => bar.set_message("started"),
+                    StageNote::Progress(p) => {
+                        if let Some(f) = p.fraction {
+                            bar.set_position((f * 100.0) as u64);
+                        }
+                        bar.set_message(p.message.clone());
+                    }
+                    StageNote::Completed { cache, seconds } => {
+                        bar.set_position(100);
+                        bar.finish_with_message(format!("{cache} {seconds:.2} s"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A stage failed: its bar stops where it was.
+    fn failed(&self, stage: &str, json: impl Fn() -> serde_json::Value) {
+        let mode = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*mode {
+            ProgressMode::Bars { bars, .. } => {
+                if let Some((_, b)) = bars.iter().find(|(s, _)| s == stage) {
+                    b.abandon_with_message("failed");
+                }
+            }
+            ProgressMode::Lines { .. } => eprintln!("{stage:>8}: failed"),
+            ProgressMode::Json => eprintln!("{}", json()),
+            ProgressMode::Quiet => {}
+        }
+    }
+
+    /// A bus event, shown like the in-process notes.
+    fn event(&self, e: &crate::bus::StageEvent) {
+        use crate::bus::StageEvent;
+        use crate::pipeline::build::StageNote;
+        use crate::pipeline::stages::ProgressUpdate;
+        let json = || crate::pipeline::events::event_json(e);
+        let stage = e.stage().name();
+        match e {
+            StageEvent::Started(_) => self.note(stage, &StageNote::Started, json),
+            StageEvent::Progress(p) => self.note(
+                stage,
+                &StageNote::Progress(ProgressUpdate::new(
+                    p.fraction,
+                    p.message.clone().unwrap_or_default(),
+                )),
+                json,
+            ),
+            StageEvent::Completed(c) => self.note(
+                stage,
+                &StageNote::Completed {
+                    cache: crate::pipeline::events::cache_text(c.cache).into(),
+                    seconds: c.duration_ms as f64 / 1000.0,
+                },
+                json,
+            ),
+            StageEvent::Failed(_) => self.failed(stage, json),
+        }
+    }
+}
+
+/// Print a `failed` message's error like the in-process build prints its errors: the whole
+/// report when there is one (a recipe diagnostic with its source line, a boot's serial tail).
+fn report_failure(error: &crate::bus::ErrorInfo) {
+    match &error.detail {
+        Some(detail) => {
+            let detail = detail.trim_end();
+            if detail.starts_with("error:") {
+                eprintln!("{detail}");
+            } else {
+                eprintln!("error: {detail}");
+            }
+            if let Some(help) = &error.help
+                && !detail.contains(help.as_str())
+            {
+                eprintln!("  = help: {help}");
+            }
+        }
+        None => {
+            match error.location() {
+                Some(place) => eprintln!("error: {place}: {}", error.message),
+                None => eprintln!("error: {}", error.message),
+            }
+            if let Some(help) = &error.help {
+                eprintln!("  = help: {help}");
+            }
+        }
+    }
+}
+
+fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
     use crate::pipeline::build::{BuildError, BuildOptions, build};
+    use crate::pipeline::bus_build::{BusBuildError, BusTarget, build_over_bus};
     let opts = BuildOptions {
         recipe: args.recipe.clone(),
         load: args.opts.load_options(),
@@ -752,18 +1019,89 @@ fn build(args: BuildArgs) -> anyhow::Result<i32> {
         profiles_dir: args.profiles.clone(),
         archive: crate::packages::ArchiveOptions::from_env(),
     };
-    let progress = |stage: &str, what: &str| {
-        tracing::info!("{stage:>8}: {what}");
-    };
-    let report = match build(&opts, &progress) {
-        Ok(r) => r,
-        Err(BuildError::Recipe(d)) => {
-            report(&d);
-            return Ok(EXIT_RECIPE);
+    let display = StageDisplay::new(quiet, args.json);
+    let report = if args.no_bus {
+        let observe = |stage: &str, note: crate::pipeline::build::StageNote| {
+            let json = || {
+                use crate::pipeline::build::StageNote;
+                match &note {
+                    StageNote::Started => serde_json::json!({ "stage": stage, "kind": "started" }),
+                    StageNote::Progress(p) => serde_json::json!({
+                        "stage": stage, "kind": "progress", "fraction": p.fraction, "message": p.message
+                    }),
+                    StageNote::Completed { cache, seconds } => serde_json::json!({
+                        "stage": stage, "kind": "completed", "cache": cache, "seconds": seconds
+                    }),
+                }
+            };
+            display.note(stage, &note, json);
+        };
+        match build(&opts, &observe) {
+            Ok(r) => r,
+            Err(BuildError::Recipe(d)) => {
+                report(&d);
+                return Ok(EXIT_RECIPE);
+            }
+            Err(e) => {
+                report_error(&e);
+                return Ok(if e.is_input_error() { EXIT_RECIPE } else { 1 });
+            }
         }
-        Err(e) => {
-            report_error(&e);
-            return Ok(if e.is_input_error() { EXIT_RECIPE } else { 1 });
+    } else {
+        let target = match &args.nats {
+            None => BusTarget::Private,
+            Some(url) => {
+                let nats = NatsOpts {
+                    url: url.clone(),
+                    nats_user: args.auth.nats_user.clone(),
+                    nats_password: args.auth.nats_password.clone(),
+                    nats_token: args.auth.nats_token.clone(),
+                    nats_creds: args.auth.nats_creds.clone(),
+                };
+                BusTarget::Remote(nats.connect_options())
+            }
+        };
+        let rt = runtime()?;
+        let observe = |e: &crate::bus::StageEvent| display.event(e);
+        let interrupted = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                },
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        let result = rt.block_on(build_over_bus(&opts, &target, &observe, interrupted));
+        // A stage still running (after Ctrl-C) is abandoned, not waited for.
+        rt.shutdown_timeout(std::time::Duration::from_secs(2));
+        match result {
+            Ok((_, r)) => r,
+            Err(BusBuildError::Failed { error, .. }) => {
+                report_failure(&error);
+                let input = matches!(
+                    error.kind,
+                    crate::bus::ErrorKind::Recipe
+                        | crate::bus::ErrorKind::InvalidMessage
+                        | crate::bus::ErrorKind::Verification
+                );
+                return Ok(if input { EXIT_RECIPE } else { 1 });
+            }
+            Err(BusBuildError::Deliver(BuildError::Recipe(d))) => {
+                report(&d);
+                return Ok(EXIT_RECIPE);
+            }
+            Err(e @ BusBuildError::Interrupted(_)) => {
+                report_error(&e);
+                return Ok(130);
+            }
+            Err(e) => {
+                report_error(&e);
+                return Ok(if e.is_input_error() { EXIT_RECIPE } else { 1 });
+            }
         }
     };
     let mut out = std::io::stdout().lock();
@@ -1105,23 +1443,7 @@ fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
     run_workers(&args.nats, args.stages, args.profiles)
 }
 
-/// One stage event as a JSON object with its `kind` (started, progress, completed, failed).
-fn event_json(e: &crate::bus::StageEvent) -> serde_json::Value {
-    use crate::bus::StageEvent;
-    let mut v = match e {
-        StageEvent::Started(m) => serde_json::to_value(m),
-        StageEvent::Progress(m) => serde_json::to_value(m),
-        StageEvent::Completed(m) => serde_json::to_value(m),
-        StageEvent::Failed(m) => serde_json::to_value(m),
-    }
-    .unwrap_or_default();
-    if let Some(o) = v.as_object_mut() {
-        o.insert("kind".into(), e.kind().name().into());
-        // The accumulated state is large and for the next stage only.
-        o.remove("state");
-    }
-    v
-}
+use crate::pipeline::events::event_json;
 
 fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
     use crate::bus::{BuildRequest, RecipeSource, StageEvent};
@@ -1231,74 +1553,155 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
 }
 
 fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
-    use crate::bus::StageEvent;
+    use crate::pipeline::events::{
+        BuildPhase, age_text, stage_statuses, summarise_builds, time_text,
+    };
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
-        let events = bus.build_events(&args.build).await?;
-        if events.is_empty() {
-            anyhow::bail!("no events for build {} (is the id right?)", args.build);
-        }
-        // One row per stage, in pipeline order, from its latest event.
-        let mut rows: Vec<(crate::bus::Stage, serde_json::Value)> = Vec::new();
-        let mut failed = false;
-        for ev in events {
-            let Ok(event) = ev.event else { continue };
-            let stage = event.stage();
-            let mut row = match rows.iter().position(|(s, _)| *s == stage) {
-                Some(i) => rows.remove(i).1,
-                None => serde_json::json!({ "stage": stage.name() }),
-            };
-            let o = row.as_object_mut().ok_or_else(|| anyhow::anyhow!("row"))?;
-            match &event {
-                StageEvent::Started(s) => {
-                    o.insert("status".into(), "started".into());
-                    o.insert("started".into(), serde_json::to_value(&s.time)?);
-                    o.insert("worker".into(), s.worker.clone().into());
-                }
-                StageEvent::Progress(_) => {}
-                StageEvent::Completed(c) => {
-                    o.insert("status".into(), "completed".into());
-                    o.insert("time".into(), serde_json::to_value(&c.time)?);
-                    o.insert("worker".into(), c.worker.clone().into());
-                    o.insert("cache".into(), serde_json::to_value(c.cache)?);
-                    o.insert("duration_ms".into(), c.duration_ms.into());
-                }
-                StageEvent::Failed(f) => {
-                    failed = true;
-                    o.insert("status".into(), "failed".into());
-                    o.insert("time".into(), serde_json::to_value(&f.time)?);
-                    o.insert("worker".into(), f.worker.clone().into());
-                    o.insert("error".into(), serde_json::to_value(&f.error)?);
-                }
-            }
-            rows.push((stage, row));
-        }
-        rows.sort_by_key(|(s, _)| crate::bus::Stage::ALL.iter().position(|x| x == s));
         let mut out = std::io::stdout().lock();
-        if args.json {
-            let stages: Vec<serde_json::Value> = rows.into_iter().map(|(_, r)| r).collect();
-            let doc = serde_json::json!({ "build": args.build, "stages": stages });
-            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
-        } else {
-            writeln!(out, "build {}", args.build)?;
-            for (_, r) in &rows {
-                let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
-                let secs = r["duration_ms"]
-                    .as_u64()
-                    .map(|ms| format!("{:.2}s", ms as f64 / 1000.0))
-                    .unwrap_or_else(|| "-".into());
+        let Some(build) = &args.build else {
+            // Recent builds, newest first, from the stream only.
+            let messages = bus.stored_messages("kiln.build.>").await?;
+            let builds = summarise_builds(&messages, args.limit);
+            if args.json {
+                let doc = serde_json::json!({ "builds": builds });
+                writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+                return Ok(0);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            writeln!(
+                out,
+                "{:<26} {:<9} {:<8} {:>5} {:<14} RECIPE",
+                "BUILD", "STATE", "STAGE", "AGE", "REQUESTER"
+            )?;
+            for b in &builds {
                 writeln!(
                     out,
-                    "{:>8} {:<9} {:<6} {:>8} {:<24} {}",
-                    s("stage"),
-                    s("status"),
-                    s("cache"),
-                    secs,
-                    s("time"),
-                    s("worker")
+                    "{:<26} {:<9} {:<8} {:>5} {:<14} {}",
+                    b.id,
+                    b.state.name(),
+                    b.stage.map(|s| s.name()).unwrap_or("-"),
+                    age_text(b.requested_ms, now),
+                    b.requester.as_deref().unwrap_or("-"),
+                    b.recipe.as_deref().unwrap_or("-")
                 )?;
+                if b.state == BuildPhase::Failed
+                    && let Some(e) = &b.error
+                {
+                    writeln!(out, "{:<26} {}", "", crate::pipeline::events::error_text(e))?;
+                }
+            }
+            return Ok(0);
+        };
+        let events = bus.build_events(build).await?;
+        if events.is_empty() {
+            anyhow::bail!(
+                "no events for build {build} (is the id right? `kiln status` lists builds)"
+            );
+        }
+        let rows = stage_statuses(&events);
+        let failed = rows.iter().any(|r| r.status == "failed");
+        if args.json {
+            let doc = serde_json::json!({ "build": build, "stages": rows });
+            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        } else {
+            writeln!(out, "build {build}")?;
+            for r in &rows {
+                let secs = r
+                    .duration_ms
+                    .map(|ms| format!("{:.2}s", ms as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into());
+                let mut line = format!(
+                    "{:>8} {:<9} {:<6} {:>8} {:<24} {}",
+                    r.stage.name(),
+                    r.status,
+                    r.cache
+                        .map(crate::pipeline::events::cache_text)
+                        .unwrap_or("-"),
+                    secs,
+                    r.time.as_ref().map(time_text).unwrap_or_else(|| "-".into()),
+                    r.worker
+                );
+                if let Some(p) = &r.progress {
+                    line.push_str(&format!("  {p}"));
+                }
+                writeln!(out, "{line}")?;
+                if let Some(e) = &r.error {
+                    writeln!(out, "{:>8} {}", "", crate::pipeline::events::error_text(e))?;
+                }
             }
         }
         Ok(if failed { 1 } else { 0 })
+    })
+}
+
+fn nats_logs(args: LogsArgs) -> anyhow::Result<i32> {
+    use crate::bus::StageEvent;
+    use crate::pipeline::events::{ends_build, event_line};
+    use futures::StreamExt;
+    let print = |event: &StageEvent| -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            writeln!(out, "{}", event_json(event))?;
+        } else {
+            writeln!(out, "{}", event_line(event))?;
+            // The whole report of a failure (source line and caret, a boot's serial tail).
+            if let StageEvent::Failed(f) = event
+                && let Some(detail) = &f.error.detail
+            {
+                for l in detail.lines() {
+                    writeln!(out, "    | {l}")?;
+                }
+            }
+        }
+        out.flush()?;
+        Ok(())
+    };
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
+        let mut failed = false;
+        if !args.follow {
+            let events = bus.build_events(&args.build).await?;
+            if events.is_empty() {
+                anyhow::bail!(
+                    "no events for build {} (is the id right? `kiln status` lists builds)",
+                    args.build
+                );
+            }
+            for ev in events {
+                match ev.event {
+                    Ok(event) => {
+                        failed |= matches!(event, StageEvent::Failed(_));
+                        print(&event)?;
+                    }
+                    Err(e) => eprintln!("warning: {} (sequence {}): {e}", ev.subject, ev.sequence),
+                }
+            }
+            return Ok(if failed { 1 } else { 0 });
+        }
+        let events = bus.follow(&args.build, true).await?;
+        tokio::pin!(events);
+        while let Some(ev) = events.next().await {
+            let ev = ev?;
+            let event = match ev.event {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("warning: {} (sequence {}): {e}", ev.subject, ev.sequence);
+                    continue;
+                }
+            };
+            print(&event)?;
+            if ends_build(&event) {
+                return Ok(if matches!(event, StageEvent::Failed(_)) {
+                    1
+                } else {
+                    0
+                });
+            }
+        }
+        anyhow::bail!("the event stream of build {} ended", args.build)
     })
 }

@@ -617,6 +617,8 @@ async fn build_events_are_one_builds_history_in_order() {
                 file: Some("r.yaml".into()),
                 line: Some(3),
                 column: Some(7),
+                help: None,
+                detail: None,
             },
             attempts: Some(1),
             duration_ms: None,

@@ -156,6 +156,7 @@ fn completions_and_help() {
         "worker",
         "submit",
         "status",
+        "logs",
     ] {
         let o = run(kiln().args([sub, "--help"]));
         assert!(o.status.success(), "{sub}");

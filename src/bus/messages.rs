@@ -215,6 +215,10 @@ pub struct BuildRequest {
     /// Boot the image under QEMU before publishing it (default true).
     #[serde(default = "default_true")]
     pub verify: bool,
+    /// Templates directory on the worker's file system (default: the nearest `templates/` above
+    /// the recipe), as `kiln build --templates` gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub templates: Option<std::path::PathBuf>,
 }
 
 impl Message for BuildRequest {
@@ -235,6 +239,7 @@ impl BuildRequest {
             requester: requester.into(),
             profiles: Vec::new(),
             verify: true,
+            templates: None,
         }
     }
 }
@@ -283,6 +288,13 @@ pub struct ErrorInfo {
     /// …and column (1-based).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub column: Option<u32>,
+    /// What to do about it, when kiln knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub help: Option<String>,
+    /// The full report, several lines: the recipe line with a caret under the column, the
+    /// causes, the last lines of a failed boot's serial console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl ErrorInfo {
@@ -294,7 +306,19 @@ impl ErrorInfo {
             file: None,
             line: None,
             column: None,
+            help: None,
+            detail: None,
         }
+    }
+
+    /// `file:line:column` (or as much of it as is known).
+    pub fn location(&self) -> Option<String> {
+        let file = self.file.as_ref()?;
+        Some(match (self.line, self.column) {
+            (Some(l), Some(c)) => format!("{file}:{l}:{c}"),
+            (Some(l), None) => format!("{file}:{l}"),
+            _ => file.clone(),
+        })
     }
 }
 

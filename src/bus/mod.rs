@@ -396,6 +396,62 @@ impl Bus {
     }
 }
 
+/// A message read back from the stream as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub sequence: u64,
+    pub subject: String,
+    /// When the server stored it, Unix milliseconds.
+    pub published_ms: u64,
+    pub payload: bytes::Bytes,
+}
+
+impl Bus {
+    /// Every message stored on subjects matching `filter` (e.g. `kiln.build.>`), in stream
+    /// order, read with an ordered consumer up to the last one stored when called.
+    pub async fn stored_messages(&self, filter: &str) -> Result<Vec<StoredMessage>, BusError> {
+        let what = format!("read {filter} from stream {STREAM}");
+        let stream = self.ensure_kiln_stream().await?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter.to_string(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats_err(what.clone()))?;
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer.messages().await.map_err(nats_err(what.clone()))?;
+        while let Some(msg) = tokio::time::timeout(API_TIMEOUT, messages.next())
+            .await
+            .map_err(nats_err(format!("{what} (timed out)")))?
+        {
+            let msg = msg.map_err(nats_err(what.clone()))?;
+            let (sequence, published_ms, remaining) = match msg.info() {
+                Ok(i) => (
+                    i.stream_sequence,
+                    (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+                    i.pending,
+                ),
+                Err(_) => (0, 0, 0),
+            };
+            out.push(StoredMessage {
+                sequence,
+                subject: msg.subject.to_string(),
+                published_ms,
+                payload: msg.payload.clone(),
+            });
+            if remaining == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn record(subject: &str, sequence: u64, payload: &[u8]) -> RecordedEvent {
     let event = match subjects::parse_stage_subject(subject) {
         Some(s) => StageEvent::decode(s.kind, payload).map_err(|e| e.to_string()),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(
-        "nats-server not found on PATH: install the Debian package `nats-server` (apt-get install nats-server) or pass a NATS URL with --nats"
+        "nats-server not found (looked on PATH, in /usr/sbin and /usr/bin, or at KILN_NATS_SERVER): install the Debian package `nats-server` (apt-get install nats-server), pass a NATS URL with --nats, or build without NATS with --no-bus"
     )]
     NotInstalled,
     #[error("cannot {what}: {source}")]
@@ -46,6 +46,23 @@ pub struct PrivateServer {
     log: PathBuf,
     extra_args: Vec<String>,
     _temp: Option<tempfile::TempDir>,
+}
+
+/// The `nats-server` to run: `KILN_NATS_SERVER` (a path, or a name looked up on PATH only) when
+/// set, else `nats-server` on PATH, then in /usr/sbin (where Debian installs it) and /usr/bin.
+fn nats_server_binary() -> Option<PathBuf> {
+    match std::env::var_os("KILN_NATS_SERVER") {
+        Some(bin) if Path::new(&bin).components().count() > 1 => {
+            Some(PathBuf::from(bin)).filter(|p| p.is_file())
+        }
+        Some(name) => {
+            let path = std::env::var_os("PATH")?;
+            std::env::split_paths(&path)
+                .map(|d| d.join(&name))
+                .find(|p| p.is_file())
+        }
+        None => find_on_path("nats-server"),
+    }
 }
 
 /// Find an executable on PATH.
@@ -109,7 +126,7 @@ impl PrivateServer {
     }
 
     fn spawn(&mut self) -> Result<(), ServerError> {
-        let bin = find_on_path("nats-server").ok_or(ServerError::NotInstalled)?;
+        let bin = nats_server_binary().ok_or(ServerError::NotInstalled)?;
         std::fs::create_dir_all(&self.store_dir).map_err(io(format!(
             "create the JetStream directory {}",
             self.store_dir.display()

@@ -4,10 +4,10 @@
 
 use super::cache::StageCache;
 use super::stages::{
-    BootSummary, BuildState, Stage, StageEnv, StageError, StageReport, check_supported,
-    copy_sparse, run_stage,
+    BootSummary, BuildState, ProgressUpdate, Stage, StageEnv, StageError, StageReport,
+    check_supported, copy_sparse, run_stage,
 };
-use crate::cache::{Digest256, write_atomic};
+use crate::cache::{BlobStore, Digest256, write_atomic};
 use crate::packages::ArchiveOptions;
 use crate::recipe::LoadOptions;
 use serde::Serialize;
@@ -93,11 +93,23 @@ pub fn stage_plan(verify: bool, profiles: &[String]) -> Vec<Stage> {
     plan
 }
 
-/// Build (and, unless told otherwise, boot) a recipe. `progress(stage, what)` is called as
-/// stages start and end.
+/// What a build tells its caller about a stage as it runs (for progress bars and logs).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageNote {
+    Started,
+    Progress(ProgressUpdate),
+    Completed {
+        /// `hit` or `miss`.
+        cache: String,
+        seconds: f64,
+    },
+}
+
+/// Build (and, unless told otherwise, boot) a recipe in this process, without NATS.
+/// `observe(stage, note)` hears of every stage as it starts, progresses and ends.
 pub fn build(
     opts: &BuildOptions,
-    progress: &dyn Fn(&str, &str),
+    observe: &(dyn Fn(&str, StageNote) + Sync),
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
     let loaded = crate::recipe::load(&opts.recipe, &opts.load)
@@ -123,12 +135,37 @@ pub fn build(
     };
     let mut state = BuildState::new(loaded);
     let mut stages = Vec::new();
+    let sink = |stage: &Stage, update: ProgressUpdate| {
+        observe(stage.name(), StageNote::Progress(update));
+    };
     for stage in stage_plan(opts.verify, &profiles) {
-        progress(stage.name(), "started");
-        let report = run_stage(&env, &records, &stage, &mut state)?;
-        progress(stage.name(), &report.cache);
+        observe(stage.name(), StageNote::Started);
+        let report = run_stage(&env, &records, &stage, &mut state, &sink)?;
+        observe(
+            stage.name(),
+            StageNote::Completed {
+                cache: report.cache.clone(),
+                seconds: report.seconds,
+            },
+        );
         stages.push(report);
     }
+    let mirror_requests = env
+        .mirror_requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    deliver(opts, &env.blobs, &state, stages, mirror_requests, started)
+}
+
+/// Deliver a finished build to `opts.out_dir`: the image from `blobs` (only once it booted),
+/// its serial logs and the JSON report. Shared by the in-process and the NATS paths.
+pub fn deliver(
+    opts: &BuildOptions,
+    blobs: &BlobStore,
+    state: &BuildState,
+    stages: Vec<StageReport>,
+    mirror_requests: u64,
+    started: Instant,
+) -> Result<BuildReport, BuildError> {
     let recipe = &state.loaded.recipe;
     let (Some(disk), Some(kernel), Some(packages)) = (&state.disk, &state.kernel, &state.packages)
     else {
@@ -143,7 +180,7 @@ pub fn build(
         None => format!("{}.{}", recipe.name, disk.format),
     };
     let image_path = opts.out_dir.join(file_name);
-    copy_sparse(&env.blobs.path(&disk.image), &image_path)?;
+    copy_sparse(&blobs.path(&disk.image), &image_path)?;
     let mut boots = state.boots.clone();
     for (i, boot) in boots.iter_mut().enumerate() {
         let Some(log) = &boot.serial_log else {
@@ -155,7 +192,15 @@ pub fn build(
         }
         name.push(".serial.log");
         let dest = PathBuf::from(name);
-        if log.is_file() && std::fs::copy(log, &dest).is_ok() {
+        // The log where the boot wrote it (this host), else its blob (fetched from the store).
+        let source = match &boot.serial_log_blob {
+            _ if log.is_file() => Some(log.clone()),
+            Some(d) if blobs.contains(d) => Some(blobs.path(d)),
+            _ => None,
+        };
+        if let Some(source) = source
+            && std::fs::copy(&source, &dest).is_ok()
+        {
             boot.serial_log = Some(dest);
         }
     }
@@ -180,9 +225,7 @@ pub fn build(
             .collect(),
         stages,
         boots,
-        mirror_requests: env
-            .mirror_requests
-            .load(std::sync::atomic::Ordering::Relaxed),
+        mirror_requests,
         seconds: started.elapsed().as_secs_f64(),
     };
     let json = serde_json::to_vec_pretty(&report)

@@ -1,7 +1,10 @@
 //! The build pipeline: stages as functions of their inputs (`stages`), each result cached by a key
-//! over those inputs (`cache`), run in process by `kiln build` (`build`) and, on NATS, by workers.
+//! over those inputs (`cache`), run in process (`build`, `kiln build --no-bus`) and, on NATS, by
+//! workers (`worker`); `kiln build` over NATS (`bus_build`); what the messages say (`events`).
 
 pub mod build;
+pub mod bus_build;
 pub mod cache;
+pub mod events;
 pub mod stages;
 pub mod worker;

@@ -75,6 +75,87 @@ impl StageRecords for super::cache::StageCache {
     }
 }
 
+/// How far a running stage got: what it is doing and, when known, the fraction done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressUpdate {
+    /// Done so far, 0.0–1.0, when known.
+    pub fraction: Option<f64>,
+    /// What is happening, one line (e.g. `fetched 2/3 packages, 41 of 63 MiB`).
+    pub message: String,
+}
+
+impl ProgressUpdate {
+    pub fn new(fraction: Option<f64>, message: impl Into<String>) -> Self {
+        ProgressUpdate {
+            fraction: fraction.map(|f| f.clamp(0.0, 1.0)),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where a running stage reports its progress. Stages may call it often (several times a
+/// second); rate limiting is the receiver's job. Called from the stage's own thread.
+pub trait ProgressSink: Send + Sync {
+    fn progress(&self, stage: &Stage, update: ProgressUpdate);
+}
+
+/// Progress that goes nowhere.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn progress(&self, _: &Stage, _: ProgressUpdate) {}
+}
+
+impl<F: Fn(&Stage, ProgressUpdate) + Send + Sync> ProgressSink for F {
+    fn progress(&self, stage: &Stage, update: ProgressUpdate) {
+        self(stage, update)
+    }
+}
+
+/// Run `work` while `tick(elapsed)` is called every `period` on another thread.
+fn with_ticker<T>(
+    period: Duration,
+    tick: impl Fn(Duration) + Send + Sync,
+    work: impl FnOnce() -> T,
+) -> T {
+    let started = Instant::now();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let tick = &tick;
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(period)
+            {
+                tick(started.elapsed());
+            }
+        });
+        let out = work();
+        drop(stop);
+        out
+    })
+}
+
+/// The last non-empty line of a (growing) text file, printable characters only, at most
+/// `max` characters.
+fn last_line(path: &Path, max: usize) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let line = text
+        .lines()
+        .map(|l| l.chars().filter(|c| !c.is_control()).collect::<String>())
+        .rfind(|l| !l.trim().is_empty())?;
+    Some(line.trim().chars().take(max).collect())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
 /// The stages after render, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -141,6 +222,10 @@ pub struct BootSummary {
     pub profile: String,
     /// The serial console of this boot.
     pub serial_log: Option<PathBuf>,
+    /// The serial log's content as a blob, so that a host other than the one that booted the
+    /// image can deliver it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_log_blob: Option<Digest256>,
     pub accel: String,
     pub time_to_first_output: Option<f64>,
     pub time_to_kernel: Option<f64>,
@@ -306,6 +391,7 @@ pub fn run_stage(
     records: &dyn StageRecords,
     stage: &Stage,
     state: &mut BuildState,
+    progress: &dyn ProgressSink,
 ) -> Result<StageReport, StageError> {
     let started = Instant::now();
     let (key, outputs, hit) = match stage {
@@ -324,11 +410,41 @@ pub fn run_stage(
                 None => (choose_packages(&archive, &state.loaded)?, false),
             };
             let chosen: ChosenPackages = chosen;
-            for p in [&chosen.kernel, &chosen.busybox, &chosen.systemd_boot] {
-                if !env.blobs.contains(&p.sha256) {
+            let all = [&chosen.kernel, &chosen.busybox, &chosen.systemd_boot];
+            let total: u64 = all.iter().map(|p| p.size).sum();
+            let mut done = 0u64;
+            for (i, p) in all.iter().enumerate() {
+                let fraction = Some(done as f64 / total.max(1) as f64);
+                if env.blobs.contains(&p.sha256) {
+                    progress.progress(
+                        stage,
+                        ProgressUpdate::new(fraction, format!("{} {} cached", p.name, p.version)),
+                    );
+                } else {
+                    progress.progress(
+                        stage,
+                        ProgressUpdate::new(
+                            fraction,
+                            format!(
+                                "fetching {}/{} {} {} ({}), {} of {}",
+                                i + 1,
+                                all.len(),
+                                p.name,
+                                p.version,
+                                mib(p.size),
+                                mib(done),
+                                mib(total)
+                            ),
+                        ),
+                    );
                     archive.fetch(p)?;
                 }
+                done += p.size;
             }
+            progress.progress(
+                stage,
+                ProgressUpdate::new(Some(1.0), format!("{} packages, {}", all.len(), mib(total))),
+            );
             env.note(&archive);
             let out = to_json(&chosen)?;
             state.packages = Some(chosen);
@@ -390,7 +506,9 @@ pub fn run_stage(
                 "seed": state.loaded.inputs,
                 "epoch": state.loaded.source_date_epoch,
             });
-            let (key, out, hit) = cached(records, stage, &inputs, || disk(env, state))?;
+            let (key, out, hit) = cached(records, stage, &inputs, || {
+                disk(env, state, stage, progress)
+            })?;
             state.disk = Some(out.clone());
             (key, to_json(&out)?, hit)
         }
@@ -406,7 +524,20 @@ pub fn run_stage(
                 "cmdline": cmdline(&state.loaded),
             });
             let (key, out, hit) = cached(records, stage, &inputs, || {
-                verify_boot(env, state, profile, None)
+                let log = default_serial_log(env, disk_out, profile);
+                let tick = |elapsed: Duration| {
+                    let line = last_line(&log, 100).unwrap_or_default();
+                    progress.progress(
+                        stage,
+                        ProgressUpdate::new(
+                            None,
+                            format!("booting {profile} {:.1} s: {line}", elapsed.as_secs_f64()),
+                        ),
+                    );
+                };
+                with_ticker(Duration::from_millis(250), tick, || {
+                    verify_boot(env, state, profile, Some(log.clone()))
+                })
             })?;
             state.boots.push(out.clone());
             (key, to_json(&out)?, hit)
@@ -594,7 +725,12 @@ fn blob_content(blobs: &BlobStore, digest: &Digest256) -> Result<Content, StageE
     Ok(Content::Host { path, len })
 }
 
-fn disk(env: &StageEnv, state: &BuildState) -> Result<DiskOut, StageError> {
+fn disk(
+    env: &StageEnv,
+    state: &BuildState,
+    stage: &Stage,
+    progress: &dyn ProgressSink,
+) -> Result<DiskOut, StageError> {
     let pk = state
         .packages
         .as_ref()
@@ -696,7 +832,49 @@ fn disk(env: &StageEnv, state: &BuildState) -> Result<DiskOut, StageError> {
         .tempdir_in(&tmp_dir)
         .map_err(io("creating a temp dir for the image"))?;
     let path = tmp.path().join("disk");
-    let report = build_disk(&spec, &path)?;
+    // What the partitions hold: the disk writes at least this much (and its metadata).
+    let content: u64 = spec
+        .partitions
+        .iter()
+        .flat_map(|p| p.tree.iter())
+        .flat_map(|t| t.iter())
+        .map(|(_, e)| match &e.kind {
+            crate::tree::EntryKind::File(c) => c.len(),
+            _ => 0,
+        })
+        .sum();
+    let tick = |_: Duration| {
+        use std::os::unix::fs::MetadataExt;
+        let written = std::fs::metadata(&path)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0);
+        progress.progress(
+            stage,
+            ProgressUpdate::new(
+                Some((written as f64 / content.max(1) as f64).min(0.99)),
+                format!(
+                    "writing the disk: {} of about {}",
+                    mib(written),
+                    mib(content)
+                ),
+            ),
+        );
+    };
+    let report = with_ticker(Duration::from_millis(200), tick, || {
+        build_disk(&spec, &path)
+    })?;
+    progress.progress(
+        stage,
+        ProgressUpdate::new(
+            Some(1.0),
+            format!(
+                "wrote {} ({} disk, {} file)",
+                format!("{format:?}").to_lowercase(),
+                mib(report.layout.disk_size),
+                mib(report.image.file_size)
+            ),
+        ),
+    );
     let mut file = std::fs::File::open(&path).map_err(io("reading the new image"))?;
     let (image, _) = blobs.put(&mut file).map_err(io("storing the image"))?;
     Ok(DiskOut {
@@ -750,9 +928,14 @@ pub fn verify_boot(
     bo.serial_log = Some(log.clone());
     let report = verify::boot_image(&env.blobs.path(&disk_out.image), &bo)?;
     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    let serial_log_blob = std::fs::File::open(&log)
+        .and_then(|mut f| env.blobs.put(&mut f))
+        .map(|(digest, _)| digest)
+        .ok();
     Ok(BootSummary {
         profile: profile.to_string(),
         serial_log: Some(log),
+        serial_log_blob,
         accel: report.accel.to_string(),
         time_to_first_output: secs(report.time_to_first_output),
         time_to_kernel: secs(report.time_to_kernel),

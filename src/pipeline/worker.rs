@@ -20,12 +20,13 @@
 
 use super::cache::StageCache;
 use super::stages::{
-    BuildState, Stage, StageEnv, StageError, StageRecords, check_supported, run_stage,
+    BuildState, ProgressSink, ProgressUpdate, Stage, StageEnv, StageError, StageRecords,
+    StageReport, check_supported, run_stage,
 };
 use crate::bus::{
     self, BlobError, Blobs, BuildRequest, Bus, BusError, CacheStatus, Delivery, ErrorInfo,
     ErrorKind, EventTime, Outcome, RecipeSource, RetryPolicy, StageCompleted, StageEvent,
-    StageFailed, StageOutputs, StageStarted, VERSION,
+    StageFailed, StageOutputs, StageProgress, StageStarted, VERSION,
 };
 use crate::cache::Digest256;
 use crate::manifest::{Manifest, ManifestKind};
@@ -35,8 +36,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The shortest time between two `progress` messages of one stage run.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What a build carries from stage to stage (`state` of every `completed` message).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +56,17 @@ pub struct PipelineState {
     /// The pipeline state (set by `render`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<BuildState>,
+    /// Each pipeline stage run so far (packages, rootfs, …): cache hit or miss, time, key,
+    /// outputs; what `kiln build` puts in its report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reports: Vec<StageReport>,
+    /// Requests the stages made to the Debian mirror so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mirror_requests: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How the workers of one process run.
@@ -64,6 +79,9 @@ pub struct WorkerConfig {
     /// The worker name in messages, e.g. `host/pid`.
     pub name: String,
     pub policy: RetryPolicy,
+    /// Every worker of the bus shares this host's `$KILN_HOME` (`kiln build`'s private
+    /// server): blobs stay in the local store and never go through the object store.
+    pub local_blobs: bool,
 }
 
 impl WorkerConfig {
@@ -76,6 +94,7 @@ impl WorkerConfig {
             profiles_dir: None,
             name: default_worker_name(),
             policy: RetryPolicy::default(),
+            local_blobs: false,
         }
     }
 }
@@ -131,26 +150,92 @@ fn transient(e: impl std::fmt::Display) -> Failure {
     Failure::Retry(ErrorInfo::new(ErrorKind::Transient, &e.to_string()))
 }
 
-fn diagnostic_info(d: &Diagnostic) -> ErrorInfo {
+/// A recipe diagnostic as a `failed` message's error: place, help, and the whole rendering
+/// (source line and caret) as detail.
+pub fn diagnostic_info(d: &Diagnostic) -> ErrorInfo {
     let mut info = ErrorInfo::new(ErrorKind::Recipe, &d.message);
     if let Some(place) = &d.place {
         info.file = Some(place.file.display().to_string());
         info.line = u32::try_from(place.pos.line).ok();
         info.column = u32::try_from(place.pos.column).ok();
     }
+    info.help = d.help.clone();
+    info.detail = Some(d.to_string());
     info
+}
+
+/// The error and its causes, one per line, when that says more than the first line.
+fn error_detail(e: &dyn std::error::Error) -> Option<String> {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text.push_str(&format!("\ncaused by: {cause}"));
+        }
+        source = s.source();
+    }
+    text.contains('\n').then_some(text)
 }
 
 fn stage_failure(e: &StageError) -> Failure {
     let message = e.to_string();
-    if !e.is_input_error() {
-        return Failure::Retry(ErrorInfo::new(ErrorKind::Transient, &message));
-    }
     let kind = match e {
+        _ if !e.is_input_error() => ErrorKind::Transient,
         StageError::Verify(_) => ErrorKind::Verification,
         _ => ErrorKind::Recipe,
     };
-    Failure::Input(ErrorInfo::new(kind, &message))
+    let mut info = ErrorInfo::new(kind, &message);
+    info.detail = error_detail(e);
+    if kind == ErrorKind::Transient {
+        Failure::Retry(info)
+    } else {
+        Failure::Input(info)
+    }
+}
+
+/// A stage's progress as rate-limited `progress` messages (at most one per
+/// [`PROGRESS_INTERVAL`], and always the one that says it is done). Called from blocking code:
+/// publishing runs on `rt` and is waited for, so a stage's progress lands before its
+/// `completed`.
+struct BusProgress {
+    bus: Bus,
+    rt: tokio::runtime::Handle,
+    build: String,
+    stage: bus::Stage,
+    worker: String,
+    last: Mutex<Option<Instant>>,
+}
+
+impl ProgressSink for BusProgress {
+    fn progress(&self, stage: &Stage, update: ProgressUpdate) {
+        {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let done = update.fraction.is_some_and(|f| f >= 1.0);
+            if !done && last.is_some_and(|t| now.duration_since(t) < PROGRESS_INTERVAL) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let message = if stage.name() == self.stage.name() {
+            update.message
+        } else {
+            format!("{}: {}", stage.name(), update.message)
+        };
+        let msg = StageEvent::Progress(StageProgress {
+            v: VERSION,
+            build: self.build.clone(),
+            stage: self.stage,
+            worker: self.worker.clone(),
+            time: EventTime::now(),
+            fraction: update.fraction,
+            message: Some(message),
+        });
+        if let Err(e) = self.rt.block_on(self.bus.publish_event(&msg)) {
+            tracing::debug!(stage = %self.stage, "cannot publish progress: {e}");
+        }
+    }
 }
 
 /// Stage records in the local stage cache and the shared KV bucket (get: local, else KV; put:
@@ -255,7 +340,7 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
     let (build, state) = match read_input(stage, &d) {
         Ok(v) => v,
         Err((build, info)) => {
-            publish_failed(&ctx, &build, stage, info, &d, started).await;
+            publish_failed(&ctx, &build, stage, *info, &d, started).await;
             return Ok(Outcome::Final);
         }
     };
@@ -327,9 +412,10 @@ async fn publish_failed(
 fn read_input(
     stage: bus::Stage,
     d: &Delivery,
-) -> Result<(String, PipelineState), (String, ErrorInfo)> {
-    let invalid =
-        |e: &dyn std::fmt::Display| ErrorInfo::new(ErrorKind::InvalidMessage, &e.to_string());
+) -> Result<(String, PipelineState), (String, Box<ErrorInfo>)> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        Box::new(ErrorInfo::new(ErrorKind::InvalidMessage, &e.to_string()))
+    };
     if stage == bus::Stage::Source {
         let mut request: BuildRequest = match d.decode() {
             Ok(r) => r,
@@ -349,6 +435,8 @@ fn read_input(
             commit: None,
             time: None,
             build: None,
+            reports: Vec::new(),
+            mirror_requests: 0,
         };
         return Ok((id, state));
     }
@@ -379,16 +467,22 @@ fn assigned_id(d: &Delivery) -> String {
     match d.message().info() {
         Ok(info) => {
             let ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-            let stamp = bus::messages::format_rfc3339_ms(ms);
-            let compact: String = stamp
-                .chars()
-                .take(19)
-                .filter(|c| *c != '-' && *c != ':')
-                .collect();
-            format!("{compact}Z-{:08x}", d.stream_sequence())
+            assigned_build_id(ms, d.stream_sequence())
         }
         Err(_) => bus::new_build_id(),
     }
+}
+
+/// The id the source stage gives a request without one, from the request's publication time
+/// (Unix milliseconds) and stream sequence.
+pub fn assigned_build_id(published_ms: u64, sequence: u64) -> String {
+    let stamp = bus::messages::format_rfc3339_ms(published_ms);
+    let compact: String = stamp
+        .chars()
+        .take(19)
+        .filter(|c| *c != '-' && *c != ':')
+        .collect();
+    format!("{compact}Z-{sequence:08x}")
 }
 
 type StageResult = (PipelineState, Value, CacheStatus);
@@ -401,9 +495,11 @@ async fn run(
     match stage {
         bus::Stage::Source => source(ctx, state).await,
         bus::Stage::Render => render(ctx, state).await,
-        bus::Stage::Rootfs => pipeline(ctx, state, vec![Stage::Packages, Stage::Rootfs]).await,
-        bus::Stage::Kernel => pipeline(ctx, state, vec![Stage::Kernel]).await,
-        bus::Stage::Disk => pipeline(ctx, state, vec![Stage::Disk]).await,
+        bus::Stage::Rootfs => {
+            pipeline(ctx, stage, state, vec![Stage::Packages, Stage::Rootfs]).await
+        }
+        bus::Stage::Kernel => pipeline(ctx, stage, state, vec![Stage::Kernel]).await,
+        bus::Stage::Disk => pipeline(ctx, stage, state, vec![Stage::Disk]).await,
         bus::Stage::Verify => {
             let build = state.build.as_ref().ok_or_else(|| missing("render"))?;
             let stages = if !state.request.verify {
@@ -420,7 +516,7 @@ async fn run(
                 let p = build.loaded.recipe.verify.profile.clone();
                 vec![Stage::Verify(p.unwrap_or_else(|| "direct".into()))]
             };
-            pipeline(ctx, state, stages).await
+            pipeline(ctx, stage, state, stages).await
         }
         bus::Stage::Publish => Err(Failure::Input(ErrorInfo::new(
             ErrorKind::Internal,
@@ -497,6 +593,7 @@ async fn render(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult,
                 path,
                 &LoadOptions {
                     set,
+                    templates_dir: st.request.templates.clone(),
                     ..Default::default()
                 },
             )?,
@@ -550,6 +647,15 @@ fn manifest_blobs(env: &StageEnv, manifest: &Digest256) -> Result<Vec<Digest256>
 
 /// Make `digests` local (from the object store when needed).
 async fn fetch(ctx: &Ctx, digests: &[Digest256]) -> Result<(), Failure> {
+    if ctx.config.local_blobs {
+        return match digests.iter().find(|d| !ctx.blobs.local().contains(d)) {
+            Some(d) => Err(transient(format!(
+                "blob {d} is not in the local store {}",
+                ctx.config.home.display()
+            ))),
+            None => Ok(()),
+        };
+    }
     for d in digests {
         ctx.blobs.get_blob(d).await.map_err(transient)?;
     }
@@ -558,6 +664,9 @@ async fn fetch(ctx: &Ctx, digests: &[Digest256]) -> Result<(), Failure> {
 
 /// Put `digests` in the object store (a blob that is not local must be there already).
 async fn upload(ctx: &Ctx, digests: &[Digest256]) -> Result<(), Failure> {
+    if ctx.config.local_blobs {
+        return Ok(());
+    }
     for d in digests {
         if ctx.blobs.local().contains(d) {
             ctx.blobs.publish_local(d).await.map_err(transient)?;
@@ -601,22 +710,30 @@ async fn produced(ctx: &Ctx, state: &BuildState, stage: &Stage) -> Result<Vec<Di
             .flat_map(|k| [k.vmlinuz.clone(), k.initrd.clone()])
             .collect(),
         Stage::Disk => state.disk.iter().map(|d| d.image.clone()).collect(),
-        Stage::Verify(_) => Vec::new(),
+        Stage::Verify(_) => state
+            .boots
+            .iter()
+            .filter_map(|b| b.serial_log_blob.clone())
+            .filter(|d| ctx.blobs.local().contains(d))
+            .collect(),
     })
 }
 
 /// Run pipeline `stages` in order on this worker: blobs in, run, blobs out.
 async fn pipeline(
     ctx: &Arc<Ctx>,
+    bus_stage: bus::Stage,
     mut state: PipelineState,
     stages: Vec<Stage>,
 ) -> Result<StageResult, Failure> {
     let mut build = state.build.take().ok_or_else(|| missing("render"))?;
+    let build_id = state.request.id.clone().unwrap_or_default();
     let mut outputs = serde_json::Map::new();
     let mut all_hit = true;
     for stage in stages {
         let mut needed = build.blobs_needed(&stage);
         if stage == Stage::Disk
+            && !ctx.config.local_blobs
             && let Some(r) = &build.rootfs
         {
             ctx.blobs.get_blob(&r.manifest).await.map_err(transient)?;
@@ -625,22 +742,46 @@ async fn pipeline(
             needed.extend(blocking(move || manifest_blobs(&env, &m)).await?);
         }
         fetch(ctx, &needed).await?;
-        let records = SharedRecords {
-            local: StageCache::new(&ctx.config.home),
-            kv: ctx.kv.clone(),
-            rt: tokio::runtime::Handle::current(),
+        // One host's workers (local blobs) keep their records in the local cache only: a
+        // record in the shared bucket would name blobs the object store does not have.
+        let records: Box<dyn StageRecords + Send> = if ctx.config.local_blobs {
+            Box::new(StageCache::new(&ctx.config.home))
+        } else {
+            Box::new(SharedRecords {
+                local: StageCache::new(&ctx.config.home),
+                kv: ctx.kv.clone(),
+                rt: tokio::runtime::Handle::current(),
+            })
         };
-        let env = ctx.env.clone();
+        // A counter of its own, so this build's mirror requests are counted alone.
+        let mut env = ctx.env.clone();
+        env.mirror_requests = Default::default();
         let st = stage.clone();
-        let (b, report) = blocking(move || {
+        let sink = BusProgress {
+            bus: ctx.bus.clone(),
+            rt: tokio::runtime::Handle::current(),
+            build: build_id.clone(),
+            stage: bus_stage,
+            worker: ctx.config.name.clone(),
+            last: Mutex::new(None),
+        };
+        let (b, report, requests) = blocking(move || {
             let mut b = build;
-            let r = run_stage(&env, &records, &st, &mut b).map_err(|e| stage_failure(&e))?;
-            Ok((b, r))
+            let r = run_stage(&env, records.as_ref(), &st, &mut b, &sink)
+                .map_err(|e| stage_failure(&e))?;
+            let requests = env
+                .mirror_requests
+                .load(std::sync::atomic::Ordering::Relaxed);
+            Ok((b, r, requests))
         })
         .await?;
         build = b;
-        let blobs = produced(ctx, &build, &stage).await?;
-        upload(ctx, &blobs).await?;
+        state.mirror_requests += requests;
+        state.reports.push(report.clone());
+        if !ctx.config.local_blobs {
+            let blobs = produced(ctx, &build, &stage).await?;
+            upload(ctx, &blobs).await?;
+        }
         all_hit &= report.cache == "hit";
         let key = match &stage {
             Stage::Verify(p) => format!("verify.{p}"),
@@ -672,6 +813,8 @@ mod tests {
             commit: Some("0123".into()),
             time: Some(1_700_000_000),
             build: None,
+            reports: Vec::new(),
+            mirror_requests: 0,
         };
         let v = serde_json::to_value(&state).unwrap();
         assert_eq!(v["request"]["recipe"]["path"], "recipes/minimal.yaml");

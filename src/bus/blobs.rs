@@ -230,7 +230,7 @@ impl Blobs {
             .await
             .map_err(io_err("create", &dir))?;
         let tmp =
-            tempfile::NamedTempFile::new_in(&dir).map_err(io_err("create a temp file in", &dir))?;
+            crate::cache::temp_file_in(&dir).map_err(io_err("create a temp file in", &dir))?;
         let (std_file, tmp_path) = tmp.into_parts();
         let mut file = tokio::fs::File::from_std(std_file);
         let mut hasher = Sha256::new();

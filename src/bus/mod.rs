@@ -296,9 +296,42 @@ impl Bus {
             .await
     }
 
-    /// Publish a stage event on its subject.
+    /// Publish raw bytes with a `Nats-Msg-Id`: the stream stores a message with the same id only
+    /// once within its duplicate window (2 minutes), so a publish retried after a lost ack, or
+    /// repeated by a redelivered handler, is not stored twice.
+    pub async fn publish_raw_once(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: Vec<u8>,
+    ) -> Result<u64, BusError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        let ack = self
+            .js
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .map_err(nats_err(format!("publish to {subject}")))?
+            .await
+            .map_err(nats_err(format!(
+                "get the stream's ack for {subject} (is the {STREAM} stream set up?)"
+            )))?;
+        Ok(ack.sequence)
+    }
+
+    /// Publish a stage event on its subject. A build's `completed` and `failed` events of a
+    /// stage are stored once (see [`Bus::publish_raw_once`]): a worker that dies between
+    /// publishing `completed` and acking its input, or a publish retried while the server
+    /// restarts, does not start the next stage twice.
     pub async fn publish_event(&self, event: &StageEvent) -> Result<u64, BusError> {
-        self.publish_raw(event.subject(), event.encode()).await
+        match event {
+            StageEvent::Completed(_) | StageEvent::Failed(_) => {
+                let subject = event.subject();
+                self.publish_raw_once(subject.clone(), &subject, event.encode())
+                    .await
+            }
+            _ => self.publish_raw(event.subject(), event.encode()).await,
+        }
     }
 
     /// Publish `kiln.image.published.<repository>`.

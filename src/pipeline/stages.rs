@@ -692,7 +692,7 @@ fn disk(env: &StageEnv, state: &BuildState) -> Result<DiskOut, StageError> {
     let tmp_dir = env.home.join("tmp");
     std::fs::create_dir_all(&tmp_dir).map_err(io("creating the cache's tmp dir"))?;
     let tmp = tempfile::Builder::new()
-        .prefix("image-")
+        .prefix(&format!("{}image-", crate::cache::temp_prefix()))
         .tempdir_in(&tmp_dir)
         .map_err(io("creating a temp dir for the image"))?;
     let path = tmp.path().join("disk");

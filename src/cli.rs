@@ -377,10 +377,9 @@ pub struct RetryOpts {
     /// retried after 1×, 2× and 10× this. Default 30.
     #[arg(long, env = "KILN_ACK_WAIT", value_name = "SECS", value_parser = parse_ack_wait)]
     pub ack_wait: Option<std::time::Duration>,
-    /// Deliveries of one message in total, the first included (-1: unlimited); the last failed
-    /// attempt publishes `failed`. Default 4.
-    #[arg(long, env = "KILN_MAX_DELIVER", value_name = "N", allow_negative_numbers = true,
-          value_parser = parse_max_deliver)]
+    /// Deliveries of one message in total, the first included; the last failed attempt
+    /// publishes `failed`. Default 4.
+    #[arg(long, env = "KILN_MAX_DELIVER", value_name = "N", value_parser = parse_max_deliver)]
     pub max_deliver: Option<i64>,
 }
 
@@ -411,10 +410,8 @@ fn parse_ack_wait(s: &str) -> Result<std::time::Duration, String> {
 
 fn parse_max_deliver(s: &str) -> Result<i64, String> {
     match s.trim().parse::<i64>() {
-        Ok(n) if n == -1 || n >= 1 => Ok(n),
-        _ => Err(format!(
-            "{s:?}: give a number of deliveries of at least 1, or -1 for unlimited"
-        )),
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?}: give a number of deliveries of at least 1")),
     }
 }
 

@@ -41,14 +41,13 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The default policy's shape with another ack wait and delivery bound: a worker that dies
     /// is noticed after `ack_wait`; a failed attempt is retried after 1×, 2× and 10× `ack_wait`
-    /// (as many of those as `max_deliver` leaves room for; all three when it is -1, unlimited).
+    /// (as many of those as `max_deliver` leaves room for; none when it is -1, unlimited,
+    /// because the server wants max_deliver above the number of backoff values).
     /// `kiln up`/`kiln worker --ack-wait SECS --max-deliver N` build theirs with it.
     pub fn scaled(ack_wait: Duration, max_deliver: i64) -> RetryPolicy {
-        let steps: usize = if max_deliver < 0 {
-            3
-        } else {
-            (max_deliver.saturating_sub(1) as usize).min(3)
-        };
+        let steps = usize::try_from(max_deliver.saturating_sub(1))
+            .unwrap_or(0)
+            .min(3);
         RetryPolicy {
             backoff: [1, 2, 10]
                 .into_iter()
@@ -367,7 +366,7 @@ mod tests {
         assert_eq!(p.ack_wait(), s(3));
         assert!(p.check().is_ok());
         let p = RetryPolicy::scaled(s(1), -1);
-        assert_eq!(p.backoff.len(), 3);
+        assert!(p.backoff.is_empty());
         assert!(p.check().is_ok());
         assert!(RetryPolicy::scaled(s(1), 0).check().is_err());
         assert!(RetryPolicy::scaled(Duration::ZERO, 3).check().is_err());

@@ -99,7 +99,7 @@ impl BlobStore {
     pub fn put(&self, reader: &mut dyn Read) -> io::Result<(Digest256, u64)> {
         let dir = self.dir();
         fs::create_dir_all(&dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+        let mut tmp = temp_file_in(&dir)?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut len = 0u64;
@@ -151,11 +151,80 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         _ => Path::new("."),
     };
     fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut tmp = temp_file_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
+}
+
+/// The prefix of every temp file and directory kiln creates under `$KILN_HOME`:
+/// `.kiln-tmp-<pid>-`. It names the process, so a process started later can tell what a killed
+/// one left behind (see [`sweep_stale_temp`]) from what a live one is still writing.
+pub fn temp_prefix() -> String {
+    format!("{TEMP_PREFIX}{}-", std::process::id())
+}
+
+const TEMP_PREFIX: &str = ".kiln-tmp-";
+
+/// A temp file in `dir` named with [`temp_prefix`].
+pub fn temp_file_in(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(&temp_prefix())
+        .tempfile_in(dir)
+}
+
+/// The pid in a name made with [`temp_prefix`].
+fn temp_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(TEMP_PREFIX)?;
+    rest.split('-').next()?.parse().ok()
+}
+
+/// True unless the process surely no longer exists (without `/proc`, every process counts as
+/// alive, so nothing is removed).
+fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.join("self").exists() || proc.join(pid.to_string()).exists()
+}
+
+/// Remove the temp files and directories that processes no longer running left in `$KILN_HOME`
+/// (a worker killed while writing an image or a blob): in `tmp/`, `blobs/sha256/` and each
+/// `stages/<stage>/`. Returns what was removed. Entries of live processes are left alone, so
+/// workers sharing a home may run this at any time.
+pub fn sweep_stale_temp(home: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut dirs = vec![home.join("tmp"), home.join("blobs").join("sha256")];
+    if let Ok(rd) = fs::read_dir(home.join("stages")) {
+        dirs.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    let mut removed = Vec::new();
+    for dir in dirs {
+        let entries = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(temp_owner) else {
+                continue;
+            };
+            if pid == std::process::id() || process_alive(pid) {
+                continue;
+            }
+            let path = entry.path();
+            let gone = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match gone {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -184,5 +253,46 @@ mod tests {
         );
         assert!(Digest256::parse(d1.as_str()).is_some());
         assert!(Digest256::parse("sha256:XYZ").is_none());
+    }
+
+    #[test]
+    fn sweep_removes_only_what_dead_processes_left() {
+        let home = tempfile::tempdir().unwrap();
+        // A pid that surely ended: a child that ran and was reaped.
+        let dead = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = dead.id();
+        let mut dead = dead;
+        dead.wait().unwrap();
+        let tmp = home.path().join("tmp");
+        let blobs = home.path().join("blobs/sha256");
+        let stages = home.path().join("stages/disk");
+        for d in [&tmp, &blobs, &stages] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let stale_dir = tmp.join(format!(".kiln-tmp-{dead_pid}-image-abc"));
+        fs::create_dir_all(&stale_dir).unwrap();
+        fs::write(stale_dir.join("disk"), b"partial").unwrap();
+        let stale_blob = blobs.join(format!(".kiln-tmp-{dead_pid}-xyz"));
+        fs::write(&stale_blob, b"partial").unwrap();
+        let stale_record = stages.join(format!(".kiln-tmp-{dead_pid}-r"));
+        fs::write(&stale_record, b"{").unwrap();
+        let mine = temp_file_in(&blobs).unwrap();
+        let foreign = blobs.join(".tmpABCDEF");
+        fs::write(&foreign, b"not ours to judge").unwrap();
+        let (digest, _) = BlobStore::new(home.path()).put_bytes(b"kept").unwrap();
+
+        let mut removed = sweep_stale_temp(home.path()).unwrap();
+        removed.sort();
+        let mut expected = vec![stale_dir, stale_blob, stale_record];
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert!(mine.path().is_file());
+        assert!(foreign.is_file());
+        assert!(BlobStore::new(home.path()).contains(&digest));
+        assert!(
+            sweep_stale_temp(&home.path().join("missing"))
+                .unwrap()
+                .is_empty()
+        );
     }
 }

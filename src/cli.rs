@@ -114,13 +114,19 @@ pub enum Command {
     /// Run every build stage as NATS JetStream workers (all stages of `kiln worker`).
     #[command(
         after_help = "Examples:\n  kiln up --nats nats://nats.example.com:4222\n  \
-                            KILN_NATS_URL=nats://127.0.0.1:4222 kiln up"
+                            KILN_NATS_URL=nats://127.0.0.1:4222 kiln up\n  \
+                            kiln up --ack-wait 5 --max-deliver 3    # take over a dead worker's message after 5 s\n\n\
+                            At start, temp files that killed kiln processes left in $KILN_HOME are removed."
     )]
     Up(UpArgs),
     /// Run some build stages as NATS JetStream workers until SIGINT/SIGTERM.
     #[command(
         after_help = "Examples:\n  kiln worker --nats nats://127.0.0.1:4222 --stages rootfs,kernel,disk\n  \
-                            kiln worker --stages verify\n\n\
+                            kiln worker --stages verify\n  \
+                            kiln worker --stages disk --ack-wait 5 --max-deliver 3\n\n\
+                            --ack-wait and --max-deliver set the stage consumers' redelivery when the workers \
+                            create them; every worker of a stage should use the same values. \
+                            At start, temp files that killed kiln processes left in $KILN_HOME are removed. \
                             Stages: source, render, rootfs, kernel, disk, verify (publish has no worker yet). \
                             Blobs travel through the kiln-blobs object store, stage records through the \
                             kiln-stages KV bucket."
@@ -409,10 +415,58 @@ impl NatsOpts {
     }
 }
 
+/// How a stage's durable consumer redelivers (applied when the workers create the consumers).
+#[derive(Debug, Args)]
+pub struct RetryOpts {
+    /// Seconds without an ack or progress ack before a message is delivered again (to this or
+    /// another worker): how soon a killed worker's message is taken over. Failed attempts are
+    /// retried after 1×, 2× and 10× this. Default 30.
+    #[arg(long, env = "KILN_ACK_WAIT", value_name = "SECS", value_parser = parse_ack_wait)]
+    pub ack_wait: Option<std::time::Duration>,
+    /// Deliveries of one message in total, the first included; the last failed attempt
+    /// publishes `failed`. Default 4.
+    #[arg(long, env = "KILN_MAX_DELIVER", value_name = "N", value_parser = parse_max_deliver)]
+    pub max_deliver: Option<i64>,
+}
+
+impl RetryOpts {
+    fn policy(&self) -> crate::bus::RetryPolicy {
+        use crate::bus::RetryPolicy;
+        let default = RetryPolicy::default();
+        match (self.ack_wait, self.max_deliver) {
+            (None, None) => default,
+            (wait, max) => RetryPolicy::scaled(
+                wait.unwrap_or(default.ack_wait),
+                max.unwrap_or(default.max_deliver),
+            ),
+        }
+    }
+}
+
+fn parse_ack_wait(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 30 or 0.5)"))?;
+    if !(secs.is_finite() && (0.05..=86_400.0).contains(&secs)) {
+        return Err(format!("{s} s is out of range: give 0.05 to 86400 seconds"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+fn parse_max_deliver(s: &str) -> Result<i64, String> {
+    match s.trim().parse::<i64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?}: give a number of deliveries of at least 1")),
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
     #[command(flatten)]
     pub nats: NatsOpts,
+    #[command(flatten)]
+    pub retry: RetryOpts,
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
     #[arg(long, value_name = "DIR")]
     pub profiles: Option<PathBuf>,
@@ -422,6 +476,8 @@ pub struct UpArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub nats: NatsOpts,
+    #[command(flatten)]
+    pub retry: RetryOpts,
     /// Comma-separated stages to run (default: all).
     #[arg(long, value_delimiter = ',', value_parser = parse_stage)]
     pub stages: Vec<crate::bus::Stage>,
@@ -1410,6 +1466,7 @@ async fn shutdown_signal() {
 
 fn run_workers(
     nats: &NatsOpts,
+    retry: &RetryOpts,
     stages: Vec<crate::bus::Stage>,
     profiles: Option<PathBuf>,
 ) -> anyhow::Result<i32> {
@@ -1421,6 +1478,7 @@ fn run_workers(
     };
     let mut config = WorkerConfig::from_env();
     config.profiles_dir = profiles;
+    config.policy = retry.policy();
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&nats.connect_options()).await?;
         let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
@@ -1436,11 +1494,11 @@ fn run_workers(
 }
 
 fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
-    run_workers(&args.nats, Vec::new(), args.profiles)
+    run_workers(&args.nats, &args.retry, Vec::new(), args.profiles)
 }
 
 fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
-    run_workers(&args.nats, args.stages, args.profiles)
+    run_workers(&args.nats, &args.retry, args.stages, args.profiles)
 }
 
 use crate::pipeline::events::event_json;

@@ -114,6 +114,23 @@ async fn blocking<T: Send + 'static>(
 pub struct Blobs {
     remote: object_store::ObjectStore,
     local: BlobStore,
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+}
+
+/// What this process already checked, so a cached stage does not hash every input again or ask
+/// the bucket about every output again.
+#[derive(Default)]
+struct Seen {
+    /// Local blobs whose content was hashed, with the length and mtime it had then.
+    verified: std::collections::HashMap<Digest256, (u64, std::time::SystemTime)>,
+    /// Blobs the bucket is known to hold (objects are content-addressed and never rewritten).
+    remote: std::collections::HashSet<Digest256>,
+}
+
+/// Length and mtime of a file, to tell whether it changed since it was hashed.
+fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
 }
 
 impl std::fmt::Debug for Blobs {
@@ -130,6 +147,7 @@ impl Blobs {
         Ok(Blobs {
             remote: ensure_object_store(bus).await?,
             local,
+            seen: Default::default(),
         })
     }
 
@@ -146,7 +164,7 @@ impl Blobs {
             local.put(&mut f).map_err(io_err("store", &src))
         })
         .await?;
-        if self.remote.info(digest.as_str()).await.is_ok() {
+        if self.remote_has(&digest).await {
             return Ok(digest);
         }
         // Upload from the source file, not the store copy: a damaged store file must not spread.
@@ -178,11 +196,19 @@ impl Blobs {
                 after: got,
             });
         }
+        self.seen().remote.insert(digest.clone());
         Ok(digest)
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Make sure the local store holds a blob already stored locally is also in the bucket.
     pub async fn publish_local(&self, digest: &Digest256) -> Result<(), BlobError> {
+        if self.remote_has(digest).await {
+            return Ok(());
+        }
         let path = self.local.path(digest);
         let got = self.put_blob(&path).await?;
         if &got != digest {
@@ -200,9 +226,16 @@ impl Blobs {
     pub async fn get_blob(&self, digest: &Digest256) -> Result<PathBuf, BlobError> {
         let dest = self.local.path(digest);
         if dest.is_file() {
+            let before = stamp(&dest);
+            if before.is_some() && self.seen().verified.get(digest) == before.as_ref() {
+                return Ok(dest);
+            }
             let d = dest.clone();
             let actual = blocking(move || hash_file(&d)).await?;
             if &actual == digest {
+                if let Some(s) = before {
+                    self.seen().verified.insert(digest.clone(), s);
+                }
                 return Ok(dest);
             }
             tracing::warn!(
@@ -230,7 +263,7 @@ impl Blobs {
             .await
             .map_err(io_err("create", &dir))?;
         let tmp =
-            tempfile::NamedTempFile::new_in(&dir).map_err(io_err("create a temp file in", &dir))?;
+            crate::cache::temp_file_in(&dir).map_err(io_err("create a temp file in", &dir))?;
         let (std_file, tmp_path) = tmp.into_parts();
         let mut file = tokio::fs::File::from_std(std_file);
         let mut hasher = Sha256::new();
@@ -262,12 +295,23 @@ impl Blobs {
             path: dest.clone(),
             source: e.error,
         })?;
+        if let Some(s) = stamp(&dest) {
+            self.seen().verified.insert(digest.clone(), s);
+        }
+        self.seen().remote.insert(digest.clone());
         Ok(dest)
     }
 
-    /// True when the bucket has the blob.
+    /// True when the bucket has the blob (asked once per process: objects are never rewritten).
     pub async fn remote_has(&self, digest: &Digest256) -> bool {
-        self.remote.info(digest.as_str()).await.is_ok()
+        if self.seen().remote.contains(digest) {
+            return true;
+        }
+        let has = self.remote.info(digest.as_str()).await.is_ok();
+        if has {
+            self.seen().remote.insert(digest.clone());
+        }
+        has
     }
 }
 

@@ -296,9 +296,42 @@ impl Bus {
             .await
     }
 
-    /// Publish a stage event on its subject.
+    /// Publish raw bytes with a `Nats-Msg-Id`: the stream stores a message with the same id only
+    /// once within its duplicate window (2 minutes), so a publish retried after a lost ack, or
+    /// repeated by a redelivered handler, is not stored twice.
+    pub async fn publish_raw_once(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: Vec<u8>,
+    ) -> Result<u64, BusError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        let ack = self
+            .js
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .map_err(nats_err(format!("publish to {subject}")))?
+            .await
+            .map_err(nats_err(format!(
+                "get the stream's ack for {subject} (is the {STREAM} stream set up?)"
+            )))?;
+        Ok(ack.sequence)
+    }
+
+    /// Publish a stage event on its subject. A build's `completed` and `failed` events of a
+    /// stage are stored once (see [`Bus::publish_raw_once`]): a worker that dies between
+    /// publishing `completed` and acking its input, or a publish retried while the server
+    /// restarts, does not start the next stage twice.
     pub async fn publish_event(&self, event: &StageEvent) -> Result<u64, BusError> {
-        self.publish_raw(event.subject(), event.encode()).await
+        match event {
+            StageEvent::Completed(_) | StageEvent::Failed(_) => {
+                let subject = event.subject();
+                self.publish_raw_once(subject.clone(), &subject, event.encode())
+                    .await
+            }
+            _ => self.publish_raw(event.subject(), event.encode()).await,
+        }
     }
 
     /// Publish `kiln.image.published.<repository>`.
@@ -366,33 +399,106 @@ impl Bus {
     }
 
     /// A live stream of one build's events: the ones already stored first when `history` is
-    /// true, then each new one as it is published. Ends only when dropped.
+    /// true, then each new one as it is published. Ends only when dropped, or with an error when
+    /// the server has been unreachable for [`FOLLOW_PATIENCE`]. Survives server restarts: the
+    /// ordered consumer (which a restart removes) is created again after the last event seen,
+    /// so no event is skipped or repeated.
     pub async fn follow(
         &self,
         build: &str,
         history: bool,
     ) -> Result<impl futures::Stream<Item = Result<RecordedEvent, BusError>> + use<>, BusError>
     {
-        let stream = self.ensure_kiln_stream().await?;
-        let deliver = if history {
+        let mut stream = self.ensure_kiln_stream().await?;
+        let after = if history {
+            0
+        } else {
+            stream
+                .info()
+                .await
+                .map_err(nats_err(format!("follow build {build}")))?
+                .state
+                .last_sequence
+        };
+        let mut follower = Follower {
+            bus: self.clone(),
+            build: build.to_string(),
+            after,
+            messages: None,
+        };
+        follower.messages = Some(follower.open().await?);
+        Ok(futures::stream::unfold(follower, |mut f| async move {
+            let item = f.next().await;
+            Some((item, f))
+        }))
+    }
+}
+
+/// How long [`Bus::follow`] waits for an unreachable server before it gives up.
+pub const FOLLOW_PATIENCE: Duration = Duration::from_secs(600);
+
+/// The state of [`Bus::follow`]: where it is in the stream, and its ordered consumer.
+struct Follower {
+    bus: Bus,
+    build: String,
+    /// Stream sequence of the last event delivered (or where following began).
+    after: u64,
+    messages: Option<consumer::pull::Ordered>,
+}
+
+impl Follower {
+    async fn open(&self) -> Result<consumer::pull::Ordered, BusError> {
+        let what = || format!("follow build {}", self.build);
+        let deliver = if self.after == 0 {
             consumer::DeliverPolicy::All
         } else {
-            consumer::DeliverPolicy::New
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: self.after + 1,
+            }
         };
-        let consumer = stream
-            .create_consumer(Self::events_consumer_config(build, deliver))
+        let stream = self.bus.ensure_kiln_stream().await?;
+        stream
+            .create_consumer(Bus::events_consumer_config(&self.build, deliver))
             .await
-            .map_err(nats_err(format!("follow build {build}")))?;
-        let messages = consumer
+            .map_err(nats_err(what()))?
             .messages()
             .await
-            .map_err(nats_err(format!("follow build {build}")))?;
-        let build = build.to_string();
-        Ok(messages.map(move |m| {
-            let msg = m.map_err(nats_err(format!("follow build {build}")))?;
-            let sequence = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-            Ok(record(&msg.subject, sequence, &msg.payload))
-        }))
+            .map_err(nats_err(what()))
+    }
+
+    /// The next event; reopens the consumer after an error until [`FOLLOW_PATIENCE`] runs out.
+    async fn next(&mut self) -> Result<RecordedEvent, BusError> {
+        let mut failing_since: Option<std::time::Instant> = None;
+        loop {
+            let error = match self.messages.as_mut() {
+                None => match self.open().await {
+                    Ok(m) => {
+                        self.messages = Some(m);
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+                Some(messages) => match messages.next().await {
+                    Some(Ok(msg)) => {
+                        let sequence = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        self.after = self.after.max(sequence);
+                        return Ok(record(&msg.subject, sequence, &msg.payload));
+                    }
+                    Some(Err(e)) => nats_err(format!("follow build {}", self.build))(e),
+                    None => BusError::Nats {
+                        what: format!("follow build {}", self.build),
+                        message: "the consumer's message stream ended".into(),
+                    },
+                },
+            };
+            self.messages = None;
+            let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > FOLLOW_PATIENCE {
+                return Err(error);
+            }
+            tracing::debug!("{error}; following again in 1 s");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 

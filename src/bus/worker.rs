@@ -39,6 +39,26 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The default policy's shape with another ack wait and delivery bound: a worker that dies
+    /// is noticed after `ack_wait`; a failed attempt is retried after 1×, 2× and 10× `ack_wait`
+    /// (as many of those as `max_deliver` leaves room for; none when it is -1, unlimited,
+    /// because the server wants max_deliver above the number of backoff values).
+    /// `kiln up`/`kiln worker --ack-wait SECS --max-deliver N` build theirs with it.
+    pub fn scaled(ack_wait: Duration, max_deliver: i64) -> RetryPolicy {
+        let steps = usize::try_from(max_deliver.saturating_sub(1))
+            .unwrap_or(0)
+            .min(3);
+        RetryPolicy {
+            backoff: [1, 2, 10]
+                .into_iter()
+                .take(steps)
+                .map(|k| ack_wait.saturating_mul(k))
+                .collect(),
+            ack_wait,
+            max_deliver,
+        }
+    }
+
     /// The ack wait the server applies to a first delivery.
     pub fn ack_wait(&self) -> Duration {
         self.backoff.first().copied().unwrap_or(self.ack_wait)
@@ -324,5 +344,31 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaled_policies_are_valid_for_the_server() {
+        let s = Duration::from_secs;
+        let p = RetryPolicy::scaled(s(2), 4);
+        assert_eq!(p.backoff, [s(2), s(4), s(20)]);
+        assert_eq!(p.ack_wait(), s(2));
+        assert!(p.check().is_ok());
+        let p = RetryPolicy::scaled(s(3), 2);
+        assert_eq!(p.backoff, [s(3)]);
+        assert!(p.check().is_ok());
+        let p = RetryPolicy::scaled(s(3), 1);
+        assert!(p.backoff.is_empty());
+        assert_eq!(p.ack_wait(), s(3));
+        assert!(p.check().is_ok());
+        let p = RetryPolicy::scaled(s(1), -1);
+        assert!(p.backoff.is_empty());
+        assert!(p.check().is_ok());
+        assert!(RetryPolicy::scaled(s(1), 0).check().is_err());
+        assert!(RetryPolicy::scaled(Duration::ZERO, 3).check().is_err());
     }
 }

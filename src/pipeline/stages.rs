@@ -38,6 +38,8 @@ pub struct StageEnv {
     pub profiles_dir: Option<PathBuf>,
     /// Requests made to the Debian mirror by the stages run in this environment.
     pub mirror_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Archives opened by the stages run in this environment (see [`open_archive`]).
+    archives: std::sync::Arc<ArchiveMemo>,
 }
 
 impl StageEnv {
@@ -48,15 +50,51 @@ impl StageEnv {
             archive,
             profiles_dir,
             mirror_requests: Default::default(),
+            archives: Default::default(),
         }
     }
 
-    /// Count an archive's requests once it is done with.
-    fn note(&self, archive: &Archive) {
-        self.mirror_requests.fetch_add(
-            archive.network_requests(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+    /// Count the requests an archive made since it was last noted.
+    fn note(&self, archive: &OpenedArchive) {
+        use std::sync::atomic::Ordering;
+        let now = archive.archive.network_requests();
+        let before = archive.noted.swap(now, Ordering::Relaxed);
+        self.mirror_requests
+            .fetch_add(now.saturating_sub(before), Ordering::Relaxed);
+    }
+}
+
+/// An archive opened by [`open_archive`], shared by the stages of one environment.
+struct OpenedArchive {
+    /// The options it was opened with (`Debug` text).
+    key: String,
+    opened: Instant,
+    archive: Archive,
+    /// Its request count when last added to [`StageEnv::mirror_requests`].
+    noted: std::sync::atomic::AtomicU64,
+}
+
+impl std::ops::Deref for OpenedArchive {
+    type Target = Archive;
+    fn deref(&self) -> &Archive {
+        &self.archive
+    }
+}
+
+/// How long an opened archive is reused at most (less when `release_max_age` is shorter).
+const ARCHIVE_REUSE: Duration = Duration::from_secs(300);
+
+/// The archives an environment opened. Opening one verifies InRelease's signature and builds an
+/// HTTP client: with many cached builds (a stage hit costs only a record lookup otherwise) that
+/// was most of a worker's time, so an archive is reused while its InRelease would be anyway.
+#[derive(Default)]
+struct ArchiveMemo {
+    opened: std::sync::Mutex<Vec<std::sync::Arc<OpenedArchive>>>,
+}
+
+impl std::fmt::Debug for ArchiveMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveMemo").finish_non_exhaustive()
     }
 }
 
@@ -581,13 +619,36 @@ where
     Ok((key, run()?, false))
 }
 
-fn open_archive(env: &StageEnv, loaded: &Loaded) -> Result<Archive, StageError> {
+/// The recipe's archive: reused from this environment when it was opened with the same options
+/// less than [`ARCHIVE_REUSE`] (and `release_max_age`) ago, else opened (InRelease verified).
+fn open_archive(
+    env: &StageEnv,
+    loaded: &Loaded,
+) -> Result<std::sync::Arc<OpenedArchive>, StageError> {
     let mut opts = env.archive.clone();
     opts.home = env.home.clone();
     if let Some(suite) = &loaded.recipe.rootfs.suite {
         opts.suite = suite.clone();
     }
-    Ok(Archive::open_lazy(opts)?)
+    let key = format!("{opts:?}");
+    let reuse = ARCHIVE_REUSE.min(opts.release_max_age);
+    let mut memo = env
+        .archives
+        .opened
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    memo.retain(|a| a.opened.elapsed() < reuse);
+    if let Some(a) = memo.iter().find(|a| a.key == key) {
+        return Ok(a.clone());
+    }
+    let opened = std::sync::Arc::new(OpenedArchive {
+        key,
+        opened: Instant::now(),
+        archive: Archive::open_lazy(opts)?,
+        noted: Default::default(),
+    });
+    memo.push(opened.clone());
+    Ok(opened)
 }
 
 fn kernel_package_name(loaded: &Loaded) -> String {
@@ -828,7 +889,7 @@ fn disk(
     let tmp_dir = env.home.join("tmp");
     std::fs::create_dir_all(&tmp_dir).map_err(io("creating the cache's tmp dir"))?;
     let tmp = tempfile::Builder::new()
-        .prefix("image-")
+        .prefix(&format!("{}image-", crate::cache::temp_prefix()))
         .tempdir_in(&tmp_dir)
         .map_err(io("creating a temp dir for the image"))?;
     let path = tmp.path().join("disk");

@@ -290,6 +290,19 @@ pub async fn run_workers(
         return Err(WorkerError::NotRunnable(*s));
     }
     bus.ensure_kiln_stream().await?;
+    // What a killed worker left half-written (an image, a blob) must not pile up or be used.
+    match crate::cache::sweep_stale_temp(&config.home) {
+        Ok(removed) if !removed.is_empty() => tracing::info!(
+            "removed {} temp file(s) that stopped kiln processes left in {}",
+            removed.len(),
+            config.home.display()
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            "cannot sweep stale temp files in {}: {e}",
+            config.home.display()
+        ),
+    }
     let env = StageEnv::new(
         config.home.clone(),
         config.archive.clone(),
@@ -369,7 +382,7 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
                 cache,
                 duration_ms: started.elapsed().as_millis() as u64,
             });
-            ctx.bus.publish_event(&done).await.map_err(transient)?;
+            publish_reliably(&ctx.bus, &done).await.map_err(transient)?;
             Ok(Outcome::Done)
         }
         Err(Failure::Input(info)) => {
@@ -403,8 +416,31 @@ async fn publish_failed(
         attempts: Some(d.attempt()),
         duration_ms: Some(started.elapsed().as_millis() as u64),
     });
-    if let Err(e) = ctx.bus.publish_event(&msg).await {
+    if let Err(e) = publish_reliably(&ctx.bus, &msg).await {
         tracing::warn!(%stage, build, "cannot publish failed: {e}");
+    }
+}
+
+/// How long a worker keeps trying to publish a stage's `completed` or `failed` event while the
+/// server is unreachable (a restart) before the message is left to redelivery.
+const PUBLISH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Publish a `completed` or `failed` event, retrying while the server restarts: the client
+/// reconnects by itself, and the event's `Nats-Msg-Id` keeps a publish whose ack was lost from
+/// being stored twice. Gives up after [`PUBLISH_PATIENCE`].
+async fn publish_reliably(bus: &Bus, event: &StageEvent) -> Result<u64, BusError> {
+    let deadline = Instant::now() + PUBLISH_PATIENCE;
+    let mut pause = std::time::Duration::from_millis(200);
+    loop {
+        match bus.publish_event(event).await {
+            Ok(seq) => return Ok(seq),
+            Err(e) if Instant::now() + pause < deadline => {
+                tracing::warn!(subject = %event.subject(), "publish failed, retrying in {pause:?}: {e}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod blobs;
 pub mod messages;
 pub mod server;
+pub mod status;
 pub mod subjects;
 pub mod worker;
 

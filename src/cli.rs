@@ -390,10 +390,11 @@ pub struct UpArgs {
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
     #[arg(long, value_name = "DIR")]
     pub profiles: Option<PathBuf>,
-    /// Serve the HTTP API on this address (`none`: no API). Other than loopback only behind a
+    /// Serve the HTTP API on this address (`none`: no API) [default: 127.0.0.1:7070; when that
+    /// port is taken, the workers run without the API]. Other than loopback only behind a
     /// firewall or TLS proxy.
-    #[arg(long, value_name = "ADDR", default_value = crate::api::DEFAULT_LISTEN)]
-    pub listen: String,
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
     /// Read the API's bearer token from this file (default: $KILN_API_TOKEN, else
     /// $KILN_HOME/api-token, generated when missing).
     #[arg(long, value_name = "FILE")]
@@ -1182,16 +1183,25 @@ fn run_workers(
         let mut server = None;
         if let Some(api) = api {
             bus.ensure_kiln_stream().await?;
-            let listener = tokio::net::TcpListener::bind(api.listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {} for the API: {e} (is the port taken? choose another with --listen ADDR, or --listen none)", api.listen))?;
-            let local = listener.local_addr()?;
-            let router = crate::api::router(bus.clone(), api.config);
-            let shutdown = stopped(stop_rx.clone());
-            server = Some(tokio::spawn(crate::api::serve(listener, router, shutdown)));
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "kiln api listening on http://{local}")?;
-            out.flush()?;
+            match tokio::net::TcpListener::bind(api.listen).await {
+                Ok(listener) => {
+                    let local = listener.local_addr()?;
+                    let router = crate::api::router(bus.clone(), api.config);
+                    let shutdown = stopped(stop_rx.clone());
+                    server = Some(tokio::spawn(crate::api::serve(listener, router, shutdown)));
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "kiln api listening on http://{local}")?;
+                    out.flush()?;
+                }
+                Err(e) if api.explicit => anyhow::bail!(
+                    "cannot listen on {} for the API: {e} (is the port taken? choose another with --listen ADDR, or --listen none)",
+                    api.listen
+                ),
+                Err(e) => tracing::warn!(
+                    "no HTTP API: cannot listen on {}: {e}; the workers run without it (choose an address with --listen ADDR, or --listen none)",
+                    api.listen
+                ),
+            }
         }
         run_workers(&bus, &stages, config, stopped(stop_rx)).await?;
         if let Some(server) = server {
@@ -1204,18 +1214,20 @@ fn run_workers(
 /// The API part of `kiln up`.
 struct ApiSetup {
     listen: std::net::SocketAddr,
+    /// Given with --listen: failing to listen is an error (else a warning).
+    explicit: bool,
     config: crate::api::ApiConfig,
 }
 
 /// Read `kiln up`'s API options: None for `--listen none`.
 fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
-    if args.listen.eq_ignore_ascii_case("none") {
+    let text = args.listen.as_deref().unwrap_or(crate::api::DEFAULT_LISTEN);
+    if text.eq_ignore_ascii_case("none") {
         return Ok(None);
     }
-    let listen: std::net::SocketAddr = args.listen.parse().map_err(|_| {
+    let listen: std::net::SocketAddr = text.parse().map_err(|_| {
         BadInput(format!(
-            "--listen {:?} is not an address: give IP:PORT (e.g. 127.0.0.1:7070, [::1]:7070) or `none`",
-            args.listen
+            "--listen {text:?} is not an address: give IP:PORT (e.g. 127.0.0.1:7070, [::1]:7070) or `none`"
         ))
     })?;
     if !listen.ip().is_loopback() {
@@ -1258,6 +1270,7 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
     })?;
     Ok(Some(ApiSetup {
         listen,
+        explicit: args.listen.is_some(),
         config: crate::api::ApiConfig {
             token,
             hook: crate::api::HookConfig {

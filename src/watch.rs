@@ -15,7 +15,9 @@
 //! can report the build as `failed`; it triggers again only when its error changes.
 //!
 //! Delivery: [`Watcher::poll`] saves the state before returning the triggers (at most once);
-//! [`Watcher::run`] hands every trigger to its callback first and saves after (at least once).
+//! [`Watcher::run`] hands every trigger to its callback first and saves after (at least once);
+//! [`Watcher::deliver`] saves only when every delivery succeeded, so a failed one is retried with
+//! the others at the next call (at least once; `kiln watch` and the HTTP API's git hook use it).
 
 use crate::recipe::{self, Diagnostic, GitInfo};
 use crate::source::{Checkout, GitSource, SourceError, load_options_for};

@@ -297,6 +297,7 @@ fn api_builds_reports_and_streams_and_refuses_what_it_must() {
     }
 
     // A build: 202, then its events live over SSE until the final one.
+    let posted = Instant::now();
     let r = http
         .post(format!("{base}/v1/builds"))
         .bearer_auth(TOKEN)
@@ -304,6 +305,10 @@ fn api_builds_reports_and_streams_and_refuses_what_it_must() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 202);
+    eprintln!(
+        "POST /v1/builds answered in {:.1} ms",
+        posted.elapsed().as_secs_f64() * 1000.0
+    );
     let accepted: serde_json::Value = r.json_value();
     let id = accepted["build"].as_str().unwrap().to_string();
     assert_eq!(accepted["status_url"], format!("{base}/v1/builds/{id}"));
@@ -329,6 +334,15 @@ fn api_builds_reports_and_streams_and_refuses_what_it_must() {
     );
     let events = read_sse(r);
     assert!(!events.is_empty(), "{}", up.log());
+    eprintln!(
+        "build through the API (direct boot): {:.1} s from POST to the final event",
+        events
+            .last()
+            .unwrap()
+            .3
+            .duration_since(posted)
+            .as_secs_f64()
+    );
     // In stream order, every one of this build, ending with verify's completed.
     let ids: Vec<u64> = events.iter().map(|e| e.1).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
@@ -598,8 +612,13 @@ fn git_push_hooks_build_the_changed_recipe_at_the_pushed_commit() {
         "repository": { "clone_url": repo.url(), "full_name": "team/images" },
         "pusher": { "name": "alice" }
     });
+    let pushed = Instant::now();
     let r = hook(&[("X-GitHub-Event", "push")], &github);
     assert_eq!(r.status(), 202);
+    eprintln!(
+        "first GitHub push hook (clone, checkout of two commits, recipes loaded) answered in {:.0} ms",
+        pushed.elapsed().as_secs_f64() * 1000.0
+    );
     let out: serde_json::Value = r.json_value();
     assert_eq!(out["commit"], c2.as_str(), "{out}");
     let builds = out["builds"].as_array().unwrap();
@@ -617,11 +636,16 @@ fn git_push_hooks_build_the_changed_recipe_at_the_pushed_commit() {
     std::fs::write(repo.work.join("README"), "more words\n").unwrap();
     repo.commit("docs");
     let c4 = repo.change("b", "kiln-b2");
+    let pushed = Instant::now();
     let r = hook(
         &[],
         &serde_json::json!({ "repo": repo.url(), "ref": "refs/heads/main", "commit": c4 }),
     );
     assert_eq!(r.status(), 202);
+    eprintln!(
+        "later generic push hook (fetch, checkout, recipes loaded) answered in {:.0} ms",
+        pushed.elapsed().as_secs_f64() * 1000.0
+    );
     let out: serde_json::Value = r.json_value();
     let builds = out["builds"].as_array().unwrap();
     assert_eq!(builds.len(), 1, "{out}");
@@ -695,9 +719,14 @@ fn kiln_watch_submits_one_build_for_the_changed_recipe() {
     let w = Running::spawn(watch(&["--interval", "1"]), &home.path().join("watch.log"));
     std::thread::sleep(Duration::from_secs(2));
     let c2 = repo.change("a", "kiln-watched");
+    let committed = Instant::now();
     let line = w
         .line(Duration::from_secs(60))
         .unwrap_or_else(|| panic!("kiln watch submitted nothing\n{}", w.log()));
+    eprintln!(
+        "kiln watch --interval 1 submitted the build {:.2} s after the commit",
+        committed.elapsed().as_secs_f64()
+    );
     let sub: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(sub["recipe"], "recipes/a.yaml", "{sub}");
     assert_eq!(sub["commit"], c2.as_str(), "{sub}");

@@ -1205,7 +1205,15 @@ fn run_workers(
         }
         run_workers(&bus, &stages, config, stopped(stop_rx)).await?;
         if let Some(server) = server {
-            server.await??;
+            // Open event streams of running builds would hold a graceful shutdown forever.
+            let abort = server.abort_handle();
+            match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
+                Ok(joined) => joined??,
+                Err(_) => {
+                    tracing::info!("closing the API's open event streams");
+                    abort.abort();
+                }
+            }
         }
         Ok(0)
     })

@@ -415,6 +415,19 @@ fn api_builds_reports_and_streams_and_refuses_what_it_must() {
     let cli: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(cli, status);
 
+    // An id that is taken: 409, nothing published.
+    let mut again_body = body.clone();
+    again_body["id"] = serde_json::json!(id);
+    let r = http
+        .post(format!("{base}/v1/builds"))
+        .bearer_auth(TOKEN)
+        .json_body(&again_body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.json_value()["error"]["field"], "id");
+    assert_eq!(requests(&nats).len(), 1);
+
     // The events of an ended build: replayed, then the stream ends.
     let r = http
         .get(format!("{base}/v1/builds/{id}/events"))

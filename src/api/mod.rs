@@ -46,7 +46,7 @@ const REMEMBERED: usize = 4096;
 pub struct ApiError {
     pub status: StatusCode,
     /// Machine-readable: `unauthorized`, `invalid_request`, `not_found`, `forbidden`,
-    /// `unreachable`, `bus`, `internal`.
+    /// `conflict`, `unreachable`, `bus`, `internal`.
     pub kind: &'static str,
     pub message: String,
     /// For `invalid_request`: the field at fault, dotted (`recipe.git.url`).
@@ -286,6 +286,18 @@ async fn submit(
 ) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
     let mut req = parse_request(&body)?;
+    if let Some(id) = &req.id
+        && (state.accepted(id) || !state.0.bus.build_events(id).await?.is_empty())
+    {
+        return Err(ApiError {
+            field: Some("id".into()),
+            ..ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("build {id:?} exists already; choose another id or leave `id` out"),
+            )
+        });
+    }
     let id = req.id.clone().unwrap_or_else(crate::bus::new_build_id);
     req.id = Some(id.clone());
     state.0.bus.publish_request(&req).await?;

@@ -236,6 +236,8 @@ fn api_builds_reports_and_streams_and_refuses_what_it_must() {
         "recipe": { "path": root().join("recipes/minimal.yaml") },
         "requester": "api-test",
         "profiles": ["direct"],
+        // A slow TCG guest on a busy host can fail the kernel's timer check and panic.
+        "params": { "console": "ttyS0 no_timer_check" },
     });
 
     // No token, a wrong token, another scheme: 401 with WWW-Authenticate, nothing published.
@@ -490,8 +492,12 @@ impl RecipeRepo {
         let repo = Repository::init_opts(&work, &opts).unwrap();
         copy_dir(&root().join("templates"), &work.join("templates"));
         let minimal = std::fs::read_to_string(root().join("recipes/minimal.yaml")).unwrap();
-        let direct = minimal.replace("profile: uefi", "profile: direct");
-        assert_ne!(direct, minimal);
+        // Booted directly; `no_timer_check`: a slow TCG guest on a busy host can fail the
+        // kernel's timer check and panic.
+        let direct = minimal
+            .replace("profile: uefi", "profile: direct")
+            .replace(" quiet\"", " quiet no_timer_check\"");
+        assert!(direct.contains("no_timer_check") && direct.contains("profile: direct"));
         std::fs::create_dir_all(work.join("recipes")).unwrap();
         for name in ["a", "b"] {
             let text = direct.replace("name: minimal\n", &format!("name: {name}\n"));

@@ -114,9 +114,16 @@ pub enum Command {
     /// Run every build stage as NATS JetStream workers (all stages of `kiln worker`).
     #[command(
         after_help = "Examples:\n  kiln up --nats nats://nats.example.com:4222\n  \
-                            KILN_NATS_URL=nats://127.0.0.1:4222 kiln up\n  \
+                            KILN_NATS_URL=nats://127.0.0.1:4222 kiln up --listen 127.0.0.1:7070\n  \
+                            kiln up --hook-repo https://git.example.com/platform/images.git --hook-recipes 'recipes/*.yaml'\n  \
+                            kiln up --listen none\n  \
                             kiln up --ack-wait 5 --max-deliver 3    # take over a dead worker's message after 5 s\n\n\
-                            At start, temp files that killed kiln processes left in $KILN_HOME are removed."
+                            The HTTP API (docs/api.md) listens on 127.0.0.1:7070 unless --listen says \
+                            otherwise; every POST needs `Authorization: Bearer <token>`. The token comes \
+                            from --token-file, else $KILN_API_TOKEN, else $KILN_HOME/api-token (generated \
+                            on first start, mode 0600). `POST /v1/hooks/git` builds only repositories \
+                            given with --hook-repo. At start, temp files that killed kiln processes left \
+                            in $KILN_HOME are removed."
     )]
     Up(UpArgs),
     /// Run some build stages as NATS JetStream workers until SIGINT/SIGTERM.
@@ -138,6 +145,19 @@ pub enum Command {
                             kiln submit web.yaml --git https://git.example.com/images.git --ref main --path recipes/web.yaml"
     )]
     Submit(SubmitArgs),
+    /// Watch a git ref and submit a build for each recipe whose inputs a new commit changed.
+    #[command(
+        after_help = "Examples:\n  kiln watch --repo https://git.example.com/platform/images.git --ref main\n  \
+                            kiln watch --repo /srv/git/images --ref main --recipes 'images/*.yaml' --interval 30 --json\n  \
+                            kiln watch --repo /srv/git/images --ref main --baseline --once\n\n\
+                            A recipe triggers when its build inputs (recipe, extends chain, templates, \
+                            parameters) changed since the last commit seen; a README-only commit builds \
+                            nothing. What was seen is kept in $KILN_HOME/watch/ (or --state FILE), so a \
+                            restart does not rebuild everything. The first run builds every recipe, \
+                            unless --baseline, which records the current commit as the starting point. \
+                            Prints one line per submitted build: build id, recipe, commit."
+    )]
+    Watch(WatchArgs),
     /// List recent builds, or show the stages of one: time, cache hit/miss and worker.
     #[command(
         after_help = "Examples:\n  kiln status\n  kiln status --limit 5 --json\n  \
@@ -470,6 +490,63 @@ pub struct UpArgs {
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
     #[arg(long, value_name = "DIR")]
     pub profiles: Option<PathBuf>,
+    /// Serve the HTTP API on this address (`none`: no API) [default: 127.0.0.1:7070; when that
+    /// port is taken, the workers run without the API]. Other than loopback only behind a
+    /// firewall or TLS proxy.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Read the API's bearer token from this file (default: $KILN_API_TOKEN, else
+    /// $KILN_HOME/api-token, generated when missing).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// A repository `POST /v1/hooks/git` may build (repeatable; none: the hook builds nothing).
+    #[arg(long = "hook-repo", value_name = "URL")]
+    pub hook_repos: Vec<String>,
+    /// Which files of a hooked repository are recipes.
+    #[arg(long, value_name = "GLOB", default_value = "recipes/*.yaml")]
+    pub hook_recipes: String,
+    /// Check hook payload signatures (X-Hub-Signature-256) against the secret in this file.
+    #[arg(long, value_name = "FILE")]
+    pub hook_secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The repository: a URL (https://, http://, file://) or a local path.
+    #[arg(long)]
+    pub repo: String,
+    /// The branch or tag to watch.
+    #[arg(long = "ref", value_name = "REF")]
+    pub git_ref: String,
+    /// Which files are recipes (relative to the repository root).
+    #[arg(long, value_name = "GLOB", default_value = "recipes/*.yaml")]
+    pub recipes: String,
+    /// Seconds between polls.
+    #[arg(long, value_name = "S", default_value_t = 60.0)]
+    pub interval: f64,
+    /// Poll once and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// With no state yet: record the ref's current commit as seen, without building.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Where to keep what was seen (default: $KILN_HOME/watch/<hash>.json).
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// Override a recipe parameter in every build (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub set: Vec<(String, String)>,
+    /// Boot with these profiles (repeatable; default: each recipe's).
+    #[arg(long)]
+    pub profile: Vec<String>,
+    /// Skip the boot verification.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Print one JSON object per submitted build.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOpts,
 }
 
 #[derive(Debug, Args)]
@@ -636,6 +713,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Up(args) => nats_up(args),
         Command::Worker(args) => nats_worker(args),
         Command::Submit(args) => nats_submit(args),
+        Command::Watch(args) => watch(args),
         Command::Status(args) => nats_status(args),
         Command::Logs(args) => nats_logs(args),
         Command::Schema => {
@@ -1469,6 +1547,7 @@ fn run_workers(
     retry: &RetryOpts,
     stages: Vec<crate::bus::Stage>,
     profiles: Option<PathBuf>,
+    api: Option<ApiSetup>,
 ) -> anyhow::Result<i32> {
     use crate::pipeline::worker::{RUNNABLE, WorkerConfig, run_workers};
     let stages = if stages.is_empty() {
@@ -1488,17 +1567,250 @@ fn run_workers(
             names.join(","),
             nats.url
         );
-        run_workers(&bus, &stages, config, shutdown_signal()).await?;
+        // One shutdown signal stops both the workers and the API.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let mut server = None;
+        if let Some(api) = api {
+            bus.ensure_kiln_stream().await?;
+            match tokio::net::TcpListener::bind(api.listen).await {
+                Ok(listener) => {
+                    let local = listener.local_addr()?;
+                    let router = crate::api::router(bus.clone(), api.config);
+                    let shutdown = stopped(stop_rx.clone());
+                    server = Some(tokio::spawn(crate::api::serve(listener, router, shutdown)));
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "kiln api listening on http://{local}")?;
+                    out.flush()?;
+                }
+                Err(e) if api.explicit => anyhow::bail!(
+                    "cannot listen on {} for the API: {e} (is the port taken? choose another with --listen ADDR, or --listen none)",
+                    api.listen
+                ),
+                Err(e) => tracing::warn!(
+                    "no HTTP API: cannot listen on {}: {e}; the workers run without it (choose an address with --listen ADDR, or --listen none)",
+                    api.listen
+                ),
+            }
+        }
+        run_workers(&bus, &stages, config, stopped(stop_rx)).await?;
+        if let Some(server) = server {
+            // Open event streams of running builds would hold a graceful shutdown forever.
+            let abort = server.abort_handle();
+            match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
+                Ok(joined) => joined??,
+                Err(_) => {
+                    tracing::info!("closing the API's open event streams");
+                    abort.abort();
+                }
+            }
+        }
         Ok(0)
     })
 }
 
+/// The API part of `kiln up`.
+struct ApiSetup {
+    listen: std::net::SocketAddr,
+    /// Given with --listen: failing to listen is an error (else a warning).
+    explicit: bool,
+    config: crate::api::ApiConfig,
+}
+
+/// Read `kiln up`'s API options: None for `--listen none`.
+fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
+    let text = args.listen.as_deref().unwrap_or(crate::api::DEFAULT_LISTEN);
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let listen: std::net::SocketAddr = text.parse().map_err(|_| {
+        BadInput(format!(
+            "--listen {text:?} is not an address: give IP:PORT (e.g. 127.0.0.1:7070, [::1]:7070) or `none`"
+        ))
+    })?;
+    if !listen.ip().is_loopback() {
+        tracing::warn!(
+            "the API listens on {listen}, not only on loopback: anyone who reaches it can read build status (POSTs still need the token); put it behind a firewall or a TLS proxy"
+        );
+    }
+    let home = crate::cache::kiln_home();
+    let env = std::env::var("KILN_API_TOKEN").ok();
+    let (token, origin) = crate::api::load_token(args.token_file.as_deref(), env, &home)
+        .map_err(|e| BadInput(e.to_string()))?;
+    match origin {
+        crate::api::TokenOrigin::Generated(path) => {
+            eprintln!("kiln: API token in {}", path.display())
+        }
+        crate::api::TokenOrigin::File(path) => {
+            tracing::info!("API token from {}", path.display())
+        }
+        crate::api::TokenOrigin::Environment => tracing::info!("API token from $KILN_API_TOKEN"),
+    }
+    let secret = match &args.hook_secret_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| BadInput(format!("hook secret file {}: {e}", path.display())))?;
+            let secret = text.trim().as_bytes().to_vec();
+            if secret.is_empty() {
+                return Err(
+                    BadInput(format!("hook secret file {} is empty", path.display())).into(),
+                );
+            }
+            Some(secret)
+        }
+        None => None,
+    };
+    glob::Pattern::new(&args.hook_recipes).map_err(|e| {
+        BadInput(format!(
+            "--hook-recipes {:?} is not a valid glob: {}; write e.g. recipes/*.yaml",
+            args.hook_recipes, e.msg
+        ))
+    })?;
+    Ok(Some(ApiSetup {
+        listen,
+        explicit: args.listen.is_some(),
+        config: crate::api::ApiConfig {
+            token,
+            hook: crate::api::HookConfig {
+                repos: args.hook_repos.clone(),
+                recipes: args.hook_recipes.clone(),
+                secret,
+                home,
+            },
+        },
+    }))
+}
+
+/// A bad argument: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadInput(String);
+
 fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
-    run_workers(&args.nats, &args.retry, Vec::new(), args.profiles)
+    let api = match api_setup(&args) {
+        Ok(api) => api,
+        Err(e) => {
+            report_error(e.as_ref());
+            return Ok(EXIT_RECIPE);
+        }
+    };
+    run_workers(
+        &args.nats,
+        &args.retry,
+        Vec::new(),
+        args.profiles.clone(),
+        api,
+    )
 }
 
 fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
-    run_workers(&args.nats, &args.retry, args.stages, args.profiles)
+    run_workers(&args.nats, &args.retry, args.stages, args.profiles, None)
+}
+
+fn watch(args: WatchArgs) -> anyhow::Result<i32> {
+    use crate::watch::{Watcher, state_file_for};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !(args.interval > 0.0 && args.interval.is_finite()) {
+        report_error(&BadInput(format!(
+            "--interval {} must be a positive number of seconds",
+            args.interval
+        )));
+        return Ok(EXIT_RECIPE);
+    }
+    let source = match crate::source::GitSource::new(&args.repo) {
+        Ok(s) => s,
+        Err(e) => {
+            report_error(&e);
+            return Ok(EXIT_RECIPE);
+        }
+    };
+    let url = source.url().to_string();
+    let state = args.state.clone().unwrap_or_else(|| {
+        state_file_for(
+            &crate::cache::kiln_home().join("watch"),
+            &url,
+            &args.git_ref,
+            &args.recipes,
+        )
+    });
+    let mut watcher = match Watcher::with_source(source, &args.git_ref, &args.recipes, &state) {
+        Ok(w) => w,
+        Err(e) => {
+            report_error(&e);
+            return Ok(EXIT_RECIPE);
+        }
+    };
+    let rt = runtime()?;
+    let bus = rt.block_on(crate::bus::Bus::connect(&args.nats.connect_options()))?;
+    rt.block_on(bus.ensure_kiln_stream())?;
+    if args.baseline && watcher.state().commit.is_none() {
+        watcher.baseline(&args.git_ref)?;
+        if let Some(c) = &watcher.state().commit {
+            tracing::info!("watch {url} {}: baseline at {c}", args.git_ref);
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            shutdown_signal().await;
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    let requester = format!("git:{url}");
+    let mut publish = |t: &crate::watch::Trigger| -> anyhow::Result<()> {
+        let mut req = t.build_request(&url, requester.clone());
+        let id = crate::bus::new_build_id();
+        req.id = Some(id.clone());
+        req.params = args.set.iter().cloned().collect();
+        req.profiles = args.profile.clone();
+        req.verify = !args.no_verify;
+        rt.block_on(bus.publish_request(&req))?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            let line = serde_json::json!({
+                "build": id,
+                "recipe": t.recipe_path,
+                "commit": t.commit,
+                "ref": t.reference,
+                "repo": url,
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "{id} {} {}", t.recipe_path, t.commit)?;
+        }
+        out.flush()?;
+        Ok(())
+    };
+    if args.once {
+        watcher.deliver(None, &mut publish)?;
+        return Ok(0);
+    }
+    let interval = std::time::Duration::from_secs_f64(args.interval);
+    tracing::info!(
+        "watching {url} {} for {} every {:.1} s",
+        args.git_ref,
+        args.recipes,
+        args.interval
+    );
+    while !stop.load(Ordering::SeqCst) {
+        let started = std::time::Instant::now();
+        if let Err(e) = watcher.deliver(None, &mut publish) {
+            tracing::warn!("watch {url} {}: {e:#}", args.git_ref);
+        }
+        while !stop.load(Ordering::SeqCst) && started.elapsed() < interval {
+            let left = interval.saturating_sub(started.elapsed());
+            std::thread::sleep(left.min(std::time::Duration::from_millis(100)));
+        }
+    }
+    Ok(0)
 }
 
 use crate::pipeline::events::event_json;
@@ -1611,9 +1923,8 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
 }
 
 fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
-    use crate::pipeline::events::{
-        BuildPhase, age_text, stage_statuses, summarise_builds, time_text,
-    };
+    use crate::bus::status::{BuildState, BuildStatus};
+    use crate::pipeline::events::{BuildPhase, age_text, summarise_builds};
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
         let mut out = std::io::stdout().lock();
@@ -1660,39 +1971,20 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
                 "no events for build {build} (is the id right? `kiln status` lists builds)"
             );
         }
-        let rows = stage_statuses(&events);
-        let failed = rows.iter().any(|r| r.status == "failed");
+        let status = BuildStatus::from_events(build, &events);
         if args.json {
-            let doc = serde_json::json!({ "build": build, "stages": rows });
-            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+            writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
         } else {
             writeln!(out, "build {build}")?;
-            for r in &rows {
-                let secs = r
-                    .duration_ms
-                    .map(|ms| format!("{:.2}s", ms as f64 / 1000.0))
-                    .unwrap_or_else(|| "-".into());
-                let mut line = format!(
-                    "{:>8} {:<9} {:<6} {:>8} {:<24} {}",
-                    r.stage.name(),
-                    r.status,
-                    r.cache
-                        .map(crate::pipeline::events::cache_text)
-                        .unwrap_or("-"),
-                    secs,
-                    r.time.as_ref().map(time_text).unwrap_or_else(|| "-".into()),
-                    r.worker
-                );
-                if let Some(p) = &r.progress {
-                    line.push_str(&format!("  {p}"));
-                }
-                writeln!(out, "{line}")?;
-                if let Some(e) = &r.error {
-                    writeln!(out, "{:>8} {}", "", crate::pipeline::events::error_text(e))?;
-                }
+            for stage in &status.stages {
+                writeln!(out, "{}", stage.line())?;
             }
         }
-        Ok(if failed { 1 } else { 0 })
+        Ok(if status.state == BuildState::Failed {
+            1
+        } else {
+            0
+        })
     })
 }
 

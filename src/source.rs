@@ -189,6 +189,17 @@ impl GitSource {
         Ok((oid.to_string(), commit.time().seconds()))
     }
 
+    /// Fetch, then the first parent of the commit `reference` resolves to (`None` for a root
+    /// commit).
+    pub fn first_parent(&self, reference: &str) -> Result<Option<String>, SourceError> {
+        let (repo, _) = self.mirror_for(reference)?;
+        let oid = self.resolve_in(&repo, reference)?;
+        let commit = repo
+            .find_commit(oid)
+            .map_err(|e| self.git("reading a commit", e))?;
+        Ok(commit.parent_ids().next().map(|p| p.to_string()))
+    }
+
     /// Fetch, resolve `reference`, check the commit out and locate `recipe` (a path relative to
     /// the repository root) in it.
     pub fn checkout(&self, reference: &str, recipe: &str) -> Result<Checkout, SourceError> {

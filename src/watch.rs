@@ -15,7 +15,9 @@
 //! can report the build as `failed`; it triggers again only when its error changes.
 //!
 //! Delivery: [`Watcher::poll`] saves the state before returning the triggers (at most once);
-//! [`Watcher::run`] hands every trigger to its callback first and saves after (at least once).
+//! [`Watcher::run`] hands every trigger to its callback first and saves after (at least once);
+//! [`Watcher::deliver`] saves only when every delivery succeeded, so a failed one is retried with
+//! the others at the next call (at least once; `kiln watch` and the HTTP API's git hook use it).
 
 use crate::recipe::{self, Diagnostic, GitInfo};
 use crate::source::{Checkout, GitSource, SourceError, load_options_for};
@@ -156,6 +158,47 @@ impl Watcher {
         Ok(triggers)
     }
 
+    /// The repository's normalized URL.
+    pub fn url(&self) -> &str {
+        self.source.url()
+    }
+
+    /// Fetch; when `at` (a commit id or ref; `None` = the watched ref's head) differs from the
+    /// last commit processed, hand each trigger to `deliver` and save the state only when every
+    /// delivery succeeded, so a failed delivery is retried at the next call (at least once).
+    /// Returns the triggers delivered (none when nothing moved). A webhook passes the pushed
+    /// commit, so the recipes are read at exactly that commit even if the ref moved since.
+    pub fn deliver<E: From<WatchError>>(
+        &mut self,
+        at: Option<&str>,
+        mut deliver: impl FnMut(&Trigger) -> Result<(), E>,
+    ) -> Result<Vec<Trigger>, E> {
+        let head = self.reference.clone();
+        let Some((triggers, state)) = self.scan_at(at.unwrap_or(&head))? else {
+            return Ok(Vec::new());
+        };
+        for t in &triggers {
+            deliver(t)?;
+        }
+        self.save(state)?;
+        Ok(triggers)
+    }
+
+    /// Record the recipes at `at` (a commit id or ref) as seen without triggering anything: the
+    /// starting point when only later changes should build (a webhook's first push compares
+    /// with the commit before it; `kiln watch --baseline`).
+    pub fn baseline(&mut self, at: &str) -> Result<(), WatchError> {
+        if let Some((_, state)) = self.scan_at(at)? {
+            self.save(state)?;
+        }
+        Ok(())
+    }
+
+    /// The first parent of the commit `at` resolves to (`None` for a root commit).
+    pub fn parent_of(&self, at: &str) -> Result<Option<String>, WatchError> {
+        Ok(self.source.first_parent(at)?)
+    }
+
     /// Poll every `interval` until `stop()` is true, handing each trigger to `on_trigger` before
     /// the state is saved. A poll that fails (repository unreachable, say) is logged and retried
     /// at the next interval.
@@ -188,7 +231,12 @@ impl Watcher {
 
     /// The triggers and the new state, or None when the ref did not move.
     fn scan(&self) -> Result<Option<(Vec<Trigger>, WatchState)>, WatchError> {
-        let (commit, _) = self.source.resolve(&self.reference)?;
+        self.scan_at(&self.reference)
+    }
+
+    /// Like [`Watcher::scan`] at `at` (a commit id or ref) instead of the watched ref.
+    fn scan_at(&self, at: &str) -> Result<Option<(Vec<Trigger>, WatchState)>, WatchError> {
+        let (commit, _) = self.source.resolve(at)?;
         if self.state.commit.as_deref() == Some(commit.as_str()) {
             return Ok(None);
         }
@@ -287,4 +335,36 @@ fn mentions_commit(sources: &[PathBuf]) -> bool {
             t.contains("git.commit") || t.contains("git[\"commit\"]") || t.contains("git['commit']")
         })
     })
+}
+
+impl Trigger {
+    /// The build request for this trigger: the recipe at the trigger's commit id, not at the ref,
+    /// which may have moved on by the time the build starts. A trigger whose recipe did not load
+    /// is requested too: its render stage publishes the `failed` message with file:line:column.
+    pub fn build_request(
+        &self,
+        url: &str,
+        requester: impl Into<String>,
+    ) -> crate::bus::BuildRequest {
+        crate::bus::BuildRequest::new(
+            crate::bus::RecipeSource::Git {
+                git: crate::bus::GitSource {
+                    url: url.to_string(),
+                    git_ref: self.commit.clone(),
+                    path: self.recipe_path.clone(),
+                },
+            },
+            requester,
+        )
+    }
+}
+
+/// The state file for watching `reference` of `url` (normalized) for `recipes_glob`, in `dir`:
+/// `<dir>/<sha256 of the three>.json`, so each combination keeps its own state.
+pub fn state_file_for(dir: &Path, url: &str, reference: &str, recipes_glob: &str) -> PathBuf {
+    let key = format!("{url}\n{reference}\n{recipes_glob}");
+    dir.join(format!(
+        "{}.json",
+        crate::cache::Digest256::of(key.as_bytes()).hex()
+    ))
 }

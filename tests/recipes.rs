@@ -155,6 +155,7 @@ fn completions_and_help() {
         "up",
         "worker",
         "submit",
+        "watch",
         "status",
         "logs",
     ] {

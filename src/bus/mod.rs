@@ -10,6 +10,7 @@
 pub mod blobs;
 pub mod messages;
 pub mod server;
+pub mod status;
 pub mod subjects;
 pub mod worker;
 
@@ -426,7 +427,8 @@ impl Bus {
             after,
             messages: None,
         };
-        follower.messages = Some(follower.open().await?);
+        follower.messages =
+            Some(Follower::open(&follower.bus, &follower.build, follower.after).await?);
         Ok(futures::stream::unfold(follower, |mut f| async move {
             let item = f.next().await;
             Some((item, f))
@@ -447,18 +449,20 @@ struct Follower {
 }
 
 impl Follower {
-    async fn open(&self) -> Result<consumer::pull::Ordered, BusError> {
-        let what = || format!("follow build {}", self.build);
-        let deliver = if self.after == 0 {
+    /// An ordered consumer of `build`'s events after stream sequence `after`. Takes its parts,
+    /// not `&Follower`: the stream it feeds must be `Send`, and a `Follower` is not `Sync`.
+    async fn open(bus: &Bus, build: &str, after: u64) -> Result<consumer::pull::Ordered, BusError> {
+        let what = || format!("follow build {build}");
+        let deliver = if after == 0 {
             consumer::DeliverPolicy::All
         } else {
             consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: self.after + 1,
+                start_sequence: after + 1,
             }
         };
-        let stream = self.bus.ensure_kiln_stream().await?;
+        let stream = bus.ensure_kiln_stream().await?;
         stream
-            .create_consumer(Bus::events_consumer_config(&self.build, deliver))
+            .create_consumer(Bus::events_consumer_config(build, deliver))
             .await
             .map_err(nats_err(what()))?
             .messages()
@@ -471,7 +475,7 @@ impl Follower {
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
             let error = match self.messages.as_mut() {
-                None => match self.open().await {
+                None => match Follower::open(&self.bus, &self.build, self.after).await {
                     Ok(m) => {
                         self.messages = Some(m);
                         continue;

@@ -1,12 +1,10 @@
 //! What a build's messages say, for people and programs, read back from the `KILN` stream: one
 //! line (or JSON object) per stage event (`kiln logs`, `kiln submit --follow`, `kiln build`),
-//! each stage's latest state (`kiln status BUILD`) and the list of recent builds (`kiln status`).
-//! Pure functions over messages, so the HTTP front end shows the same.
+//! and the list of recent builds (`kiln status`); each stage's latest state is
+//! [`crate::bus::status`]. Pure functions over messages, so the HTTP front end shows the same.
 
-use crate::bus::{
-    self, BuildRequest, CacheStatus, ErrorInfo, EventTime, RecordedEvent, StageEvent,
-    StoredMessage, subjects,
-};
+pub use crate::bus::status::{cache_text, ends_build, error_text, time_text};
+use crate::bus::{self, BuildRequest, ErrorInfo, StageEvent, StoredMessage, subjects};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -25,38 +23,6 @@ pub fn event_json(e: &StageEvent) -> Value {
         o.remove("state");
     }
     v
-}
-
-/// An event time as RFC 3339 text.
-pub fn time_text(t: &EventTime) -> String {
-    match t {
-        EventTime::Rfc3339(s) => s.clone(),
-        EventTime::UnixMs(ms) => bus::messages::format_rfc3339_ms(*ms),
-    }
-}
-
-/// `hit` or `miss`.
-pub fn cache_text(c: CacheStatus) -> &'static str {
-    match c {
-        CacheStatus::Hit => "hit",
-        CacheStatus::Miss => "miss",
-    }
-}
-
-/// A failure in one line: kind, `file:line:column` and message; then, indented, what to do.
-pub fn error_text(e: &ErrorInfo) -> String {
-    let kind = serde_json::to_value(e.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "error".into());
-    let mut text = match e.location() {
-        Some(place) => format!("{kind} error at {place}: {}", e.message),
-        None => format!("{kind} error: {}", e.message),
-    };
-    if let Some(help) = &e.help {
-        text.push_str(&format!("\n    help: {help}"));
-    }
-    text
 }
 
 /// One human line for a stage event: time, stage, event, then worker, cache, duration, progress
@@ -109,92 +75,6 @@ pub fn event_line(e: &StageEvent) -> String {
         e.stage().name(),
         e.kind().name()
     )
-}
-
-/// The latest state of one stage of a build.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StageStatus {
-    pub stage: bus::Stage,
-    /// `started`, `completed` or `failed`.
-    pub status: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub started: Option<EventTime>,
-    /// Of the last `completed` or `failed`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub time: Option<EventTime>,
-    pub worker: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cache: Option<CacheStatus>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub duration_ms: Option<u64>,
-    /// The last progress message while it runs.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub progress: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fraction: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<ErrorInfo>,
-}
-
-/// Each stage's latest state, in pipeline order, from a build's events in stream order.
-pub fn stage_statuses(events: &[RecordedEvent]) -> Vec<StageStatus> {
-    let mut rows: Vec<StageStatus> = Vec::new();
-    for ev in events {
-        let Ok(event) = &ev.event else { continue };
-        let stage = event.stage();
-        let i = match rows.iter().position(|r| r.stage == stage) {
-            Some(i) => i,
-            None => {
-                rows.push(StageStatus {
-                    stage,
-                    status: "started".into(),
-                    started: None,
-                    time: None,
-                    worker: String::new(),
-                    cache: None,
-                    duration_ms: None,
-                    progress: None,
-                    fraction: None,
-                    error: None,
-                });
-                rows.len() - 1
-            }
-        };
-        let row = &mut rows[i];
-        match event {
-            StageEvent::Started(s) => {
-                row.status = "started".into();
-                row.started = Some(s.time.clone());
-                row.worker = s.worker.clone();
-                row.progress = None;
-                row.fraction = None;
-            }
-            StageEvent::Progress(p) => {
-                row.progress = p.message.clone();
-                row.fraction = p.fraction;
-                row.worker = p.worker.clone();
-            }
-            StageEvent::Completed(c) => {
-                row.status = "completed".into();
-                row.time = Some(c.time.clone());
-                row.worker = c.worker.clone();
-                row.cache = Some(c.cache);
-                row.duration_ms = Some(c.duration_ms);
-                row.progress = None;
-                row.fraction = None;
-                row.error = None;
-            }
-            StageEvent::Failed(f) => {
-                row.status = "failed".into();
-                row.time = Some(f.time.clone());
-                row.worker = f.worker.clone();
-                row.error = Some(f.error.clone());
-                row.duration_ms = f.duration_ms;
-            }
-        }
-    }
-    rows.sort_by_key(|r| bus::Stage::ALL.iter().position(|x| *x == r.stage));
-    rows
 }
 
 /// Where a build is.
@@ -332,18 +212,10 @@ pub fn age_text(ms: u64, now_ms: u64) -> String {
     }
 }
 
-/// Whether this event ends the build (a failure, or the last stage kiln runs completing).
-pub fn ends_build(e: &StageEvent) -> bool {
-    match e {
-        StageEvent::Failed(_) => true,
-        StageEvent::Completed(c) => c.stage == bus::Stage::Verify,
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::{CacheStatus, EventTime};
     use crate::bus::{ErrorKind, StageCompleted, StageFailed, StageStarted, encode};
 
     fn stored(seq: u64, subject: String, payload: Vec<u8>) -> StoredMessage {
@@ -431,12 +303,6 @@ mod tests {
         );
         assert!(line.contains("help: did you mean `kernel`?"), "{line}");
         assert!(event_line(&started).starts_with("1970-01-01T00:00:02.000Z  render started"));
-        let rows = stage_statuses(&[RecordedEvent {
-            sequence: 3,
-            subject: failed.subject(),
-            event: Ok(failed.clone()),
-        }]);
-        assert_eq!(rows[0].status, "failed");
         assert_eq!(age_text(0, 90_000), "1m");
     }
 }

@@ -1,0 +1,778 @@
+//! kiln's HTTP front end and `kiln watch`, end to end: a real private `nats-server`, a real
+//! `kiln up` process serving the API on a free loopback port, real git repositories made with
+//! git2, reqwest as the client, real builds (package downloads shared with other test runs
+//! through `/var/tmp/kiln-test-cache`) and a real QEMU boot.
+
+use git2::{Repository, RepositoryInitOptions, Signature, Time};
+use kiln::bus::PrivateServer;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::shared_home;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn kiln(home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.env("KILN_HOME", home)
+        .env_remove("KILN_OFFLINE")
+        .env_remove("KILN_NATS_URL")
+        .env_remove("KILN_API_TOKEN")
+        .current_dir(root());
+    c
+}
+
+/// A child process killed (by its pid) when dropped, with its stdout lines on a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: PathBuf,
+}
+
+impl Running {
+    fn spawn(mut c: Command, log: &Path) -> Running {
+        let f = std::fs::File::create(log).unwrap();
+        let mut child = c.stdout(Stdio::piped()).stderr(f).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running {
+            child,
+            lines,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// The next stdout line within `wait`.
+    fn line(&self, wait: Duration) -> Option<String> {
+        self.lines.recv_timeout(wait).ok()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `kiln up` with the API on a free loopback port; returns the process and the API's base URL.
+fn kiln_up(home: &Path, nats: &str, extra: &[&str], env_token: bool) -> (Running, String) {
+    let mut c = kiln(home);
+    c.args(["up", "--nats", nats, "--listen", "127.0.0.1:0"])
+        .args(extra);
+    if env_token {
+        c.env("KILN_API_TOKEN", TOKEN);
+    }
+    let up = Running::spawn(c, &home.join("up.log"));
+    let line = up
+        .line(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("kiln up printed no URL\n{}", up.log()));
+    let base = line
+        .strip_prefix("kiln api listening on ")
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+        .to_string();
+    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+    (up, base)
+}
+
+/// JSON bodies without reqwest's `json` feature.
+trait JsonBody {
+    fn json_body(self, v: &serde_json::Value) -> Self;
+}
+
+impl JsonBody for reqwest::blocking::RequestBuilder {
+    fn json_body(self, v: &serde_json::Value) -> Self {
+        self.header("content-type", "application/json")
+            .body(serde_json::to_vec(v).unwrap())
+    }
+}
+
+trait JsonReply {
+    fn json_value(self) -> serde_json::Value;
+}
+
+impl JsonReply for reqwest::blocking::Response {
+    fn json_value(self) -> serde_json::Value {
+        let bytes = self.bytes().unwrap();
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&bytes)))
+    }
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .unwrap()
+}
+
+/// Every `kiln.build.requested` message in the stream.
+fn requests(nats: &str) -> Vec<serde_json::Value> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let bus = kiln::bus::Bus::connect_url(nats).await.unwrap();
+        let stream = bus.ensure_kiln_stream().await.unwrap();
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: "kiln.build.requested".into(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return out;
+        }
+        let mut messages = consumer.messages().await.unwrap();
+        while let Some(m) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .unwrap()
+        {
+            let m = m.unwrap();
+            out.push(serde_json::from_slice(&m.payload).unwrap());
+            if m.info().unwrap().pending == 0 {
+                break;
+            }
+        }
+        out
+    })
+}
+
+/// Poll `GET /v1/builds/{id}` until the build ends; returns its status.
+fn wait_for_end(
+    http: &reqwest::blocking::Client,
+    base: &str,
+    id: &str,
+    up: &Running,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "build {id} did not end\n{}",
+            up.log()
+        );
+        let r = http.get(format!("{base}/v1/builds/{id}")).send().unwrap();
+        assert_eq!(r.status(), 200, "build {id}");
+        let s: serde_json::Value = r.json_value();
+        if s["state"] == "completed" || s["state"] == "failed" {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Server-sent events as (event, id, data), until the server ends the stream.
+fn read_sse(r: reqwest::blocking::Response) -> Vec<(String, u64, serde_json::Value, Instant)> {
+    let mut out = Vec::new();
+    let (mut event, mut id, mut data) = (String::new(), 0u64, String::new());
+    for line in BufReader::new(r).lines() {
+        let line = line.unwrap();
+        if line.is_empty() {
+            if !data.is_empty() {
+                out.push((
+                    std::mem::take(&mut event),
+                    id,
+                    serde_json::from_str(&data).unwrap(),
+                    Instant::now(),
+                ));
+                data.clear();
+            }
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("event:") {
+            event = v.trim().to_string();
+        } else if let Some(v) = line.strip_prefix("id:") {
+            id = v.trim().parse().unwrap();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push_str(v.trim_start());
+        }
+    }
+    out
+}
+
+#[test]
+fn api_builds_reports_and_streams_and_refuses_what_it_must() {
+    let server = PrivateServer::start().unwrap();
+    let nats = server.url();
+    let home = shared_home();
+    let (up, base) = kiln_up(home.path(), &nats, &[], true);
+    let http = client();
+    let body = serde_json::json!({
+        "v": 1,
+        "recipe": { "path": root().join("recipes/minimal.yaml") },
+        "requester": "api-test",
+        "profiles": ["direct"],
+        // A slow TCG guest on a busy host can fail the kernel's timer check and panic.
+        "params": { "console": "ttyS0 no_timer_check" },
+    });
+
+    // No token, a wrong token, another scheme: 401 with WWW-Authenticate, nothing published.
+    for auth in [None, Some("Bearer wrong-token"), Some("Basic dXNlcjpwYXNz")] {
+        let mut req = http.post(format!("{base}/v1/builds")).json_body(&body);
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        let r = req.send().unwrap();
+        assert_eq!(r.status(), 401, "{auth:?}");
+        let challenge = r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(challenge.starts_with("Bearer"), "{challenge}");
+        let e: serde_json::Value = r.json_value();
+        assert_eq!(e["error"]["kind"], "unauthorized", "{e}");
+    }
+    let r = http
+        .post(format!("{base}/v1/hooks/git"))
+        .json_body(&serde_json::json!({"repo": "/tmp", "ref": "main"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(requests(&nats).is_empty(), "a refused POST published");
+
+    // A bad body: 400 naming the field; still nothing published.
+    let bad = serde_json::json!({ "v": 1, "recipe": { "inline": "name: x\n" }, "requester": "t" });
+    let r = http
+        .post(format!("{base}/v1/builds"))
+        .bearer_auth(TOKEN)
+        .json_body(&bad)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: serde_json::Value = r.json_value();
+    assert_eq!(e["error"]["kind"], "invalid_request", "{e}");
+    assert_eq!(e["error"]["field"], "recipe.name", "{e}");
+    let r = http
+        .post(format!("{base}/v1/builds"))
+        .bearer_auth(TOKEN)
+        .json_body(&serde_json::json!({ "v": 1, "recipe": { "path": "r.yaml" } }))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: serde_json::Value = r.json_value();
+    assert_eq!(e["error"]["field"], "requester", "{e}");
+    assert!(requests(&nats).is_empty());
+
+    // Unknown build: 404 for status and events.
+    for path in [
+        "/v1/builds/no-such-build",
+        "/v1/builds/no-such-build/events",
+    ] {
+        let r = http.get(format!("{base}{path}")).send().unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        let e: serde_json::Value = r.json_value();
+        assert_eq!(e["error"]["kind"], "not_found", "{e}");
+    }
+
+    // A build: 202, then its events live over SSE until the final one.
+    let posted = Instant::now();
+    let r = http
+        .post(format!("{base}/v1/builds"))
+        .bearer_auth(TOKEN)
+        .json_body(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    eprintln!(
+        "POST /v1/builds answered in {:.1} ms",
+        posted.elapsed().as_secs_f64() * 1000.0
+    );
+    let accepted: serde_json::Value = r.json_value();
+    let id = accepted["build"].as_str().unwrap().to_string();
+    assert_eq!(accepted["status_url"], format!("{base}/v1/builds/{id}"));
+    assert_eq!(
+        accepted["events_url"],
+        format!("{base}/v1/builds/{id}/events")
+    );
+    let requested = requests(&nats);
+    assert_eq!(requested.len(), 1, "{requested:?}");
+    assert_eq!(requested[0]["id"], id.as_str());
+    assert_eq!(requested[0]["requester"], "api-test");
+    let connected = Instant::now();
+    let r = http
+        .get(accepted["events_url"].as_str().unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = read_sse(r);
+    assert!(!events.is_empty(), "{}", up.log());
+    eprintln!(
+        "build through the API (direct boot): {:.1} s from POST to the final event",
+        events
+            .last()
+            .unwrap()
+            .3
+            .duration_since(posted)
+            .as_secs_f64()
+    );
+    // In stream order, every one of this build, ending with verify's completed.
+    let ids: Vec<u64> = events.iter().map(|e| e.1).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    for (name, _, data, _) in &events {
+        assert!(
+            ["started", "progress", "completed", "failed"].contains(&name.as_str()),
+            "{name}"
+        );
+        assert_eq!(data["build"], id.as_str());
+    }
+    let (last_name, _, last, last_at) = events.last().unwrap();
+    assert_eq!(
+        (last_name.as_str(), &last["stage"]),
+        ("completed", &serde_json::json!("verify")),
+        "{last}"
+    );
+    assert!(
+        last["outputs"]["verify.direct"]["marker_line"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{last}"
+    );
+    let order: Vec<&str> = events
+        .iter()
+        .filter(|e| e.0 == "completed")
+        .map(|e| e.2["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        ["source", "render", "rootfs", "kernel", "disk", "verify"]
+    );
+    // Live: the build (with a boot) took seconds after the stream opened, and the events came
+    // as they happened, not all at the end.
+    let first_at = events[0].3;
+    assert!(
+        last_at.duration_since(first_at) > Duration::from_secs(1),
+        "events arrived at once: {:?} after connecting",
+        last_at.duration_since(connected)
+    );
+
+    // Status: every stage with its worker and cache.
+    let r = http.get(format!("{base}/v1/builds/{id}")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let status: serde_json::Value = r.json_value();
+    assert_eq!(status["state"], "completed", "{status}");
+    let stages = status["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["source", "render", "rootfs", "kernel", "disk", "verify"]
+    );
+    for s in stages {
+        assert_eq!(s["status"], "completed", "{s}");
+        assert!(
+            ["hit", "miss"].contains(&s["cache"].as_str().unwrap()),
+            "{s}"
+        );
+        assert!(s["worker"].as_str().unwrap().contains('/'), "{s}");
+        assert!(s["duration_ms"].is_u64(), "{s}");
+    }
+    // `kiln status --json` says the same.
+    let o = kiln(home.path())
+        .args(["status", &id, "--json", "--nats", &nats])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let cli: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(cli, status);
+
+    // An id that is taken: 409, nothing published.
+    let mut again_body = body.clone();
+    again_body["id"] = serde_json::json!(id);
+    let r = http
+        .post(format!("{base}/v1/builds"))
+        .bearer_auth(TOKEN)
+        .json_body(&again_body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.json_value()["error"]["field"], "id");
+    assert_eq!(requests(&nats).len(), 1);
+
+    // The events of an ended build: replayed, then the stream ends.
+    let r = http
+        .get(format!("{base}/v1/builds/{id}/events"))
+        .send()
+        .unwrap();
+    let again = read_sse(r);
+    assert_eq!(
+        again.iter().map(|e| e.1).collect::<Vec<_>>(),
+        ids,
+        "a replay gives the same events"
+    );
+    drop(up);
+}
+
+const T1: i64 = 1_700_000_000;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+fn commit_all(repo: &Repository, message: &str, time: i64) -> String {
+    let mut index = repo.index().unwrap();
+    index
+        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .unwrap();
+    index.write().unwrap();
+    let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
+    let sig = Signature::new("kiln test", "test@example.org", &Time::new(time, 0)).unwrap();
+    let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+    let parents: Vec<&git2::Commit> = parent.iter().collect();
+    repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)
+        .unwrap()
+        .to_string()
+}
+
+/// A recipe repository on branch `main`: `recipes/a.yaml` and `recipes/b.yaml` (the minimal
+/// recipe, booted directly), the crate's templates, a README; one commit.
+struct RecipeRepo {
+    _tmp: tempfile::TempDir,
+    work: PathBuf,
+    repo: Repository,
+    time: i64,
+}
+
+impl RecipeRepo {
+    fn new() -> RecipeRepo {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("images");
+        let mut opts = RepositoryInitOptions::new();
+        opts.initial_head("main");
+        let repo = Repository::init_opts(&work, &opts).unwrap();
+        copy_dir(&root().join("templates"), &work.join("templates"));
+        let minimal = std::fs::read_to_string(root().join("recipes/minimal.yaml")).unwrap();
+        // Booted directly; `no_timer_check`: a slow TCG guest on a busy host can fail the
+        // kernel's timer check and panic.
+        let direct = minimal
+            .replace("profile: uefi", "profile: direct")
+            .replace(" quiet\"", " quiet no_timer_check\"");
+        assert!(direct.contains("no_timer_check") && direct.contains("profile: direct"));
+        std::fs::create_dir_all(work.join("recipes")).unwrap();
+        for name in ["a", "b"] {
+            let text = direct.replace("name: minimal\n", &format!("name: {name}\n"));
+            std::fs::write(work.join(format!("recipes/{name}.yaml")), text).unwrap();
+        }
+        std::fs::write(work.join("README"), "images\n").unwrap();
+        let mut r = RecipeRepo {
+            _tmp: tmp,
+            work,
+            repo,
+            time: T1,
+        };
+        r.commit("first");
+        r
+    }
+
+    fn commit(&mut self, message: &str) -> String {
+        self.time += 10;
+        commit_all(&self.repo, message, self.time)
+    }
+
+    /// Change recipe `name`'s hostname parameter and commit.
+    fn change(&mut self, name: &str, hostname: &str) -> String {
+        let path = self.work.join(format!("recipes/{name}.yaml"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let changed = text
+            .lines()
+            .map(|l| {
+                if l.trim_start().starts_with("hostname: kiln") {
+                    format!("  hostname: {hostname}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+        assert_ne!(changed, text);
+        std::fs::write(&path, changed).unwrap();
+        self.commit(&format!("{name}: hostname {hostname}"))
+    }
+
+    fn url(&self) -> String {
+        self.work.display().to_string()
+    }
+}
+
+#[test]
+fn git_push_hooks_build_the_changed_recipe_at_the_pushed_commit() {
+    let server = PrivateServer::start().unwrap();
+    let nats = server.url();
+    let home = shared_home();
+    let mut repo = RecipeRepo::new();
+    let (up, base) = kiln_up(
+        home.path(),
+        &nats,
+        &[
+            "--hook-repo",
+            &repo.url(),
+            "--hook-recipes",
+            "recipes/*.yaml",
+        ],
+        false,
+    );
+    // No token given: kiln generated one, 0600, and said where.
+    let token_file = home.path().join("api-token");
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(
+        up.log().contains(&token_file.display().to_string()),
+        "{}",
+        up.log()
+    );
+    let http = client();
+    let hook = |headers: &[(&str, &str)], body: &serde_json::Value| {
+        let mut req = http
+            .post(format!("{base}/v1/hooks/git"))
+            .bearer_auth(&token)
+            .json_body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().unwrap()
+    };
+
+    // A repository outside the allow-list: 403, nothing cloned, nothing published.
+    let other = RecipeRepo::new();
+    let r = hook(
+        &[],
+        &serde_json::json!({ "repo": other.url(), "ref": "main" }),
+    );
+    assert_eq!(r.status(), 403);
+    let e: serde_json::Value = r.json_value();
+    assert_eq!(e["error"]["kind"], "forbidden", "{e}");
+    let r = hook(
+        &[("X-GitHub-Event", "push")],
+        &serde_json::json!({
+            "ref": "refs/heads/main",
+            "after": "0123456789abcdef0123456789abcdef01234567",
+            "repository": { "clone_url": "https://evil.example.org/x.git" }
+        }),
+    );
+    assert_eq!(r.status(), 403);
+    assert!(requests(&nats).is_empty());
+    assert!(
+        !home.path().join("git").exists(),
+        "a refused hook cloned something"
+    );
+
+    // GitHub's push payload after a commit that changes recipe a: one build, of a, at it.
+    let before = repo
+        .repo
+        .head()
+        .unwrap()
+        .peel_to_commit()
+        .unwrap()
+        .id()
+        .to_string();
+    let c2 = repo.change("a", "kiln-a2");
+    let github = serde_json::json!({
+        "ref": "refs/heads/main",
+        "before": before,
+        "after": c2,
+        "repository": { "clone_url": repo.url(), "full_name": "team/images" },
+        "pusher": { "name": "alice" }
+    });
+    let pushed = Instant::now();
+    let r = hook(&[("X-GitHub-Event", "push")], &github);
+    assert_eq!(r.status(), 202);
+    eprintln!(
+        "first GitHub push hook (clone, checkout of two commits, recipes loaded) answered in {:.0} ms",
+        pushed.elapsed().as_secs_f64() * 1000.0
+    );
+    let out: serde_json::Value = r.json_value();
+    assert_eq!(out["commit"], c2.as_str(), "{out}");
+    let builds = out["builds"].as_array().unwrap();
+    assert_eq!(builds.len(), 1, "{out}");
+    assert_eq!(builds[0]["recipe"], "recipes/a.yaml");
+    let build_a = builds[0]["build"].as_str().unwrap().to_string();
+
+    // The same delivery again builds nothing.
+    let r = hook(&[("X-GitHub-Event", "push")], &github);
+    assert_eq!(r.status(), 200);
+    let out: serde_json::Value = r.json_value();
+    assert!(out["builds"].as_array().unwrap().is_empty(), "{out}");
+
+    // A README-only commit then a change of b, announced with the generic payload: b only.
+    std::fs::write(repo.work.join("README"), "more words\n").unwrap();
+    repo.commit("docs");
+    let c4 = repo.change("b", "kiln-b2");
+    let pushed = Instant::now();
+    let r = hook(
+        &[],
+        &serde_json::json!({ "repo": repo.url(), "ref": "refs/heads/main", "commit": c4 }),
+    );
+    assert_eq!(r.status(), 202);
+    eprintln!(
+        "later generic push hook (fetch, checkout, recipes loaded) answered in {:.0} ms",
+        pushed.elapsed().as_secs_f64() * 1000.0
+    );
+    let out: serde_json::Value = r.json_value();
+    let builds = out["builds"].as_array().unwrap();
+    assert_eq!(builds.len(), 1, "{out}");
+    assert_eq!(builds[0]["recipe"], "recipes/b.yaml");
+    assert_eq!(builds[0]["commit"], c4.as_str());
+    let build_b = builds[0]["build"].as_str().unwrap().to_string();
+
+    // Both requests name the recipe at its commit; both builds run to the end at that commit.
+    let requested = requests(&nats);
+    assert_eq!(requested.len(), 2, "{requested:?}");
+    assert_eq!(requested[0]["recipe"]["git"]["ref"], c2.as_str());
+    assert_eq!(requested[0]["recipe"]["git"]["path"], "recipes/a.yaml");
+    assert_eq!(requested[1]["recipe"]["git"]["ref"], c4.as_str());
+    for (id, commit) in [(&build_a, &c2), (&build_b, &c4)] {
+        let status = wait_for_end(&http, &base, id, &up);
+        assert_eq!(status["state"], "completed", "{status}\n{}", up.log());
+        assert_eq!(status["commit"], commit.as_str(), "{status}");
+        // The commit is in the source stage's message itself.
+        let events = read_sse(
+            http.get(format!("{base}/v1/builds/{id}/events"))
+                .send()
+                .unwrap(),
+        );
+        let source = events
+            .iter()
+            .find(|e| e.0 == "completed" && e.2["stage"] == "source")
+            .unwrap();
+        assert_eq!(source.2["outputs"]["commit"], commit.as_str());
+    }
+    drop(up);
+}
+
+#[test]
+fn kiln_watch_submits_one_build_for_the_changed_recipe() {
+    let server = PrivateServer::start().unwrap();
+    let nats = server.url();
+    let home = shared_home();
+    let mut repo = RecipeRepo::new();
+    let (up, base) = kiln_up(home.path(), &nats, &[], true);
+    let repo_url = repo.url();
+    let watch = |extra: &[&str]| {
+        let mut c = kiln(home.path());
+        c.args([
+            "watch",
+            "--nats",
+            &nats,
+            "--repo",
+            &repo_url,
+            "--ref",
+            "main",
+            "--recipes",
+            "recipes/*.yaml",
+            "--json",
+            "--no-verify",
+        ])
+        .args(extra);
+        c
+    };
+
+    // Start from the current commit: nothing to build.
+    let o = watch(&["--baseline", "--once"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(requests(&nats).is_empty());
+
+    // A commit changing a: the running watcher submits exactly one build, of a, at that commit.
+    let w = Running::spawn(watch(&["--interval", "1"]), &home.path().join("watch.log"));
+    std::thread::sleep(Duration::from_secs(2));
+    let c2 = repo.change("a", "kiln-watched");
+    let committed = Instant::now();
+    let line = w
+        .line(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("kiln watch submitted nothing\n{}", w.log()));
+    eprintln!(
+        "kiln watch --interval 1 submitted the build {:.2} s after the commit",
+        committed.elapsed().as_secs_f64()
+    );
+    let sub: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(sub["recipe"], "recipes/a.yaml", "{sub}");
+    assert_eq!(sub["commit"], c2.as_str(), "{sub}");
+    // A README-only commit: nothing more.
+    std::fs::write(repo.work.join("README"), "changed\n").unwrap();
+    repo.commit("docs");
+    assert_eq!(w.line(Duration::from_secs(4)), None, "{}", w.log());
+    let requested = requests(&nats);
+    assert_eq!(requested.len(), 1, "{requested:?}");
+    assert_eq!(requested[0]["id"], sub["build"]);
+    assert_eq!(requested[0]["recipe"]["git"]["path"], "recipes/a.yaml");
+    assert_eq!(requested[0]["recipe"]["git"]["ref"], c2.as_str());
+    assert_eq!(requested[0]["verify"], false);
+    drop(w);
+
+    // The build runs through the workers of `kiln up` at that commit.
+    let http = client();
+    let status = wait_for_end(&http, &base, sub["build"].as_str().unwrap(), &up);
+    assert_eq!(status["state"], "completed", "{status}\n{}", up.log());
+    assert_eq!(status["commit"], c2.as_str());
+
+    // The state survives: another run with nothing new submits nothing.
+    let o = watch(&["--once"]).output().unwrap();
+    assert!(o.status.success());
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

@@ -106,14 +106,17 @@ pub enum Command {
     /// Run every build stage as NATS JetStream workers (all stages of `kiln worker`).
     #[command(
         after_help = "Examples:\n  kiln up --nats nats://nats.example.com:4222\n  \
-                            KILN_NATS_URL=nats://127.0.0.1:4222 kiln up"
+                            KILN_NATS_URL=nats://127.0.0.1:4222 kiln up --publish-to 127.0.0.1:5000 --key images.key\n\n\
+                            Recipes with a publish: section are pushed to --publish-to (a registry host:port \
+                            or oci:/dir), signed with --key, and announced on kiln.image.published.<repository>."
     )]
     Up(UpArgs),
     /// Run some build stages as NATS JetStream workers until SIGINT/SIGTERM.
     #[command(
         after_help = "Examples:\n  kiln worker --nats nats://127.0.0.1:4222 --stages rootfs,kernel,disk\n  \
                             kiln worker --stages verify\n\n\
-                            Stages: source, render, rootfs, kernel, disk, verify (publish has no worker yet). \
+                            kiln worker --stages publish --publish-to registry.example:5000 --key images.key\n\n\
+                            Stages: source, render, rootfs, kernel, disk, verify, publish. \
                             Blobs travel through the kiln-blobs object store, stage records through the \
                             kiln-stages KV bucket."
     )]
@@ -370,6 +373,45 @@ pub struct UpArgs {
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
     #[arg(long, value_name = "DIR")]
     pub profiles: Option<PathBuf>,
+    #[command(flatten)]
+    pub publish: PublishOpts,
+}
+
+/// Where the publish stage pushes verified images.
+#[derive(Debug, Args)]
+pub struct PublishOpts {
+    /// Registry (`host:port`) or OCI layout directory (`oci:/dir`) for recipes with `publish:`;
+    /// without it the publish stage completes as skipped.
+    #[arg(long, value_name = "REGISTRY|oci:DIR")]
+    pub publish_to: Option<String>,
+    /// ed25519 signing key (`kiln keygen`) for published images.
+    #[arg(long, value_name = "FILE", requires = "publish_to")]
+    pub key: Option<PathBuf>,
+    /// Registry user (password from $KILN_REGISTRY_PASSWORD; default: $KILN_REGISTRY_USER).
+    #[arg(long, value_name = "USER", requires = "publish_to")]
+    pub registry_user: Option<String>,
+    /// Plain http for a registry that is not on loopback.
+    #[arg(long, requires = "publish_to")]
+    pub insecure: bool,
+}
+
+impl PublishOpts {
+    fn target(&self) -> Option<crate::pipeline::publish::PublishTarget> {
+        let to = self.publish_to.clone()?;
+        Some(crate::pipeline::publish::PublishTarget {
+            to,
+            key: self.key.clone(),
+            store: crate::store::StoreOptions {
+                insecure: self.insecure,
+                credentials: self.registry_user.as_ref().map(|u| {
+                    crate::store::registry::Credentials {
+                        username: u.clone(),
+                        password: std::env::var("KILN_REGISTRY_PASSWORD").unwrap_or_default(),
+                    }
+                }),
+            },
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -382,6 +424,8 @@ pub struct WorkerArgs {
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
     #[arg(long, value_name = "DIR")]
     pub profiles: Option<PathBuf>,
+    #[command(flatten)]
+    pub publish: PublishOpts,
 }
 
 #[derive(Debug, Args)]
@@ -432,12 +476,9 @@ pub struct StatusArgs {
 
 fn parse_stage(s: &str) -> Result<crate::bus::Stage, String> {
     match crate::bus::Stage::from_name(s.trim()) {
-        Some(crate::bus::Stage::Publish) => {
-            Err("the publish stage has no worker yet (stages: source, render, rootfs, kernel, disk, verify)".into())
-        }
         Some(stage) => Ok(stage),
         None => Err(format!(
-            "unknown stage `{s}` (stages: source, render, rootfs, kernel, disk, verify)"
+            "unknown stage `{s}` (stages: source, render, rootfs, kernel, disk, verify, publish)"
         )),
     }
 }
@@ -1074,6 +1115,7 @@ fn run_workers(
     nats: &NatsOpts,
     stages: Vec<crate::bus::Stage>,
     profiles: Option<PathBuf>,
+    publish: Option<crate::pipeline::publish::PublishTarget>,
 ) -> anyhow::Result<i32> {
     use crate::pipeline::worker::{RUNNABLE, WorkerConfig, run_workers};
     let stages = if stages.is_empty() {
@@ -1083,6 +1125,7 @@ fn run_workers(
     };
     let mut config = WorkerConfig::from_env();
     config.profiles_dir = profiles;
+    config.publish = publish;
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&nats.connect_options()).await?;
         let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
@@ -1098,11 +1141,16 @@ fn run_workers(
 }
 
 fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
-    run_workers(&args.nats, Vec::new(), args.profiles)
+    run_workers(&args.nats, Vec::new(), args.profiles, args.publish.target())
 }
 
 fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
-    run_workers(&args.nats, args.stages, args.profiles)
+    run_workers(
+        &args.nats,
+        args.stages,
+        args.profiles,
+        args.publish.target(),
+    )
 }
 
 /// One stage event as a JSON object with its `kind` (started, progress, completed, failed).
@@ -1220,7 +1268,8 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
             out.flush()?;
             match &event {
                 StageEvent::Failed(_) => return Ok(1),
-                StageEvent::Completed(c) if c.stage == crate::bus::Stage::Verify => {
+                // publish is the last stage: its completed message ends the build.
+                StageEvent::Completed(c) if c.stage.next().is_none() => {
                     return Ok(0);
                 }
                 _ => {}

@@ -142,6 +142,7 @@ fn meta(commit: &str) -> PublishMeta {
         extra_tags: vec![],
         title: Some("disk.raw".into()),
         format: None,
+        annotations: Default::default(),
     }
 }
 

@@ -127,6 +127,27 @@ pub enum Command {
                             kiln submit web.yaml --git https://git.example.com/images.git --ref main --path recipes/web.yaml"
     )]
     Submit(SubmitArgs),
+    /// Run the newest signed image of a repository:tag as a VM on this host (an application server).
+    #[command(
+        after_help = "Examples:\n  kiln agent --nats nats://nats.example.com:4222 --name hv-07 \\\n      \
+                            --watch registry.example:5000/team/web:production --trust images.key.pub \\\n      \
+                            --state-dir /var/lib/kiln-agent --listen 0.0.0.0:8080\n  \
+                            kiln agent --name hv-01 --watch 127.0.0.1:5000/kiln/app:latest --trust k.pub --state-dir st --json\n\n\
+                            On each kiln.image.published.<repository> message for the tag (and the last one \
+                            already published, at start) the agent pulls the image by digest, checks its digests \
+                            and its signature against --trust (refusing it otherwise), boots it under QEMU (UEFI, \
+                            a qcow2 overlay on the pulled image, a QMP socket, the serial console in \
+                            STATE-DIR/vm-N/serial.log, user networking forwarding a loopback port to the guest's \
+                            health port), waits for health (the serial marker and/or an answer on the port), then \
+                            stops the old VM through QMP and reports kiln.deploy.<name>.completed. If the new VM \
+                            is not healthy in time it is killed, the old one keeps running, and \
+                            kiln.deploy.<name>.failed says why. Health settings come from the image (the recipe's \
+                            deploy: section) unless overridden here. VMs outlive the agent: a restarted agent \
+                            re-adopts the VM in STATE-DIR/state.json (QEMU alive and answering QMP) or boots its \
+                            image again. --listen is a stable address forwarded to the running VM, switched at \
+                            the swap. With --json every result is a JSON line on stdout."
+    )]
+    Agent(AgentArgs),
     /// Show the stages of a build: time, cache hit/miss and worker.
     #[command(after_help = "Example:\n  kiln status 20261126T022407Z-9f3a01c2 --json")]
     Status(StatusArgs),
@@ -464,6 +485,48 @@ pub struct SubmitArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub nats: NatsOpts,
+    /// This host's name in subjects and messages (kiln.deploy.<NAME>.completed).
+    #[arg(long, value_name = "HOST")]
+    pub name: String,
+    /// The repository and tag to run, e.g. 127.0.0.1:5000/team/web:production.
+    #[arg(long, value_name = "REPO:TAG")]
+    pub watch: String,
+    /// Public key (`kiln keygen`'s FILE.pub) images must be signed with.
+    #[arg(long, value_name = "KEYFILE")]
+    pub trust: PathBuf,
+    /// Where the agent keeps its state, pulled images and VM directories.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Stable TCP address forwarded to the running VM's health port (switched at each swap).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// QEMU machine profile (a UEFI one: the image's own boot loader starts it).
+    #[arg(long, default_value = "uefi")]
+    pub profile: String,
+    /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
+    #[arg(long, value_name = "DIR")]
+    pub profiles: Option<PathBuf>,
+    /// Healthy when a serial console line contains TEXT (default: the image's deploy.health_serial).
+    #[arg(long, value_name = "TEXT")]
+    pub health_serial: Option<String>,
+    /// Healthy when this guest TCP port answers (default: the image's deploy.health_port).
+    #[arg(long, value_name = "PORT")]
+    pub health_port: Option<u16>,
+    /// Seconds a new VM has to become healthy (default: the image's, else 120).
+    #[arg(long, value_name = "SECONDS")]
+    pub health_timeout: Option<u64>,
+    /// Plain http for a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Print every result as a JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The build id.
     pub build: String,
@@ -539,6 +602,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Worker(args) => nats_worker(args),
         Command::Submit(args) => nats_submit(args),
         Command::Status(args) => nats_status(args),
+        Command::Agent(args) => agent(args),
         Command::Schema => {
             let text = serde_json::to_string_pretty(&recipe::schema::json_schema())?;
             println!("{text}");
@@ -1279,6 +1343,74 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
     })
 }
 
+fn agent(args: AgentArgs) -> anyhow::Result<i32> {
+    use crate::agent::{AgentConfig, parse_watch};
+    let (repository, tag) = match parse_watch(&args.watch) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(EXIT_RECIPE);
+        }
+    };
+    if let Err(e) = crate::store::load_verifying_key(&args.trust) {
+        eprintln!("error: --trust: {e}");
+        return Ok(EXIT_RECIPE);
+    }
+    let config = AgentConfig {
+        name: args.name.clone(),
+        repository,
+        tag,
+        trust: args.trust.clone(),
+        state_dir: std::path::absolute(&args.state_dir)?,
+        profile: args.profile.clone(),
+        profiles_dir: args.profiles.clone(),
+        listen: args.listen,
+        health_serial: args.health_serial.clone(),
+        health_port: args.health_port,
+        health_timeout: args.health_timeout,
+        store: crate::store::StoreOptions {
+            insecure: args.insecure,
+            credentials: None,
+        },
+    };
+    let json = args.json;
+    let report: crate::agent::Report = Box::new(move |v: &serde_json::Value| {
+        let mut out = std::io::stdout().lock();
+        let _ = if json {
+            writeln!(out, "{v}")
+        } else {
+            let kind = v["kind"].as_str().unwrap_or("");
+            match kind {
+                "ready" => writeln!(
+                    out,
+                    "agent {} watching {}; running {}",
+                    v["agent"].as_str().unwrap_or(""),
+                    v["watch"].as_str().unwrap_or(""),
+                    v["running"].as_str().unwrap_or("nothing")
+                ),
+                "completed" => writeln!(
+                    out,
+                    "running {} (QEMU pid {})",
+                    v["reference"].as_str().unwrap_or(""),
+                    v["vm"]["pid"]
+                ),
+                _ => writeln!(
+                    out,
+                    "failed {}: {}",
+                    v["reference"].as_str().unwrap_or(""),
+                    v["error"]["message"].as_str().unwrap_or("")
+                ),
+            }
+        };
+        let _ = out.flush();
+    });
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
+        crate::agent::run(&bus, config, report, shutdown_signal()).await?;
+        Ok(0)
+    })
+}
+
 fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
     use crate::bus::StageEvent;
     runtime()?.block_on(async {
@@ -1323,10 +1455,25 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
             rows.push((stage, row));
         }
         rows.sort_by_key(|(s, _)| crate::bus::Stage::ALL.iter().position(|x| x == s));
+        // Where the build's image was deployed: kiln.deploy.<agent>.completed|failed naming it.
+        let mut deployments = Vec::new();
+        for (_, subject, payload) in bus.history("kiln.deploy.>").await? {
+            let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+                continue;
+            };
+            if v["build"].as_str() != Some(args.build.as_str()) {
+                continue;
+            }
+            let kind = subject.rsplit('.').next().unwrap_or("").to_string();
+            v["kind"] = kind.into();
+            deployments.push(v);
+        }
         let mut out = std::io::stdout().lock();
         if args.json {
             let stages: Vec<serde_json::Value> = rows.into_iter().map(|(_, r)| r).collect();
-            let doc = serde_json::json!({ "build": args.build, "stages": stages });
+            let doc = serde_json::json!({
+                "build": args.build, "stages": stages, "deployments": deployments,
+            });
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         } else {
             writeln!(out, "build {}", args.build)?;
@@ -1345,6 +1492,25 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
                     secs,
                     s("time"),
                     s("worker")
+                )?;
+            }
+            for d in &deployments {
+                let s = |k: &str| d[k].as_str().unwrap_or("-").to_string();
+                let what = if s("kind") == "failed" {
+                    format!(
+                        "{} failed: {}",
+                        s("reference"),
+                        d["error"]["message"].as_str().unwrap_or("")
+                    )
+                } else {
+                    format!("{} running", s("reference"))
+                };
+                writeln!(
+                    out,
+                    "  deploy {:<9} {:<24} {} {what}",
+                    s("kind"),
+                    s("time"),
+                    s("agent")
                 )?;
             }
         }

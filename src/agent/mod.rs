@@ -263,7 +263,9 @@ fn deploy(
     let report = match store::pull(&pull_ref, &image, Some(trust), &config.store) {
         Ok(r) => r,
         Err(e) => {
+            // A refused download is not kept for resuming: its bytes are not trusted.
             let _ = std::fs::remove_file(&image);
+            let _ = std::fs::remove_file(store::partial_path(&image));
             let kind = match e {
                 StoreError::Http { .. } | StoreError::Io { .. } => ErrorKind::Transient,
                 _ => ErrorKind::Verification,

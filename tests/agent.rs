@@ -108,11 +108,7 @@ impl Agent {
             .append(true)
             .open(log)
             .unwrap();
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(err)
-            .spawn()
-            .unwrap();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(err).spawn().unwrap();
         let out = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -208,7 +204,14 @@ fn page(port: u16) -> String {
 /// Submit `recipes/app.yaml` with `sets` to the running `kiln up`; returns the events.
 fn submit(home: &Path, url: &str, sets: &[&str], log: &Path) -> Vec<serde_json::Value> {
     let mut c = kiln(home);
-    c.args(["submit", "recipes/app.yaml", "--follow", "--json", "--nats", url]);
+    c.args([
+        "submit",
+        "recipes/app.yaml",
+        "--follow",
+        "--json",
+        "--nats",
+        url,
+    ]);
     for s in sets {
         c.args(["--set", s]);
     }
@@ -263,7 +266,11 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     let key = work.path().join("images.key");
     let evil = work.path().join("evil.key");
     for k in [&key, &evil] {
-        let o = kiln(home.path()).args(["keygen", "-o"]).arg(k).output().unwrap();
+        let o = kiln(home.path())
+            .args(["keygen", "-o"])
+            .arg(k)
+            .output()
+            .unwrap();
         assert!(o.status.success());
     }
     let trust = work.path().join("images.key.pub");
@@ -309,7 +316,10 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
         .collect();
     assert!(tags.contains(&"latest"), "{tags:?}");
     let hex = manifest.strip_prefix("sha256:").unwrap();
-    assert!(tags.contains(&format!("sha256-{hex}.sig").as_str()), "{tags:?}");
+    assert!(
+        tags.contains(&format!("sha256-{hex}.sig").as_str()),
+        "{tags:?}"
+    );
     // curl sees the manifest (with kiln's annotations) and the blob.
     let m = curl(&[
         "-H",
@@ -328,7 +338,12 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     ] {
         assert!(ann[k].is_string(), "{k} missing: {mv}");
     }
-    assert!(ann["dev.kiln.boot.report"].as_str().unwrap().contains("direct"));
+    assert!(
+        ann["dev.kiln.boot.report"]
+            .as_str()
+            .unwrap()
+            .contains("direct")
+    );
     let curled = work.path().join("curl.blob");
     curl(&[
         "-o",
@@ -374,6 +389,8 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     let p2 = &again.last().unwrap()["outputs"];
     assert_eq!(p2["manifest"], manifest);
     assert_eq!(p2["uploaded"], 0, "{p2}");
+    // The agent deploys the last announcement: this second build's.
+    let build1 = again[0]["build"].as_str().unwrap().to_string();
 
     // --- The agent: at start it takes the last announcement of its tag (v1).
     let state = work.path().join("agent-state");
@@ -463,7 +480,14 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
         let o = kiln(home.path())
             .args(["publish"])
             .arg(file)
-            .args(["--to", &format!("{repository}:latest"), "--recipe", recipe, "--json", "--key"])
+            .args([
+                "--to",
+                &format!("{repository}:latest"),
+                "--recipe",
+                recipe,
+                "--json",
+                "--key",
+            ])
             .arg(k)
             .output()
             .unwrap();

@@ -165,7 +165,9 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
         .collect();
     assert_eq!(
         order,
-        ["source", "render", "rootfs", "kernel", "disk", "verify", "publish"]
+        [
+            "source", "render", "rootfs", "kernel", "disk", "verify", "publish"
+        ]
     );
 
     // Status: every stage completed, with cache and worker.
@@ -182,7 +184,9 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
         .collect();
     assert_eq!(
         names,
-        ["source", "render", "rootfs", "kernel", "disk", "verify", "publish"]
+        [
+            "source", "render", "rootfs", "kernel", "disk", "verify", "publish"
+        ]
     );
     for s in stages {
         assert_eq!(s["status"], "completed", "{s}");

@@ -141,9 +141,11 @@ fn health_for(
         .get(store::ANN_DEPLOY)
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or(Value::Null);
-    let port = config
-        .health_port
-        .or_else(|| d["health_port"].as_u64().and_then(|p| u16::try_from(p).ok()));
+    let port = config.health_port.or_else(|| {
+        d["health_port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+    });
     let mut serial = config
         .health_serial
         .clone()
@@ -595,34 +597,18 @@ pub async fn run(
         "listen": config.listen.map(|a| a.to_string()),
     }));
 
-    let stream = bus.ensure_kiln_stream().await?;
     let subject = subjects::image_published(&config.repository);
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subject.clone(),
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await
-        .map_err(crate::bus::nats_err(format!("watch {subject}")))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(crate::bus::nats_err(format!("watch {subject}")))?;
+    bus.ensure_kiln_stream().await?;
+    // A task reads the subject all the time, so the consumer is polled while a deploy blocks.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(watch(bus.clone(), subject.clone(), tx));
     tokio::pin!(shutdown);
     loop {
         let next = tokio::select! {
             _ = &mut shutdown => break,
-            m = messages.next() => m,
+            m = rx.recv() => m,
         };
         let Some(m) = next else { break };
-        let m = match m {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("reading {subject}: {e}");
-                continue;
-            }
-        };
         let received = Instant::now();
         let msg: ImagePublished = match crate::bus::decode(&m.payload) {
             Ok(v) => v,
@@ -656,7 +642,91 @@ pub async fn run(
         state = st;
         announce(bus, &outcome, &report).await;
     }
+    reader.abort();
     Ok(())
+}
+
+/// How long the watch may see nothing before it re-creates its consumer (an ordered consumer
+/// that lost its server-side state can stay silent instead of failing).
+const WATCH_IDLE: Duration = Duration::from_secs(10);
+
+/// Send every message on `subject` to `tx`: first the last one stored, then each new one, in
+/// stream order, without gaps or repeats across consumer re-creations.
+async fn watch(
+    bus: Bus,
+    subject: String,
+    tx: tokio::sync::mpsc::UnboundedSender<async_nats::jetstream::Message>,
+) {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let mut last: Option<u64> = None;
+    loop {
+        let deliver_policy = match last {
+            None => DeliverPolicy::LastPerSubject,
+            Some(seq) => DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+        };
+        let mut floor = 0;
+        let consumer = match bus.ensure_kiln_stream().await {
+            Ok(mut stream) => {
+                // Messages stored after this point are new: if the first consumer finds none
+                // for the subject, the next one starts here.
+                if let Ok(info) = stream.info().await {
+                    floor = info.state.last_sequence;
+                }
+                stream
+                    .create_consumer(OrderedConfig {
+                        filter_subject: subject.clone(),
+                        deliver_policy,
+                        ..Default::default()
+                    })
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!("watching {subject}: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut messages = match consumer {
+            Ok(c) => match c.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("watching {subject}: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            Err(e) => {
+                tracing::warn!("watching {subject}: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            match tokio::time::timeout(WATCH_IDLE, messages.next()).await {
+                Err(_) => break,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    tracing::debug!("watching {subject}: {e}");
+                    break;
+                }
+                Ok(Some(Ok(m))) => {
+                    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    if last.is_some_and(|l| seq <= l) {
+                        continue;
+                    }
+                    last = Some(seq);
+                    if tx.send(m).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if last.is_none() {
+            last = Some(floor);
+        }
+    }
 }
 
 /// The state directory's current VM, for tests and tools (`None` without one).

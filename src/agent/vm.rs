@@ -240,7 +240,11 @@ fn signal(pid: u32, sig: libc::c_int) {
 pub fn stop(vm: &VmRecord, grace: Duration) {
     if alive(vm) {
         if let Err(e) = qmp(&vm.qmp, "quit") {
-            tracing::warn!("QMP quit of VM {} failed ({e}); killing pid {}", vm.id, vm.pid);
+            tracing::warn!(
+                "QMP quit of VM {} failed ({e}); killing pid {}",
+                vm.id,
+                vm.pid
+            );
         }
         let until = Instant::now() + grace;
         while alive(vm) && Instant::now() < until {
@@ -264,6 +268,7 @@ pub fn serial_tail(log: &Path, n: usize) -> String {
     let text = std::fs::read(log)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
+    let text = strip_escapes(&text);
     let lines: Vec<&str> = text
         .lines()
         .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c.is_control()))
@@ -271,6 +276,27 @@ pub fn serial_tail(log: &Path, n: usize) -> String {
         .collect();
     let start = lines.len().saturating_sub(n);
     lines[start..].join(" | ")
+}
+
+/// Remove terminal escape sequences (`ESC [ … letter`, as the firmware prints them).
+fn strip_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Whether the guest answers on `127.0.0.1:port`: it must send at least one byte back to a
@@ -298,9 +324,7 @@ pub fn wait_healthy(vm: &VmRecord, started: Instant) -> Result<Duration, String>
     let mut marker_seen = vm.health.serial.is_none();
     let mut port_ok = vm.host_port.is_none();
     loop {
-        if !marker_seen
-            && let Some(m) = &vm.health.serial
-        {
+        if !marker_seen && let Some(m) = &vm.health.serial {
             let text = std::fs::read(&vm.serial_log).unwrap_or_default();
             marker_seen = String::from_utf8_lossy(&text)
                 .lines()
@@ -355,7 +379,7 @@ mod tests {
     fn serial_tail_is_one_line() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("s.log");
-        std::fs::write(&log, "a\r\n\r\nb\nc\x1b\n").unwrap();
+        std::fs::write(&log, "a\r\n\r\n\x1b[2J\x1b[01;01Hb\nc\x1b\n").unwrap();
         assert_eq!(serial_tail(&log, 2), "b | c");
         assert_eq!(serial_tail(&dir.path().join("none"), 2), "");
     }

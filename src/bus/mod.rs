@@ -419,7 +419,9 @@ impl Bus {
             .map_err(nats_err(format!("read the history of {filter}")))?;
         while let Some(msg) = tokio::time::timeout(API_TIMEOUT, messages.next())
             .await
-            .map_err(nats_err(format!("read the history of {filter} (timed out)")))?
+            .map_err(nats_err(format!(
+                "read the history of {filter} (timed out)"
+            )))?
         {
             let msg = msg.map_err(nats_err(format!("read the history of {filter}")))?;
             let (sequence, remaining) = match msg.info() {

@@ -46,9 +46,7 @@ pub enum Published {
 /// The repository path in the target: the recipe's repository without a leading registry host.
 pub fn repository_path(repository: &str) -> &str {
     match repository.split_once('/') {
-        Some((host, rest))
-            if host.contains('.') || host.contains(':') || host == "localhost" =>
-        {
+        Some((host, rest)) if host.contains('.') || host.contains(':') || host == "localhost" => {
             rest
         }
         _ => repository,
@@ -217,7 +215,10 @@ mod tests {
         );
         assert_eq!(
             publish_reference("oci:/srv/images", "kiln/app", "v2"),
-            ("oci:/srv/images:v2".to_string(), "oci:/srv/images".to_string())
+            (
+                "oci:/srv/images:v2".to_string(),
+                "oci:/srv/images".to_string()
+            )
         );
         assert_eq!(repository_path("team/web"), "team/web");
         assert_eq!(repository_path("localhost/web"), "web");

@@ -72,4 +72,3 @@ pub fn start_registry(htpasswd: Option<&Path>) -> RegistryServer {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
-

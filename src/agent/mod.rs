@@ -635,6 +635,9 @@ pub async fn run(
             blocking(move || {
                 let mut st = state;
                 let o = deploy(&config, &trust, &mut st, &msg, received, &backend)?;
+                // Deployed, rolled back or refused: a restart does not act on it again.
+                st.last_handled = Some(msg.digest.clone());
+                st.save(&config.state_dir)?;
                 Ok((st, o))
             })
             .await?

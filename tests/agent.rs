@@ -128,22 +128,19 @@ impl Agent {
         }
     }
 
-    /// The next line of `kind` (`ready`, `completed`, `failed`), within `limit`.
+    /// The next line, which must be of `kind` (`ready`, `completed`, `failed`), within `limit`.
     fn next(&self, kind: &str, limit: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) if v["kind"] == kind => return v,
-                Ok(v) => panic!(
-                    "expected a {kind} line from the agent, got {v}\nagent log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                ),
-                Err(e) => panic!(
-                    "no {kind} line from the agent within {limit:?} ({e})\nagent log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                ),
-            }
+        let log = || std::fs::read_to_string(&self.log).unwrap_or_default();
+        match self.lines.recv_timeout(limit) {
+            Ok(v) if v["kind"] == kind => v,
+            Ok(v) => panic!(
+                "expected a {kind} line from the agent, got {v}\nagent log:\n{}",
+                log()
+            ),
+            Err(e) => panic!(
+                "no {kind} line from the agent within {limit:?} ({e})\nagent log:\n{}",
+                log()
+            ),
         }
     }
 }

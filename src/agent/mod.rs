@@ -132,11 +132,19 @@ pub fn announces(msg: &ImagePublished, repository: &str, tag: &str) -> bool {
     ref_tag == tag || msg.tags.iter().any(|t| t == tag)
 }
 
+/// How to run an image: from its `dev.kiln.deploy` annotation and the command line.
+struct RunSettings {
+    health: HealthSpec,
+    memory_mib: Option<u32>,
+    cpus: Option<u32>,
+    application: Option<String>,
+}
+
 /// The deploy settings an image carries (`dev.kiln.deploy`), with the command line's overrides.
 fn health_for(
     config: &AgentConfig,
     annotations: &std::collections::BTreeMap<String, String>,
-) -> Result<(HealthSpec, Option<u32>, Option<u32>, Option<String>), String> {
+) -> Result<RunSettings, String> {
     let d: Value = annotations
         .get(store::ANN_DEPLOY)
         .and_then(|s| serde_json::from_str(s).ok())
@@ -164,17 +172,16 @@ fn health_for(
         .unwrap_or(DEFAULT_HEALTH_TIMEOUT);
     let memory = d["memory_mib"].as_u64().and_then(|v| u32::try_from(v).ok());
     let cpus = d["cpus"].as_u64().and_then(|v| u32::try_from(v).ok());
-    let app = d["application"].as_str().map(str::to_string);
-    Ok((
-        HealthSpec {
+    Ok(RunSettings {
+        health: HealthSpec {
             serial,
             port,
             timeout_s,
         },
-        memory,
+        memory_mib: memory,
         cpus,
-        app,
-    ))
+        application: d["application"].as_str().map(str::to_string),
+    })
 }
 
 /// The result of acting on one announcement.
@@ -312,7 +319,12 @@ fn deploy(
             false,
         ));
     }
-    let (health, memory_mib, cpus, app) = match health_for(config, &report.annotations) {
+    let RunSettings {
+        health,
+        memory_mib,
+        cpus,
+        application: app,
+    } = match health_for(config, &report.annotations) {
         Ok(h) => h,
         Err(why) => {
             return Ok(failed(
@@ -631,7 +643,6 @@ pub async fn run(
         let (st, outcome) = {
             let config = config.clone();
             let backend = backend.clone();
-            let trust = trust;
             blocking(move || {
                 let mut st = state;
                 let o = deploy(&config, &trust, &mut st, &msg, received, &backend)?;
@@ -797,21 +808,21 @@ mod tests {
             store::ANN_DEPLOY.to_string(),
             r#"{"health_port":8080,"health_serial":"ready","verify_marker":"ok","health_timeout":30}"#.to_string(),
         )]);
-        let (h, ..) = health_for(&config, &ann).unwrap();
+        let h = health_for(&config, &ann).unwrap().health;
         assert_eq!(
             (h.serial.as_deref(), h.port, h.timeout_s),
             (Some("ready"), Some(8080), 30)
         );
         config.health_timeout = Some(5);
         config.health_port = Some(9000);
-        let (h, ..) = health_for(&config, &ann).unwrap();
+        let h = health_for(&config, &ann).unwrap().health;
         assert_eq!((h.port, h.timeout_s), (Some(9000), 5));
         config.health_port = None;
         let only_marker = std::collections::BTreeMap::from([(
             store::ANN_DEPLOY.to_string(),
             r#"{"verify_marker":"ok"}"#.to_string(),
         )]);
-        let (h, ..) = health_for(&config, &only_marker).unwrap();
+        let h = health_for(&config, &only_marker).unwrap().health;
         assert_eq!((h.serial.as_deref(), h.port), (Some("ok"), None));
         assert!(health_for(&config, &Default::default()).is_err());
     }

@@ -155,7 +155,9 @@ def main():
         agent = subprocess.Popen(
             [kiln, "agent", "--nats", f"nats://127.0.0.1:{nats_port}", "--name", "bench",
              "--watch", f"{repo}:latest", "--trust", key + ".pub", "--state-dir", state,
-             "--listen", f"127.0.0.1:{listen}", "--json"],
+             "--listen", f"127.0.0.1:{listen}", "--json",
+             # `kiln publish` does not know the recipe, so its images carry no deploy settings.
+             "--health-port", "8080", "--health-serial", "app-ready"],
             stdout=subprocess.PIPE, stderr=agent_log, text=True, env=env)
         procs.append(agent)
         lines = []

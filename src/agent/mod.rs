@@ -386,6 +386,10 @@ fn deploy(
             if let Some(old) = &old {
                 vm::stop(old, QUIT_GRACE);
             }
+            // Keep the running image and the one before it (to go back to); drop the rest.
+            let mut keep = vec![new.image.clone()];
+            keep.extend(old.as_ref().map(|o| o.image.clone()));
+            prune_images(&images, &keep);
             tracing::info!(
                 "{} healthy after {:.1} s (boot {:.1} s); running it",
                 msg.reference,
@@ -420,6 +424,21 @@ fn deploy(
                 state,
                 true,
             ))
+        }
+    }
+}
+
+/// Remove pulled images in `dir` other than `keep` (and their `.partial` leftovers).
+fn prune_images(dir: &Path, keep: &[PathBuf]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if !keep.contains(&path)
+            && let Err(err) = std::fs::remove_file(&path)
+        {
+            tracing::warn!("removing {}: {err}", path.display());
         }
     }
 }

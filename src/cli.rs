@@ -117,24 +117,28 @@ pub enum Command {
                             KILN_NATS_URL=nats://127.0.0.1:4222 kiln up --listen 127.0.0.1:7070\n  \
                             kiln up --hook-repo https://git.example.com/platform/images.git --hook-recipes 'recipes/*.yaml'\n  \
                             kiln up --listen none\n  \
+                            KILN_NATS_URL=nats://127.0.0.1:4222 kiln up --publish-to 127.0.0.1:5000 --key images.key\n  \
                             kiln up --ack-wait 5 --max-deliver 3    # take over a dead worker's message after 5 s\n\n\
                             The HTTP API (docs/api.md) listens on 127.0.0.1:7070 unless --listen says \
                             otherwise; every POST needs `Authorization: Bearer <token>`. The token comes \
                             from --token-file, else $KILN_API_TOKEN, else $KILN_HOME/api-token (generated \
                             on first start, mode 0600). `POST /v1/hooks/git` builds only repositories \
                             given with --hook-repo. At start, temp files that killed kiln processes left \
-                            in $KILN_HOME are removed."
+                            in $KILN_HOME are removed. Recipes with a publish: section are pushed to --publish-to (a \
+                            registry host:port or oci:/dir), signed with --key, and announced on \
+                            kiln.image.published.<repository>."
     )]
     Up(UpArgs),
     /// Run some build stages as NATS JetStream workers until SIGINT/SIGTERM.
     #[command(
         after_help = "Examples:\n  kiln worker --nats nats://127.0.0.1:4222 --stages rootfs,kernel,disk\n  \
                             kiln worker --stages verify\n  \
-                            kiln worker --stages disk --ack-wait 5 --max-deliver 3\n\n\
+                            kiln worker --stages disk --ack-wait 5 --max-deliver 3\n  \
+                            kiln worker --stages publish --publish-to registry.example:5000 --key images.key\n\n\
                             --ack-wait and --max-deliver set the stage consumers' redelivery when the workers \
                             create them; every worker of a stage should use the same values. \
                             At start, temp files that killed kiln processes left in $KILN_HOME are removed. \
-                            Stages: source, render, rootfs, kernel, disk, verify (publish has no worker yet). \
+                            Stages: source, render, rootfs, kernel, disk, verify, publish. \
                             Blobs travel through the kiln-blobs object store, stage records through the \
                             kiln-stages KV bucket."
     )]
@@ -158,6 +162,27 @@ pub enum Command {
                             Prints one line per submitted build: build id, recipe, commit."
     )]
     Watch(WatchArgs),
+    /// Run the newest signed image of a repository:tag as a VM on this host (an application server).
+    #[command(
+        after_help = "Examples:\n  kiln agent --nats nats://nats.example.com:4222 --name hv-07 \\\n      \
+                            --watch registry.example:5000/team/web:production --trust images.key.pub \\\n      \
+                            --state-dir /var/lib/kiln-agent --listen 0.0.0.0:8080\n  \
+                            kiln agent --name hv-01 --watch 127.0.0.1:5000/kiln/app:latest --trust k.pub --state-dir st --json\n\n\
+                            On each kiln.image.published.<repository> message for the tag (and the last one \
+                            already published, at start) the agent pulls the image by digest, checks its digests \
+                            and its signature against --trust (refusing it otherwise), boots it under QEMU (UEFI, \
+                            a qcow2 overlay on the pulled image, a QMP socket, the serial console in \
+                            STATE-DIR/vm-N/serial.log, user networking forwarding a loopback port to the guest's \
+                            health port), waits for health (the serial marker and/or an answer on the port), then \
+                            stops the old VM through QMP and reports kiln.deploy.<name>.completed. If the new VM \
+                            is not healthy in time it is killed, the old one keeps running, and \
+                            kiln.deploy.<name>.failed says why. Health settings come from the image (the recipe's \
+                            deploy: section) unless overridden here. VMs outlive the agent: a restarted agent \
+                            re-adopts the VM in STATE-DIR/state.json (QEMU alive and answering QMP) or boots its \
+                            image again. --listen is a stable address forwarded to the running VM, switched at \
+                            the swap. With --json every result is a JSON line on stdout."
+    )]
+    Agent(AgentArgs),
     /// List recent builds, or show the stages of one: time, cache hit/miss and worker.
     #[command(
         after_help = "Examples:\n  kiln status\n  kiln status --limit 5 --json\n  \
@@ -508,6 +533,8 @@ pub struct UpArgs {
     /// Check hook payload signatures (X-Hub-Signature-256) against the secret in this file.
     #[arg(long, value_name = "FILE")]
     pub hook_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub publish: PublishOpts,
 }
 
 #[derive(Debug, Args)]
@@ -549,6 +576,43 @@ pub struct WatchArgs {
     pub nats: NatsOpts,
 }
 
+/// Where the publish stage pushes verified images.
+#[derive(Debug, Args)]
+pub struct PublishOpts {
+    /// Registry (`host:port`) or OCI layout directory (`oci:/dir`) for recipes with `publish:`;
+    /// without it the publish stage completes as skipped.
+    #[arg(long, value_name = "REGISTRY|oci:DIR")]
+    pub publish_to: Option<String>,
+    /// ed25519 signing key (`kiln keygen`) for published images.
+    #[arg(long, value_name = "FILE", requires = "publish_to")]
+    pub key: Option<PathBuf>,
+    /// Registry user (password from $KILN_REGISTRY_PASSWORD; default: $KILN_REGISTRY_USER).
+    #[arg(long, value_name = "USER", requires = "publish_to")]
+    pub registry_user: Option<String>,
+    /// Plain http for a registry that is not on loopback.
+    #[arg(long, requires = "publish_to")]
+    pub insecure: bool,
+}
+
+impl PublishOpts {
+    fn target(&self) -> Option<crate::pipeline::publish::PublishTarget> {
+        let to = self.publish_to.clone()?;
+        Some(crate::pipeline::publish::PublishTarget {
+            to,
+            key: self.key.clone(),
+            store: crate::store::StoreOptions {
+                insecure: self.insecure,
+                credentials: self.registry_user.as_ref().map(|u| {
+                    crate::store::registry::Credentials {
+                        username: u.clone(),
+                        password: std::env::var("KILN_REGISTRY_PASSWORD").unwrap_or_default(),
+                    }
+                }),
+            },
+        })
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     #[command(flatten)]
@@ -561,6 +625,8 @@ pub struct WorkerArgs {
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
     #[arg(long, value_name = "DIR")]
     pub profiles: Option<PathBuf>,
+    #[command(flatten)]
+    pub publish: PublishOpts,
 }
 
 #[derive(Debug, Args)]
@@ -599,6 +665,48 @@ pub struct SubmitArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub nats: NatsOpts,
+    /// This host's name in subjects and messages (kiln.deploy.<NAME>.completed).
+    #[arg(long, value_name = "HOST")]
+    pub name: String,
+    /// The repository and tag to run, e.g. 127.0.0.1:5000/team/web:production.
+    #[arg(long, value_name = "REPO:TAG")]
+    pub watch: String,
+    /// Public key (`kiln keygen`'s FILE.pub) images must be signed with.
+    #[arg(long, value_name = "KEYFILE")]
+    pub trust: PathBuf,
+    /// Where the agent keeps its state, pulled images and VM directories.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Stable TCP address forwarded to the running VM's health port (switched at each swap).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// QEMU machine profile (a UEFI one: the image's own boot loader starts it).
+    #[arg(long, default_value = "uefi")]
+    pub profile: String,
+    /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
+    #[arg(long, value_name = "DIR")]
+    pub profiles: Option<PathBuf>,
+    /// Healthy when a serial console line contains TEXT (default: the image's deploy.health_serial).
+    #[arg(long, value_name = "TEXT")]
+    pub health_serial: Option<String>,
+    /// Healthy when this guest TCP port answers (default: the image's deploy.health_port).
+    #[arg(long, value_name = "PORT")]
+    pub health_port: Option<u16>,
+    /// Seconds a new VM has to become healthy (default: the image's, else 120).
+    #[arg(long, value_name = "SECONDS")]
+    pub health_timeout: Option<u64>,
+    /// Plain http for a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Print every result as a JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The build id (default: list recent builds).
     pub build: Option<String>,
@@ -628,12 +736,9 @@ pub struct LogsArgs {
 
 fn parse_stage(s: &str) -> Result<crate::bus::Stage, String> {
     match crate::bus::Stage::from_name(s.trim()) {
-        Some(crate::bus::Stage::Publish) => {
-            Err("the publish stage has no worker yet (stages: source, render, rootfs, kernel, disk, verify)".into())
-        }
         Some(stage) => Ok(stage),
         None => Err(format!(
-            "unknown stage `{s}` (stages: source, render, rootfs, kernel, disk, verify)"
+            "unknown stage `{s}` (stages: source, render, rootfs, kernel, disk, verify, publish)"
         )),
     }
 }
@@ -716,6 +821,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Watch(args) => watch(args),
         Command::Status(args) => nats_status(args),
         Command::Logs(args) => nats_logs(args),
+        Command::Agent(args) => agent(args),
         Command::Schema => {
             let text = serde_json::to_string_pretty(&recipe::schema::json_schema())?;
             println!("{text}");
@@ -1548,6 +1654,7 @@ fn run_workers(
     stages: Vec<crate::bus::Stage>,
     profiles: Option<PathBuf>,
     api: Option<ApiSetup>,
+    publish: Option<crate::pipeline::publish::PublishTarget>,
 ) -> anyhow::Result<i32> {
     use crate::pipeline::worker::{RUNNABLE, WorkerConfig, run_workers};
     let stages = if stages.is_empty() {
@@ -1558,6 +1665,7 @@ fn run_workers(
     let mut config = WorkerConfig::from_env();
     config.profiles_dir = profiles;
     config.policy = retry.policy();
+    config.publish = publish;
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&nats.connect_options()).await?;
         let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
@@ -1706,11 +1814,19 @@ fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
         Vec::new(),
         args.profiles.clone(),
         api,
+        args.publish.target(),
     )
 }
 
 fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
-    run_workers(&args.nats, &args.retry, args.stages, args.profiles, None)
+    run_workers(
+        &args.nats,
+        &args.retry,
+        args.stages,
+        args.profiles,
+        None,
+        args.publish.target(),
+    )
 }
 
 fn watch(args: WatchArgs) -> anyhow::Result<i32> {
@@ -1912,13 +2028,82 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
             out.flush()?;
             match &event {
                 StageEvent::Failed(_) => return Ok(1),
-                StageEvent::Completed(c) if c.stage == crate::bus::Stage::Verify => {
+                // publish is the last stage: its completed message ends the build.
+                StageEvent::Completed(c) if c.stage.next().is_none() => {
                     return Ok(0);
                 }
                 _ => {}
             }
         }
         anyhow::bail!("the event stream of build {id} ended")
+    })
+}
+
+fn agent(args: AgentArgs) -> anyhow::Result<i32> {
+    use crate::agent::{AgentConfig, parse_watch};
+    let (repository, tag) = match parse_watch(&args.watch) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(EXIT_RECIPE);
+        }
+    };
+    if let Err(e) = crate::store::load_verifying_key(&args.trust) {
+        eprintln!("error: --trust: {e}");
+        return Ok(EXIT_RECIPE);
+    }
+    let config = AgentConfig {
+        name: args.name.clone(),
+        repository,
+        tag,
+        trust: args.trust.clone(),
+        state_dir: std::path::absolute(&args.state_dir)?,
+        profile: args.profile.clone(),
+        profiles_dir: args.profiles.clone(),
+        listen: args.listen,
+        health_serial: args.health_serial.clone(),
+        health_port: args.health_port,
+        health_timeout: args.health_timeout,
+        store: crate::store::StoreOptions {
+            insecure: args.insecure,
+            credentials: None,
+        },
+    };
+    let json = args.json;
+    let report: crate::agent::Report = Box::new(move |v: &serde_json::Value| {
+        let mut out = std::io::stdout().lock();
+        let _ = if json {
+            writeln!(out, "{v}")
+        } else {
+            let kind = v["kind"].as_str().unwrap_or("");
+            match kind {
+                "ready" => writeln!(
+                    out,
+                    "agent {} watching {}; running {}",
+                    v["agent"].as_str().unwrap_or(""),
+                    v["watch"].as_str().unwrap_or(""),
+                    v["running"].as_str().unwrap_or("nothing")
+                ),
+                "completed" => writeln!(
+                    out,
+                    "running {} (QEMU pid {})",
+                    v["reference"].as_str().unwrap_or(""),
+                    v["vm"]["pid"]
+                ),
+                _ => writeln!(
+                    out,
+                    "failed {}: {}",
+                    v["reference"].as_str().unwrap_or(""),
+                    v["error"]["message"].as_str().unwrap_or("")
+                ),
+            }
+        };
+        let _ = out.flush();
+    });
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
+        crate::agent::run(&bus, config, report, shutdown_signal()).await?;
+        Ok(0)
     })
 }
 
@@ -1972,12 +2157,46 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
             );
         }
         let status = BuildStatus::from_events(build, &events);
+        // Where the build's image was deployed: kiln.deploy.<agent>.completed|failed naming it.
+        let mut deployments = Vec::new();
+        for (_, subject, payload) in bus.history("kiln.deploy.>").await? {
+            let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+                continue;
+            };
+            if v["build"].as_str() != Some(build.as_str()) {
+                continue;
+            }
+            let kind = subject.rsplit('.').next().unwrap_or("").to_string();
+            v["kind"] = kind.into();
+            deployments.push(v);
+        }
         if args.json {
-            writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
+            let mut doc = serde_json::to_value(&status)?;
+            doc["deployments"] = deployments.into();
+            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         } else {
             writeln!(out, "build {build}")?;
             for stage in &status.stages {
                 writeln!(out, "{}", stage.line())?;
+            }
+            for d in &deployments {
+                let s = |k: &str| d[k].as_str().unwrap_or("-").to_string();
+                let what = if s("kind") == "failed" {
+                    format!(
+                        "{} failed: {}",
+                        s("reference"),
+                        d["error"]["message"].as_str().unwrap_or("")
+                    )
+                } else {
+                    format!("{} running", s("reference"))
+                };
+                writeln!(
+                    out,
+                    "  deploy {:<9} {:<24} {} {what}",
+                    s("kind"),
+                    s("time"),
+                    s("agent")
+                )?;
             }
         }
         Ok(if status.state == BuildState::Failed {

@@ -1,6 +1,7 @@
 //! kiln: an OS image build appliance. A recipe goes in; a bootable, verified, signed disk image
 //! comes out. See DESIGN.md for the architecture; each module owns one concern.
 
+pub mod agent;
 pub mod api;
 pub mod boot;
 pub mod bus;

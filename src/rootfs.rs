@@ -125,6 +125,12 @@ pub fn busybox_rootfs(
         "groups": groups,
         "expect": expect,
         "expect_shell": shell_quote(&expect),
+        "deploy_run": recipe
+            .deploy
+            .as_ref()
+            .and_then(|d| d.run.as_deref())
+            .filter(|r| !r.trim().is_empty())
+            .map(shell_quote),
         "root_partuuid": mounts.root_partuuid,
         "esp_partuuid": mounts.esp_partuuid,
         "hostname": hostname,

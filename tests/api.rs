@@ -358,14 +358,19 @@ fn api_builds_reports_and_streams_and_refuses_what_it_must() {
     let (last_name, _, last, last_at) = events.last().unwrap();
     assert_eq!(
         (last_name.as_str(), &last["stage"]),
-        ("completed", &serde_json::json!("verify")),
+        ("completed", &serde_json::json!("publish")),
         "{last}"
     );
+    let verified = events
+        .iter()
+        .find(|e| e.0 == "completed" && e.2["stage"] == "verify")
+        .map(|e| &e.2)
+        .expect("a verify completed event");
     assert!(
-        last["outputs"]["verify.direct"]["marker_line"]
+        verified["outputs"]["verify.direct"]["marker_line"]
             .as_str()
             .is_some_and(|m| !m.is_empty()),
-        "{last}"
+        "{verified}"
     );
     let order: Vec<&str> = events
         .iter()
@@ -374,7 +379,9 @@ fn api_builds_reports_and_streams_and_refuses_what_it_must() {
         .collect();
     assert_eq!(
         order,
-        ["source", "render", "rootfs", "kernel", "disk", "verify"]
+        [
+            "source", "render", "rootfs", "kernel", "disk", "verify", "publish"
+        ]
     );
     // Live: the build (with a boot) took seconds after the stream opened, and the events came
     // as they happened, not all at the end.
@@ -397,7 +404,9 @@ fn api_builds_reports_and_streams_and_refuses_what_it_must() {
         .collect();
     assert_eq!(
         names,
-        ["source", "render", "rootfs", "kernel", "disk", "verify"]
+        [
+            "source", "render", "rootfs", "kernel", "disk", "verify", "publish"
+        ]
     );
     for s in stages {
         assert_eq!(s["status"], "completed", "{s}");

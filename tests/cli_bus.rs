@@ -297,7 +297,7 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
     let last = events.last().unwrap();
     assert_eq!(
         (&last["stage"], &last["kind"]),
-        (&"verify".into(), &"completed".into())
+        (&"publish".into(), &"completed".into())
     );
     assert!(events.iter().all(|e| e["build"] == id.as_str()));
     assert!(
@@ -329,7 +329,7 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
     );
     let done = lines.last().unwrap();
     assert!(
-        done.contains("verify") && done.contains("completed") && done.contains("miss"),
+        done.contains("publish") && done.contains("completed"),
         "{text}"
     );
     assert!(
@@ -410,7 +410,7 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
     assert_eq!(builds[1]["id"], remote_build.as_str());
     assert_eq!(builds[1]["state"], "completed");
     assert_eq!(builds[2]["id"], id.as_str());
-    assert_eq!(builds[2]["stage"], "verify");
+    assert_eq!(builds[2]["stage"], "publish");
     assert!(
         builds[2]["recipe"]
             .as_str()

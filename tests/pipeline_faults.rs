@@ -317,7 +317,7 @@ fn worker_killed_mid_disk_stage_is_replaced_and_the_build_completes_once() {
     let _others = worker(
         main_home.path(),
         &url,
-        "source,render,rootfs,kernel,verify",
+        "source,render,rootfs,kernel,verify,publish",
         &logs_dir.path().join("others.log"),
     );
     let mut doomed = worker(
@@ -602,14 +602,16 @@ fn server_restart_mid_build(signal: libc::c_int, tag: &str) {
         let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
         assert_eq!(
             (&last["kind"], &last["stage"]),
-            (&"completed".into(), &"verify".into())
+            (&"completed".into(), &"publish".into())
         );
     }
 
     // Read back from the restarted server: every request kept, every stage completed once.
     for id in &ids {
         let events = observer.events(id);
-        for stage in ["source", "render", "rootfs", "kernel", "disk", "verify"] {
+        for stage in [
+            "source", "render", "rootfs", "kernel", "disk", "verify", "publish",
+        ] {
             assert_eq!(
                 count(&events, "completed", stage),
                 1,

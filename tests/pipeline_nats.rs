@@ -133,9 +133,22 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
     );
     let events = lines(&o);
     let id = events[0]["build"].as_str().unwrap().to_string();
-    let last = events.last().unwrap();
-    assert_eq!(last["kind"], "completed");
-    assert_eq!(last["stage"], "verify");
+    // publish ends the build; minimal.yaml has no publish: section, so it is skipped.
+    let published = events.last().unwrap();
+    assert_eq!(published["kind"], "completed", "{published}");
+    assert_eq!(published["stage"], "publish");
+    assert!(
+        published["outputs"]["skipped"]
+            .as_str()
+            .unwrap()
+            .contains("no publish"),
+        "{published}"
+    );
+    let last = events
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "completed" && e["stage"] == "verify")
+        .unwrap();
     assert_eq!(
         last["outputs"]["verify.direct"]["profile"], "direct",
         "{last}"
@@ -144,7 +157,7 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
         .as_str()
         .unwrap();
     assert!(!marker.is_empty(), "{last}");
-    // Every stage completed before verify, in order.
+    // Every stage completed, in order.
     let order: Vec<&str> = events
         .iter()
         .filter(|e| e["kind"] == "completed")
@@ -152,7 +165,9 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
         .collect();
     assert_eq!(
         order,
-        ["source", "render", "rootfs", "kernel", "disk", "verify"]
+        [
+            "source", "render", "rootfs", "kernel", "disk", "verify", "publish"
+        ]
     );
 
     // Status: every stage completed, with cache and worker.
@@ -169,7 +184,9 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
         .collect();
     assert_eq!(
         names,
-        ["source", "render", "rootfs", "kernel", "disk", "verify"]
+        [
+            "source", "render", "rootfs", "kernel", "disk", "verify", "publish"
+        ]
     );
     for s in stages {
         assert_eq!(s["status"], "completed", "{s}");

@@ -397,7 +397,11 @@ pub struct ImagePublished {
     pub reference: String,
     /// Manifest digest `sha256:…`.
     pub digest: String,
-    /// Signature over the manifest digest (format defined by the publish stage).
+    /// Every tag the image was pushed under (the reference's tag first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The signature: the digest `sha256:…` of the signature artifact (an OCI referrer of the
+    /// image manifest, also tagged `sha256-<manifest hex>.sig` in the same repository).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
     /// The verification report (profiles booted, markers seen, durations).
@@ -412,6 +416,9 @@ pub struct DeployCompleted {
     pub v: u32,
     /// Agent (host) name, unsanitized.
     pub agent: String,
+    /// The build that produced the image (from its `kiln.image.published` message), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
     /// The application (VM) that was updated.
     pub application: String,
     /// Image now running: `repo:tag@sha256:…`
@@ -419,6 +426,9 @@ pub struct DeployCompleted {
     /// Image that ran before, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
+    /// How the VM runs: QEMU pid, forwarded port, seconds from the published message to healthy…
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub vm: serde_json::Value,
     pub time: EventTime,
 }
 
@@ -427,6 +437,9 @@ pub struct DeployCompleted {
 pub struct DeployFailed {
     pub v: u32,
     pub agent: String,
+    /// The build that produced the image that was tried, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
     pub application: String,
     /// Image that was tried.
     pub reference: String,

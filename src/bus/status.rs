@@ -72,11 +72,12 @@ pub struct BuildStatus {
 }
 
 /// True when `event` is the last one of its build: a `failed` (only published once no retry is
-/// left) or the `completed` of the last stage that has workers (verify; publish has none yet).
+/// left) or the `completed` of the last stage, publish (which completes as skipped when the
+/// recipe or the workers have nowhere to publish).
 pub fn ends_build(event: &StageEvent) -> bool {
     match event {
         StageEvent::Failed(_) => true,
-        StageEvent::Completed(c) => c.stage == Stage::Verify,
+        StageEvent::Completed(c) => c.stage == Stage::Publish,
         _ => false,
     }
 }
@@ -332,6 +333,11 @@ mod tests {
 
         let mut done = events;
         done.push(rec(5, completed(Stage::Verify, serde_json::json!({}))));
+        assert_eq!(
+            BuildStatus::from_events("b", &done).state,
+            BuildState::Running
+        );
+        done.push(rec(6, completed(Stage::Publish, serde_json::json!({}))));
         assert_eq!(
             BuildStatus::from_events("b", &done).state,
             BuildState::Completed

@@ -172,7 +172,7 @@ pub async fn build_over_bus(
                         error: Box::new(f.error),
                     });
                 }
-                StageEvent::Completed(c) if c.stage == bus::Stage::Verify => return Ok(c.state),
+                StageEvent::Completed(c) if c.stage == bus::Stage::Publish => return Ok(c.state),
                 _ => {}
             }
         }

@@ -84,7 +84,7 @@ pub enum BuildPhase {
     /// Requested; no stage has started.
     Queued,
     Running,
-    /// The last stage of the pipeline (verify, or publish when it runs) completed.
+    /// The last stage of the pipeline, publish, completed.
     Completed,
     Failed,
 }
@@ -182,9 +182,6 @@ pub fn summarise_builds(messages: &[StoredMessage], limit: usize) -> Vec<BuildSu
             StageEvent::Failed(f) => {
                 b.state = BuildPhase::Failed;
                 b.error = Some(f.error.clone());
-            }
-            StageEvent::Completed(c) if c.stage == bus::Stage::Verify => {
-                b.state = BuildPhase::Completed;
             }
             StageEvent::Completed(c) if c.stage == bus::Stage::Publish => {
                 b.state = BuildPhase::Completed;

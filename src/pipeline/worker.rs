@@ -8,8 +8,8 @@
 //!   recipes are written to a temp project directory) → a new [`BuildState`].
 //! - `rootfs`: [`Stage::Packages`] then [`Stage::Rootfs`]; `kernel`, `disk`: the stage of that name;
 //!   `verify`: one [`Stage::Verify`] per profile (the request's, else the recipe's).
-//! - `publish`: not run here yet (issue 6). The verify stage's `completed` message ends a build;
-//!   no worker consumes `kiln-publish`.
+//! - `publish`: push the verified disk to the worker's [`PublishTarget`] and announce it
+//!   ([`super::publish`]); its `completed` message ends a build.
 //!
 //! Every `completed` message carries the accumulated [`PipelineState`] in `state`. Before a stage
 //! runs, the worker makes every blob it needs local through the `kiln-blobs` object store; after
@@ -19,6 +19,7 @@
 //! no retry; other errors are retried, and the last attempt publishes `failed`.
 
 use super::cache::StageCache;
+use super::publish::{PublishTarget, Published, publish_build};
 use super::stages::{
     BuildState, ProgressSink, ProgressUpdate, Stage, StageEnv, StageError, StageRecords,
     StageReport, check_supported, run_stage,
@@ -82,6 +83,8 @@ pub struct WorkerConfig {
     /// Every worker of the bus shares this host's `$KILN_HOME` (`kiln build`'s private
     /// server): blobs stay in the local store and never go through the object store.
     pub local_blobs: bool,
+    /// Where the publish stage pushes images (none: it completes as skipped).
+    pub publish: Option<PublishTarget>,
 }
 
 impl WorkerConfig {
@@ -95,6 +98,7 @@ impl WorkerConfig {
             name: default_worker_name(),
             policy: RetryPolicy::default(),
             local_blobs: false,
+            publish: None,
         }
     }
 }
@@ -107,15 +111,8 @@ pub fn default_worker_name() -> String {
     format!("{host}/{}", std::process::id())
 }
 
-/// The bus stages a worker can run (all but `publish`).
-pub const RUNNABLE: [bus::Stage; 6] = [
-    bus::Stage::Source,
-    bus::Stage::Render,
-    bus::Stage::Rootfs,
-    bus::Stage::Kernel,
-    bus::Stage::Disk,
-    bus::Stage::Verify,
-];
+/// The bus stages a worker can run (all of them).
+pub const RUNNABLE: [bus::Stage; 7] = bus::Stage::ALL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -124,7 +121,7 @@ pub enum WorkerError {
     #[error(transparent)]
     Blob(#[from] BlobError),
     #[error(
-        "the {0} stage has no worker in this kiln yet (publishing is issue 6); stages: source, render, rootfs, kernel, disk, verify"
+        "the {0} stage has no worker in this kiln; stages: source, render, rootfs, kernel, disk, verify, publish"
     )]
     NotRunnable(bus::Stage),
 }
@@ -554,10 +551,48 @@ async fn run(
             };
             pipeline(ctx, stage, state, stages).await
         }
-        bus::Stage::Publish => Err(Failure::Input(ErrorInfo::new(
-            ErrorKind::Internal,
-            "the publish stage has no worker yet",
-        ))),
+        bus::Stage::Publish => publish(ctx, state).await,
+    }
+}
+
+/// The publish stage: see [`super::publish`]. The image message goes out before `completed`, so
+/// whoever sees the build end finds the image announced.
+async fn publish(ctx: &Arc<Ctx>, state: PipelineState) -> Result<StageResult, Failure> {
+    let build = state.build.as_ref().ok_or_else(|| missing("render"))?;
+    let id = state.request.id.clone().unwrap_or_default();
+    let needs_disk = build.loaded.recipe.publish.is_some() && ctx.config.publish.is_some();
+    let disk = match (&build.disk, needs_disk) {
+        (Some(d), true) => {
+            fetch(ctx, std::slice::from_ref(&d.image)).await?;
+            ctx.env.blobs.path(&d.image)
+        }
+        (None, true) => return Err(missing("disk")),
+        (_, false) => PathBuf::new(),
+    };
+    let st = state.clone();
+    let target = ctx.config.publish.clone();
+    let done = blocking(move || {
+        let build = st.build.as_ref().ok_or_else(|| missing("render"))?;
+        publish_build(&id, build, st.commit.as_deref(), &disk, target.as_ref()).map_err(|e| {
+            if e.kind == ErrorKind::Transient {
+                Failure::Retry(e)
+            } else {
+                Failure::Input(e)
+            }
+        })
+    })
+    .await?;
+    match done {
+        Published::Skipped(why) => Ok((state, json!({ "skipped": why }), CacheStatus::Miss)),
+        Published::Pushed { outputs, message } => {
+            ctx.bus.publish_image(&message).await.map_err(transient)?;
+            let cache = if outputs["uploaded"].as_u64() == Some(0) {
+                CacheStatus::Hit
+            } else {
+                CacheStatus::Miss
+            };
+            Ok((state, outputs, cache))
+        }
     }
 }
 

@@ -422,6 +422,12 @@ pub struct Deploy {
     /// VM CPUs (default 1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
+    /// Shell command the image's init runs (busybox images) when a kiln agent starts it, instead
+    /// of powering off after the verify marker: the application, e.g.
+    /// `httpd -p 8080 -h /srv/www && echo app-ready`. The agent gives the guest user-mode
+    /// networking (10.0.2.15/24, gateway 10.0.2.2) and forwards `health_port` to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 /// The JSON Schema of recipes (written to `recipes/schema.json`).

@@ -76,6 +76,8 @@ pub const ANN_VERSION: &str = "dev.kiln.version";
 pub const ANN_RECIPE_DIGEST: &str = "dev.kiln.recipe.digest";
 pub const ANN_GIT_COMMIT: &str = "dev.kiln.git.commit";
 pub const ANN_BOOT_REPORT: &str = "dev.kiln.boot.report";
+/// How agents run the image: the recipe's `deploy` section and the verify marker (short JSON).
+pub const ANN_DEPLOY: &str = "dev.kiln.deploy";
 pub const ANN_SIGNATURE: &str = "dev.kiln.signature";
 pub const ANN_SIGNATURE_KEY: &str = "dev.kiln.signature.key";
 /// Upload chunk size.
@@ -258,6 +260,8 @@ pub struct PublishMeta {
     pub title: Option<String>,
     /// Format; default: detected from the file.
     pub format: Option<DiskFormat>,
+    /// More manifest annotations (e.g. [`ANN_DEPLOY`]); they cannot replace the ones above.
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// How to reach the store.
@@ -590,6 +594,9 @@ pub fn publish(
         if let Some(v) = v {
             annotations.insert(k.to_string(), v.clone());
         }
+    }
+    for (k, v) in &meta.annotations {
+        annotations.entry(k.clone()).or_insert_with(|| v.clone());
     }
     let manifest = Manifest {
         schema_version: 2,

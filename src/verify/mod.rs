@@ -406,7 +406,12 @@ fn choose_accel(spec: &BootSpec, qemu: &Path) -> Result<(Accel, String), VerifyE
     if let Some(accel) = spec.accel {
         return Ok((accel, format!("{accel} chosen by the caller")));
     }
-    match spec.profile.accel {
+    profile_accel(&spec.profile, qemu)
+}
+
+/// The accelerator a profile asks for: TCG, or the (cached) probe's finding for `auto`/`kvm`.
+pub fn profile_accel(profile: &Profile, qemu: &Path) -> Result<(Accel, String), VerifyError> {
+    match profile.accel {
         AccelChoice::Tcg => Ok((Accel::Tcg, "tcg chosen by the profile".into())),
         AccelChoice::Auto => {
             let probe = accel::probe_cached(qemu);
@@ -426,7 +431,7 @@ fn choose_accel(spec: &BootSpec, qemu: &Path) -> Result<(Accel, String), VerifyE
 }
 
 /// A private, writable copy of the OVMF variable store in `dir`.
-fn private_vars(template: &Path, dir: &Path) -> Result<PathBuf, VerifyError> {
+pub fn private_vars(template: &Path, dir: &Path) -> Result<PathBuf, VerifyError> {
     use std::os::unix::fs::PermissionsExt;
     let copy = dir.join("OVMF_VARS.fd");
     std::fs::copy(template, &copy).map_err(|source| VerifyError::Io {

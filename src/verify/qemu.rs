@@ -1,6 +1,7 @@
 //! The QEMU process: finding the binary, building its command line from a profile and a boot
 //! spec, and owning the running process so that it is always killed (its whole process group) and
-//! reaped — on success, on error and on drop.
+//! reaped — on success, on error and on drop. [`service_args`] is the other kind of VM: a
+//! daemonized, long-running one for the agents (see `crate::agent`).
 
 use std::ffi::OsString;
 use std::io::{self, Read};
@@ -157,6 +158,89 @@ pub(crate) fn qemu_args(
             .into(),
         );
     }
+    args.extend(profile.extra_args.iter().map(OsString::from));
+    args
+}
+
+/// A long-running VM, as a kiln agent runs an application image: booted by the profile's
+/// firmware from a writable (overlay) disk, daemonized so that it outlives the agent, with its
+/// serial console in a file, a QMP socket for control and, optionally, a TCP port forwarded from
+/// the host's loopback to the guest over user-mode networking.
+#[derive(Clone, Debug)]
+pub struct ServiceVm {
+    pub profile: Profile,
+    pub accel: Accel,
+    /// The private OVMF variable store (UEFI profiles).
+    pub vars: Option<PathBuf>,
+    /// The qcow2 disk the guest writes to (an overlay on the pulled image).
+    pub disk: PathBuf,
+    pub serial_log: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub pidfile: PathBuf,
+    /// `(host port on 127.0.0.1, guest port)`.
+    pub forward: Option<(u16, u16)>,
+    /// The SMBIOS system serial number the guest sees (`/sys/class/dmi/id/product_serial`).
+    pub smbios_serial: Option<String>,
+    /// Override the profile's memory and CPUs.
+    pub memory_mib: Option<u32>,
+    pub cpus: Option<u32>,
+}
+
+/// QEMU's arguments for a [`ServiceVm`] (with `-daemonize`: QEMU returns once the VM runs and
+/// writes its pid to the pidfile).
+pub fn service_args(vm: &ServiceVm) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    let profile = &vm.profile;
+    push(&["-nodefaults", "-display", "none", "-no-user-config"]);
+    push(&["-machine", &profile.machine, "-accel", vm.accel.qemu_name()]);
+    if vm.accel == Accel::Kvm {
+        push(&["-cpu", "host"]);
+    }
+    let memory = vm.memory_mib.unwrap_or(profile.memory_mib).to_string();
+    let cpus = vm.cpus.unwrap_or(profile.cpus).to_string();
+    push(&["-m", &memory, "-smp", &cpus]);
+    if let Some(fw) = &profile.firmware {
+        args.push("-drive".into());
+        args.push(
+            format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                drive_file(&fw.code)
+            )
+            .into(),
+        );
+    }
+    if let Some(vars) = &vm.vars {
+        args.push("-drive".into());
+        args.push(format!("if=pflash,format=raw,unit=1,file={}", drive_file(vars)).into());
+    }
+    args.push("-drive".into());
+    args.push(format!("file={},format=qcow2,if=virtio", drive_file(&vm.disk)).into());
+    args.push("-serial".into());
+    args.push(format!("file:{}", vm.serial_log.display()).into());
+    args.push("-qmp".into());
+    args.push(format!("unix:{},server=on,wait=off", vm.qmp_socket.display()).into());
+    let mut netdev = "user,id=net0".to_string();
+    if let Some((host, guest)) = vm.forward {
+        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+    }
+    // romfile= (empty): no iPXE option ROM, so the firmware does not try a network boot first.
+    args.extend(
+        [
+            "-netdev",
+            &netdev,
+            "-device",
+            "virtio-net-pci,netdev=net0,romfile=",
+        ]
+        .map(OsString::from),
+    );
+    if let Some(serial) = &vm.smbios_serial {
+        args.push("-smbios".into());
+        args.push(format!("type=1,serial={}", serial.replace(',', ",,")).into());
+    }
+    args.push("-daemonize".into());
+    args.push("-pidfile".into());
+    args.push(vm.pidfile.clone().into());
     args.extend(profile.extra_args.iter().map(OsString::from));
     args
 }

@@ -3,6 +3,8 @@
 //! client).
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

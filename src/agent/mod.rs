@@ -1,0 +1,848 @@
+//! Application servers: `kiln agent` runs on a hypervisor host, watches one `repository:tag` on
+//! `kiln.image.published.<repository>`, and runs the newest image that passes its checks.
+//!
+//! For each announcement of its tag (and, at start, the last one already in the stream) it
+//! 1. pulls the image by digest into `<state-dir>/images/` with [`crate::store::pull`]: digests
+//!    and the ed25519 signature are checked against `--trust`, an interrupted download resumes
+//!    with `Range`; a refused image is reported on `kiln.deploy.<agent>.failed` and nothing boots;
+//! 2. boots it ([`vm`]): a qcow2 overlay on the pulled image, QEMU daemonized with a QMP socket,
+//!    the serial console in a file, user-mode networking forwarding a loopback port to the
+//!    guest's health port, and the SMBIOS serial `kiln-agent` that tells a kiln image to run its
+//!    `deploy.run` application instead of powering off;
+//! 3. waits for health: the serial marker and/or an answer on the forwarded port, within the
+//!    timeout (from the image's `dev.kiln.deploy` annotation, i.e. the recipe's `deploy:`
+//!    section, unless the command line overrides it);
+//! 4. healthy: switches its proxy ([`proxy`], `--listen`) to the new VM, stops the old one with
+//!    QMP `quit`, and reports `kiln.deploy.<agent>.completed`; unhealthy: kills the new VM, the
+//!    old one keeps running, and `kiln.deploy.<agent>.failed` says why (rollback).
+//!
+//! The state ([`state`]) is a JSON file written atomically after every change. A restarted agent
+//! re-adopts the VM it finds there when its QEMU is alive and answers QMP `query-status`, and
+//! boots the same image again when it is gone. VMs outlive the agent on purpose: stopping the
+//! agent does not stop the application.
+
+pub mod proxy;
+pub mod state;
+pub mod vm;
+
+use crate::bus::{
+    Bus, BusError, DeployCompleted, DeployFailed, ErrorInfo, ErrorKind, EventTime, ImagePublished,
+    VERSION, subjects,
+};
+use crate::store::{self, Reference, StoreError, StoreOptions, VerifyingKey};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use state::{AgentState, HealthSpec, VmRecord};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long a VM may take to quit after QMP `quit` before it is killed.
+const QUIT_GRACE: Duration = Duration::from_secs(10);
+/// Health timeout when neither the image nor the command line gives one.
+pub const DEFAULT_HEALTH_TIMEOUT: u64 = 120;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] store::KeyError),
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent state {path}: {reason}")]
+    State { path: PathBuf, reason: String },
+    #[error("QMP on {socket}: {reason}")]
+    Qmp { socket: PathBuf, reason: String },
+    #[error("QEMU: {0}")]
+    Qemu(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What `kiln agent` was told.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Agent (host) name in subjects and messages.
+    pub name: String,
+    /// Repository as announced, e.g. `registry:5000/team/web`.
+    pub repository: String,
+    pub tag: String,
+    /// The public key images must be signed with.
+    pub trust: PathBuf,
+    pub state_dir: PathBuf,
+    /// QEMU machine profile (UEFI) and the directory to find it in.
+    pub profile: String,
+    pub profiles_dir: Option<PathBuf>,
+    /// The stable address clients use; forwarded to the running VM's health port.
+    pub listen: Option<SocketAddr>,
+    /// Overrides of the image's deploy settings.
+    pub health_serial: Option<String>,
+    pub health_port: Option<u16>,
+    pub health_timeout: Option<u64>,
+    pub store: StoreOptions,
+}
+
+/// Split `REPO:TAG` (the tag is after the last `:` that follows the last `/`).
+pub fn parse_watch(text: &str) -> Result<(String, String), AgentError> {
+    let slash = text.rfind('/').unwrap_or(0);
+    match text.rfind(':') {
+        Some(i) if i > slash && i + 1 < text.len() => {
+            let tag = &text[i + 1..];
+            if !store::reference::valid_tag(tag) {
+                return Err(AgentError::Config(format!(
+                    "--watch {text}: {tag:?} is not a valid tag"
+                )));
+            }
+            Ok((text[..i].to_string(), tag.to_string()))
+        }
+        _ => Err(AgentError::Config(format!(
+            "--watch {text}: expected REPOSITORY:TAG, e.g. 127.0.0.1:5000/team/web:production"
+        ))),
+    }
+}
+
+/// What the agent reports as it works (printed by `kiln agent --json`).
+pub type Report = Box<dyn Fn(&Value) + Send + Sync>;
+
+/// Whether a message announces the watched tag of the watched repository.
+pub fn announces(msg: &ImagePublished, repository: &str, tag: &str) -> bool {
+    if msg.repository != repository {
+        return false;
+    }
+    let ref_tag = msg
+        .reference
+        .split('@')
+        .next()
+        .and_then(|r| {
+            let slash = r.rfind('/').unwrap_or(0);
+            r.rfind(':').filter(|i| *i > slash).map(|i| &r[i + 1..])
+        })
+        .unwrap_or("latest");
+    ref_tag == tag || msg.tags.iter().any(|t| t == tag)
+}
+
+/// How to run an image: from its `dev.kiln.deploy` annotation and the command line.
+struct RunSettings {
+    health: HealthSpec,
+    memory_mib: Option<u32>,
+    cpus: Option<u32>,
+    application: Option<String>,
+}
+
+/// The deploy settings an image carries (`dev.kiln.deploy`), with the command line's overrides.
+fn health_for(
+    config: &AgentConfig,
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Result<RunSettings, String> {
+    let d: Value = annotations
+        .get(store::ANN_DEPLOY)
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(Value::Null);
+    let port = config.health_port.or_else(|| {
+        d["health_port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+    });
+    let mut serial = config
+        .health_serial
+        .clone()
+        .or_else(|| d["health_serial"].as_str().map(str::to_string));
+    if serial.is_none() && port.is_none() {
+        serial = d["verify_marker"].as_str().map(str::to_string);
+    }
+    if serial.is_none() && port.is_none() {
+        return Err(
+            "the image names no health check (recipe deploy.health_serial/health_port or verify.expect) and none was given (--health-serial, --health-port)".into(),
+        );
+    }
+    let timeout_s = config
+        .health_timeout
+        .or_else(|| d["health_timeout"].as_u64())
+        .unwrap_or(DEFAULT_HEALTH_TIMEOUT);
+    let memory = d["memory_mib"].as_u64().and_then(|v| u32::try_from(v).ok());
+    let cpus = d["cpus"].as_u64().and_then(|v| u32::try_from(v).ok());
+    Ok(RunSettings {
+        health: HealthSpec {
+            serial,
+            port,
+            timeout_s,
+        },
+        memory_mib: memory,
+        cpus,
+        application: d["application"].as_str().map(str::to_string),
+    })
+}
+
+/// The result of acting on one announcement.
+enum Deployed {
+    Completed(DeployCompleted),
+    Failed(DeployFailed),
+}
+
+fn vm_json(vm: &VmRecord, seconds: Option<f64>) -> Value {
+    json!({
+        "id": vm.id, "pid": vm.pid, "qmp": vm.qmp, "serial_log": vm.serial_log,
+        "guest_port": vm.guest_port, "host_port": vm.host_port,
+        "seconds_to_healthy": seconds,
+    })
+}
+
+fn failed(
+    config: &AgentConfig,
+    msg: &ImagePublished,
+    application: &str,
+    kind: ErrorKind,
+    message: String,
+    state: &AgentState,
+    booted: bool,
+) -> Deployed {
+    Deployed::Failed(DeployFailed {
+        v: VERSION,
+        agent: config.name.clone(),
+        build: Some(msg.build.clone()).filter(|b| !b.is_empty()),
+        application: application.to_string(),
+        reference: msg.reference.clone(),
+        error: ErrorInfo::new(kind, &message),
+        rolled_back: booted && state.current.is_some(),
+        running: state.current.as_ref().map(|c| c.reference.clone()),
+        time: EventTime::now(),
+    })
+}
+
+/// The reference to pull: the announced image pinned to its digest.
+fn pull_reference(msg: &ImagePublished) -> String {
+    let base = msg.reference.split('@').next().unwrap_or(&msg.reference);
+    match Reference::parse(base) {
+        Ok(r) if matches!(r.location, store::Location::Registry { .. }) => {
+            match crate::cache::Digest256::parse(&msg.digest) {
+                Some(d) => Reference { tag: None, ..r }.with_digest(&d),
+                None => base.to_string(),
+            }
+        }
+        _ => base.to_string(),
+    }
+}
+
+/// Pull, boot, check and swap (blocking). `state` is updated and saved.
+fn deploy(
+    config: &AgentConfig,
+    trust: &VerifyingKey,
+    state: &mut AgentState,
+    msg: &ImagePublished,
+    received: Instant,
+    backend: &proxy::Backend,
+) -> Result<Deployed, AgentError> {
+    let default_app = config
+        .repository
+        .rsplit('/')
+        .next()
+        .unwrap_or(&config.repository)
+        .to_string();
+    let images = config.state_dir.join("images");
+    std::fs::create_dir_all(&images).map_err(|source| AgentError::Io {
+        what: "create",
+        path: images.clone(),
+        source,
+    })?;
+    let hex = msg.digest.strip_prefix("sha256:").unwrap_or(&msg.digest);
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(failed(
+            config,
+            msg,
+            &default_app,
+            ErrorKind::InvalidMessage,
+            format!("the announced digest {:?} is not sha256:<hex>", msg.digest),
+            state,
+            false,
+        ));
+    }
+    let image = images.join(format!("{hex}.img"));
+    let pull_ref = pull_reference(msg);
+    let report = match store::pull(&pull_ref, &image, Some(trust), &config.store) {
+        Ok(r) => r,
+        Err(e) => {
+            // A refused download is not kept for resuming: its bytes are not trusted.
+            let _ = std::fs::remove_file(&image);
+            let _ = std::fs::remove_file(store::partial_path(&image));
+            let kind = match e {
+                StoreError::Http { .. } | StoreError::Io { .. } => ErrorKind::Transient,
+                _ => ErrorKind::Verification,
+            };
+            return Ok(failed(
+                config,
+                msg,
+                &default_app,
+                kind,
+                format!("refused {pull_ref}, nothing was booted: {e}"),
+                state,
+                false,
+            ));
+        }
+    };
+    if report.manifest_digest.to_string() != msg.digest {
+        let _ = std::fs::remove_file(&image);
+        return Ok(failed(
+            config,
+            msg,
+            &default_app,
+            ErrorKind::Verification,
+            format!(
+                "refused {pull_ref}, nothing was booted: the registry served manifest {} but {} was announced (the tag moved)",
+                report.manifest_digest, msg.digest
+            ),
+            state,
+            false,
+        ));
+    }
+    if report.format != "qcow2" {
+        return Ok(failed(
+            config,
+            msg,
+            &default_app,
+            ErrorKind::Verification,
+            format!(
+                "{pull_ref} is a {} disk; the agent runs qcow2 images (an overlay needs a qcow2 base)",
+                report.format
+            ),
+            state,
+            false,
+        ));
+    }
+    let RunSettings {
+        health,
+        memory_mib,
+        cpus,
+        application: app,
+    } = match health_for(config, &report.annotations) {
+        Ok(h) => h,
+        Err(why) => {
+            return Ok(failed(
+                config,
+                msg,
+                &default_app,
+                ErrorKind::Verification,
+                why,
+                state,
+                false,
+            ));
+        }
+    };
+    let application = app.unwrap_or(default_app);
+    let id = state.next_vm;
+    state.next_vm += 1;
+    state.save(&config.state_dir)?;
+    let req = vm::VmRequest {
+        id,
+        reference: msg.reference.clone(),
+        digest: msg.digest.clone(),
+        build: Some(msg.build.clone()).filter(|b| !b.is_empty()),
+        application: application.clone(),
+        image,
+        health,
+        memory_mib,
+        cpus,
+    };
+    let started = Instant::now();
+    let mut new = match vm::start(
+        &config.state_dir,
+        config.profiles_dir.as_deref(),
+        &config.profile,
+        &req,
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            return Ok(failed(
+                config,
+                msg,
+                &application,
+                ErrorKind::Internal,
+                format!("could not start a VM for {}: {e}", msg.reference),
+                state,
+                true,
+            ));
+        }
+    };
+    match vm::wait_healthy(&new, started) {
+        Ok(boot) => {
+            new.since = crate::bus::messages::format_rfc3339_ms(now_ms());
+            let seconds = received.elapsed().as_secs_f64();
+            let old = state.current.replace(new.clone());
+            // The new VM takes new connections before the old one goes away.
+            backend.set(new.host_port);
+            state.previous = old.as_ref().map(|o| o.reference.clone());
+            state.last_handled = Some(msg.digest.clone());
+            state.save(&config.state_dir)?;
+            if let Some(old) = &old {
+                vm::stop(old, QUIT_GRACE);
+            }
+            // Keep the running image and the one before it (to go back to); drop the rest.
+            let mut keep = vec![new.image.clone()];
+            keep.extend(old.as_ref().map(|o| o.image.clone()));
+            prune_images(&images, &keep);
+            tracing::info!(
+                "{} healthy after {:.1} s (boot {:.1} s); running it",
+                msg.reference,
+                seconds,
+                boot.as_secs_f64()
+            );
+            Ok(Deployed::Completed(DeployCompleted {
+                v: VERSION,
+                agent: config.name.clone(),
+                build: new.build.clone(),
+                application,
+                reference: new.reference.clone(),
+                previous: state.previous.clone(),
+                vm: vm_json(&new, Some(seconds)),
+                time: EventTime::now(),
+            }))
+        }
+        Err(why) => {
+            vm::stop(&new, Duration::from_secs(2));
+            state.last_handled = Some(msg.digest.clone());
+            state.save(&config.state_dir)?;
+            let what = match &state.current {
+                Some(c) => format!("; {} keeps running", c.reference),
+                None => String::new(),
+            };
+            Ok(failed(
+                config,
+                msg,
+                &application,
+                ErrorKind::Verification,
+                format!("{} is not healthy: {why}{what}", msg.reference),
+                state,
+                true,
+            ))
+        }
+    }
+}
+
+/// Remove pulled images in `dir` other than `keep` (and their `.partial` leftovers).
+fn prune_images(dir: &Path, keep: &[PathBuf]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if !keep.contains(&path)
+            && let Err(err) = std::fs::remove_file(&path)
+        {
+            tracing::warn!("removing {}: {err}", path.display());
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// At start: adopt the VM in the state file when its QEMU answers, else boot its image again.
+fn recover(
+    config: &AgentConfig,
+    state: &mut AgentState,
+    backend: &proxy::Backend,
+) -> Result<Option<Deployed>, AgentError> {
+    let Some(cur) = state.current.clone() else {
+        return Ok(None);
+    };
+    if vm::answers(&cur) {
+        tracing::info!(
+            "re-adopted VM {} (QEMU pid {}) running {}",
+            cur.id,
+            cur.pid,
+            cur.reference
+        );
+        backend.set(cur.host_port);
+        return Ok(None);
+    }
+    tracing::warn!(
+        "VM {} (pid {}) of {} is gone; booting it again",
+        cur.id,
+        cur.pid,
+        cur.reference
+    );
+    vm::stop(&cur, Duration::from_secs(2));
+    state.current = None;
+    let id = state.next_vm;
+    state.next_vm += 1;
+    state.save(&config.state_dir)?;
+    let req = vm::VmRequest {
+        id,
+        reference: cur.reference.clone(),
+        digest: cur.digest.clone(),
+        build: cur.build.clone(),
+        application: cur.application.clone(),
+        image: cur.image.clone(),
+        health: cur.health.clone(),
+        memory_mib: cur.memory_mib,
+        cpus: cur.cpus,
+    };
+    let started = Instant::now();
+    let outcome = vm::start(
+        &config.state_dir,
+        config.profiles_dir.as_deref(),
+        &config.profile,
+        &req,
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|mut new| match vm::wait_healthy(&new, started) {
+        Ok(_) => {
+            new.since = crate::bus::messages::format_rfc3339_ms(now_ms());
+            Ok(new)
+        }
+        Err(why) => {
+            vm::stop(&new, Duration::from_secs(2));
+            Err(why)
+        }
+    });
+    Ok(Some(match outcome {
+        Ok(new) => {
+            backend.set(new.host_port);
+            state.current = Some(new.clone());
+            state.save(&config.state_dir)?;
+            Deployed::Completed(DeployCompleted {
+                v: VERSION,
+                agent: config.name.clone(),
+                build: new.build.clone(),
+                application: new.application.clone(),
+                reference: new.reference.clone(),
+                previous: Some(cur.reference.clone()),
+                vm: vm_json(&new, None),
+                time: EventTime::now(),
+            })
+        }
+        Err(why) => {
+            backend.set(None);
+            Deployed::Failed(DeployFailed {
+                v: VERSION,
+                agent: config.name.clone(),
+                build: cur.build.clone(),
+                application: cur.application.clone(),
+                reference: cur.reference.clone(),
+                error: ErrorInfo::new(
+                    ErrorKind::Verification,
+                    &format!("restarting {} after its VM was gone: {why}", cur.reference),
+                ),
+                rolled_back: false,
+                running: None,
+                time: EventTime::now(),
+            })
+        }
+    }))
+}
+
+async fn announce(bus: &Bus, outcome: &Deployed, report: &Report) {
+    let (r, v) = match outcome {
+        Deployed::Completed(c) => (
+            bus.publish_deploy_completed(c).await,
+            serde_json::to_value(c).map(|mut v| {
+                v["kind"] = "completed".into();
+                v
+            }),
+        ),
+        Deployed::Failed(f) => {
+            tracing::warn!("deploy of {} failed: {}", f.reference, f.error.message);
+            (
+                bus.publish_deploy_failed(f).await,
+                serde_json::to_value(f).map(|mut v| {
+                    v["kind"] = "failed".into();
+                    v
+                }),
+            )
+        }
+    };
+    if let Err(e) = r {
+        tracing::warn!("cannot publish the deploy result: {e}");
+    }
+    if let Ok(v) = v {
+        report(&v);
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Config(format!("agent task failed: {e}")))?
+}
+
+/// Run the agent until `shutdown` completes. VMs keep running after it returns.
+pub async fn run(
+    bus: &Bus,
+    config: AgentConfig,
+    report: Report,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let trust = store::load_verifying_key(&config.trust)?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::Io {
+        what: "create the state directory",
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let backend = proxy::Backend::default();
+    if let Some(addr) = config.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::Io {
+                what: "listen on",
+                path: PathBuf::from(addr.to_string()),
+                source,
+            })?;
+        tokio::spawn(proxy::serve(listener, backend.clone()));
+    }
+    let mut state = AgentState::load(&config.state_dir)?;
+    let (st, outcome) = {
+        let config = config.clone();
+        let backend = backend.clone();
+        blocking(move || {
+            let mut st = state;
+            let o = recover(&config, &mut st, &backend)?;
+            Ok((st, o))
+        })
+        .await?
+    };
+    state = st;
+    if let Some(o) = &outcome {
+        announce(bus, o, &report).await;
+    }
+    report(&json!({
+        "kind": "ready", "agent": config.name,
+        "watch": format!("{}:{}", config.repository, config.tag),
+        "running": state.current.as_ref().map(|c| c.reference.clone()),
+        "pid": state.current.as_ref().map(|c| c.pid),
+        "listen": config.listen.map(|a| a.to_string()),
+    }));
+
+    let subject = subjects::image_published(&config.repository);
+    bus.ensure_kiln_stream().await?;
+    // A task reads the subject all the time, so the consumer is polled while a deploy blocks.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(watch(bus.clone(), subject.clone(), tx));
+    tokio::pin!(shutdown);
+    loop {
+        let next = tokio::select! {
+            _ = &mut shutdown => break,
+            m = rx.recv() => m,
+        };
+        let Some(m) = next else { break };
+        let received = Instant::now();
+        let msg: ImagePublished = match crate::bus::decode(&m.payload) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("ignoring a message on {}: {e}", m.subject);
+                continue;
+            }
+        };
+        if !announces(&msg, &config.repository, &config.tag) {
+            continue;
+        }
+        let running = state.current.as_ref().map(|c| c.digest.as_str());
+        if running == Some(msg.digest.as_str())
+            || state.last_handled.as_deref() == Some(msg.digest.as_str())
+        {
+            tracing::info!("{} was handled already", msg.reference);
+            continue;
+        }
+        tracing::info!("deploying {}", msg.reference);
+        let (st, outcome) = {
+            let config = config.clone();
+            let backend = backend.clone();
+            blocking(move || {
+                let mut st = state;
+                let o = deploy(&config, &trust, &mut st, &msg, received, &backend)?;
+                // Deployed, rolled back or refused: a restart does not act on it again.
+                st.last_handled = Some(msg.digest.clone());
+                st.save(&config.state_dir)?;
+                Ok((st, o))
+            })
+            .await?
+        };
+        state = st;
+        announce(bus, &outcome, &report).await;
+    }
+    reader.abort();
+    Ok(())
+}
+
+/// How long the watch may see nothing before it re-creates its consumer (an ordered consumer
+/// that lost its server-side state can stay silent instead of failing).
+const WATCH_IDLE: Duration = Duration::from_secs(10);
+
+/// Send every message on `subject` to `tx`: first the last one stored, then each new one, in
+/// stream order, without gaps or repeats across consumer re-creations.
+async fn watch(
+    bus: Bus,
+    subject: String,
+    tx: tokio::sync::mpsc::UnboundedSender<async_nats::jetstream::Message>,
+) {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let mut last: Option<u64> = None;
+    loop {
+        let deliver_policy = match last {
+            None => DeliverPolicy::LastPerSubject,
+            Some(seq) => DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+        };
+        let mut floor = 0;
+        let consumer = match bus.ensure_kiln_stream().await {
+            Ok(mut stream) => {
+                // Messages stored after this point are new: if the first consumer finds none
+                // for the subject, the next one starts here.
+                if let Ok(info) = stream.info().await {
+                    floor = info.state.last_sequence;
+                }
+                stream
+                    .create_consumer(OrderedConfig {
+                        filter_subject: subject.clone(),
+                        deliver_policy,
+                        ..Default::default()
+                    })
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!("watching {subject}: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut messages = match consumer {
+            Ok(c) => match c.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("watching {subject}: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            Err(e) => {
+                tracing::warn!("watching {subject}: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            match tokio::time::timeout(WATCH_IDLE, messages.next()).await {
+                Err(_) => break,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    tracing::debug!("watching {subject}: {e}");
+                    break;
+                }
+                Ok(Some(Ok(m))) => {
+                    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    if last.is_some_and(|l| seq <= l) {
+                        continue;
+                    }
+                    last = Some(seq);
+                    if tx.send(m).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if last.is_none() {
+            last = Some(floor);
+        }
+    }
+}
+
+/// The state directory's current VM, for tests and tools (`None` without one).
+pub fn current_vm(state_dir: &Path) -> Result<Option<VmRecord>, AgentError> {
+    Ok(AgentState::load(state_dir)?.current)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(reference: &str, tags: &[&str]) -> ImagePublished {
+        ImagePublished {
+            v: 1,
+            build: "b".into(),
+            repository: "127.0.0.1:5000/kiln/app".into(),
+            reference: reference.into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            signature: None,
+            verification: Value::Null,
+            time: EventTime::now(),
+        }
+    }
+
+    #[test]
+    fn watch_and_announcements() {
+        assert_eq!(
+            parse_watch("127.0.0.1:5000/kiln/app:prod").unwrap(),
+            ("127.0.0.1:5000/kiln/app".into(), "prod".into())
+        );
+        assert!(parse_watch("127.0.0.1:5000/kiln/app").is_err());
+        let repo = "127.0.0.1:5000/kiln/app";
+        let m = msg(
+            &format!("{repo}:prod@sha256:{}", "a".repeat(64)),
+            &["prod", "v2"],
+        );
+        assert!(announces(&m, repo, "prod"));
+        assert!(announces(&m, repo, "v2"));
+        assert!(!announces(&m, repo, "staging"));
+        assert!(!announces(&m, "127.0.0.1:5000/kiln/other", "prod"));
+        assert_eq!(
+            pull_reference(&m),
+            format!("{repo}@sha256:{}", "a".repeat(64))
+        );
+    }
+
+    #[test]
+    fn health_comes_from_the_image_unless_overridden() {
+        let mut config = AgentConfig {
+            name: "hv".into(),
+            repository: "r".into(),
+            tag: "t".into(),
+            trust: "k.pub".into(),
+            state_dir: "/s".into(),
+            profile: "uefi".into(),
+            profiles_dir: None,
+            listen: None,
+            health_serial: None,
+            health_port: None,
+            health_timeout: None,
+            store: StoreOptions::default(),
+        };
+        let ann = std::collections::BTreeMap::from([(
+            store::ANN_DEPLOY.to_string(),
+            r#"{"health_port":8080,"health_serial":"ready","verify_marker":"ok","health_timeout":30}"#.to_string(),
+        )]);
+        let h = health_for(&config, &ann).unwrap().health;
+        assert_eq!(
+            (h.serial.as_deref(), h.port, h.timeout_s),
+            (Some("ready"), Some(8080), 30)
+        );
+        config.health_timeout = Some(5);
+        config.health_port = Some(9000);
+        let h = health_for(&config, &ann).unwrap().health;
+        assert_eq!((h.port, h.timeout_s), (Some(9000), 5));
+        config.health_port = None;
+        let only_marker = std::collections::BTreeMap::from([(
+            store::ANN_DEPLOY.to_string(),
+            r#"{"verify_marker":"ok"}"#.to_string(),
+        )]);
+        let h = health_for(&config, &only_marker).unwrap().health;
+        assert_eq!((h.serial.as_deref(), h.port), (Some("ok"), None));
+        assert!(health_for(&config, &Default::default()).is_err());
+    }
+}

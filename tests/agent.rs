@@ -1,0 +1,554 @@
+//! The publish stage and `kiln agent`, end to end, with real components only: Debian's
+//! `docker-registry` on a loopback port, a private `nats-server`, `kiln up` building and
+//! publishing through NATS, real QEMU (the agent boots the images through OVMF), `curl` and
+//! `sha256sum` as the second opinion on what the registry holds.
+//!
+//! One test walks the whole life of an application so the VM boots stay few: a build publishes
+//! v1 → the agent deploys it → v2 is built and swapped in → v3 (verified, but its application
+//! never comes up) is rolled back → an image signed by another key and an image changed after
+//! signing are refused without booting → the agent is killed and restarted and re-adopts the
+//! running VM.
+
+use kiln::bus::{Bus, EventTime, ImagePublished, PrivateServer};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::registry::{free_port, start_registry};
+use common::shared_home;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn kiln(home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.env("KILN_HOME", home)
+        .env_remove("KILN_OFFLINE")
+        .env_remove("KILN_NATS_URL")
+        .env_remove("KILN_REGISTRY_USER")
+        .env_remove("KILN_REGISTRY_PASSWORD")
+        .current_dir(root());
+    c
+}
+
+/// A child process: SIGTERM (then SIGKILL) when dropped.
+struct Running(Child);
+
+impl Running {
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill9();
+    }
+}
+
+/// The QEMU processes whose command line names `dir` (the agent's state directory).
+fn qemus_in(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu-system") && cmd.contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Kills the agent's VMs when the test ends, however it ends (they outlive the agent on
+/// purpose).
+struct VmReaper(PathBuf);
+
+impl Drop for VmReaper {
+    fn drop(&mut self) {
+        for pid in qemus_in(&self.0) {
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// `kiln agent --json`, its stdout lines arriving on a channel.
+struct Agent {
+    proc: Running,
+    lines: mpsc::Receiver<serde_json::Value>,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(mut cmd: Command, log: &Path) -> Agent {
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(err).spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        Agent {
+            proc: Running(child),
+            lines: rx,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// The next line, which must be of `kind` (`ready`, `completed`, `failed`), within `limit`.
+    fn next(&self, kind: &str, limit: Duration) -> serde_json::Value {
+        let log = || std::fs::read_to_string(&self.log).unwrap_or_default();
+        match self.lines.recv_timeout(limit) {
+            Ok(v) if v["kind"] == kind => v,
+            Ok(v) => panic!(
+                "expected a {kind} line from the agent, got {v}\nagent log:\n{}",
+                log()
+            ),
+            Err(e) => panic!(
+                "no {kind} line from the agent within {limit:?} ({e})\nagent log:\n{}",
+                log()
+            ),
+        }
+    }
+}
+
+fn show(o: &Output, log: &Path) -> String {
+    format!(
+        "stdout:\n{}\nstderr:\n{}\nlog {}:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        log.display(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    )
+}
+
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn sha256_file(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    format!(
+        "sha256:{}",
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+    )
+}
+
+fn curl(args: &[&str]) -> Vec<u8> {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "-m", "30"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// One HTTP GET through the agent's stable address: the page the guest serves.
+fn page(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}
+
+/// Submit `recipes/app.yaml` with `sets` to the running `kiln up`; returns the events.
+fn submit(home: &Path, url: &str, sets: &[&str], log: &Path) -> Vec<serde_json::Value> {
+    let mut c = kiln(home);
+    c.args([
+        "submit",
+        "recipes/app.yaml",
+        "--follow",
+        "--json",
+        "--nats",
+        url,
+    ]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", show(&o, log));
+    let events = json_lines(&o);
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last["kind"].as_str(), last["stage"].as_str()),
+        (Some("completed"), Some("publish")),
+        "{}",
+        show(&o, log)
+    );
+    events
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Announce an image the way the publish stage does (a CI system may do the same).
+fn announce(url: &str, repository: &str, publish: &serde_json::Value, build: &str) {
+    let msg = ImagePublished {
+        v: 1,
+        build: build.into(),
+        repository: repository.into(),
+        reference: publish["reference"].as_str().unwrap().into(),
+        digest: publish["manifest_digest"].as_str().unwrap().into(),
+        tags: vec!["latest".into()],
+        signature: None,
+        verification: serde_json::Value::Null,
+        time: EventTime::now(),
+    };
+    rt().block_on(async {
+        let bus = Bus::connect_url(url).await.unwrap();
+        bus.publish_image(&msg).await.unwrap();
+    });
+}
+
+#[test]
+fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted() {
+    let home = shared_home();
+    let work = tempfile::tempdir().unwrap();
+    let reg = start_registry(None);
+    let host = format!("127.0.0.1:{}", reg.port);
+    let repository = format!("{host}/kiln/app");
+    let server = PrivateServer::start().unwrap();
+    let url = server.url();
+    let key = work.path().join("images.key");
+    let evil = work.path().join("evil.key");
+    for k in [&key, &evil] {
+        let o = kiln(home.path())
+            .args(["keygen", "-o"])
+            .arg(k)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+    }
+    let trust = work.path().join("images.key.pub");
+
+    // --- The publish stage: kiln up --publish-to, a build of a recipe with publish:.
+    let up_log = work.path().join("up.log");
+    let _up = {
+        let mut c = kiln(home.path());
+        c.args(["up", "--nats", &url, "--publish-to", &host, "--key"])
+            .arg(&key)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&up_log).unwrap());
+        Running(c.spawn().unwrap())
+    };
+    let events = submit(home.path(), &url, &["release=1"], &up_log);
+    let build1 = events[0]["build"].as_str().unwrap().to_string();
+    let published = events.last().unwrap();
+    let out = &published["outputs"];
+    let reference = out["reference"].as_str().unwrap();
+    let manifest = out["manifest"].as_str().unwrap();
+    let layer = out["layer"].as_str().unwrap();
+    assert!(
+        reference.starts_with(&format!("{repository}:latest@sha256:")),
+        "{published}"
+    );
+    assert!(out["uploaded"].as_u64().unwrap() > 0, "{published}");
+    assert!(out["signature"].as_str().unwrap().starts_with("sha256:"));
+    // The disk stage made the layer that was pushed.
+    let disk = events
+        .iter()
+        .find(|e| e["kind"] == "completed" && e["stage"] == "disk")
+        .unwrap();
+    assert!(disk["outputs"].to_string().contains(layer), "{disk}");
+
+    // The registry's own API lists the tag (and the signature tag).
+    let tags: serde_json::Value =
+        serde_json::from_slice(&curl(&[&format!("http://{host}/v2/kiln/app/tags/list")])).unwrap();
+    let tags: Vec<&str> = tags["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(tags.contains(&"latest"), "{tags:?}");
+    let hex = manifest.strip_prefix("sha256:").unwrap();
+    assert!(
+        tags.contains(&format!("sha256-{hex}.sig").as_str()),
+        "{tags:?}"
+    );
+    // curl sees the manifest (with kiln's annotations) and the blob.
+    let m = curl(&[
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &format!("http://{host}/v2/kiln/app/manifests/latest"),
+    ]);
+    let mv: serde_json::Value = serde_json::from_slice(&m).unwrap();
+    assert_eq!(mv["layers"][0]["digest"], layer, "{mv}");
+    assert_eq!(mv["artifactType"], "application/vnd.kiln.disk.v1");
+    let ann = &mv["annotations"];
+    for k in [
+        "dev.kiln.recipe.digest",
+        "dev.kiln.boot.report",
+        "dev.kiln.version",
+        "dev.kiln.deploy",
+    ] {
+        assert!(ann[k].is_string(), "{k} missing: {mv}");
+    }
+    assert!(
+        ann["dev.kiln.boot.report"]
+            .as_str()
+            .unwrap()
+            .contains("direct")
+    );
+    let curled = work.path().join("curl.blob");
+    curl(&[
+        "-o",
+        curled.to_str().unwrap(),
+        &format!("http://{host}/v2/kiln/app/blobs/{layer}"),
+    ]);
+    assert_eq!(sha256_file(&curled), layer);
+    // kiln pull --trust gets the same bytes.
+    let v1_file = work.path().join("v1.qcow2");
+    let o = kiln(home.path())
+        .args(["pull", reference, "-o"])
+        .arg(&v1_file)
+        .arg("--trust")
+        .arg(&trust)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o, &up_log));
+    assert_eq!(sha256_file(&v1_file), layer);
+    assert_eq!(
+        std::fs::read(&v1_file).unwrap(),
+        std::fs::read(&curled).unwrap()
+    );
+    // The announcement is on the stream.
+    let announced = rt().block_on(async {
+        let bus = Bus::connect_url(&url).await.unwrap();
+        bus.history("kiln.image.published.>").await.unwrap()
+    });
+    let (_, subject, payload) = announced.last().unwrap();
+    assert_eq!(
+        subject,
+        &format!(
+            "kiln.image.published.{}",
+            kiln::bus::subjects::sanitize_token(&repository)
+        )
+    );
+    let msg: ImagePublished = kiln::bus::decode(payload).unwrap();
+    assert_eq!(
+        (msg.build.as_str(), msg.reference.as_str()),
+        (build1.as_str(), reference)
+    );
+    // The same build again: every stage a hit, the same digest, no disk bytes pushed.
+    let again = submit(home.path(), &url, &["release=1"], &up_log);
+    let p2 = &again.last().unwrap()["outputs"];
+    assert_eq!(p2["manifest"], manifest);
+    assert_eq!(p2["uploaded"], 0, "{p2}");
+    // The agent deploys the last announcement: this second build's.
+    let build1 = again[0]["build"].as_str().unwrap().to_string();
+
+    // --- The agent: at start it takes the last announcement of its tag (v1).
+    let state = work.path().join("agent-state");
+    let _reaper = VmReaper(state.clone());
+    let listen = free_port();
+    let agent_log = work.path().join("agent.log");
+    let agent_cmd = || {
+        let mut c = kiln(home.path());
+        c.args([
+            "agent",
+            "--nats",
+            &url,
+            "--name",
+            "hv-test",
+            "--watch",
+            &format!("{repository}:latest"),
+            "--listen",
+            &format!("127.0.0.1:{listen}"),
+            "--json",
+            "--trust",
+        ])
+        .arg(&trust)
+        .arg("--state-dir")
+        .arg(&state);
+        c
+    };
+    let boot = Duration::from_secs(240);
+    let mut agent = Agent::start(agent_cmd(), &agent_log);
+    let ready = agent.next("ready", Duration::from_secs(30));
+    assert!(ready["running"].is_null(), "{ready}");
+    let v1 = agent.next("completed", boot);
+    assert_eq!(v1["reference"].as_str().unwrap(), msg.reference, "{v1}");
+    assert_eq!(v1["build"], build1.as_str());
+    let v1_pid = v1["vm"]["pid"].as_u64().unwrap() as u32;
+    assert_eq!(qemus_in(&state), vec![v1_pid]);
+    assert!(page(listen).contains("kiln-app release 1"));
+    // kiln status shows where the build runs.
+    let o = kiln(home.path())
+        .args(["status", &build1, "--json", "--nats", &url])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o, &up_log));
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let stages = status["stages"].as_array().unwrap();
+    assert_eq!(stages.last().unwrap()["stage"], "publish", "{status}");
+    let deployments = status["deployments"].as_array().unwrap();
+    assert!(
+        deployments
+            .iter()
+            .any(|d| d["agent"] == "hv-test" && d["kind"] == "completed"),
+        "{status}"
+    );
+
+    // --- v2: built and published through NATS, swapped in; v1's VM is stopped.
+    let v2_events = submit(home.path(), &url, &["release=2"], &up_log);
+    let v2_ref = v2_events.last().unwrap()["outputs"]["reference"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v2 = agent.next("completed", boot);
+    assert_eq!(v2["reference"].as_str().unwrap(), v2_ref, "{v2}");
+    assert_eq!(v2["previous"].as_str().unwrap(), msg.reference);
+    let v2_pid = v2["vm"]["pid"].as_u64().unwrap() as u32;
+    assert_eq!(qemus_in(&state), vec![v2_pid], "v1's VM must be gone");
+    assert!(page(listen).contains("kiln-app release 2"));
+
+    // --- v3: boot-verified (its init prints the marker), but its application never comes up
+    // under the agent: rolled back, v2 keeps running, and the message says why.
+    let v3_events = submit(home.path(), &url, &["release=3", "serve=false"], &up_log);
+    let v3_ref = v3_events.last().unwrap()["outputs"]["reference"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v3 = agent.next("failed", boot);
+    assert_eq!(v3["reference"].as_str().unwrap(), v3_ref, "{v3}");
+    assert_eq!(v3["rolled_back"], true, "{v3}");
+    assert_eq!(v3["running"].as_str().unwrap(), v2_ref, "{v3}");
+    let why = v3["error"]["message"].as_str().unwrap();
+    assert!(why.contains("not healthy"), "{why}");
+    assert!(why.contains("exited"), "{why}");
+    assert!(why.contains("app-broken"), "{why}");
+    assert_eq!(qemus_in(&state), vec![v2_pid]);
+    assert!(page(listen).contains("kiln-app release 2"));
+
+    // --- Signed by a key the agent does not trust: refused, nothing booted.
+    let publish = |file: &Path, k: &Path, recipe: &str| -> serde_json::Value {
+        let o = kiln(home.path())
+            .args(["publish"])
+            .arg(file)
+            .args([
+                "--to",
+                &format!("{repository}:latest"),
+                "--recipe",
+                recipe,
+                "--json",
+                "--key",
+            ])
+            .arg(k)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", show(&o, &up_log));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let evil_pub = publish(&v1_file, &evil, "evil");
+    announce(&url, &repository, &evil_pub, "evil-build");
+    let refused = agent.next("failed", Duration::from_secs(60));
+    let why = refused["error"]["message"].as_str().unwrap();
+    assert!(why.contains("nothing was booted"), "{why}");
+    assert!(why.contains("not the trusted key"), "{why}");
+    assert_eq!(refused["rolled_back"], false);
+    assert_eq!(refused["running"].as_str().unwrap(), v2_ref);
+    assert_eq!(qemus_in(&state), vec![v2_pid]);
+
+    // --- Changed after signing: the disk blob in the registry's storage is altered.
+    let tampered = publish(&v1_file, &key, "tampered");
+    let data = reg
+        .root
+        .path()
+        .join("data/docker/registry/v2/blobs/sha256")
+        .join(&layer[7..9])
+        .join(&layer[7..])
+        .join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&data, &bytes).unwrap();
+    let o = kiln(home.path())
+        .args(["pull", tampered["reference"].as_str().unwrap(), "-o"])
+        .arg(work.path().join("tampered.qcow2"))
+        .arg("--trust")
+        .arg(&trust)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "kiln pull accepted a changed blob");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("expected digest"),
+        "{}",
+        show(&o, &up_log)
+    );
+    announce(&url, &repository, &tampered, "tampered-build");
+    let refused = agent.next("failed", Duration::from_secs(60));
+    let why = refused["error"]["message"].as_str().unwrap();
+    assert!(why.contains("nothing was booted"), "{why}");
+    assert!(why.contains("expected digest"), "{why}");
+    assert_eq!(qemus_in(&state), vec![v2_pid]);
+    assert!(page(listen).contains("kiln-app release 2"));
+
+    // --- kill -9 the agent, start it again: the running VM is adopted, not duplicated.
+    agent.proc.kill9();
+    assert_eq!(qemus_in(&state), vec![v2_pid], "the VM outlives the agent");
+    let agent = Agent::start(agent_cmd(), &agent_log);
+    let ready = agent.next("ready", Duration::from_secs(60));
+    assert_eq!(ready["pid"].as_u64().unwrap() as u32, v2_pid, "{ready}");
+    assert_eq!(ready["running"].as_str().unwrap(), v2_ref);
+    // Nothing else happens: the last announcement was handled already.
+    assert!(
+        agent.lines.recv_timeout(Duration::from_secs(5)).is_err(),
+        "the restarted agent acted again"
+    );
+    assert_eq!(qemus_in(&state), vec![v2_pid]);
+    assert!(page(listen).contains("kiln-app release 2"));
+    drop(agent);
+    drop(server);
+}

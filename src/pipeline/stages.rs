@@ -129,6 +129,9 @@ pub struct BaseOut {
     pub entries: usize,
     /// Bytes of file content in the base.
     pub bytes: u64,
+    /// The mmdebstrap arguments that made it (tarball on stdout).
+    #[serde(default)]
+    pub mmdebstrap: Vec<String>,
 }
 
 /// One run of the Debian base step, for the rootfs stage's report.
@@ -686,6 +689,7 @@ fn debian_base(
         manifest: store_tree(&env.blobs, &tree)?,
         entries: tree.len(),
         bytes: tree.content_bytes(),
+        mmdebstrap: spec.mmdebstrap_args(),
     };
     records
         .put(STEP, &key, &to_json(&out)?)

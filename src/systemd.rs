@@ -23,7 +23,8 @@ const UNIT_DIRS: [&str; 3] = [
 pub const VERIFY_UNIT: &str = "kiln-verify.service";
 /// The unit kiln adds to generate SSH host keys on first boot.
 pub const SSH_KEYS_UNIT: &str = "kiln-ssh-host-keys.service";
-/// What the verification unit prints before the state, after the marker.
+/// What the verification unit prints before the state (which comes before the marker, so that
+/// the line is complete up to the marker when kiln reads it).
 pub const STATE_PREFIX: &str = "system-state=";
 /// What the verification unit prints before each failed unit.
 pub const FAILED_PREFIX: &str = "kiln-failed-unit: ";
@@ -379,7 +380,7 @@ pub fn reports_state(loaded: &Loaded) -> bool {
     loaded.recipe.rootfs.base == RootfsBase::Debian
 }
 
-/// Check the marker line of a Debian boot: `… system-state=running` passes; any other state
+/// Check the marker line of a Debian boot: `system-state=running <marker>` passes; any other state
 /// fails with the failed units the verification unit listed on the console (`serial` is the
 /// serial log's text).
 pub fn check_system_state(
@@ -488,10 +489,12 @@ mod tests {
 
     #[test]
     fn state_check() {
-        assert!(check_system_state("kiln-boot-ok X system-state=running", "", "log").is_ok());
+        assert!(
+            check_system_state("verify[1]: system-state=running kiln-boot-ok X", "", "log").is_ok()
+        );
         let serial = "kiln-failed-unit: bad.service loaded failed failed\nnoise\n";
         let err =
-            check_system_state("kiln-boot-ok X system-state=degraded", serial, "log").unwrap_err();
+            check_system_state("system-state=degraded kiln-boot-ok X", serial, "log").unwrap_err();
         assert_eq!(err.state, "degraded");
         assert_eq!(err.failed, ["bad.service"]);
         assert!(err.to_string().contains("bad.service"));

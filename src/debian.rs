@@ -31,6 +31,8 @@ pub enum DebianError {
     MmdebstrapMissing,
     #[error("starting mmdebstrap: {0}")]
     Spawn(#[source] std::io::Error),
+    #[error("writing the Debian base into the cache: {0}; check that $KILN_HOME has space")]
+    Store(#[source] std::io::Error),
     #[error(
         "mmdebstrap {suite} ({variant}) failed ({status}); its last lines:\n{stderr}\ncheck the \
          package names and the mirror {mirror}"
@@ -198,7 +200,13 @@ pub fn build_base(spec: &BaseSpec, blobs: &BlobStore, epoch: i64) -> Result<Tree
     });
     let mut tree = Tree::new();
     let read = match child.stdout.take() {
-        Some(stdout) => tree.extend_from_tar(stdout, &mut |r, _len| blobs.put_content(r)),
+        Some(stdout) => tree.extend_from_tar(stdout, &mut |r, _len| {
+            let (digest, len) = blobs.put_unsynced(r)?;
+            Ok(Content::Host {
+                path: blobs.path(&digest),
+                len,
+            })
+        }),
         None => Ok(()),
     };
     if read.is_err() {
@@ -220,6 +228,8 @@ pub fn build_base(spec: &BaseSpec, blobs: &BlobStore, epoch: i64) -> Result<Tree
         source,
         stderr: tail,
     })?;
+    // One flush for all the base's blobs, before the caller records anything that names them.
+    blobs.sync().map_err(DebianError::Store)?;
     Ok(tree)
 }
 

@@ -378,11 +378,13 @@ fn tree_matches_the_ext4_in_the_image() {
     assert!(keys.is_empty(), "SSH host keys baked into the image");
     // The recipe's user, key, groups and networkd config.
     let passwd = std::fs::read_to_string(at("/etc/passwd")).unwrap();
+    let group = std::fs::read_to_string(at("/etc/group")).unwrap();
+    // operators (rootfs.groups) takes gid 1000, so admin's own group is 1001.
     assert!(
-        passwd.contains("admin:x:1000:1000::/home/admin:/bin/bash"),
+        passwd.contains("admin:x:1000:1001::/home/admin:/bin/bash"),
         "{passwd}"
     );
-    let group = std::fs::read_to_string(at("/etc/group")).unwrap();
+    assert!(group.contains("\nadmin:x:1001:\n"), "{group}");
     assert!(
         group
             .lines()

@@ -65,21 +65,28 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Connect to `port` until a server sends a line, or `stop` is set.
+/// Connect to `port` until a server sends an SSH banner, or `stop` is set (then the last answer,
+/// if any). Each connection waits long for the banner, so that a slow guest's sshd does not see a
+/// pile of abandoned connections (it refuses those beyond MaxStartups).
 fn read_banner(port: u16, stop: Arc<AtomicBool>) -> Option<String> {
+    let mut last = None;
     while !stop.load(Ordering::Relaxed) {
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
             let mut buf = [0u8; 256];
             if let Ok(n) = s.read(&mut buf)
                 && n > 0
             {
-                return Some(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+                let text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+                if text.starts_with("SSH-") {
+                    return Some(text);
+                }
+                last = Some(text);
             }
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_secs(2));
     }
-    None
+    last
 }
 
 /// The example recipe built and booted once (uefi, with the guest's port 22 forwarded), shared

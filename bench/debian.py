@@ -73,6 +73,7 @@ def allocated(path):
 def standard(work, kiln_args, esp_mib, root_bytes):
     """mmdebstrap + standard disk tools; returns (seconds, steps, raw path)."""
     steps = {}
+    os.makedirs(work, exist_ok=True)
     tar = os.path.join(work, "base.tar")
     t0 = time.monotonic()
     env = dict(os.environ, SOURCE_DATE_EPOCH="1700000000")
@@ -99,7 +100,11 @@ def standard(work, kiln_args, esp_mib, root_bytes):
     run(["mkfs.vfat", "-F", "32", "--offset", str(esp_start // 512), raw, str(esp_mib * 1024)])
     boot = os.path.join(tree, "boot")
     kernels = [k for k in os.listdir(boot) if k.startswith("vmlinuz-")]
-    run(["mcopy", "-i", f"{raw}@@{esp_start}", os.path.join(boot, kernels[0]), "::/vmlinuz"])
+    rc = os.path.join(work, "mtoolsrc")
+    with open(rc, "w") as f:
+        f.write("mtools_skip_check=1\n")
+    run(["mcopy", "-i", f"{raw}@@{esp_start}", os.path.join(boot, kernels[0]), "::/vmlinuz"],
+        env=dict(os.environ, MTOOLSRC=rc))
     run(["mke2fs", "-q", "-t", "ext4", "-b", "4096", "-d", tree, "-E", f"offset={root_start}",
          raw, str(root_bytes // 4096)])
     steps["disk (sfdisk, mkfs.vfat, mcopy, mke2fs -d)"] = time.monotonic() - t

@@ -1,5 +1,5 @@
-//! The root filesystem Tree: a base (the busybox-static userland, for now) plus what the recipe
-//! adds — files, directories, symlinks, users and groups — with every timestamp set to
+//! The root filesystem Tree: a base (the busybox-static userland here; the Debian base is in
+//! [`crate::debian`]) plus what the recipe adds — files, directories, symlinks, users and groups — with every timestamp set to
 //! SOURCE_DATE_EPOCH. Pure Tree work: packages arrive already read into Trees.
 
 use crate::recipe::Loaded;
@@ -26,6 +26,15 @@ pub enum RootfsError {
         uid: u32,
         other: String,
     },
+    #[error("user `{user}` already exists in the base image; choose another name")]
+    UserExists { user: String },
+    #[error(
+        "user `{user}`: supplementary group `{group}` is neither in rootfs.groups nor in the base \
+         image"
+    )]
+    UnknownGroup { user: String, group: String },
+    #[error("{0}")]
+    Systemd(#[from] crate::systemd::SystemdError),
     #[error(transparent)]
     Tree(#[from] TreeError),
 }
@@ -39,14 +48,16 @@ pub struct Mounts {
 
 /// A user or group with its numeric id settled.
 #[derive(Debug, Clone, serde::Serialize)]
-struct Account {
-    name: String,
-    uid: u32,
-    gid: u32,
-    home: String,
-    shell: String,
-    members: Vec<String>,
-    password: String,
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    pub shell: String,
+    /// Supplementary members (groups only).
+    pub members: Vec<String>,
+    /// The shadow password field: a crypt(3) hash, or `!` (locked).
+    pub password: String,
 }
 
 /// Build the root Tree of a `rootfs.base: busybox` recipe.
@@ -176,10 +187,22 @@ pub fn busybox_rootfs(
         "/dev/null",
         Entry::new(EntryKind::CharDevice { major: 1, minor: 3 }, 0o666),
     )?;
-    for u in &users {
+    add_homes(&mut tree, loaded, &users)?;
+    apply_recipe_entries(&mut tree, loaded, &users, &groups)?;
+    for (_, entry) in tree.iter_mut() {
+        entry.mtime = epoch;
+    }
+    tree.validate()?;
+    Ok(tree)
+}
+
+/// Each user's home directory (0750) and `~/.ssh/authorized_keys` (0600, in a 0700 `.ssh`),
+/// owned by the user.
+pub fn add_homes(tree: &mut Tree, loaded: &Loaded, users: &[Account]) -> Result<(), RootfsError> {
+    for u in users {
         let home = TreePath::new(&u.home)?;
         tree.insert(home.clone(), Entry::dir(0o750).owner(u.uid, u.gid))?;
-        let spec = recipe.rootfs.users.iter().find(|s| s.name == u.name);
+        let spec = loaded.recipe.rootfs.users.iter().find(|s| s.name == u.name);
         if let Some(spec) = spec
             && !spec.ssh_authorized_keys.is_empty()
         {
@@ -193,16 +216,11 @@ pub fn busybox_rootfs(
             )?;
         }
     }
-    apply_recipe_entries(&mut tree, loaded, &users, &groups)?;
-    for (_, entry) in tree.iter_mut() {
-        entry.mtime = epoch;
-    }
-    tree.validate()?;
-    Ok(tree)
+    Ok(())
 }
 
 /// Files, directories and symlinks from the recipe, over whatever the base put there.
-fn apply_recipe_entries(
+pub fn apply_recipe_entries(
     tree: &mut Tree,
     loaded: &Loaded,
     users: &[Account],
@@ -236,11 +254,48 @@ fn apply_recipe_entries(
 /// Users and groups with ids settled: given ids kept, others allocated from 1000 up in recipe
 /// order; each user gets a group of its own name unless it names one.
 fn accounts(loaded: &Loaded) -> Result<(Vec<Account>, Vec<Account>), RootfsError> {
+    let users = BTreeMap::from([(0, "root".to_string()), (65534, "nobody".to_string())]);
+    let groups = BTreeMap::from([(0, "root".to_string()), (65534, "nogroup".to_string())]);
+    accounts_over(loaded, users, groups, "/bin/sh")
+}
+
+/// Users and groups of the recipe over a base that already has `base_users` (uid → name) and
+/// `base_groups` (gid → name): a given uid that a base or earlier user holds is an error, as is
+/// a user name the base has; free ids are allocated from 1000 up. A base group named as a
+/// supplementary group is returned (with the new members) so that the caller can add them.
+pub fn accounts_over(
+    loaded: &Loaded,
+    base_users: BTreeMap<u32, String>,
+    base_groups: BTreeMap<u32, String>,
+    default_shell: &str,
+) -> Result<(Vec<Account>, Vec<Account>), RootfsError> {
     let r = &loaded.recipe.rootfs;
     let mut groups: Vec<Account> = Vec::new();
-    let mut used_gids: BTreeMap<u32, String> = BTreeMap::new();
-    used_gids.insert(0, "root".into());
-    used_gids.insert(65534, "nogroup".into());
+    let mut used_gids = base_groups.clone();
+    for u in &r.users {
+        if base_users.values().any(|n| n == &u.name) {
+            return Err(RootfsError::UserExists {
+                user: u.name.clone(),
+            });
+        }
+    }
+    // Base groups a recipe user refers to, so their gid and members are known.
+    for (gid, name) in &base_groups {
+        let referred = r.users.iter().any(|u| {
+            u.group.as_deref() == Some(name.as_str()) || u.groups.iter().any(|g| g == name)
+        });
+        if referred && !r.groups.iter().any(|g| &g.name == name) {
+            groups.push(Account {
+                name: name.clone(),
+                uid: *gid,
+                gid: *gid,
+                home: String::new(),
+                shell: String::new(),
+                members: Vec::new(),
+                password: String::new(),
+            });
+        }
+    }
     let next_free = |used: &BTreeMap<u32, String>| (1000..).find(|id| !used.contains_key(id));
     for g in &r.groups {
         let gid = match g.gid {
@@ -259,9 +314,7 @@ fn accounts(loaded: &Loaded) -> Result<(Vec<Account>, Vec<Account>), RootfsError
         });
     }
     let mut users: Vec<Account> = Vec::new();
-    let mut used_uids: BTreeMap<u32, String> = BTreeMap::new();
-    used_uids.insert(0, "root".into());
-    used_uids.insert(65534, "nobody".into());
+    let mut used_uids = base_users;
     for u in &r.users {
         let uid = match u.uid {
             Some(id) => {
@@ -300,8 +353,14 @@ fn accounts(loaded: &Loaded) -> Result<(Vec<Account>, Vec<Account>), RootfsError
             }
         };
         for extra in &u.groups {
-            if let Some(g) = groups.iter_mut().find(|g| &g.name == extra) {
-                g.members.push(u.name.clone());
+            match groups.iter_mut().find(|g| &g.name == extra) {
+                Some(g) => g.members.push(u.name.clone()),
+                None => {
+                    return Err(RootfsError::UnknownGroup {
+                        user: u.name.clone(),
+                        group: extra.clone(),
+                    });
+                }
             }
         }
         users.push(Account {
@@ -312,7 +371,7 @@ fn accounts(loaded: &Loaded) -> Result<(Vec<Account>, Vec<Account>), RootfsError
                 .home
                 .clone()
                 .unwrap_or_else(|| format!("/home/{}", u.name)),
-            shell: u.shell.clone().unwrap_or_else(|| "/bin/sh".into()),
+            shell: u.shell.clone().unwrap_or_else(|| default_shell.into()),
             members: Vec::new(),
             password: u.password_hash.clone().unwrap_or_else(|| "!".into()),
         });

@@ -235,6 +235,33 @@ pub struct ChosenPackages {
 pub struct RootfsOut {
     /// The Tree manifest (a blob).
     pub manifest: Digest256,
+    /// `rootfs.base: debian`: the manifest of the mmdebstrap base the image was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Digest256>,
+}
+
+/// The Debian base step (inside the rootfs stage, cached on its own under `debian-base`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaseOut {
+    /// The base Tree's manifest (a blob).
+    pub manifest: Digest256,
+    pub entries: usize,
+    /// Bytes of file content in the base.
+    pub bytes: u64,
+    /// The mmdebstrap arguments that made it (tarball on stdout).
+    #[serde(default)]
+    pub mmdebstrap: Vec<String>,
+}
+
+/// One run of the Debian base step, for the rootfs stage's report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaseRun {
+    pub key: Digest256,
+    /// `hit` or `miss`.
+    pub cache: String,
+    pub seconds: f64,
+    #[serde(flatten)]
+    pub out: BaseOut,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -359,6 +386,10 @@ pub enum StageError {
     Deb { package: String, message: String },
     #[error("rootfs: {0}")]
     Rootfs(#[from] crate::rootfs::RootfsError),
+    #[error("debian base: {0}")]
+    Debian(#[from] crate::debian::DebianError),
+    #[error("verify: {0}")]
+    SystemState(#[from] crate::systemd::SystemStateError),
     #[error("kernel: {0}")]
     Kernel(#[from] crate::kernel::KernelError),
     #[error("{0}")]
@@ -393,6 +424,8 @@ impl StageError {
                 | StageError::Initramfs(_)
                 | StageError::Verify(_)
                 | StageError::Rootfs(_)
+                | StageError::SystemState(_)
+                | StageError::Debian(crate::debian::DebianError::LocaleNeedsPackage { .. })
                 | StageError::Packages(crate::packages::PackagesError::Resolve(_))
         )
     }
@@ -413,9 +446,6 @@ fn from_json<T: for<'de> Deserialize<'de>>(v: Value) -> Option<T> {
 
 /// The checks a recipe must pass before its stages can run.
 pub fn check_supported(loaded: &Loaded) -> Result<(), StageError> {
-    if loaded.recipe.rootfs.base != RootfsBase::Busybox {
-        return Err(StageError::Unsupported("rootfs.base: debian".into()));
-    }
     if loaded.recipe.kernel.build.is_some() {
         return Err(StageError::Unsupported("kernel.build".into()));
     }
@@ -448,7 +478,12 @@ pub fn run_stage(
                 None => (choose_packages(&archive, &state.loaded)?, false),
             };
             let chosen: ChosenPackages = chosen;
-            let all = [&chosen.kernel, &chosen.busybox, &chosen.systemd_boot];
+            // A Debian image's kernel comes from its own base (mmdebstrap installs it).
+            let debian = is_debian(&state.loaded);
+            let all: Vec<_> = [&chosen.kernel, &chosen.busybox, &chosen.systemd_boot]
+                .into_iter()
+                .filter(|p| !(debian && *p == &chosen.kernel))
+                .collect();
             let total: u64 = all.iter().map(|p| p.size).sum();
             let mut done = 0u64;
             for (i, p) in all.iter().enumerate() {
@@ -494,15 +529,28 @@ pub fn run_stage(
                 .as_ref()
                 .ok_or(StageError::Missing("packages"))?;
             let ids = Partitions::of(&state.loaded);
+            let base = if is_debian(&state.loaded) {
+                Some(debian_base(env, records, &state.loaded)?)
+            } else {
+                None
+            };
+            let base_manifest = base.as_ref().map(|b| b.out.manifest.clone());
             let inputs = json!({
                 "inputs": state.loaded.inputs,
                 "busybox": pk.busybox.sha256,
                 "root": ids.root.to_string(),
                 "esp": ids.esp.map(|u| u.to_string()),
+                "base": base_manifest,
             });
-            let (key, out, hit) = cached(records, stage, &inputs, || rootfs(env, state))?;
+            let (key, out, hit) = cached(records, stage, &inputs, || {
+                rootfs(env, state, base_manifest.as_ref())
+            })?;
             state.rootfs = Some(out.clone());
-            (key, to_json(&out)?, hit)
+            let mut json_out = to_json(&out)?;
+            if let (Some(b), Value::Object(map)) = (&base, &mut json_out) {
+                map.insert("base_step".into(), to_json(b)?);
+            }
+            (key, json_out, hit)
         }
         Stage::Kernel => {
             let pk = state
@@ -511,8 +559,10 @@ pub fn run_stage(
                 .ok_or(StageError::Missing("packages"))?;
             let ids = Partitions::of(&state.loaded);
             let recipe = &state.loaded.recipe;
+            let base = state.rootfs.as_ref().and_then(|r| r.base.clone());
             let inputs = json!({
-                "kernel": pk.kernel.sha256,
+                "kernel": if base.is_some() { None } else { Some(&pk.kernel.sha256) },
+                "base": base,
                 "busybox": pk.busybox.sha256,
                 "modules": recipe.initramfs.modules,
                 "compression": recipe.initramfs.compression,
@@ -573,9 +623,23 @@ pub fn run_stage(
                         ),
                     );
                 };
-                with_ticker(Duration::from_millis(250), tick, || {
+                let summary = with_ticker(Duration::from_millis(250), tick, || {
                     verify_boot(env, state, profile, Some(log.clone()))
-                })
+                })?;
+                if crate::systemd::reports_state(&state.loaded) {
+                    let serial = summary
+                        .serial_log
+                        .as_ref()
+                        .and_then(|p| std::fs::read_to_string(p).ok())
+                        .unwrap_or_default();
+                    let log_name = summary
+                        .serial_log
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
+                    crate::systemd::check_system_state(&summary.marker_line, &serial, &log_name)?;
+                }
+                Ok(summary)
             })?;
             state.boots.push(out.clone());
             (key, to_json(&out)?, hit)
@@ -727,26 +791,113 @@ fn cmdline(loaded: &Loaded) -> String {
         .unwrap_or_else(|| "console=ttyS0".into())
 }
 
-fn rootfs(env: &StageEnv, state: &BuildState) -> Result<RootfsOut, StageError> {
+fn rootfs(
+    env: &StageEnv,
+    state: &BuildState,
+    base: Option<&Digest256>,
+) -> Result<RootfsOut, StageError> {
     let pk = state
         .packages
         .as_ref()
         .ok_or(StageError::Missing("packages"))?;
-    let busybox = read_pkg(env, &state.loaded, &pk.busybox)?;
     let ids = Partitions::of(&state.loaded);
     let mounts = crate::rootfs::Mounts {
         root_partuuid: ids.root.to_string(),
         esp_partuuid: ids.esp.map(|u| u.to_string()),
     };
-    let tree = crate::rootfs::busybox_rootfs(&state.loaded, &busybox, &mounts)?;
-    let manifest = to_manifest(&tree, &env.blobs)?;
+    let tree = match base {
+        Some(base) => {
+            let base_tree = load_tree(&env.blobs, base, "the Debian base manifest")?;
+            crate::debian::debian_rootfs(&state.loaded, base_tree, &mounts)?
+        }
+        None => {
+            let busybox = read_pkg(env, &state.loaded, &pk.busybox)?;
+            crate::rootfs::busybox_rootfs(&state.loaded, &busybox, &mounts)?
+        }
+    };
+    let digest = store_tree(&env.blobs, &tree)?;
+    Ok(RootfsOut {
+        manifest: digest,
+        base: base.cloned(),
+    })
+}
+
+/// Write a Tree's manifest into the blob store.
+fn store_tree(blobs: &BlobStore, tree: &Tree) -> Result<Digest256, StageError> {
+    let manifest = to_manifest(tree, blobs)?;
     let bytes = serde_json::to_vec(&manifest)
         .map_err(|e| io("writing the manifest")(std::io::Error::other(e)))?;
-    let (digest, _) = env
-        .blobs
+    let (digest, _) = blobs
         .put_bytes(&bytes)
         .map_err(io("storing the manifest"))?;
-    Ok(RootfsOut { manifest: digest })
+    Ok(digest)
+}
+
+/// Read a Tree back from a manifest in the blob store.
+fn load_tree(blobs: &BlobStore, digest: &Digest256, what: &str) -> Result<Tree, StageError> {
+    let file = blobs
+        .open(digest)
+        .map_err(io(format!("reading {what} {digest}")))?;
+    let manifest: Manifest = serde_json::from_reader(std::io::BufReader::new(file))
+        .map_err(|e| io(format!("reading {what} {digest}"))(std::io::Error::other(e)))?;
+    Ok(from_manifest(&manifest, blobs)?)
+}
+
+fn is_debian(loaded: &Loaded) -> bool {
+    loaded.recipe.rootfs.base == RootfsBase::Debian
+}
+
+/// The Debian base of a recipe: looked up under its own key (suite, the mirror's signed release,
+/// variant, components, packages), else made by mmdebstrap and recorded. Unknown package names
+/// are reported from kiln's index before mmdebstrap runs.
+fn debian_base(
+    env: &StageEnv,
+    records: &dyn StageRecords,
+    loaded: &Loaded,
+) -> Result<BaseRun, StageError> {
+    const STEP: &str = "debian-base";
+    let started = Instant::now();
+    let archive = open_archive(env, loaded)?;
+    let spec = crate::debian::BaseSpec::of(loaded, &archive.options().mirror)?;
+    let key = stage_key(STEP, 1, &spec.key_inputs(archive.release_digest().as_str()));
+    let recorded: Option<BaseOut> = records.get(STEP, &key).and_then(from_json);
+    if let Some(out) = recorded
+        && env.blobs.contains(&out.manifest)
+    {
+        env.note(&archive);
+        return Ok(BaseRun {
+            key,
+            cache: "hit".into(),
+            seconds: started.elapsed().as_secs_f64(),
+            out,
+        });
+    }
+    let checked = spec.check_packages(&archive);
+    env.note(&archive);
+    checked?;
+    let epoch = archive.release().date.unwrap_or(1);
+    let tree = crate::debian::build_base(&spec, &env.blobs, epoch)?;
+    let out = BaseOut {
+        manifest: store_tree(&env.blobs, &tree)?,
+        entries: tree.len(),
+        bytes: tree.content_bytes(),
+        mmdebstrap: spec.mmdebstrap_args(),
+    };
+    records
+        .put(STEP, &key, &to_json(&out)?)
+        .map_err(io("recording the Debian base"))?;
+    tracing::info!(
+        entries = out.entries,
+        bytes = out.bytes,
+        "Debian base made in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(BaseRun {
+        key,
+        cache: "miss".into(),
+        seconds: started.elapsed().as_secs_f64(),
+        out,
+    })
 }
 
 fn kernel(env: &StageEnv, state: &BuildState) -> Result<KernelOut, StageError> {
@@ -755,7 +906,13 @@ fn kernel(env: &StageEnv, state: &BuildState) -> Result<KernelOut, StageError> {
         .as_ref()
         .ok_or(StageError::Missing("packages"))?;
     let recipe = &state.loaded.recipe;
-    let kernel_tree = read_pkg(env, &state.loaded, &pk.kernel)?;
+    let kernel_tree = match state.rootfs.as_ref().and_then(|r| r.base.as_ref()) {
+        Some(base) => {
+            let image = load_tree(&env.blobs, base, "the Debian base manifest")?;
+            crate::debian::kernel_tree(&image).map_err(crate::manifest::ManifestError::from)?
+        }
+        None => read_pkg(env, &state.loaded, &pk.kernel)?,
+    };
     let busybox = read_pkg(env, &state.loaded, &pk.busybox)?;
     let kernel = Kernel::from_tree(&kernel_tree)?;
     let ids = Partitions::of(&state.loaded);
@@ -801,14 +958,7 @@ fn disk(
     let loaded = &state.loaded;
     let recipe = &loaded.recipe;
     let blobs = &env.blobs;
-    let manifest: Manifest = {
-        let file = blobs
-            .open(&rootfs_out.manifest)
-            .map_err(io("reading the rootfs manifest"))?;
-        serde_json::from_reader(std::io::BufReader::new(file))
-            .map_err(|e| io("reading the rootfs manifest")(std::io::Error::other(e)))?
-    };
-    let root_tree = from_manifest(&manifest, blobs)?;
+    let root_tree = load_tree(blobs, &rootfs_out.manifest, "the rootfs manifest")?;
     let ids = Partitions::of(loaded);
     let loader = recipe.boot.loader.unwrap_or(Loader::SystemdBoot);
     let mut esp = if loader == Loader::SystemdBoot && ids.esp.is_some() {

@@ -81,7 +81,14 @@ pub fn standard_templates(recipe: &Recipe) -> &'static [&'static str] {
             "busybox/fstab.j2",
             "busybox/applets.txt",
         ],
-        super::schema::RootfsBase::Debian => &[],
+        super::schema::RootfsBase::Debian => &[
+            "debian/hosts.j2",
+            "debian/fstab.j2",
+            "debian/dhcp.network.j2",
+            "debian/ssh-host-keys.service.j2",
+            "debian/kiln-verify.service.j2",
+            "debian/kiln-verify.sh.j2",
+        ],
     }
 }
 

@@ -32,6 +32,30 @@ pub const BUILTIN_TEMPLATES: &[(&str, &str)] = &[
         "busybox/applets.txt",
         include_str!("../../templates/busybox/applets.txt"),
     ),
+    (
+        "debian/hosts.j2",
+        include_str!("../../templates/debian/hosts.j2"),
+    ),
+    (
+        "debian/fstab.j2",
+        include_str!("../../templates/debian/fstab.j2"),
+    ),
+    (
+        "debian/dhcp.network.j2",
+        include_str!("../../templates/debian/dhcp.network.j2"),
+    ),
+    (
+        "debian/ssh-host-keys.service.j2",
+        include_str!("../../templates/debian/ssh-host-keys.service.j2"),
+    ),
+    (
+        "debian/kiln-verify.service.j2",
+        include_str!("../../templates/debian/kiln-verify.service.j2"),
+    ),
+    (
+        "debian/kiln-verify.sh.j2",
+        include_str!("../../templates/debian/kiln-verify.sh.j2"),
+    ),
 ];
 
 /// The built-in template of that name.

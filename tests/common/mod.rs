@@ -123,3 +123,15 @@ pub fn shared_home() -> tempfile::TempDir {
     }
     dir
 }
+
+/// Like [`shared_home`], and the Debian base records (`stages/debian-base`) are shared too, so
+/// the mmdebstrap base of a Debian recipe is made once for all test runs.
+pub fn shared_debian_home() -> tempfile::TempDir {
+    let dir = shared_home();
+    let shared = Path::new(SHARED_HOME).join("stages").join("debian-base");
+    std::fs::create_dir_all(&shared).expect("shared stage dir");
+    std::fs::create_dir_all(dir.path().join("stages")).expect("stage dir");
+    std::os::unix::fs::symlink(&shared, dir.path().join("stages").join("debian-base"))
+        .expect("symlink");
+    dir
+}

@@ -60,7 +60,8 @@ pub enum KernelBuildError {
          `kernel.package` for a Debian kernel)"
     )]
     MissingTools { missing: String, packages: String },
-    #[error("kernel configuration fragment: {0}")]
+    /// The fragment (or a configuration file) does not parse; the message names the file.
+    #[error(transparent)]
     Fragment(#[from] ConfigError),
     #[error(
         "{fragment}: {count} option(s) did not survive `make olddefconfig` on {base}: {list}; \
@@ -276,7 +277,7 @@ pub fn build(req: &BuildRequest) -> Result<BuiltKernel, KernelBuildError> {
     make.run(&["olddefconfig"], 1, false)?;
     let final_text = std::fs::read_to_string(out.join(".config"))
         .map_err(io_at("reading the configuration", out.join(".config")))?;
-    let final_config = Config::parse(".config", &final_text)?;
+    let final_config = Config::parse(&out.join(".config").display().to_string(), &final_text)?;
     let lost = config::dropped(&fragment, &final_config);
     if !lost.is_empty() {
         return Err(KernelBuildError::Dropped {

@@ -170,11 +170,9 @@ impl Config {
     }
 }
 
+/// Kconfig symbols: letters (a few have lower case, e.g. `FONT_8x16`), digits, `_`.
 fn is_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// What merging a fragment changed in the base.
@@ -280,6 +278,8 @@ CONFIG_PRINTK=y
             Some(&Value::Other("\"gcc (Debian 12.2.0-14) 12.2.0\"".into()))
         );
         assert_eq!(c.get("NOPE"), None);
+        let fonts = Config::parse("c", "CONFIG_FONT_8x16=y\n").unwrap();
+        assert_eq!(fonts.get("FONT_8x16"), Some(&Value::Yes));
         // Rendering gives the same options back.
         assert_eq!(Config::parse("again", &c.render()).unwrap(), c);
     }
@@ -296,11 +296,11 @@ CONFIG_PRINTK=y
                 },
             ),
             (
-                "CONFIG_a=y\n",
+                "CONFIG_A-B=y\n",
                 ConfigError::Syntax {
                     source_name: "f.config".into(),
                     line: 1,
-                    text: "CONFIG_a=y".into(),
+                    text: "CONFIG_A-B=y".into(),
                 },
             ),
             (

@@ -47,10 +47,13 @@ def run(kiln, home, project, recipe, args):
         text=True,
     )
     secs = time.monotonic() - started
-    shutil.rmtree(out, ignore_errors=True)
     if p.returncode != 0:
         sys.exit(f"kiln build {recipe} {' '.join(args)} failed:\n{p.stderr[-3000:]}")
-    return secs, json.loads(p.stdout)
+    report = json.loads(p.stdout)
+    for b in report.get("boots", []):
+        b["serial_text"] = open(b["serial_log"], errors="replace").read()
+    shutil.rmtree(out, ignore_errors=True)
+    return secs, report
 
 
 def stage(report, name):
@@ -105,7 +108,7 @@ def main():
                 b = r["boots"][0]
                 boots.setdefault((name, profile), []).append(b["time_to_marker"])
                 if name.startswith("built"):
-                    log = open(b["serial_log"]).read()
+                    log = b["serial_text"]
                     assert "kiln-initramfs" not in log, "the built kernel used an initramfs"
 
     print(f"kernel: {first['kernel_version'] if 'kernel_version' in first else k['outputs']['version']}, "

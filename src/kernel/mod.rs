@@ -1,7 +1,10 @@
 //! The kernel an image boots: finding `vmlinuz` and the module tree in an unpacked kernel
 //! package, resolving kernel modules with their dependencies, and building the initramfs (a cpio
-//! newc archive with busybox, the modules and an `/init` that mounts the root partition).
+//! newc archive with busybox, the modules and an `/init` that mounts the root partition); or
+//! building a kernel from source and a configuration fragment ([`build`], [`config`]).
 
+pub mod build;
+pub mod config;
 pub mod cpio;
 pub mod initramfs;
 pub mod modules;

@@ -13,6 +13,7 @@ use crate::disk::gpt::PartitionKind;
 use crate::disk::image::{ImageFormat, ImageOptions};
 use crate::disk::layout::{Filesystem, Size, parse_size};
 use crate::kernel::Kernel;
+use crate::kernel::build::{BuildRequest, KernelBuildError, ROOT_BUILTIN};
 use crate::kernel::initramfs::{self, InitramfsSpec};
 use crate::manifest::{Manifest, from_manifest, to_manifest};
 use crate::packages::{Archive, ArchiveOptions, Deps, PackageRef, read_into_tree};
@@ -226,6 +227,8 @@ impl Stage {
 /// The packages a busybox build uses, chosen from one signed release.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChosenPackages {
+    /// The kernel image package, or the `linux-source-*` package when the recipe builds its
+    /// kernel (`kernel.build`).
     pub kernel: PackageRef,
     pub busybox: PackageRef,
     pub systemd_boot: PackageRef,
@@ -268,8 +271,38 @@ pub struct BaseRun {
 pub struct KernelOut {
     pub version: String,
     pub vmlinuz: Digest256,
-    pub initrd: Digest256,
+    /// `None`: the kernel mounts the root partition itself (a built kernel with the root disk's
+    /// drivers built in), so the image boots without an initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<Digest256>,
     pub modules: Vec<String>,
+    /// A kernel built from source (`kernel.build`): how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built: Option<BuiltKernelOut>,
+}
+
+/// What a kernel built from source records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuiltKernelOut {
+    /// The key of the build in `$KILN_HOME/kernel/builds`.
+    pub key: Digest256,
+    /// The final `.config` (a blob).
+    pub config: Digest256,
+    pub toolchain: String,
+    /// Whether the kernel was already built (no compile).
+    pub cached: bool,
+    /// How long the compile took (when it ran).
+    pub build_seconds: f64,
+    /// The build log on the worker that built it.
+    pub log: PathBuf,
+}
+
+impl KernelOut {
+    fn blobs(&self) -> Vec<Digest256> {
+        let mut out = vec![self.vmlinuz.clone()];
+        out.extend(self.initrd.clone());
+        out
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -347,18 +380,10 @@ impl BuildState {
             Stage::Disk => {
                 out.extend(debs(&self.packages));
                 out.extend(self.rootfs.iter().map(|r| r.manifest.clone()));
-                out.extend(
-                    self.kernel
-                        .iter()
-                        .flat_map(|k| [k.vmlinuz.clone(), k.initrd.clone()]),
-                );
+                out.extend(self.kernel.iter().flat_map(KernelOut::blobs));
             }
             Stage::Verify(_) => {
-                out.extend(
-                    self.kernel
-                        .iter()
-                        .flat_map(|k| [k.vmlinuz.clone(), k.initrd.clone()]),
-                );
+                out.extend(self.kernel.iter().flat_map(KernelOut::blobs));
                 out.extend(self.disk.iter().map(|d| d.image.clone()));
             }
         }
@@ -392,6 +417,8 @@ pub enum StageError {
     SystemState(#[from] crate::systemd::SystemStateError),
     #[error("kernel: {0}")]
     Kernel(#[from] crate::kernel::KernelError),
+    #[error("kernel build: {0}")]
+    KernelBuild(#[from] KernelBuildError),
     #[error("{0}")]
     Initramfs(#[from] crate::kernel::initramfs::InitramfsError),
     #[error("boot loader: {0}")]
@@ -417,6 +444,9 @@ pub enum StageError {
 impl StageError {
     /// Whether the user's input is at fault (a retry cannot help) rather than the environment.
     pub fn is_input_error(&self) -> bool {
+        if let StageError::KernelBuild(e) = self {
+            return e.is_input_error();
+        }
         matches!(
             self,
             StageError::Unsupported(_)
@@ -446,8 +476,11 @@ fn from_json<T: for<'de> Deserialize<'de>>(v: Value) -> Option<T> {
 
 /// The checks a recipe must pass before its stages can run.
 pub fn check_supported(loaded: &Loaded) -> Result<(), StageError> {
-    if loaded.recipe.kernel.build.is_some() {
-        return Err(StageError::Unsupported("kernel.build".into()));
+    if loaded.recipe.kernel.build.is_some() && loaded.recipe.rootfs.base != RootfsBase::Busybox {
+        return Err(StageError::Unsupported(
+            "kernel.build with rootfs.base: debian (a Debian image boots the kernel of its own packages)"
+                .into(),
+        ));
     }
     Ok(())
 }
@@ -559,6 +592,25 @@ pub fn run_stage(
                 .ok_or(StageError::Missing("packages"))?;
             let ids = Partitions::of(&state.loaded);
             let recipe = &state.loaded.recipe;
+            if let Some(build) = &recipe.kernel.build {
+                // The build's own cache (keyed by the merged configuration) is under this.
+                let inputs = json!({
+                    "source": pk.kernel.sha256,
+                    "fragment": state.loaded.kernel_fragment,
+                    "base": build.base,
+                    "toolchain": crate::kernel::build::check_build_tools()?,
+                    "epoch": state.loaded.source_date_epoch,
+                });
+                let (key, out, hit) = cached(records, stage, &inputs, || built_kernel(env, state))?;
+                state.kernel = Some(out.clone());
+                let outputs = to_json(&out)?;
+                if !hit {
+                    records
+                        .put(stage.name(), &key, &outputs)
+                        .map_err(io(format!("recording the {} stage", stage.name())))?;
+                }
+                return Ok(report(stage, started, key, outputs, hit));
+            }
             let base = state.rootfs.as_ref().and_then(|r| r.base.clone());
             let inputs = json!({
                 "kernel": if base.is_some() { None } else { Some(&pk.kernel.sha256) },
@@ -609,7 +661,7 @@ pub fn run_stage(
                 "expect": state.loaded.recipe.verify.expect,
                 "vmlinuz": kernel_out.vmlinuz,
                 "initrd": kernel_out.initrd,
-                "cmdline": cmdline(&state.loaded),
+                "cmdline": kernel_cmdline(&state.loaded, kernel_out),
             });
             let (key, out, hit) = cached(records, stage, &inputs, || {
                 let log = default_serial_log(env, disk_out, profile);
@@ -650,19 +702,29 @@ pub fn run_stage(
             .put(stage.name(), &key, &outputs)
             .map_err(io(format!("recording the {} stage", stage.name())))?;
     }
+    Ok(report(stage, started, key, outputs, hit))
+}
+
+fn report(
+    stage: &Stage,
+    started: Instant,
+    key: Digest256,
+    outputs: Value,
+    hit: bool,
+) -> StageReport {
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         stage = stage.name(),
         cache = if hit { "hit" } else { "miss" },
         "{seconds:.2} s"
     );
-    Ok(StageReport {
+    StageReport {
         stage: stage.name().to_string(),
         cache: if hit { "hit" } else { "miss" }.to_string(),
         seconds,
         key,
         outputs,
-    })
+    }
 }
 
 /// Look a stage's result up by key, or compute it.
@@ -716,6 +778,9 @@ fn open_archive(
 }
 
 fn kernel_package_name(loaded: &Loaded) -> String {
+    if loaded.recipe.kernel.build.is_some() {
+        return SOURCE_PACKAGE.into();
+    }
     loaded
         .recipe
         .kernel
@@ -724,9 +789,12 @@ fn kernel_package_name(loaded: &Loaded) -> String {
         .unwrap_or_else(|| "linux-image-cloud-amd64".into())
 }
 
+/// The metapackage of the current kernel source (`linux-source` → `linux-source-6.1`).
+const SOURCE_PACKAGE: &str = "linux-source";
+
 fn choose_packages(archive: &Archive, loaded: &Loaded) -> Result<ChosenPackages, StageError> {
     Ok(ChosenPackages {
-        kernel: kernel_image_package(archive, &kernel_package_name(loaded))?,
+        kernel: versioned_package(archive, &kernel_package_name(loaded))?,
         busybox: one_package(archive, "busybox-static")?,
         systemd_boot: one_package(archive, "systemd-boot-efi")?,
     })
@@ -789,6 +857,16 @@ fn cmdline(loaded: &Loaded) -> String {
         .cmdline
         .clone()
         .unwrap_or_else(|| "console=ttyS0".into())
+}
+
+/// The recipe's command line, plus what a kernel that mounts root itself (no initramfs) needs:
+/// wait for the disk, ext4, read-write (the initramfs does this otherwise).
+fn kernel_cmdline(loaded: &Loaded, kernel: &KernelOut) -> String {
+    let base = cmdline(loaded);
+    if kernel.initrd.is_some() {
+        return base;
+    }
+    format!("{} rootwait rootfstype=ext4 rw", base.trim())
 }
 
 fn rootfs(
@@ -930,8 +1008,75 @@ fn kernel(env: &StageEnv, state: &BuildState) -> Result<KernelOut, StageError> {
     Ok(KernelOut {
         version: kernel.version.clone(),
         vmlinuz,
-        initrd,
+        initrd: Some(initrd),
         modules: closure.names().iter().map(|s| s.to_string()).collect(),
+        built: None,
+    })
+}
+
+/// `kernel.build`: build the kernel from the `linux-source-*` package and the recipe's fragment
+/// (or find it built), and store it. A kernel with the root disk's drivers built in boots with
+/// no initramfs.
+fn built_kernel(env: &StageEnv, state: &BuildState) -> Result<KernelOut, StageError> {
+    let pk = state
+        .packages
+        .as_ref()
+        .ok_or(StageError::Missing("packages"))?;
+    let loaded = &state.loaded;
+    let build = loaded
+        .recipe
+        .kernel
+        .build
+        .as_ref()
+        .ok_or(StageError::Missing("kernel.build"))?;
+    let fragment = loaded.kernel_fragment.clone().ok_or_else(|| {
+        StageError::Unsupported(
+            "kernel.build without its fragment's text (reload the recipe)".into(),
+        )
+    })?;
+    let request = BuildRequest {
+        home: env.home.clone(),
+        source_deb: deb_path(env, loaded, &pk.kernel)?,
+        source_digest: pk.kernel.sha256.clone(),
+        fragment_name: build.fragment.clone(),
+        fragment,
+        base: build.base,
+        epoch: loaded.source_date_epoch,
+        jobs: None,
+    };
+    let built = crate::kernel::build::build(&request)?;
+    if !built.boots_without_initramfs() {
+        let missing: Vec<String> = ROOT_BUILTIN
+            .iter()
+            .filter(|o| !built.config.all_builtin(&[o]))
+            .map(|o| format!("CONFIG_{o}=y"))
+            .collect();
+        return Err(StageError::Unsupported(format!(
+            "a built kernel whose root disk drivers are not built in (an initramfs for built              kernels is not supported yet); add to {}: {}",
+            build.fragment,
+            missing.join(", ")
+        )));
+    }
+    let mut file = std::fs::File::open(&built.bzimage)
+        .map_err(io(format!("reading {}", built.bzimage.display())))?;
+    let (vmlinuz, _) = env.blobs.put(&mut file).map_err(io("storing the kernel"))?;
+    let (config, _) = env
+        .blobs
+        .put_bytes(built.config.render().as_bytes())
+        .map_err(io("storing the kernel configuration"))?;
+    Ok(KernelOut {
+        version: built.release.clone(),
+        vmlinuz,
+        initrd: None,
+        modules: Vec::new(),
+        built: Some(BuiltKernelOut {
+            key: built.key.clone(),
+            config,
+            toolchain: built.toolchain.clone(),
+            cached: built.cached,
+            build_seconds: built.build_seconds,
+            log: built.log.clone(),
+        }),
     })
 }
 
@@ -971,8 +1116,11 @@ fn disk(
                 .unwrap_or_else(|| recipe.name.clone()),
             version: recipe.version.clone(),
             kernel: blob_content(blobs, &kernel_out.vmlinuz)?,
-            initrd: Some(blob_content(blobs, &kernel_out.initrd)?),
-            cmdline: cmdline(loaded),
+            initrd: match &kernel_out.initrd {
+                Some(d) => Some(blob_content(blobs, d)?),
+                None => None,
+            },
+            cmdline: kernel_cmdline(loaded, kernel_out),
             root_partuuid: Some(ids.root),
         };
         let mut loader_opts = LoaderOptions::new(loaded.source_date_epoch);
@@ -1129,10 +1277,10 @@ pub fn verify_boot(
     bo.profiles_dir = env.profiles_dir.clone();
     if method == verify::profile::BootMethod::Direct {
         bo.kernel = Some(env.blobs.path(&kernel_out.vmlinuz));
-        bo.initrd = Some(env.blobs.path(&kernel_out.initrd));
+        bo.initrd = kernel_out.initrd.as_ref().map(|d| env.blobs.path(d));
         bo.cmdline = format!(
             "{} root=PARTUUID={}",
-            cmdline(&state.loaded),
+            kernel_cmdline(&state.loaded, kernel_out),
             Partitions::of(&state.loaded).root
         );
     }
@@ -1164,9 +1312,15 @@ fn one_package(archive: &Archive, name: &str) -> Result<PackageRef, StageError> 
         .ok_or_else(|| StageError::Unsupported(format!("package {name}")))
 }
 
-/// The versioned kernel image package behind a name such as `linux-image-cloud-amd64` (a
-/// metapackage that depends on `linux-image-<version>-cloud-amd64`).
-fn kernel_image_package(archive: &Archive, name: &str) -> Result<PackageRef, StageError> {
+/// The versioned kernel package behind a name such as `linux-image-cloud-amd64` (a metapackage
+/// that depends on `linux-image-<version>-cloud-amd64`) or `linux-source` (→
+/// `linux-source-<version>`).
+fn versioned_package(archive: &Archive, name: &str) -> Result<PackageRef, StageError> {
+    let prefix = if name.starts_with("linux-source") {
+        "linux-source-"
+    } else {
+        "linux-image-"
+    };
     let mut current = one_package(archive, name)?;
     for _ in 0..4 {
         if looks_versioned(&current.name) {
@@ -1186,7 +1340,7 @@ fn kernel_image_package(archive: &Archive, name: &str) -> Result<PackageRef, Sta
                             .unwrap_or("")
                             .to_string()
                     })
-                    .find(|d| d.starts_with("linux-image-") && d != &current.name)
+                    .find(|d| d.starts_with(prefix) && d != &current.name)
             });
         match next {
             Some(n) => current = one_package(archive, &n)?,
@@ -1196,9 +1350,11 @@ fn kernel_image_package(archive: &Archive, name: &str) -> Result<PackageRef, Sta
     Ok(current)
 }
 
-/// `linux-image-6.1.0-26-cloud-amd64` (versioned) vs `linux-image-cloud-amd64` (meta).
+/// `linux-image-6.1.0-26-cloud-amd64`, `linux-source-6.1` (versioned) vs
+/// `linux-image-cloud-amd64`, `linux-source` (meta).
 fn looks_versioned(name: &str) -> bool {
     name.trim_start_matches("linux-image-")
+        .trim_start_matches("linux-source-")
         .chars()
         .next()
         .is_some_and(|c| c.is_ascii_digit())
@@ -1256,5 +1412,7 @@ mod tests {
     fn versioned_kernel_names() {
         assert!(looks_versioned("linux-image-6.1.0-26-cloud-amd64"));
         assert!(!looks_versioned("linux-image-cloud-amd64"));
+        assert!(looks_versioned("linux-source-6.1"));
+        assert!(!looks_versioned("linux-source"));
     }
 }

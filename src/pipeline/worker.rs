@@ -778,7 +778,7 @@ async fn produced(ctx: &Ctx, state: &BuildState, stage: &Stage) -> Result<Vec<Di
         Stage::Kernel => state
             .kernel
             .iter()
-            .flat_map(|k| [k.vmlinuz.clone(), k.initrd.clone()])
+            .flat_map(|k| std::iter::once(k.vmlinuz.clone()).chain(k.initrd.clone()))
             .collect(),
         Stage::Disk => state.disk.iter().map(|d| d.image.clone()).collect(),
         Stage::Verify(_) => state

@@ -56,6 +56,10 @@ pub struct Loaded {
     pub context: Value,
     /// The text of every template the recipe and the build use, by name.
     pub templates: BTreeMap<String, String>,
+    /// The text of `kernel.build.fragment` (read from the project at load time, so a worker
+    /// elsewhere builds the same kernel); it counts towards `build.inputs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_fragment: Option<String>,
 }
 
 impl Loaded {
@@ -185,8 +189,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
             merge(&mut pass1, v);
         }
     }
+    let mut fragment_name = None;
     if let Ok(recipe) = serde_json::from_value::<Recipe>(pass1) {
         file_templates.extend(standard_templates(&recipe).iter().map(|s| s.to_string()));
+        fragment_name = recipe.kernel.build.map(|b| b.fragment);
     }
     for t in &file_templates {
         // Errors are reported in pass 2 with their places.
@@ -197,10 +203,21 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
         .iter()
         .map(|(name, t)| (name.clone(), t.text.clone()))
         .collect();
+    // The kernel fragment is an input like a template (errors are reported after validation).
+    let project = project_dir(&top_dir);
+    let mut hashed = templates.clone();
+    if let Some(name) = &fragment_name
+        && let Ok((path, text)) = read_fragment(&project, name)
+    {
+        hashed.insert(
+            format!("kernel-fragment:{name}"),
+            super::render::LoadedTemplate { path, text },
+        );
+    }
     let inputs = inputs_digest(
         &chain,
         &top_dir,
-        &templates,
+        &hashed,
         &params,
         &env_values,
         source_date_epoch,
@@ -253,6 +270,15 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
             .help(p.help.clone()));
     }
 
+    let kernel_fragment = match &recipe.kernel.build {
+        None => None,
+        Some(b) => Some(
+            read_fragment(&project, &b.fragment)
+                .map_err(|d| d.at(locate("kernel.build.fragment")))?
+                .1,
+        ),
+    };
+
     let mut rendered_files = BTreeMap::new();
     for (i, f) in recipe.rootfs.files.iter().enumerate() {
         let Some(name) = &f.template else { continue };
@@ -302,7 +328,71 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
             template_texts.extend(renderer.loaded().into_iter().map(|(n, t)| (n, t.text)));
             template_texts
         },
+        kernel_fragment,
     })
+}
+
+/// The project a recipe belongs to: the parent of the nearest `templates/`, else the recipe's
+/// directory.
+fn project_dir(top_dir: &Path) -> PathBuf {
+    find_templates_dir(top_dir)
+        .and_then(|t| t.parent().map(Path::to_path_buf))
+        .or_else(|| top_dir.canonicalize().ok())
+        .unwrap_or_else(|| top_dir.to_path_buf())
+}
+
+/// Read a kernel configuration fragment named relative to the project root; it must stay inside
+/// the project and exist.
+fn read_fragment(project: &Path, name: &str) -> Result<(PathBuf, String), Diagnostic> {
+    let rel = Path::new(name);
+    if rel.is_absolute()
+        || rel.components().any(|c| {
+            !matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
+    {
+        return Err(Diagnostic::new(
+            Kind::Semantic,
+            format!("kernel.build.fragment `{name}` leaves the project"),
+        )
+        .help("name the fragment relative to the project root, e.g. kernel-configs/virt-minimal.config"));
+    }
+    let path = project.join(rel);
+    let real = path.canonicalize().map_err(|e| {
+        Diagnostic::new(
+            Kind::Io,
+            format!(
+                "cannot read kernel.build.fragment `{name}` ({}): {e}",
+                path.display()
+            ),
+        )
+        .help(format!(
+            "fragments are looked up relative to the project root {}",
+            project.display()
+        ))
+    })?;
+    if !real.starts_with(project) {
+        return Err(Diagnostic::new(
+            Kind::Semantic,
+            format!(
+                "kernel.build.fragment `{name}` points outside the project {}",
+                project.display()
+            ),
+        )
+        .help("keep fragments inside the project (kernel-configs/)"));
+    }
+    let text = std::fs::read_to_string(&real).map_err(|e| {
+        Diagnostic::new(
+            Kind::Io,
+            format!(
+                "cannot read kernel.build.fragment `{name}` ({}): {e}",
+                real.display()
+            ),
+        )
+    })?;
+    Ok((real, text))
 }
 
 fn roots_lookup(renderer: &Renderer, name: &str) -> Result<bool, String> {

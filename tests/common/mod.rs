@@ -112,12 +112,12 @@ fn unpack_deb(deb: &Path) -> Tree {
 /// Where tests share package downloads between runs (kiln's own cache layout).
 pub const SHARED_HOME: &str = "/var/tmp/kiln-test-cache";
 
-/// A fresh KILN_HOME whose downloads (blobs, InRelease copies) are shared with other test runs,
-/// while its stage records are its own, so stages really run.
+/// A fresh KILN_HOME whose downloads (blobs, InRelease copies) and built kernels are shared with
+/// other test runs, while its stage records are its own, so stages really run.
 pub fn shared_home() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     let shared = Path::new(SHARED_HOME);
-    for sub in ["blobs", "debian"] {
+    for sub in ["blobs", "debian", "kernel"] {
         std::fs::create_dir_all(shared.join(sub)).expect("shared cache dir");
         std::os::unix::fs::symlink(shared.join(sub), dir.path().join(sub)).expect("symlink");
     }

@@ -2157,22 +2157,9 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
             );
         }
         let status = BuildStatus::from_events(build, &events);
-        // Where the build's image was deployed: kiln.deploy.<agent>.completed|failed naming it.
-        let mut deployments = Vec::new();
-        for (_, subject, payload) in bus.history("kiln.deploy.>").await? {
-            let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&payload) else {
-                continue;
-            };
-            if v["build"].as_str() != Some(build.as_str()) {
-                continue;
-            }
-            let kind = subject.rsplit('.').next().unwrap_or("").to_string();
-            v["kind"] = kind.into();
-            deployments.push(v);
-        }
+        let deployments = crate::bus::status::deployments(&bus, build).await?;
         if args.json {
-            let mut doc = serde_json::to_value(&status)?;
-            doc["deployments"] = deployments.into();
+            let doc = crate::bus::status::status_document(&status, deployments);
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         } else {
             writeln!(out, "build {build}")?;

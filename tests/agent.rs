@@ -366,9 +366,10 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     // The announcement is on the stream.
     let announced = rt().block_on(async {
         let bus = Bus::connect_url(&url).await.unwrap();
-        bus.history("kiln.image.published.>").await.unwrap()
+        bus.stored_messages("kiln.image.published.>").await.unwrap()
     });
-    let (_, subject, payload) = announced.last().unwrap();
+    let last = announced.last().unwrap();
+    let (subject, payload) = (&last.subject, &last.payload);
     assert_eq!(
         subject,
         &format!(

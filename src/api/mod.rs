@@ -309,12 +309,17 @@ async fn submit(
 async fn status(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<axum::Json<BuildStatus>, ApiError> {
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let events = state.0.bus.build_events(&id).await?;
     if events.is_empty() && !state.accepted(&id) {
         return Err(unknown_build(&id));
     }
-    Ok(axum::Json(BuildStatus::from_events(&id, &events)))
+    let status = BuildStatus::from_events(&id, &events);
+    let deployments = crate::bus::status::deployments(&state.0.bus, &id).await?;
+    Ok(axum::Json(crate::bus::status::status_document(
+        &status,
+        deployments,
+    )))
 }
 
 fn unknown_build(id: &str) -> ApiError {

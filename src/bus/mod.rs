@@ -562,46 +562,7 @@ impl Bus {
     }
 }
 
-impl Bus {
-    /// Every message stored on subjects matching `filter` (e.g. `kiln.deploy.>`), in stream
-    /// order, as `(stream sequence, subject, payload)`.
-    pub async fn history(&self, filter: &str) -> Result<Vec<(u64, String, Vec<u8>)>, BusError> {
-        let stream = self.ensure_kiln_stream().await?;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: filter.to_string(),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(nats_err(format!("read the history of {filter}")))?;
-        let mut out = Vec::new();
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(out);
-        }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(nats_err(format!("read the history of {filter}")))?;
-        while let Some(msg) = tokio::time::timeout(API_TIMEOUT, messages.next())
-            .await
-            .map_err(nats_err(format!(
-                "read the history of {filter} (timed out)"
-            )))?
-        {
-            let msg = msg.map_err(nats_err(format!("read the history of {filter}")))?;
-            let (sequence, remaining) = match msg.info() {
-                Ok(i) => (i.stream_sequence, i.pending),
-                Err(_) => (0, 0),
-            };
-            out.push((sequence, msg.subject.to_string(), msg.payload.to_vec()));
-            if remaining == 0 {
-                break;
-            }
-        }
-        Ok(out)
-    }
-}
+impl Bus {}
 
 fn record(subject: &str, sequence: u64, payload: &[u8]) -> RecordedEvent {
     let event = match subjects::parse_stage_subject(subject) {

@@ -213,6 +213,37 @@ impl StageStatus {
     }
 }
 
+/// The deploy messages (`kiln.deploy.<agent>.completed|failed`) that name `build`, in stream
+/// order, each with `kind` (`completed` or `failed`) added.
+pub async fn deployments(
+    bus: &super::Bus,
+    build: &str,
+) -> Result<Vec<serde_json::Value>, super::BusError> {
+    let mut out = Vec::new();
+    for m in bus.stored_messages("kiln.deploy.>").await? {
+        let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+            continue;
+        };
+        if v["build"].as_str() != Some(build) {
+            continue;
+        }
+        v["kind"] = m.subject.rsplit('.').next().unwrap_or("").into();
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// A build's status and where its image was deployed, as `kiln status --json` and
+/// `GET /v1/builds/{id}` show it.
+pub fn status_document(
+    status: &BuildStatus,
+    deployments: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    let mut doc = serde_json::to_value(status).unwrap_or_default();
+    doc["deployments"] = deployments.into();
+    doc
+}
+
 /// An event time as RFC 3339 text.
 pub fn time_text(t: &EventTime) -> String {
     match t {

@@ -241,8 +241,36 @@ pub fn service_args(vm: &ServiceVm) -> Vec<OsString> {
     args.push("-daemonize".into());
     args.push("-pidfile".into());
     args.push(vm.pidfile.clone().into());
-    args.extend(profile.extra_args.iter().map(OsString::from));
+    // The VM's network is the one above (with the forwarded port): the profile's own NIC, if it
+    // has one, would clash with it (same netdev id) or give the guest a second NIC.
+    args.extend(
+        without_network(&profile.extra_args)
+            .into_iter()
+            .map(OsString::from),
+    );
     args
+}
+
+/// `extra_args` without `-netdev X` pairs and `-device X` pairs whose X attaches a netdev.
+fn without_network(extra_args: &[String]) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < extra_args.len() {
+        let arg = extra_args[i].as_str();
+        let next = extra_args.get(i + 1).map(String::as_str);
+        let network = match (arg, next) {
+            ("-netdev" | "-nic", Some(_)) => true,
+            ("-device", Some(dev)) => dev.contains("netdev="),
+            _ => false,
+        };
+        if network {
+            i += 2;
+        } else {
+            out.push(arg);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// A running QEMU in its own process group. Dropping it kills the group and reaps QEMU.
@@ -346,6 +374,21 @@ impl Drop for QemuProcess {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_service_vm_drops_the_profiles_own_nic() {
+        let extra: Vec<String> = [
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            "virtio-net-pci,netdev=net0,romfile=",
+            "-device",
+            "virtio-rng-pci",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(without_network(&extra), ["-device", "virtio-rng-pci"]);
+    }
+
     use super::*;
 
     #[test]

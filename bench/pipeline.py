@@ -10,11 +10,11 @@ port) and two `kiln worker` processes (every stage each, one shared $KILN_HOME),
   hops        builds of the same (now cached) recipe submitted one after another; for each, the
               time from a stage's `completed` message to the next stage's `started` message,
               both as the KILN stream stored them (their Nats-Time-Stamp, ns, read back with a
-              direct get): source → render → rootfs → kernel → disk → verify, 5 hops a build.
+              direct get): source → render → rootfs → kernel → disk → verify → publish, 6 hops a build.
               That is delivery to the next worker, its decoding and its `started` publish.
               Reported: p50 and p99 over all hops;
   burst       100 requests for the cached recipe published at once (JetStream publishes,
-              pipelined); total time from the first publish to the 100th `verify completed`,
+              pipelined); total time from the first publish to the 100th `publish completed`,
               and builds per second.
 
 Requests are published and events read over a plain NATS connection from this script (stdlib
@@ -42,7 +42,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CACHE = "/var/tmp/kiln-test-cache"
-STAGES = ["source", "render", "rootfs", "kernel", "disk", "verify"]
+STAGES = ["source", "render", "rootfs", "kernel", "disk", "verify", "publish"]
 
 
 def default_kiln():
@@ -189,7 +189,7 @@ def event(subject):
 
 
 def wait_builds(nats, ids, limit, times=None):
-    """Read events until every build in `ids` has its verify `completed`; returns the time the
+    """Read events until every build in `ids` has its publish `completed` (the last stage); returns the time the
     last one arrived. Records (build, stage, kind) → receipt time in `times`."""
     pending = set(ids)
     end = time.monotonic() + limit
@@ -212,7 +212,7 @@ def wait_builds(nats, ids, limit, times=None):
             times.setdefault((build, stage, kind), now)
         if kind == "failed" and build in pending:
             raise SystemExit(f"build {build} failed at {stage}: {payload[:400]!r}")
-        if kind == "completed" and stage == "verify" and build in pending:
+        if kind == "completed" and stage == "publish" and build in pending:
             pending.discard(build)
             last = now
     return last
@@ -287,7 +287,7 @@ def one_round(args, n):
                 start = nats.stored_at(f"kiln.build.{bid}.{b}.started")
                 hops.append((start - done) / 1e6)
 
-        # Burst: all requests pipelined in one write, then wait for every verify completed.
+        # Burst: all requests pipelined in one write, then wait for every publish completed.
         ids = [f"burst-{n}-{i}" for i in range(args.builds)]
         batch = b"".join(
             nats.pub("kiln.build.requested", request(b, recipe), f"_INBOX.bench.burst.{i}") for i, b in enumerate(ids)

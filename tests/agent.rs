@@ -18,22 +18,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::registry::{free_port, start_registry};
-use common::shared_home;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn kiln(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env("KILN_HOME", home)
-        .env_remove("KILN_OFFLINE")
-        .env_remove("KILN_NATS_URL")
-        .env_remove("KILN_REGISTRY_USER")
-        .env_remove("KILN_REGISTRY_PASSWORD")
-        .current_dir(root());
-    c
-}
+use common::{kiln, shared_home};
 
 /// A child process: SIGTERM (then SIGKILL) when dropped.
 struct Running(Child);

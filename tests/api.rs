@@ -12,23 +12,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::shared_home;
+use common::{kiln, root, shared_home};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn kiln(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env("KILN_HOME", home)
-        .env_remove("KILN_OFFLINE")
-        .env_remove("KILN_NATS_URL")
-        .env_remove("KILN_API_TOKEN")
-        .current_dir(root());
-    c
-}
 
 /// A child process killed (by its pid) when dropped, with its stdout lines on a channel.
 struct Running {

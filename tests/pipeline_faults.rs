@@ -14,26 +14,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::shared_home;
+use common::{kiln, shared_home};
 
 /// Short redelivery so a killed worker's message is taken over within seconds.
 const ACK_WAIT: &str = "3";
 const MAX_DELIVER: &str = "6";
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn kiln(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env("KILN_HOME", home)
-        .env_remove("KILN_OFFLINE")
-        .env_remove("KILN_NATS_URL")
-        .env_remove("KILN_ACK_WAIT")
-        .env_remove("KILN_MAX_DELIVER")
-        .current_dir(root());
-    c
-}
 
 /// A `kiln` process, stopped (SIGTERM, then SIGKILL) when dropped.
 struct Proc {

@@ -9,20 +9,7 @@ use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::shared_home;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn kiln(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env("KILN_HOME", home)
-        .env_remove("KILN_OFFLINE")
-        .env_remove("KILN_NATS_URL")
-        .current_dir(root());
-    c
-}
+use common::{kiln, shared_home};
 
 /// A child process killed (by its pid) when dropped.
 struct Running(Child);

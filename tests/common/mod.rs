@@ -13,6 +13,31 @@ use std::sync::Mutex;
 use kiln::cache::BlobStore;
 use kiln::tree::Tree;
 
+/// The project's root (the recipes, templates and profiles tests use).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The `kiln` binary under test, run from the project root with `KILN_HOME=home` and none of the
+/// environment variables that would change what it does (tests set what they need).
+pub fn kiln(home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.env("KILN_HOME", home).current_dir(root());
+    for var in [
+        "KILN_OFFLINE",
+        "KILN_NATS_URL",
+        "KILN_NATS_SERVER",
+        "KILN_API_TOKEN",
+        "KILN_ACK_WAIT",
+        "KILN_MAX_DELIVER",
+        "KILN_REGISTRY_USER",
+        "KILN_REGISTRY_PASSWORD",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
 pub const DEB_CACHE: &str = "/var/tmp/kiln-test-debs";
 
 static TREES: Mutex<BTreeMap<String, Tree>> = Mutex::new(BTreeMap::new());

@@ -279,7 +279,7 @@ pub struct BuildArgs {
     pub no_bus: bool,
 }
 
-/// NATS credentials for `kiln build --nats`.
+/// NATS credentials (for `--nats` on every command that connects).
 #[derive(Debug, Args)]
 pub struct NatsAuth {
     /// User name (with --nats-password).
@@ -424,24 +424,21 @@ pub struct NatsOpts {
         default_value = "nats://127.0.0.1:4222"
     )]
     pub url: String,
-    /// User name (with --nats-password).
-    #[arg(long, env = "KILN_NATS_USER", requires = "nats_password")]
-    pub nats_user: Option<String>,
-    /// Password (with --nats-user).
-    #[arg(long, env = "KILN_NATS_PASSWORD", requires = "nats_user")]
-    pub nats_password: Option<String>,
-    /// Token authentication.
-    #[arg(long, env = "KILN_NATS_TOKEN", conflicts_with = "nats_user")]
-    pub nats_token: Option<String>,
-    /// A .creds file (JWT + NKey).
-    #[arg(long, env = "KILN_NATS_CREDS", conflicts_with_all = ["nats_user", "nats_token"])]
-    pub nats_creds: Option<PathBuf>,
+    #[command(flatten)]
+    pub auth: NatsAuth,
 }
 
 impl NatsOpts {
     fn connect_options(&self) -> crate::bus::ConnectOptions {
+        self.auth.connect_options(&self.url)
+    }
+}
+
+impl NatsAuth {
+    /// How to connect to `url` with these credentials.
+    fn connect_options(&self, url: &str) -> crate::bus::ConnectOptions {
         use crate::bus::Auth;
-        let mut o = crate::bus::ConnectOptions::new(self.url.clone());
+        let mut o = crate::bus::ConnectOptions::new(url.to_string());
         o.auth = match (
             &self.nats_user,
             &self.nats_password,
@@ -1290,16 +1287,7 @@ fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
     } else {
         let target = match &args.nats {
             None => BusTarget::Private,
-            Some(url) => {
-                let nats = NatsOpts {
-                    url: url.clone(),
-                    nats_user: args.auth.nats_user.clone(),
-                    nats_password: args.auth.nats_password.clone(),
-                    nats_token: args.auth.nats_token.clone(),
-                    nats_creds: args.auth.nats_creds.clone(),
-                };
-                BusTarget::Remote(nats.connect_options())
-            }
+            Some(url) => BusTarget::Remote(args.auth.connect_options(url)),
         };
         let rt = runtime()?;
         let observe = |e: &crate::bus::StageEvent| display.event(e);

@@ -203,28 +203,25 @@ impl Bus {
         config: stream::Config,
     ) -> Result<stream::Stream, BusError> {
         let name = config.name.clone();
-        match self.js.create_stream(config.clone()).await {
-            Ok(s) => Ok(s),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    jetstream::context::CreateStreamErrorKind::JetStream(ref j)
-                        if j.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
-                ) =>
-            {
-                self.js
-                    .update_stream(config)
-                    .await
-                    .map_err(nats_err(format!("update stream {name}")))?;
-                self.js
-                    .get_stream(&name)
-                    .await
-                    .map_err(nats_err(format!("open stream {name}")))
-            }
-            Err(e) => Err(nats_err(format!(
+        let created = match self.js.create_stream(config.clone()).await {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        // The stream exists already: made before, or by another process at the same moment
+        // (the loser of that race hears "name in use" or, on 2.9, "subjects overlap").
+        if self.js.get_stream(&name).await.is_err() {
+            return Err(nats_err(format!(
                 "create stream {name} (does the server run with JetStream, `-js`?)"
-            ))(e)),
+            ))(created));
         }
+        self.js
+            .update_stream(config)
+            .await
+            .map_err(nats_err(format!("update stream {name}")))?;
+        self.js
+            .get_stream(&name)
+            .await
+            .map_err(nats_err(format!("open stream {name}")))
     }
 
     /// Create the `KILN` stream if it is missing (idempotent).

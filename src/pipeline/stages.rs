@@ -655,9 +655,13 @@ pub fn run_stage(
         Stage::Verify(profile) => {
             let kernel_out = state.kernel.as_ref().ok_or(StageError::Missing("kernel"))?;
             let disk_out = state.disk.as_ref().ok_or(StageError::Missing("disk"))?;
+            // The profile's settings, not only its name: a changed machine boots again.
+            let machine =
+                verify::profile::ProfileDir::locate(env.profiles_dir.as_deref())?.load(profile)?;
             let inputs = json!({
                 "image": disk_out.image,
                 "profile": profile,
+                "machine": machine,
                 "expect": state.loaded.recipe.verify.expect,
                 "vmlinuz": kernel_out.vmlinuz,
                 "initrd": kernel_out.initrd,

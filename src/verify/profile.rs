@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::VerifyError;
 
@@ -19,7 +19,7 @@ const BUILTIN: &[(&str, &str)] = &[
 ];
 
 /// How the machine boots.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BootMethod {
     /// QEMU loads kernel, initrd and command line itself (`-kernel/-initrd/-append`).
@@ -29,7 +29,7 @@ pub enum BootMethod {
 }
 
 /// Which accelerator a profile asks for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AccelChoice {
     /// KVM when the probe shows it runs guests, else TCG.
@@ -42,7 +42,7 @@ pub enum AccelChoice {
 }
 
 /// UEFI firmware files (the `ovmf` package).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Firmware {
     /// Firmware code, attached read-only.
@@ -52,7 +52,7 @@ pub struct Firmware {
 }
 
 /// A machine profile. See `qemu/direct.toml` for what each field means.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
     /// The profile's name: its file name without `.toml`.

@@ -72,7 +72,8 @@ fn read_banner(port: u16, stop: Arc<AtomicBool>) -> Option<String> {
     let mut last = None;
     while !stop.load(Ordering::Relaxed) {
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            // Short: a connection made before sshd listens may hang rather than close.
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
             let mut buf = [0u8; 256];
             if let Ok(n) = s.read(&mut buf)
                 && n > 0
@@ -84,7 +85,9 @@ fn read_banner(port: u16, stop: Arc<AtomicBool>) -> Option<String> {
                 last = Some(text);
             }
         }
-        std::thread::sleep(Duration::from_secs(2));
+        // QEMU's user network accepts the connection before the guest listens, and kiln stops
+        // the VM as soon as the marker is out: poll often so sshd's window is not missed.
+        std::thread::sleep(Duration::from_millis(100));
     }
     last
 }

@@ -559,7 +559,9 @@ async fn restart_keeps_the_stream_and_redelivers_unacked() {
     };
     let r: BuildRequest = decode(&again.payload).unwrap();
     assert_eq!(r.id.as_deref(), Some("survivor"));
-    assert!(again.info().unwrap().delivered >= 2);
+    // The delivery count itself may start again at 1: the server writes consumer state to its
+    // store asynchronously, and a restart can come before that write. What matters is that the
+    // unacked message was not lost.
     again.double_ack().await.unwrap();
     let mut stream = bus.jetstream().get_stream(STREAM).await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 1);

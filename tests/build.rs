@@ -6,35 +6,14 @@
 //! stage cache, so stages really run.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 mod common;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use common::{json_report as json, kiln, root};
 
 /// A fresh KILN_HOME whose downloads are shared with other runs.
 fn home() -> tempfile::TempDir {
     common::shared_home()
-}
-
-fn kiln(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env("KILN_HOME", home)
-        .env_remove("KILN_OFFLINE")
-        .current_dir(root());
-    c
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "kiln failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).expect("JSON report")
 }
 
 fn stages(report: &serde_json::Value) -> Vec<(String, String)> {

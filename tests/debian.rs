@@ -18,33 +18,12 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 mod common;
+use common::{json_report as report, kiln, root};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn kiln(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env("KILN_HOME", home)
-        .env_remove("KILN_OFFLINE")
-        .current_dir(root());
-    c
-}
-
-fn report(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "kiln failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).expect("JSON report")
 }
 
 fn stage<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {

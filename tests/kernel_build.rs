@@ -6,32 +6,11 @@
 //! The first run on a machine compiles the kernel (minutes); the build cache is shared between
 //! runs (`/var/tmp/kiln-test-cache/kernel`), so reruns take seconds.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Command;
 
 mod common;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn kiln(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env("KILN_HOME", home)
-        .env_remove("KILN_OFFLINE")
-        .current_dir(root());
-    c
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "kiln failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).expect("JSON report")
-}
+use common::{json_report as json, kiln, root};
 
 fn stage<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     report["stages"]

@@ -38,6 +38,17 @@ pub fn kiln(home: &Path) -> Command {
     c
 }
 
+/// The JSON report a successful `kiln ... --json` printed; fails the test with its output otherwise.
+pub fn json_report(o: &std::process::Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "kiln failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON report")
+}
+
 pub const DEB_CACHE: &str = "/var/tmp/kiln-test-debs";
 
 static TREES: Mutex<BTreeMap<String, Tree>> = Mutex::new(BTreeMap::new());

@@ -419,12 +419,24 @@ pub fn debian_rootfs(loaded: &Loaded, base: Tree, mounts: &Mounts) -> Result<Tre
     Ok(tree)
 }
 
+/// The directories a Debian image's kernel lives in.
+const KERNEL_DIRS: [&str; 3] = ["boot", "usr/lib/modules", "lib/modules"];
+
+/// Whether an absolute manifest path (`/boot/vmlinuz-…`) is under one of [`KERNEL_DIRS`].
+pub fn holds_kernel(path: &str) -> bool {
+    let rel = path.trim_start_matches('/');
+    KERNEL_DIRS.iter().any(|d| {
+        rel.strip_prefix(d)
+            .is_some_and(|rest| rest.starts_with('/'))
+    })
+}
+
 /// The kernel's files of an image tree (`/boot/vmlinuz-*` and the module directories), as a
 /// small Tree that [`crate::kernel::Kernel::from_tree`] reads: the kernel comes from the image's
 /// own packages.
 pub fn kernel_tree(image: &Tree) -> Result<Tree, TreeError> {
     let mut out = Tree::new();
-    for dir in ["boot", "usr/lib/modules", "lib/modules"] {
+    for dir in KERNEL_DIRS {
         let d = TreePath::new(dir)?;
         if !image.get(&d).is_some_and(|e| e.kind == EntryKind::Dir) {
             continue;
@@ -440,6 +452,16 @@ pub fn kernel_tree(image: &Tree) -> Result<Tree, TreeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holds_kernel_matches_kernel_dirs_only() {
+        assert!(holds_kernel("/boot/vmlinuz-6.1.0-1-cloud-amd64"));
+        assert!(holds_kernel("/usr/lib/modules/6.1/kernel/x.ko"));
+        assert!(!holds_kernel("/boot"));
+        assert!(!holds_kernel("/bootx/vmlinuz"));
+        assert!(!holds_kernel("/usr/lib/modules-load.d/a.conf"));
+        assert!(!holds_kernel("/etc/passwd"));
+    }
 
     #[test]
     fn ids_of_reads_passwd_and_group() {

@@ -12,39 +12,13 @@
 use kiln::bus::{Bus, EventTime, ImagePublished, PrivateServer};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 use common::registry::{free_port, start_registry};
-use common::{kiln, shared_home};
-
-/// A child process: SIGTERM (then SIGKILL) when dropped.
-struct Running(Child);
-
-impl Running {
-    fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.kill9();
-    }
-}
+use common::{Running, kiln, shared_home};
 
 /// The QEMU processes whose command line names `dir` (the agent's state directory).
 fn qemus_in(dir: &Path) -> Vec<u32> {

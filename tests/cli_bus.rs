@@ -10,11 +10,10 @@
 
 use kiln::bus::PrivateServer;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 mod common;
-use common::{kiln, shared_home};
+use common::{Running, kiln, shared_home};
 
 fn show(o: &Output) -> String {
     format!(
@@ -222,26 +221,6 @@ fn missing_server_and_bad_recipes_are_clear_errors() {
     assert!(err.contains("kernal"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(names(out.path()), Vec::<String>::new());
-}
-
-/// A child process stopped (SIGTERM, by its pid) when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

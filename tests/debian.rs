@@ -534,3 +534,105 @@ fn a_degraded_boot_fails_and_names_the_failed_units() {
         &["degraded", "kiln-broken.service", "failed units"],
     );
 }
+
+/// Stages on two hosts: worker A (source, render, rootfs; the shared base) and worker B (kernel,
+/// disk, verify, publish) with an empty home of its own. B gets everything through NATS's object
+/// store: the base's kernel files (nothing downloaded from the mirror: the kernel comes from the
+/// base) and the image's files, and writes an image qemu-img accepts.
+#[test]
+fn workers_on_two_homes_build_a_debian_image_through_the_object_store() {
+    let _guard = serial();
+    let server = kiln::bus::PrivateServer::start().unwrap();
+    let url = server.url();
+    let home_a = common::shared_debian_home();
+    let home_b = tempfile::tempdir().unwrap();
+    let (log_a, log_b) = (home_a.path().join("a.log"), home_b.path().join("b.log"));
+    let worker = |home: &Path, stages: &str, log: &Path| {
+        let mut c = kiln(home);
+        // A missing blob is a failure at once, not after minutes of redeliveries.
+        c.args([
+            "worker",
+            "--nats",
+            &url,
+            "--stages",
+            stages,
+            "--max-deliver",
+            "1",
+        ]);
+        common::Running::spawn(c, log)
+    };
+    let a = worker(home_a.path(), "source,render,rootfs", &log_a);
+    let b = worker(home_b.path(), "kernel,disk,verify,publish", &log_b);
+    let logs = || {
+        format!(
+            "A:\n{}\nB:\n{}",
+            std::fs::read_to_string(&log_a).unwrap_or_default(),
+            std::fs::read_to_string(&log_b).unwrap_or_default()
+        )
+    };
+    let o = kiln(home_a.path())
+        .args(["submit", "recipes/debian-bookworm.yaml", "--no-verify"])
+        .args(["--follow", "--json", "--nats", &url])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        logs()
+    );
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let completed = |stage: &str| {
+        events
+            .iter()
+            .find(|e| e["kind"] == "completed" && e["stage"] == stage)
+            .unwrap_or_else(|| panic!("no {stage} completed: {events:?}"))
+    };
+    for (stage, w) in [("rootfs", &a), ("kernel", &b), ("disk", &b)] {
+        let by = completed(stage)["worker"].as_str().unwrap();
+        assert!(
+            by.ends_with(&format!("/{}", w.0.id())),
+            "{stage} ran on {by}"
+        );
+    }
+    // B never touched the mirror: its home has no package index and no .deb.
+    assert!(!home_b.path().join("debian").exists(), "{}", logs());
+    let image = completed("disk")["outputs"]["disk"]["image"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no image digest: {}", completed("disk")))
+        .trim_start_matches("sha256:")
+        .to_string();
+    let blob = walk(&home_b.path().join("blobs"))
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_string_lossy().contains(&image))
+        .unwrap_or_else(|| panic!("B's blob store lacks the image {image}"));
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&blob)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    drop(a);
+    drop(b);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

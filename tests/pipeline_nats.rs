@@ -5,41 +5,11 @@
 use kiln::bus::PrivateServer;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{kiln, shared_home};
-
-/// A child process killed (by its pid) when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(mut c: Command, log: &Path) -> Running {
-    let f = std::fs::File::create(log).unwrap();
-    Running(
-        c.stdout(std::process::Stdio::null())
-            .stderr(f)
-            .spawn()
-            .unwrap(),
-    )
-}
+use common::{Running, kiln, shared_home};
 
 fn lines(o: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&o.stdout)
@@ -63,7 +33,7 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
     let url = server.url();
     let home = shared_home();
     let log = home.path().join("up.log");
-    let _up = spawn(
+    let _up = Running::spawn(
         {
             let mut c = kiln(home.path());
             c.args(["up", "--nats", &url]);
@@ -291,7 +261,7 @@ fn two_workers_on_separate_homes_build_a_raw_request_through_the_object_store() 
     let home_b = tempfile::tempdir().unwrap();
     let log_a = home_a.path().join("a.log");
     let log_b = home_b.path().join("b.log");
-    let a = spawn(
+    let a = Running::spawn(
         {
             let mut c = kiln(home_a.path());
             c.args(["worker", "--nats", &url, "--stages", "source,render,rootfs"]);
@@ -299,7 +269,7 @@ fn two_workers_on_separate_homes_build_a_raw_request_through_the_object_store() 
         },
         &log_a,
     );
-    let b = spawn(
+    let b = Running::spawn(
         {
             let mut c = kiln(home_b.path());
             c.args(["worker", "--nats", &url, "--stages", "kernel,disk,verify"]);

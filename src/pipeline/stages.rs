@@ -234,6 +234,17 @@ pub struct ChosenPackages {
     pub systemd_boot: PackageRef,
 }
 
+impl ChosenPackages {
+    /// The packages a build downloads: a Debian image's kernel comes from its own base
+    /// (mmdebstrap installs it), so its package is named but never fetched.
+    pub fn fetched(&self, debian: bool) -> Vec<&PackageRef> {
+        [&self.kernel, &self.busybox, &self.systemd_boot]
+            .into_iter()
+            .filter(|p| !(debian && *p == &self.kernel))
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RootfsOut {
     /// The Tree manifest (a blob).
@@ -363,22 +374,23 @@ impl BuildState {
     /// The digests this state refers to that a worker needs locally to run `stage`.
     pub fn blobs_needed(&self, stage: &Stage) -> Vec<Digest256> {
         let mut out = Vec::new();
-        let debs = |p: &Option<ChosenPackages>| -> Vec<Digest256> {
-            p.iter()
-                .flat_map(|c| {
-                    [
-                        c.kernel.sha256.clone(),
-                        c.busybox.sha256.clone(),
-                        c.systemd_boot.sha256.clone(),
-                    ]
-                })
+        let debs = || -> Vec<Digest256> {
+            self.packages
+                .iter()
+                .flat_map(|c| c.fetched(is_debian(&self.loaded)))
+                .map(|p| p.sha256.clone())
                 .collect()
         };
         match stage {
             Stage::Packages => {}
-            Stage::Rootfs | Stage::Kernel => out.extend(debs(&self.packages)),
+            Stage::Rootfs => out.extend(debs()),
+            Stage::Kernel => {
+                out.extend(debs());
+                // A Debian image's kernel is read from its base (the base's files: the worker).
+                out.extend(self.rootfs.iter().filter_map(|r| r.base.clone()));
+            }
             Stage::Disk => {
-                out.extend(debs(&self.packages));
+                out.extend(debs());
                 out.extend(self.rootfs.iter().map(|r| r.manifest.clone()));
                 out.extend(self.kernel.iter().flat_map(KernelOut::blobs));
             }
@@ -511,12 +523,7 @@ pub fn run_stage(
                 None => (choose_packages(&archive, &state.loaded)?, false),
             };
             let chosen: ChosenPackages = chosen;
-            // A Debian image's kernel comes from its own base (mmdebstrap installs it).
-            let debian = is_debian(&state.loaded);
-            let all: Vec<_> = [&chosen.kernel, &chosen.busybox, &chosen.systemd_boot]
-                .into_iter()
-                .filter(|p| !(debian && *p == &chosen.kernel))
-                .collect();
+            let all = chosen.fetched(is_debian(&state.loaded));
             let total: u64 = all.iter().map(|p| p.size).sum();
             let mut done = 0u64;
             for (i, p) in all.iter().enumerate() {
@@ -917,15 +924,34 @@ fn store_tree(blobs: &BlobStore, tree: &Tree) -> Result<Digest256, StageError> {
 
 /// Read a Tree back from a manifest in the blob store.
 fn load_tree(blobs: &BlobStore, digest: &Digest256, what: &str) -> Result<Tree, StageError> {
+    Ok(from_manifest(&read_manifest(blobs, digest, what)?, blobs)?)
+}
+
+fn read_manifest(
+    blobs: &BlobStore,
+    digest: &Digest256,
+    what: &str,
+) -> Result<Manifest, StageError> {
     let file = blobs
         .open(digest)
         .map_err(io(format!("reading {what} {digest}")))?;
-    let manifest: Manifest = serde_json::from_reader(std::io::BufReader::new(file))
-        .map_err(|e| io(format!("reading {what} {digest}"))(std::io::Error::other(e)))?;
-    Ok(from_manifest(&manifest, blobs)?)
+    serde_json::from_reader(std::io::BufReader::new(file))
+        .map_err(|e| io(format!("reading {what} {digest}"))(std::io::Error::other(e)))
 }
 
-fn is_debian(loaded: &Loaded) -> bool {
+/// The kernel's files of a Debian base (see [`crate::debian::kernel_tree`]). Only their blobs
+/// must be local: a worker on another host fetches just these.
+fn base_kernel_tree(blobs: &BlobStore, base: &Digest256) -> Result<Tree, StageError> {
+    let mut manifest = read_manifest(blobs, base, "the Debian base manifest")?;
+    manifest.entries.retain(|e| {
+        !matches!(e.kind, crate::manifest::ManifestKind::File { .. })
+            || crate::debian::holds_kernel(&e.path)
+    });
+    let image = from_manifest(&manifest, blobs)?;
+    Ok(crate::debian::kernel_tree(&image).map_err(crate::manifest::ManifestError::from)?)
+}
+
+pub fn is_debian(loaded: &Loaded) -> bool {
     loaded.recipe.rootfs.base == RootfsBase::Debian
 }
 
@@ -989,10 +1015,7 @@ fn kernel(env: &StageEnv, state: &BuildState) -> Result<KernelOut, StageError> {
         .ok_or(StageError::Missing("packages"))?;
     let recipe = &state.loaded.recipe;
     let kernel_tree = match state.rootfs.as_ref().and_then(|r| r.base.as_ref()) {
-        Some(base) => {
-            let image = load_tree(&env.blobs, base, "the Debian base manifest")?;
-            crate::debian::kernel_tree(&image).map_err(crate::manifest::ManifestError::from)?
-        }
+        Some(base) => base_kernel_tree(&env.blobs, base)?,
         None => read_pkg(env, &state.loaded, &pk.kernel)?,
     };
     let busybox = read_pkg(env, &state.loaded, &pk.busybox)?;

@@ -22,7 +22,7 @@ use super::cache::StageCache;
 use super::publish::{PublishTarget, Published, publish_build};
 use super::stages::{
     BuildState, ProgressSink, ProgressUpdate, Stage, StageEnv, StageError, StageRecords,
-    StageReport, check_supported, run_stage,
+    StageReport, check_supported, is_debian, run_stage,
 };
 use crate::bus::{
     self, BlobError, Blobs, BuildRequest, Bus, BusError, CacheStatus, Delivery, ErrorInfo,
@@ -716,6 +716,20 @@ fn manifest_blobs(env: &StageEnv, manifest: &Digest256) -> Result<Vec<Digest256>
         .collect())
 }
 
+/// The file blobs of a Debian base's kernel (`/boot`, the module directories).
+fn kernel_blobs(env: &StageEnv, base: &Digest256) -> Result<Vec<Digest256>, Failure> {
+    let file = env.blobs.open(base).map_err(transient)?;
+    let m: Manifest = serde_json::from_reader(std::io::BufReader::new(file)).map_err(transient)?;
+    Ok(m.entries
+        .into_iter()
+        .filter(|e| crate::debian::holds_kernel(&e.path))
+        .filter_map(|e| match e.kind {
+            ManifestKind::File { digest, .. } => Some(digest),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Make `digests` local (from the object store when needed).
 async fn fetch(ctx: &Ctx, digests: &[Digest256]) -> Result<(), Failure> {
     if ctx.config.local_blobs {
@@ -756,13 +770,8 @@ async fn produced(ctx: &Ctx, state: &BuildState, stage: &Stage) -> Result<Vec<Di
         Stage::Packages => state
             .packages
             .iter()
-            .flat_map(|p| {
-                [
-                    p.kernel.sha256.clone(),
-                    p.busybox.sha256.clone(),
-                    p.systemd_boot.sha256.clone(),
-                ]
-            })
+            .flat_map(|p| p.fetched(is_debian(&state.loaded)))
+            .map(|p| p.sha256.clone())
             .collect(),
         Stage::Rootfs => {
             let Some(r) = &state.rootfs else {
@@ -770,6 +779,8 @@ async fn produced(ctx: &Ctx, state: &BuildState, stage: &Stage) -> Result<Vec<Di
             };
             ctx.blobs.get_blob(&r.manifest).await.map_err(transient)?;
             let mut out = vec![r.manifest.clone()];
+            // A Debian base's files are all in the image; its manifest is the kernel stage's.
+            out.extend(r.base.clone());
             let env = ctx.env.clone();
             let m = r.manifest.clone();
             out.extend(blocking(move || manifest_blobs(&env, &m)).await?);
@@ -811,6 +822,15 @@ async fn pipeline(
             let env = ctx.env.clone();
             let m = r.manifest.clone();
             needed.extend(blocking(move || manifest_blobs(&env, &m)).await?);
+        }
+        if stage == Stage::Kernel
+            && !ctx.config.local_blobs
+            && let Some(base) = build.rootfs.as_ref().and_then(|r| r.base.clone())
+        {
+            // The kernel of a Debian image is read from its base: its /boot and modules.
+            ctx.blobs.get_blob(&base).await.map_err(transient)?;
+            let env = ctx.env.clone();
+            needed.extend(blocking(move || kernel_blobs(&env, &base)).await?);
         }
         fetch(ctx, &needed).await?;
         // One host's workers (local blobs) keep their records in the local cache only: a

@@ -171,3 +171,42 @@ pub fn shared_debian_home() -> tempfile::TempDir {
         .expect("symlink");
     dir
 }
+
+/// A child process stopped when dropped: SIGTERM, then SIGKILL after 10 s.
+pub struct Running(pub std::process::Child);
+
+impl Running {
+    /// Start `cmd` with stdout discarded and stderr written to `log`.
+    pub fn spawn(mut cmd: Command, log: &Path) -> Running {
+        let f = std::fs::File::create(log).expect("log file");
+        Running(
+            cmd.stdout(Stdio::null())
+                .stderr(f)
+                .spawn()
+                .expect("spawn child"),
+        )
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with the pid of our own child.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        self.kill9();
+    }
+}

@@ -148,6 +148,45 @@ impl BlobStore {
         Ok((digest, len))
     }
 
+    /// Move the finished file at `path` into the store under its digest (hashed here), synced:
+    /// no second copy of a large image is written. `path` is gone afterwards. On another
+    /// filesystem than the store, the file is copied in instead (and then removed).
+    pub fn put_file(&self, path: &Path) -> io::Result<(Digest256, u64)> {
+        let mut file = File::open(path)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0u64;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            len += n as u64;
+        }
+        let digest = Digest256::from_sha256(&hasher.finalize());
+        let dest = self.path(&digest);
+        if dest.is_file() {
+            fs::remove_file(path)?;
+            return Ok((digest, len));
+        }
+        file.sync_all()?;
+        fs::create_dir_all(self.dir())?;
+        match fs::rename(path, &dest) {
+            Ok(()) => Ok((digest, len)),
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                use std::io::Seek;
+                file.seek(io::SeekFrom::Start(0))?;
+                let stored = self.put(&mut file)?;
+                fs::remove_file(path)?;
+                Ok(stored)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Store bytes.
     pub fn put_bytes(&self, bytes: &[u8]) -> io::Result<(Digest256, u64)> {
         self.put(&mut &bytes[..])
@@ -168,14 +207,18 @@ impl BlobStore {
     }
 }
 
-/// Write `bytes` to `path` atomically (temp file in the same directory, fsync, rename).
+/// Write `bytes` to `path` atomically (temp file in the same directory, fsync, rename), as an
+/// ordinary 0644 file (not the temp file's 0600): nothing written this way is a secret.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     fs::create_dir_all(dir)?;
     let mut tmp = temp_file_in(dir)?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(0o644))?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -254,6 +297,39 @@ pub fn sweep_stale_temp(home: &Path) -> io::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn put_file_moves_the_file_in_under_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path());
+        let image = dir.path().join("image");
+        fs::write(&image, b"disk bytes").unwrap();
+        let (d, n) = store.put_file(&image).unwrap();
+        assert_eq!((d.clone(), n), store.put_bytes(b"disk bytes").unwrap());
+        assert!(!image.exists(), "the file was moved, not copied");
+        assert_eq!(fs::read(store.path(&d)).unwrap(), b"disk bytes");
+        // The same content again: the stored blob is kept, the new file removed.
+        fs::write(&image, b"disk bytes").unwrap();
+        assert_eq!(store.put_file(&image).unwrap().0, d);
+        assert!(!image.exists());
+        assert!(
+            store.put_file(&image).is_err(),
+            "a missing file is an error"
+        );
+    }
+
+    #[test]
+    fn write_atomic_makes_an_ordinary_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("report.json");
+        write_atomic(&p, b"{}").unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert_eq!(fs::read(&p).unwrap(), b"{}");
+    }
 
     #[test]
     fn put_is_content_addressed_and_idempotent() {

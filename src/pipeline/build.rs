@@ -5,7 +5,7 @@
 use super::cache::StageCache;
 use super::stages::{
     BootSummary, BuildState, ProgressUpdate, Stage, StageEnv, StageError, StageReport,
-    check_supported, copy_sparse, run_stage,
+    check_supported, copy_sparse, is_debian, run_stage,
 };
 use crate::cache::{BlobStore, Digest256, write_atomic};
 use crate::packages::ArchiveOptions;
@@ -215,7 +215,8 @@ pub fn deliver(
         file_size: disk.file_size,
         kernel_version: kernel.version.clone(),
         modules: kernel.modules.clone(),
-        packages: [&packages.kernel, &packages.busybox, &packages.systemd_boot]
+        packages: packages
+            .fetched(is_debian(&state.loaded))
             .into_iter()
             .map(|p| PackageSummary {
                 name: p.name.clone(),

@@ -599,8 +599,22 @@ fn workers_on_two_homes_build_a_debian_image_through_the_object_store() {
             "{stage} ran on {by}"
         );
     }
-    // B never touched the mirror: its home has no package index and no .deb.
+    // B never touched the mirror: its home has no package index and no .deb; nor did it ask
+    // the object store for the kernel package (the kernel comes from the base).
     assert!(!home_b.path().join("debian").exists(), "{}", logs());
+    let kernel_deb = completed("rootfs")["outputs"]["packages"]["kernel"]["sha256"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no kernel package: {}", completed("rootfs")))
+        .trim_start_matches("sha256:")
+        .to_string();
+    assert!(
+        !walk(&home_b.path().join("blobs")).iter().any(|p| p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .contains(&kernel_deb)),
+        "B fetched the kernel package {kernel_deb}"
+    );
     let image = completed("disk")["outputs"]["disk"]["image"]
         .as_str()
         .unwrap_or_else(|| panic!("no image digest: {}", completed("disk")))

@@ -994,8 +994,10 @@ fn download(target: &Target, layer: &Descriptor, out: &Path) -> Result<(u64, u64
         file.seek(io::SeekFrom::Start(have))
             .map_err(|e| io_err("seek in", &partial, e))?;
         let mut flushed = have;
+        let hashing = HashThread::start(hasher);
         loop {
             // Whole buffers: one write and one hash update per MiB, not per network chunk.
+            let mut buf = hashing.buffer();
             let n = match registry::read_full(&mut body, &mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -1017,7 +1019,7 @@ fn download(target: &Target, layer: &Descriptor, out: &Path) -> Result<(u64, u64
             }
             file.write_all(&buf[..n])
                 .map_err(|e| io_err("write", &partial, e))?;
-            hasher.update(&buf[..n]);
+            hashing.update(buf, n);
             have += n as u64;
             transferred += n as u64;
             if have - flushed >= WRITE_BEHIND {
@@ -1025,6 +1027,7 @@ fn download(target: &Target, layer: &Descriptor, out: &Path) -> Result<(u64, u64
                 flushed = have;
             }
         }
+        hasher = hashing.finish();
     }
     if have != layer.size {
         return Err(StoreError::Http {
@@ -1050,6 +1053,61 @@ fn download(target: &Target, layer: &Descriptor, out: &Path) -> Result<(u64, u64
     drop(file);
     fs::rename(&partial, out).map_err(|e| io_err("rename into place", out, e))?;
     Ok((transferred, resumed_from))
+}
+
+/// SHA-256 on a thread of its own, so that hashing a download overlaps receiving and writing
+/// it. Buffers go to the thread and come back for reuse; at most a few are in flight.
+struct HashThread {
+    to_hash: Option<std::sync::mpsc::SyncSender<(Vec<u8>, usize)>>,
+    returned: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: Option<std::thread::JoinHandle<Sha256>>,
+}
+
+impl HashThread {
+    const BUFFER: usize = 1 << 20;
+
+    fn start(mut hasher: Sha256) -> HashThread {
+        let (to_hash, rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(3);
+        let (back, returned) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            for (buf, n) in rx {
+                hasher.update(&buf[..n]);
+                let _ = back.send(buf);
+            }
+            hasher
+        });
+        HashThread {
+            to_hash: Some(to_hash),
+            returned,
+            thread: Some(thread),
+        }
+    }
+
+    /// A buffer to fill: one the thread is done with, else a new one.
+    fn buffer(&self) -> Vec<u8> {
+        self.returned
+            .try_recv()
+            .unwrap_or_else(|_| vec![0u8; Self::BUFFER])
+    }
+
+    /// Hash the first `n` bytes of `buf` (after everything sent before).
+    fn update(&self, buf: Vec<u8>, n: usize) {
+        if let Some(tx) = &self.to_hash {
+            // The thread only stops when this sender is gone.
+            let _ = tx.send((buf, n));
+        }
+    }
+
+    /// The hasher, having taken in everything sent.
+    fn finish(mut self) -> Sha256 {
+        self.to_hash = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(h)) => h,
+            // The thread cannot panic short of running out of memory; hashing nothing then
+            // makes the digest check fail, which is the safe outcome.
+            _ => Sha256::new(),
+        }
+    }
 }
 
 /// Bytes written between two write-behind kicks during a download.

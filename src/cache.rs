@@ -5,7 +5,7 @@
 use crate::tree::Content;
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 /// `$KILN_HOME`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`, else `/var/tmp/kiln`.
@@ -153,20 +153,7 @@ impl BlobStore {
     /// filesystem than the store, the file is copied in instead (and then removed).
     pub fn put_file(&self, path: &Path) -> io::Result<(Digest256, u64)> {
         let mut file = File::open(path)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut len = 0u64;
-        loop {
-            let n = match file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            hasher.update(&buf[..n]);
-            len += n as u64;
-        }
-        let digest = Digest256::from_sha256(&hasher.finalize());
+        let (digest, len) = hash_file(&mut file)?;
         let dest = self.path(&digest);
         if dest.is_file() {
             fs::remove_file(path)?;
@@ -177,8 +164,7 @@ impl BlobStore {
         match fs::rename(path, &dest) {
             Ok(()) => Ok((digest, len)),
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                use std::io::Seek;
-                file.seek(io::SeekFrom::Start(0))?;
+                file.seek(SeekFrom::Start(0))?;
                 let stored = self.put(&mut file)?;
                 fs::remove_file(path)?;
                 Ok(stored)
@@ -205,6 +191,25 @@ impl BlobStore {
     pub fn open(&self, digest: &Digest256) -> io::Result<File> {
         File::open(self.path(digest))
     }
+}
+
+/// SHA256 and length of a whole file.
+pub fn hash_file(file: &mut File) -> io::Result<(Digest256, u64)> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((Digest256::from_sha256(&hasher.finalize()), len))
 }
 
 /// Write `bytes` to `path` atomically (temp file in the same directory, fsync, rename), as an

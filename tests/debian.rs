@@ -212,10 +212,7 @@ impl Drop for Mounted {
 
 fn sha256_file(path: &Path) -> String {
     let mut f = std::fs::File::open(path).unwrap();
-    kiln::packages::fetch::hash_file(&mut f)
-        .unwrap()
-        .0
-        .to_string()
+    kiln::cache::hash_file(&mut f).unwrap().0.to_string()
 }
 
 #[test]
@@ -608,7 +605,7 @@ fn workers_on_two_homes_build_a_debian_image_through_the_object_store() {
         .trim_start_matches("sha256:")
         .to_string();
     assert!(
-        !walk(&home_b.path().join("blobs")).iter().any(|p| p
+        !common::walk(&home_b.path().join("blobs")).iter().any(|p| p
             .file_name()
             .unwrap()
             .to_string_lossy()
@@ -620,7 +617,7 @@ fn workers_on_two_homes_build_a_debian_image_through_the_object_store() {
         .unwrap_or_else(|| panic!("no image digest: {}", completed("disk")))
         .trim_start_matches("sha256:")
         .to_string();
-    let blob = walk(&home_b.path().join("blobs"))
+    let blob = common::walk(&home_b.path().join("blobs"))
         .into_iter()
         .find(|p| p.file_name().unwrap().to_string_lossy().contains(&image))
         .unwrap_or_else(|| panic!("B's blob store lacks the image {image}"));
@@ -636,17 +633,4 @@ fn workers_on_two_homes_build_a_debian_image_through_the_object_store() {
     );
     drop(a);
     drop(b);
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

@@ -4,12 +4,12 @@
 
 use kiln::bus::PrivateServer;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Running, kiln, shared_home};
+use common::{Running, kiln, shared_home, walk};
 
 fn lines(o: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&o.stdout)
@@ -349,20 +349,4 @@ fn two_workers_on_separate_homes_build_a_raw_request_through_the_object_store() 
     assert!(!boots.is_empty(), "{verify}");
     drop(a);
     drop(b);
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

@@ -6,8 +6,7 @@
 //! (inside tokio, use `spawn_blocking`).
 
 use super::PackagesError;
-use crate::cache::{BlobStore, Digest256};
-use sha2::{Digest, Sha256};
+use crate::cache::{BlobStore, Digest256, hash_file};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -330,25 +329,6 @@ fn lock(file: &File) -> io::Result<()> {
             return Err(err);
         }
     }
-}
-
-/// SHA256 and length of a whole file.
-pub fn hash_file(file: &mut File) -> io::Result<(Digest256, u64)> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((Digest256::from_sha256(&hasher.finalize()), len))
 }
 
 /// The root cause of a failed request, short: `Connection refused (os error 111)`, `timed out`.

@@ -531,6 +531,8 @@ pub struct UpArgs {
     #[arg(long, value_name = "FILE")]
     pub hook_secret_file: Option<PathBuf>,
     #[command(flatten)]
+    pub access: AccessOpts,
+    #[command(flatten)]
     pub publish: PublishOpts,
 }
 
@@ -571,6 +573,43 @@ pub struct WatchArgs {
     pub json: bool,
     #[command(flatten)]
     pub nats: NatsOpts,
+}
+
+/// What build requests may reach on this worker: operator configuration, never request input
+/// (README, "Security model").
+#[derive(Debug, Args)]
+pub struct AccessOpts {
+    /// A directory whose recipe files (and templates directories) build requests may name by
+    /// path (repeatable). Default: none, so path recipes are refused; send recipes inline or
+    /// from git.
+    #[arg(long = "recipes", value_name = "DIR")]
+    pub recipes: Vec<PathBuf>,
+    /// A git repository build requests may build recipes from (repeatable). Default: none
+    /// (`kiln up` also allows its --hook-repo repositories).
+    #[arg(long = "allow-git", value_name = "URL")]
+    pub allow_git: Vec<String>,
+    /// An environment variable recipes may read as `env.NAME` (repeatable). Default: none, so
+    /// declared variables read as their defaults. KILN_*, NATS_* and names containing TOKEN,
+    /// SECRET, PASSWORD, PASSWD, CREDENTIAL, CREDS or PRIVATE can never be allowed.
+    #[arg(long = "allow-env", value_name = "NAME")]
+    pub allow_env: Vec<String>,
+}
+
+impl AccessOpts {
+    fn access(
+        &self,
+        extra_git: &[String],
+    ) -> Result<crate::pipeline::access::RecipeAccess, BadInput> {
+        let mut git = self.allow_git.clone();
+        git.extend(extra_git.iter().cloned());
+        crate::pipeline::access::RecipeAccess::new(
+            &self.recipes,
+            &git,
+            &self.allow_env,
+            &crate::cache::kiln_home(),
+        )
+        .map_err(BadInput)
+    }
 }
 
 /// Where the publish stage pushes verified images.
@@ -622,6 +661,8 @@ pub struct WorkerArgs {
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
     #[arg(long, value_name = "DIR")]
     pub profiles: Option<PathBuf>,
+    #[command(flatten)]
+    pub access: AccessOpts,
     #[command(flatten)]
     pub publish: PublishOpts,
 }
@@ -1243,17 +1284,51 @@ fn report_failure(error: &crate::bus::ErrorInfo) {
     }
 }
 
+/// `--profile` arguments as names and the profile directory: the operator may name profile
+/// files (all in one directory) instead of `--profiles DIR` and names.
+fn profile_names(
+    profiles: &[String],
+    dir: Option<PathBuf>,
+) -> Result<(Vec<String>, Option<PathBuf>), BadInput> {
+    let mut names = Vec::new();
+    let mut dir = dir;
+    for p in profiles {
+        let (file_dir, name) = crate::verify::ProfileDir::split_path(p);
+        if let Some(d) = file_dir {
+            match &dir {
+                Some(other) if *other != d => {
+                    return Err(BadInput(format!(
+                        "--profile {p}: profile files must all be in one directory ({} here); \
+                         put them there and pass --profiles DIR with their names",
+                        other.display()
+                    )));
+                }
+                _ => dir = Some(d),
+            }
+        }
+        names.push(name);
+    }
+    Ok((names, dir))
+}
+
 fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
     use crate::pipeline::build::{BuildError, BuildOptions, build};
     use crate::pipeline::bus_build::{BusBuildError, BusTarget, build_over_bus};
+    let (profiles, profiles_dir) = match profile_names(&args.profile, args.profiles.clone()) {
+        Ok(v) => v,
+        Err(e) => {
+            report_error(&e);
+            return Ok(EXIT_RECIPE);
+        }
+    };
     let opts = BuildOptions {
         recipe: args.recipe.clone(),
         load: args.opts.load_options(),
         out_dir: args.output.clone(),
         home: crate::cache::kiln_home(),
         verify: !args.no_verify,
-        profiles: args.profile.clone(),
-        profiles_dir: args.profiles.clone(),
+        profiles,
+        profiles_dir,
         archive: crate::packages::ArchiveOptions::from_env(),
     };
     let display = StageDisplay::new(quiet, args.json);
@@ -1387,12 +1462,14 @@ fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
 
 fn boot(args: BootArgs) -> anyhow::Result<i32> {
     use crate::verify::{BootImageOptions, boot_image};
+    // The operator may name a profile file here; requests and recipes only name profiles.
+    let (dir, name) = crate::verify::ProfileDir::split_path(&args.profile);
     let mut opts = BootImageOptions::new(
-        args.profile.clone(),
+        name,
         args.expect.clone(),
         std::time::Duration::from_secs(args.timeout),
     );
-    opts.profiles_dir = args.profiles.clone();
+    opts.profiles_dir = dir.or_else(|| args.profiles.clone());
     opts.kernel = args.kernel.clone();
     opts.initrd = args.initrd.clone();
     opts.cmdline = args.cmdline.clone();
@@ -1640,20 +1717,16 @@ fn run_workers(
     nats: &NatsOpts,
     retry: &RetryOpts,
     stages: Vec<crate::bus::Stage>,
-    profiles: Option<PathBuf>,
+    mut config: crate::pipeline::worker::WorkerConfig,
     api: Option<ApiSetup>,
-    publish: Option<crate::pipeline::publish::PublishTarget>,
 ) -> anyhow::Result<i32> {
-    use crate::pipeline::worker::{RUNNABLE, WorkerConfig, run_workers};
+    use crate::pipeline::worker::{RUNNABLE, run_workers};
     let stages = if stages.is_empty() {
         RUNNABLE.to_vec()
     } else {
         stages
     };
-    let mut config = WorkerConfig::from_env();
-    config.profiles_dir = profiles;
     config.policy = retry.policy();
-    config.publish = publish;
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&nats.connect_options()).await?;
         let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
@@ -1796,25 +1869,44 @@ fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
             return Ok(EXIT_RECIPE);
         }
     };
-    run_workers(
-        &args.nats,
-        &args.retry,
-        Vec::new(),
+    let config = match worker_config(
+        &args.access,
+        &args.hook_repos,
         args.profiles.clone(),
-        api,
-        args.publish.target(),
-    )
+        &args.publish,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            report_error(&e);
+            return Ok(EXIT_RECIPE);
+        }
+    };
+    run_workers(&args.nats, &args.retry, Vec::new(), config, api)
 }
 
 fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
-    run_workers(
-        &args.nats,
-        &args.retry,
-        args.stages,
-        args.profiles,
-        None,
-        args.publish.target(),
-    )
+    let config = match worker_config(&args.access, &[], args.profiles.clone(), &args.publish) {
+        Ok(c) => c,
+        Err(e) => {
+            report_error(&e);
+            return Ok(EXIT_RECIPE);
+        }
+    };
+    run_workers(&args.nats, &args.retry, args.stages, config, None)
+}
+
+/// The configuration of this process's workers from their flags.
+fn worker_config(
+    access: &AccessOpts,
+    extra_git: &[String],
+    profiles: Option<PathBuf>,
+    publish: &PublishOpts,
+) -> Result<crate::pipeline::worker::WorkerConfig, BadInput> {
+    let mut config = crate::pipeline::worker::WorkerConfig::from_env();
+    config.access = access.access(extra_git)?;
+    config.profiles_dir = profiles;
+    config.publish = publish.target();
+    Ok(config)
 }
 
 fn watch(args: WatchArgs) -> anyhow::Result<i32> {

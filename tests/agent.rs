@@ -237,6 +237,7 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
         let mut c = kiln(home.path());
         c.args(["up", "--nats", &url, "--publish-to", &host, "--key"])
             .arg(&key)
+            .args(common::recipe_roots())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&up_log).unwrap());
         Running(c.spawn().unwrap())

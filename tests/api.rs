@@ -75,6 +75,7 @@ impl Drop for Running {
 fn kiln_up(home: &Path, nats: &str, extra: &[&str], env_token: bool) -> (Running, String) {
     let mut c = kiln(home);
     c.args(["up", "--nats", nats, "--listen", "127.0.0.1:0"])
+        .args(common::recipe_roots())
         .args(extra);
     if env_token {
         c.env("KILN_API_TOKEN", TOKEN);

@@ -232,6 +232,7 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
     let _up = Running(
         kiln(worker_home.path())
             .args(["up", "--nats", &url])
+            .args(common::recipe_roots())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

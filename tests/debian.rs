@@ -555,7 +555,8 @@ fn workers_on_two_homes_build_a_debian_image_through_the_object_store() {
             stages,
             "--max-deliver",
             "1",
-        ]);
+        ])
+        .args(common::recipe_roots());
         common::Running::spawn(c, log)
     };
     let a = worker(home_a.path(), "source,render,rootfs", &log_a);

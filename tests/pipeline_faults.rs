@@ -72,12 +72,9 @@ impl Drop for Proc {
 
 fn worker(home: &Path, url: &str, stages: &str, log: &Path) -> Proc {
     let mut c = kiln(home);
-    c.args(["worker", "--nats", url, "--stages", stages]).args([
-        "--ack-wait",
-        ACK_WAIT,
-        "--max-deliver",
-        MAX_DELIVER,
-    ]);
+    c.args(["worker", "--nats", url, "--stages", stages])
+        .args(common::recipe_roots())
+        .args(["--ack-wait", ACK_WAIT, "--max-deliver", MAX_DELIVER]);
     Proc::start(c, log)
 }
 
@@ -499,6 +496,7 @@ fn server_restart_mid_build(signal: libc::c_int, tag: &str) {
     let logs_dir = tempfile::tempdir().unwrap();
     let mut up = kiln(home_a.path());
     up.args(["up", "--nats", &url])
+        .args(common::recipe_roots())
         .args(["--ack-wait", ACK_WAIT, "--max-deliver", MAX_DELIVER]);
     let _up = Proc::start(up, &logs_dir.path().join("up.log"));
     let _w = worker(

@@ -36,7 +36,7 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
     let _up = Running::spawn(
         {
             let mut c = kiln(home.path());
-            c.args(["up", "--nats", &url]);
+            c.args(["up", "--nats", &url]).args(common::recipe_roots());
             c
         },
         &log,
@@ -264,7 +264,8 @@ fn two_workers_on_separate_homes_build_a_raw_request_through_the_object_store() 
     let a = Running::spawn(
         {
             let mut c = kiln(home_a.path());
-            c.args(["worker", "--nats", &url, "--stages", "source,render,rootfs"]);
+            c.args(["worker", "--nats", &url, "--stages", "source,render,rootfs"])
+                .args(common::recipe_roots());
             c
         },
         &log_a,
@@ -272,7 +273,8 @@ fn two_workers_on_separate_homes_build_a_raw_request_through_the_object_store() 
     let b = Running::spawn(
         {
             let mut c = kiln(home_b.path());
-            c.args(["worker", "--nats", &url, "--stages", "kernel,disk,verify"]);
+            c.args(["worker", "--nats", &url, "--stages", "kernel,disk,verify"])
+                .args(common::recipe_roots());
             c
         },
         &log_b,

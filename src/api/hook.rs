@@ -167,15 +167,6 @@ pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     outer.finalize().into()
 }
 
-/// Canonical form of a repository URL for the allow-list: normalized like the git source does
-/// (local paths absolute), without a trailing `/` or `.git`.
-fn canonical(url: &str, home: &std::path::Path) -> Option<String> {
-    let url = url.strip_prefix("file://").unwrap_or(url);
-    let normalized = GitSource::with_home(url, home).ok()?.url().to_string();
-    let trimmed = normalized.trim_end_matches('/');
-    Some(trimmed.strip_suffix(".git").unwrap_or(trimmed).to_string())
-}
-
 impl HookConfig {
     /// When a secret is configured: the body's signature must match it.
     pub fn check_signature(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
@@ -216,11 +207,10 @@ impl HookConfig {
 
     /// The allow-listed URL `repo` stands for, or 403.
     pub fn allowed(&self, repo: &str) -> Result<String, ApiError> {
-        let wanted = canonical(repo, &self.home);
-        let found = self
-            .repos
-            .iter()
-            .find(|r| wanted.is_some() && canonical(r, &self.home) == wanted);
+        let wanted = crate::source::canonical_repo_url(repo, &self.home);
+        let found = self.repos.iter().find(|r| {
+            wanted.is_some() && crate::source::canonical_repo_url(r, &self.home) == wanted
+        });
         match found {
             Some(r) => GitSource::with_home(r, &self.home)
                 .map(|s| s.url().to_string())

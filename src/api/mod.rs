@@ -232,9 +232,13 @@ pub fn parse_request(body: &[u8]) -> Result<BuildRequest, ApiError> {
             "`id` is empty: leave it out and kiln assigns one",
         ));
     }
-    // The bus's own check, so both accept exactly the same messages.
-    crate::bus::decode::<BuildRequest>(body)
-        .map_err(|e| ApiError::invalid(None, format!("invalid build request: {e}")))
+    // The bus's own checks, so both accept exactly the same messages.
+    let req = crate::bus::decode::<BuildRequest>(body)
+        .map_err(|e| ApiError::invalid(None, format!("invalid build request: {e}")))?;
+    req.check().map_err(|e| {
+        ApiError::invalid(Some(e.field.clone()), format!("invalid build request: {e}"))
+    })?;
+    Ok(req)
 }
 
 /// The dotted field a serde error is about: the path, plus the name of a missing field.

@@ -244,6 +244,159 @@ impl BuildRequest {
     }
 }
 
+/// Bounds on a build request's fields. A request is untrusted input: whoever may publish
+/// `kiln.build.requested` (or holds the API token) chooses every byte of it.
+pub mod limits {
+    /// Longest build id (it becomes a subject token and a KV key).
+    pub const ID_MAX: usize = 64;
+    /// Longest `requester`.
+    pub const REQUESTER_MAX: usize = 256;
+    /// Most recipe parameters, and the longest name and value.
+    pub const PARAMS_MAX: usize = 256;
+    pub const PARAM_NAME_MAX: usize = 128;
+    pub const PARAM_VALUE_MAX: usize = 64 * 1024;
+    /// Most verification profiles one request may ask for.
+    pub const PROFILES_MAX: usize = 16;
+    /// Largest inline recipe (the whole message must also fit the server's max_payload).
+    pub const INLINE_MAX: usize = 512 * 1024;
+    /// Longest path, git URL, ref or recipe file name.
+    pub const TEXT_MAX: usize = 4096;
+}
+
+/// Why a build request is refused: the field at fault and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{field}` {message}")]
+pub struct RequestError {
+    pub field: String,
+    pub message: String,
+}
+
+/// True for a valid build id: 1 to [`limits::ID_MAX`] characters of `[A-Za-z0-9_-]`, starting
+/// with a letter or digit. Ids are used as they are (never sanitized), so two ids never share
+/// a subject.
+pub fn is_valid_build_id(id: &str) -> bool {
+    id.len() <= limits::ID_MAX
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+impl BuildRequest {
+    /// Check the request's fields against [`limits`]: the id's form, sizes, and that profiles
+    /// are names (looked up in the worker's own profile directories, never paths).
+    pub fn check(&self) -> Result<(), RequestError> {
+        let bad = |field: &str, message: String| {
+            Err(RequestError {
+                field: field.to_string(),
+                message,
+            })
+        };
+        if let Some(id) = &self.id
+            && !is_valid_build_id(id)
+        {
+            return bad(
+                "id",
+                format!(
+                    "must be 1 to {} characters of A-Z a-z 0-9 _ - starting with a letter or \
+                     digit (got {} bytes); leave it out and kiln assigns one",
+                    limits::ID_MAX,
+                    id.len()
+                ),
+            );
+        }
+        if self.requester.len() > limits::REQUESTER_MAX || has_control(&self.requester) {
+            return bad(
+                "requester",
+                format!(
+                    "must be at most {} characters with no control characters",
+                    limits::REQUESTER_MAX
+                ),
+            );
+        }
+        if self.params.len() > limits::PARAMS_MAX {
+            return bad(
+                "params",
+                format!(
+                    "has {} entries; at most {}",
+                    self.params.len(),
+                    limits::PARAMS_MAX
+                ),
+            );
+        }
+        for (k, v) in &self.params {
+            if k.is_empty() || k.len() > limits::PARAM_NAME_MAX || has_control(k) {
+                return bad(
+                    "params",
+                    format!(
+                        "names must be 1 to {} characters with no control characters",
+                        limits::PARAM_NAME_MAX
+                    ),
+                );
+            }
+            if v.len() > limits::PARAM_VALUE_MAX {
+                return bad(
+                    &format!("params.{k}"),
+                    format!("is {} bytes; at most {}", v.len(), limits::PARAM_VALUE_MAX),
+                );
+            }
+        }
+        if self.profiles.len() > limits::PROFILES_MAX {
+            return bad(
+                "profiles",
+                format!(
+                    "names {} profiles; at most {}",
+                    self.profiles.len(),
+                    limits::PROFILES_MAX
+                ),
+            );
+        }
+        for p in &self.profiles {
+            if let Err(e) = crate::verify::profile::check_name(p) {
+                return bad("profiles", e.to_string());
+            }
+        }
+        let text = |field: &str, value: &str| {
+            if value.len() > limits::TEXT_MAX || has_control(value) {
+                bad(
+                    field,
+                    format!(
+                        "must be at most {} characters with no control characters",
+                        limits::TEXT_MAX
+                    ),
+                )
+            } else {
+                Ok(())
+            }
+        };
+        match &self.recipe {
+            RecipeSource::Path { path } => text("recipe.path", &path.to_string_lossy())?,
+            RecipeSource::Inline { inline, name } => {
+                text("recipe.name", name)?;
+                if inline.len() > limits::INLINE_MAX {
+                    return bad(
+                        "recipe.inline",
+                        format!("is {} bytes; at most {}", inline.len(), limits::INLINE_MAX),
+                    );
+                }
+            }
+            RecipeSource::Git { git } => {
+                text("recipe.git.url", &git.url)?;
+                text("recipe.git.ref", &git.git_ref)?;
+                text("recipe.git.path", &git.path)?;
+            }
+        }
+        if let Some(t) = &self.templates {
+            text("templates", &t.to_string_lossy())?;
+        }
+        Ok(())
+    }
+}
+
 /// How a stage got its outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]

@@ -17,8 +17,9 @@ pub mod worker;
 pub use blobs::{BLOB_BUCKET, BlobError, Blobs, STAGE_BUCKET, StageOutputs};
 pub use messages::{
     BuildRequest, CacheStatus, DecodeError, DeployCompleted, DeployFailed, ErrorInfo, ErrorKind,
-    EventTime, GitSource, ImagePublished, Message, RecipeSource, StageCompleted, StageEvent,
-    StageFailed, StageProgress, StageStarted, VERSION, decode, encode, new_build_id,
+    EventTime, GitSource, ImagePublished, Message, RecipeSource, RequestError, StageCompleted,
+    StageEvent, StageFailed, StageProgress, StageStarted, VERSION, decode, encode,
+    is_valid_build_id, new_build_id,
 };
 pub use server::{PrivateServer, ServerError};
 pub use subjects::{DeployKind, EventKind, Stage};
@@ -52,6 +53,8 @@ pub enum BusError {
     },
     #[error("NATS: cannot {what}: {message}")]
     Nats { what: String, message: String },
+    #[error("invalid build request: {0}")]
+    Request(#[from] RequestError),
     #[error("message on {subject} (stream sequence {sequence}): {source}")]
     Decode {
         subject: String,
@@ -290,6 +293,8 @@ impl Bus {
 
     /// Publish a build request on `kiln.build.requested`.
     pub async fn publish_request(&self, req: &BuildRequest) -> Result<u64, BusError> {
+        // The source stage refuses what fails this check; say so before publishing.
+        req.check()?;
         self.publish_raw(subjects::BUILD_REQUESTED.to_string(), encode(req))
             .await
     }

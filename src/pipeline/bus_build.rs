@@ -9,6 +9,7 @@
 //! URL ([`BusTarget::Remote`]) the workers run elsewhere (`kiln up`) and the image comes from the
 //! `kiln-blobs` object store. Either way the same stage code runs.
 
+use super::access::{RecipeAccess, is_forbidden_env};
 use super::build::{BuildError, BuildOptions, BuildReport, deliver};
 use super::worker::{PipelineState, RUNNABLE, WorkerConfig, WorkerError, run_workers};
 use crate::bus::{
@@ -111,6 +112,31 @@ pub fn request_for(opts: &BuildOptions, id: &str) -> Result<BuildRequest, BusBui
     Ok(req)
 }
 
+/// What `kiln build`'s own workers may reach: the recipe's project (the directory above its
+/// nearest `templates/`, else its own directory) and the templates directory the caller gave,
+/// no git repository, and the caller's environment (never kiln's credentials).
+fn caller_access(req: &BuildRequest) -> Result<RecipeAccess, BusBuildError> {
+    let mut roots = Vec::new();
+    if let RecipeSource::Path { path } = &req.recipe {
+        let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+        let project = crate::recipe::load::find_templates_dir(dir)
+            .and_then(|t| t.parent().map(std::path::Path::to_path_buf))
+            .unwrap_or_else(|| dir.to_path_buf());
+        roots.push(project);
+    }
+    roots.extend(req.templates.clone());
+    let env: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| !is_forbidden_env(k))
+        .collect();
+    RecipeAccess::new(&roots, &[], &env, &crate::cache::kiln_home()).map_err(|message| {
+        BusBuildError::Deliver(BuildError::Stage(super::stages::StageError::Io {
+            what: message,
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        }))
+    })
+}
+
 /// Build `opts` through NATS. `observe` sees every event of the build as it arrives; the build
 /// stops early when `interrupt` completes. Returns the build id with the report.
 pub async fn build_over_bus(
@@ -146,6 +172,7 @@ pub async fn build_over_bus(
         profiles_dir: opts.profiles_dir.clone(),
         policy: private_policy(),
         local_blobs: true,
+        access: caller_access(&req)?,
         ..WorkerConfig::from_env()
     };
     let workers = async {

@@ -704,6 +704,18 @@ pub fn run_stage(
                 }
                 Ok(summary)
             })?;
+            // What the publish stage checks before it signs: this worker booted this image
+            // to this marker (see [`verified_key`]).
+            let proof = verified_key(&disk_out.image, &state.loaded.recipe.verify.expect, profile);
+            if records.get(VERIFIED, &proof).is_none() {
+                let record = json!({
+                    "image": disk_out.image, "profile": profile,
+                    "expect": state.loaded.recipe.verify.expect, "boot": key,
+                });
+                records
+                    .put(VERIFIED, &proof, &record)
+                    .map_err(io("recording the verified boot"))?;
+            }
             state.boots.push(out.clone());
             (key, to_json(&out)?, hit)
         }
@@ -736,6 +748,20 @@ fn report(
         key,
         outputs,
     }
+}
+
+/// The records of boots that passed: one per image, marker and profile, written by the verify
+/// stage itself whenever a boot of that image printed that marker. The publish stage signs only
+/// images with such records, whatever the message that triggered it claims.
+pub const VERIFIED: &str = "verified";
+
+/// The key of a [`VERIFIED`] record.
+pub fn verified_key(image: &Digest256, expect: &Option<String>, profile: &str) -> Digest256 {
+    stage_key(
+        VERIFIED,
+        1,
+        &json!({ "image": image, "expect": expect, "profile": profile }),
+    )
 }
 
 /// Look a stage's result up by key, or compute it.

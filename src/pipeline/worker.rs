@@ -18,11 +18,12 @@
 //! KV bucket. Recipe errors give one `failed` message (kind `recipe`, with file:line:column) and
 //! no retry; other errors are retried, and the last attempt publishes `failed`.
 
+use super::access::{AccessError, RecipeAccess};
 use super::cache::StageCache;
 use super::publish::{PublishTarget, Published, publish_build};
 use super::stages::{
     BuildState, ProgressSink, ProgressUpdate, Stage, StageEnv, StageError, StageRecords,
-    StageReport, check_supported, is_debian, run_stage,
+    StageReport, VERIFIED, check_supported, is_debian, run_stage, verified_key,
 };
 use crate::bus::{
     self, BlobError, Blobs, BuildRequest, Bus, BusError, CacheStatus, Delivery, ErrorInfo,
@@ -85,6 +86,9 @@ pub struct WorkerConfig {
     pub local_blobs: bool,
     /// Where the publish stage pushes images (none: it completes as skipped).
     pub publish: Option<PublishTarget>,
+    /// What build requests may reach on this worker (recipe roots, git repositories,
+    /// environment variables): nothing by default.
+    pub access: RecipeAccess,
 }
 
 impl WorkerConfig {
@@ -99,6 +103,7 @@ impl WorkerConfig {
             policy: RetryPolicy::default(),
             local_blobs: false,
             publish: None,
+            access: RecipeAccess::default(),
         }
     }
 }
@@ -276,6 +281,88 @@ struct Ctx {
     config: WorkerConfig,
 }
 
+impl Ctx {
+    /// Where this worker's stage records live: the local stage cache, and the shared KV bucket
+    /// unless every worker shares this host's `$KILN_HOME` (one host's workers keep their
+    /// records local: a record in the shared bucket would name blobs the object store does not
+    /// have). Blocking: call from blocking code.
+    fn records(&self) -> Box<dyn StageRecords + Send> {
+        if self.config.local_blobs {
+            Box::new(StageCache::new(&self.config.home))
+        } else {
+            Box::new(SharedRecords {
+                local: StageCache::new(&self.config.home),
+                kv: self.kv.clone(),
+                rt: tokio::runtime::Handle::current(),
+            })
+        }
+    }
+}
+
+/// The records of the states that stages handed on: a `completed` message's `state` is used only
+/// when a worker recorded that exact state (by its digest) for that build and stage. The message
+/// is a trigger, not a proof.
+const STATE_RECORD: &str = "state";
+
+/// The digest of a state as a `completed` message carries it.
+fn state_digest(state: &Value) -> Digest256 {
+    super::cache::stage_key(STATE_RECORD, 1, state)
+}
+
+/// Record that this worker handed `state` on from `stage` of `build`.
+async fn record_state(
+    ctx: &Arc<Ctx>,
+    build: &str,
+    stage: bus::Stage,
+    state: &Value,
+) -> Result<(), Failure> {
+    let key = state_digest(state);
+    let record = json!({ "build": build, "stage": stage });
+    let c = ctx.clone();
+    blocking(move || {
+        c.records()
+            .put(STATE_RECORD, &key, &record)
+            .map_err(|e| transient(format!("recording the state handed on: {e}")))
+    })
+    .await
+}
+
+/// Refuse a `completed` message whose state no worker recorded for its build and stage: a
+/// forged or altered message.
+async fn check_state(ctx: &Arc<Ctx>, prev: &Previous) -> Result<(), Failure> {
+    let key = prev.digest.clone();
+    let c = ctx.clone();
+    let record = blocking(move || Ok(c.records().get(STATE_RECORD, &key))).await?;
+    let agrees = record.as_ref().is_some_and(|r| {
+        r["build"].as_str() == Some(prev.build.as_str())
+            && r["stage"].as_str() == Some(prev.stage.name())
+    });
+    if agrees {
+        return Ok(());
+    }
+    let mut info = ErrorInfo::new(
+        ErrorKind::InvalidMessage,
+        &format!(
+            "the {} stage's completed message for build {} carries a state ({}) that no kiln \
+             worker recorded for that build and stage: refused (a forged or altered message)",
+            prev.stage, prev.build, prev.digest
+        ),
+    );
+    info.help = Some(
+        "only stage workers publish stage events; submit builds on kiln.build.requested \
+         (see the README's Security model for the NATS permissions that enforce this)"
+            .into(),
+    );
+    Err(Failure::Input(info))
+}
+
+/// The stage whose `completed` message triggered this one, and the digest of its state.
+struct Previous {
+    build: String,
+    stage: bus::Stage,
+    digest: Digest256,
+}
+
 /// Run workers for `stages` until `shutdown` completes.
 pub async fn run_workers(
     bus: &Bus,
@@ -347,13 +434,37 @@ pub async fn run_workers(
 async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome, Failure> {
     let started = Instant::now();
     // Which build: from the request (source) or the previous stage's completed message.
-    let (build, state) = match read_input(stage, &d) {
+    let (build, state, prev) = match read_input(stage, &d) {
         Ok(v) => v,
         Err((build, info)) => {
             publish_failed(&ctx, &build, stage, *info, &d, started).await;
             return Ok(Outcome::Final);
         }
     };
+    if stage == bus::Stage::Source {
+        match claim_build_id(&ctx, &build, &d).await {
+            Ok(()) => {}
+            Err(Failure::Input(mut info)) => {
+                tracing::warn!(build, "{}", info.message);
+                info.detail = Some(format!("the refused request asked for build id {build:?}"));
+                let refused = refused_build_id(&d);
+                publish_failed(&ctx, &refused, stage, info, &d, started).await;
+                return Ok(Outcome::Final);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(prev) = &prev {
+        match check_state(&ctx, prev).await {
+            Ok(()) => {}
+            Err(Failure::Input(info)) => {
+                tracing::warn!(%stage, build, "{}", info.message);
+                publish_failed(&ctx, &build, stage, info, &d, started).await;
+                return Ok(Outcome::Final);
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let _ = ctx
         .bus
         .publish_event(&StageEvent::Started(StageStarted {
@@ -368,6 +479,7 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
     match run(&ctx, stage, state).await {
         Ok((state, outputs, cache)) => {
             let state = serde_json::to_value(&state).map_err(transient)?;
+            record_state(&ctx, &build, stage, &state).await?;
             let done = StageEvent::Completed(StageCompleted {
                 v: VERSION,
                 build,
@@ -441,26 +553,34 @@ async fn publish_reliably(bus: &Bus, event: &StageEvent) -> Result<u64, BusError
     }
 }
 
+/// What a message carries: the build id, its state, and (for every stage after source) the stage
+/// that handed it on.
+type Input = (String, PipelineState, Option<Previous>);
+
 /// The build id and state a message carries, or the build id (best known) and why it is unusable.
-fn read_input(
-    stage: bus::Stage,
-    d: &Delivery,
-) -> Result<(String, PipelineState), (String, Box<ErrorInfo>)> {
+fn read_input(stage: bus::Stage, d: &Delivery) -> Result<Input, (String, Box<ErrorInfo>)> {
     let invalid = |e: &dyn std::fmt::Display| {
         Box::new(ErrorInfo::new(ErrorKind::InvalidMessage, &e.to_string()))
     };
     if stage == bus::Stage::Source {
+        // A request that cannot be used fails under its own id when that id is valid, else
+        // under `invalid-<stream sequence>`.
+        let refused_id = |id: Option<&str>| {
+            id.filter(|id| bus::is_valid_build_id(id))
+                .map(str::to_string)
+                .unwrap_or_else(|| refused_build_id(d))
+        };
         let mut request: BuildRequest = match d.decode() {
             Ok(r) => r,
             Err(e) => {
-                // The id, if the payload has one, so the failure lands on that build.
-                let id = serde_json::from_slice::<Value>(d.payload())
-                    .ok()
-                    .and_then(|v| v["id"].as_str().map(str::to_string))
-                    .unwrap_or_else(|| format!("invalid-{}", d.stream_sequence()));
+                let v = serde_json::from_slice::<Value>(d.payload()).ok();
+                let id = refused_id(v.as_ref().and_then(|v| v["id"].as_str()));
                 return Err((id, invalid(&e)));
             }
         };
+        if let Err(e) = request.check() {
+            return Err((refused_id(request.id.as_deref()), invalid(&e)));
+        }
         let id = request.id.clone().unwrap_or_else(|| assigned_id(d));
         request.id = Some(id.clone());
         let state = PipelineState {
@@ -471,7 +591,7 @@ fn read_input(
             reports: Vec::new(),
             mirror_requests: 0,
         };
-        return Ok((id, state));
+        return Ok((id, state, None));
     }
     let prev: StageCompleted = match d.decode() {
         Ok(p) => p,
@@ -482,8 +602,27 @@ fn read_input(
             return Err((id, invalid(&e)));
         }
     };
+    let expected = stage.previous();
+    if Some(prev.stage) != expected {
+        return Err((
+            prev.build,
+            invalid(&format!(
+                "a {} completed message cannot start the {stage} stage",
+                prev.stage
+            )),
+        ));
+    }
+    let previous = Previous {
+        build: prev.build.clone(),
+        stage: prev.stage,
+        digest: state_digest(&prev.state),
+    };
     match serde_json::from_value::<PipelineState>(prev.state) {
-        Ok(s) => Ok((prev.build, s)),
+        Ok(s) if s.request.id.as_deref() != Some(prev.build.as_str()) => Err((
+            prev.build,
+            invalid(&"the message's state belongs to another build"),
+        )),
+        Ok(s) => Ok((prev.build, s, Some(previous))),
         Err(e) => Err((
             prev.build,
             invalid(&format!(
@@ -491,6 +630,52 @@ fn read_input(
                 prev.stage
             )),
         )),
+    }
+}
+
+/// The id under which a request that cannot be used is reported: `invalid-<stream sequence>`.
+fn refused_build_id(d: &Delivery) -> String {
+    format!("invalid-{}", d.stream_sequence())
+}
+
+/// The records of which request took a build id: a second request with an id already taken
+/// (on any path: the API, `kiln submit`, a CI system publishing on NATS) is refused, and the
+/// existing build's events stay untouched.
+const BUILD_ID_RECORD: &str = "build-id";
+
+/// Take `id` for the request `d`, or refuse it when another request took it first. A redelivery
+/// of the same request finds its own record.
+async fn claim_build_id(ctx: &Arc<Ctx>, id: &str, d: &Delivery) -> Result<(), Failure> {
+    let key = super::cache::stage_key(BUILD_ID_RECORD, 1, &id);
+    let published = d
+        .message()
+        .info()
+        .map(|i| (i.published.unix_timestamp_nanos() / 1_000_000) as i64)
+        .unwrap_or(0);
+    let mine = json!({ "id": id, "sequence": d.stream_sequence(), "published_ms": published });
+    let c = ctx.clone();
+    let claim = mine.clone();
+    let taken = blocking(move || {
+        let records = c.records();
+        match records.get(BUILD_ID_RECORD, &key) {
+            Some(other) => Ok(Some(other)),
+            None => records
+                .put(BUILD_ID_RECORD, &key, &claim)
+                .map(|()| None)
+                .map_err(|e| transient(format!("recording the build id: {e}"))),
+        }
+    })
+    .await?;
+    match taken {
+        Some(other) if other != mine => {
+            let mut info = ErrorInfo::new(
+                ErrorKind::InvalidMessage,
+                &format!("build id {id:?} is taken by an earlier request; refused"),
+            );
+            info.help = Some("choose another id, or leave `id` out and kiln assigns one".into());
+            Err(Failure::Input(info))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -571,8 +756,12 @@ async fn publish(ctx: &Arc<Ctx>, state: PipelineState) -> Result<StageResult, Fa
     };
     let st = state.clone();
     let target = ctx.config.publish.clone();
+    let c = ctx.clone();
     let done = blocking(move || {
         let build = st.build.as_ref().ok_or_else(|| missing("render"))?;
+        if needs_disk {
+            check_verified(c.records().as_ref(), build)?;
+        }
         publish_build(&id, build, st.commit.as_deref(), &disk, target.as_ref()).map_err(|e| {
             if e.kind == ErrorKind::Transient {
                 Failure::Retry(e)
@@ -594,6 +783,34 @@ async fn publish(ctx: &Arc<Ctx>, state: PipelineState) -> Result<StageResult, Fa
             Ok((state, outputs, cache))
         }
     }
+}
+
+/// Every boot the state reports must be one the verify stage recorded itself: this image, this
+/// recipe's marker, this profile. Blocking.
+fn check_verified(records: &dyn StageRecords, build: &BuildState) -> Result<(), Failure> {
+    let Some(disk) = &build.disk else {
+        return Err(missing("disk"));
+    };
+    let expect = &build.loaded.recipe.verify.expect;
+    for boot in &build.boots {
+        let key = verified_key(&disk.image, expect, &boot.profile);
+        let recorded = records
+            .get(VERIFIED, &key)
+            .is_some_and(|r| r["image"].as_str() == Some(disk.image.to_string().as_str()));
+        if !recorded {
+            let mut info = ErrorInfo::new(
+                ErrorKind::InvalidMessage,
+                &format!(
+                    "no verify stage recorded a passing {} boot of {} with this recipe's marker: \
+                     refusing to sign and publish an image that was not seen to boot",
+                    boot.profile, disk.image
+                ),
+            );
+            info.help = Some("build it again; the verify stage must boot this image".into());
+            return Err(Failure::Input(info));
+        }
+    }
+    Ok(())
 }
 
 fn missing(what: &str) -> Failure {
@@ -618,7 +835,41 @@ fn params(req: &BuildRequest) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A request that names what this worker's operator did not open to requests.
+fn refused(e: AccessError) -> Failure {
+    let mut info = ErrorInfo::new(ErrorKind::InvalidMessage, &e.to_string());
+    info.help = Some(e.help().to_string());
+    Failure::Input(info)
+}
+
+/// The request's recipe file and templates directory, checked against the recipe roots.
+fn checked_paths(
+    access: &RecipeAccess,
+    request: &BuildRequest,
+) -> Result<(Option<PathBuf>, Option<PathBuf>), Failure> {
+    let recipe = match &request.recipe {
+        RecipeSource::Path { path } => Some(access.check_path("recipe", path).map_err(refused)?),
+        _ => None,
+    };
+    let templates = match &request.templates {
+        Some(t) => Some(
+            access
+                .check_path("templates directory", t)
+                .map_err(refused)?,
+        ),
+        None => None,
+    };
+    Ok((recipe, templates))
+}
+
 async fn source(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult, Failure> {
+    checked_paths(&ctx.config.access, &state.request)?;
+    if let RecipeSource::Git { git } = &state.request.recipe {
+        ctx.config
+            .access
+            .check_git(&git.url, &ctx.config.home)
+            .map_err(refused)?;
+    }
     let outputs = match state.request.recipe.clone() {
         RecipeSource::Path { path } => {
             if !path.is_file() {
@@ -654,17 +905,22 @@ async fn source(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult,
 async fn render(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult, Failure> {
     let home = ctx.config.home.clone();
     let st = state.clone();
+    let access = ctx.config.access.clone();
     let loaded = blocking(move || {
         let set = params(&st.request);
+        // Recipes see only the environment variables this worker's operator allowed.
+        let env = Some(access.env_values());
         let load = |path: &std::path::Path, opts: &LoadOptions| {
             crate::recipe::load(path, opts).map_err(|d| Failure::Input(diagnostic_info(&d)))
         };
+        let (recipe_path, templates_dir) = checked_paths(&access, &st.request)?;
         let loaded = match &st.request.recipe {
-            RecipeSource::Path { path } => load(
-                path,
+            RecipeSource::Path { .. } => load(
+                recipe_path.as_deref().ok_or_else(|| missing("source"))?,
                 &LoadOptions {
                     set,
-                    templates_dir: st.request.templates.clone(),
+                    templates_dir,
+                    env,
                     ..Default::default()
                 },
             )?,
@@ -680,17 +936,20 @@ async fn render(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult,
                     &path,
                     &LoadOptions {
                         set,
+                        env,
                         ..Default::default()
                     },
                 )?
             }
             RecipeSource::Git { git } => {
+                access.check_git(&git.url, &home).map_err(refused)?;
                 let commit = st.commit.clone().ok_or_else(|| missing("source"))?;
                 let checkout = crate::source::GitSource::with_home(&git.url, &home)
                     .and_then(|s| s.checkout(&commit, &git.path))
                     .map_err(transient)?;
                 let mut opts = crate::source::load_options_for(&checkout, set);
                 opts.git.reference = git.git_ref.clone();
+                opts.env = env;
                 load(&checkout.recipe_path, &opts)?
             }
         };
@@ -833,17 +1092,7 @@ async fn pipeline(
             needed.extend(blocking(move || kernel_blobs(&env, &base)).await?);
         }
         fetch(ctx, &needed).await?;
-        // One host's workers (local blobs) keep their records in the local cache only: a
-        // record in the shared bucket would name blobs the object store does not have.
-        let records: Box<dyn StageRecords + Send> = if ctx.config.local_blobs {
-            Box::new(StageCache::new(&ctx.config.home))
-        } else {
-            Box::new(SharedRecords {
-                local: StageCache::new(&ctx.config.home),
-                kv: ctx.kv.clone(),
-                rt: tokio::runtime::Handle::current(),
-            })
-        };
+        let records = ctx.records();
         // A counter of its own, so this build's mirror requests are counted alone.
         let mut env = ctx.env.clone();
         env.mirror_requests = Default::default();
@@ -913,6 +1162,85 @@ mod tests {
         let back: PipelineState = serde_json::from_value(v).unwrap();
         assert_eq!(back.commit.as_deref(), Some("0123"));
         assert_eq!(back.request.requester, "alice");
+    }
+
+    #[test]
+    fn publish_signs_only_what_the_verify_stage_recorded() {
+        use crate::pipeline::stages::{BootSummary, DiskOut};
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = dir.path().join("r.yaml");
+        std::fs::write(
+            &recipe,
+            "name: r\nkernel: { package: linux-image-cloud-amd64 }\nboot: { loader: none }\n\
+             disk: { partitions: [ { name: root, type: root, size: auto } ] }\n\
+             verify: { expect: marker-1 }\n",
+        )
+        .unwrap();
+        let loaded = crate::recipe::load(&recipe, &LoadOptions::default()).unwrap();
+        let mut build = BuildState::new(loaded);
+        let image = Digest256::from_sha256(&[7u8; 32]);
+        build.disk = Some(DiskOut {
+            image: image.clone(),
+            format: "raw".into(),
+            disk_size: 1 << 20,
+            file_size: 1 << 20,
+        });
+        build.boots.push(BootSummary {
+            profile: "direct".into(),
+            serial_log: None,
+            serial_log_blob: None,
+            accel: "tcg".into(),
+            time_to_first_output: None,
+            time_to_kernel: None,
+            time_to_marker: 1.0,
+            total: 1.0,
+            marker_line: "marker-1".into(),
+        });
+        let records = StageCache::new(dir.path());
+        let refused = check_verified(&records, &build).unwrap_err();
+        assert!(
+            refused.to_string().contains("not seen to boot"),
+            "{refused}"
+        );
+        // A record for another image, marker or profile does not count.
+        let expect = Some("marker-1".to_string());
+        let other = Digest256::from_sha256(&[8u8; 32]);
+        for (img, exp, profile) in [
+            (&other, &expect, "direct"),
+            (&image, &Some("marker-2".to_string()), "direct"),
+            (&image, &expect, "uefi"),
+        ] {
+            let rec = json!({ "image": img });
+            records
+                .put(VERIFIED, &verified_key(img, exp, profile), &rec)
+                .unwrap();
+        }
+        assert!(check_verified(&records, &build).is_err());
+        records
+            .put(
+                VERIFIED,
+                &verified_key(&image, &expect, "direct"),
+                &json!({ "image": image }),
+            )
+            .unwrap();
+        assert!(check_verified(&records, &build).is_ok());
+    }
+
+    #[test]
+    fn a_state_keeps_its_digest_through_a_message() {
+        // Stage times are floats: the digest a worker records must be the one the next worker
+        // computes from the message it receives.
+        let mut floats = Vec::new();
+        let mut x = 0.1f64;
+        for i in 0..2000 {
+            x = x * 1.000_123_7 + f64::from(i) * 1e-9;
+            floats.push(x);
+            floats.push(1.0 / (f64::from(i) + 3.0));
+        }
+        let state = json!({ "reports": floats, "n": u64::MAX, "neg": -1.5e-300 });
+        let wire = serde_json::to_vec(&json!({ "state": state })).unwrap();
+        let received: Value = serde_json::from_slice(&wire).unwrap();
+        assert_eq!(state_digest(&state), state_digest(&received["state"]));
     }
 
     #[test]

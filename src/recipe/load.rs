@@ -165,6 +165,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
         .map(|(name, default)| {
             let from_env = match &opts.env {
                 Some(map) => map.get(name).cloned(),
+                // The caller's own environment (kiln render/check/build on a laptop), but
+                // never kiln's credentials.
+                None if crate::pipeline::access::is_forbidden_env(name) => None,
                 None => std::env::var(name).ok(),
             };
             (name.clone(), from_env.unwrap_or_else(|| default.clone()))
@@ -407,7 +410,7 @@ fn parent_dir(path: &Path) -> PathBuf {
 }
 
 /// The nearest `templates/` directory at or above `dir`.
-fn find_templates_dir(dir: &Path) -> Option<PathBuf> {
+pub fn find_templates_dir(dir: &Path) -> Option<PathBuf> {
     let start = dir.canonicalize().ok()?;
     start
         .ancestors()

@@ -56,6 +56,12 @@ pub enum VerifyError {
         "machine profile directory {dir} does not exist (from --profiles or $KILN_QEMU_PROFILES)"
     )]
     ProfileDirMissing { dir: PathBuf },
+    #[error(
+        "{name:?} is not a machine profile name: a profile is named (A-Z a-z 0-9 _ -, at most 64 \
+         characters) and looked up in the worker's profile directory (--profiles, \
+         $KILN_QEMU_PROFILES or qemu/); paths are not accepted"
+    )]
+    ProfileName { name: String },
     #[error("no machine profile {name:?} in {dir}; available: {available}")]
     ProfileNotFound {
         name: String,

@@ -149,6 +149,30 @@ impl Profile {
     }
 }
 
+/// Longest profile name.
+pub const NAME_MAX: usize = 64;
+
+/// A profile named by a build request or a recipe is a name looked up in the worker's own
+/// profile directory: 1 to [`NAME_MAX`] characters of `[A-Za-z0-9_-]`, starting with a letter
+/// or digit. Never a path: QEMU arguments come only from files the operator put there.
+pub fn check_name(name: &str) -> Result<(), VerifyError> {
+    let ok = name.len() <= NAME_MAX
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(VerifyError::ProfileName {
+            name: name.chars().take(NAME_MAX).collect(),
+        })
+    }
+}
+
 /// Where profiles are looked up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProfileDir {
@@ -182,12 +206,11 @@ impl ProfileDir {
         }
     }
 
-    /// Load profile `name` (a file `<name>.toml` in the directory). A `name` that contains a `/`
-    /// or ends in `.toml` is a path to a profile file instead.
+    /// Load profile `name` (a file `<name>.toml` in the directory). Only names are accepted
+    /// ([`check_name`]); `kiln boot` turns a path given on its command line into a directory
+    /// and a name itself ([`ProfileDir::split_path`]).
     pub fn load(&self, name: &str) -> Result<Profile, VerifyError> {
-        if name.contains('/') || name.ends_with(".toml") {
-            return Profile::load(Path::new(name));
-        }
+        check_name(name)?;
         match self {
             ProfileDir::Dir(dir) => {
                 let path = dir.join(format!("{name}.toml"));
@@ -209,6 +232,25 @@ impl ProfileDir {
                 }),
             },
         }
+    }
+
+    /// A profile argument given by the operator on the command line: a path to a profile file
+    /// (it contains `/` or ends in `.toml`) becomes `(its directory, its name)`; a name is
+    /// returned as it is, with no directory.
+    pub fn split_path(arg: &str) -> (Option<PathBuf>, String) {
+        if !arg.contains('/') && !arg.ends_with(".toml") {
+            return (None, arg.to_string());
+        }
+        let path = Path::new(arg);
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        (Some(dir), name)
     }
 
     /// Names of the profiles available, sorted.
@@ -257,5 +299,40 @@ mod tests {
         assert!(Profile::parse("x", "x", &small).is_err());
         let method = base.replace("direct", "bios");
         assert!(Profile::parse("x", "x", &method).is_err());
+    }
+
+    #[test]
+    fn requests_name_profiles_and_never_reach_files() {
+        for good in ["direct", "uefi", "uefi-secureboot", "a_1"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        let long = "a".repeat(NAME_MAX + 1);
+        for bad in [
+            "",
+            "../etc/x",
+            "/tmp/evil.toml",
+            "evil.toml",
+            "a/b",
+            "..",
+            ".hidden",
+            "-x",
+            "a b",
+            "a\nb",
+            long.as_str(),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+            let dir = ProfileDir::Dir(PathBuf::from("/nonexistent"));
+            let e = dir.load(bad).unwrap_err().to_string();
+            assert!(e.contains("profile name"), "{e}");
+        }
+        assert_eq!(
+            ProfileDir::split_path("/srv/kiln/qemu/fast.toml"),
+            (Some(PathBuf::from("/srv/kiln/qemu")), "fast".to_string())
+        );
+        assert_eq!(
+            ProfileDir::split_path("fast.toml"),
+            (Some(PathBuf::from(".")), "fast".to_string())
+        );
+        assert_eq!(ProfileDir::split_path("uefi"), (None, "uefi".to_string()));
     }
 }

@@ -38,6 +38,17 @@ pub fn kiln(home: &Path) -> Command {
     c
 }
 
+/// `kiln up`/`kiln worker` arguments that open the recipe roots tests submit path recipes from:
+/// the project and the temp directory (workers read no recipe files by default).
+pub fn recipe_roots() -> Vec<std::ffi::OsString> {
+    vec![
+        "--recipes".into(),
+        root().into_os_string(),
+        "--recipes".into(),
+        std::env::temp_dir().into_os_string(),
+    ]
+}
+
 /// The JSON report a successful `kiln ... --json` printed; fails the test with its output otherwise.
 pub fn json_report(o: &std::process::Output) -> serde_json::Value {
     assert!(

@@ -1727,7 +1727,8 @@ fn run_workers(
         stages
     };
     config.policy = retry.policy();
-    runtime()?.block_on(async {
+    let rt = runtime()?;
+    let done = rt.block_on(async {
         let bus = crate::bus::Bus::connect(&nats.connect_options()).await?;
         let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
         tracing::info!(
@@ -1781,7 +1782,11 @@ fn run_workers(
             }
         }
         Ok(0)
-    })
+    });
+    // A stage abandoned at shutdown may still run on a blocking thread (a boot, a render):
+    // do not wait for it. QEMU dies with this process (PR_SET_PDEATHSIG).
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    done
 }
 
 /// The API part of `kiln up`.

@@ -200,6 +200,19 @@ impl GitSource {
         Ok(commit.parent_ids().next().map(|p| p.to_string()))
     }
 
+    /// Fetch, then whether `commit` is the commit `reference` names or one of its ancestors:
+    /// whether it is on that branch or tag.
+    pub fn is_on(&self, reference: &str, commit: &str) -> Result<bool, SourceError> {
+        let (repo, _) = self.mirror_for(reference)?;
+        let tip = self.resolve_in(&repo, reference)?;
+        let oid = self.resolve_in(&repo, commit)?;
+        if oid == tip {
+            return Ok(true);
+        }
+        repo.graph_descendant_of(tip, oid)
+            .map_err(|e| self.git("walking the history", e))
+    }
+
     /// Fetch, resolve `reference`, check the commit out and locate `recipe` (a path relative to
     /// the repository root) in it.
     pub fn checkout(&self, reference: &str, recipe: &str) -> Result<Checkout, SourceError> {

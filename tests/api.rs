@@ -668,6 +668,34 @@ fn git_push_hooks_build_the_changed_recipe_at_the_pushed_commit() {
     assert_eq!(builds[0]["commit"], c4.as_str());
     let build_b = builds[0]["build"].as_str().unwrap().to_string();
 
+    // A commit of another branch, announced as main's: refused, nothing published.
+    let c5 = repo.change("a", "kiln-side");
+    let side = repo
+        .repo
+        .find_commit(git2::Oid::from_str(&c5).unwrap())
+        .unwrap();
+    repo.repo.branch("side", &side, false).unwrap();
+    let c4_commit = repo
+        .repo
+        .find_commit(git2::Oid::from_str(&c4).unwrap())
+        .unwrap();
+    repo.repo
+        .reset(c4_commit.as_object(), git2::ResetType::Hard, None)
+        .unwrap();
+    let r = hook(
+        &[],
+        &serde_json::json!({ "repo": repo.url(), "ref": "refs/heads/main", "commit": c5 }),
+    );
+    assert_eq!(r.status(), 422);
+    let e: serde_json::Value = r.json_value();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not on refs/heads/main"),
+        "{e}"
+    );
+
     // Both requests name the recipe at its commit; both builds run to the end at that commit.
     let requested = requests(&nats);
     assert_eq!(requested.len(), 2, "{requested:?}");
@@ -699,8 +727,8 @@ fn kiln_watch_submits_one_build_for_the_changed_recipe() {
     let nats = server.url();
     let home = shared_home();
     let mut repo = RecipeRepo::new();
-    let (up, base) = kiln_up(home.path(), &nats, &[], true);
     let repo_url = repo.url();
+    let (up, base) = kiln_up(home.path(), &nats, &["--allow-git", &repo_url], true);
     let watch = |extra: &[&str]| {
         let mut c = kiln(home.path());
         c.args([

@@ -448,3 +448,97 @@ fn forged_stage_events_are_refused_and_nothing_is_signed() {
     let f = failure(&wait_end(&url, "forged-stage", &log)).clone();
     assert_eq!(f.error.kind, kiln::bus::ErrorKind::InvalidMessage, "{f:?}");
 }
+
+/// Pids of QEMU processes whose command line mentions `needle`.
+fn qemus_with(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&cmdline);
+        if text.contains("qemu-system") && text.contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn sigterm_stops_a_busy_worker_within_seconds() {
+    let server = PrivateServer::start().unwrap();
+    let url = server.url();
+    let home = shared_home();
+    let work = tempfile::tempdir().unwrap();
+    // An operator's profile whose guest never runs (`-S`: QEMU starts with the CPU stopped), so
+    // the verify stage waits for its marker for minutes.
+    let profiles = work.path().join("profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    let direct = std::fs::read_to_string(common::root().join("qemu/direct.toml")).unwrap();
+    let frozen = direct.replace("extra_args = [", "extra_args = [\"-S\", ");
+    assert_ne!(frozen, direct);
+    std::fs::write(profiles.join("frozen.toml"), frozen).unwrap();
+    let log = work.path().join("up.log");
+    let mut up = Running::spawn(
+        {
+            let mut c = kiln(home.path());
+            c.args(["up", "--nats", &url, "--listen", "none", "--profiles"])
+                .arg(&profiles)
+                .args(recipe_roots());
+            c
+        },
+        &log,
+    );
+    let o = kiln(home.path())
+        .args([
+            "submit",
+            "recipes/minimal.yaml",
+            "--profile",
+            "frozen",
+            "--json",
+            "--nats",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Wait until the guest is "booting".
+    let home_text = home.path().display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while qemus_with(&home_text).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no boot started: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let stopping = Instant::now();
+    // SAFETY: kill(2) with the pid of our own child.
+    unsafe {
+        libc::kill(up.0.id() as i32, libc::SIGTERM);
+    }
+    let status = loop {
+        if let Some(s) = up.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(10),
+            "kiln up still runs 10 s after SIGTERM: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "kiln up stopped {:.2} s after SIGTERM in the middle of a boot ({status})",
+        stopping.elapsed().as_secs_f64()
+    );
+    // Its QEMU went with it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !qemus_with(&home_text).is_empty() {
+        assert!(Instant::now() < deadline, "QEMU outlived kiln up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

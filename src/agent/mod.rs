@@ -652,8 +652,10 @@ pub async fn run(
             continue;
         }
         let running = state.current.as_ref().map(|c| c.digest.as_str());
+        let sequence = m.info().ok().map(|i| i.stream_sequence);
         if running == Some(msg.digest.as_str())
             || state.last_handled.as_deref() == Some(msg.digest.as_str())
+            || (sequence.is_some() && state.refused_sequence == sequence)
         {
             tracing::info!("{} was handled already", msg.reference);
             continue;
@@ -665,8 +667,11 @@ pub async fn run(
             blocking(move || {
                 let mut st = state;
                 let o = deploy(&config, &trust, &mut st, &msg, received, &backend)?;
-                // Deployed, rolled back or refused: a restart does not act on it again.
-                st.last_handled = Some(msg.digest.clone());
+                // Deployed or rolled back: `deploy` marked the digest handled. Refused without
+                // booting: only this message is, so a restart does not act on it again.
+                if st.last_handled.as_deref() != Some(msg.digest.as_str()) {
+                    st.refused_sequence = sequence;
+                }
                 st.save(&config.state_dir)?;
                 Ok((st, o))
             })

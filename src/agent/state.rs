@@ -63,10 +63,15 @@ pub struct AgentState {
     /// The reference that ran before `current`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
-    /// Digest of the last image the agent acted on (deployed, refused or rolled back), so that a
+    /// Digest of the last image the agent booted (deployed, or rolled back from), so that a
     /// restart does not act on the same announcement twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled: Option<String>,
+    /// Stream sequence of the last announcement the agent refused without booting (wrong
+    /// registry, key or digest). A refusal is remembered per message, never per digest: a
+    /// forged announcement of a digest cannot keep a later valid one of it from deploying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_sequence: Option<u64>,
     /// The next VM id.
     #[serde(default)]
     pub next_vm: u64,
@@ -144,6 +149,7 @@ mod tests {
             }),
             previous: None,
             last_handled: Some("sha256:00".into()),
+            refused_sequence: Some(42),
             next_vm: 4,
         };
         s.save(dir.path()).unwrap();

@@ -279,6 +279,26 @@ pub fn run(
     runtime: &tokio::runtime::Handle,
 ) -> Result<Outcome, ApiError> {
     let source = GitSource::with_home(url, &config.home).map_err(WatchError::from)?;
+    // Build a commit only as what the payload says it is: a commit on the ref it names.
+    if let Some(commit) = &push.commit
+        && !source
+            .is_on(&push.reference, commit)
+            .map_err(WatchError::from)?
+    {
+        return Err(ApiError {
+            field: Some("commit".into()),
+            ..ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                format!(
+                    "commit {commit} is not on {} of {}; refused (a hook builds only commits \
+                     of the ref it names)",
+                    push.reference,
+                    crate::source::redact_url(url)
+                ),
+            )
+        });
+    }
     let state_file = state_file_for(
         &config.home.join("hooks"),
         source.url(),

@@ -172,6 +172,9 @@ impl Delivery {
     }
 }
 
+/// How long a stopping worker lets the message in hand finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// A stage worker bound to the stage's durable consumer.
 #[derive(Debug, Clone)]
 pub struct Worker {
@@ -312,9 +315,10 @@ impl Worker {
         }
     }
 
-    /// Handle messages until `shutdown` completes. Shutdown is checked between messages, so a
-    /// running handler finishes. Connection errors are logged and retried (the client
-    /// reconnects by itself).
+    /// Handle messages until `shutdown` completes. A handler running then gets
+    /// [`SHUTDOWN_GRACE`] to finish; after that its message is left unacknowledged (the server
+    /// redelivers it after ack_wait), so a worker stops within seconds even in a long stage.
+    /// Connection errors are logged and retried (the client reconnects by itself).
     pub async fn run<F, Fut, E, S>(&self, handler: F, shutdown: S) -> Result<(), BusError>
     where
         F: Fn(Delivery) -> Fut,
@@ -331,8 +335,29 @@ impl Worker {
             match next {
                 Ok(None) => {}
                 Ok(Some(m)) => {
-                    if let Err(e) = self.handle(m, &handler).await {
-                        tracing::warn!(stage = %self.stage, "{e}");
+                    let handled = self.handle(m, &handler);
+                    tokio::pin!(handled);
+                    tokio::select! {
+                        r = &mut handled => {
+                            if let Err(e) = r {
+                                tracing::warn!(stage = %self.stage, "{e}");
+                            }
+                        }
+                        _ = &mut shutdown => {
+                            // A stage may run for minutes (a boot, a kernel build): give it a
+                            // moment, then stop without acking; the server redelivers the
+                            // message to another worker after ack_wait.
+                            match tokio::time::timeout(SHUTDOWN_GRACE, &mut handled).await {
+                                Ok(Err(e)) => tracing::warn!(stage = %self.stage, "{e}"),
+                                Ok(Ok(_)) => {}
+                                Err(_) => tracing::warn!(
+                                    stage = %self.stage,
+                                    "stopping in the middle of a message; it is redelivered \
+                                     to another worker"
+                                ),
+                            }
+                            return Ok(());
+                        }
                     }
                 }
                 Err(e) => {

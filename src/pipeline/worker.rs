@@ -152,6 +152,20 @@ fn transient(e: impl std::fmt::Display) -> Failure {
     Failure::Retry(ErrorInfo::new(ErrorKind::Transient, &e.to_string()))
 }
 
+/// A git error: what no retry can heal (an unknown ref, a recipe path that is not in the
+/// repository, an unsupported URL) is final; the rest (the network) is retried.
+fn source_failure(e: crate::source::SourceError) -> Failure {
+    use crate::source::SourceError as E;
+    match e {
+        E::UnknownRef { .. }
+        | E::BadRecipePath { .. }
+        | E::MissingRecipe { .. }
+        | E::UnsupportedScheme { .. }
+        | E::NoSuchPath { .. } => Failure::Input(ErrorInfo::new(ErrorKind::Recipe, &e.to_string())),
+        e => transient(e),
+    }
+}
+
 /// A recipe diagnostic as a `failed` message's error: place, help, and the whole rendering
 /// (source line and caret) as detail.
 pub fn diagnostic_info(d: &Diagnostic) -> ErrorInfo {
@@ -501,6 +515,28 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
         Err(Failure::Retry(info)) => {
             if d.is_last_attempt() {
                 publish_failed(&ctx, &build, stage, info.clone(), &d, started).await;
+            } else {
+                // Say at once why the stage is retrying: `kiln status` and `kiln logs` show it.
+                let note = StageEvent::Progress(StageProgress {
+                    v: VERSION,
+                    build: build.clone(),
+                    stage,
+                    worker: ctx.config.name.clone(),
+                    time: EventTime::now(),
+                    fraction: None,
+                    message: Some(format!(
+                        "attempt {} failed ({}), retrying: {}",
+                        d.attempt(),
+                        serde_json::to_value(info.kind)
+                            .ok()
+                            .and_then(|k| k.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                        info.message
+                    )),
+                });
+                if let Err(e) = ctx.bus.publish_event(&note).await {
+                    tracing::debug!(%stage, build, "cannot publish the retry note: {e}");
+                }
             }
             Err(Failure::Retry(info))
         }
@@ -891,7 +927,7 @@ async fn source(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult,
             let checkout = blocking(move || {
                 crate::source::GitSource::with_home(&git.url, &home)
                     .and_then(|s| s.checkout(&git.git_ref, &git.path))
-                    .map_err(transient)
+                    .map_err(source_failure)
             })
             .await?;
             state.commit = Some(checkout.commit.clone());
@@ -946,7 +982,7 @@ async fn render(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult,
                 let commit = st.commit.clone().ok_or_else(|| missing("source"))?;
                 let checkout = crate::source::GitSource::with_home(&git.url, &home)
                     .and_then(|s| s.checkout(&commit, &git.path))
-                    .map_err(transient)?;
+                    .map_err(source_failure)?;
                 let mut opts = crate::source::load_options_for(&checkout, set);
                 opts.git.reference = git.git_ref.clone();
                 opts.env = env;

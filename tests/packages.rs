@@ -64,7 +64,7 @@ fn busybox_static_reads_into_a_tree() {
     assert_eq!(path, store.path(&pkgs[0].sha256));
 
     let mut tree = Tree::new();
-    let info = deb::read_into_tree(&path, &mut tree, &store).unwrap();
+    let info = deb::read_into_tree(&path, &pkgs[0].deb_limits(), &mut tree, &store).unwrap();
     assert_eq!(info.field("Package"), Some("busybox-static"));
     assert_eq!(info.field("Version"), Some(pkgs[0].version.as_str()));
     assert!(info.files.contains(&"bin/busybox".to_string()));
@@ -124,7 +124,7 @@ fn systemd_boot_efi_has_the_loader() {
     let path = archive.fetch(&pkgs[0]).unwrap();
     let mut tree = Tree::new();
     let store = BlobStore::new(SHARED_CACHE);
-    deb::read_into_tree(&path, &mut tree, &store).unwrap();
+    deb::read_into_tree(&path, &pkgs[0].deb_limits(), &mut tree, &store).unwrap();
     let efi = tree
         .get(&TreePath::new("usr/lib/systemd/boot/efi/systemd-bootx64.efi").unwrap())
         .expect("systemd-bootx64.efi in the tree");
@@ -739,7 +739,7 @@ fn self_signed_archive_end_to_end() {
     let mut tree = Tree::new();
     for pkg in &pkgs {
         let path = archive.fetch(pkg).unwrap();
-        deb::read_into_tree(&path, &mut tree, archive.store()).unwrap();
+        deb::read_into_tree(&path, &pkg.deb_limits(), &mut tree, archive.store()).unwrap();
     }
     let hello = tree.get(&TreePath::new("usr/bin/hello").unwrap()).unwrap();
     assert_eq!(hello.mode, 0o755);

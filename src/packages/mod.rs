@@ -29,7 +29,7 @@ pub mod release;
 pub mod resolve;
 pub mod version;
 
-pub use deb::{DebInfo, read_into_tree};
+pub use deb::{DebInfo, DebLimits, read_into_tree};
 pub use fetch::{FetchPolicy, Fetcher};
 pub use index::{Index, PackageEntry};
 pub use release::{Keyring, Release};
@@ -261,6 +261,9 @@ pub struct PackageRef {
     pub sha256: Digest256,
     pub essential: bool,
     pub priority: Option<String>,
+    /// `Installed-Size` from the signed index (KiB): bounds what reading the .deb may unpack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed_size: Option<u64>,
 }
 
 impl PackageRef {
@@ -274,7 +277,16 @@ impl PackageRef {
             sha256: Digest256::from_sha256(e.sha256()),
             essential: e.essential(),
             priority: e.priority().map(str::to_string),
+            installed_size: e.installed_size(),
         }
+    }
+
+    /// What reading this package's .deb may unpack: bounded by its declared `Installed-Size`.
+    pub fn deb_limits(&self) -> deb::DebLimits {
+        deb::DebLimits::for_package(
+            format!("package {} {}", self.name, self.version),
+            self.installed_size,
+        )
     }
 }
 

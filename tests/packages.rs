@@ -642,6 +642,26 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// A suite `kilntest` with `hello` (needing `libhello (>= 1.0) | libalt`) and `libhello`,
 /// listing only `Packages.gz`, valid until `valid_until`.
 fn test_archive(valid_until: &str) -> TestArchive {
+    let debs = [
+        (
+            "hello",
+            "2.0-1",
+            "libhello (>= 1.0) | libalt",
+            "./usr/bin/hello",
+        ),
+        ("libhello", "1.2-1", "", "./usr/lib/libhello.so.1"),
+    ]
+    .map(|(name, version, depends, file)| {
+        let deb = make_deb(name, version, depends, file);
+        let fields = format!("Depends: {depends}\n");
+        (name.to_string(), version.to_string(), fields, deb)
+    });
+    signed_archive(valid_until, &debs)
+}
+
+/// A suite `kilntest` signed with a key made here, holding `debs`: (name, version, more index
+/// fields, the .deb's bytes).
+fn signed_archive(valid_until: &str, debs: &[(String, String, String, Vec<u8>)]) -> TestArchive {
     use pgp::composed::{ArmorOptions, CleartextSignedMessage, KeyType, SecretKeyParamsBuilder};
     use pgp::ser::Serialize;
     use rand::SeedableRng;
@@ -661,24 +681,15 @@ fn test_archive(valid_until: &str) -> TestArchive {
 
     let mut files = std::collections::BTreeMap::new();
     let mut packages = String::new();
-    for (name, version, depends, file) in [
-        (
-            "hello",
-            "2.0-1",
-            "libhello (>= 1.0) | libalt",
-            "./usr/bin/hello",
-        ),
-        ("libhello", "1.2-1", "", "./usr/lib/libhello.so.1"),
-    ] {
-        let deb = make_deb(name, version, depends, file);
+    for (name, version, fields, deb) in debs {
         let filename = format!("pool/main/{name}_{version}_amd64.deb");
         packages += &format!(
-            "Package: {name}\nVersion: {version}\nArchitecture: amd64\nDepends: {depends}\n\
+            "Package: {name}\nVersion: {version}\nArchitecture: amd64\n{fields}\
              Filename: {filename}\nSize: {}\nSHA256: {}\n\n",
             deb.len(),
-            sha256_hex(&deb)
+            sha256_hex(deb)
         );
-        files.insert(format!("/debian/{filename}"), deb);
+        files.insert(format!("/debian/{filename}"), deb.clone());
     }
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(packages.as_bytes()).unwrap();
@@ -856,4 +867,85 @@ fn stalled_server_times_out() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A .deb made by `dpkg-deb` (the reference tool) whose data is `size` bytes of zeros, compressed
+/// with `compressor` (xz, zstd, gzip), that declares `Installed-Size: 10` (KiB).
+fn zero_bomb(dir: &Path, name: &str, compressor: &str, size: u64) -> Vec<u8> {
+    let root = dir.join(name);
+    std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(root.join("usr/share/bomb")).unwrap();
+    std::fs::write(
+        root.join("DEBIAN/control"),
+        format!(
+            "Package: {name}\nVersion: 1.0\nArchitecture: amd64\nMaintainer: kiln <k@example.org>\n\
+             Installed-Size: 10\nDescription: zeros\n"
+        ),
+    )
+    .unwrap();
+    // Sparse: the test's own disk holds none of it.
+    std::fs::File::create(root.join("usr/share/bomb/zeros"))
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let out = dir.join(format!("{name}.deb"));
+    let status = std::process::Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-z1", &format!("-Z{compressor}"), "--build"])
+        .arg(&root)
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("dpkg-deb (Debian package dpkg) is installed");
+    assert!(status.success(), "dpkg-deb --build failed");
+    std::fs::read(&out).unwrap()
+}
+
+#[test]
+fn decompression_bombs_are_refused_naming_the_package() {
+    const BOMB: u64 = 100 << 20;
+    let work = tempfile::tempdir().unwrap();
+    let debs: Vec<(String, String, String, Vec<u8>)> = ["xz", "zstd", "gzip"]
+        .iter()
+        .map(|z| {
+            let name = format!("bomb-{z}");
+            let deb = zero_bomb(work.path(), &name, z, BOMB);
+            eprintln!("{name}: {} bytes of .deb for {BOMB} bytes of data", deb.len());
+            (name, "1.0".into(), "Installed-Size: 10\n".into(), deb)
+        })
+        .collect();
+    let test = signed_archive("Fri, 01 Jan 2100 00:00:00 UTC", &debs);
+    let mirror = serve_files(test.files.clone());
+    let home = tempfile::tempdir().unwrap();
+    let archive = Archive::open(test_options(home.path(), &mirror, &test)).unwrap();
+    for (name, ..) in &debs {
+        let pkg = &archive.resolve(&[name.as_str()], Deps::None).unwrap()[0];
+        assert_eq!(pkg.installed_size, Some(10));
+        let limits = pkg.deb_limits();
+        assert!(limits.data_bytes < BOMB / 4, "{limits:?}");
+        // The download is what the signed index lists: it verifies and is cached.
+        let path = archive.fetch(pkg).unwrap();
+        let mut tree = Tree::new();
+        let started = Instant::now();
+        let err = deb::read_into_tree(&path, &limits, &mut tree, archive.store()).unwrap_err();
+        let msg = err.to_string();
+        eprintln!("{name}: refused in {:.2?}: {msg}", started.elapsed());
+        assert!(matches!(err, deb::DebError::TooLarge { .. }), "{msg}");
+        for want in [
+            format!("package {name} 1.0"),
+            format!("more than {} bytes", limits.data_bytes),
+            "Installed-Size 10 KiB".to_string(),
+            "decompression bomb".to_string(),
+        ] {
+            assert!(msg.contains(&want), "{want:?} not in {msg}");
+        }
+        // Nothing of it is in the tree, and nothing near its size reached the store: no
+        // half-written temporary file, no blob past the limit.
+        assert_eq!(tree, Tree::new());
+        for f in files_under(home.path()) {
+            let len = std::fs::metadata(&f).unwrap().len();
+            assert!(len <= limits.data_bytes, "{} is {len} bytes", f.display());
+            let file_name = f.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(!file_name.starts_with(".kiln-tmp-"), "left behind: {}", f.display());
+        }
+    }
 }

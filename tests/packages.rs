@@ -225,6 +225,8 @@ enum Reply {
     Body(Vec<u8>),
     /// Announce the whole length but send only the first `n` bytes, then close.
     Truncated(Vec<u8>, usize),
+    /// Announce the whole length, send the first `n` bytes, then one byte per interval.
+    Trickle(Vec<u8>, usize, Duration),
 }
 
 /// A tiny HTTP/1.1 server on a free loopback port; returns its base URL and a request counter.
@@ -296,6 +298,20 @@ fn answer(stream: TcpStream, handler: &Handler, n: usize) -> std::io::Result<()>
                 body.len()
             )?;
             out.write_all(&body[..keep])?;
+        }
+        Reply::Trickle(body, keep, every) => {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
+            out.write_all(&body[..keep])?;
+            out.flush()?;
+            for b in &body[keep..] {
+                std::thread::sleep(every);
+                out.write_all(&[*b])?;
+                out.flush()?;
+            }
         }
     }
     out.flush()
@@ -861,7 +877,7 @@ fn stalled_server_times_out() {
         matches!(err, PackagesError::Unreachable { tries: 2, .. }),
         "{msg}"
     );
-    assert!(msg.contains("timed out"), "{msg}");
+    assert!(msg.contains("stalled: the mirror sent nothing for 0.5 s"), "{msg}");
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "{:?}",
@@ -948,4 +964,78 @@ fn decompression_bombs_are_refused_naming_the_package() {
             assert!(!file_name.starts_with(".kiln-tmp-"), "left behind: {}", f.display());
         }
     }
+}
+
+#[test]
+fn trickling_mirror_hits_the_stall_timeout() {
+    let test = test_archive("Fri, 01 Jan 2100 00:00:00 UTC");
+    let files = test.files.clone();
+    // The .deb: headers and half the body at once, then a byte every 3 s.
+    let (mirror, _) = serve(Arc::new(move |path: &str, _range, _n| {
+        match files.get(path) {
+            Some(body) if path.ends_with(".deb") => {
+                Reply::Trickle(body.clone(), body.len() / 2, Duration::from_secs(3))
+            }
+            Some(body) => Reply::Body(body.clone()),
+            None => Reply::NotFound,
+        }
+    }));
+    let home = tempfile::tempdir().unwrap();
+    let mut opts = test_options(home.path(), &mirror, &test);
+    opts.fetch.read_timeout = Duration::from_secs(2);
+    opts.fetch.tries = 1;
+    let archive = Archive::open(opts).unwrap();
+    let pkg = &archive.resolve(&["libhello"], Deps::None).unwrap()[0];
+    let started = Instant::now();
+    let err = archive.fetch(pkg).unwrap_err();
+    let took = started.elapsed();
+    let msg = err.to_string();
+    eprintln!("after {took:.2?}: {msg}");
+    assert!(matches!(err, PackagesError::Unreachable { .. }), "{msg}");
+    assert!(
+        msg.contains("stalled: the mirror sent nothing for 2.0 s"),
+        "{msg}"
+    );
+    assert!(msg.contains("KILN_STALL_TIMEOUT"), "{msg}");
+    // One stall timeout (plus the first byte's 3 s would be more): far from the ~1 byte / 3 s
+    // the server would keep up for minutes.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(!archive.store().contains(&pkg.sha256));
+}
+
+#[test]
+fn mirror_sending_more_than_listed_is_refused() {
+    let test = test_archive("Fri, 01 Jan 2100 00:00:00 UTC");
+    let files = test.files.clone();
+    // The .deb followed by 4 MiB that the signed index does not list.
+    let (mirror, _) = serve(Arc::new(move |path: &str, _range, _n| {
+        match files.get(path) {
+            Some(body) if path.ends_with(".deb") => {
+                let mut more = body.clone();
+                more.resize(body.len() + (4 << 20), 0);
+                Reply::Body(more)
+            }
+            Some(body) => Reply::Body(body.clone()),
+            None => Reply::NotFound,
+        }
+    }));
+    let home = tempfile::tempdir().unwrap();
+    let archive = Archive::open(test_options(home.path(), &mirror, &test)).unwrap();
+    let pkg = &archive.resolve(&["libhello"], Deps::None).unwrap()[0];
+    let err = archive.fetch(pkg).unwrap_err();
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, PackagesError::TooLarge { .. }), "{msg}");
+    assert!(msg.contains("package libhello 1.2-1"), "{msg}");
+    assert!(
+        msg.contains(&format!("more than {} bytes (the size the signed index lists)", pkg.size)),
+        "{msg}"
+    );
+    // Nothing cached, no partial file kept, nothing past the listed size written.
+    assert!(!archive.store().contains(&pkg.sha256));
+    let partials: Vec<PathBuf> = files_under(home.path())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".partial"))
+        .collect();
+    assert!(partials.is_empty(), "{partials:?}");
 }

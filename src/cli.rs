@@ -605,6 +605,7 @@ impl PublishOpts {
                         password: std::env::var("KILN_REGISTRY_PASSWORD").unwrap_or_default(),
                     }
                 }),
+                ..Default::default()
             },
         })
     }
@@ -1496,6 +1497,7 @@ fn publish(args: PublishArgs) -> anyhow::Result<i32> {
     let opts = StoreOptions {
         insecure: args.insecure,
         credentials: None,
+        ..Default::default()
     };
     match crate::store::publish(&args.image, &args.to, &meta, key.as_ref(), &opts) {
         Ok(r) => {
@@ -1541,6 +1543,7 @@ fn pull(args: PullArgs) -> anyhow::Result<i32> {
     let opts = StoreOptions {
         insecure: args.insecure,
         credentials: None,
+        ..Default::default()
     };
     match crate::store::pull(&args.reference, &args.output, trust.as_ref(), &opts) {
         Ok(r) => {
@@ -1578,6 +1581,7 @@ fn images(target: &str, insecure: bool, json: bool) -> anyhow::Result<i32> {
     let opts = crate::store::StoreOptions {
         insecure,
         credentials: None,
+        ..Default::default()
     };
     match crate::store::images(target, &opts) {
         Ok(list) => {
@@ -2055,6 +2059,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
         store: crate::store::StoreOptions {
             insecure: args.insecure,
             credentials: None,
+            ..Default::default()
         },
     };
     let json = args.json;

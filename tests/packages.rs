@@ -1039,3 +1039,26 @@ fn mirror_sending_more_than_listed_is_refused() {
         .collect();
     assert!(partials.is_empty(), "{partials:?}");
 }
+
+#[test]
+fn mirror_credentials_never_reach_messages_or_file_names() {
+    let test = test_archive("Fri, 01 Jan 2100 00:00:00 UTC");
+    let mirror = serve_files(test.files.clone());
+    let with_secret = mirror.replace("http://", "http://kiln:s3cr3t@");
+    let home = tempfile::tempdir().unwrap();
+    // Works (the server ignores the credentials), and nothing on disk is named after them.
+    let archive = Archive::open(test_options(home.path(), &with_secret, &test)).unwrap();
+    assert_eq!(archive.index().unwrap().len(), 2);
+    for f in files_under(home.path()) {
+        assert!(!f.to_string_lossy().contains("s3cr3t"), "{}", f.display());
+    }
+    // An error names the mirror without them.
+    let mut opts = test_options(home.path(), &with_secret, &test);
+    opts.suite = "nosuch".into();
+    let err = Archive::open(opts).err().expect("unknown suite accepted");
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(msg.contains("http://***@127.0.0.1:"), "{msg}");
+    assert!(!msg.contains("s3cr3t"), "{msg}");
+    assert!(!format!("{err:?}").contains("s3cr3t"), "{err:?}");
+}

@@ -311,7 +311,7 @@ impl Fetcher {
             match resp.status().as_u16() {
                 206 => {
                     if have > 0 {
-                        tracing::info!(url, from = have, "resuming download");
+                        tracing::info!(url = %redact(url), from = have, "resuming download");
                     }
                 }
                 416 => {

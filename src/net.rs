@@ -149,7 +149,10 @@ mod tests {
     fn redacts_credentials_in_urls_and_text() {
         for (input, want) in [
             // Nothing to hide.
-            ("https://deb.debian.org/debian", "https://deb.debian.org/debian"),
+            (
+                "https://deb.debian.org/debian",
+                "https://deb.debian.org/debian",
+            ),
             ("no url here: user:pass@host", "no url here: user:pass@host"),
             ("http://127.0.0.1:5000/v2/", "http://127.0.0.1:5000/v2/"),
             ("http://[::1]:5000/v2/", "http://[::1]:5000/v2/"),

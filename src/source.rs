@@ -500,14 +500,14 @@ impl GitSource {
         measure(repo, tree, "", 0, commit, &mut budget)
             .and_then(|()| write_tree(repo, tree, tmp.path(), "", commit))
             .map_err(|e| match e {
-            Walk::Git(e) => self.git("writing the checkout", e),
-            Walk::Source(e) => e,
-            Walk::Limit { what, limit } => SourceError::TooLarge {
-                url: self.shown_url(),
-                what: format!("the checkout of commit {commit}: {what}"),
-                limit,
-            },
-        })?;
+                Walk::Git(e) => self.git("writing the checkout", e),
+                Walk::Source(e) => e,
+                Walk::Limit { what, limit } => SourceError::TooLarge {
+                    url: self.shown_url(),
+                    what: format!("the checkout of commit {commit}: {what}"),
+                    limit,
+                },
+            })?;
         Ok(CheckoutDir(Arc::new(tmp)))
     }
 

@@ -19,8 +19,8 @@
 //! [`Watcher::deliver`] saves only when every delivery succeeded, so a failed one is retried with
 //! the others at the next call (at least once; `kiln watch` and the HTTP API's git hook use it).
 
-use crate::recipe::{self, Diagnostic, GitInfo};
 use crate::net::redact;
+use crate::recipe::{self, Diagnostic, GitInfo};
 use crate::source::{Checkout, GitSource, SourceError, load_options_for};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -877,7 +877,10 @@ fn stalled_server_times_out() {
         matches!(err, PackagesError::Unreachable { tries: 2, .. }),
         "{msg}"
     );
-    assert!(msg.contains("stalled: the mirror sent nothing for 0.5 s"), "{msg}");
+    assert!(
+        msg.contains("stalled: the mirror sent nothing for 0.5 s"),
+        "{msg}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "{:?}",
@@ -906,7 +909,12 @@ fn zero_bomb(dir: &Path, name: &str, compressor: &str, size: u64) -> Vec<u8> {
         .unwrap();
     let out = dir.join(format!("{name}.deb"));
     let status = std::process::Command::new("dpkg-deb")
-        .args(["--root-owner-group", "-z1", &format!("-Z{compressor}"), "--build"])
+        .args([
+            "--root-owner-group",
+            "-z1",
+            &format!("-Z{compressor}"),
+            "--build",
+        ])
         .arg(&root)
         .arg(&out)
         .stdout(std::process::Stdio::null())
@@ -925,7 +933,10 @@ fn decompression_bombs_are_refused_naming_the_package() {
         .map(|z| {
             let name = format!("bomb-{z}");
             let deb = zero_bomb(work.path(), &name, z, BOMB);
-            eprintln!("{name}: {} bytes of .deb for {BOMB} bytes of data", deb.len());
+            eprintln!(
+                "{name}: {} bytes of .deb for {BOMB} bytes of data",
+                deb.len()
+            );
             (name, "1.0".into(), "Installed-Size: 10\n".into(), deb)
         })
         .collect();
@@ -961,7 +972,11 @@ fn decompression_bombs_are_refused_naming_the_package() {
             let len = std::fs::metadata(&f).unwrap().len();
             assert!(len <= limits.data_bytes, "{} is {len} bytes", f.display());
             let file_name = f.file_name().unwrap().to_string_lossy().into_owned();
-            assert!(!file_name.starts_with(".kiln-tmp-"), "left behind: {}", f.display());
+            assert!(
+                !file_name.starts_with(".kiln-tmp-"),
+                "left behind: {}",
+                f.display()
+            );
         }
     }
 }
@@ -1028,7 +1043,10 @@ fn mirror_sending_more_than_listed_is_refused() {
     assert!(matches!(err, PackagesError::TooLarge { .. }), "{msg}");
     assert!(msg.contains("package libhello 1.2-1"), "{msg}");
     assert!(
-        msg.contains(&format!("more than {} bytes (the size the signed index lists)", pkg.size)),
+        msg.contains(&format!(
+            "more than {} bytes (the size the signed index lists)",
+            pkg.size
+        )),
         "{msg}"
     );
     // Nothing cached, no partial file kept, nothing past the listed size written.

@@ -594,7 +594,10 @@ fn fetch_over_smart_http() {
 /// Commit `tree` on a new branch `name` of the fixture's repository (parent: c2).
 fn commit_tree_on_branch(f: &Fixture, name: &str, tree: git2::Oid) {
     let sig = Signature::new("kiln test", "test@example.org", &Time::new(T2 + 10, 0)).unwrap();
-    let parent = f.repo.find_commit(git2::Oid::from_str(&f.c2).unwrap()).unwrap();
+    let parent = f
+        .repo
+        .find_commit(git2::Oid::from_str(&f.c2).unwrap())
+        .unwrap();
     let tree = f.repo.find_tree(tree).unwrap();
     let commit = f
         .repo
@@ -631,8 +634,14 @@ fn checkouts_past_the_limits_are_refused_before_anything_is_written() {
 
     let src = source(&f);
     for (branch, want) in [
-        ("many", format!("more than {} files", kiln::source::MAX_CHECKOUT_FILES)),
-        ("deep", format!("nested more than {} deep", kiln::source::MAX_CHECKOUT_DEPTH)),
+        (
+            "many",
+            format!("more than {} files", kiln::source::MAX_CHECKOUT_FILES),
+        ),
+        (
+            "deep",
+            format!("nested more than {} deep", kiln::source::MAX_CHECKOUT_DEPTH),
+        ),
     ] {
         let started = std::time::Instant::now();
         let err = src.checkout_tree(branch).unwrap_err();

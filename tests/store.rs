@@ -928,12 +928,20 @@ fn fake_image(layer: &Digest256, size: u64) -> (Vec<u8>, Vec<u8>, Digest256) {
         schema_version: 2,
         media_type: Some(store::registry::OCI_MANIFEST.into()),
         artifact_type: Some(store::ARTIFACT_DISK.into()),
-        config: descriptor(store::MEDIA_CONFIG, config_digest.clone(), config.len() as u64),
+        config: descriptor(
+            store::MEDIA_CONFIG,
+            config_digest.clone(),
+            config.len() as u64,
+        ),
         layers: vec![descriptor(store::MEDIA_DISK_RAW, layer.clone(), size)],
         subject: None,
         annotations: Default::default(),
     };
-    (serde_json::to_vec(&manifest).unwrap(), config, config_digest)
+    (
+        serde_json::to_vec(&manifest).unwrap(),
+        config,
+        config_digest,
+    )
 }
 
 /// The fake registry serving one image `kiln/img:v1`: the manifest, the config, and the layer
@@ -1000,7 +1008,11 @@ fn kiln_pull_fails_within_the_stall_timeout_when_the_registry_trickles() {
     let out = work.path().join("disk.raw");
     let started = Instant::now();
     let o = common::kiln(&work.path().join("home"))
-        .args(["pull", &format!("127.0.0.1:{}/{FAKE_REPO}:v1", fake.port), "-o"])
+        .args([
+            "pull",
+            &format!("127.0.0.1:{}/{FAKE_REPO}:v1", fake.port),
+            "-o",
+        ])
         .arg(&out)
         .env("KILN_STALL_TIMEOUT", "2")
         .output()
@@ -1125,7 +1137,10 @@ fn pull_refuses_a_layer_larger_than_the_free_space_before_downloading() {
     let msg = err.to_string();
     eprintln!("{msg}");
     assert!(matches!(err, StoreError::NoSpace { .. }), "{msg}");
-    assert!(msg.contains(&format!("needs {huge} more bytes in")), "{msg}");
+    assert!(
+        msg.contains(&format!("needs {huge} more bytes in")),
+        "{msg}"
+    );
     assert!(msg.contains(&work.path().display().to_string()), "{msg}");
     assert!(msg.contains("free some space"), "{msg}");
     let asked = fake.requests.lock().unwrap().clone();

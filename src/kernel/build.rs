@@ -16,8 +16,8 @@ use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
 use super::config::{self, Config, ConfigError, Dropped};
-use crate::cache::{Digest256, write_atomic};
 use crate::bounded::LimitReader;
+use crate::cache::{Digest256, write_atomic};
 use crate::packages::deb::{ArReader, MAX_UNDECLARED_DATA, decompressor};
 use crate::recipe::schema::KernelBase;
 

@@ -305,7 +305,13 @@ pub fn read_into_tree(
         member: "the file".into(),
         source,
     })?;
-    read_deb(path, BufReader::with_capacity(1 << 20, file), limits, tree, store)
+    read_deb(
+        path,
+        BufReader::with_capacity(1 << 20, file),
+        limits,
+        tree,
+        store,
+    )
 }
 
 /// [`read_into_tree`] from any stream; `path` is only used in messages.
@@ -373,7 +379,10 @@ pub fn read_deb(
             let mut tar = LimitReader::new(tar, limits.control_bytes);
             let read = read_control(&mut tar, &mut info);
             if tar.exceeded() {
-                let basis = format!("kiln's cap for control data is {} MiB", limits.control_bytes >> 20);
+                let basis = format!(
+                    "kiln's cap for control data is {} MiB",
+                    limits.control_bytes >> 20
+                );
                 return Err(too_large(&member.name, limits.control_bytes, basis));
             }
             read.map_err(io_err(&member.name))?;
@@ -382,10 +391,14 @@ pub fn read_deb(
             let data = ar.data(&member);
             let tar = decompressor(&member.name, data).map_err(io_err(&member.name))?;
             let mut tar = LimitReader::new(tar, limits.data_bytes);
-            let read =
-                pkg_tree.extend_from_tar(&mut tar, &mut |r: &mut dyn Read, _len| store.put_content(r));
+            let read = pkg_tree
+                .extend_from_tar(&mut tar, &mut |r: &mut dyn Read, _len| store.put_content(r));
             if tar.exceeded() {
-                return Err(too_large(&member.name, limits.data_bytes, limits.data_basis()));
+                return Err(too_large(
+                    &member.name,
+                    limits.data_bytes,
+                    limits.data_basis(),
+                ));
             }
             read.map_err(|source| DebError::Tree {
                 path: path.to_path_buf(),
@@ -596,7 +609,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::new(dir.path());
         let mut tree = Tree::new();
-        let info = read_deb(Path::new("z.deb"), &deb[..], &DebLimits::undeclared(), &mut tree, &store).unwrap();
+        let info = read_deb(
+            Path::new("z.deb"),
+            &deb[..],
+            &DebLimits::undeclared(),
+            &mut tree,
+            &store,
+        )
+        .unwrap();
         assert_eq!(info.field("Version"), Some("2"));
         let e = tree.get(&TreePath::new("etc/z.conf").unwrap()).unwrap();
         assert_eq!(e.mode, 0o640);
@@ -614,7 +634,14 @@ mod tests {
             ("data.tar", &tar(&[("./u", b"u", 0o644, 0)])),
         ]);
         let mut tree = Tree::new();
-        read_deb(Path::new("u.deb"), &deb[..], &DebLimits::undeclared(), &mut tree, &store).unwrap();
+        read_deb(
+            Path::new("u.deb"),
+            &deb[..],
+            &DebLimits::undeclared(),
+            &mut tree,
+            &store,
+        )
+        .unwrap();
         assert!(tree.get(&TreePath::new("u").unwrap()).is_some());
     }
 
@@ -641,7 +668,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::new(dir.path());
         let mut tree = Tree::new();
-        let info = read_deb(Path::new("hello.deb"), &deb[..], &DebLimits::undeclared(), &mut tree, &store).unwrap();
+        let info = read_deb(
+            Path::new("hello.deb"),
+            &deb[..],
+            &DebLimits::undeclared(),
+            &mut tree,
+            &store,
+        )
+        .unwrap();
         assert_eq!(info.field("package"), Some("hello"));
         assert_eq!(info.field("Depends"), Some("libc6"));
         assert_eq!(info.control_files["postinst"], b"#!/bin/sh\nexit 0\n");
@@ -727,7 +761,12 @@ mod tests {
         let err = read_deb(p, &deb[..], &limits, &mut tree, &store).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, DebError::TooLarge { .. }), "{msg}");
-        for want in ["package z 1", "data.tar.gz", "1048576 bytes", "Installed-Size 4 KiB"] {
+        for want in [
+            "package z 1",
+            "data.tar.gz",
+            "1048576 bytes",
+            "Installed-Size 4 KiB",
+        ] {
             assert!(msg.contains(want), "{want}: {msg}");
         }
         assert_eq!(tree, Tree::new());
@@ -761,7 +800,11 @@ mod tests {
             (Some(1 << 20), (2 << 30) + DECLARED_SLACK),
             (Some(u64::MAX), MAX_DATA),
         ] {
-            assert_eq!(DebLimits::for_package("p", declared).data_bytes, want, "{declared:?}");
+            assert_eq!(
+                DebLimits::for_package("p", declared).data_bytes,
+                want,
+                "{declared:?}"
+            );
         }
     }
 

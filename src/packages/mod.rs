@@ -505,7 +505,10 @@ impl Archive {
                 continue;
             };
             let digest = digest_of_hex(&file.sha256);
-            for (name, listed) in [(format!("{rel}{ext}"), Some(file)), (rel.to_string(), plain)] {
+            for (name, listed) in [
+                (format!("{rel}{ext}"), Some(file)),
+                (rel.to_string(), plain),
+            ] {
                 if let Some(f) = listed.filter(|f| f.size > MAX_INDEX) {
                     return Err(PackagesError::BadIndex {
                         what: format!("{} {name}", self.opts.suite),

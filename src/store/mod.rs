@@ -308,8 +308,7 @@ pub struct StoreOptions {
 
 impl StoreOptions {
     fn stall(&self) -> Duration {
-        self.stall_timeout
-            .unwrap_or_else(crate::net::stall_timeout)
+        self.stall_timeout.unwrap_or_else(crate::net::stall_timeout)
     }
 
     fn credentials(&self) -> Option<Credentials> {
@@ -1281,26 +1280,23 @@ fn break_too_long<T>(partial: &Path, layer: &Descriptor, what: &str) -> Result<T
 /// List images: `host:port` (every repository in the catalog), `host:port/repo` or `oci:/dir`.
 /// Signature tags (`sha256-….sig`) are not listed; `signed` says whether one exists.
 pub fn images(target: &str, opts: &StoreOptions) -> Result<Vec<ImageInfo>, StoreError> {
-    let repos: Vec<(Reference, Option<String>)> =
-        if !target.starts_with("oci:") && !target.contains('/') {
-            let reg = Registry::with_stall_timeout(
-                target,
-                opts.insecure,
-                opts.credentials(),
-                opts.stall(),
-            )?;
-            reg.catalog()?
-                .into_iter()
-                .map(|repo| Reference::parse(&format!("{target}/{repo}")).map(|r| (r, Some(repo))))
-                .collect::<Result<_, _>>()?
-        } else {
-            let r = Reference::parse(target)?;
-            let name = match &r.location {
-                Location::Registry { repository, .. } => Some(repository.clone()),
-                Location::Layout { .. } => None,
-            };
-            vec![(r, name)]
+    let repos: Vec<(Reference, Option<String>)> = if !target.starts_with("oci:")
+        && !target.contains('/')
+    {
+        let reg =
+            Registry::with_stall_timeout(target, opts.insecure, opts.credentials(), opts.stall())?;
+        reg.catalog()?
+            .into_iter()
+            .map(|repo| Reference::parse(&format!("{target}/{repo}")).map(|r| (r, Some(repo))))
+            .collect::<Result<_, _>>()?
+    } else {
+        let r = Reference::parse(target)?;
+        let name = match &r.location {
+            Location::Registry { repository, .. } => Some(repository.clone()),
+            Location::Layout { .. } => None,
         };
+        vec![(r, name)]
+    };
     let mut out = Vec::new();
     for (r, name) in repos {
         let t = Target::open(&r, opts, false)?;

@@ -1,6 +1,7 @@
 //! The `kiln` command line: argument parsing (clap derive) and one function per subcommand.
 //! Results go to stdout (`--json` for machines), logs to stderr through `tracing`.
 
+use crate::net::redact;
 use crate::recipe::{self, Diagnostic, LoadOptions};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::io::Write;
@@ -644,6 +645,7 @@ impl PublishOpts {
                         password: std::env::var("KILN_REGISTRY_PASSWORD").unwrap_or_default(),
                     }
                 }),
+                ..Default::default()
             },
         })
     }
@@ -1573,6 +1575,7 @@ fn publish(args: PublishArgs) -> anyhow::Result<i32> {
     let opts = StoreOptions {
         insecure: args.insecure,
         credentials: None,
+        ..Default::default()
     };
     match crate::store::publish(&args.image, &args.to, &meta, key.as_ref(), &opts) {
         Ok(r) => {
@@ -1618,6 +1621,7 @@ fn pull(args: PullArgs) -> anyhow::Result<i32> {
     let opts = StoreOptions {
         insecure: args.insecure,
         credentials: None,
+        ..Default::default()
     };
     match crate::store::pull(&args.reference, &args.output, trust.as_ref(), &opts) {
         Ok(r) => {
@@ -1655,6 +1659,7 @@ fn images(target: &str, insecure: bool, json: bool) -> anyhow::Result<i32> {
     let opts = crate::store::StoreOptions {
         insecure,
         credentials: None,
+        ..Default::default()
     };
     match crate::store::images(target, &opts) {
         Ok(list) => {
@@ -1735,7 +1740,7 @@ fn run_workers(
             "worker {} running stages {} against {}",
             config.name,
             names.join(","),
-            nats.url
+            redact(&nats.url)
         );
         // One shutdown signal stops both the workers and the API.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -1954,7 +1959,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
     if args.baseline && watcher.state().commit.is_none() {
         watcher.baseline(&args.git_ref)?;
         if let Some(c) = &watcher.state().commit {
-            tracing::info!("watch {url} {}: baseline at {c}", args.git_ref);
+            tracing::info!("watch {} {}: baseline at {c}", redact(&url), args.git_ref);
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -1965,7 +1970,8 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
             stop.store(true, Ordering::SeqCst);
         });
     }
-    let requester = format!("git:{url}");
+    // The requester is recorded in every message of the build: no credentials in it.
+    let requester = format!("git:{}", redact(&url));
     let mut publish = |t: &crate::watch::Trigger| -> anyhow::Result<()> {
         let mut req = t.build_request(&url, requester.clone());
         let id = crate::bus::new_build_id();
@@ -1981,7 +1987,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
                 "recipe": t.recipe_path,
                 "commit": t.commit,
                 "ref": t.reference,
-                "repo": url,
+                "repo": redact(&url),
             });
             writeln!(out, "{line}")?;
         } else {
@@ -1996,7 +2002,8 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
     }
     let interval = std::time::Duration::from_secs_f64(args.interval);
     tracing::info!(
-        "watching {url} {} for {} every {:.1} s",
+        "watching {} {} for {} every {:.1} s",
+        redact(&url),
         args.git_ref,
         args.recipes,
         args.interval
@@ -2004,7 +2011,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
     while !stop.load(Ordering::SeqCst) {
         let started = std::time::Instant::now();
         if let Err(e) = watcher.deliver(None, &mut publish) {
-            tracing::warn!("watch {url} {}: {e:#}", args.git_ref);
+            tracing::warn!("watch {} {}: {e:#}", redact(&url), args.git_ref);
         }
         while !stop.load(Ordering::SeqCst) && started.elapsed() < interval {
             let left = interval.saturating_sub(started.elapsed());
@@ -2152,6 +2159,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
         store: crate::store::StoreOptions {
             insecure: args.insecure,
             credentials: None,
+            ..Default::default()
         },
     };
     let json = args.json;

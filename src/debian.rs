@@ -214,12 +214,13 @@ pub fn build_base(spec: &BaseSpec, blobs: &BlobStore, epoch: i64) -> Result<Tree
     }
     let status = child.wait().map_err(DebianError::Spawn)?;
     let stderr = stderr_thread.join().unwrap_or_default();
-    let tail = tail_lines(&stderr, 30);
+    // apt quotes URLs in its messages: shown without credentials.
+    let tail = crate::net::redact(&tail_lines(&stderr, 30)).into_owned();
     if !status.success() {
         return Err(DebianError::Failed {
             suite: spec.suite.clone(),
             variant: spec.variant.clone(),
-            mirror: spec.mirror.clone(),
+            mirror: crate::net::redact(&spec.mirror).into_owned(),
             status: status.to_string(),
             stderr: tail,
         });

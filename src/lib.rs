@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod boot;
+pub mod bounded;
 pub mod bus;
 pub mod cache;
 pub mod cli;
@@ -11,6 +12,7 @@ pub mod debian;
 pub mod disk;
 pub mod kernel;
 pub mod manifest;
+pub mod net;
 pub mod packages;
 pub mod pipeline;
 pub mod recipe;

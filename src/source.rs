@@ -1,8 +1,10 @@
 //! Recipes from git: a cached bare mirror of each repository under `$KILN_HOME/git/<sha256 of
 //! url>.git` (cloned once, then fetched: every branch and tag), a ref resolved to a commit, and
-//! that commit's tree checked out into `$KILN_HOME/checkouts/<commit>`. A checkout is written to a
-//! temporary directory and renamed into place when complete, so a half-written checkout is never
-//! used; a complete one is reused. File modes (the executable bit) and symlinks come from git.
+//! that commit's tree checked out into a directory of its own, `$KILN_HOME/checkouts/<commit>-…`,
+//! which is removed when the [`Checkout`] (and every clone of it) is dropped: a build's checkout
+//! lives as long as the build needs it, the mirror stays as the cache. Directories that a killed
+//! process left behind are swept after a day. File modes (the executable bit) and symlinks come
+//! from git.
 //!
 //! Supported URLs: local paths and `file://` (libgit2's local transport), `http://` and
 //! `https://` (git's smart HTTP protocol, fetch only, over kiln's own HTTP client — reqwest with
@@ -10,16 +12,32 @@
 //! supported and fails with a clear error. The HTTP transport blocks: call from a plain thread
 //! (or `spawn_blocking`), never directly inside an async runtime.
 //!
-//! Limits: file contents are read whole from git (recipe repositories are small); checkouts are
-//! kept until something removes `$KILN_HOME/checkouts/<commit>` (nothing does yet); two
-//! processes fetching into one mirror at the same moment may see a libgit2 lock error and retry.
+//! Limits: a repository is untrusted input. A fetch may receive at most [`MAX_FETCH_BYTES`]; a
+//! checkout at most [`MAX_CHECKOUT_FILES`] entries, [`MAX_CHECKOUT_BYTES`] of file content and
+//! [`MAX_CHECKOUT_DEPTH`] nested directories (file contents are read whole from git: recipe
+//! repositories are small). Two processes fetching into one mirror at the same moment may see a
+//! libgit2 lock error and retry. URLs are shown without credentials ([`crate::net::redact`]).
 
+use crate::net::redact;
 use crate::recipe::{GitInfo, LoadOptions};
 use git2::{AutotagOption, FetchOptions, FetchPrune, ObjectType, Oid, Repository, Tree};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Most entries (files, directories, symlinks) one checkout may have.
+pub const MAX_CHECKOUT_FILES: u64 = 100_000;
+/// Most bytes of file content one checkout may have.
+pub const MAX_CHECKOUT_BYTES: u64 = 2 << 30;
+/// Deepest directory nesting of a checkout (and of a tree walk).
+pub const MAX_CHECKOUT_DEPTH: usize = 64;
+/// Most bytes one fetch may receive from the remote.
+pub const MAX_FETCH_BYTES: u64 = 2 << 30;
+/// Age after which a checkout directory is taken for one a killed process left behind.
+const STALE_CHECKOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// The refspecs every fetch uses: all branches and all tags, forced (a rewritten branch follows
 /// the remote).
@@ -90,6 +108,15 @@ pub enum SourceError {
         parent: String,
         name: String,
     },
+    #[error(
+        "repository {url}: {what} (limit {limit}); refusing it. Recipe repositories are small: \
+         keep large files and generated trees out of the repository"
+    )]
+    TooLarge {
+        url: String,
+        what: String,
+        limit: u64,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: String,
@@ -119,10 +146,29 @@ fn known_refs(branches: &[String], tags: &[String]) -> String {
 /// How many branch and tag names an unknown-ref error lists.
 const LIST_REFS: usize = 8;
 
-/// A commit's tree, checked out, and where the recipe is in it.
+/// Owns a checkout directory: removes it when the last [`Checkout`] holding it is dropped.
+#[derive(Debug, Clone)]
+pub struct CheckoutDir(Arc<tempfile::TempDir>);
+
+impl CheckoutDir {
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl PartialEq for CheckoutDir {
+    fn eq(&self, other: &Self) -> bool {
+        self.path() == other.path()
+    }
+}
+
+impl Eq for CheckoutDir {}
+
+/// A commit's tree, checked out, and where the recipe is in it. The directory exists while this
+/// value (or a clone) does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkout {
-    /// The checkout directory (`$KILN_HOME/checkouts/<commit>`).
+    /// The checkout directory (`$KILN_HOME/checkouts/<commit>-<random>`).
     pub dir: PathBuf,
     /// The commit id, 40 lowercase hex digits.
     pub commit: String,
@@ -135,8 +181,8 @@ pub struct Checkout {
     /// True when this call created the bare mirror (a first clone); false when it fetched into
     /// an existing one.
     pub cloned: bool,
-    /// True when the checkout directory already existed complete and was reused.
-    pub reused: bool,
+    /// Keeps `dir` on disk; dropping the last clone removes it.
+    pub owner: CheckoutDir,
 }
 
 /// One repository, mirrored under a kiln home.
@@ -173,9 +219,14 @@ impl GitSource {
         self.home.join("git").join(format!("{hash}.git"))
     }
 
-    /// Where a commit's checkout lives: `<home>/checkouts/<commit>`.
-    pub fn checkout_dir(&self, commit: &str) -> PathBuf {
-        self.home.join("checkouts").join(commit)
+    /// Where checkouts live: `<home>/checkouts` (each in a directory of its own).
+    pub fn checkouts_dir(&self) -> PathBuf {
+        self.home.join("checkouts")
+    }
+
+    /// The URL as messages show it: without credentials.
+    fn shown_url(&self) -> String {
+        redact(&self.url).into_owned()
     }
 
     /// Fetch, then resolve `reference` (branch, tag, full or abbreviated commit id) to a commit.
@@ -225,7 +276,7 @@ impl GitSource {
         let hex = oid.to_string();
         let tree = commit.tree().map_err(|e| self.git("reading a tree", e))?;
         let missing = || SourceError::MissingRecipe {
-            url: self.url.clone(),
+            url: self.shown_url(),
             reference: reference.to_string(),
             commit: hex.clone(),
             path: recipe.to_string(),
@@ -233,7 +284,8 @@ impl GitSource {
         // A path through a symlinked directory is not in the tree; the file system check after
         // the checkout decides for those.
         let in_tree = tree.get_path(&rel).is_ok();
-        let (dir, reused) = self.write_checkout(&repo, &tree, &hex)?;
+        let owner = self.write_checkout(&repo, &tree, &hex)?;
+        let dir = owner.path().to_path_buf();
         let recipe_path = dir.join(&rel);
         let real = match recipe_path.canonicalize() {
             Ok(r) => r,
@@ -272,7 +324,7 @@ impl GitSource {
             time: commit.time().seconds(),
             recipe_path,
             cloned,
-            reused,
+            owner,
         })
     }
 
@@ -285,7 +337,8 @@ impl GitSource {
             .map_err(|e| self.git("reading a commit", e))?;
         let hex = oid.to_string();
         let tree = commit.tree().map_err(|e| self.git("reading a tree", e))?;
-        let (dir, reused) = self.write_checkout(&repo, &tree, &hex)?;
+        let owner = self.write_checkout(&repo, &tree, &hex)?;
+        let dir = owner.path().to_path_buf();
         Ok(Checkout {
             recipe_path: dir.clone(),
             dir,
@@ -293,7 +346,7 @@ impl GitSource {
             reference: reference.to_string(),
             time: commit.time().seconds(),
             cloned,
-            reused,
+            owner,
         })
     }
 
@@ -306,7 +359,15 @@ impl GitSource {
             .and_then(|c| c.tree())
             .map_err(|e| self.git("reading a tree", e))?;
         let mut out = Vec::new();
-        list_files(&repo, &tree, "", &mut out).map_err(|e| self.git("walking a tree", e))?;
+        list_files(&repo, &tree, "", 0, &mut out).map_err(|e| match e {
+            Walk::Git(e) => self.git("walking a tree", e),
+            Walk::Source(e) => e,
+            Walk::Limit { what, limit } => SourceError::TooLarge {
+                url: self.shown_url(),
+                what: format!("commit {commit}: {what}"),
+                limit,
+            },
+        })?;
         out.sort();
         Ok(out)
     }
@@ -368,14 +429,33 @@ impl GitSource {
         let mut remote = repo
             .remote_anonymous(&self.url)
             .map_err(|e| self.git("setting up the remote", e))?;
+        let over = std::cell::Cell::new(false);
+        let mut callbacks = git2::RemoteCallbacks::new();
+        callbacks.transfer_progress(|p| {
+            // Returning false makes libgit2 stop the transfer.
+            let ok = p.received_bytes() as u64 <= MAX_FETCH_BYTES;
+            if !ok {
+                over.set(true);
+            }
+            ok
+        });
         let mut opts = FetchOptions::new();
-        opts.prune(FetchPrune::On).download_tags(AutotagOption::All);
-        remote
-            .fetch(&REFSPECS, Some(&mut opts), None)
-            .map_err(|e| SourceError::Unreachable {
-                url: self.url.clone(),
-                message: e.message().to_string(),
-            })
+        opts.prune(FetchPrune::On)
+            .download_tags(AutotagOption::All)
+            .remote_callbacks(callbacks);
+        let fetched = remote.fetch(&REFSPECS, Some(&mut opts), None);
+        drop(opts);
+        if over.get() {
+            return Err(SourceError::TooLarge {
+                url: self.shown_url(),
+                what: format!("a fetch received more than {MAX_FETCH_BYTES} bytes"),
+                limit: MAX_FETCH_BYTES,
+            });
+        }
+        fetched.map_err(|e| SourceError::Unreachable {
+            url: self.shown_url(),
+            message: redact(e.message()).into_owned(),
+        })
     }
 
     fn resolve_in(&self, repo: &Repository, reference: &str) -> Result<Oid, SourceError> {
@@ -405,48 +485,50 @@ impl GitSource {
             return Ok(c.id());
         }
         Err(SourceError::UnknownRef {
-            url: self.url.clone(),
+            url: self.shown_url(),
             reference: reference.to_string(),
             branches: ref_names(repo, "refs/heads/"),
             tags: ref_names(repo, "refs/tags/"),
         })
     }
 
-    /// The checkout directory for `commit`, written now unless a complete one exists.
+    /// A new directory holding `commit`'s tree, removed when the returned owner is dropped (or
+    /// at once, when writing it fails).
     fn write_checkout(
         &self,
         repo: &Repository,
         tree: &Tree<'_>,
         commit: &str,
-    ) -> Result<(PathBuf, bool), SourceError> {
-        let dir = self.checkout_dir(commit);
-        if dir.is_dir() {
-            return Ok((dir, true));
-        }
-        let parent = self.home.join("checkouts");
+    ) -> Result<CheckoutDir, SourceError> {
+        let parent = self.checkouts_dir();
         fs::create_dir_all(&parent)
             .map_err(|e| io_err("creating the checkouts directory", &parent, e))?;
+        sweep_stale(&parent);
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{commit}-"))
+            .prefix(&format!("{commit}-"))
             .tempdir_in(&parent)
             .map_err(|e| io_err("creating a checkout directory in", &parent, e))?;
-        write_tree(repo, tree, tmp.path(), "", commit, &self.url)?;
-        let tmp_path = tmp.keep();
-        if let Err(e) = fs::rename(&tmp_path, &dir) {
-            let _ = fs::remove_dir_all(&tmp_path);
-            if !dir.is_dir() {
-                return Err(io_err("moving the checkout into place at", &dir, e));
-            }
-            return Ok((dir, true));
-        }
-        Ok((dir, false))
+        // Measured first: a tree past the limits is refused before a file is written.
+        let mut budget = Budget::default();
+        measure(repo, tree, "", 0, commit, &mut budget)
+            .and_then(|()| write_tree(repo, tree, tmp.path(), "", commit))
+            .map_err(|e| match e {
+                Walk::Git(e) => self.git("writing the checkout", e),
+                Walk::Source(e) => e,
+                Walk::Limit { what, limit } => SourceError::TooLarge {
+                    url: self.shown_url(),
+                    what: format!("the checkout of commit {commit}: {what}"),
+                    limit,
+                },
+            })?;
+        Ok(CheckoutDir(Arc::new(tmp)))
     }
 
     fn git(&self, what: &str, e: git2::Error) -> SourceError {
         SourceError::Git {
-            url: self.url.clone(),
+            url: self.shown_url(),
             what: what.to_string(),
-            message: e.message().to_string(),
+            message: redact(e.message()).into_owned(),
         }
     }
 }
@@ -515,7 +597,7 @@ fn normalize_url(url: &str) -> Result<String, SourceError> {
         return match scheme {
             "file" | "http" | "https" => Ok(url.to_string()),
             _ => Err(SourceError::UnsupportedScheme {
-                url: url.to_string(),
+                url: redact(url).into_owned(),
                 scheme: scheme.to_string(),
             }),
         };
@@ -585,31 +667,142 @@ const MODE_LINK: i32 = 0o120000;
 const MODE_EXEC: i32 = 0o100755;
 const MODE_COMMIT: i32 = 0o160000;
 
+/// Why writing or walking a tree stopped.
+enum Walk {
+    Git(git2::Error),
+    Limit { what: String, limit: u64 },
+    Source(SourceError),
+}
+
+impl From<git2::Error> for Walk {
+    fn from(e: git2::Error) -> Self {
+        Walk::Git(e)
+    }
+}
+
+/// What a checkout has used of its limits so far.
+#[derive(Default)]
+struct Budget {
+    entries: u64,
+    bytes: u64,
+}
+
+impl Budget {
+    /// Count one more entry of `size` bytes at `path`.
+    fn take(&mut self, path: &str, size: u64) -> Result<(), Walk> {
+        self.entries += 1;
+        if self.entries > MAX_CHECKOUT_FILES {
+            return Err(Walk::Limit {
+                what: format!("more than {MAX_CHECKOUT_FILES} files and directories"),
+                limit: MAX_CHECKOUT_FILES,
+            });
+        }
+        self.bytes = self.bytes.saturating_add(size);
+        if self.bytes > MAX_CHECKOUT_BYTES {
+            return Err(Walk::Limit {
+                what: format!(
+                    "more than {MAX_CHECKOUT_BYTES} bytes of files (reached at {path}, {size} bytes)"
+                ),
+                limit: MAX_CHECKOUT_BYTES,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_depth(rel: &str, depth: usize) -> Result<(), Walk> {
+    if depth > MAX_CHECKOUT_DEPTH {
+        return Err(Walk::Limit {
+            what: format!("directories nested more than {MAX_CHECKOUT_DEPTH} deep ({rel})"),
+            limit: MAX_CHECKOUT_DEPTH as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Remove checkout directories older than [`STALE_CHECKOUT`]: ones a killed process left
+/// behind (a live build uses its checkout for seconds). Best effort.
+fn sweep_stale(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_CHECKOUT);
+        if old {
+            let path = entry.path();
+            tracing::debug!(path = %path.display(), "removing a stale checkout");
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// Walk `tree` as [`write_tree`] will, counting entries, bytes (from object headers: no file
+/// content is read) and depth against the checkout limits, and checking every name.
+fn measure(
+    repo: &Repository,
+    tree: &Tree<'_>,
+    rel: &str,
+    depth: usize,
+    commit: &str,
+    budget: &mut Budget,
+) -> Result<(), Walk> {
+    check_depth(rel, depth)?;
+    let odb = repo.odb()?;
+    for entry in tree.iter() {
+        let name = String::from_utf8_lossy(entry.name_bytes()).into_owned();
+        if !safe_name(&name) || name == ".git" {
+            return Err(Walk::Source(SourceError::BadTreeEntry {
+                commit: commit.to_string(),
+                parent: rel.to_string(),
+                name,
+            }));
+        }
+        let child_rel = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        match entry.filemode() {
+            MODE_TREE => {
+                budget.take(&child_rel, 0)?;
+                let sub = repo.find_tree(entry.id())?;
+                measure(repo, &sub, &child_rel, depth + 1, commit, budget)?;
+            }
+            MODE_COMMIT => budget.take(&child_rel, 0)?,
+            _ => {
+                let (size, _) = odb.read_header(entry.id())?;
+                budget.take(&child_rel, size as u64)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Write `tree` into `dir`: directories, files (0644, or 0755 when git marks them executable),
-/// symlinks; submodules become empty directories.
+/// symlinks; submodules become empty directories. [`measure`] has checked it.
 fn write_tree(
     repo: &Repository,
     tree: &Tree<'_>,
     dir: &Path,
     rel: &str,
     commit: &str,
-    url: &str,
-) -> Result<(), SourceError> {
+) -> Result<(), Walk> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::PermissionsExt;
-    let git = |what: &str, e: git2::Error| SourceError::Git {
-        url: url.to_string(),
-        what: what.to_string(),
-        message: e.message().to_string(),
-    };
+    let io = |what: &str, path: &Path, e: std::io::Error| Walk::Source(io_err(what, path, e));
     for entry in tree.iter() {
         let name = String::from_utf8_lossy(entry.name_bytes()).into_owned();
         if !safe_name(&name) || name == ".git" {
-            return Err(SourceError::BadTreeEntry {
+            return Err(Walk::Source(SourceError::BadTreeEntry {
                 commit: commit.to_string(),
                 parent: rel.to_string(),
                 name,
-            });
+            }));
         }
         let path = dir.join(&name);
         let child_rel = if rel.is_empty() {
@@ -619,31 +812,27 @@ fn write_tree(
         };
         match entry.filemode() {
             MODE_TREE => {
-                fs::create_dir(&path).map_err(|e| io_err("creating directory", &path, e))?;
-                let sub = repo
-                    .find_tree(entry.id())
-                    .map_err(|e| git("reading a tree", e))?;
-                write_tree(repo, &sub, &path, &child_rel, commit, url)?;
+                fs::create_dir(&path).map_err(|e| io("creating directory", &path, e))?;
+                let sub = repo.find_tree(entry.id())?;
+                write_tree(repo, &sub, &path, &child_rel, commit)?;
             }
             MODE_COMMIT => {
-                fs::create_dir(&path).map_err(|e| io_err("creating directory", &path, e))?;
+                fs::create_dir(&path).map_err(|e| io("creating directory", &path, e))?;
             }
             mode => {
-                let blob = repo
-                    .find_blob(entry.id())
-                    .map_err(|e| git("reading a file", e))?;
+                let blob = repo.find_blob(entry.id())?;
                 if mode == MODE_LINK {
                     let target = std::ffi::OsStr::from_bytes(blob.content());
                     std::os::unix::fs::symlink(target, &path)
-                        .map_err(|e| io_err("creating symlink", &path, e))?;
+                        .map_err(|e| io("creating symlink", &path, e))?;
                 } else {
                     let mut f =
-                        fs::File::create(&path).map_err(|e| io_err("creating file", &path, e))?;
+                        fs::File::create(&path).map_err(|e| io("creating file", &path, e))?;
                     f.write_all(blob.content())
-                        .map_err(|e| io_err("writing file", &path, e))?;
+                        .map_err(|e| io("writing file", &path, e))?;
                     let perm = if mode == MODE_EXEC { 0o755 } else { 0o644 };
                     f.set_permissions(fs::Permissions::from_mode(perm))
-                        .map_err(|e| io_err("setting the mode of", &path, e))?;
+                        .map_err(|e| io("setting the mode of", &path, e))?;
                 }
             }
         }
@@ -655,8 +844,10 @@ fn list_files(
     repo: &Repository,
     tree: &Tree<'_>,
     rel: &str,
+    depth: usize,
     out: &mut Vec<String>,
-) -> Result<(), git2::Error> {
+) -> Result<(), Walk> {
+    check_depth(rel, depth)?;
     for entry in tree.iter() {
         let name = String::from_utf8_lossy(entry.name_bytes()).into_owned();
         let path = if rel.is_empty() {
@@ -667,9 +858,17 @@ fn list_files(
         match entry.kind() {
             Some(ObjectType::Tree) => {
                 let sub = repo.find_tree(entry.id())?;
-                list_files(repo, &sub, &path, out)?;
+                list_files(repo, &sub, &path, depth + 1, out)?;
             }
-            Some(ObjectType::Blob) if entry.filemode() != MODE_LINK => out.push(path),
+            Some(ObjectType::Blob) if entry.filemode() != MODE_LINK => {
+                if out.len() as u64 >= MAX_CHECKOUT_FILES {
+                    return Err(Walk::Limit {
+                        what: format!("more than {MAX_CHECKOUT_FILES} files"),
+                        limit: MAX_CHECKOUT_FILES,
+                    });
+                }
+                out.push(path)
+            }
             _ => {}
         }
     }
@@ -691,7 +890,8 @@ mod http {
         DONE.get_or_init(|| {
             let client = reqwest::blocking::Client::builder()
                 .connect_timeout(Duration::from_secs(30))
-                .timeout(None)
+                // Headers and every read of a body: how long the server may send nothing.
+                .timeout(crate::net::stall_timeout())
                 .user_agent(concat!("git/2.0 (kiln ", env!("CARGO_PKG_VERSION"), ")"))
                 .build()
                 .map_err(|e| format!("building the HTTP client: {e}"))?;
@@ -789,15 +989,18 @@ mod http {
             } else {
                 self.client.get(&self.url)
             };
-            let response = request
-                .send()
-                .map_err(|e| io::Error::other(format!("{}: {e}", self.url)))?;
+            let shown = crate::net::redact(&self.url).into_owned();
+            let response = request.send().map_err(|e| {
+                if e.is_timeout() {
+                    stalled(&shown)
+                } else {
+                    // reqwest's message quotes the URL: redacted too.
+                    io::Error::other(crate::net::redact(&format!("{shown}: {e}")).into_owned())
+                }
+            })?;
             let status = response.status();
             if !status.is_success() {
-                return Err(io::Error::other(format!(
-                    "{} answered HTTP {status}",
-                    self.url
-                )));
+                return Err(io::Error::other(format!("{shown} answered HTTP {status}")));
             }
             let content_type = response
                 .headers()
@@ -806,8 +1009,8 @@ mod http {
                 .unwrap_or("");
             if !content_type.starts_with(self.expect) {
                 return Err(io::Error::other(format!(
-                    "{} answered {content_type:?}, not {}: not a git smart-HTTP server",
-                    self.url, self.expect
+                    "{shown} answered {content_type:?}, not {}: not a git smart-HTTP server",
+                    self.expect
                 )));
             }
             // Follow a redirect of the ref listing for the requests after it.
@@ -827,10 +1030,27 @@ mod http {
                 self.response = Some(self.send()?);
             }
             match &mut self.response {
-                Some(r) => r.read(buf),
+                Some(r) => r.read(buf).map_err(|e| {
+                    if crate::net::is_stall(&e) {
+                        stalled(&crate::net::redact(&self.url))
+                    } else {
+                        e
+                    }
+                }),
                 None => Ok(0),
             }
         }
+    }
+
+    fn stalled(url: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "{url}: the server stalled (sent nothing for {:.1} s; {} raises the limit)",
+                crate::net::stall_timeout().as_secs_f64(),
+                crate::net::STALL_TIMEOUT_ENV
+            ),
+        )
     }
 
     impl Write for Stream {

@@ -41,6 +41,11 @@ pub enum TreeError {
     },
     #[error("{path}: unsupported file type on the host ({what})")]
     Unsupported { path: PathBuf, what: &'static str },
+    #[error(
+        "tar stream: {what} (limit {limit}); refusing the archive as corrupt or hostile, nothing \
+         of it was kept"
+    )]
+    TarLimit { what: String, limit: u64 },
     #[error("tar stream: {context}: {source}")]
     Tar {
         context: String,
@@ -48,6 +53,14 @@ pub enum TreeError {
         source: io::Error,
     },
 }
+
+/// Most entries one tar stream may add to a Tree (a whole Debian desktop has ~300,000 files; the
+/// largest single Debian packages ~100,000). Each entry costs memory, so a stream of millions of
+/// tiny headers is refused.
+pub const MAX_TAR_ENTRIES: u64 = 1_000_000;
+
+/// Longest path (or link target) a tar entry may have, in bytes: Linux's `PATH_MAX`.
+pub const MAX_TAR_PATH: usize = 4096;
 
 fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> TreeError {
     let path = path.into();
@@ -749,13 +762,31 @@ impl Tree {
         let entries = archive
             .entries()
             .map_err(tar_err("reading the archive".into()))?;
+        let mut count = 0u64;
         for item in entries {
             let mut item = item.map_err(tar_err("reading an entry header".into()))?;
+            count += 1;
+            if count > MAX_TAR_ENTRIES {
+                return Err(TreeError::TarLimit {
+                    what: format!("more than {MAX_TAR_ENTRIES} entries"),
+                    limit: MAX_TAR_ENTRIES,
+                });
+            }
             let raw_path = item
                 .path()
                 .map_err(tar_err("reading an entry path".into()))?
                 .to_string_lossy()
                 .into_owned();
+            if raw_path.len() > MAX_TAR_PATH {
+                return Err(TreeError::TarLimit {
+                    what: format!(
+                        "entry {count} has a path of {} bytes ({}…)",
+                        raw_path.len(),
+                        raw_path.chars().take(60).collect::<String>()
+                    ),
+                    limit: MAX_TAR_PATH as u64,
+                });
+            }
             let raw_path = raw_path.strip_prefix("./").unwrap_or(&raw_path).to_string();
             if raw_path == "." || raw_path.is_empty() {
                 // The archive's root: take its owner and mode.
@@ -801,11 +832,18 @@ impl Tree {
                 .mtime()
                 .map_err(tar_err(format!("{path}: reading mtime")))? as i64;
             let link_name = || -> Result<String, TreeError> {
-                Ok(item
+                let target = item
                     .link_name()
                     .map_err(tar_err(format!("{path}: reading link name")))?
                     .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_default())
+                    .unwrap_or_default();
+                if target.len() > MAX_TAR_PATH {
+                    return Err(TreeError::TarLimit {
+                        what: format!("{path}: link target of {} bytes", target.len()),
+                        limit: MAX_TAR_PATH as u64,
+                    });
+                }
+                Ok(target)
             };
             let dev = || -> (u32, u32) {
                 (
@@ -1000,6 +1038,34 @@ mod tests {
                 .iter()
                 .any(|&(o, l)| o <= 32 << 20 && o + l >= (32 << 20) + 5)
         );
+    }
+
+    #[test]
+    fn tar_paths_and_link_targets_are_bounded() {
+        let long = format!("./{}/f", "d".repeat(MAX_TAR_PATH));
+        for (path, link) in [(long.as_str(), None), ("./l", Some(long.as_str()))] {
+            let mut builder = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_size(0);
+            match link {
+                None => builder.append_data(&mut h, path, io::empty()).unwrap(),
+                Some(target) => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    builder.append_link(&mut h, path, target).unwrap();
+                }
+            }
+            let bytes = builder.into_inner().unwrap();
+            let mut t = Tree::new();
+            let err = t
+                .extend_from_tar(&bytes[..], &mut |_, _| Ok(Content::inline("")))
+                .unwrap_err();
+            assert!(matches!(err, TreeError::TarLimit { .. }), "{err}");
+            assert!(err.to_string().contains("limit 4096"), "{err}");
+        }
     }
 
     #[test]

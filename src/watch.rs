@@ -19,6 +19,7 @@
 //! [`Watcher::deliver`] saves only when every delivery succeeded, so a failed one is retried with
 //! the others at the next call (at least once; `kiln watch` and the HTTP API's git hook use it).
 
+use crate::net::redact;
 use crate::recipe::{self, Diagnostic, GitInfo};
 use crate::source::{Checkout, GitSource, SourceError, load_options_for};
 use std::collections::BTreeMap;
@@ -55,6 +56,8 @@ pub struct Trigger {
     pub inputs: String,
     /// Why the recipe did not load, when it did not: the caller reports the build `failed`.
     pub error: Option<Diagnostic>,
+    /// The checkout `file` is in: it stays on disk while the trigger (or a clone) lives.
+    pub checkout: Checkout,
 }
 
 /// What the state file holds.
@@ -216,11 +219,11 @@ impl Watcher {
                         on_trigger(t);
                     }
                     if let Err(e) = self.save(state) {
-                        tracing::warn!("watch {}: {e}", self.source.url());
+                        tracing::warn!("watch {}: {e}", redact(self.source.url()));
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!("watch {}: {e}", self.source.url()),
+                Err(e) => tracing::warn!("watch {}: {e}", redact(self.source.url())),
             }
             while !stop() && started.elapsed() < interval {
                 let left = interval.saturating_sub(started.elapsed());
@@ -286,6 +289,7 @@ impl Watcher {
             time: checkout.time,
             inputs: String::new(),
             error: None,
+            checkout: at,
         };
         let loaded = match recipe::load(&file, &opts) {
             Ok(l) => l,

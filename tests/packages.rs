@@ -64,7 +64,7 @@ fn busybox_static_reads_into_a_tree() {
     assert_eq!(path, store.path(&pkgs[0].sha256));
 
     let mut tree = Tree::new();
-    let info = deb::read_into_tree(&path, &mut tree, &store).unwrap();
+    let info = deb::read_into_tree(&path, &pkgs[0].deb_limits(), &mut tree, &store).unwrap();
     assert_eq!(info.field("Package"), Some("busybox-static"));
     assert_eq!(info.field("Version"), Some(pkgs[0].version.as_str()));
     assert!(info.files.contains(&"bin/busybox".to_string()));
@@ -124,7 +124,7 @@ fn systemd_boot_efi_has_the_loader() {
     let path = archive.fetch(&pkgs[0]).unwrap();
     let mut tree = Tree::new();
     let store = BlobStore::new(SHARED_CACHE);
-    deb::read_into_tree(&path, &mut tree, &store).unwrap();
+    deb::read_into_tree(&path, &pkgs[0].deb_limits(), &mut tree, &store).unwrap();
     let efi = tree
         .get(&TreePath::new("usr/lib/systemd/boot/efi/systemd-bootx64.efi").unwrap())
         .expect("systemd-bootx64.efi in the tree");
@@ -225,6 +225,8 @@ enum Reply {
     Body(Vec<u8>),
     /// Announce the whole length but send only the first `n` bytes, then close.
     Truncated(Vec<u8>, usize),
+    /// Announce the whole length, send the first `n` bytes, then one byte per interval.
+    Trickle(Vec<u8>, usize, Duration),
 }
 
 /// A tiny HTTP/1.1 server on a free loopback port; returns its base URL and a request counter.
@@ -296,6 +298,20 @@ fn answer(stream: TcpStream, handler: &Handler, n: usize) -> std::io::Result<()>
                 body.len()
             )?;
             out.write_all(&body[..keep])?;
+        }
+        Reply::Trickle(body, keep, every) => {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
+            out.write_all(&body[..keep])?;
+            out.flush()?;
+            for b in &body[keep..] {
+                std::thread::sleep(every);
+                out.write_all(&[*b])?;
+                out.flush()?;
+            }
         }
     }
     out.flush()
@@ -642,6 +658,26 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// A suite `kilntest` with `hello` (needing `libhello (>= 1.0) | libalt`) and `libhello`,
 /// listing only `Packages.gz`, valid until `valid_until`.
 fn test_archive(valid_until: &str) -> TestArchive {
+    let debs = [
+        (
+            "hello",
+            "2.0-1",
+            "libhello (>= 1.0) | libalt",
+            "./usr/bin/hello",
+        ),
+        ("libhello", "1.2-1", "", "./usr/lib/libhello.so.1"),
+    ]
+    .map(|(name, version, depends, file)| {
+        let deb = make_deb(name, version, depends, file);
+        let fields = format!("Depends: {depends}\n");
+        (name.to_string(), version.to_string(), fields, deb)
+    });
+    signed_archive(valid_until, &debs)
+}
+
+/// A suite `kilntest` signed with a key made here, holding `debs`: (name, version, more index
+/// fields, the .deb's bytes).
+fn signed_archive(valid_until: &str, debs: &[(String, String, String, Vec<u8>)]) -> TestArchive {
     use pgp::composed::{ArmorOptions, CleartextSignedMessage, KeyType, SecretKeyParamsBuilder};
     use pgp::ser::Serialize;
     use rand::SeedableRng;
@@ -661,24 +697,15 @@ fn test_archive(valid_until: &str) -> TestArchive {
 
     let mut files = std::collections::BTreeMap::new();
     let mut packages = String::new();
-    for (name, version, depends, file) in [
-        (
-            "hello",
-            "2.0-1",
-            "libhello (>= 1.0) | libalt",
-            "./usr/bin/hello",
-        ),
-        ("libhello", "1.2-1", "", "./usr/lib/libhello.so.1"),
-    ] {
-        let deb = make_deb(name, version, depends, file);
+    for (name, version, fields, deb) in debs {
         let filename = format!("pool/main/{name}_{version}_amd64.deb");
         packages += &format!(
-            "Package: {name}\nVersion: {version}\nArchitecture: amd64\nDepends: {depends}\n\
+            "Package: {name}\nVersion: {version}\nArchitecture: amd64\n{fields}\
              Filename: {filename}\nSize: {}\nSHA256: {}\n\n",
             deb.len(),
-            sha256_hex(&deb)
+            sha256_hex(deb)
         );
-        files.insert(format!("/debian/{filename}"), deb);
+        files.insert(format!("/debian/{filename}"), deb.clone());
     }
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(packages.as_bytes()).unwrap();
@@ -739,7 +766,7 @@ fn self_signed_archive_end_to_end() {
     let mut tree = Tree::new();
     for pkg in &pkgs {
         let path = archive.fetch(pkg).unwrap();
-        deb::read_into_tree(&path, &mut tree, archive.store()).unwrap();
+        deb::read_into_tree(&path, &pkg.deb_limits(), &mut tree, archive.store()).unwrap();
     }
     let hello = tree.get(&TreePath::new("usr/bin/hello").unwrap()).unwrap();
     assert_eq!(hello.mode, 0o755);
@@ -850,10 +877,206 @@ fn stalled_server_times_out() {
         matches!(err, PackagesError::Unreachable { tries: 2, .. }),
         "{msg}"
     );
-    assert!(msg.contains("timed out"), "{msg}");
+    assert!(
+        msg.contains("stalled: the mirror sent nothing for 0.5 s"),
+        "{msg}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A .deb made by `dpkg-deb` (the reference tool) whose data is `size` bytes of zeros, compressed
+/// with `compressor` (xz, zstd, gzip), that declares `Installed-Size: 10` (KiB).
+fn zero_bomb(dir: &Path, name: &str, compressor: &str, size: u64) -> Vec<u8> {
+    let root = dir.join(name);
+    std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(root.join("usr/share/bomb")).unwrap();
+    std::fs::write(
+        root.join("DEBIAN/control"),
+        format!(
+            "Package: {name}\nVersion: 1.0\nArchitecture: amd64\nMaintainer: kiln <k@example.org>\n\
+             Installed-Size: 10\nDescription: zeros\n"
+        ),
+    )
+    .unwrap();
+    // Sparse: the test's own disk holds none of it.
+    std::fs::File::create(root.join("usr/share/bomb/zeros"))
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let out = dir.join(format!("{name}.deb"));
+    let status = std::process::Command::new("dpkg-deb")
+        .args([
+            "--root-owner-group",
+            "-z1",
+            &format!("-Z{compressor}"),
+            "--build",
+        ])
+        .arg(&root)
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("dpkg-deb (Debian package dpkg) is installed");
+    assert!(status.success(), "dpkg-deb --build failed");
+    std::fs::read(&out).unwrap()
+}
+
+#[test]
+fn decompression_bombs_are_refused_naming_the_package() {
+    const BOMB: u64 = 100 << 20;
+    let work = tempfile::tempdir().unwrap();
+    let debs: Vec<(String, String, String, Vec<u8>)> = ["xz", "zstd", "gzip"]
+        .iter()
+        .map(|z| {
+            let name = format!("bomb-{z}");
+            let deb = zero_bomb(work.path(), &name, z, BOMB);
+            eprintln!(
+                "{name}: {} bytes of .deb for {BOMB} bytes of data",
+                deb.len()
+            );
+            (name, "1.0".into(), "Installed-Size: 10\n".into(), deb)
+        })
+        .collect();
+    let test = signed_archive("Fri, 01 Jan 2100 00:00:00 UTC", &debs);
+    let mirror = serve_files(test.files.clone());
+    let home = tempfile::tempdir().unwrap();
+    let archive = Archive::open(test_options(home.path(), &mirror, &test)).unwrap();
+    for (name, ..) in &debs {
+        let pkg = &archive.resolve(&[name.as_str()], Deps::None).unwrap()[0];
+        assert_eq!(pkg.installed_size, Some(10));
+        let limits = pkg.deb_limits();
+        assert!(limits.data_bytes < BOMB / 4, "{limits:?}");
+        // The download is what the signed index lists: it verifies and is cached.
+        let path = archive.fetch(pkg).unwrap();
+        let mut tree = Tree::new();
+        let started = Instant::now();
+        let err = deb::read_into_tree(&path, &limits, &mut tree, archive.store()).unwrap_err();
+        let msg = err.to_string();
+        eprintln!("{name}: refused in {:.2?}: {msg}", started.elapsed());
+        assert!(matches!(err, deb::DebError::TooLarge { .. }), "{msg}");
+        for want in [
+            format!("package {name} 1.0"),
+            format!("more than {} bytes", limits.data_bytes),
+            "Installed-Size 10 KiB".to_string(),
+            "decompression bomb".to_string(),
+        ] {
+            assert!(msg.contains(&want), "{want:?} not in {msg}");
+        }
+        // Nothing of it is in the tree, and nothing near its size reached the store: no
+        // half-written temporary file, no blob past the limit.
+        assert_eq!(tree, Tree::new());
+        for f in files_under(home.path()) {
+            let len = std::fs::metadata(&f).unwrap().len();
+            assert!(len <= limits.data_bytes, "{} is {len} bytes", f.display());
+            let file_name = f.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(
+                !file_name.starts_with(".kiln-tmp-"),
+                "left behind: {}",
+                f.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn trickling_mirror_hits_the_stall_timeout() {
+    let test = test_archive("Fri, 01 Jan 2100 00:00:00 UTC");
+    let files = test.files.clone();
+    // The .deb: headers and half the body at once, then a byte every 3 s.
+    let (mirror, _) = serve(Arc::new(move |path: &str, _range, _n| {
+        match files.get(path) {
+            Some(body) if path.ends_with(".deb") => {
+                Reply::Trickle(body.clone(), body.len() / 2, Duration::from_secs(3))
+            }
+            Some(body) => Reply::Body(body.clone()),
+            None => Reply::NotFound,
+        }
+    }));
+    let home = tempfile::tempdir().unwrap();
+    let mut opts = test_options(home.path(), &mirror, &test);
+    opts.fetch.read_timeout = Duration::from_secs(2);
+    opts.fetch.tries = 1;
+    let archive = Archive::open(opts).unwrap();
+    let pkg = &archive.resolve(&["libhello"], Deps::None).unwrap()[0];
+    let started = Instant::now();
+    let err = archive.fetch(pkg).unwrap_err();
+    let took = started.elapsed();
+    let msg = err.to_string();
+    eprintln!("after {took:.2?}: {msg}");
+    assert!(matches!(err, PackagesError::Unreachable { .. }), "{msg}");
+    assert!(
+        msg.contains("stalled: the mirror sent nothing for 2.0 s"),
+        "{msg}"
+    );
+    assert!(msg.contains("KILN_STALL_TIMEOUT"), "{msg}");
+    // One stall timeout (plus the first byte's 3 s would be more): far from the ~1 byte / 3 s
+    // the server would keep up for minutes.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(!archive.store().contains(&pkg.sha256));
+}
+
+#[test]
+fn mirror_sending_more_than_listed_is_refused() {
+    let test = test_archive("Fri, 01 Jan 2100 00:00:00 UTC");
+    let files = test.files.clone();
+    // The .deb followed by 4 MiB that the signed index does not list.
+    let (mirror, _) = serve(Arc::new(move |path: &str, _range, _n| {
+        match files.get(path) {
+            Some(body) if path.ends_with(".deb") => {
+                let mut more = body.clone();
+                more.resize(body.len() + (4 << 20), 0);
+                Reply::Body(more)
+            }
+            Some(body) => Reply::Body(body.clone()),
+            None => Reply::NotFound,
+        }
+    }));
+    let home = tempfile::tempdir().unwrap();
+    let archive = Archive::open(test_options(home.path(), &mirror, &test)).unwrap();
+    let pkg = &archive.resolve(&["libhello"], Deps::None).unwrap()[0];
+    let err = archive.fetch(pkg).unwrap_err();
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, PackagesError::TooLarge { .. }), "{msg}");
+    assert!(msg.contains("package libhello 1.2-1"), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "more than {} bytes (the size the signed index lists)",
+            pkg.size
+        )),
+        "{msg}"
+    );
+    // Nothing cached, no partial file kept, nothing past the listed size written.
+    assert!(!archive.store().contains(&pkg.sha256));
+    let partials: Vec<PathBuf> = files_under(home.path())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".partial"))
+        .collect();
+    assert!(partials.is_empty(), "{partials:?}");
+}
+
+#[test]
+fn mirror_credentials_never_reach_messages_or_file_names() {
+    let test = test_archive("Fri, 01 Jan 2100 00:00:00 UTC");
+    let mirror = serve_files(test.files.clone());
+    let with_secret = mirror.replace("http://", "http://kiln:s3cr3t@");
+    let home = tempfile::tempdir().unwrap();
+    // Works (the server ignores the credentials), and nothing on disk is named after them.
+    let archive = Archive::open(test_options(home.path(), &with_secret, &test)).unwrap();
+    assert_eq!(archive.index().unwrap().len(), 2);
+    for f in files_under(home.path()) {
+        assert!(!f.to_string_lossy().contains("s3cr3t"), "{}", f.display());
+    }
+    // An error names the mirror without them.
+    let mut opts = test_options(home.path(), &with_secret, &test);
+    opts.suite = "nosuch".into();
+    let err = Archive::open(opts).err().expect("unknown suite accepted");
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(msg.contains("http://***@127.0.0.1:"), "{msg}");
+    assert!(!msg.contains("s3cr3t"), "{msg}");
+    assert!(!format!("{err:?}").contains("s3cr3t"), "{err:?}");
 }

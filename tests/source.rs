@@ -131,11 +131,12 @@ fn checkout_by_branch_tag_and_commit() {
 
     let main = src.checkout("main", "recipes/minimal.yaml").unwrap();
     assert!(main.cloned, "first use clones");
-    assert!(!main.reused);
     assert_eq!(main.commit, f.c2);
     assert_eq!(main.time, T2);
     assert_eq!(main.reference, "main");
-    assert_eq!(main.dir, f.home.join("checkouts").join(&f.c2));
+    assert_eq!(main.dir.parent(), Some(f.home.join("checkouts").as_path()));
+    let dir_name = main.dir.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(dir_name.starts_with(&format!("{}-", f.c2)), "{dir_name}");
     assert_eq!(main.recipe_path, main.dir.join("recipes/minimal.yaml"));
     assert_eq!(fs::read_to_string(main.dir.join("VERSION")).unwrap(), "2\n");
     assert_eq!(
@@ -157,12 +158,12 @@ fn checkout_by_branch_tag_and_commit() {
         fs::read_link(main.dir.join("link.yaml")).unwrap(),
         PathBuf::from("recipes/minimal.yaml")
     );
-    // No leftovers from the temp-dir-and-rename.
+    // Only the live checkout is on disk.
     let entries: Vec<_> = fs::read_dir(f.home.join("checkouts"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(entries, vec![std::ffi::OsString::from(&f.c2)]);
+    assert_eq!(entries, vec![std::ffi::OsString::from(&dir_name)]);
 
     for reference in ["stable", "v1", f.c1.as_str(), &f.c1[..10]] {
         let c = src.checkout(reference, "recipes/minimal.yaml").unwrap();
@@ -174,8 +175,9 @@ fn checkout_by_branch_tag_and_commit() {
     }
 
     // A recipe reached through an in-repository symlink is fine.
-    let c = src.checkout("main", "link.yaml").unwrap();
-    assert!(c.recipe_path.is_file());
+    let linked = src.checkout("main", "link.yaml").unwrap();
+    assert!(linked.recipe_path.is_file());
+    drop(linked);
 
     // file:// URLs work too (their own mirror).
     let url = format!("file://{}", f.work.display());
@@ -184,26 +186,39 @@ fn checkout_by_branch_tag_and_commit() {
     let c = by_url.checkout("v1", "recipes/minimal.yaml").unwrap();
     assert!(c.cloned);
     assert_eq!(c.commit, f.c1);
-    assert!(c.reused, "same commit, same checkout directory");
+    // Every checkout but the live ones is gone; dropping those leaves nothing.
+    assert_eq!(fs::read_dir(f.home.join("checkouts")).unwrap().count(), 2);
+    drop((c, main));
+    assert_eq!(fs::read_dir(f.home.join("checkouts")).unwrap().count(), 0);
 }
 
 #[test]
-fn second_checkout_reuses_mirror_and_checkout() {
+fn second_checkout_reuses_the_mirror_in_a_directory_of_its_own() {
     let f = fixture();
     let src = source(&f);
     let first = src.checkout("main", "recipes/minimal.yaml").unwrap();
-    assert!(first.cloned && !first.reused);
+    assert!(first.cloned);
     let mirror = src.mirror_dir();
     assert!(mirror.join("HEAD").is_file(), "a bare mirror");
     assert!(mirror.starts_with(f.home.join("git")));
-    // Mark the checkout: a rewrite would lose the mark.
     let mark = first.dir.join(".kiln-test-mark");
     fs::write(&mark, "x").unwrap();
     let second = src.checkout("main", "recipes/minimal.yaml").unwrap();
     assert!(!second.cloned, "no second clone");
-    assert!(second.reused, "checkout reused");
-    assert_eq!(second.dir, first.dir);
-    assert!(mark.exists());
+    // Two builds of one commit never share (or remove) each other's checkout.
+    assert_ne!(second.dir, first.dir);
+    assert!(!second.dir.join(".kiln-test-mark").exists());
+    let (first_dir, second_dir) = (first.dir.clone(), second.dir.clone());
+    let clone = first.clone();
+    drop(first);
+    assert!(first_dir.is_dir(), "a clone keeps the checkout");
+    drop(clone);
+    assert!(!first_dir.exists(), "the last drop removes it");
+    assert!(second_dir.join("VERSION").is_file());
+    drop(second);
+    assert!(!second_dir.exists());
+    // The mirror stays: it is the cache.
+    assert!(mirror.join("HEAD").is_file());
     assert_eq!(fs::read_dir(f.home.join("git")).unwrap().count(), 1);
     // A new GitSource for the same path (given differently) uses the same mirror.
     let again = GitSource::with_home(&format!("{}/./", f.work.display()), &f.home).unwrap();
@@ -574,4 +589,89 @@ fn fetch_over_smart_http() {
         .unwrap_err();
     assert!(matches!(e, SourceError::Unreachable { .. }), "{e:?}");
     assert!(e.to_string().contains("/nothing"), "{e}");
+}
+
+/// Commit `tree` on a new branch `name` of the fixture's repository (parent: c2).
+fn commit_tree_on_branch(f: &Fixture, name: &str, tree: git2::Oid) {
+    let sig = Signature::new("kiln test", "test@example.org", &Time::new(T2 + 10, 0)).unwrap();
+    let parent = f
+        .repo
+        .find_commit(git2::Oid::from_str(&f.c2).unwrap())
+        .unwrap();
+    let tree = f.repo.find_tree(tree).unwrap();
+    let commit = f
+        .repo
+        .commit(None, &sig, &sig, name, &tree, &[&parent])
+        .unwrap();
+    f.repo
+        .branch(name, &f.repo.find_commit(commit).unwrap(), false)
+        .unwrap();
+}
+
+#[test]
+fn checkouts_past_the_limits_are_refused_before_anything_is_written() {
+    let f = fixture();
+    let blob = f.repo.blob(b"x\n").unwrap();
+    // More entries than a checkout may have (one blob, many names: cheap for git).
+    let mut many = f.repo.treebuilder(None).unwrap();
+    for i in 0..=kiln::source::MAX_CHECKOUT_FILES {
+        many.insert(format!("f{i}"), blob, 0o100644).unwrap();
+    }
+    let many = many.write().unwrap();
+    commit_tree_on_branch(&f, "many", many);
+    // Directories nested deeper than allowed.
+    let mut deep = {
+        let mut t = f.repo.treebuilder(None).unwrap();
+        t.insert("leaf", blob, 0o100644).unwrap();
+        t.write().unwrap()
+    };
+    for _ in 0..=kiln::source::MAX_CHECKOUT_DEPTH {
+        let mut t = f.repo.treebuilder(None).unwrap();
+        t.insert("d", deep, 0o040000).unwrap();
+        deep = t.write().unwrap();
+    }
+    commit_tree_on_branch(&f, "deep", deep);
+
+    let src = source(&f);
+    for (branch, want) in [
+        (
+            "many",
+            format!("more than {} files", kiln::source::MAX_CHECKOUT_FILES),
+        ),
+        (
+            "deep",
+            format!("nested more than {} deep", kiln::source::MAX_CHECKOUT_DEPTH),
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let err = src.checkout_tree(branch).unwrap_err();
+        let msg = err.to_string();
+        eprintln!("{branch}: {:.2?}: {msg}", started.elapsed());
+        assert!(matches!(err, SourceError::TooLarge { .. }), "{msg}");
+        assert!(msg.contains(&want), "{want:?} not in {msg}");
+        assert!(msg.contains("Recipe repositories are small"), "{msg}");
+        // Nothing was written, nothing is left.
+        let left: Vec<_> = fs::read_dir(f.home.join("checkouts")).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+    // The walk that lists files is bounded too.
+    let many_commit = src.resolve("many").unwrap().0;
+    let err = src.files_at(&many_commit).unwrap_err();
+    assert!(matches!(err, SourceError::TooLarge { .. }), "{err}");
+}
+
+#[test]
+fn credentials_in_the_url_never_reach_messages() {
+    let f = fixture();
+    let base = serve_git_http(f.work.parent().unwrap().to_path_buf());
+    let with_secret = base.replace("http://", "http://kiln:s3cr3t-token@");
+    let src = GitSource::with_home(&format!("{with_secret}/nothing"), &f.home).unwrap();
+    let err = src.checkout("main", "x").unwrap_err();
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, SourceError::Unreachable { .. }), "{msg}");
+    assert!(msg.contains("/nothing"), "{msg}");
+    assert!(msg.contains("***@"), "{msg}");
+    assert!(!msg.contains("s3cr3t-token"), "{msg}");
+    assert!(!format!("{err:?}").contains("s3cr3t-token"), "{err:?}");
 }

@@ -901,3 +901,252 @@ fn bearer_token_auth_flow() {
     let list = store::images(&format!("127.0.0.1:{}/kiln/img", reg.port), &good).unwrap();
     assert_eq!(list.len(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A registry that misbehaves (tests/common's fake registry): stalls, answers longer than the
+// manifest declares, a layer larger than the free disk.
+
+const FAKE_REPO: &str = "kiln/img";
+
+/// A kiln image's manifest and config for a raw disk layer with digest `layer` of `size` bytes.
+fn fake_image(layer: &Digest256, size: u64) -> (Vec<u8>, Vec<u8>, Digest256) {
+    let config = serde_json::to_vec(&store::ImageConfig {
+        kiln_version: "test".into(),
+        recipe: "fake".into(),
+        format: "raw".into(),
+    })
+    .unwrap();
+    let config_digest = Digest256::of(&config);
+    let descriptor = |media_type: &str, digest: Digest256, size: u64| store::Descriptor {
+        media_type: media_type.into(),
+        digest,
+        size,
+        artifact_type: None,
+        annotations: Default::default(),
+    };
+    let manifest = store::Manifest {
+        schema_version: 2,
+        media_type: Some(store::registry::OCI_MANIFEST.into()),
+        artifact_type: Some(store::ARTIFACT_DISK.into()),
+        config: descriptor(
+            store::MEDIA_CONFIG,
+            config_digest.clone(),
+            config.len() as u64,
+        ),
+        layers: vec![descriptor(store::MEDIA_DISK_RAW, layer.clone(), size)],
+        subject: None,
+        annotations: Default::default(),
+    };
+    (
+        serde_json::to_vec(&manifest).unwrap(),
+        config,
+        config_digest,
+    )
+}
+
+/// The fake registry serving one image `kiln/img:v1`: the manifest, the config, and the layer
+/// blob answered by `layer()` (everything else: 404).
+fn fake_registry(
+    layer_digest: &Digest256,
+    size: u64,
+    manifest_answer: Option<fn(Vec<u8>) -> common::registry::Answer>,
+    layer: impl Fn() -> common::registry::Answer + Send + Sync + 'static,
+) -> common::registry::FakeRegistry {
+    use common::registry::Answer;
+    let (manifest, config, config_digest) = fake_image(layer_digest, size);
+    let config_path = format!("/v2/{FAKE_REPO}/blobs/{config_digest}");
+    let layer_path = format!("/v2/{FAKE_REPO}/blobs/{layer_digest}");
+    let manifest_path = format!("/v2/{FAKE_REPO}/manifests/v1");
+    common::registry::start_fake_registry(move |_method, path| {
+        if path == manifest_path {
+            match manifest_answer {
+                Some(f) => f(manifest.clone()),
+                None => Answer::Body {
+                    content_type: store::registry::OCI_MANIFEST,
+                    body: manifest.clone(),
+                    digest: None,
+                },
+            }
+        } else if path == config_path {
+            Answer::Body {
+                content_type: "application/octet-stream",
+                body: config.clone(),
+                digest: None,
+            }
+        } else if path == layer_path {
+            layer()
+        } else {
+            Answer::Status(404)
+        }
+    })
+}
+
+fn random_layer(size: u64) -> (Vec<u8>, Digest256) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("layer");
+    make_image(&path, size, 11);
+    let bytes = std::fs::read(&path).unwrap();
+    let digest = Digest256::of(&bytes);
+    (bytes, digest)
+}
+
+#[test]
+fn kiln_pull_fails_within_the_stall_timeout_when_the_registry_trickles() {
+    let (layer, digest) = random_layer(MIB);
+    // Headers at once, then one byte of the manifest every 3 s (minutes for all of it).
+    let fake = fake_registry(
+        &digest,
+        layer.len() as u64,
+        Some(|body| common::registry::Answer::Trickle {
+            body,
+            first: 0,
+            every: Duration::from_secs(3),
+        }),
+        move || common::registry::Answer::Status(404),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("disk.raw");
+    let started = Instant::now();
+    let o = common::kiln(&work.path().join("home"))
+        .args([
+            "pull",
+            &format!("127.0.0.1:{}/{FAKE_REPO}:v1", fake.port),
+            "-o",
+        ])
+        .arg(&out)
+        .env("KILN_STALL_TIMEOUT", "2")
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    eprintln!("after {took:.2?}: {stderr}");
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("the registry stalled (sent nothing for 2.0 s)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("manifest v1"), "{stderr}");
+    assert!(stderr.contains("KILN_STALL_TIMEOUT"), "{stderr}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn pull_stalled_mid_layer_keeps_the_partial_and_resumes() {
+    let (layer, digest) = random_layer(4 * MIB);
+    let stall = Arc::new(AtomicBool::new(true));
+    let (bytes, s) = (layer.clone(), stall.clone());
+    let fake = fake_registry(&digest, layer.len() as u64, None, move || {
+        if s.load(Ordering::SeqCst) {
+            // The first MiB at once, then a byte every 3 s.
+            common::registry::Answer::Trickle {
+                body: bytes.clone(),
+                first: MIB as usize,
+                every: Duration::from_secs(3),
+            }
+        } else {
+            common::registry::Answer::Body {
+                content_type: "application/octet-stream",
+                body: bytes.clone(),
+                digest: None,
+            }
+        }
+    });
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("disk.raw");
+    let reference = format!("127.0.0.1:{}/{FAKE_REPO}:v1", fake.port);
+    let opts = StoreOptions {
+        stall_timeout: Some(Duration::from_secs(2)),
+        ..StoreOptions::default()
+    };
+    let started = Instant::now();
+    let err = store::pull(&reference, &out, None, &opts).unwrap_err();
+    let took = started.elapsed();
+    let msg = err.to_string();
+    eprintln!("after {took:.2?}: {msg}");
+    assert!(matches!(err, StoreError::Stalled { .. }), "{msg}");
+    for want in [
+        "the registry stalled (sent nothing for 2.0 s)",
+        &format!("disk blob {digest}"),
+        "kept in",
+        "run the pull again to resume",
+    ] {
+        assert!(msg.contains(want), "{want:?} not in {msg}");
+    }
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(!out.exists());
+    let partial = store::partial_path(&out);
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    assert!(kept <= layer.len() as u64, "{kept}");
+    // The registry recovers: the pull completes and the disk is the layer.
+    stall.store(false, Ordering::SeqCst);
+    let report = store::pull(&reference, &out, None, &opts).unwrap();
+    assert_eq!(report.layer_digest, digest);
+    assert_eq!(std::fs::read(&out).unwrap(), layer);
+}
+
+#[test]
+fn pull_refuses_a_layer_longer_than_its_descriptor() {
+    let (layer, digest) = random_layer(MIB);
+    let mut longer = layer.clone();
+    longer.extend(std::iter::repeat_n(0u8, 4 * MIB as usize));
+    for announced in [true, false] {
+        let body = longer.clone();
+        let fake = fake_registry(&digest, layer.len() as u64, None, move || {
+            if announced {
+                common::registry::Answer::Body {
+                    content_type: "application/octet-stream",
+                    body: body.clone(),
+                    digest: None,
+                }
+            } else {
+                common::registry::Answer::Unsized(body.clone())
+            }
+        });
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("disk.raw");
+        let reference = format!("127.0.0.1:{}/{FAKE_REPO}:v1", fake.port);
+        let err = store::pull(&reference, &out, None, &opts()).unwrap_err();
+        let msg = err.to_string();
+        eprintln!("Content-Length sent: {announced}: {msg}");
+        assert!(matches!(err, StoreError::Oversized { .. }), "{msg}");
+        assert!(
+            msg.contains(&format!(
+                "sent more than the {} bytes the manifest declares",
+                layer.len()
+            )),
+            "{msg}"
+        );
+        // Nothing left: no output, no partial download.
+        assert!(!out.exists());
+        assert!(!store::partial_path(&out).exists());
+    }
+}
+
+#[test]
+fn pull_refuses_a_layer_larger_than_the_free_space_before_downloading() {
+    let (_, digest) = random_layer(MIB);
+    let huge: u64 = 1 << 50;
+    let fake = fake_registry(&digest, huge, None, || {
+        common::registry::Answer::Status(500)
+    });
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("disk.raw");
+    let reference = format!("127.0.0.1:{}/{FAKE_REPO}:v1", fake.port);
+    let err = store::pull(&reference, &out, None, &opts()).unwrap_err();
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, StoreError::NoSpace { .. }), "{msg}");
+    assert!(
+        msg.contains(&format!("needs {huge} more bytes in")),
+        "{msg}"
+    );
+    assert!(msg.contains(&work.path().display().to_string()), "{msg}");
+    assert!(msg.contains("free some space"), "{msg}");
+    let asked = fake.requests.lock().unwrap().clone();
+    assert!(
+        !asked.iter().any(|r| r.contains(&digest.to_string())),
+        "the layer was requested: {asked:?}"
+    );
+    assert!(!store::partial_path(&out).exists());
+}

@@ -219,14 +219,16 @@ impl HookConfig {
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!(
-                    "repository {repo} is not allowed: this server allows no repository; start `kiln up` with --hook-repo URL"
+                    "repository {} is not allowed: this server allows no repository; start `kiln up` with --hook-repo URL",
+                    crate::net::redact(repo)
                 ),
             )),
             None => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!(
-                    "repository {repo} is not in this server's allow-list (kiln up --hook-repo)"
+                    "repository {} is not in this server's allow-list (kiln up --hook-repo)",
+                    crate::net::redact(repo)
                 ),
             )),
         }
@@ -317,7 +319,8 @@ pub fn run(
         watcher.baseline(&parent)?;
     }
     let mut builds = Vec::new();
-    let requester = format!("git:{url}");
+    // The requester is recorded in every message of the build: no credentials in it.
+    let requester = format!("git:{}", crate::net::redact(url));
     let triggers = watcher.deliver(Some(&at), |t| {
         let mut req = t.build_request(url, requester.clone());
         let id = new_build_id();

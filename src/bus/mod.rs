@@ -156,8 +156,8 @@ impl Bus {
             .connect(opts.url.as_str())
             .await
             .map_err(|e| BusError::Connect {
-                url: opts.url.clone(),
-                message: e.to_string(),
+                url: crate::net::redact(&opts.url).into_owned(),
+                message: crate::net::redact(&e.to_string()).into_owned(),
             })?;
         Ok(Self::from_client(client))
     }

@@ -16,8 +16,9 @@ use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
 use super::config::{self, Config, ConfigError, Dropped};
+use crate::bounded::LimitReader;
 use crate::cache::{Digest256, write_atomic};
-use crate::packages::deb::{ArReader, decompressor};
+use crate::packages::deb::{ArReader, MAX_UNDECLARED_DATA, decompressor};
 use crate::recipe::schema::KernelBase;
 
 /// Options that let a kernel mount kiln's root partition with no initramfs: the virtio PCI
@@ -35,6 +36,10 @@ const FORMAT: &str = "kiln-kernel-build v1";
 
 /// Lines of the build log shown when a build fails.
 const LOG_TAIL: usize = 30;
+
+/// Most bytes the kernel source tarball inside `linux-source-*` may unpack to (6.1's tree is
+/// 1.3 GB; the tarball's tar stream is what is counted).
+const MAX_SOURCE_TREE: u64 = 8 << 30;
 
 /// The commands a kernel build runs and the Debian packages that provide them.
 const TOOLS: &[(&str, &str)] = &[
@@ -91,6 +96,16 @@ pub enum KernelBuildError {
     },
     #[error("the source package {path} has no usr/src/linux-source-*.tar.* (is it linux-source?)")]
     NoTarball { path: PathBuf },
+    #[error(
+        "the source package {path}: {what} unpacks to more than {limit} bytes; refusing it as \
+         corrupt or hostile (a decompression bomb) and removing what was unpacked. Fetch it again \
+         from a trusted mirror"
+    )]
+    TooLarge {
+        path: PathBuf,
+        what: String,
+        limit: u64,
+    },
     #[error("the kernel build in {dir} produced no {file}")]
     NoOutput { dir: PathBuf, file: &'static str },
 }
@@ -533,26 +548,49 @@ fn unpack_source(dirs: &Dirs, deb: &Path, digest: &Digest256) -> Result<PathBuf,
             continue;
         }
         let data = decompressor(&member.name, ar.data(&member)).map_err(io_at("reading", deb))?;
-        let mut outer = tar::Archive::new(data);
-        for entry in outer.entries().map_err(io_at("reading", deb))? {
-            let entry = entry.map_err(io_at("reading", deb))?;
-            let path = entry.path().map_err(io_at("reading", deb))?.into_owned();
-            let name = path.to_string_lossy().trim_start_matches("./").to_string();
-            let Some(file_name) = name.strip_prefix("usr/src/") else {
-                continue;
-            };
-            if !file_name.starts_with("linux-source-") || !file_name.contains(".tar") {
-                continue;
+        // Both tar streams are counted as they leave their decompressor: the .deb's data.tar
+        // (no Installed-Size is at hand here: the cap for undeclared packages) and the source
+        // tarball inside it.
+        let mut data = LimitReader::new(data, MAX_UNDECLARED_DATA);
+        let mut inner_limit: Option<(String, bool)> = None;
+        let result = (|| -> Result<bool, KernelBuildError> {
+            let mut outer = tar::Archive::new(&mut data);
+            for entry in outer.entries().map_err(io_at("reading", deb))? {
+                let entry = entry.map_err(io_at("reading", deb))?;
+                let path = entry.path().map_err(io_at("reading", deb))?.into_owned();
+                let name = path.to_string_lossy().trim_start_matches("./").to_string();
+                let Some(file_name) = name.strip_prefix("usr/src/") else {
+                    continue;
+                };
+                if !file_name.starts_with("linux-source-") || !file_name.contains(".tar") {
+                    continue;
+                }
+                let inner = decompressor(file_name, entry).map_err(io_at("reading", deb))?;
+                let mut inner = LimitReader::new(inner, MAX_SOURCE_TREE);
+                let mut archive = tar::Archive::new(&mut inner);
+                archive.set_preserve_mtime(true);
+                let unpacked = archive.unpack(tmp.path());
+                inner_limit = Some((file_name.to_string(), inner.exceeded()));
+                unpacked.map_err(io_at(format!("unpacking {file_name}"), tmp.path()))?;
+                return Ok(true);
             }
-            let inner = decompressor(file_name, entry).map_err(io_at("reading", deb))?;
-            let mut archive = tar::Archive::new(inner);
-            archive.set_preserve_mtime(true);
-            archive
-                .unpack(tmp.path())
-                .map_err(io_at(format!("unpacking {file_name}"), tmp.path()))?;
-            found = true;
-            break;
+            Ok(false)
+        })();
+        if data.exceeded() {
+            return Err(KernelBuildError::TooLarge {
+                path: deb.to_path_buf(),
+                what: member.name.clone(),
+                limit: MAX_UNDECLARED_DATA,
+            });
         }
+        if let Some((file_name, true)) = inner_limit {
+            return Err(KernelBuildError::TooLarge {
+                path: deb.to_path_buf(),
+                what: file_name,
+                limit: MAX_SOURCE_TREE,
+            });
+        }
+        found = result?;
         break;
     }
     if !found {

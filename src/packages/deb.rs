@@ -2,7 +2,13 @@
 //! `control.tar.*` (fields and maintainer scripts) and `data.tar.*` (files, owners and modes from
 //! the archive, contents streamed into the [`BlobStore`]). Decompression: xz, zstd, gzip, lzma
 //! or none.
+//!
+//! A package is untrusted input: what its archives decompress to is counted as it comes out of
+//! the decompressor (not taken from tar headers) and bounded by [`DebLimits`], derived from the
+//! `Installed-Size` the signed index declares. A decompression bomb stops at the limit with
+//! [`DebError::TooLarge`]; nothing of the package reaches the caller's tree.
 
+use crate::bounded::LimitReader;
 use crate::cache::BlobStore;
 use crate::tree::{EntryKind, Tree, TreeError, TreePath};
 use std::collections::BTreeMap;
@@ -21,6 +27,18 @@ pub enum DebError {
         member: String,
         #[source]
         source: io::Error,
+    },
+    #[error(
+        "{package} ({path}): {member} unpacks to more than {limit} bytes ({basis}); refusing it as \
+         corrupt or hostile (a decompression bomb), nothing of it was kept. Fetch it again from a \
+         trusted mirror, and report the package if the mirror is right"
+    )]
+    TooLarge {
+        package: String,
+        path: PathBuf,
+        member: String,
+        limit: u64,
+        basis: String,
     },
     #[error("{path}: data.tar: {source}")]
     Tree {
@@ -198,9 +216,87 @@ impl DebInfo {
 /// Control members larger than this are refused (they are tiny text files in real packages).
 const MAX_CONTROL_MEMBER: u64 = 64 << 20;
 
-/// Read a .deb into `tree`, streaming file contents into `store`; returns its control data.
+/// Most bytes a `control.tar` may decompress to. Real ones hold maintainer scripts and
+/// `md5sums`: a few KiB, 130 KiB for a kernel image with its 1,400 files.
+pub const MAX_CONTROL_TAR: u64 = 16 << 20;
+
+/// Most bytes a `data.tar` may decompress to when no `Installed-Size` was declared for the
+/// package (a .deb read without its index entry, an old stage record).
+pub const MAX_UNDECLARED_DATA: u64 = 4 << 30;
+
+/// Most bytes a `data.tar` may decompress to whatever its package declares (the largest Debian
+/// packages install a few GiB).
+pub const MAX_DATA: u64 = 64 << 30;
+
+/// How far `data.tar` may exceed the declared `Installed-Size`: twice the declared bytes (tar
+/// adds a 512-byte header and padding to each entry, twice that with long names, while
+/// `Installed-Size` counts a small file as 1 KiB) plus [`DECLARED_SLACK`] (a rounded or
+/// hand-written size of a small package).
+const DECLARED_FACTOR: u64 = 2;
+/// See [`DECLARED_FACTOR`].
+const DECLARED_SLACK: u64 = 16 << 20;
+
+/// What reading one .deb may produce: the decompressed bytes of its `control.tar` and
+/// `data.tar` (entries and path lengths are bounded by [`Tree::extend_from_tar`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DebLimits {
+    /// How messages name the package (`package hello 2.10-3`); empty: by the file's path.
+    pub package: String,
+    /// `Installed-Size` as declared (KiB), if it was.
+    pub installed_kib: Option<u64>,
+    pub control_bytes: u64,
+    pub data_bytes: u64,
+}
+
+impl DebLimits {
+    /// Limits for a package whose index entry declares `installed_kib` (or nothing).
+    pub fn for_package(package: impl Into<String>, installed_kib: Option<u64>) -> DebLimits {
+        let data_bytes = match installed_kib {
+            Some(kib) => kib
+                .saturating_mul(1024)
+                .saturating_mul(DECLARED_FACTOR)
+                .saturating_add(DECLARED_SLACK)
+                .min(MAX_DATA),
+            None => MAX_UNDECLARED_DATA,
+        };
+        DebLimits {
+            package: package.into(),
+            installed_kib,
+            control_bytes: MAX_CONTROL_TAR,
+            data_bytes,
+        }
+    }
+
+    /// Limits for a .deb nothing is known about: the hard caps.
+    pub fn undeclared() -> DebLimits {
+        Self::for_package(String::new(), None)
+    }
+
+    /// Why the data limit is what it is, for messages.
+    fn data_basis(&self) -> String {
+        match self.installed_kib {
+            Some(kib) if self.data_bytes < MAX_DATA => format!(
+                "the index declares Installed-Size {kib} KiB; allowed: {DECLARED_FACTOR}x that \
+                 plus {} MiB",
+                DECLARED_SLACK >> 20
+            ),
+            Some(kib) => format!(
+                "the index declares Installed-Size {kib} KiB, above kiln's ceiling of {} GiB",
+                MAX_DATA >> 30
+            ),
+            None => format!(
+                "no Installed-Size declared; kiln's cap for undeclared packages is {} GiB",
+                MAX_UNDECLARED_DATA >> 30
+            ),
+        }
+    }
+}
+
+/// Read a .deb into `tree`, streaming file contents into `store`, within `limits` (from
+/// [`PackageRef::deb_limits`](super::PackageRef::deb_limits)); returns its control data.
 pub fn read_into_tree(
     path: &Path,
+    limits: &DebLimits,
     tree: &mut Tree,
     store: &BlobStore,
 ) -> Result<DebInfo, DebError> {
@@ -209,16 +305,34 @@ pub fn read_into_tree(
         member: "the file".into(),
         source,
     })?;
-    read_deb(path, BufReader::with_capacity(1 << 20, file), tree, store)
+    read_deb(
+        path,
+        BufReader::with_capacity(1 << 20, file),
+        limits,
+        tree,
+        store,
+    )
 }
 
 /// [`read_into_tree`] from any stream; `path` is only used in messages.
 pub fn read_deb(
     path: &Path,
     reader: impl Read,
+    limits: &DebLimits,
     tree: &mut Tree,
     store: &BlobStore,
 ) -> Result<DebInfo, DebError> {
+    let too_large = |member: &str, limit: u64, basis: String| DebError::TooLarge {
+        package: if limits.package.is_empty() {
+            "package".to_string()
+        } else {
+            limits.package.clone()
+        },
+        path: path.to_path_buf(),
+        member: member.to_string(),
+        limit,
+        basis,
+    };
     let format = |reason: String| DebError::Format {
         path: path.to_path_buf(),
         reason,
@@ -262,17 +376,34 @@ pub fn read_deb(
         if member.name.starts_with("control.tar") {
             let data = ar.data(&member);
             let tar = decompressor(&member.name, data).map_err(io_err(&member.name))?;
-            read_control(tar, &mut info).map_err(io_err(&member.name))?;
+            let mut tar = LimitReader::new(tar, limits.control_bytes);
+            let read = read_control(&mut tar, &mut info);
+            if tar.exceeded() {
+                let basis = format!(
+                    "kiln's cap for control data is {} MiB",
+                    limits.control_bytes >> 20
+                );
+                return Err(too_large(&member.name, limits.control_bytes, basis));
+            }
+            read.map_err(io_err(&member.name))?;
             saw_control = true;
         } else if member.name.starts_with("data.tar") {
             let data = ar.data(&member);
             let tar = decompressor(&member.name, data).map_err(io_err(&member.name))?;
-            pkg_tree
-                .extend_from_tar(tar, &mut |r: &mut dyn Read, _len| store.put_content(r))
-                .map_err(|source| DebError::Tree {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+            let mut tar = LimitReader::new(tar, limits.data_bytes);
+            let read = pkg_tree
+                .extend_from_tar(&mut tar, &mut |r: &mut dyn Read, _len| store.put_content(r));
+            if tar.exceeded() {
+                return Err(too_large(
+                    &member.name,
+                    limits.data_bytes,
+                    limits.data_basis(),
+                ));
+            }
+            read.map_err(|source| DebError::Tree {
+                path: path.to_path_buf(),
+                source,
+            })?;
             saw_data = true;
         } else if member.name.starts_with('_') {
             // Reserved for extensions; dpkg ignores them too.
@@ -478,7 +609,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::new(dir.path());
         let mut tree = Tree::new();
-        let info = read_deb(Path::new("z.deb"), &deb[..], &mut tree, &store).unwrap();
+        let info = read_deb(
+            Path::new("z.deb"),
+            &deb[..],
+            &DebLimits::undeclared(),
+            &mut tree,
+            &store,
+        )
+        .unwrap();
         assert_eq!(info.field("Version"), Some("2"));
         let e = tree.get(&TreePath::new("etc/z.conf").unwrap()).unwrap();
         assert_eq!(e.mode, 0o640);
@@ -496,7 +634,14 @@ mod tests {
             ("data.tar", &tar(&[("./u", b"u", 0o644, 0)])),
         ]);
         let mut tree = Tree::new();
-        read_deb(Path::new("u.deb"), &deb[..], &mut tree, &store).unwrap();
+        read_deb(
+            Path::new("u.deb"),
+            &deb[..],
+            &DebLimits::undeclared(),
+            &mut tree,
+            &store,
+        )
+        .unwrap();
         assert!(tree.get(&TreePath::new("u").unwrap()).is_some());
     }
 
@@ -523,7 +668,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::new(dir.path());
         let mut tree = Tree::new();
-        let info = read_deb(Path::new("hello.deb"), &deb[..], &mut tree, &store).unwrap();
+        let info = read_deb(
+            Path::new("hello.deb"),
+            &deb[..],
+            &DebLimits::undeclared(),
+            &mut tree,
+            &store,
+        )
+        .unwrap();
         assert_eq!(info.field("package"), Some("hello"));
         assert_eq!(info.field("Depends"), Some("libc6"));
         assert_eq!(info.control_files["postinst"], b"#!/bin/sh\nexit 0\n");
@@ -548,12 +700,13 @@ mod tests {
         let store = BlobStore::new(dir.path());
         let mut tree = Tree::new();
         let p = Path::new("x.deb");
-        let err = read_deb(p, &b"hello"[..], &mut tree, &store).unwrap_err();
+        let none = DebLimits::undeclared();
+        let err = read_deb(p, &b"hello"[..], &none, &mut tree, &store).unwrap_err();
         assert!(err.to_string().contains("not a Debian package"), "{err}");
         let deb = ar(&[("debian-binary", b"3.0\n")]);
-        assert!(read_deb(p, &deb[..], &mut tree, &store).is_err());
+        assert!(read_deb(p, &deb[..], &none, &mut tree, &store).is_err());
         let deb = ar(&[("debian-binary", b"2.0\n")]);
-        let err = read_deb(p, &deb[..], &mut tree, &store).unwrap_err();
+        let err = read_deb(p, &deb[..], &none, &mut tree, &store).unwrap_err();
         assert!(err.to_string().contains("missing control.tar"), "{err}");
         let data = tar_gz(&[("./a", b"x", 0o644, 0)]);
         let mut deb = ar(&[
@@ -564,11 +717,95 @@ mod tests {
             ),
             ("data.tar.bz2", &data),
         ]);
-        assert!(read_deb(p, &deb[..], &mut tree, &store).is_err());
+        assert!(read_deb(p, &deb[..], &none, &mut tree, &store).is_err());
         deb.truncate(deb.len() - 10);
-        assert!(read_deb(p, &deb[..], &mut tree, &store).is_err());
+        assert!(read_deb(p, &deb[..], &none, &mut tree, &store).is_err());
         // A failed read leaves the tree as it was.
         assert_eq!(tree, Tree::new());
+    }
+
+    #[test]
+    fn bombs_stop_at_the_limit() {
+        use std::io::Write;
+        let zeros_gz = |name: &str, len: usize| {
+            let mut builder = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_size(len as u64);
+            builder
+                .append_data(&mut h, name, io::repeat(0).take(len as u64))
+                .unwrap();
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            gz.write_all(&builder.into_inner().unwrap()).unwrap();
+            gz.finish().unwrap()
+        };
+        let control = tar_gz(&[("./control", b"Package: z\n", 0o644, 0)]);
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path());
+        let p = Path::new("z.deb");
+
+        // data.tar: 8 MiB of zeros, declared 4 KiB, limit lowered to 1 MiB for a fast test.
+        let data = zeros_gz("./big", 8 << 20);
+        let deb = ar(&[
+            ("debian-binary", b"2.0\n"),
+            ("control.tar.gz", &control),
+            ("data.tar.gz", &data),
+        ]);
+        let mut limits = DebLimits::for_package("package z 1", Some(4));
+        assert_eq!(limits.data_bytes, 2 * 4096 + (16 << 20));
+        limits.data_bytes = 1 << 20;
+        let mut tree = Tree::new();
+        let err = read_deb(p, &deb[..], &limits, &mut tree, &store).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DebError::TooLarge { .. }), "{msg}");
+        for want in [
+            "package z 1",
+            "data.tar.gz",
+            "1048576 bytes",
+            "Installed-Size 4 KiB",
+        ] {
+            assert!(msg.contains(want), "{want}: {msg}");
+        }
+        assert_eq!(tree, Tree::new());
+        // The same package within its limit reads fine.
+        limits.data_bytes = 9 << 20;
+        read_deb(p, &deb[..], &limits, &mut tree, &store).unwrap();
+
+        // control.tar: a 2 MiB member of zeros against a 1 MiB control limit.
+        let deb = ar(&[
+            ("debian-binary", b"2.0\n"),
+            ("control.tar.gz", &zeros_gz("./md5sums", 2 << 20)),
+            ("data.tar.gz", &tar_gz(&[("./a", b"a", 0o644, 0)])),
+        ]);
+        let mut limits = DebLimits::undeclared();
+        limits.control_bytes = 1 << 20;
+        let mut tree = Tree::new();
+        let err = read_deb(p, &deb[..], &limits, &mut tree, &store).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DebError::TooLarge { .. }), "{msg}");
+        assert!(msg.contains("control.tar.gz"), "{msg}");
+        assert_eq!(tree, Tree::new());
+    }
+
+    #[test]
+    fn limits_follow_the_declared_size() {
+        // (declared KiB, data limit)
+        for (declared, want) in [
+            (None, MAX_UNDECLARED_DATA),
+            (Some(0), DECLARED_SLACK),
+            (Some(10), 20 * 1024 + DECLARED_SLACK),
+            (Some(1 << 20), (2 << 30) + DECLARED_SLACK),
+            (Some(u64::MAX), MAX_DATA),
+        ] {
+            assert_eq!(
+                DebLimits::for_package("p", declared).data_bytes,
+                want,
+                "{declared:?}"
+            );
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use super::PackagesError;
 use crate::cache::{BlobStore, Digest256, hash_file};
+use crate::net::redact;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -21,7 +22,8 @@ pub struct FetchPolicy {
     /// Wait before the second attempt; doubled for each further one.
     pub first_backoff: Duration,
     pub connect_timeout: Duration,
-    /// Longest wait for any single read of a response.
+    /// The stall timeout: longest the mirror may send nothing, while kiln waits for the answer's
+    /// headers or for any further byte of its body ([`crate::net::stall_timeout`] by default).
     pub read_timeout: Duration,
     /// Never touch the network (`KILN_OFFLINE=1`).
     pub offline: bool,
@@ -33,7 +35,7 @@ impl Default for FetchPolicy {
             tries: 4,
             first_backoff: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(30),
+            read_timeout: crate::net::STALL_TIMEOUT,
             offline: false,
         }
     }
@@ -58,6 +60,8 @@ impl Fetcher {
     pub fn new(policy: FetchPolicy) -> Result<Fetcher, PackagesError> {
         let client = reqwest::blocking::Client::builder()
             .connect_timeout(policy.connect_timeout)
+            // reqwest's blocking client applies this to the wait for the answer's headers and to
+            // every read of its body: a stall timeout, not a bound on a whole (slow) download.
             .timeout(policy.read_timeout)
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -90,7 +94,7 @@ impl Fetcher {
     fn offline_error(&self, url: &str, what: &str) -> PackagesError {
         PackagesError::Offline {
             what: what.to_string(),
-            url: url.to_string(),
+            url: redact(url).into_owned(),
         }
     }
 
@@ -107,7 +111,7 @@ impl Fetcher {
                 Ok(v) => return Ok(v),
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::Retry(reason)) => {
-                    tracing::warn!(url, attempt = n, reason = %reason, "download failed");
+                    tracing::warn!(url = %redact(url), attempt = n, reason = %reason, "download failed");
                     last = reason;
                 }
             }
@@ -117,7 +121,7 @@ impl Fetcher {
             }
         }
         Err(PackagesError::Unreachable {
-            url: url.to_string(),
+            url: redact(url).into_owned(),
             tries: self.policy.tries.max(1),
             reason: last,
         })
@@ -129,7 +133,9 @@ impl Fetcher {
         if range_from > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={range_from}-"));
         }
-        let resp = req.send().map_err(|e| Attempt::Retry(short_reason(&e)))?;
+        let resp = req
+            .send()
+            .map_err(|e| Attempt::Retry(self.short_reason(&e)))?;
         let status = resp.status();
         if status.is_success() || status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
             return Ok(resp);
@@ -139,9 +145,35 @@ impl Fetcher {
             return Err(Attempt::Retry(format!("HTTP {status}")));
         }
         Err(Attempt::Fatal(PackagesError::Http {
-            url: url.to_string(),
+            url: redact(url).into_owned(),
             reason: format!("HTTP {status}"),
         }))
+    }
+
+    /// Why reading a body failed, for a retry message: a stall says so.
+    fn body_error(&self, e: &io::Error) -> String {
+        if crate::net::is_stall(e) {
+            self.stalled()
+        } else {
+            format!("reading the body: {e}")
+        }
+    }
+
+    fn stalled(&self) -> String {
+        format!(
+            "stalled: the mirror sent nothing for {:.1} s (the stall timeout, {})",
+            self.policy.read_timeout.as_secs_f64(),
+            crate::net::STALL_TIMEOUT_ENV
+        )
+    }
+
+    /// The root cause of a failed request, short: `Connection refused (os error 111)`, or that
+    /// the mirror stalled.
+    fn short_reason(&self, e: &reqwest::Error) -> String {
+        if e.is_timeout() {
+            return self.stalled();
+        }
+        short_reason(e)
     }
 
     /// GET a small file into memory (at most `limit` bytes).
@@ -149,17 +181,17 @@ impl Fetcher {
         if self.policy.offline {
             return Err(self.offline_error(url, what));
         }
-        tracing::info!(url, "fetching {what}");
+        tracing::info!(url = %redact(url), "fetching {what}");
         self.with_retries(url, || {
             let resp = self.send(url, 0)?;
             let mut body = Vec::new();
             resp.take(limit + 1)
                 .read_to_end(&mut body)
-                .map_err(|e| Attempt::Retry(format!("reading the body: {e}")))?;
+                .map_err(|e| Attempt::Retry(self.body_error(&e)))?;
             self.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
             if body.len() as u64 > limit {
                 return Err(Attempt::Fatal(PackagesError::Http {
-                    url: url.to_string(),
+                    url: redact(url).into_owned(),
                     reason: format!("{what} is larger than {limit} bytes"),
                 }));
             }
@@ -206,17 +238,17 @@ impl Fetcher {
             return Ok(dest);
         }
         let mut result = Err(PackagesError::Http {
-            url: first.clone(),
+            url: redact(&first).into_owned(),
             reason: "no URL to download from".into(),
         });
         for url in urls {
             tracing::info!(
-                url = %url,
+                url = %redact(url),
                 size = size.unwrap_or(0),
                 "downloading {what} ({})",
                 human_size(size)
             );
-            result = self.download_to(url, &mut file, &partial, size);
+            result = self.download_to(url, what, &mut file, &partial, size);
             match &result {
                 Err(PackagesError::Http { reason, .. }) if reason.starts_with("HTTP 404") => {
                     continue;
@@ -236,7 +268,7 @@ impl Fetcher {
             let _ = fs::remove_file(&partial);
             return Err(PackagesError::HashMismatch {
                 what: what.to_string(),
-                url: first,
+                url: redact(&first).into_owned(),
                 expected: format!("{sha256} ({} bytes)", size.unwrap_or(len)),
                 actual: format!("{actual} ({len} bytes)"),
             });
@@ -249,14 +281,17 @@ impl Fetcher {
         Ok(dest)
     }
 
-    /// Download `url` into `file`, resuming from its current length.
+    /// Download `url` into `file`, resuming from its current length. Never writes more than
+    /// `size` (else [`MAX_UNSIZED_DOWNLOAD`]) bytes: a mirror that sends more is refused.
     fn download_to(
         &self,
         url: &str,
+        what: &str,
         file: &mut File,
         partial: &Path,
         size: Option<u64>,
     ) -> Result<(), PackagesError> {
+        let limit = size.unwrap_or(MAX_UNSIZED_DOWNLOAD);
         let cache_err = |source| PackagesError::Cache {
             path: partial.to_path_buf(),
             source,
@@ -276,7 +311,7 @@ impl Fetcher {
             match resp.status().as_u16() {
                 206 => {
                     if have > 0 {
-                        tracing::info!(url, from = have, "resuming download");
+                        tracing::info!(url = %redact(url), from = have, "resuming download");
                     }
                 }
                 416 => {
@@ -290,21 +325,30 @@ impl Fetcher {
                         .map_err(|e| Attempt::Fatal(cache_err(e)))?;
                 }
             }
+            let mut got = file
+                .stream_position()
+                .map_err(|e| Attempt::Fatal(cache_err(e)))?;
             let mut buf = vec![0u8; 1 << 20];
             loop {
                 let n = match resp.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(Attempt::Retry(format!("reading the body: {e}"))),
+                    Err(e) => return Err(Attempt::Retry(self.body_error(&e))),
                 };
+                if got + n as u64 > limit {
+                    return Err(Attempt::Fatal(PackagesError::TooLarge {
+                        what: what.to_string(),
+                        url: redact(url).into_owned(),
+                        limit,
+                        listed: size.is_some(),
+                    }));
+                }
                 file.write_all(&buf[..n])
                     .map_err(|e| Attempt::Fatal(cache_err(e)))?;
+                got += n as u64;
                 self.bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
-            let got = file
-                .stream_position()
-                .map_err(|e| Attempt::Fatal(cache_err(e)))?;
             match size {
                 Some(s) if got < s => Err(Attempt::Retry(format!(
                     "connection closed after {got} of {s} bytes"
@@ -314,6 +358,9 @@ impl Fetcher {
         })
     }
 }
+
+/// Most bytes a download whose size no signed index lists may have.
+pub const MAX_UNSIZED_DOWNLOAD: u64 = 4 << 30;
 
 /// Take an exclusive advisory lock on `file` (released when it is closed).
 fn lock(file: &File) -> io::Result<()> {

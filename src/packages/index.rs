@@ -311,6 +311,8 @@ pub struct PackageEntry {
     /// End offset of each field in `text`.
     ends: [u32; FIELDS],
     size: u64,
+    /// `Installed-Size` (KiB), when the index declares it.
+    installed_size: Option<u64>,
     sha256: [u8; 32],
     essential: bool,
 }
@@ -329,6 +331,14 @@ impl PackageEntry {
         let size = need("Size")?
             .parse()
             .map_err(|_| format!("package {name}: Size is not a number"))?;
+        let installed_size = match stanza.get("Installed-Size") {
+            Some(v) => Some(
+                v.trim()
+                    .parse()
+                    .map_err(|_| format!("package {name}: Installed-Size is not a number"))?,
+            ),
+            None => None,
+        };
         let mut sha256 = [0u8; 32];
         hex::decode_to_slice(need("SHA256")?, &mut sha256)
             .map_err(|_| format!("package {name}: SHA256 is not 64 hex digits"))?;
@@ -354,6 +364,7 @@ impl PackageEntry {
             text: text.into_boxed_str(),
             ends,
             size,
+            installed_size,
             sha256,
             essential: stanza
                 .get("Essential")
@@ -414,6 +425,11 @@ impl PackageEntry {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// `Installed-Size` in KiB (what the unpacked package takes, as its maker declared it).
+    pub fn installed_size(&self) -> Option<u64> {
+        self.installed_size
     }
 
     /// SHA256 of the .deb.
@@ -596,7 +612,8 @@ mod tests {
     #[test]
     fn index_lookups() {
         let text = "Package: mawk\nVersion: 1.3.4\nArchitecture: amd64\nProvides: awk\n\
-                    Filename: pool/m/mawk.deb\nSize: 10\nSHA256: {h}\nPriority: required\n\n\
+                    Filename: pool/m/mawk.deb\nSize: 10\nInstalled-Size: 263\nSHA256: {h}\n\
+                    Priority: required\n\n\
                     Package: dash\nVersion: 0.5\nArchitecture: amd64\nEssential: yes\n\
                     Provides: sh (= 1.0)\nFilename: pool/d/dash.deb\nSize: 20\nSHA256: {h}\n";
         let text = text.replace("{h}", &"ab".repeat(32));
@@ -609,6 +626,11 @@ mod tests {
             index.providers_of("sh")[0].1.as_ref().map(Version::as_str),
             Some("1.0")
         );
+        let sizes: Vec<Option<u64>> = (0..2).map(|i| index.get(i).installed_size()).collect();
+        assert_eq!(sizes, [Some(263), None]);
+        let bad = text.replace("Installed-Size: 263", "Installed-Size: lots");
+        let err = Index::parse(&bad).unwrap_err();
+        assert!(err.to_string().contains("Installed-Size"), "{err}");
         let missing = Index::parse("Package: x\nVersion: 1\n").unwrap_err();
         assert!(missing.to_string().contains("missing field"), "{missing}");
     }

@@ -29,7 +29,7 @@ pub mod release;
 pub mod resolve;
 pub mod version;
 
-pub use deb::{DebInfo, read_into_tree};
+pub use deb::{DebInfo, DebLimits, read_into_tree};
 pub use fetch::{FetchPolicy, Fetcher};
 pub use index::{Index, PackageEntry};
 pub use release::{Keyring, Release};
@@ -37,6 +37,7 @@ pub use resolve::{Deps, ResolveError};
 pub use version::Version;
 
 use crate::cache::{BlobStore, Digest256, kiln_home, write_atomic};
+use crate::net::redact;
 use std::fs;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,10 @@ pub const DEFAULT_SUITE: &str = "bookworm";
 
 /// Largest InRelease accepted (Debian's are ~150 KiB).
 const MAX_INRELEASE: u64 = 16 << 20;
+
+/// Largest `Packages` index accepted, compressed or not (bookworm's main/amd64 is 50 MB
+/// uncompressed). An index is read whole into memory, so a larger one is refused.
+pub const MAX_INDEX: u64 = 512 << 20;
 
 /// Everything that can go wrong talking to the archive. Each message says what failed, where,
 /// and what to do.
@@ -90,6 +95,17 @@ pub enum PackagesError {
         url: String,
         expected: String,
         actual: String,
+    },
+    #[error(
+        "{what} from {url}: the mirror sent more than {limit} bytes ({}); refused, nothing was \
+         cached. Use another mirror (KILN_DEBIAN_MIRROR)",
+        if *.listed { "the size the signed index lists" } else { "kiln's cap for unlisted downloads" }
+    )]
+    TooLarge {
+        what: String,
+        url: String,
+        limit: u64,
+        listed: bool,
     },
     #[error("{what}: malformed index: {reason}")]
     BadIndex { what: String, reason: String },
@@ -147,6 +163,7 @@ impl ArchiveOptions {
         opts.keyring = std::env::var_os("KILN_DEBIAN_KEYRING")
             .filter(|k| !k.is_empty())
             .map(PathBuf::from);
+        opts.fetch.read_timeout = crate::net::stall_timeout();
         opts.fetch.offline = std::env::var("KILN_OFFLINE")
             .is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"));
         opts
@@ -261,6 +278,9 @@ pub struct PackageRef {
     pub sha256: Digest256,
     pub essential: bool,
     pub priority: Option<String>,
+    /// `Installed-Size` from the signed index (KiB): bounds what reading the .deb may unpack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed_size: Option<u64>,
 }
 
 impl PackageRef {
@@ -274,7 +294,16 @@ impl PackageRef {
             sha256: Digest256::from_sha256(e.sha256()),
             essential: e.essential(),
             priority: e.priority().map(str::to_string),
+            installed_size: e.installed_size(),
         }
+    }
+
+    /// What reading this package's .deb may unpack: bounded by its declared `Installed-Size`.
+    pub fn deb_limits(&self) -> deb::DebLimits {
+        deb::DebLimits::for_package(
+            format!("package {} {}", self.name, self.version),
+            self.installed_size,
+        )
     }
 }
 
@@ -333,7 +362,7 @@ impl Archive {
             packages = index.len(),
             release = %self.release_digest,
             "opened Debian archive {}",
-            self.opts.mirror
+            redact(&self.opts.mirror)
         );
         Ok(self.index.get_or_init(|| index))
     }
@@ -430,6 +459,7 @@ impl Archive {
             source,
         })?;
         let before = index.len();
+        // Signed, but still bounded: the index is parsed into memory.
         let reader: Box<dyn Read> = match &plain_digest {
             Some(_) => Box::new(file),
             // Only a compressed index is listed: it is stored compressed.
@@ -442,12 +472,22 @@ impl Archive {
                 source,
             })?,
         };
-        index
-            .read_into(BufReader::with_capacity(1 << 20, reader))
-            .map_err(|e| PackagesError::BadIndex {
+        let mut reader = crate::bounded::LimitReader::new(reader, MAX_INDEX);
+        let read = index.read_into(BufReader::with_capacity(1 << 20, &mut reader));
+        if reader.exceeded() {
+            return Err(PackagesError::BadIndex {
                 what: what.clone(),
-                reason: e.to_string(),
-            })?;
+                reason: format!(
+                    "larger than kiln's cap of {} MiB for an index ({}); use another mirror",
+                    MAX_INDEX >> 20,
+                    path.display()
+                ),
+            });
+        }
+        read.map_err(|e| PackagesError::BadIndex {
+            what: what.clone(),
+            reason: e.to_string(),
+        })?;
         tracing::debug!(index = %what, packages = index.len() - before, "index loaded");
         Ok(())
     }
@@ -465,6 +505,22 @@ impl Archive {
                 continue;
             };
             let digest = digest_of_hex(&file.sha256);
+            for (name, listed) in [
+                (format!("{rel}{ext}"), Some(file)),
+                (rel.to_string(), plain),
+            ] {
+                if let Some(f) = listed.filter(|f| f.size > MAX_INDEX) {
+                    return Err(PackagesError::BadIndex {
+                        what: format!("{} {name}", self.opts.suite),
+                        reason: format!(
+                            "InRelease lists it with {} bytes, above kiln's cap of {} MiB for an \
+                             index; use another mirror or suite",
+                            f.size,
+                            MAX_INDEX >> 20
+                        ),
+                    });
+                }
+            }
             let mut urls = Vec::new();
             if self.release.acquire_by_hash
                 && let Some((dir, _)) = rel.rsplit_once('/')
@@ -499,7 +555,7 @@ impl Archive {
                 &self.partial_dir(),
             ),
             None => Err(PackagesError::BadRelease {
-                url: format!("{}/InRelease", self.dists_url()),
+                url: redact(&format!("{}/InRelease", self.dists_url())).into_owned(),
                 reason: format!(
                     "lists no {rel}(.xz|.gz): is the component or architecture in this suite? \
                      (components: {}, architectures: {})",
@@ -522,8 +578,11 @@ impl Archive {
             move |source| PackagesError::Cache { path, source }
         };
         let file = fs::File::open(packed).map_err(cache_err(packed))?;
-        let mut reader = deb::decompressor(&format!("x.tar{ext}"), BufReader::new(file))
+        let reader = deb::decompressor(&format!("x.tar{ext}"), BufReader::new(file))
             .map_err(cache_err(packed))?;
+        // The signed size of the uncompressed index bounds the decompression (a byte more and
+        // the digest could not match anyway).
+        let mut reader = crate::bounded::LimitReader::new(reader, plain.size);
         let expected = digest_of_hex(&plain.sha256);
         let (digest, len) = match self.store.put(&mut reader) {
             Ok(v) => v,
@@ -587,7 +646,8 @@ fn load_keyring(path: Option<&Path>) -> Result<Keyring> {
 
 /// Where the verified InRelease of a mirror and suite is kept.
 fn release_cache_path(opts: &ArchiveOptions) -> PathBuf {
-    let key: String = format!("{}_{}", opts.mirror, opts.suite)
+    // No credentials in a file name: they would show in every message that names the file.
+    let key: String = format!("{}_{}", crate::net::redact(&opts.mirror), opts.suite)
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
@@ -635,7 +695,7 @@ fn load_release(
             .unwrap_or(0);
         if now > until {
             return Err(PackagesError::Expired {
-                url,
+                url: redact(&url).into_owned(),
                 valid_until: release::format_date(until),
             });
         }
@@ -670,18 +730,18 @@ fn check_release(
             }
         };
         PackagesError::BadSignature {
-            url: url.to_string(),
+            url: redact(url).into_owned(),
             reason: format!("{e}; {advice}"),
         }
     })?;
     let release = Release::parse(&text).map_err(|e| PackagesError::BadRelease {
-        url: url.to_string(),
+        url: redact(url).into_owned(),
         reason: e.to_string(),
     })?;
     let names = [release.codename.as_deref(), release.suite.as_deref()];
     if names.iter().all(|n| n.is_some()) && !names.contains(&Some(opts.suite.as_str())) {
         return Err(PackagesError::BadRelease {
-            url: url.to_string(),
+            url: redact(url).into_owned(),
             reason: format!(
                 "signed for suite {} ({}), not {}: the mirror serves the wrong file",
                 release.suite.as_deref().unwrap_or("?"),

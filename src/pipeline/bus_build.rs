@@ -162,7 +162,11 @@ pub async fn build_over_bus(
     let req = request_for(opts, &id)?;
     let events = bus.follow(&id, true).await?;
     bus.publish_request(&req).await?;
-    tracing::debug!(build = id, "request published to {}", connect.url);
+    tracing::debug!(
+        build = id,
+        "request published to {}",
+        crate::net::redact(&connect.url)
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let private = server.is_some();

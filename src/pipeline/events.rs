@@ -123,7 +123,12 @@ fn recipe_text(r: &BuildRequest) -> String {
     match &r.recipe {
         bus::RecipeSource::Path { path } => path.display().to_string(),
         bus::RecipeSource::Inline { name, .. } => format!("{name} (inline)"),
-        bus::RecipeSource::Git { git } => format!("{} {} {}", git.url, git.git_ref, git.path),
+        bus::RecipeSource::Git { git } => format!(
+            "{} {} {}",
+            crate::net::redact(&git.url),
+            git.git_ref,
+            git.path
+        ),
     }
 }
 

@@ -851,7 +851,7 @@ fn deb_path(env: &StageEnv, loaded: &Loaded, p: &PackageRef) -> Result<PathBuf, 
 fn read_pkg(env: &StageEnv, loaded: &Loaded, p: &PackageRef) -> Result<Tree, StageError> {
     let path = deb_path(env, loaded, p)?;
     let mut tree = Tree::new();
-    read_into_tree(&path, &mut tree, &env.blobs).map_err(|e| StageError::Deb {
+    read_into_tree(&path, &p.deb_limits(), &mut tree, &env.blobs).map_err(|e| StageError::Deb {
         package: p.name.clone(),
         message: e.to_string(),
     })?;

@@ -52,6 +52,7 @@ pub mod registry;
 pub mod sign;
 
 use crate::cache::Digest256;
+use crate::net::redact;
 use layout::Layout;
 pub use reference::{Location, Reference, ReferenceError};
 use registry::{Credentials, FetchedManifest, OCI_MANIFEST, Registry};
@@ -61,7 +62,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub const ARTIFACT_DISK: &str = "application/vnd.kiln.disk.v1";
 pub const ARTIFACT_SIGNATURE: &str = "application/vnd.kiln.signature.v1";
@@ -115,6 +116,36 @@ pub enum StoreError {
     Unauthorized { url: String, reason: String },
     #[error("registry protocol error at {url}: {reason}")]
     Protocol { url: String, reason: String },
+    #[error(
+        "{what}: the registry stalled (sent nothing for {seconds:.1} s){kept}; try again later, \
+         or raise KILN_STALL_TIMEOUT (seconds) if the registry is only slow"
+    )]
+    Stalled {
+        what: String,
+        seconds: f64,
+        /// `; N bytes kept in …, run the pull again to resume`, or empty.
+        kept: String,
+    },
+    #[error(
+        "{what}: the registry sent more than the {limit} bytes the manifest declares; refused, \
+         and the partial download {partial} removed. The registry is broken or its content was \
+         tampered with: pull from another"
+    )]
+    Oversized {
+        what: String,
+        limit: u64,
+        partial: PathBuf,
+    },
+    #[error(
+        "{what} needs {needed} more bytes in {dir}, but only {available} are free; free some \
+         space there or pull to another directory"
+    )]
+    NoSpace {
+        what: String,
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     #[error("{what} not found in {reference}")]
     NotFound { what: String, reference: String },
     #[error("{what}: expected digest {expected}, got {actual}; refusing it (corrupt or tampered)")]
@@ -271,9 +302,15 @@ pub struct StoreOptions {
     pub insecure: bool,
     /// Credentials; when `None`, `KILN_REGISTRY_USER`/`KILN_REGISTRY_PASSWORD` are used if set.
     pub credentials: Option<Credentials>,
+    /// How long the registry may send nothing; `None`: [`crate::net::stall_timeout`].
+    pub stall_timeout: Option<Duration>,
 }
 
 impl StoreOptions {
+    fn stall(&self) -> Duration {
+        self.stall_timeout.unwrap_or_else(crate::net::stall_timeout)
+    }
+
     fn credentials(&self) -> Option<Credentials> {
         self.credentials.clone().or_else(|| {
             let username = std::env::var("KILN_REGISTRY_USER").ok()?;
@@ -382,7 +419,12 @@ impl Target {
     fn open(r: &Reference, opts: &StoreOptions, create: bool) -> Result<Target, StoreError> {
         Ok(match &r.location {
             Location::Registry { host, repository } => Target::Registry {
-                reg: Registry::new(host, opts.insecure, opts.credentials())?,
+                reg: Registry::with_stall_timeout(
+                    host,
+                    opts.insecure,
+                    opts.credentials(),
+                    opts.stall(),
+                )?,
                 repo: repository.clone(),
             },
             Location::Layout { dir } => Target::Layout(Layout::open(dir, create)?),
@@ -437,14 +479,45 @@ impl Target {
         }
     }
 
-    /// A reader of the blob from `from` on, and the offset it really starts at.
-    fn get_blob(&self, d: &Digest256, from: u64) -> Result<(Box<dyn Read>, u64), StoreError> {
+    /// A reader of the blob from `from` on, the offset it really starts at, and the length
+    /// the registry announces for it (`Content-Length`), if any.
+    fn get_blob(&self, d: &Digest256, from: u64) -> Result<Fetched, StoreError> {
         match self {
             Target::Registry { reg, repo } => {
                 let (r, start) = reg.get_blob(repo, d, from)?;
-                Ok((Box::new(r), start))
+                Ok(Fetched {
+                    announced: r.content_length(),
+                    body: Box::new(r),
+                    start,
+                })
             }
-            Target::Layout(l) => Ok((Box::new(l.open_blob(d, from)?), from)),
+            Target::Layout(l) => Ok(Fetched {
+                body: Box::new(l.open_blob(d, from)?),
+                start: from,
+                announced: None,
+            }),
+        }
+    }
+
+    /// How messages name where a blob comes from.
+    fn blob_source(&self, d: &Digest256) -> String {
+        match self {
+            Target::Registry { reg, repo } => {
+                redact(&format!("{}/v2/{repo}/blobs/{d}", reg.base())).into_owned()
+            }
+            Target::Layout(l) => format!("{} blob {d}", l.dir().display()),
+        }
+    }
+
+    /// The error for a failed read of blob `d`: the registry stalled, or the transfer broke.
+    fn read_error(&self, what: &str, d: &Digest256, e: &io::Error) -> StoreError {
+        match self {
+            Target::Registry { reg, .. } => reg.body_error(what, &self.blob_source(d), e),
+            Target::Layout(_) => StoreError::Io {
+                what: format!("read {what}"),
+                path: PathBuf::from(self.blob_source(d)),
+                source: io::Error::new(e.kind(), e.to_string()),
+            },
         }
     }
 
@@ -464,14 +537,13 @@ impl Target {
                 actual: d.size,
             });
         }
-        let (r, _) = self.get_blob(&d.digest, 0)?;
+        let fetched = self.get_blob(&d.digest, 0)?;
         let mut bytes = Vec::new();
-        r.take(MAX_SMALL_BLOB + 1)
+        fetched
+            .body
+            .take(MAX_SMALL_BLOB + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| StoreError::Protocol {
-                url: d.digest.to_string(),
-                reason: format!("{what} download broke off: {e}"),
-            })?;
+            .map_err(|e| self.read_error(what, &d.digest, &e))?;
         let actual = Digest256::of(&bytes);
         if actual != d.digest {
             return Err(StoreError::DigestMismatch {
@@ -482,6 +554,15 @@ impl Target {
         }
         Ok(bytes)
     }
+}
+
+/// A blob being fetched.
+struct Fetched {
+    body: Box<dyn Read>,
+    /// Where `body` starts in the blob.
+    start: u64,
+    /// `Content-Length` as the registry announced it.
+    announced: Option<u64>,
 }
 
 /// Hash a file in one streaming pass.
@@ -947,9 +1028,35 @@ pub fn pull(
 }
 
 /// Download a blob into `OUT.partial` (resuming), verify, rename to `out`.
-/// Returns (bytes transferred, bytes kept from a previous attempt).
+/// Returns (bytes transferred, bytes kept from a previous attempt). Never writes more than the
+/// descriptor's size, and refuses to start when the destination lacks the space for it.
 fn download(target: &Target, layer: &Descriptor, out: &Path) -> Result<(u64, u64), StoreError> {
     let partial = partial_path(out);
+    let what = format!("disk blob {}", layer.digest);
+    // What a previous attempt left is reused (if it is not longer than the blob).
+    let kept = fs::metadata(&partial)
+        .map(|m| m.len())
+        .ok()
+        .filter(|&n| n <= layer.size)
+        .unwrap_or(0);
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let needed = layer.size - kept;
+    match free_space(&dir) {
+        Ok(available) if available < needed => {
+            return Err(StoreError::NoSpace {
+                what: format!("pulling {what}"),
+                dir,
+                needed,
+                available,
+            });
+        }
+        Ok(_) => {}
+        // Unknown (an unusual filesystem): the write itself reports a full disk.
+        Err(e) => tracing::debug!(dir = %dir.display(), "statvfs failed: {e}"),
+    }
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -981,12 +1088,20 @@ fn download(target: &Target, layer: &Descriptor, out: &Path) -> Result<(u64, u64
     let mut transferred = 0u64;
     let mut resumed_from = have;
     if have < layer.size {
-        let (mut body, begin) = target.get_blob(&layer.digest, have)?;
+        let Fetched {
+            mut body,
+            start: begin,
+            announced,
+        } = target.get_blob(&layer.digest, have)?;
         if begin != have {
             // The server ignored the Range: start over.
             hasher = Sha256::new();
             resumed_from = 0;
             have = 0;
+        }
+        if announced.is_some_and(|n| begin.saturating_add(n) > layer.size) {
+            // Refused before a byte is written.
+            return break_too_long(&partial, layer, &what);
         }
         file.set_len(have)
             .map_err(|e| io_err("truncate", &partial, e))?;
@@ -998,24 +1113,34 @@ fn download(target: &Target, layer: &Descriptor, out: &Path) -> Result<(u64, u64
         loop {
             // Whole buffers: one write and one hash update per MiB, not per network chunk.
             let mut buf = hashing.buffer();
-            let n = match registry::read_full(&mut body, &mut buf) {
+            // Never more than the blob has left, plus one byte to notice a longer answer.
+            let want = (layer.size - have).saturating_add(1).min(buf.len() as u64) as usize;
+            let n = match registry::read_full(&mut body, &mut buf[..want]) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
-                    return Err(StoreError::Http {
-                        method: "GET".into(),
-                        url: format!("blob {}", layer.digest),
-                        reason: format!(
-                            "transfer broke off after {} bytes ({e}); {} bytes kept in {}, run the pull again to resume",
-                            have,
-                            have,
-                            partial.display()
-                        ),
+                    // Keep what was received for the next attempt to resume from.
+                    let _ = file.sync_data();
+                    let resume = format!(
+                        "; {have} bytes kept in {}, run the pull again to resume",
+                        partial.display()
+                    );
+                    return Err(match target.read_error(&what, &layer.digest, &e) {
+                        StoreError::Stalled { what, seconds, .. } => StoreError::Stalled {
+                            what,
+                            seconds,
+                            kept: resume,
+                        },
+                        _ => StoreError::Http {
+                            method: "GET".into(),
+                            url: target.blob_source(&layer.digest),
+                            reason: format!("transfer broke off after {have} bytes ({e}){resume}"),
+                        },
                     });
                 }
             };
             if have + n as u64 > layer.size {
-                break_too_long(&partial, layer, have + n as u64)?;
+                return break_too_long(&partial, layer, &what);
             }
             file.write_all(&buf[..n])
                 .map_err(|e| io_err("write", &partial, e))?;
@@ -1032,7 +1157,7 @@ fn download(target: &Target, layer: &Descriptor, out: &Path) -> Result<(u64, u64
     if have != layer.size {
         return Err(StoreError::Http {
             method: "GET".into(),
-            url: format!("blob {}", layer.digest),
+            url: target.blob_source(&layer.digest),
             reason: format!(
                 "transfer ended after {have} of {} bytes; kept in {}, run the pull again to resume",
                 layer.size,
@@ -1053,6 +1178,20 @@ fn download(target: &Target, layer: &Descriptor, out: &Path) -> Result<(u64, u64
     drop(file);
     fs::rename(&partial, out).map_err(|e| io_err("rename into place", out, e))?;
     Ok((transferred, resumed_from))
+}
+
+/// Bytes an unprivileged user may still write on the filesystem holding `dir`.
+fn free_space(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in the path"))?;
+    // SAFETY: a zeroed statvfs is a valid out-parameter; the path is NUL-terminated and lives
+    // through the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// SHA-256 on a thread of its own, so that hashing a download overlaps receiving and writing
@@ -1129,33 +1268,35 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
-fn break_too_long(partial: &Path, layer: &Descriptor, got: u64) -> Result<(), StoreError> {
+fn break_too_long<T>(partial: &Path, layer: &Descriptor, what: &str) -> Result<T, StoreError> {
     let _ = fs::remove_file(partial);
-    Err(StoreError::SizeMismatch {
-        what: format!("disk blob {}", layer.digest),
-        expected: layer.size,
-        actual: got,
+    Err(StoreError::Oversized {
+        what: what.to_string(),
+        limit: layer.size,
+        partial: partial.to_path_buf(),
     })
 }
 
 /// List images: `host:port` (every repository in the catalog), `host:port/repo` or `oci:/dir`.
 /// Signature tags (`sha256-….sig`) are not listed; `signed` says whether one exists.
 pub fn images(target: &str, opts: &StoreOptions) -> Result<Vec<ImageInfo>, StoreError> {
-    let repos: Vec<(Reference, Option<String>)> =
-        if !target.starts_with("oci:") && !target.contains('/') {
-            let reg = Registry::new(target, opts.insecure, opts.credentials())?;
-            reg.catalog()?
-                .into_iter()
-                .map(|repo| Reference::parse(&format!("{target}/{repo}")).map(|r| (r, Some(repo))))
-                .collect::<Result<_, _>>()?
-        } else {
-            let r = Reference::parse(target)?;
-            let name = match &r.location {
-                Location::Registry { repository, .. } => Some(repository.clone()),
-                Location::Layout { .. } => None,
-            };
-            vec![(r, name)]
+    let repos: Vec<(Reference, Option<String>)> = if !target.starts_with("oci:")
+        && !target.contains('/')
+    {
+        let reg =
+            Registry::with_stall_timeout(target, opts.insecure, opts.credentials(), opts.stall())?;
+        reg.catalog()?
+            .into_iter()
+            .map(|repo| Reference::parse(&format!("{target}/{repo}")).map(|r| (r, Some(repo))))
+            .collect::<Result<_, _>>()?
+    } else {
+        let r = Reference::parse(target)?;
+        let name = match &r.location {
+            Location::Registry { repository, .. } => Some(repository.clone()),
+            Location::Layout { .. } => None,
         };
+        vec![(r, name)]
+    };
     let mut out = Vec::new();
     for (r, name) in repos {
         let t = Target::open(&r, opts, false)?;

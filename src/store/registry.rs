@@ -8,6 +8,7 @@
 
 use super::StoreError;
 use crate::cache::Digest256;
+use crate::net::redact;
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::header::{self, HeaderMap};
@@ -129,7 +130,19 @@ pub struct Registry {
     base: String,
     credentials: Option<Credentials>,
     auth: Mutex<Auth>,
+    /// How long the registry may send nothing (see [`crate::net::stall_timeout`]).
+    stall: Duration,
 }
+
+/// Longest a request that uploads a body (a blob chunk, a manifest) may take in all: uploads
+/// are bounded as a whole, since kiln cannot tell a registry that stopped reading from a slow
+/// link while it writes.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Most entries a paginated listing (tags, catalog) may return in all, and most pages.
+pub const MAX_LIST_ENTRIES: usize = 100_000;
+/// See [`MAX_LIST_ENTRIES`].
+pub const MAX_LIST_PAGES: usize = 1_000;
 
 /// A manifest as a registry served it.
 pub struct FetchedManifest {
@@ -140,7 +153,14 @@ pub struct FetchedManifest {
     pub digest: Option<String>,
 }
 
-fn http_err(method: &str, url: &str, e: &reqwest::Error) -> StoreError {
+fn http_err(method: &str, url: &str, e: &reqwest::Error, stall: Duration) -> StoreError {
+    if e.is_timeout() {
+        return StoreError::Stalled {
+            what: format!("{method} {}", redact(url)),
+            seconds: stall.as_secs_f64(),
+            kept: String::new(),
+        };
+    }
     let mut reason = e.to_string();
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {
@@ -150,8 +170,9 @@ fn http_err(method: &str, url: &str, e: &reqwest::Error) -> StoreError {
     }
     StoreError::Http {
         method: method.to_string(),
-        url: url.to_string(),
-        reason,
+        url: redact(url).into_owned(),
+        // reqwest's own message quotes the URL.
+        reason: redact(&reason).into_owned(),
     }
 }
 
@@ -167,11 +188,23 @@ fn error_body(resp: Response) -> String {
 }
 
 impl Registry {
-    /// `host` is `host[:port]`; plain http when `insecure` or the host is loopback.
+    /// `host` is `host[:port]`; plain http when `insecure` or the host is loopback. The stall
+    /// timeout is [`crate::net::stall_timeout`].
     pub fn new(
         host: &str,
         insecure: bool,
         credentials: Option<Credentials>,
+    ) -> Result<Registry, StoreError> {
+        Self::with_stall_timeout(host, insecure, credentials, crate::net::stall_timeout())
+    }
+
+    /// [`Registry::new`] with its own stall timeout: how long the registry may send nothing
+    /// while kiln waits for an answer's headers or the next bytes of its body.
+    pub fn with_stall_timeout(
+        host: &str,
+        insecure: bool,
+        credentials: Option<Credentials>,
+        stall: Duration,
     ) -> Result<Registry, StoreError> {
         let bare = host.rsplit_once(':').map_or(host, |(h, _)| h);
         let loopback =
@@ -183,16 +216,62 @@ impl Registry {
         };
         let http = Client::builder()
             .connect_timeout(Duration::from_secs(15))
-            .timeout(Duration::from_secs(120))
+            // The blocking client applies this to the wait for an answer's headers and to each
+            // read of its body: a stall timeout, not a bound on a whole (large, slow) download.
+            .timeout(stall)
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| http_err("setup", host, &e))?;
+            .map_err(|e| http_err("setup", host, &e, stall))?;
         Ok(Registry {
             http,
             base: format!("{scheme}://{host}"),
             credentials,
             auth: Mutex::new(Auth::Anonymous),
+            stall,
         })
+    }
+
+    /// The stall timeout.
+    pub fn stall_timeout(&self) -> Duration {
+        self.stall
+    }
+
+    /// An error for a failed read of a response body from `url`: a stall, or `what` broke off.
+    pub fn body_error(&self, what: &str, url: &str, e: &std::io::Error) -> StoreError {
+        if crate::net::is_stall(e) {
+            StoreError::Stalled {
+                what: format!("{what} from {}", redact(url)),
+                seconds: self.stall.as_secs_f64(),
+                kept: String::new(),
+            }
+        } else {
+            StoreError::Protocol {
+                url: redact(url).into_owned(),
+                reason: format!("{what} download broke off: {e}"),
+            }
+        }
+    }
+
+    /// Read a (small) JSON response body: at most [`MAX_MANIFEST`] bytes.
+    fn json_body<T: serde::de::DeserializeOwned>(&self, r: Response) -> Result<T, String> {
+        let mut bytes = Vec::new();
+        r.take(MAX_MANIFEST + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| {
+                if crate::net::is_stall(&e) {
+                    format!(
+                        "stalled: sent nothing for {:.1} s ({})",
+                        self.stall.as_secs_f64(),
+                        crate::net::STALL_TIMEOUT_ENV
+                    )
+                } else {
+                    e.to_string()
+                }
+            })?;
+        if bytes.len() as u64 > MAX_MANIFEST {
+            return Err(format!("the answer is larger than {MAX_MANIFEST} bytes"));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| e.to_string())
     }
 
     /// `http(s)://host:port`.
@@ -241,30 +320,30 @@ impl Registry {
         let url = self.url(path_or_url);
         let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| StoreError::Http {
             method: method.to_string(),
-            url: url.clone(),
+            url: redact(&url).into_owned(),
             reason: "bad HTTP method".into(),
         })?;
         let auth = self.current_auth();
         let resp = build(self.apply(self.http.request(m.clone(), &url), &auth))
             .send()
-            .map_err(|e| http_err(method, &url, &e))?;
+            .map_err(|e| http_err(method, &url, &e, self.stall))?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
         let challenge = header_str(resp.headers(), header::WWW_AUTHENTICATE)
             .and_then(parse_challenge)
             .ok_or_else(|| StoreError::Unauthorized {
-                url: url.clone(),
+                url: redact(&url).into_owned(),
                 reason: "401 without a usable WWW-Authenticate challenge".into(),
             })?;
         let next = self.answer(&challenge, &url)?;
         self.set_auth(next.clone());
         let resp = build(self.apply(self.http.request(m, &url), &next))
             .send()
-            .map_err(|e| http_err(method, &url, &e))?;
+            .map_err(|e| http_err(method, &url, &e, self.stall))?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             return Err(StoreError::Unauthorized {
-                url,
+                url: redact(&url).into_owned(),
                 reason: format!(
                     "credentials refused ({}); set KILN_REGISTRY_USER and KILN_REGISTRY_PASSWORD",
                     if self.credentials.is_some() {
@@ -279,6 +358,7 @@ impl Registry {
     }
 
     fn answer(&self, ch: &Challenge, url: &str) -> Result<Auth, StoreError> {
+        let url = &*redact(url);
         match ch.scheme.as_str() {
             "basic" if self.credentials.is_some() => Ok(Auth::Basic),
             "basic" => Err(StoreError::Unauthorized {
@@ -303,7 +383,11 @@ impl Registry {
                 if let Some(c) = &self.credentials {
                     rb = rb.basic_auth(&c.username, Some(&c.password));
                 }
-                let resp = rb.send().map_err(|e| http_err("GET", realm, &e))?;
+                let resp = rb
+                    .send()
+                    .map_err(|e| http_err("GET", realm, &e, self.stall))?;
+                // The realm comes from the registry: shown without any credentials in it.
+                let realm = &*redact(realm);
                 if !resp.status().is_success() {
                     let status = resp.status();
                     return Err(StoreError::Unauthorized {
@@ -319,7 +403,7 @@ impl Registry {
                     token: Option<String>,
                     access_token: Option<String>,
                 }
-                let t: Token = json_body(resp).map_err(|e| StoreError::Unauthorized {
+                let t: Token = self.json_body(resp).map_err(|e| StoreError::Unauthorized {
                     url: url.to_string(),
                     reason: format!("token service {realm} sent no JSON token: {e}"),
                 })?;
@@ -352,7 +436,7 @@ impl Registry {
             return Ok(resp);
         }
         let status = resp.status().as_u16();
-        let url = resp.url().to_string();
+        let url = redact(resp.url().as_str()).into_owned();
         Err(StoreError::Status {
             method: method.to_string(),
             url,
@@ -387,7 +471,7 @@ impl Registry {
         header_str(r.headers(), header::LOCATION)
             .map(|l| self.url(l))
             .ok_or_else(|| StoreError::Protocol {
-                url: r.url().to_string(),
+                url: redact(r.url().as_str()).into_owned(),
                 reason: format!("{what}: the registry sent no Location header"),
             })
     }
@@ -426,7 +510,8 @@ impl Registry {
             let data = bytes::Bytes::from(buf);
             let range = format!("{}-{}", offset, offset + n as u64 - 1);
             let r = self.send("PATCH", &location, &|rb| {
-                rb.header(header::CONTENT_TYPE, "application/octet-stream")
+                rb.timeout(UPLOAD_TIMEOUT)
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
                     .header(header::CONTENT_RANGE, range.as_str())
                     .body(data.clone())
             })?;
@@ -454,7 +539,7 @@ impl Registry {
             && d != digest.as_str()
         {
             return Err(StoreError::Protocol {
-                url,
+                url: redact(&url).into_owned(),
                 reason: format!("registry stored the blob as {d}, kiln sent {digest}"),
             });
         }
@@ -475,7 +560,8 @@ impl Registry {
         let sep = if location.contains('?') { '&' } else { '?' };
         let url = format!("{location}{sep}digest={digest}");
         let r = self.send("PUT", &url, &|rb| {
-            rb.header(header::CONTENT_TYPE, "application/octet-stream")
+            rb.timeout(UPLOAD_TIMEOUT)
+                .header(header::CONTENT_TYPE, "application/octet-stream")
                 .body(bytes.to_vec())
         })?;
         self.expect(r, "PUT", "upload blob", &[StatusCode::CREATED])?;
@@ -493,7 +579,8 @@ impl Registry {
         let digest = Digest256::of(bytes);
         let url = format!("/v2/{repo}/manifests/{reference}");
         let r = self.send("PUT", &url, &|rb| {
-            rb.header(header::CONTENT_TYPE, media_type)
+            rb.timeout(UPLOAD_TIMEOUT)
+                .header(header::CONTENT_TYPE, media_type)
                 .body(bytes.to_vec())
         })?;
         let r = self.expect(r, "PUT", "store manifest", &[StatusCode::CREATED])?;
@@ -501,7 +588,7 @@ impl Registry {
             && d != digest.as_str()
         {
             return Err(StoreError::Protocol {
-                url: self.url(&url),
+                url: redact(&self.url(&url)).into_owned(),
                 reason: format!("registry stored the manifest as {d}, kiln sent {digest}"),
             });
         }
@@ -528,16 +615,19 @@ impl Registry {
             .to_string();
         let digest = header_str(r.headers(), "docker-content-digest").map(str::to_string);
         let url = r.url().to_string();
+        if r.content_length().is_some_and(|n| n > MAX_MANIFEST) {
+            return Err(StoreError::Protocol {
+                url: redact(&url).into_owned(),
+                reason: format!("the manifest is announced larger than {MAX_MANIFEST} bytes"),
+            });
+        }
         let mut bytes = Vec::new();
         r.take(MAX_MANIFEST + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| StoreError::Protocol {
-                url: url.clone(),
-                reason: format!("manifest download broke off: {e}"),
-            })?;
+            .map_err(|e| self.body_error(&format!("manifest {reference}"), &url, &e))?;
         if bytes.len() as u64 > MAX_MANIFEST {
             return Err(StoreError::Protocol {
-                url,
+                url: redact(&url).into_owned(),
                 reason: format!("manifest larger than {MAX_MANIFEST} bytes"),
             });
         }
@@ -581,7 +671,7 @@ impl Registry {
             let cr = header_str(r.headers(), header::CONTENT_RANGE).unwrap_or("");
             if !cr.starts_with(&format!("bytes {from}-")) {
                 return Err(StoreError::Protocol {
-                    url: r.url().to_string(),
+                    url: redact(r.url().as_str()).into_owned(),
                     reason: format!("asked for bytes {from}-, got Content-Range {cr:?}"),
                 });
             }
@@ -595,7 +685,18 @@ impl Registry {
     fn list(&self, first: &str, key: &str, what: &str) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         let mut next = Some(first.to_string());
+        let mut pages = 0;
         while let Some(url) = next.take() {
+            pages += 1;
+            if pages > MAX_LIST_PAGES || out.len() > MAX_LIST_ENTRIES {
+                return Err(StoreError::Protocol {
+                    url: redact(&self.url(first)).into_owned(),
+                    reason: format!(
+                        "{what}: more than {MAX_LIST_ENTRIES} entries or {MAX_LIST_PAGES} pages; \
+                         refusing an endless listing (name one repository instead)"
+                    ),
+                });
+            }
             let r = self.send("GET", &url, &|rb| rb)?;
             if r.status() == StatusCode::NOT_FOUND && key == "tags" {
                 return Ok(out);
@@ -611,8 +712,8 @@ impl Registry {
                         .to_string()
                 })
             });
-            let full = r.url().to_string();
-            let v: serde_json::Value = json_body(r).map_err(|e| StoreError::Protocol {
+            let full = redact(r.url().as_str()).into_owned();
+            let v: serde_json::Value = self.json_body(r).map_err(|e| StoreError::Protocol {
                 url: full,
                 reason: format!("{what}: not JSON: {e}"),
             })?;
@@ -660,8 +761,8 @@ impl Registry {
             #[serde(default)]
             manifests: Vec<super::Descriptor>,
         }
-        let full = self.url(&url);
-        let idx: Index = json_body(r).map_err(|e| StoreError::Protocol {
+        let full = redact(&self.url(&url)).into_owned();
+        let idx: Index = self.json_body(r).map_err(|e| StoreError::Protocol {
             url: full,
             reason: format!("referrers response is not an OCI index: {e}"),
         })?;
@@ -672,15 +773,6 @@ impl Registry {
                 .collect(),
         ))
     }
-}
-
-/// Read a (small) JSON response body.
-fn json_body<T: serde::de::DeserializeOwned>(r: Response) -> Result<T, String> {
-    let mut bytes = Vec::new();
-    r.take(MAX_MANIFEST)
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
 /// Manifests larger than this are refused (the OCI spec suggests registries accept 4 MiB).

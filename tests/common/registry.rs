@@ -72,3 +72,111 @@ pub fn start_registry(htpasswd: Option<&Path>) -> RegistryServer {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// What the [`FakeRegistry`] answers to one request.
+pub enum Answer {
+    /// A status with an empty body.
+    Status(u16),
+    /// 200 with a body, its `Content-Type` and, optionally, a `Docker-Content-Digest`.
+    Body {
+        content_type: &'static str,
+        body: Vec<u8>,
+        digest: Option<String>,
+    },
+    /// 200 announcing `body`'s length, then `first` bytes at once, then one byte per `every`.
+    Trickle {
+        body: Vec<u8>,
+        first: usize,
+        every: Duration,
+    },
+    /// 200 with `body` and no `Content-Length`: the end is the closed connection.
+    Unsized(Vec<u8>),
+}
+
+/// A registry that misbehaves on purpose: a thread on a free loopback port answering each
+/// request (`Connection: close`) with what `route(method, path)` says. Records every request
+/// line.
+pub struct FakeRegistry {
+    pub port: u16,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+pub fn start_fake_registry(
+    route: impl Fn(&str, &str) -> Answer + Send + Sync + 'static,
+) -> FakeRegistry {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::{Arc, Mutex};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let (route, log) = (Arc::new(route), requests.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let (route, log) = (route.clone(), log.clone());
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut reader = BufReader::new(stream.try_clone()?);
+                let mut line = String::new();
+                reader.read_line(&mut line)?;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                }
+                let mut words = line.split_whitespace();
+                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                log.lock().unwrap().push(format!("{method} {path}"));
+                let mut out = stream;
+                match route(method, path) {
+                    Answer::Status(code) => write!(
+                        out,
+                        "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )?,
+                    Answer::Body {
+                        content_type,
+                        body,
+                        digest,
+                    } => {
+                        let digest = digest
+                            .map(|d| format!("Docker-Content-Digest: {d}\r\n"))
+                            .unwrap_or_default();
+                        write!(
+                            out,
+                            "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n{digest}\
+                             Content-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )?;
+                        if method != "HEAD" {
+                            out.write_all(&body)?;
+                        }
+                    }
+                    Answer::Trickle { body, first, every } => {
+                        write!(
+                            out,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                             Content-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )?;
+                        out.write_all(&body[..first])?;
+                        out.flush()?;
+                        for b in &body[first..] {
+                            std::thread::sleep(every);
+                            out.write_all(&[*b])?;
+                            out.flush()?;
+                        }
+                    }
+                    Answer::Unsized(body) => {
+                        out.write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                              Connection: close\r\n\r\n",
+                        )?;
+                        out.write_all(&body)?;
+                    }
+                }
+                out.flush()
+            });
+        }
+    });
+    FakeRegistry { port, requests }
+}

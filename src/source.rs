@@ -578,19 +578,6 @@ pub fn canonical_repo_url(url: &str, home: &Path) -> Option<String> {
     Some(trimmed.strip_suffix(".git").unwrap_or(trimmed).to_string())
 }
 
-/// `url` with any credentials in it (`scheme://user:password@host/…`) replaced by `***`, for
-/// logs and error messages.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => url.to_string(),
-    }
-}
-
 /// Local paths become absolute (`file://` stays as given); unsupported schemes are refused.
 fn normalize_url(url: &str) -> Result<String, SourceError> {
     if let Some((scheme, _)) = url.split_once("://") {

@@ -296,7 +296,7 @@ pub fn run(
                     "commit {commit} is not on {} of {}; refused (a hook builds only commits \
                      of the ref it names)",
                     push.reference,
-                    crate::source::redact_url(url)
+                    crate::net::redact(url).into_owned()
                 ),
             )
         });

@@ -117,7 +117,7 @@ impl RecipeAccess {
     /// recipe root. `what` names it in the error. Symbolic links are resolved first, so a link
     /// inside a root that points outside is refused.
     pub fn check_path(&self, what: &'static str, path: &Path) -> Result<PathBuf, AccessError> {
-        let shown = crate::source::redact_url(&path.display().to_string());
+        let shown = crate::net::redact(&path.display().to_string()).into_owned();
         if self.roots.is_empty() {
             return Err(AccessError::NoRoots { what, path: shown });
         }
@@ -150,7 +150,7 @@ impl RecipeAccess {
             self.git.join(", ")
         };
         Err(AccessError::GitNotAllowed {
-            url: crate::source::redact_url(url),
+            url: crate::net::redact(url).into_owned(),
             allowed,
         })
     }

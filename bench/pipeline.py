@@ -252,7 +252,7 @@ def one_round(args, n):
         for w in range(2):
             wlog = open(os.path.join(work, f"worker{w}.log"), "w")
             procs.append(
-                subprocess.Popen([args.kiln, "worker", "--nats", url], env=env, cwd=REPO, stderr=wlog, stdout=wlog)
+                subprocess.Popen([args.kiln, "worker", "--nats", url, "--recipes", str(REPO)], env=env, cwd=REPO, stderr=wlog, stdout=wlog)
             )
         recipe = os.path.join(REPO, "recipes", "minimal.yaml")
 

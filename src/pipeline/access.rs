@@ -114,8 +114,9 @@ impl RecipeAccess {
     }
 
     /// The canonical form of `path` (a recipe file or templates directory) when it lies under a
-    /// recipe root. `what` names it in the error. Symbolic links are resolved first, so a link
-    /// inside a root that points outside is refused.
+    /// recipe root; a relative path is taken relative to each root in turn. `what` names it in
+    /// the error. Symbolic links and `..` are resolved first, so a link inside a root that points
+    /// outside is refused.
     pub fn check_path(&self, what: &'static str, path: &Path) -> Result<PathBuf, AccessError> {
         let shown = crate::net::redact(&path.display().to_string()).into_owned();
         if self.roots.is_empty() {
@@ -126,9 +127,17 @@ impl RecipeAccess {
             path: shown.clone(),
             roots: self.roots_text(),
         };
-        // A relative path is relative to nothing a request can know: refuse it.
         if !path.is_absolute() {
-            return Err(outside());
+            return self
+                .roots
+                .iter()
+                .find_map(|r| {
+                    r.join(path)
+                        .canonicalize()
+                        .ok()
+                        .filter(|real| real.starts_with(r))
+                })
+                .ok_or_else(outside);
         }
         let real = path.canonicalize().map_err(|_| outside())?;
         if self.roots.iter().any(|r| real.starts_with(r)) {
@@ -209,10 +218,15 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("secret.yaml"), root.join("link.yaml")).unwrap();
         let access = RecipeAccess::new(std::slice::from_ref(&root), &[], &[], dir.path()).unwrap();
         assert!(access.check_path("recipe", &root.join("ok.yaml")).is_ok());
+        assert_eq!(
+            access.check_path("recipe", Path::new("ok.yaml")).unwrap(),
+            root.canonicalize().unwrap().join("ok.yaml")
+        );
         for bad in [
             dir.path().join("secret.yaml"),
             root.join("../secret.yaml"),
             root.join("link.yaml"),
+            PathBuf::from("../secret.yaml"),
             PathBuf::from("recipes/ok.yaml"),
             PathBuf::from("/etc/passwd"),
         ] {

@@ -689,19 +689,29 @@ async fn claim_build_id(ctx: &Arc<Ctx>, id: &str, d: &Delivery) -> Result<(), Fa
         .map(|i| (i.published.unix_timestamp_nanos() / 1_000_000) as i64)
         .unwrap_or(0);
     let mine = json!({ "id": id, "sequence": d.stream_sequence(), "published_ms": published });
-    let c = ctx.clone();
-    let claim = mine.clone();
-    let taken = blocking(move || {
-        let records = c.records();
-        match records.get(BUILD_ID_RECORD, &key) {
+    // Claims live with the stream they are about: in the shared bucket (never in a worker's
+    // local cache, which outlives a stream), or, for one host's private bus, in its cache.
+    let taken = if ctx.config.local_blobs {
+        let cache = StageCache::new(&ctx.config.home);
+        let claim = mine.clone();
+        blocking(move || match cache.get::<Value>(BUILD_ID_RECORD, &key) {
             Some(other) => Ok(Some(other)),
-            None => records
+            None => cache
                 .put(BUILD_ID_RECORD, &key, &claim)
                 .map(|()| None)
                 .map_err(|e| transient(format!("recording the build id: {e}"))),
+        })
+        .await?
+    } else {
+        let name = format!("{BUILD_ID_RECORD}/{key}");
+        match ctx.kv.get(&name).await.map_err(transient)? {
+            Some(other) => Some(other),
+            None => {
+                ctx.kv.put(&name, &mine).await.map_err(transient)?;
+                None
+            }
         }
-    })
-    .await?;
+    };
     match taken {
         Some(other) if other != mine => {
             let mut info = ErrorInfo::new(

@@ -367,6 +367,10 @@ pub struct PullArgs {
     /// Public key the image's signature must verify with; unsigned images are then refused.
     #[arg(long, value_name = "KEYFILE")]
     pub trust: Option<PathBuf>,
+    /// Also accept signatures made for this repository (repeatable): a trusted copy of images
+    /// signed for another repository. Without it a signature counts only in its own repository.
+    #[arg(long, value_name = "REPO", requires = "trust")]
+    pub signed_for: Vec<String>,
     /// Use plain http for a registry that is not on loopback.
     #[arg(long)]
     pub insecure: bool,
@@ -717,6 +721,10 @@ pub struct AgentArgs {
     /// Public key (`kiln keygen`'s FILE.pub) images must be signed with.
     #[arg(long, value_name = "KEYFILE")]
     pub trust: PathBuf,
+    /// Also run images whose signature was made for this repository (repeatable); by default
+    /// only signatures made for the watched repository count.
+    #[arg(long, value_name = "REPO")]
+    pub signed_for: Vec<String>,
     /// Where the agent keeps its state, pulled images and VM directories.
     #[arg(long, value_name = "DIR")]
     pub state_dir: PathBuf,
@@ -1621,6 +1629,7 @@ fn pull(args: PullArgs) -> anyhow::Result<i32> {
     let opts = StoreOptions {
         insecure: args.insecure,
         credentials: None,
+        signed_for: args.signed_for.clone(),
         ..Default::default()
     };
     match crate::store::pull(&args.reference, &args.output, trust.as_ref(), &opts) {
@@ -2159,6 +2168,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
         store: crate::store::StoreOptions {
             insecure: args.insecure,
             credentials: None,
+            signed_for: args.signed_for.clone(),
             ..Default::default()
         },
     };

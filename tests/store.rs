@@ -599,6 +599,29 @@ fn oci_layout_directory_round_trip() {
     assert!(matches!(pr.signature, SignatureCheck::Verified { .. }));
     assert_eq!(pr.format, "qcow2");
     assert_eq!(sha256sum(&out), sha256sum(&image));
+
+    // The signature names the repository it was made for: a copy elsewhere is refused, unless
+    // the puller accepts signatures made for the original.
+    let copy = work.path().join("copy");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&dir)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let copied = format!("oci:{}:v1", copy.display());
+    let e = store::pull(&copied, &work.path().join("c.qcow2"), Some(&vk), &opts()).unwrap_err();
+    assert!(matches!(e, StoreError::OtherRepository { .. }), "{e}");
+    assert!(e.to_string().contains("--signed-for"), "{e}");
+    assert!(!work.path().join("c.qcow2").exists());
+    let accepting = StoreOptions {
+        signed_for: vec![dir.display().to_string()],
+        ..opts()
+    };
+    let pr = store::pull(&copied, &work.path().join("c.qcow2"), Some(&vk), &accepting).unwrap();
+    assert!(matches!(pr.signature, SignatureCheck::Verified { .. }));
+
     let list = store::images(&format!("oci:{}", dir.display()), &opts()).unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].tag, "v1");

@@ -189,6 +189,16 @@ pub enum StoreError {
         signed: Digest256,
         actual: Digest256,
     },
+    #[error(
+        "signature on {reference} was made for repository {signed_for}, not {here}: a signed image \
+         copied to another repository is refused; accept it with --signed-for {signed_for} if this \
+         copy is trusted"
+    )]
+    OtherRepository {
+        reference: String,
+        signed_for: String,
+        here: String,
+    },
     #[error("malformed {what} in {reference}: {reason}")]
     Malformed {
         what: String,
@@ -304,6 +314,9 @@ pub struct StoreOptions {
     pub credentials: Option<Credentials>,
     /// How long the registry may send nothing; `None`: [`crate::net::stall_timeout`].
     pub stall_timeout: Option<Duration>,
+    /// Repositories besides the one pulled from whose signatures a pull accepts (a trusted copy
+    /// of images signed for another repository).
+    pub signed_for: Vec<String>,
 }
 
 impl StoreOptions {
@@ -708,16 +721,12 @@ pub fn publish(
     let signature_digest = match key {
         None => None,
         Some(key) => {
-            let repository = match &r.location {
-                Location::Registry { repository, .. } => repository.clone(),
-                Location::Layout { dir } => dir.display().to_string(),
-            };
             let sig_manifest = signature_manifest(
                 &target,
                 key,
                 &manifest_digest,
                 manifest_bytes.len() as u64,
-                repository,
+                signed_repository(&r),
                 tags.clone(),
                 created,
             )?;
@@ -877,12 +886,24 @@ fn find_signatures(
     Ok(out)
 }
 
-/// Check an image's signatures against `trust`. Without a key: report what is there.
+/// The repository a signature names: the repository path in a registry (the host is left out,
+/// so one registry reached by two names is one repository), the directory of a layout.
+fn signed_repository(r: &Reference) -> String {
+    match &r.location {
+        Location::Registry { repository, .. } => repository.clone(),
+        Location::Layout { dir } => dir.display().to_string(),
+    }
+}
+
+/// Check an image's signatures against `trust`: a signature counts when the trusted key made
+/// it, over this manifest, for this repository (or one in `signed_for`). Without a key: report
+/// what is there.
 fn check_signature(
     target: &Target,
     r: &Reference,
     digest: &Digest256,
     trust: Option<&VerifyingKey>,
+    signed_for: &[String],
 ) -> Result<SignatureCheck, StoreError> {
     let sigs = find_signatures(target, r, digest)?;
     let trusted = trust.map(sign::key_id);
@@ -941,6 +962,15 @@ fn check_signature(
             });
             continue;
         }
+        let here = signed_repository(r);
+        if p.repository != here && !signed_for.contains(&p.repository) {
+            first_error.get_or_insert(StoreError::OtherRepository {
+                reference: r.to_string(),
+                signed_for: p.repository,
+                here,
+            });
+            continue;
+        }
         return Ok(SignatureCheck::Verified { key });
     }
     if let Some(e) = first_error {
@@ -990,7 +1020,7 @@ pub fn pull(
         [l] if l.media_type == MEDIA_DISK_QCOW2 || l.media_type == MEDIA_DISK_RAW => l.clone(),
         _ => return Err(not_kiln("expected exactly one disk layer".into())),
     };
-    let signature = check_signature(&target, &r, &manifest_digest, trust)?;
+    let signature = check_signature(&target, &r, &manifest_digest, trust, &opts.signed_for)?;
     match &signature {
         SignatureCheck::Missing => {
             tracing::warn!(reference = %r, "image is not signed; only digests were checked")

@@ -48,7 +48,9 @@ pub struct SignaturePayload {
     pub kind: String,
     /// `sha256:<hex>` of the image manifest bytes.
     pub manifest_digest: Digest256,
-    /// Repository the image was published to (informational: a mirror may use another name).
+    /// Repository the image was published to (its path in the registry, or the layout's
+    /// directory). A pull accepts the signature only from that repository, or from one it was
+    /// told to accept signatures of (`--signed-for`).
     pub repository: String,
     /// Tags it was published under (informational).
     pub tags: Vec<String>,

@@ -539,6 +539,55 @@ pub struct StageFailed {
     pub duration_ms: Option<u64>,
 }
 
+/// Cut `text` to at most `max` bytes, keeping its start and its end (where a serial log's last
+/// lines are) around a note of what was left out.
+fn cut_middle(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let note_room = 64;
+    let keep = max.saturating_sub(note_room) / 2;
+    let mut head = keep.min(text.len());
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len().saturating_sub(keep);
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{}\n… ({} bytes left out) …\n{}",
+        &text[..head],
+        tail - head,
+        &text[tail..]
+    )
+}
+
+impl StageFailed {
+    /// Make the encoded message fit in `limit` bytes (the server's max_payload less room for
+    /// headers) by cutting the middle of its detail, then of its message: a failure is always
+    /// reported, never dropped for its size.
+    pub fn fit(&mut self, limit: usize) {
+        for _ in 0..8 {
+            let size = encode(self).len();
+            if size <= limit {
+                return;
+            }
+            let over = size - limit;
+            if let Some(detail) = &self.error.detail {
+                let target = detail.len().saturating_sub(over + 256);
+                self.error.detail = (target >= 512).then(|| cut_middle(detail, target));
+                continue;
+            }
+            let target = self.error.message.len().saturating_sub(over + 256).max(256);
+            self.error.message = cut_middle(&self.error.message, target);
+            if let Some(help) = &self.error.help {
+                self.error.help = Some(cut_middle(help, 1024));
+            }
+        }
+    }
+}
+
 /// `kiln.image.published.<repository>`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ImagePublished {
@@ -749,6 +798,40 @@ pub fn json_schemas() -> Vec<(String, serde_json::Value)> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_oversized_failure_is_cut_to_fit_not_dropped() {
+        let mut f = StageFailed {
+            v: VERSION,
+            build: "b".into(),
+            stage: Stage::Verify,
+            worker: "w".into(),
+            time: EventTime::UnixMs(0),
+            error: ErrorInfo::new(ErrorKind::Verification, &"m".repeat(30_000)),
+            attempts: Some(1),
+            duration_ms: None,
+        };
+        let mut huge = f.clone();
+        huge.error.message = "m".repeat(3_000_000);
+        huge.error.detail = Some("d".repeat(3_000_000));
+        huge.fit(100_000);
+        assert!(encode(&huge).len() <= 100_000, "{}", encode(&huge).len());
+        assert!(huge.error.message.contains("bytes left out"));
+        f.error.detail = Some(format!(
+            "first line\n{}\nlast line é",
+            "é".repeat(2_000_000)
+        ));
+        f.fit(100_000);
+        assert!(encode(&f).len() <= 100_000, "{}", encode(&f).len());
+        let detail = f.error.detail.clone().unwrap_or_default();
+        assert!(detail.starts_with("first line"), "{}", &detail[..40]);
+        assert!(detail.ends_with("last line é"));
+        assert!(detail.contains("bytes left out"));
+        let small = f.clone();
+        f.fit(100_000);
+        assert_eq!(f, small, "fitting twice changes nothing");
+    }
+
     use super::*;
 
     #[test]

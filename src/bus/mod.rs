@@ -291,6 +291,13 @@ impl Bus {
         Ok(ack.sequence)
     }
 
+    /// The largest message payload this server takes, less room for headers (`Nats-Msg-Id`).
+    pub fn max_message_size(&self) -> usize {
+        let max = self.client().server_info().max_payload;
+        let max = if max == 0 { 1 << 20 } else { max };
+        max.saturating_sub(4096)
+    }
+
     /// Publish a build request on `kiln.build.requested`.
     pub async fn publish_request(&self, req: &BuildRequest) -> Result<u64, BusError> {
         // The source stage refuses what fails this check; say so before publishing.

@@ -551,7 +551,7 @@ async fn publish_failed(
     d: &Delivery,
     started: Instant,
 ) {
-    let msg = StageEvent::Failed(StageFailed {
+    let mut failed = StageFailed {
         v: VERSION,
         build: build.to_string(),
         stage,
@@ -560,7 +560,9 @@ async fn publish_failed(
         error,
         attempts: Some(d.attempt()),
         duration_ms: Some(started.elapsed().as_millis() as u64),
-    });
+    };
+    failed.fit(ctx.bus.max_message_size());
+    let msg = StageEvent::Failed(failed);
     if let Err(e) = publish_reliably(&ctx.bus, &msg).await {
         tracing::warn!(%stage, build, "cannot publish failed: {e}");
     }

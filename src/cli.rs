@@ -294,6 +294,10 @@ pub struct NatsAuth {
     /// A .creds file (JWT + NKey).
     #[arg(long, env = "KILN_NATS_CREDS", conflicts_with_all = ["nats_user", "nats_token"])]
     pub nats_creds: Option<PathBuf>,
+    /// Prefix of the reply subjects kiln subscribes to (default `_INBOX.<user>` with
+    /// --nats-user, else `_INBOX`); the server must let this user subscribe to `PREFIX.>`.
+    #[arg(long, env = "KILN_NATS_INBOX_PREFIX", value_name = "PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -453,6 +457,7 @@ impl NatsAuth {
             (_, _, _, Some(c)) => Auth::CredsFile(c.clone()),
             _ => Auth::None,
         };
+        o.inbox_prefix = self.nats_inbox_prefix.clone();
         o
     }
 }
@@ -1853,7 +1858,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
     };
     let rt = runtime()?;
     let bus = rt.block_on(crate::bus::Bus::connect(&args.nats.connect_options()))?;
-    rt.block_on(bus.ensure_kiln_stream())?;
+    rt.block_on(bus.kiln_stream())?;
     if args.baseline && watcher.state().commit.is_none() {
         watcher.baseline(&args.git_ref)?;
         if let Some(c) = &watcher.state().commit {
@@ -1953,7 +1958,7 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
     req.verify = !args.no_verify;
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
-        bus.ensure_kiln_stream().await?;
+        bus.kiln_stream().await?;
         bus.publish_request(&req).await?;
         let mut out = std::io::stdout().lock();
         if args.json {

@@ -508,6 +508,13 @@ fn parse_max_deliver(s: &str) -> Result<i64, String> {
     }
 }
 
+fn parse_read_timeout(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: give a number of seconds from 0.1 to 3600")),
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
     #[command(flatten)]
@@ -526,6 +533,11 @@ pub struct UpArgs {
     /// $KILN_HOME/api-token, generated when missing).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Seconds an API client may take to send a request's headers, and then its body; a client
+    /// that stalls longer is disconnected.
+    #[arg(long, env = "KILN_API_READ_TIMEOUT", value_name = "SECS", default_value_t = 10.0,
+          value_parser = parse_read_timeout)]
+    pub api_read_timeout: f64,
     /// A repository `POST /v1/hooks/git` may build (repeatable; none: the hook builds nothing).
     #[arg(long = "hook-repo", value_name = "URL")]
     pub hook_repos: Vec<String>,
@@ -1683,9 +1695,12 @@ fn run_workers(
             match tokio::net::TcpListener::bind(api.listen).await {
                 Ok(listener) => {
                     let local = listener.local_addr()?;
+                    let limits = api.config.limits.clone();
                     let router = crate::api::router(bus.clone(), api.config);
                     let shutdown = stopped(stop_rx.clone());
-                    server = Some(tokio::spawn(crate::api::serve(listener, router, shutdown)));
+                    server = Some(tokio::spawn(crate::api::serve(
+                        listener, router, limits, shutdown,
+                    )));
                     let mut out = std::io::stdout().lock();
                     writeln!(out, "kiln api listening on http://{local}")?;
                     out.flush()?;
@@ -1783,6 +1798,10 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
                 recipes: args.hook_recipes.clone(),
                 secret,
                 home,
+            },
+            limits: crate::api::Limits {
+                read_timeout: std::time::Duration::from_secs_f64(args.api_read_timeout),
+                ..crate::api::Limits::default()
             },
         },
     }))

@@ -122,7 +122,7 @@ fn every_role_does_its_part_of_a_build_and_the_server_refuses_nothing() {
     );
     let reference = last["outputs"]["reference"].as_str().unwrap_or_default();
     assert!(
-        reference.starts_with(&format!("{publish_to}")),
+        reference.starts_with(publish_to.as_str()),
         "the publish stage published to the layout: {last}"
     );
     assert!(layout.join("index.json").is_file());

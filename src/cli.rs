@@ -295,6 +295,10 @@ pub struct NatsAuth {
     /// A .creds file (JWT + NKey).
     #[arg(long, env = "KILN_NATS_CREDS", conflicts_with_all = ["nats_user", "nats_token"])]
     pub nats_creds: Option<PathBuf>,
+    /// Prefix of the reply subjects kiln subscribes to (default `_INBOX.<user>` with
+    /// --nats-user, else `_INBOX`); the server must let this user subscribe to `PREFIX.>`.
+    #[arg(long, env = "KILN_NATS_INBOX_PREFIX", value_name = "PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -458,6 +462,7 @@ impl NatsAuth {
             (_, _, _, Some(c)) => Auth::CredsFile(c.clone()),
             _ => Auth::None,
         };
+        o.inbox_prefix = self.nats_inbox_prefix.clone();
         o
     }
 }
@@ -508,6 +513,13 @@ fn parse_max_deliver(s: &str) -> Result<i64, String> {
     }
 }
 
+fn parse_read_timeout(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: give a number of seconds from 0.1 to 3600")),
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
     #[command(flatten)]
@@ -526,6 +538,11 @@ pub struct UpArgs {
     /// $KILN_HOME/api-token, generated when missing).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Seconds an API client may take to send a request's headers, and then its body; a client
+    /// that stalls longer is disconnected.
+    #[arg(long, env = "KILN_API_READ_TIMEOUT", value_name = "SECS", default_value_t = 10.0,
+          value_parser = parse_read_timeout)]
+    pub api_read_timeout: f64,
     /// A repository `POST /v1/hooks/git` may build (repeatable; none: the hook builds nothing).
     #[arg(long = "hook-repo", value_name = "URL")]
     pub hook_repos: Vec<String>,
@@ -1766,9 +1783,12 @@ fn run_workers(
             match tokio::net::TcpListener::bind(api.listen).await {
                 Ok(listener) => {
                     let local = listener.local_addr()?;
+                    let limits = api.config.limits.clone();
                     let router = crate::api::router(bus.clone(), api.config);
                     let shutdown = stopped(stop_rx.clone());
-                    server = Some(tokio::spawn(crate::api::serve(listener, router, shutdown)));
+                    server = Some(tokio::spawn(crate::api::serve(
+                        listener, router, limits, shutdown,
+                    )));
                     let mut out = std::io::stdout().lock();
                     writeln!(out, "kiln api listening on http://{local}")?;
                     out.flush()?;
@@ -1871,6 +1891,10 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
                 secret,
                 home,
             },
+            limits: crate::api::Limits {
+                read_timeout: std::time::Duration::from_secs_f64(args.api_read_timeout),
+                ..crate::api::Limits::default()
+            },
         },
     }))
 }
@@ -1964,7 +1988,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
     };
     let rt = runtime()?;
     let bus = rt.block_on(crate::bus::Bus::connect(&args.nats.connect_options()))?;
-    rt.block_on(bus.ensure_kiln_stream())?;
+    rt.block_on(bus.kiln_stream())?;
     if args.baseline && watcher.state().commit.is_none() {
         watcher.baseline(&args.git_ref)?;
         if let Some(c) = &watcher.state().commit {
@@ -2066,7 +2090,7 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
     req.verify = !args.no_verify;
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
-        bus.ensure_kiln_stream().await?;
+        bus.kiln_stream().await?;
         bus.publish_request(&req).await?;
         let mut out = std::io::stdout().lock();
         if args.json {

@@ -5,7 +5,7 @@
 
 use git2::{Repository, RepositoryInitOptions, Signature, Time};
 use kiln::bus::PrivateServer;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -73,6 +73,17 @@ impl Drop for Running {
 
 /// `kiln up` with the API on a free loopback port; returns the process and the API's base URL.
 fn kiln_up(home: &Path, nats: &str, extra: &[&str], env_token: bool) -> (Running, String) {
+    kiln_up_with(home, nats, extra, env_token, |_| {})
+}
+
+/// [`kiln_up`], with `customize` applied to the command before it starts.
+fn kiln_up_with(
+    home: &Path,
+    nats: &str,
+    extra: &[&str],
+    env_token: bool,
+    customize: impl FnOnce(&mut Command),
+) -> (Running, String) {
     let mut c = kiln(home);
     c.args(["up", "--nats", nats, "--listen", "127.0.0.1:0"])
         .args(common::recipe_roots())
@@ -80,6 +91,7 @@ fn kiln_up(home: &Path, nats: &str, extra: &[&str], env_token: bool) -> (Running
     if env_token {
         c.env("KILN_API_TOKEN", TOKEN);
     }
+    customize(&mut c);
     let up = Running::spawn(c, &home.join("up.log"));
     let line = up
         .line(Duration::from_secs(60))
@@ -799,4 +811,240 @@ fn kiln_watch_submits_one_build_for_the_changed_recipe() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
+}
+
+/// `host:port` of an API base URL.
+fn addr_of(base: &str) -> String {
+    base.trim_start_matches("http://").to_string()
+}
+
+/// Send `bytes` on a new connection and read until the server closes it; returns what it sent
+/// and how long it took to close (panics after 30 s).
+fn send_and_wait_for_close(base: &str, bytes: &[u8]) -> (String, Duration) {
+    let mut s = std::net::TcpStream::connect(addr_of(base)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(bytes).unwrap();
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server did not close the connection: {e}"),
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), start.elapsed())
+}
+
+/// The JSON body of a raw HTTP response.
+fn raw_json(response: &str) -> serde_json::Value {
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
+/// An open `GET /v1/builds/{id}/events` connection and the status line it got.
+fn follow_raw(base: &str, id: &str) -> (std::net::TcpStream, String) {
+    let mut s = std::net::TcpStream::connect(addr_of(base)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /v1/builds/{id}/events HTTP/1.1\r\nHost: kiln\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (s, status)
+}
+
+#[test]
+fn slow_large_and_greedy_clients_are_bounded() {
+    let server = PrivateServer::start().unwrap();
+    let nats = server.url();
+    let home = tempfile::tempdir().unwrap();
+    let (up, base) = kiln_up(home.path(), &nats, &["--api-read-timeout", "2"], true);
+
+    // Half a request's headers, then nothing: dropped after the read timeout, unanswered.
+    let (answer, took) =
+        send_and_wait_for_close(&base, b"POST /v1/builds HTTP/1.1\r\nHost: kiln\r\n");
+    assert_eq!(answer, "", "{}", up.log());
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+        "closed after {took:?}"
+    );
+    // Whole headers, half the body: 408 and closed.
+    let partial = format!(
+        "POST /v1/builds HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"v\": 1,"
+    );
+    let (answer, took) = send_and_wait_for_close(&base, partial.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert_eq!(raw_json(&answer)["error"]["kind"], "timeout", "{answer}");
+    assert!(took < Duration::from_secs(10), "closed after {took:?}");
+
+    // Bodies over 1 MiB: 413, whether the length is declared (answered before the body is
+    // sent) or the body is streamed in chunks (answered once 1 MiB + 1 byte has come).
+    let declared = format!(
+        "POST /v1/builds HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        2 << 20
+    );
+    let mut chunked = format!(
+        "POST /v1/builds HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+        (1 << 20) + 1
+    )
+    .into_bytes();
+    chunked.extend(std::iter::repeat_n(b' ', (1 << 20) + 1));
+    for request in [declared.into_bytes(), chunked] {
+        let (answer, _) = send_and_wait_for_close(&base, &request);
+        assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+        let v = raw_json(&answer);
+        assert_eq!(v["error"]["kind"], "too_large", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("1048576 bytes"),
+            "{v}"
+        );
+    }
+    // Without the token the body is not even waited for: 401.
+    let (answer, _) = send_and_wait_for_close(
+        &base,
+        format!(
+            "POST /v1/hooks/git HTTP/1.1\r\nHost: kiln\r\nContent-Length: {}\r\n\r\n",
+            2 << 20
+        )
+        .as_bytes(),
+    );
+    assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
+    assert!(requests(&nats).is_empty(), "nothing was published");
+
+    // A build that runs (a started event, no worker will finish it) to follow.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use kiln::bus::{EventTime, Stage, StageEvent, StageStarted};
+        let bus = kiln::bus::Bus::connect_url(&nats).await.unwrap();
+        let started = StageEvent::Started(StageStarted {
+            v: 1,
+            build: "followed".into(),
+            stage: Stage::Source,
+            worker: "test/1".into(),
+            time: EventTime::now(),
+            attempt: Some(1),
+        });
+        bus.publish_event(&started).await.unwrap();
+    });
+    let http = client();
+    // Sixteen followers from one address, and the seventeenth is told why not.
+    let mut followers: Vec<std::net::TcpStream> = (0..16)
+        .map(|i| {
+            let (s, status) = follow_raw(&base, "followed");
+            assert!(status.starts_with("HTTP/1.1 200"), "follower {i}: {status}");
+            s
+        })
+        .collect();
+    let r = http
+        .get(format!("{base}/v1/builds/followed/events"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let v = r.json_value();
+    assert_eq!(v["error"]["kind"], "too_many_followers", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1 already follows 16 event streams"),
+        "{v}"
+    );
+    // One goes away: its place is free again.
+    drop(followers.pop());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, status) = follow_raw(&base, "followed");
+        if status.starts_with("HTTP/1.1 200") {
+            followers.push(s);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the place was not freed: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The API still answers everyone else.
+    let r = http
+        .get(format!("{base}/v1/builds/followed"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn running_out_of_file_descriptors_is_logged_and_survived() {
+    let server = PrivateServer::start().unwrap();
+    let nats = server.url();
+    let home = tempfile::tempdir().unwrap();
+    // `kiln up` idles with about 15 descriptors open: 40 leaves room for some 25 connections.
+    let (up, base) = kiln_up_with(
+        home.path(),
+        &nats,
+        &["--api-read-timeout", "4"],
+        true,
+        |c| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit(2) only, between fork and exec.
+            unsafe {
+                c.pre_exec(|| {
+                    let limit = libc::rlimit {
+                        rlim_cur: 40,
+                        rlim_max: 40,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
+    let warning = "cannot accept a connection (Too many open files (os error 24))";
+    let start = Instant::now();
+    let clients: Vec<std::net::TcpStream> = (0..60)
+        .map(|_| std::net::TcpStream::connect(addr_of(&base)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let log = up.log();
+    let warnings = log.matches(warning).count();
+    assert!(warnings >= 1, "no EMFILE warning:\n{log}");
+    assert!(log.contains("raise its open-file limit"), "{log}");
+    // Once a second at most: the listener pauses, it does not spin.
+    let seconds = start.elapsed().as_secs_f64();
+    assert!(
+        (warnings as f64) <= seconds + 1.0,
+        "{warnings} warnings in {seconds:.1} s:\n{log}"
+    );
+    drop(clients);
+    // The API serves again once descriptors are free (the idle ones it accepted time out).
+    let http = client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match http.get(format!("{base}/v1/builds/nothing")).send() {
+            Ok(r) => {
+                assert_eq!(r.status(), 404);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "{e}\n{}", up.log()),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!up.log().contains("panicked"), "{}", up.log());
 }

@@ -629,7 +629,7 @@ pub async fn run(
     }));
 
     let subject = subjects::image_published(&config.repository);
-    bus.ensure_kiln_stream().await?;
+    bus.kiln_stream().await?;
     // A task reads the subject all the time, so the consumer is polled while a deploy blocks.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let reader = tokio::spawn(watch(bus.clone(), subject.clone(), tx));
@@ -695,7 +695,7 @@ async fn watch(
     subject: String,
     tx: tokio::sync::mpsc::UnboundedSender<async_nats::jetstream::Message>,
 ) {
-    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    use async_nats::jetstream::consumer::DeliverPolicy;
     let mut last: Option<u64> = None;
     loop {
         let deliver_policy = match last {
@@ -705,7 +705,7 @@ async fn watch(
             },
         };
         let mut floor = 0;
-        let consumer = match bus.ensure_kiln_stream().await {
+        let consumer = match bus.kiln_stream().await {
             Ok(mut stream) => {
                 // Messages stored after this point are new: if the first consumer finds none
                 // for the subject, the next one starts here.
@@ -713,11 +713,7 @@ async fn watch(
                     floor = info.state.last_sequence;
                 }
                 stream
-                    .create_consumer(OrderedConfig {
-                        filter_subject: subject.clone(),
-                        deliver_policy,
-                        ..Default::default()
-                    })
+                    .create_consumer(bus.reader_config(subject.clone(), deliver_policy))
                     .await
             }
             Err(e) => {

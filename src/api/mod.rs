@@ -10,19 +10,21 @@
 //!
 //! Every POST needs `Authorization: Bearer <token>` (compared in constant time); GETs only read.
 //! Errors are JSON `{"error": {"kind", "message", "field"?}}`. `kiln up` binds to loopback unless
-//! told otherwise.
+//! told otherwise. Connections, request read times, bodies and live event followers are
+//! bounded ([`serve`]).
 
 pub mod hook;
+pub mod serve;
 
 use crate::bus::status::{BuildStatus, ends_build};
 use crate::bus::{BuildRequest, Bus, BusError, VERSION};
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Router, http};
 use futures::StreamExt;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -33,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use subtle::ConstantTimeEq;
 
 pub use hook::HookConfig;
+pub use serve::{ClientAddr, Limits};
 
 /// The address `kiln up` listens on unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -51,6 +54,8 @@ pub struct ApiError {
     pub message: String,
     /// For `invalid_request`: the field at fault, dotted (`recipe.git.url`).
     pub field: Option<String>,
+    /// Close the connection after this answer (the rest of the request was not read).
+    pub close: bool,
 }
 
 impl ApiError {
@@ -60,6 +65,15 @@ impl ApiError {
             kind,
             message: message.into(),
             field: None,
+            close: false,
+        }
+    }
+
+    /// The same answer, closing the connection after it.
+    pub fn closing(self) -> ApiError {
+        ApiError {
+            close: true,
+            ..self
         }
     }
 
@@ -94,6 +108,11 @@ impl IntoResponse for ApiError {
         {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
+        if self.close {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
         response
     }
 }
@@ -104,6 +123,7 @@ pub struct ApiConfig {
     /// The bearer token every POST must carry.
     pub token: String,
     pub hook: HookConfig,
+    pub limits: Limits,
 }
 
 struct Inner {
@@ -116,6 +136,9 @@ struct Inner {
     accepted: Mutex<(VecDeque<String>, HashSet<String>)>,
     /// One push at a time: the hook's watcher state is read, compared and saved per push.
     hook_lock: tokio::sync::Mutex<()>,
+    limits: Limits,
+    /// Live event streams, per client address and overall.
+    followers: Arc<serve::Followers>,
 }
 
 #[derive(Clone)]
@@ -178,6 +201,8 @@ pub fn router(bus: Bus, config: ApiConfig) -> Router {
         hook: config.hook,
         accepted: Mutex::new((VecDeque::new(), HashSet::new())),
         hook_lock: tokio::sync::Mutex::new(()),
+        limits: config.limits,
+        followers: Arc::new(serve::Followers::default()),
     }));
     Router::new()
         .route("/v1/builds", post(submit))
@@ -194,15 +219,14 @@ pub fn router(bus: Bus, config: ApiConfig) -> Router {
         .with_state(state)
 }
 
-/// Serve `router` on `listener` until `shutdown` completes.
+/// Serve `router` on `listener` within `limits` until `shutdown` completes ([`serve::serve`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve::serve(listener, router, &limits, shutdown).await
 }
 
 /// Parse and check a `kiln.build.requested` body exactly as the bus does ([`crate::bus::decode`]),
@@ -286,9 +310,11 @@ fn build_links(headers: &HeaderMap, id: &str) -> serde_json::Value {
 async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    // The token first: an unauthorized client cannot make the server read a body.
     state.authorize(&headers)?;
+    let body = serve::read_body(body, &headers, &state.0.limits).await?;
     let mut req = parse_request(&body)?;
     if let Some(id) = &req.id
         && (state.accepted(id) || !state.0.bus.build_events(id).await?.is_empty())
@@ -339,8 +365,12 @@ fn unknown_build(id: &str) -> ApiError {
 async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // A place among the live followers, held by the stream until it ends or the client goes.
+    let ip = ClientAddr::ip(client.as_ref().map(|Extension(c)| c));
+    let slot = state.0.followers.follow(ip, &state.0.limits)?;
     // Resume after the last event a reconnecting client saw.
     let after: u64 = headers
         .get("last-event-id")
@@ -352,35 +382,38 @@ async fn events(
         return Err(unknown_build(&id));
     }
     let follow = Box::pin(state.0.bus.follow(&id, true).await?);
-    let stream = futures::stream::unfold((follow, false), move |(mut follow, done)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            match follow.next().await {
-                None => return None,
-                Some(Err(e)) => {
-                    let event = Event::default().event("error").data(e.to_string());
-                    return Some((Ok::<Event, Infallible>(event), (follow, true)));
-                }
-                Some(Ok(recorded)) => {
-                    let Ok(ev) = recorded.event else { continue };
-                    let end = ends_build(&ev);
-                    if recorded.sequence <= after && recorded.sequence != 0 {
-                        if end {
-                            return None;
-                        }
-                        continue;
+    let stream = futures::stream::unfold(
+        (follow, false, slot),
+        move |(mut follow, done, slot)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                match follow.next().await {
+                    None => return None,
+                    Some(Err(e)) => {
+                        let event = Event::default().event("error").data(e.to_string());
+                        return Some((Ok::<Event, Infallible>(event), (follow, true, slot)));
                     }
-                    let event = Event::default()
-                        .event(ev.kind().name())
-                        .id(recorded.sequence.to_string())
-                        .data(String::from_utf8_lossy(&ev.encode()));
-                    return Some((Ok(event), (follow, end)));
+                    Some(Ok(recorded)) => {
+                        let Ok(ev) = recorded.event else { continue };
+                        let end = ends_build(&ev);
+                        if recorded.sequence <= after && recorded.sequence != 0 {
+                            if end {
+                                return None;
+                            }
+                            continue;
+                        }
+                        let event = Event::default()
+                            .event(ev.kind().name())
+                            .id(recorded.sequence.to_string())
+                            .data(String::from_utf8_lossy(&ev.encode()));
+                        return Some((Ok(event), (follow, end, slot)));
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
@@ -389,9 +422,10 @@ async fn events(
 async fn git_hook(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
+    let body: Bytes = serve::read_body(body, &headers, &state.0.limits).await?;
     let config = &state.0.hook;
     config.check_signature(&headers, &body)?;
     let push = match hook::parse_push(&headers, &body)? {

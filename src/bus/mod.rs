@@ -55,6 +55,14 @@ pub enum BusError {
     Nats { what: String, message: String },
     #[error("invalid build request: {0}")]
     Request(#[from] RequestError),
+    #[error(
+        "NATS inbox prefix {prefix:?} is not a subject: give dot-separated tokens without spaces or wildcards, e.g. `_INBOX.ci` (--nats-inbox-prefix, $KILN_NATS_INBOX_PREFIX)"
+    )]
+    InboxPrefix { prefix: String },
+    #[error(
+        "the NATS server refused to let this user publish to {subject} ({message}): see docs/nats-roles.md for what each kiln role may publish, and check --nats-user"
+    )]
+    Refused { subject: String, message: String },
     #[error("message on {subject} (stream sequence {sequence}): {source}")]
     Decode {
         subject: String,
@@ -97,6 +105,9 @@ pub struct ConnectOptions {
     pub auth: Auth,
     /// Client name shown in the server's connection list.
     pub name: String,
+    /// Prefix of the reply subjects (inboxes) this client subscribes to; `None`: see
+    /// [`ConnectOptions::inbox_prefix`].
+    pub inbox_prefix: Option<String>,
 }
 
 impl ConnectOptions {
@@ -105,7 +116,66 @@ impl ConnectOptions {
             url: url.into(),
             auth: Auth::None,
             name: "kiln".to_string(),
+            inbox_prefix: None,
         }
+    }
+
+    /// The prefix of this client's reply inboxes: the one given, else `_INBOX.<user>` for a
+    /// user/password login (the user made a subject token), else NATS's usual `_INBOX`. Per-user
+    /// inboxes let a server allow each user to subscribe to its own replies only
+    /// (docs/nats-roles.md); a server that allows `_INBOX.>` accepts them all.
+    pub fn inbox_prefix(&self) -> Result<String, BusError> {
+        if let Some(prefix) = &self.inbox_prefix {
+            let valid = !prefix.is_empty()
+                && prefix.split('.').all(|t| {
+                    !t.is_empty()
+                        && t != "*"
+                        && t != ">"
+                        && !t.chars().any(|c| c.is_whitespace() || c.is_control())
+                });
+            if !valid {
+                return Err(BusError::InboxPrefix {
+                    prefix: prefix.clone(),
+                });
+            }
+            return Ok(prefix.clone());
+        }
+        Ok(match &self.auth {
+            Auth::UserPassword { user, .. } => {
+                format!("_INBOX.{}", subjects::sanitize_token(user))
+            }
+            _ => "_INBOX".to_string(),
+        })
+    }
+}
+
+/// Log what the server says about this connection: a refused publish or subscription
+/// (`Permissions Violation for Publish to "…"`) is otherwise only a request that times out.
+async fn log_event(
+    url: String,
+    refusals: tokio::sync::broadcast::Sender<String>,
+    event: async_nats::Event,
+) {
+    match event {
+        async_nats::Event::ServerError(e) => {
+            let text = e.to_string();
+            if text.to_ascii_lowercase().contains("permissions violation") {
+                // Nobody listening is fine: only a publish waiting for its ack listens.
+                let _ = refusals.send(text.clone());
+                tracing::warn!(
+                    "NATS server {url} refused: {text}; this NATS user lacks that permission (see docs/nats-roles.md for what each kiln role needs)"
+                );
+            } else {
+                tracing::warn!("NATS server {url}: {text}");
+            }
+        }
+        async_nats::Event::ClientError(e) => tracing::warn!("NATS client ({url}): {e}"),
+        async_nats::Event::SlowConsumer(sid) => {
+            tracing::warn!("NATS {url}: subscription {sid} is too slow, messages were dropped")
+        }
+        async_nats::Event::Disconnected => tracing::info!("NATS {url}: disconnected"),
+        async_nats::Event::Connected => tracing::debug!("NATS {url}: connected"),
+        other => tracing::debug!("NATS {url}: {other}"),
     }
 }
 
@@ -114,6 +184,9 @@ impl ConnectOptions {
 pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
+    /// The server's `Permissions Violation …` errors for this connection, so that a refused
+    /// publish fails at once instead of waiting for an ack that never comes.
+    refusals: tokio::sync::broadcast::Sender<String>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -149,8 +222,14 @@ impl Bus {
                     source,
                 })?,
         };
+        let inbox_prefix = opts.inbox_prefix()?;
+        let url = opts.url.clone();
+        let (refusals, _) = tokio::sync::broadcast::channel(64);
+        let sender = refusals.clone();
         let client = base
             .name(&opts.name)
+            .custom_inbox_prefix(inbox_prefix)
+            .event_callback(move |event| log_event(url.clone(), sender.clone(), event))
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
             .connect(opts.url.as_str())
@@ -159,7 +238,9 @@ impl Bus {
                 url: crate::net::redact(&opts.url).into_owned(),
                 message: crate::net::redact(&e.to_string()).into_owned(),
             })?;
-        Ok(Self::from_client(client))
+        let mut bus = Self::from_client(client);
+        bus.refusals = refusals;
+        Ok(bus)
     }
 
     /// Connect to a URL without authentication.
@@ -172,7 +253,16 @@ impl Bus {
         let js = jetstream::ContextBuilder::new()
             .timeout(API_TIMEOUT)
             .build(client.clone());
-        Bus { client, js }
+        Self::from_parts(client, js)
+    }
+
+    /// Use an existing client and JetStream context (e.g. one with another request timeout).
+    pub fn from_parts(client: async_nats::Client, js: jetstream::Context) -> Bus {
+        Bus {
+            client,
+            js,
+            refusals: tokio::sync::broadcast::channel(1).0,
+        }
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -227,9 +317,40 @@ impl Bus {
             .map_err(nats_err(format!("open stream {name}")))
     }
 
-    /// Create the `KILN` stream if it is missing (idempotent).
+    /// Create the `KILN` stream if it is missing, or bring its configuration up to date
+    /// (idempotent). Workers do this at start; it needs the permission to create and update
+    /// the stream, which submitters and agents do not have ([`Bus::kiln_stream`] is theirs).
     pub async fn ensure_kiln_stream(&self) -> Result<stream::Stream, BusError> {
         self.ensure_stream(Self::stream_config()).await
+    }
+
+    /// The `KILN` stream for readers and submitters: looked up (`$JS.API.STREAM.INFO.KILN`, which
+    /// every role may ask), and created only when the server says it does not exist yet, so a
+    /// user without the permission to create streams never asks for it while the stream is
+    /// there.
+    pub async fn kiln_stream(&self) -> Result<stream::Stream, BusError> {
+        use async_nats::jetstream::ErrorCode;
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        match self.js.get_stream(STREAM).await {
+            Ok(s) => Ok(s),
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                self.ensure_kiln_stream().await.map_err(|e| match e {
+                    BusError::Nats { what, message } => BusError::Nats {
+                        what: format!(
+                            "{what}; the stream does not exist yet: start `kiln up` or a `kiln worker` first (they create it), or connect as a NATS user that may create it"
+                        ),
+                        message,
+                    },
+                    other => other,
+                })
+            }
+            Err(e) => Err(nats_err(format!(
+                "look up stream {STREAM} (does the server run with JetStream, `-js`, and may this NATS user read it?)"
+            ))(e)),
+        }
     }
 
     /// The durable pull consumer config of one stage.
@@ -279,16 +400,46 @@ impl Bus {
     /// Publish raw bytes to the stream and wait for the server to store them; returns the stream
     /// sequence.
     pub async fn publish_raw(&self, subject: String, payload: Vec<u8>) -> Result<u64, BusError> {
-        let ack = self
-            .js
-            .publish(subject.clone(), payload.into())
+        self.publish_checked(subject, async_nats::HeaderMap::new(), payload)
             .await
-            .map_err(nats_err(format!("publish to {subject}")))?
-            .await
-            .map_err(nats_err(format!(
-                "get the stream's ack for {subject} (is the {STREAM} stream set up?)"
-            )))?;
-        Ok(ack.sequence)
+    }
+
+    /// Publish and wait for the stream's ack, or fail at once when the server says this user
+    /// may not publish there (its `-ERR` names the subject; the ack would never come).
+    async fn publish_checked(
+        &self,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        payload: Vec<u8>,
+    ) -> Result<u64, BusError> {
+        let mut refusals = self.refusals.subscribe();
+        let quoted = format!("Publish to \"{subject}\"");
+        let refused = async {
+            loop {
+                match refusals.recv().await {
+                    Ok(text) if text.contains(&quoted) => return text,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    // No sender left: never refused this way; the ack decides.
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        std::future::pending::<()>().await
+                    }
+                }
+            }
+        };
+        let acked = async {
+            self.js
+                .publish_with_headers(subject.clone(), headers, payload.into())
+                .await
+                .map_err(nats_err(format!("publish to {subject}")))?
+                .await
+                .map_err(nats_err(format!(
+                    "get the stream's ack for {subject} (is the {STREAM} stream set up?)"
+                )))
+        };
+        tokio::select! {
+            ack = acked => Ok(ack?.sequence),
+            message = refused => Err(BusError::Refused { subject, message }),
+        }
     }
 
     /// The largest message payload this server takes, less room for headers (`Nats-Msg-Id`).
@@ -317,16 +468,7 @@ impl Bus {
     ) -> Result<u64, BusError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
-        let ack = self
-            .js
-            .publish_with_headers(subject.clone(), headers, payload.into())
-            .await
-            .map_err(nats_err(format!("publish to {subject}")))?
-            .await
-            .map_err(nats_err(format!(
-                "get the stream's ack for {subject} (is the {STREAM} stream set up?)"
-            )))?;
-        Ok(ack.sequence)
+        self.publish_checked(subject, headers, payload).await
     }
 
     /// Publish a stage event on its subject. A build's `completed` and `failed` events of a
@@ -359,12 +501,22 @@ impl Bus {
         self.publish_raw(msg.subject(), encode(msg)).await
     }
 
-    fn events_consumer_config(
-        build: &str,
+    /// An ordered consumer reading `filter` from the `KILN` stream. It carries a name of its
+    /// own (`kiln-read-<random>`), so the client creates it on
+    /// `$JS.API.CONSUMER.CREATE.KILN.<name>.<filter>`: a server can then let readers create
+    /// consumers while refusing the stage workers' durable names, which it could not do for the
+    /// unnamed form (`$JS.API.CONSUMER.CREATE.KILN` takes the name from the request body, and
+    /// NATS 2.9 updates an existing durable consumer of that name). See docs/nats-roles.md.
+    pub fn reader_config(
+        &self,
+        filter: impl Into<String>,
         deliver: consumer::DeliverPolicy,
     ) -> consumer::pull::OrderedConfig {
+        let inbox = self.client.new_inbox();
+        let unique = inbox.rsplit('.').next().unwrap_or_default();
         consumer::pull::OrderedConfig {
-            filter_subject: subjects::build_events(build),
+            name: Some(format!("kiln-read-{unique}")),
+            filter_subject: filter.into(),
             deliver_policy: deliver,
             ..Default::default()
         }
@@ -372,12 +524,11 @@ impl Bus {
 
     /// Every stage event of one build stored in the stream, in stream order.
     pub async fn build_events(&self, build: &str) -> Result<Vec<RecordedEvent>, BusError> {
-        let stream = self.ensure_kiln_stream().await?;
+        let stream = self.kiln_stream().await?;
         let consumer = stream
-            .create_consumer(Self::events_consumer_config(
-                build,
-                consumer::DeliverPolicy::All,
-            ))
+            .create_consumer(
+                self.reader_config(subjects::build_events(build), consumer::DeliverPolicy::All),
+            )
             .await
             .map_err(nats_err(format!("read the history of build {build}")))?;
         let pending = consumer.cached_info().num_pending;
@@ -419,7 +570,7 @@ impl Bus {
         history: bool,
     ) -> Result<impl futures::Stream<Item = Result<RecordedEvent, BusError>> + use<>, BusError>
     {
-        let mut stream = self.ensure_kiln_stream().await?;
+        let mut stream = self.kiln_stream().await?;
         let after = if history {
             0
         } else {
@@ -469,9 +620,9 @@ impl Follower {
                 start_sequence: after + 1,
             }
         };
-        let stream = bus.ensure_kiln_stream().await?;
+        let stream = bus.kiln_stream().await?;
         stream
-            .create_consumer(Bus::events_consumer_config(build, deliver))
+            .create_consumer(bus.reader_config(subjects::build_events(build), deliver))
             .await
             .map_err(nats_err(what()))?
             .messages()
@@ -530,13 +681,9 @@ impl Bus {
     /// order, read with an ordered consumer up to the last one stored when called.
     pub async fn stored_messages(&self, filter: &str) -> Result<Vec<StoredMessage>, BusError> {
         let what = format!("read {filter} from stream {STREAM}");
-        let stream = self.ensure_kiln_stream().await?;
+        let stream = self.kiln_stream().await?;
         let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: filter.to_string(),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
+            .create_consumer(self.reader_config(filter, consumer::DeliverPolicy::All))
             .await
             .map_err(nats_err(what.clone()))?;
         let mut out = Vec::new();
@@ -582,5 +729,36 @@ fn record(subject: &str, sequence: u64, payload: &[u8]) -> RecordedEvent {
         sequence,
         subject: subject.to_string(),
         event,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbox_prefixes_follow_the_user_unless_given() {
+        let user = |name: &str| Auth::UserPassword {
+            user: name.into(),
+            password: "p".into(),
+        };
+        let cases: [(Auth, Option<&str>, Result<&str, ()>); 7] = [
+            (Auth::None, None, Ok("_INBOX")),
+            (Auth::Token("t".into()), None, Ok("_INBOX")),
+            (user("ci"), None, Ok("_INBOX.ci")),
+            (user("agent hv.01"), None, Ok("_INBOX.agent_hv_01")),
+            (user("ci"), Some("_R.ci"), Ok("_R.ci")),
+            (Auth::None, Some("_INBOX.>"), Err(())),
+            (Auth::None, Some("a..b"), Err(())),
+        ];
+        for (auth, given, want) in cases {
+            let mut o = ConnectOptions::new("nats://127.0.0.1:4222");
+            o.auth = auth;
+            o.inbox_prefix = given.map(str::to_string);
+            let got = o.inbox_prefix().map_err(|e| {
+                assert!(e.to_string().contains("--nats-inbox-prefix"), "{e}");
+            });
+            assert_eq!(got.as_deref(), want.as_deref(), "{given:?}");
+        }
     }
 }

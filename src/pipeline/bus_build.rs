@@ -157,7 +157,7 @@ pub async fn build_over_bus(
         (BusTarget::Private, None) => return Err(BusBuildError::Server(ServerError::NotInstalled)),
     };
     let bus = Bus::connect(&connect).await?;
-    bus.ensure_kiln_stream().await?;
+    bus.kiln_stream().await?;
     let id = bus::new_build_id();
     let req = request_for(opts, &id)?;
     let events = bus.follow(&id, true).await?;

@@ -3,6 +3,7 @@
 //! client).
 #![allow(dead_code)]
 
+pub mod nats_roles;
 pub mod registry;
 
 use std::collections::BTreeMap;
@@ -26,6 +27,11 @@ pub fn kiln(home: &Path) -> Command {
     for var in [
         "KILN_OFFLINE",
         "KILN_NATS_URL",
+        "KILN_NATS_USER",
+        "KILN_NATS_PASSWORD",
+        "KILN_NATS_TOKEN",
+        "KILN_NATS_CREDS",
+        "KILN_NATS_INBOX_PREFIX",
         "KILN_NATS_SERVER",
         "KILN_API_TOKEN",
         "KILN_ACK_WAIT",

@@ -510,6 +510,36 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     );
     assert_eq!(qemus_in(&state), vec![v2_pid]);
     assert!(page(listen).contains("kiln-app release 2"));
+
+    // --- A forged announcement of a known digest (v1's), pointing elsewhere, is refused; it
+    // cannot keep the valid announcement of that digest from deploying afterwards.
+    bytes[mid] ^= 0x5a; // v1's layer as it was signed again
+    std::fs::write(&data, &bytes).unwrap();
+    let mut forged = msg.clone();
+    forged.reference = forged.reference.replace("/kiln/app", "/kiln/elsewhere");
+    forged.build = "forged".into();
+    forged.time = EventTime::now();
+    rt().block_on(async {
+        let bus = Bus::connect_url(&url).await.unwrap();
+        bus.publish_image(&forged).await.unwrap();
+    });
+    let refused = agent.next("failed", Duration::from_secs(60));
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was booted"),
+        "{refused}"
+    );
+    let mut again = msg.clone();
+    again.time = EventTime::now();
+    rt().block_on(async {
+        let bus = Bus::connect_url(&url).await.unwrap();
+        bus.publish_image(&again).await.unwrap();
+    });
+    let v1_again = agent.next("completed", boot);
+    assert_eq!(v1_again["reference"].as_str().unwrap(), msg.reference);
+    assert!(page(listen).contains("kiln-app release 1"));
     drop(agent);
     drop(server);
 }

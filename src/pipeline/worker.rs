@@ -152,6 +152,14 @@ fn transient(e: impl std::fmt::Display) -> Failure {
     Failure::Retry(ErrorInfo::new(ErrorKind::Transient, &e.to_string()))
 }
 
+/// Whether an I/O error's text says the worker ran out of a resource (file descriptors, memory)
+/// rather than that a file is missing or unreadable: `std::io::Error` prints its OS error number.
+fn out_of_resources(message: &str) -> bool {
+    ["(os error 23)", "(os error 24)", "(os error 12)"]
+        .iter()
+        .any(|code| message.contains(code))
+}
+
 /// A git error: what no retry can heal (an unknown ref, a recipe path that is not in the
 /// repository, an unsupported URL) is final; the rest (the network) is retried.
 fn source_failure(e: crate::source::SourceError) -> Failure {
@@ -959,7 +967,14 @@ async fn render(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult,
         // Recipes see only the environment variables this worker's operator allowed.
         let env = Some(access.env_values());
         let load = |path: &std::path::Path, opts: &LoadOptions| {
-            crate::recipe::load(path, opts).map_err(|d| Failure::Input(diagnostic_info(&d)))
+            crate::recipe::load(path, opts).map_err(|d| {
+                if d.kind == crate::recipe::DiagnosticKind::Io && out_of_resources(&d.message) {
+                    // The worker ran out of descriptors or memory: not the recipe's fault.
+                    transient(&d.message)
+                } else {
+                    Failure::Input(diagnostic_info(&d))
+                }
+            })
         };
         let (recipe_path, templates_dir) = checked_paths(&access, &st.request)?;
         let loaded = match &st.request.recipe {
@@ -1272,6 +1287,14 @@ mod tests {
             )
             .unwrap();
         assert!(check_verified(&records, &build).is_ok());
+    }
+
+    #[test]
+    fn running_out_of_descriptors_is_not_a_recipe_error() {
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(out_of_resources(&format!("cannot read recipe /r.yaml: {emfile}")));
+        let missing = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert!(!out_of_resources(&format!("cannot read recipe /r.yaml: {missing}")));
     }
 
     #[test]

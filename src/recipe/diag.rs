@@ -5,14 +5,14 @@ use std::fmt;
 use std::path::PathBuf;
 
 /// A 1-based position in a source file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pos {
     pub line: usize,
     pub column: usize,
 }
 
 /// Where a diagnostic points: a file, a position and that line's text (for the snippet).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Place {
     pub file: PathBuf,
     pub pos: Pos,
@@ -23,7 +23,7 @@ pub struct Place {
 }
 
 /// What kind of mistake, for the summary and for machines (`--json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
     Io,
@@ -32,10 +32,12 @@ pub enum Kind {
     Schema,
     Semantic,
     Param,
+    /// A bound on untrusted input (fuel, output size, time, nesting, file size) was crossed.
+    Limit,
 }
 
 /// One recipe error.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Diagnostic {
     pub kind: Kind,
     pub message: String,

@@ -8,7 +8,8 @@ use std::time::Duration;
 /// minijinja fuel per render. One fuel pays for one template instruction or for 64 bytes of data
 /// a template creates (output, strings and lists built by operators, filters and functions), so
 /// the budget bounds both the time and the memory of a render: 2 million fuel is about 2 million
-/// instructions or 128 MiB of data. The example recipes use under 5,000 per render.
+/// instructions or 128 MiB of data, about 4 s of the costliest work in a debug build. The
+/// example recipes use under 100 per render.
 pub const DEFAULT_FUEL: u64 = 2_000_000;
 
 /// Output of one render (a recipe file, or a template file entry): 16 MiB.
@@ -19,7 +20,7 @@ pub const DEFAULT_MAX_TOTAL_OUTPUT: u64 = 64 << 20;
 
 /// Wall-clock time of one render, includes and imports included: 10 s. In-process it is checked
 /// whenever the render writes output or loads a template (fuel bounds the work between); a render
-/// child is killed when it runs 2 s past it.
+/// child is killed when it runs 1 s past it.
 pub const DEFAULT_RENDER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Size of one recipe file, template file or kernel configuration fragment read: 4 MiB.
@@ -30,10 +31,10 @@ pub const DEFAULT_MAX_SOURCE_BYTES: u64 = 4 << 20;
 /// own mappings take about 100 MiB of it.
 pub const DEFAULT_MAX_MEMORY: u64 = 1 << 30;
 
-/// minijinja's recursion limit (nested includes, macro calls, blocks and loops). minijinja
-/// allows at most 500; kiln's templates nest a few levels, and a lower limit keeps the stack of a
-/// 2 MiB worker thread safe in debug builds too.
-pub const DEFAULT_RECURSION_LIMIT: usize = 100;
+/// minijinja's recursion limit (nested includes, macro calls, blocks and loops; an include or a
+/// macro call counts several levels): 500, minijinja's default and its maximum. Measured: 500
+/// levels fit the 2 MiB stack of a worker thread in a debug build.
+pub const DEFAULT_RECURSION_LIMIT: usize = 500;
 
 /// The bounds a recipe load runs under. [`Limits::default`] gives the `DEFAULT_*` constants.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -105,8 +106,8 @@ impl Limit {
                 limits.recursion_limit
             ),
             Limit::Memory => format!(
-                "the render needed more memory than the limit of {} (values that grow without \
-                 end, such as lists nested in themselves, displayed or compared)",
+                "the render needed more memory than the limit of {} (huge strings or lists, or \
+                 lists that share their items, displayed, serialized or compared)",
                 bytes(limits.max_memory)
             ),
         }

@@ -712,4 +712,119 @@ mod tests {
         assert_eq!(place.pos.line, 2);
         assert!(place.pos.column >= 4, "{:?}", place.pos);
     }
+
+    /// Render `text` as `r.yaml` in-process under `limits`.
+    fn render_with(limits: &Limits, text: &str) -> Result<String, Diagnostic> {
+        let r = Renderer::new(TemplateRoots::new([]), limits);
+        r.render_str(Path::new("r.yaml"), text, &serde_json::json!({}))
+    }
+
+    /// The limit error of a render that must fail: its message and `line:column`.
+    fn limit_hit(limits: &Limits, text: &str) -> (String, (usize, usize)) {
+        let err = render_with(limits, text).expect_err("the render must cross a limit");
+        assert_eq!(err.kind, Kind::Limit, "{err}");
+        let place = err.place.as_ref().expect("a limit error has a place");
+        assert_eq!(place.file, Path::new("r.yaml"));
+        (err.message.clone(), (place.pos.line, place.pos.column))
+    }
+
+    #[test]
+    fn limits_stop_renders_with_the_limit_and_a_place() {
+        let small = Limits {
+            fuel: 100_000,
+            max_file_output: 1000,
+            max_total_output: 1500,
+            ..Limits::default()
+        };
+        // (what, template, message, line and column; no column where fuel runs out, which
+        // depends on minijinja's costs)
+        let cases: &[(&str, &str, &str, (usize, Option<usize>))] = &[
+            (
+                "one huge string",
+                "a: 1\nb: {{ 'x' * 1000000000 }}\n",
+                "limit of 100000 fuel",
+                (2, None),
+            ),
+            (
+                "loops in loops",
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                "limit of 100000 fuel",
+                (1, None),
+            ),
+            (
+                "output of one file",
+                "a: 1\n{% for i in range(100) %}{{ 'x' * 20 }}\n{% endfor %}",
+                "limit of 1000 bytes per rendered file",
+                (2, Some(29)),
+            ),
+            (
+                "raw text after the last expression",
+                "{% for i in range(100) %}xxxxxxxxxxxxxxxxxxxx\n{% endfor %}",
+                "limit of 1000 bytes per rendered file",
+                (1, Some(1)),
+            ),
+            (
+                "a list nested in itself, displayed",
+                "{% set a = [1, 1] %}{% for _ in range(1) %}{% endfor %}\
+                 {% set a = [a, a] %}{% set a = [a, a] %}{% set a = [a, a] %}{% set a = [a, a] %}\
+                 {% set a = [a, a] %}{% set a = [a, a] %}{% set a = [a, a] %}{% set a = [a, a] %}\
+                 {{ a }}",
+                "limit of 1000 bytes per rendered file",
+                (1, Some(219)),
+            ),
+            (
+                "a macro calling itself",
+                "{% macro f() %}{{ f() }}{% endmacro %}\nx: {{ f() }}",
+                "limit of 500 levels",
+                (1, Some(19)),
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (name, text, message, place) in cases {
+            let (got, at) = limit_hit(&small, text);
+            if !got.contains(message) || at.0 != place.0 || place.1.is_some_and(|c| c != at.1) {
+                wrong.push(format!("{name}: {at:?} {got}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn total_output_counts_every_render() {
+        let limits = Limits {
+            max_file_output: 1000,
+            max_total_output: 1500,
+            ..Limits::default()
+        };
+        let r = Renderer::new(TemplateRoots::new([]), &limits);
+        let text = "{{ 'x' * 800 }}";
+        let ctx = serde_json::json!({});
+        assert_eq!(r.render_str(Path::new("a"), text, &ctx).unwrap().len(), 800);
+        let err = r.render_str(Path::new("b"), text, &ctx).unwrap_err();
+        assert_eq!(err.kind, Kind::Limit);
+        assert!(
+            err.message.contains("limit of 1500 bytes in total"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_render_past_its_deadline_fails_at_its_next_write() {
+        let limits = Limits {
+            render_timeout: std::time::Duration::ZERO,
+            ..Limits::default()
+        };
+        let (message, at) = limit_hit(&limits, "a: 1\nb: {{ 2 }}\n");
+        assert!(
+            message.contains("longer than the limit of 0 s"),
+            "{message}"
+        );
+        assert_eq!(at, (2, 7));
+    }
+
+    #[test]
+    fn renders_within_limits_are_unchanged() {
+        let out = render_with(&Limits::default(), "a: {{ [1, 2] }}\nb: {{ 'x' ~ 1 }}\n").unwrap();
+        assert_eq!(out, "a: [1, 2]\nb: x1\n");
+    }
 }

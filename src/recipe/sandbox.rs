@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 pub const CHILD_ARG: &str = "__kiln-render-child";
 
 /// Time a child may take beyond the render timeout (process start, reading templates).
-const CHILD_GRACE: Duration = Duration::from_secs(2);
+const CHILD_GRACE: Duration = Duration::from_secs(1);
 
 /// Bytes of stderr kept from a child (enough for a panic message).
 const STDERR_KEEP: u64 = 16 << 10;
@@ -110,7 +110,7 @@ pub(crate) fn run(exe: &Path, request: &Request) -> Result<Response, Failure> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let memory = limits.max_memory;
-    let cpu = limits.render_timeout.as_secs().saturating_add(2);
+    let cpu = limits.render_timeout.as_secs().saturating_add(1);
     // SAFETY: between fork and exec only prctl and setrlimit run; both are async-signal-safe
     // system calls that allocate nothing.
     unsafe {

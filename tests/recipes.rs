@@ -368,6 +368,57 @@ fn bad_inputs_fail_with_place_caret_and_help() {
             "r.yaml:8:",
             "not an octal",
         ),
+        case(
+            "relative home",
+            GOOD.replace(
+                "      content: a\n",
+                "      content: a\n  users:\n    - name: admin\n      home: home/admin\n",
+            ),
+            "r.yaml:10:7",
+            "home directory `home/admin` is relative",
+        ),
+        case(
+            "empty password hash",
+            GOOD.replace(
+                "      content: a\n",
+                "      content: a\n  users:\n    - name: admin\n      password_hash: \"\"\n",
+            ),
+            "r.yaml:10:7",
+            "log in without a password",
+        ),
+        case(
+            "second key smuggled into one",
+            GOOD.replace(
+                "      content: a\n",
+                "      content: a\n  users:\n    - name: admin\n      ssh_authorized_keys:\n        - \"ssh-ed25519 A\\nssh-rsa B\"\n",
+            ),
+            "r.yaml:11:11",
+            "SSH key `ssh-ed25519 A\\nssh-rsa B` contains the control character",
+        ),
+        case(
+            "hostname with a newline",
+            GOOD.replace("      content: a\n", "      content: a\n  hostname: \"a\\n10.0.0.1 b\"\n"),
+            "r.yaml:8:3",
+            "hostname `a\\n10.0.0.1 b`",
+        ),
+        case(
+            "time zone leaving zoneinfo",
+            GOOD.replace("      content: a\n", "      content: a\n  timezone: ../../../etc/shadow\n"),
+            "r.yaml:8:3",
+            "is not a time zone name",
+        ),
+        case(
+            "suite that is an option",
+            GOOD.replace("      content: a\n", "      content: a\n  suite: --customize-hook=id\n"),
+            "r.yaml:8:3",
+            "is not a suite or component name",
+        ),
+        case(
+            "mountpoint leaving the image",
+            format!("{GOOD}    - name: data\n      type: data\n      mountpoint: /srv/../..\n"),
+            "r.yaml:19:7",
+            "mountpoint `/srv/../..` has a `.` or `..` component",
+        ),
     ];
     let mut failures = Vec::new();
     for c in cases {
@@ -435,6 +486,36 @@ fn bad_inputs_fail_with_place_caret_and_help() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A value that would add a line to /etc/passwd (a second root account) is refused at the field,
+/// before anything is built, and the error shows it escaped on one line.
+#[test]
+fn injected_account_lines_are_refused_at_the_field() {
+    let recipe = GOOD.replace(
+        "      content: a\n",
+        "      content: a\n  users:\n    - name: admin\n      shell: \"/bin/sh\\nroot2::0:0::/:/bin/sh\"\n",
+    );
+    let dir = project(&recipe, &[]);
+    let o = run(kiln()
+        .current_dir(dir.path().join("proj/recipes"))
+        .args(["check", "r.yaml"]));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--> r.yaml:10:7"), "{err}");
+    assert!(
+        err.contains("error: login shell `/bin/sh\\nroot2::0:0::/:/bin/sh` contains the control character `\\n`"),
+        "{err}"
+    );
+    assert!(err.contains("10 |       shell: \"/bin/sh\\nroot2"), "{err}");
+    assert!(
+        err.contains("help: write the shell's absolute path"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("\nroot2::0:0"),
+        "a raw newline reached the output: {err}"
+    );
 }
 
 /// How a `kiln` run ended and what it cost: exit code, stderr, wall time and the peak RSS in KiB

@@ -527,6 +527,9 @@ struct Measured {
     peak_rss_kib: i64,
 }
 
+// wait4 reaps the child (std cannot return its rusage); waiting on the handle again could reap
+// another test's child that reused the pid.
+#[allow(clippy::zombie_processes)]
 fn run_measured(cmd: &mut Command) -> Measured {
     use std::io::Read;
     let start = std::time::Instant::now();
@@ -586,8 +589,9 @@ fn template_bombs_fail_fast_with_bounded_memory() {
             .replacen("    - path: /etc/big4\n", "", 1),
     );
     let huge_recipe = format!("{GOOD}{}", "# padding\n".repeat(500_000));
-    // (what, recipe, templates, message, place)
-    let cases: Vec<(&str, String, Vec<(&str, String)>, &str, &str)> = vec![
+    /// What, recipe, templates, message, place.
+    type Bomb<'a> = (&'a str, String, Vec<(&'a str, String)>, &'a str, &'a str);
+    let cases: Vec<Bomb> = vec![
         (
             "string repeated a billion times",
             format!("# {{{{ 'x' * 1000000000 }}}}\n{GOOD}"),

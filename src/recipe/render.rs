@@ -736,9 +736,10 @@ mod tests {
             max_total_output: 1500,
             ..Limits::default()
         };
-        // (what, template, message, line and column; no column where fuel runs out, which
-        // depends on minijinja's costs)
-        let cases: &[(&str, &str, &str, (usize, Option<usize>))] = &[
+        /// What, template, message, line and column (none where fuel runs out, which depends
+        /// on minijinja's costs).
+        type Case<'a> = (&'a str, &'a str, &'a str, (usize, Option<usize>));
+        let cases: &[Case] = &[
             (
                 "one huge string",
                 "a: 1\nb: {{ 'x' * 1000000000 }}\n",

@@ -824,7 +824,9 @@ mod tests {
     fn line_fields_refuse_what_breaks_their_files() {
         let injected = "/bin/sh\nroot2::0:0::/:/bin/sh";
         let long_host = "a".repeat(65);
-        let tables: Vec<(&str, FieldCheck, Vec<(&str, bool)>)> = vec![
+        /// A field, its check, and values with whether the check refuses them.
+        type Table<'a> = (&'a str, FieldCheck, Vec<(&'a str, bool)>);
+        let tables: Vec<Table> = vec![
             (
                 "shell and home",
                 bad_account_path,

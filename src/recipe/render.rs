@@ -443,6 +443,12 @@ impl Renderer {
         };
         let response = match super::sandbox::run(exe, &request) {
             Ok(response) => response,
+            Err(super::sandbox::Failure::Spawn(why)) => {
+                // Not the recipe's fault, and not a reason to fail its build: render here, under
+                // fuel and the meter.
+                tracing::warn!("rendering in-process: no render child: {why}");
+                return self.render_here(&job, ctx);
+            }
             Err(failure) => {
                 let place = self.start_of(&job);
                 return Err(failure.diagnostic(&self.meter.limits, place));

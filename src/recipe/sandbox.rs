@@ -77,6 +77,9 @@ pub(crate) struct Response {
 pub(crate) enum Failure {
     /// It crossed a limit that only the process boundary enforces (time, memory, stack).
     Limit(Limit),
+    /// It could not be started (no processes left, the executable replaced by an upgrade): a
+    /// problem of this host, not of the recipe.
+    Spawn(String),
     /// Anything else: it could not start, crashed, or answered nonsense.
     Broken(String),
 }
@@ -89,7 +92,7 @@ impl Failure {
             Failure::Limit(limit) => Diagnostic::new(Kind::Limit, limit.describe(limits))
                 .at(Some(place))
                 .help(limit.help()),
-            Failure::Broken(why) => {
+            Failure::Spawn(why) | Failure::Broken(why) => {
                 Diagnostic::new(Kind::Template, format!("the render process failed: {why}"))
                     .at(Some(place))
                     .help("this is a bug in kiln, not in the recipe; report it with the recipe")
@@ -128,7 +131,7 @@ pub(crate) fn run(exe: &Path, request: &Request) -> Result<Response, Failure> {
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| Failure::Broken(format!("starting {}: {e}", exe.display())))?;
+        .map_err(|e| Failure::Spawn(format!("starting {}: {e}", exe.display())))?;
     // The child reads its whole request before it writes anything.
     if let Some(mut stdin) = child.stdin.take() {
         // A child that died early is reported by its exit status below.
@@ -198,7 +201,18 @@ fn classify(status: std::process::ExitStatus, stderr: &str) -> Failure {
     Failure::Broken(format!("{status}: {last}"))
 }
 
+/// Lower `resource` to `value` (never above the hard limit the process already has, which only a
+/// privileged process could raise).
 fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct it is given.
+    if unsafe { libc::getrlimit(resource, &mut current) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let value = value.min(current.rlim_max);
     let limit = libc::rlimit {
         rlim_cur: value,
         rlim_max: value,
@@ -259,5 +273,63 @@ fn serve() -> i32 {
             eprintln!("render child: writing the answer: {e}");
             3
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn a_child_that_cannot_start_is_a_host_problem() {
+        let request = Request {
+            limits: Limits::default(),
+            total_output: 0,
+            origin: Origin::Texts(BTreeMap::new()),
+            job: Job::Template { name: "x".into() },
+            context: serde_json::json!({}),
+        };
+        let got = run(Path::new("/nonexistent/kiln"), &request);
+        assert!(matches!(got, Err(Failure::Spawn(_))), "{got:?}");
+    }
+
+    #[test]
+    fn exits_say_which_limit() {
+        let killed = |signal: i32| std::process::ExitStatus::from_raw(signal);
+        let cases = [
+            (killed(libc::SIGXCPU), "", Some(Limit::Time)),
+            (
+                killed(libc::SIGABRT),
+                "memory allocation of 1073741824 bytes failed\n",
+                Some(Limit::Memory),
+            ),
+            (
+                killed(libc::SIGSEGV),
+                "\nthread 'main' has overflowed its stack\nfatal runtime error: stack overflow\n",
+                Some(Limit::Recursion),
+            ),
+            (killed(libc::SIGSEGV), "", None),
+            (
+                std::process::ExitStatus::from_raw(3 << 8),
+                "render child: …",
+                None,
+            ),
+        ];
+        for (status, stderr, want) in cases {
+            match (classify(status, stderr), want) {
+                (Failure::Limit(got), Some(want)) => assert_eq!(got, want, "{status}"),
+                (Failure::Broken(_), None) => {}
+                (got, want) => panic!("{status} {stderr:?}: {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn answers_are_read_up_to_a_cap() {
+        let (all, over) = read_capped(Some(&b"12345"[..]), 5);
+        assert_eq!((all.as_slice(), over), (&b"12345"[..], false));
+        let (cut, over) = read_capped(Some(&b"123456"[..]), 5);
+        assert_eq!((cut.as_slice(), over), (&b"12345"[..], true));
     }
 }

@@ -566,6 +566,7 @@ pub fn load_options_for(checkout: &Checkout, set: Vec<(String, String)>) -> Load
             time: Some(checkout.time),
         },
         env: None,
+        limits: crate::recipe::Limits::default(),
     }
 }
 

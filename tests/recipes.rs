@@ -368,6 +368,57 @@ fn bad_inputs_fail_with_place_caret_and_help() {
             "r.yaml:8:",
             "not an octal",
         ),
+        case(
+            "relative home",
+            GOOD.replace(
+                "      content: a\n",
+                "      content: a\n  users:\n    - name: admin\n      home: home/admin\n",
+            ),
+            "r.yaml:10:7",
+            "home directory `home/admin` is relative",
+        ),
+        case(
+            "empty password hash",
+            GOOD.replace(
+                "      content: a\n",
+                "      content: a\n  users:\n    - name: admin\n      password_hash: \"\"\n",
+            ),
+            "r.yaml:10:7",
+            "log in without a password",
+        ),
+        case(
+            "second key smuggled into one",
+            GOOD.replace(
+                "      content: a\n",
+                "      content: a\n  users:\n    - name: admin\n      ssh_authorized_keys:\n        - \"ssh-ed25519 A\\nssh-rsa B\"\n",
+            ),
+            "r.yaml:11:11",
+            "SSH key `ssh-ed25519 A\\nssh-rsa B` contains the control character",
+        ),
+        case(
+            "hostname with a newline",
+            GOOD.replace("      content: a\n", "      content: a\n  hostname: \"a\\n10.0.0.1 b\"\n"),
+            "r.yaml:8:3",
+            "hostname `a\\n10.0.0.1 b`",
+        ),
+        case(
+            "time zone leaving zoneinfo",
+            GOOD.replace("      content: a\n", "      content: a\n  timezone: ../../../etc/shadow\n"),
+            "r.yaml:8:3",
+            "is not a time zone name",
+        ),
+        case(
+            "suite that is an option",
+            GOOD.replace("      content: a\n", "      content: a\n  suite: --customize-hook=id\n"),
+            "r.yaml:8:3",
+            "is not a suite or component name",
+        ),
+        case(
+            "mountpoint leaving the image",
+            format!("{GOOD}    - name: data\n      type: data\n      mountpoint: /srv/../..\n"),
+            "r.yaml:19:7",
+            "mountpoint `/srv/../..` has a `.` or `..` component",
+        ),
     ];
     let mut failures = Vec::new();
     for c in cases {
@@ -434,5 +485,365 @@ fn bad_inputs_fail_with_place_caret_and_help() {
             failures.push(format!("--- {}: {}\n{err}", c.name, why.join("; ")));
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A value that would add a line to /etc/passwd (a second root account) is refused at the field,
+/// before anything is built, and the error shows it escaped on one line.
+#[test]
+fn injected_account_lines_are_refused_at_the_field() {
+    let recipe = GOOD.replace(
+        "      content: a\n",
+        "      content: a\n  users:\n    - name: admin\n      shell: \"/bin/sh\\nroot2::0:0::/:/bin/sh\"\n",
+    );
+    let dir = project(&recipe, &[]);
+    let o = run(kiln()
+        .current_dir(dir.path().join("proj/recipes"))
+        .args(["check", "r.yaml"]));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--> r.yaml:10:7"), "{err}");
+    assert!(
+        err.contains("error: login shell `/bin/sh\\nroot2::0:0::/:/bin/sh` contains the control character `\\n`"),
+        "{err}"
+    );
+    assert!(err.contains("10 |       shell: \"/bin/sh\\nroot2"), "{err}");
+    assert!(
+        err.contains("help: write the shell's absolute path"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("\nroot2::0:0"),
+        "a raw newline reached the output: {err}"
+    );
+}
+
+/// How a `kiln` run ended and what it cost: exit code, stderr, wall time and the peak RSS in KiB
+/// of the process and of the children it waited for (its render children), from `wait4`.
+struct Measured {
+    code: Option<i32>,
+    stderr: String,
+    elapsed: std::time::Duration,
+    peak_rss_kib: i64,
+}
+
+// wait4 reaps the child (std cannot return its rusage); waiting on the handle again could reap
+// another test's child that reused the pid.
+#[allow(clippy::zombie_processes)]
+fn run_measured(cmd: &mut Command) -> Measured {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start kiln");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr
+            .read_to_string(&mut text)
+            .expect("read kiln's stderr");
+        text
+    });
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; std's handle is not used to wait afterwards.
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
+    let elapsed = start.elapsed();
+    Measured {
+        code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+        stderr: reader.join().expect("stderr reader"),
+        elapsed,
+        peak_rss_kib: usage.ru_maxrss,
+    }
+}
+
+/// A throwaway project: `<tmp>/proj/recipes/r.yaml` and `<tmp>/proj/templates/…`.
+fn project(recipe: &str, templates: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let proj = dir.path().join("proj");
+    std::fs::create_dir_all(proj.join("recipes")).unwrap();
+    std::fs::create_dir_all(proj.join("templates")).unwrap();
+    std::fs::write(proj.join("recipes/r.yaml"), recipe).unwrap();
+    for (name, text) in templates {
+        std::fs::write(proj.join("templates").join(name), text).unwrap();
+    }
+    dir
+}
+
+/// Templates that try to take unbounded time or memory in one step. Each must fail as a recipe
+/// error (exit 2) that names the limit, at a place, within seconds and with bounded memory.
+#[test]
+fn template_bombs_fail_fast_with_bounded_memory() {
+    let dag = "{% set a = [1, 1] %}".to_string() + &"{% set a = [a, a] %}".repeat(30);
+    let big_template = "{% for i in range(15000) %}\n{{ 'x' * 1000 }}\n{% endfor %}\n";
+    let five_big_files = GOOD.replace(
+        "      content: a\n",
+        &(0..5)
+            .map(|i| format!("      template: big.j2\n    - path: /etc/big{i}\n"))
+            .collect::<String>()
+            .replacen("    - path: /etc/big4\n", "", 1),
+    );
+    let huge_recipe = format!("{GOOD}{}", "# padding\n".repeat(500_000));
+    /// What, recipe, templates, message, place.
+    type Bomb<'a> = (&'a str, String, Vec<(&'a str, String)>, &'a str, &'a str);
+    let cases: Vec<Bomb> = vec![
+        (
+            "string repeated a billion times",
+            format!("# {{{{ 'x' * 1000000000 }}}}\n{GOOD}"),
+            vec![],
+            "limit of 2000000 fuel",
+            "r.yaml:1:",
+        ),
+        (
+            "range of a billion",
+            format!("# {{{{ range(1000000000)|join }}}}\n{GOOD}"),
+            vec![],
+            "range has too many elements",
+            "r.yaml:1:",
+        ),
+        (
+            "loops in loops",
+            format!(
+                "{{% for i in range(100000) %}}{{% for j in range(100000) %}}{{% endfor %}}\
+                 {{% endfor %}}\n{GOOD}"
+            ),
+            vec![],
+            "limit of 2000000 fuel",
+            "r.yaml:1:",
+        ),
+        (
+            "a long list repeated and joined",
+            format!("# {{{{ (range(100000)|list * 100000)|join }}}}\n{GOOD}"),
+            vec![],
+            "repeated sequence is too large",
+            "r.yaml:1:",
+        ),
+        (
+            "sorting a long list",
+            format!("# {{{{ (range(100000)|list * 1000)|sort|length }}}}\n{GOOD}"),
+            vec![],
+            "limit of 2000000 fuel",
+            "r.yaml:1:",
+        ),
+        (
+            "a string doubled forty times",
+            format!(
+                "{{% set ns = namespace(s='x') %}}{{% for i in range(40) %}}\
+                 {{% set ns.s = ns.s ~ ns.s %}}{{% endfor %}}# {{{{ ns.s|length }}}}\n{GOOD}"
+            ),
+            vec![],
+            "limit of 2000000 fuel",
+            "r.yaml:1:",
+        ),
+        (
+            "a macro calling itself twice",
+            format!(
+                "{{% macro f(n) %}}{{% if n %}}{{{{ f(n-1) }}}}{{{{ f(n-1) }}}}{{% endif %}}\
+                 {{% endmacro %}}# {{{{ f(30) }}}}\n{GOOD}"
+            ),
+            vec![],
+            "limit of 2000000 fuel",
+            "r.yaml:1:",
+        ),
+        (
+            "a macro calling itself without end",
+            format!("{{% macro f() %}}{{{{ f() }}}}{{% endmacro %}}# {{{{ f() }}}}\n{GOOD}"),
+            vec![],
+            "limit of 500 levels",
+            "r.yaml:1:",
+        ),
+        (
+            "a recipe including itself",
+            format!("{{% include 'r.yaml' %}}\n{GOOD}"),
+            vec![],
+            "limit of 500 levels",
+            "r.yaml:1:",
+        ),
+        (
+            "20 MB of output",
+            format!(
+                "{{% for i in range(20000) %}}\n# {{{{ 'x' * 1000 }}}}\n{{% endfor %}}\n{GOOD}"
+            ),
+            vec![],
+            "limit of 16 MiB per rendered file",
+            "r.yaml:2:",
+        ),
+        (
+            "a list nested in itself, displayed",
+            format!("{dag}# {{{{ a }}}}\n{GOOD}"),
+            vec![],
+            "limit of 16 MiB per rendered file",
+            "r.yaml:1:",
+        ),
+        (
+            "75 MB over five templates",
+            five_big_files,
+            vec![("big.j2", big_template.to_string())],
+            "limit of 64 MiB in total",
+            "templates/big.j2:2:",
+        ),
+        (
+            "a recipe of 5 MB",
+            huge_recipe,
+            vec![],
+            "larger than the limit of 4 MiB",
+            "",
+        ),
+        (
+            "a template of 5 MB",
+            GOOD.replace("content: a", "template: huge.j2"),
+            vec![("huge.j2", "x".repeat(5 << 20))],
+            "larger than the limit of 4 MiB",
+            "r.yaml:7:",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, recipe, templates, message, place) in cases {
+        let templates: Vec<(&str, &str)> =
+            templates.iter().map(|(n, t)| (*n, t.as_str())).collect();
+        let dir = project(&recipe, &templates);
+        let m = run_measured(
+            kiln()
+                .current_dir(dir.path().join("proj/recipes"))
+                .args(["render", "r.yaml"]),
+        );
+        let mut why = Vec::new();
+        if m.code != Some(2) {
+            why.push(format!("exit code {:?}, want 2", m.code));
+        }
+        if !m.stderr.contains(message) {
+            why.push(format!("message lacks {message:?}"));
+        }
+        if !place.is_empty() && !m.stderr.contains(place) {
+            why.push(format!("no place {place:?}"));
+        }
+        if !m.stderr.contains("help:") {
+            why.push("no help".into());
+        }
+        if m.elapsed > std::time::Duration::from_secs(10) {
+            why.push(format!("took {:?}", m.elapsed));
+        }
+        if m.peak_rss_kib > 256 << 10 {
+            why.push(format!("peak RSS {} MiB", m.peak_rss_kib >> 10));
+        }
+        eprintln!(
+            "{name}: exit {:?} in {:.2?}, peak RSS {} MiB",
+            m.code,
+            m.elapsed,
+            m.peak_rss_kib >> 10
+        );
+        if !why.is_empty() {
+            failures.push(format!("--- {name}: {}\n{}", why.join("; "), m.stderr));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// What fuel does not charge: walks over lists that share their items (built cheaply, displayed,
+/// serialized or concatenated exponentially large), and memory beyond the render child's
+/// address space. A render child stops them at its time or memory limit; the parent reports
+/// which, at the start of the file, and is not harmed.
+#[test]
+fn render_children_stop_what_fuel_does_not_charge() {
+    use kiln::recipe::{DiagnosticKind, Limits, LoadOptions};
+    kiln::recipe::sandbox::enable(PathBuf::from(env!("CARGO_BIN_EXE_kiln")));
+    let limits = Limits {
+        // Enough fuel for 360 MB of strings, so that the address space is what stops them.
+        fuel: 10_000_000,
+        render_timeout: std::time::Duration::from_secs(1),
+        max_memory: 256 << 20,
+        ..Limits::default()
+    };
+    let time = "longer than the limit of 1 s";
+    let memory = "more memory than the limit of 256 MiB";
+    let dag = "{% set a = [1, 1] %}".to_string() + &"{% set a = [a, a] %}".repeat(30);
+    let cases = [
+        (
+            "serialized",
+            format!("{dag}# {{{{ a|tojson|length }}}}\n{GOOD}"),
+            time,
+        ),
+        (
+            "concatenated",
+            format!("{dag}# {{{{ ('' ~ a)|length }}}}\n{GOOD}"),
+            time,
+        ),
+        (
+            "joined",
+            format!("{dag}# {{{{ a|join|length }}}}\n{GOOD}"),
+            time,
+        ),
+        (
+            "made a string",
+            format!("{dag}# {{{{ a|string|length }}}}\n{GOOD}"),
+            time,
+        ),
+        (
+            "strings of 360 MB",
+            format!("# {{{{ ('x' * 90000000 ~ 'y' * 90000000)|length }}}}\n{GOOD}"),
+            memory,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, recipe, limit) in cases {
+        let dir = project(&recipe, &[]);
+        let path = dir.path().join("proj/recipes/r.yaml");
+        let start = std::time::Instant::now();
+        let result = kiln::recipe::load(
+            &path,
+            &LoadOptions {
+                limits: limits.clone(),
+                ..LoadOptions::default()
+            },
+        );
+        let elapsed = start.elapsed();
+        let Err(d) = result else {
+            failures.push(format!("{name}: loaded"));
+            continue;
+        };
+        eprintln!("{name}: {elapsed:.2?}: {}", d.message);
+        let at_start = d.location().is_some_and(|l| l.ends_with("r.yaml:1:1"));
+        if d.kind != DiagnosticKind::Limit
+            || !d.message.contains(limit)
+            || !at_start
+            || d.help.is_none()
+        {
+            failures.push(format!("{name}: {d}"));
+        }
+        // The timeout, the 1 s the child gets beyond it, and slack for a busy machine.
+        if elapsed > std::time::Duration::from_secs(5) {
+            failures.push(format!("{name}: took {elapsed:?}"));
+        }
+    }
+    // The same limits leave an ordinary recipe alone.
+    let dir = project(GOOD, &[]);
+    let good = kiln::recipe::load(
+        &dir.path().join("proj/recipes/r.yaml"),
+        &LoadOptions {
+            limits: limits.clone(),
+            ..LoadOptions::default()
+        },
+    );
+    if let Err(d) = good {
+        failures.push(format!("the good recipe: {d}"));
+    }
+    // Every child this process waited for stayed within its address-space limit.
+    // SAFETY: rusage is plain data that getrusage fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only the struct it is given.
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) },
+        0
+    );
+    assert!(
+        usage.ru_maxrss <= 256 << 10,
+        "a child used {} MiB",
+        usage.ru_maxrss >> 10
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -5,6 +5,7 @@
 //! and every parameter, so the same inputs give the same value.
 
 use super::diag::{Diagnostic, Kind, Place, Pos, did_you_mean};
+use super::limits::{Limits, ReadError, read_bounded};
 use super::locate::{LineMap, PathIndex};
 use super::render::{Renderer, TemplateRoots};
 use super::schema::Recipe;
@@ -25,6 +26,8 @@ pub struct LoadOptions {
     pub git: GitInfo,
     /// Environment lookup (the process environment by default; tests pass their own).
     pub env: Option<BTreeMap<String, String>>,
+    /// Bounds on rendering and on the files read (an operator setting, never from a recipe).
+    pub limits: Limits,
 }
 
 /// Where the recipe came from in git (empty when it did not).
@@ -64,14 +67,20 @@ pub struct Loaded {
 
 impl Loaded {
     /// Render a template (from the roots, else kiln's built-ins) with the recipe's context plus
-    /// `extra` (an object whose keys are added at the top level).
+    /// `extra` (an object whose keys are added at the top level), under the default [`Limits`].
+    /// The error is one line: `file:line:column: message` when the place is known.
     pub fn render_template(&self, name: &str, extra: Value) -> Result<String, String> {
         let mut ctx = self.context.clone();
         if let (Value::Object(c), Value::Object(e)) = (&mut ctx, extra) {
             c.extend(e);
         }
-        let renderer = Renderer::from_texts(self.templates.clone());
-        renderer.render_template(name, &minijinja::Value::from(minijinja::value::Serde(ctx)))
+        let renderer = Renderer::from_texts(self.templates.clone(), &Limits::default());
+        renderer
+            .render_template(name, &ctx)
+            .map_err(|d| match d.location() {
+                Some(at) => format!("{at}: {}", d.message),
+                None => d.message,
+            })
     }
 }
 
@@ -120,7 +129,7 @@ const PREAMBLE_KEYS: [&str; 4] = ["extends", "params", "env", "source_date_epoch
 
 /// Load `path` with `opts`. Every error is a [`Diagnostic`] with a place when there is one.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
-    let chain = read_chain(path)?;
+    let chain = read_chain(path, &opts.limits)?;
     let top_dir = parent_dir(path);
     let templates_dir = opts
         .templates_dir
@@ -176,8 +185,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
     let source_date_epoch = epoch.or(opts.git.time).unwrap_or(0);
 
     // Pass 1: render with an empty digest to learn which templates the recipe reads.
-    let renderer = Renderer::new(roots.clone());
-    let ctx = context(&params, &env_values, "", source_date_epoch, &opts.git);
+    let renderer = Renderer::new(roots.clone(), &opts.limits);
+    let ctx = context_json(&params, &env_values, "", source_date_epoch, &opts.git);
     let mut file_templates = Vec::new();
     let mut pass1 = Value::Object(Map::new());
     for doc in chain.iter().rev() {
@@ -198,8 +207,13 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
         fragment_name = recipe.kernel.build.map(|b| b.fragment);
     }
     for t in &file_templates {
-        // Errors are reported in pass 2 with their places.
-        let _ = renderer.render_template(t, &ctx);
+        // Errors are reported in pass 2 with their places in the recipe; a crossed limit is
+        // reported now (with its place in the template), so a bomb does not run twice.
+        if let Err(d) = renderer.render_template(t, &ctx)
+            && d.kind == Kind::Limit
+        {
+            return Err(d);
+        }
     }
     let templates = renderer.loaded();
     let mut template_texts: BTreeMap<String, String> = templates
@@ -210,7 +224,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
     let project = project_dir(&top_dir);
     let mut hashed = templates.clone();
     if let Some(name) = &fragment_name
-        && let Ok((path, text)) = read_fragment(&project, name)
+        && let Ok((path, text)) = read_fragment(&project, name, &opts.limits)
     {
         hashed.insert(
             format!("kernel-fragment:{name}"),
@@ -228,8 +242,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
     );
 
     // Pass 2: the real render.
-    let renderer = Renderer::new(roots);
-    let ctx = context(&params, &env_values, &inputs, source_date_epoch, &opts.git);
+    let renderer = Renderer::new(roots, &opts.limits);
+    let ctx = context_json(&params, &env_values, &inputs, source_date_epoch, &opts.git);
     let mut merged = Value::Object(Map::new());
     let mut indexes = Vec::new();
     for doc in chain.iter().rev() {
@@ -276,7 +290,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
     let kernel_fragment = match &recipe.kernel.build {
         None => None,
         Some(b) => Some(
-            read_fragment(&project, &b.fragment)
+            read_fragment(&project, &b.fragment, &opts.limits)
                 .map_err(|d| d.at(locate("kernel.build.fragment")))?
                 .1,
         ),
@@ -287,8 +301,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, Diagnostic> {
         let Some(name) = &f.template else { continue };
         let at = format!("rootfs.files[{i}].template");
         let text = match roots_lookup(&renderer, name) {
-            Ok(true) => renderer.render_template(name, &ctx).map_err(|msg| {
-                Diagnostic::new(Kind::Template, format!("template `{name}`: {msg}"))
+            Ok(true) => renderer.render_template(name, &ctx).map_err(|d| {
+                if d.kind == Kind::Limit {
+                    return d;
+                }
+                Diagnostic::new(Kind::Template, format!("template `{name}`: {}", d.message))
                     .at(locate(&at))
                     .help("fix the template; it is rendered with the recipe's context")
             })?,
@@ -346,7 +363,11 @@ fn project_dir(top_dir: &Path) -> PathBuf {
 
 /// Read a kernel configuration fragment named relative to the project root; it must stay inside
 /// the project and exist.
-fn read_fragment(project: &Path, name: &str) -> Result<(PathBuf, String), Diagnostic> {
+fn read_fragment(
+    project: &Path,
+    name: &str,
+    limits: &Limits,
+) -> Result<(PathBuf, String), Diagnostic> {
     let rel = Path::new(name);
     if rel.is_absolute()
         || rel.components().any(|c| {
@@ -386,7 +407,7 @@ fn read_fragment(project: &Path, name: &str) -> Result<(PathBuf, String), Diagno
         )
         .help("keep fragments inside the project (kernel-configs/)"));
     }
-    let text = std::fs::read_to_string(&real).map_err(|e| {
+    let text = read_bounded(&real, limits.max_source_bytes).map_err(|e| {
         Diagnostic::new(
             Kind::Io,
             format!(
@@ -394,6 +415,7 @@ fn read_fragment(project: &Path, name: &str) -> Result<(PathBuf, String), Diagno
                 real.display()
             ),
         )
+        .help("a fragment is a small text file of CONFIG_… lines inside the project")
     })?;
     Ok((real, text))
 }
@@ -420,7 +442,7 @@ pub fn find_templates_dir(dir: &Path) -> Option<PathBuf> {
 
 /// Read the recipe and its `extends:` chain, child first. A base must stay inside the directory
 /// tree of the project (the parent of the nearest `templates/`, else the recipe's directory).
-fn read_chain(path: &Path) -> Result<Vec<Doc>, Diagnostic> {
+fn read_chain(path: &Path, limits: &Limits) -> Result<Vec<Doc>, Diagnostic> {
     let mut chain: Vec<Doc> = Vec::new();
     let mut next = Some(path.to_path_buf());
     let top_dir = parent_dir(path);
@@ -429,9 +451,15 @@ fn read_chain(path: &Path) -> Result<Vec<Doc>, Diagnostic> {
         .or_else(|| top_dir.canonicalize().ok())
         .unwrap_or_else(|| top_dir.clone());
     while let Some(p) = next.take() {
-        let text = std::fs::read_to_string(&p).map_err(|e| {
-            Diagnostic::new(Kind::Io, format!("cannot read recipe {}: {e}", p.display()))
-                .help("check the path; recipes are YAML files such as recipes/minimal.yaml")
+        let text = read_bounded(&p, limits.max_source_bytes).map_err(|e| {
+            let d = Diagnostic::new(Kind::Io, format!("cannot read recipe {}: {e}", p.display()));
+            match e {
+                ReadError::TooLarge { .. } => d
+                    .help("split the recipe (`extends:`, templates) or ask the operator to raise the limit"),
+                ReadError::Io(_) => d.help(
+                    "check the path; recipes are YAML files such as recipes/minimal.yaml",
+                ),
+            }
         })?;
         let doc_stub = Doc {
             path: p.clone(),
@@ -731,18 +759,6 @@ fn context_json(
         "build": { "inputs": inputs, "source_date_epoch": epoch },
         "git": git,
     })
-}
-
-fn context(
-    params: &BTreeMap<String, Value>,
-    env: &BTreeMap<String, String>,
-    inputs: &str,
-    epoch: i64,
-    git: &GitInfo,
-) -> minijinja::Value {
-    minijinja::Value::from(minijinja::value::Serde(context_json(
-        params, env, inputs, epoch, git,
-    )))
 }
 
 fn inputs_digest(

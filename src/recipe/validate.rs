@@ -2,6 +2,7 @@
 //! one root partition, absolute unique image paths, …). Pure: returns problems with the field path
 //! they concern; `load` turns paths into `file:line:column`.
 
+use super::diag::one_line;
 use super::schema::{FilesystemKind, Loader, PartitionType, Recipe};
 use crate::disk::layout::{Size, parse_size};
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,6 +38,7 @@ pub fn validate(recipe: &Recipe) -> Vec<Problem> {
     check_disk(recipe, &mut out);
     check_image_paths(recipe, &mut out);
     check_accounts(recipe, &mut out);
+    check_line_fields(recipe, &mut out);
     if let Some(publish) = &recipe.publish
         && publish.repository.trim().is_empty()
     {
@@ -288,7 +290,9 @@ fn bad_image_path(path: &str) -> Option<&'static str> {
             "." | ".." => {
                 return Some("has a `.` or `..` component; paths cannot leave the image root");
             }
-            _ if c.contains('\0') => return Some("contains a NUL byte"),
+            _ if c.contains(|ch: char| ch.is_control()) => {
+                return Some("contains a control character (a newline, NUL, escape, …)");
+            }
             _ => {}
         }
     }
@@ -302,7 +306,7 @@ fn check_image_paths(recipe: &Recipe, out: &mut Vec<Problem>) {
         if let Some(why) = bad_image_path(path) {
             out.push(problem(
                 format!("{at}.path"),
-                format!("image path `{path}` {why}"),
+                format!("image path `{}` {why}", one_line(path, 80)),
                 "write an absolute path such as /etc/motd",
             ));
             return;
@@ -371,7 +375,10 @@ fn check_mode(mode: Option<&str>, at: &str, out: &mut Vec<Problem>) {
     {
         out.push(problem(
             format!("{at}.mode"),
-            format!("mode `{m}` is not an octal permission value"),
+            format!(
+                "mode `{}` is not an octal permission value",
+                one_line(m, 80)
+            ),
             "write the mode as a quoted octal string such as \"0644\" or \"4755\"",
         ));
     }
@@ -386,18 +393,24 @@ fn check_owner(owner: Option<&str>, at: &str, out: &mut Vec<Problem>) {
     if !ok {
         out.push(problem(
             format!("{at}.owner"),
-            format!("owner `{o}` is not `user:group`"),
+            format!("owner `{}` is not `user:group`", one_line(o, 80)),
             "write `user:group` with names or numbers, e.g. `root:root` or `1000:1000`",
         ));
     }
 }
 
+/// A user or group name (or number): letters, digits, `-`, `_` and `.`, at most 32, starting
+/// with a letter, digit or `_` (so never an option such as `-x`, nor `.` or `..`).
 fn valid_account(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 32
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn check_accounts(recipe: &Recipe, out: &mut Vec<Problem>) {
@@ -409,7 +422,7 @@ fn check_accounts(recipe: &Recipe, out: &mut Vec<Problem>) {
         if !valid_account(&u.name) {
             out.push(problem(
                 format!("{at}.name"),
-                format!("invalid user name `{}`", u.name),
+                format!("invalid user name `{}`", one_line(&u.name, 80)),
                 "use letters, digits, `-`, `_` and `.` (at most 32)",
             ));
         } else if !names.insert(u.name.clone()) {
@@ -436,9 +449,343 @@ fn check_accounts(recipe: &Recipe, out: &mut Vec<Problem>) {
         if !valid_account(&g.name) || !gnames.insert(g.name.clone()) {
             out.push(problem(
                 format!("rootfs.groups[{i}].name"),
-                format!("invalid or repeated group name `{}`", g.name),
+                format!("invalid or repeated group name `{}`", one_line(&g.name, 80)),
                 "use letters, digits, `-`, `_` and `.`, each group once",
             ));
+        }
+    }
+}
+
+/// Why `text` cannot be written where a field goes, or `None`: a phrase that follows the value
+/// in the message ("`x` contains …").
+type FieldCheck = fn(&str) -> Option<String>;
+
+/// A control character anywhere (a newline would start a new line of the file it lands in).
+fn control_char(text: &str) -> Option<String> {
+    text.chars()
+        .find(|c| c.is_control())
+        .map(|c| format!("contains the control character `{}`", c.escape_default()))
+}
+
+/// One field of passwd, group, shadow or gshadow: one line, no `:`.
+fn bad_passwd_field(text: &str) -> Option<String> {
+    control_char(text).or_else(|| {
+        text.contains(':').then(|| {
+            "contains `:`, which separates the fields of passwd, group and shadow".to_string()
+        })
+    })
+}
+
+/// A login shell or home directory: a passwd field and an absolute, normalised image path.
+fn bad_account_path(text: &str) -> Option<String> {
+    bad_passwd_field(text).or_else(|| bad_image_path(text).map(str::to_string))
+}
+
+/// The shadow password field: a crypt(3) hash (or a locked `!…`), never empty.
+fn bad_password_hash(text: &str) -> Option<String> {
+    if text.is_empty() {
+        return Some("is empty, which lets the user log in without a password".into());
+    }
+    bad_passwd_field(text).or_else(|| {
+        text.contains(char::is_whitespace)
+            .then(|| "contains whitespace; crypt(3) hashes have none".to_string())
+    })
+}
+
+/// A line of authorized_keys.
+fn bad_key_line(text: &str) -> Option<String> {
+    control_char(text)
+}
+
+/// A hostname: dot-separated labels of letters, digits and `-` (not at either end), at most 63
+/// each and 64 in all (the kernel's limit).
+fn bad_hostname(text: &str) -> Option<String> {
+    if text.is_empty() || text.len() > 64 {
+        return Some("is not 1 to 64 characters long".into());
+    }
+    for label in text.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Some(format!(
+                "has the label `{}`; labels are letters, digits and `-` (not first or last)",
+                one_line(label, 64)
+            ));
+        }
+    }
+    None
+}
+
+/// A time zone name under /usr/share/zoneinfo: relative, no `.` or `..` components, letters,
+/// digits, `_`, `+` and `-`.
+fn bad_timezone(text: &str) -> Option<String> {
+    let ok = !text.is_empty()
+        && text.len() <= 255
+        && text.split('/').all(|part| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_+-".contains(c))
+        });
+    (!ok).then(|| {
+        "is not a time zone name such as Etc/UTC or Europe/Berlin (letters, digits, `_`, `+`, `-`, \
+         `/` between parts)"
+            .to_string()
+    })
+}
+
+/// A locale name such as `C.UTF-8`, `en_US.UTF-8` or `sr_RS@latin`.
+fn bad_locale(text: &str) -> Option<String> {
+    let ok = !text.is_empty()
+        && text.len() <= 255
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.@-".contains(c));
+    (!ok).then(|| {
+        "is not a locale name such as C.UTF-8 or en_US.UTF-8 (letters, digits, `_`, `.`, `@`, `-`)"
+            .to_string()
+    })
+}
+
+/// A data partition's mountpoint: an absolute, normalised image path other than `/`, and one
+/// fstab field (no whitespace).
+fn bad_mountpoint(text: &str) -> Option<String> {
+    control_char(text)
+        .or_else(|| {
+            text.contains(char::is_whitespace)
+                .then(|| "contains whitespace, which separates the fields of fstab".to_string())
+        })
+        .or_else(|| bad_image_path(text).map(str::to_string))
+}
+
+/// A Debian package name (policy 5.6.1): lowercase letters, digits, `+`, `-`, `.`, at least two,
+/// starting with a letter or digit.
+fn bad_package(text: &str) -> Option<String> {
+    let ok = text.len() >= 2
+        && text.len() <= 255
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+        && text
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    (!ok).then(|| {
+        "is not a Debian package name (lowercase letters, digits, `+`, `-`, `.`)".to_string()
+    })
+}
+
+/// A suite or component of the archive (`bookworm`, `bookworm-backports`, `main`,
+/// `non-free-firmware`): it becomes part of URLs and of mmdebstrap's arguments.
+fn bad_archive_name(text: &str) -> Option<String> {
+    let ok = !text.is_empty()
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
+        && text
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    (!ok).then(|| {
+        "is not a suite or component name (letters, digits, `.`, `_`, `+`, `-`, starting with a \
+         letter or digit)"
+            .to_string()
+    })
+}
+
+/// mmdebstrap's variants.
+const VARIANTS: [&str; 11] = [
+    "extract",
+    "custom",
+    "essential",
+    "apt",
+    "required",
+    "minbase",
+    "buildd",
+    "important",
+    "debootstrap",
+    "-",
+    "standard",
+];
+
+fn bad_variant(text: &str) -> Option<String> {
+    (!VARIANTS.contains(&text)).then(|| format!("is not one of {}", VARIANTS.join(", ")))
+}
+
+/// Fields whose values land in line-based files (passwd, shadow, group, gshadow,
+/// authorized_keys, hostname, hosts, timezone, locale, fstab) or in mmdebstrap's arguments:
+/// one line each, no separators of their format, paths absolute and inside the image.
+fn check_line_fields(recipe: &Recipe, out: &mut Vec<Problem>) {
+    let check = |out: &mut Vec<Problem>,
+                 path: String,
+                 what: &str,
+                 value: &str,
+                 bad: FieldCheck,
+                 help: &str| {
+        if let Some(why) = bad(value) {
+            out.push(problem(
+                path,
+                format!("{what} `{}` {why}", one_line(value, 80)),
+                help,
+            ));
+        }
+    };
+    let r = &recipe.rootfs;
+    for (i, u) in r.users.iter().enumerate() {
+        let at = format!("rootfs.users[{i}]");
+        if let Some(shell) = &u.shell {
+            check(
+                out,
+                format!("{at}.shell"),
+                "login shell",
+                shell,
+                bad_account_path,
+                "write the shell's absolute path on one line, e.g. /bin/sh",
+            );
+        }
+        if let Some(home) = &u.home {
+            check(
+                out,
+                format!("{at}.home"),
+                "home directory",
+                home,
+                bad_account_path,
+                "write an absolute path inside the image other than /, e.g. /home/admin",
+            );
+        }
+        if let Some(hash) = &u.password_hash {
+            check(
+                out,
+                format!("{at}.password_hash"),
+                "password hash",
+                hash,
+                bad_password_hash,
+                "give a crypt(3) hash (mkpasswd -m yescrypt), or leave password_hash out to lock \
+                 the password",
+            );
+        }
+        for (k, key) in u.ssh_authorized_keys.iter().enumerate() {
+            check(
+                out,
+                format!("{at}.ssh_authorized_keys[{k}]"),
+                "SSH key",
+                key,
+                bad_key_line,
+                "give each key as one list item on one line (`ssh-ed25519 AAAA… comment`)",
+            );
+        }
+        let groups = u.group.iter().map(|g| (format!("{at}.group"), g));
+        let extra = u
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(k, g)| (format!("{at}.groups[{k}]"), g));
+        for (path, g) in groups.chain(extra) {
+            if !valid_account(g) {
+                out.push(problem(
+                    path,
+                    format!("invalid group name `{}`", one_line(g, 80)),
+                    "use letters, digits, `-`, `_` and `.` (at most 32)",
+                ));
+            }
+        }
+    }
+    if let Some(hostname) = &r.hostname {
+        check(
+            out,
+            "rootfs.hostname".into(),
+            "hostname",
+            hostname,
+            bad_hostname,
+            "write a hostname such as `web-1` or `web-1.example.org`",
+        );
+    }
+    if let Some(zone) = &r.timezone {
+        check(
+            out,
+            "rootfs.timezone".into(),
+            "time zone",
+            zone,
+            bad_timezone,
+            "name a zone under /usr/share/zoneinfo, e.g. Etc/UTC",
+        );
+    }
+    if let Some(locale) = &r.locale {
+        check(
+            out,
+            "rootfs.locale".into(),
+            "locale",
+            locale,
+            bad_locale,
+            "write a locale such as C.UTF-8",
+        );
+    }
+    if let Some(suite) = &r.suite {
+        check(
+            out,
+            "rootfs.suite".into(),
+            "suite",
+            suite,
+            bad_archive_name,
+            "name a Debian suite such as bookworm",
+        );
+    }
+    if let Some(variant) = &r.variant {
+        check(
+            out,
+            "rootfs.variant".into(),
+            "variant",
+            variant,
+            bad_variant,
+            "choose an mmdebstrap variant, e.g. minbase",
+        );
+    }
+    for (i, c) in r.components.iter().enumerate() {
+        check(
+            out,
+            format!("rootfs.components[{i}]"),
+            "component",
+            c,
+            bad_archive_name,
+            "name archive components such as main or contrib",
+        );
+    }
+    for (i, p) in r.packages.iter().enumerate() {
+        check(
+            out,
+            format!("rootfs.packages[{i}]"),
+            "package",
+            p,
+            bad_package,
+            "give one Debian package name per list item",
+        );
+    }
+    if let Some(p) = &recipe.kernel.package {
+        check(
+            out,
+            "kernel.package".into(),
+            "kernel package",
+            p,
+            bad_package,
+            "name a Debian kernel package, e.g. linux-image-cloud-amd64",
+        );
+    }
+    for (i, p) in recipe.disk.partitions.iter().enumerate() {
+        if let Some(m) = &p.mountpoint {
+            check(
+                out,
+                format!("disk.partitions[{i}].mountpoint"),
+                "mountpoint",
+                m,
+                bad_mountpoint,
+                "write an absolute path inside the image other than /, e.g. /srv",
+            );
         }
     }
 }
@@ -450,8 +797,267 @@ mod tests {
     #[test]
     fn image_paths() {
         assert!(bad_image_path("/etc/motd").is_none());
-        for bad in ["etc/motd", "/etc/../x", "/a//b", "/", "/./a"] {
+        for bad in [
+            "etc/motd",
+            "/etc/../x",
+            "/a//b",
+            "/",
+            "/./a",
+            "/etc/a\nb",
+            "/a\u{1b}b",
+        ] {
             assert!(bad_image_path(bad).is_some(), "{bad}");
+        }
+    }
+
+    /// Run `check` over `(value, refused?)` rows; the failures, if any.
+    fn table(check: FieldCheck, rows: &[(&str, bool)]) -> Vec<String> {
+        rows.iter()
+            .filter_map(|(value, refused)| {
+                let got = check(value);
+                (got.is_some() != *refused).then(|| format!("{value:?}: {got:?}"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn line_fields_refuse_what_breaks_their_files() {
+        let injected = "/bin/sh\nroot2::0:0::/:/bin/sh";
+        let long_host = "a".repeat(65);
+        /// A field, its check, and values with whether the check refuses them.
+        type Table<'a> = (&'a str, FieldCheck, Vec<(&'a str, bool)>);
+        let tables: Vec<Table> = vec![
+            (
+                "shell and home",
+                bad_account_path,
+                vec![
+                    ("/bin/sh", false),
+                    ("/home/admin", false),
+                    ("/usr/sbin/nologin", false),
+                    (injected, true),
+                    ("/bin/sh\r", true),
+                    ("/bin/\u{1b}[2Jsh", true),
+                    ("/bin/sh\u{7f}", true),
+                    ("/home/a:b", true),
+                    ("bin/sh", true),
+                    ("", true),
+                    ("/", true),
+                    ("/home/../etc", true),
+                    ("/home/./a", true),
+                    ("/home//a", true),
+                    ("/home/a\0", true),
+                ],
+            ),
+            (
+                "password hash",
+                bad_password_hash,
+                vec![
+                    ("$6$salt$abc./XYZ", false),
+                    ("$y$j9T$salt$hash", false),
+                    ("!", false),
+                    ("!$6$salt$abc", false),
+                    ("", true),
+                    ("$6$a:b", true),
+                    ("$6$a\nroot::0", true),
+                    ("$6$a b", true),
+                ],
+            ),
+            (
+                "authorized key",
+                bad_key_line,
+                vec![
+                    ("ssh-ed25519 AAAAC3Nza user@host", false),
+                    ("from=\"10.0.0.0/8\" ssh-ed25519 AAAA x", false),
+                    ("ssh-ed25519 AAAA\nssh-rsa BBBB evil", true),
+                    ("ssh-ed25519 AAAA\r", true),
+                    ("ssh-ed25519\tAAAA", true),
+                ],
+            ),
+            (
+                "hostname",
+                bad_hostname,
+                vec![
+                    ("web-1", false),
+                    ("web-1.example.org", false),
+                    ("a", false),
+                    ("", true),
+                    ("-web", true),
+                    ("web-", true),
+                    ("web_1", true),
+                    ("web 1", true),
+                    ("web\n127.0.0.1 evil", true),
+                    ("a..b", true),
+                    (&long_host, true),
+                ],
+            ),
+            (
+                "time zone",
+                bad_timezone,
+                vec![
+                    ("Etc/UTC", false),
+                    ("America/Argentina/Buenos_Aires", false),
+                    ("Etc/GMT+5", false),
+                    ("EST5EDT", false),
+                    ("", true),
+                    ("/etc/shadow", true),
+                    ("../../etc/shadow", true),
+                    ("Etc/../../x", true),
+                    ("Etc//UTC", true),
+                    ("Etc/UTC\nx", true),
+                    ("Etc/U TC", true),
+                ],
+            ),
+            (
+                "locale",
+                bad_locale,
+                vec![
+                    ("C.UTF-8", false),
+                    ("en_US.UTF-8", false),
+                    ("sr_RS@latin", false),
+                    ("", true),
+                    ("C.UTF-8\nLC_ALL=x", true),
+                    ("en_US' ; rm -rf / ; '", true),
+                    ("a b", true),
+                ],
+            ),
+            (
+                "mountpoint",
+                bad_mountpoint,
+                vec![
+                    ("/srv", false),
+                    ("/var/lib/data", false),
+                    ("/", true),
+                    ("srv", true),
+                    ("/srv/../..", true),
+                    ("/srv/./x", true),
+                    ("/srv//x", true),
+                    ("/srv data", true),
+                    ("/srv\tdata", true),
+                    ("/srv\n/dev/sda1 / ext4", true),
+                ],
+            ),
+            (
+                "package",
+                bad_package,
+                vec![
+                    ("systemd", false),
+                    ("linux-image-cloud-amd64", false),
+                    ("libstdc++6", false),
+                    ("g++", false),
+                    ("x", true),
+                    ("Systemd", true),
+                    ("a,b", true),
+                    ("-x", true),
+                    ("--customize-hook=sh", true),
+                    ("a b", true),
+                ],
+            ),
+            (
+                "suite and component",
+                bad_archive_name,
+                vec![
+                    ("bookworm", false),
+                    ("bookworm-backports", false),
+                    ("non-free-firmware", false),
+                    ("", true),
+                    ("--customize-hook=touch /x", true),
+                    ("bookworm/../x", true),
+                    ("main,contrib", true),
+                ],
+            ),
+            (
+                "variant",
+                bad_variant,
+                vec![
+                    ("minbase", false),
+                    ("important", false),
+                    ("huge", true),
+                    ("", true),
+                ],
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (name, check, rows) in &tables {
+            for f in table(*check, rows) {
+                failures.push(format!("{name}: {f}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn account_names_never_look_like_options_or_dots() {
+        for ok in ["admin", "_apt", "www-data", "a.b", "1000"] {
+            assert!(valid_account(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-x",
+            ".",
+            "..",
+            ".hidden",
+            "a:b",
+            "a\nb",
+            "a b",
+            &"a".repeat(33),
+        ] {
+            assert!(!valid_account(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_line_field_is_checked_at_its_path() {
+        use crate::recipe::schema::{Partition, UserSpec};
+        let mut recipe = Recipe::default();
+        let bad = "x\ny".to_string();
+        recipe.rootfs.users = vec![UserSpec {
+            name: "u".into(),
+            group: Some(bad.clone()),
+            groups: vec!["ok".into(), bad.clone()],
+            home: Some(bad.clone()),
+            shell: Some(bad.clone()),
+            password_hash: Some(bad.clone()),
+            ssh_authorized_keys: vec!["ok".into(), bad.clone()],
+            ..UserSpec::default()
+        }];
+        recipe.rootfs.hostname = Some(bad.clone());
+        recipe.rootfs.timezone = Some(bad.clone());
+        recipe.rootfs.locale = Some(bad.clone());
+        recipe.rootfs.suite = Some(bad.clone());
+        recipe.rootfs.variant = Some(bad.clone());
+        recipe.rootfs.components = vec![bad.clone()];
+        recipe.rootfs.packages = vec![bad.clone()];
+        recipe.kernel.package = Some(bad.clone());
+        recipe.disk.partitions = vec![Partition {
+            mountpoint: Some(bad.clone()),
+            ..Partition::default()
+        }];
+        let mut out = Vec::new();
+        check_line_fields(&recipe, &mut out);
+        let paths: Vec<&str> = out.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "rootfs.users[0].shell",
+                "rootfs.users[0].home",
+                "rootfs.users[0].password_hash",
+                "rootfs.users[0].ssh_authorized_keys[1]",
+                "rootfs.users[0].group",
+                "rootfs.users[0].groups[1]",
+                "rootfs.hostname",
+                "rootfs.timezone",
+                "rootfs.locale",
+                "rootfs.suite",
+                "rootfs.variant",
+                "rootfs.components[0]",
+                "rootfs.packages[0]",
+                "kernel.package",
+                "disk.partitions[0].mountpoint",
+            ]
+        );
+        for p in &out {
+            assert!(!p.message.contains('\n'), "{}", p.message);
+            assert!(p.message.contains("x\\ny"), "{}", p.message);
         }
     }
 

@@ -221,6 +221,45 @@ pub struct RecipeOpts {
     /// The project's templates directory (default: the nearest templates/ above the recipe).
     #[arg(long, value_name = "DIR")]
     pub templates: Option<PathBuf>,
+    #[command(flatten)]
+    pub limits: LimitOpts,
+}
+
+/// Bounds on loading a recipe (README, "Security model"): operator settings, never a recipe's.
+#[derive(Debug, Clone, Args)]
+pub struct LimitOpts {
+    /// minijinja fuel per template render (one template instruction or 64 bytes of data each).
+    #[arg(long, value_name = "N", default_value_t = crate::recipe::limits::DEFAULT_FUEL)]
+    pub render_fuel: u64,
+    /// Seconds one template render may take.
+    #[arg(long, value_name = "SECS", default_value_t = crate::recipe::limits::DEFAULT_RENDER_TIMEOUT.as_secs())]
+    pub render_timeout: u64,
+    /// MiB one rendered file may be.
+    #[arg(long, value_name = "MIB", default_value_t = crate::recipe::limits::DEFAULT_MAX_FILE_OUTPUT >> 20)]
+    pub render_output: u64,
+    /// MiB all renders of one recipe may produce together.
+    #[arg(long, value_name = "MIB", default_value_t = crate::recipe::limits::DEFAULT_MAX_TOTAL_OUTPUT >> 20)]
+    pub render_total_output: u64,
+    /// MiB of address space a render child process may use.
+    #[arg(long, value_name = "MIB", default_value_t = crate::recipe::limits::DEFAULT_MAX_MEMORY >> 20)]
+    pub render_memory: u64,
+    /// MiB a recipe, template or kernel configuration fragment file may be.
+    #[arg(long, value_name = "MIB", default_value_t = crate::recipe::limits::DEFAULT_MAX_SOURCE_BYTES >> 20)]
+    pub recipe_max_size: u64,
+}
+
+impl LimitOpts {
+    fn limits(&self) -> crate::recipe::limits::Limits {
+        crate::recipe::limits::Limits {
+            fuel: self.render_fuel.max(1),
+            render_timeout: std::time::Duration::from_secs(self.render_timeout.max(1)),
+            max_file_output: self.render_output.max(1) << 20,
+            max_total_output: self.render_total_output.max(1) << 20,
+            max_memory: self.render_memory.max(64) << 20,
+            max_source_bytes: self.recipe_max_size.max(1) << 20,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -555,6 +594,8 @@ pub struct UpArgs {
     #[command(flatten)]
     pub access: AccessOpts,
     #[command(flatten)]
+    pub limits: LimitOpts,
+    #[command(flatten)]
     pub publish: PublishOpts,
 }
 
@@ -686,6 +727,8 @@ pub struct WorkerArgs {
     pub profiles: Option<PathBuf>,
     #[command(flatten)]
     pub access: AccessOpts,
+    #[command(flatten)]
+    pub limits: LimitOpts,
     #[command(flatten)]
     pub publish: PublishOpts,
 }
@@ -820,6 +863,7 @@ impl RecipeOpts {
         LoadOptions {
             set: self.set.clone(),
             templates_dir: self.templates.clone(),
+            limits: self.limits.limits(),
             ..LoadOptions::default()
         }
     }
@@ -1914,6 +1958,7 @@ fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
     };
     let config = match worker_config(
         &args.access,
+        &args.limits,
         &args.hook_repos,
         args.profiles.clone(),
         &args.publish,
@@ -1928,7 +1973,13 @@ fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
 }
 
 fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
-    let config = match worker_config(&args.access, &[], args.profiles.clone(), &args.publish) {
+    let config = match worker_config(
+        &args.access,
+        &args.limits,
+        &[],
+        args.profiles.clone(),
+        &args.publish,
+    ) {
         Ok(c) => c,
         Err(e) => {
             report_error(&e);
@@ -1941,12 +1992,14 @@ fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
 /// The configuration of this process's workers from their flags.
 fn worker_config(
     access: &AccessOpts,
+    limits: &LimitOpts,
     extra_git: &[String],
     profiles: Option<PathBuf>,
     publish: &PublishOpts,
 ) -> Result<crate::pipeline::worker::WorkerConfig, BadInput> {
     let mut config = crate::pipeline::worker::WorkerConfig::from_env();
     config.access = access.access(extra_git)?;
+    config.limits = limits.limits();
     config.profiles_dir = profiles;
     config.publish = publish.target();
     Ok(config)

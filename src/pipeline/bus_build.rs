@@ -177,6 +177,7 @@ pub async fn build_over_bus(
         policy: private_policy(),
         local_blobs: true,
         access: caller_access(&req)?,
+        limits: opts.load.limits.clone(),
         ..WorkerConfig::from_env()
     };
     let workers = async {

@@ -89,6 +89,8 @@ pub struct WorkerConfig {
     /// What build requests may reach on this worker (recipe roots, git repositories,
     /// environment variables): nothing by default.
     pub access: RecipeAccess,
+    /// Bounds on loading a recipe (template fuel, time, output, file sizes).
+    pub limits: crate::recipe::limits::Limits,
 }
 
 impl WorkerConfig {
@@ -104,6 +106,7 @@ impl WorkerConfig {
             local_blobs: false,
             publish: None,
             access: RecipeAccess::default(),
+            limits: Default::default(),
         }
     }
 }
@@ -177,9 +180,11 @@ fn source_failure(e: crate::source::SourceError) -> Failure {
 /// A recipe diagnostic as a `failed` message's error: place, help, and the whole rendering
 /// (source line and caret) as detail.
 pub fn diagnostic_info(d: &Diagnostic) -> ErrorInfo {
-    let mut info = ErrorInfo::new(ErrorKind::Recipe, &d.message);
+    use crate::recipe::diag::one_line;
+    let mut info = ErrorInfo::new(ErrorKind::Recipe, &one_line(&d.message, 1000));
     if let Some(place) = &d.place {
-        info.file = Some(place.file.display().to_string());
+        // A hostile file name must not bring control characters into the event.
+        info.file = Some(one_line(&place.file.display().to_string(), 1000));
         info.line = u32::try_from(place.pos.line).ok();
         info.column = u32::try_from(place.pos.column).ok();
     }
@@ -962,6 +967,7 @@ async fn render(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult,
     let home = ctx.config.home.clone();
     let st = state.clone();
     let access = ctx.config.access.clone();
+    let limits = ctx.config.limits.clone();
     let loaded = blocking(move || {
         let set = params(&st.request);
         // Recipes see only the environment variables this worker's operator allowed.
@@ -984,6 +990,7 @@ async fn render(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult,
                     set,
                     templates_dir,
                     env,
+                    limits,
                     ..Default::default()
                 },
             )?,
@@ -1000,6 +1007,7 @@ async fn render(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult,
                     &LoadOptions {
                         set,
                         env,
+                        limits,
                         ..Default::default()
                     },
                 )?
@@ -1013,6 +1021,7 @@ async fn render(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult,
                 let mut opts = crate::source::load_options_for(&checkout, set);
                 opts.git.reference = git.git_ref.clone();
                 opts.env = env;
+                opts.limits = limits;
                 load(&checkout.recipe_path, &opts)?
             }
         };
@@ -1292,9 +1301,13 @@ mod tests {
     #[test]
     fn running_out_of_descriptors_is_not_a_recipe_error() {
         let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
-        assert!(out_of_resources(&format!("cannot read recipe /r.yaml: {emfile}")));
+        assert!(out_of_resources(&format!(
+            "cannot read recipe /r.yaml: {emfile}"
+        )));
         let missing = std::io::Error::from_raw_os_error(libc::ENOENT);
-        assert!(!out_of_resources(&format!("cannot read recipe /r.yaml: {missing}")));
+        assert!(!out_of_resources(&format!(
+            "cannot read recipe /r.yaml: {missing}"
+        )));
     }
 
     #[test]

@@ -118,27 +118,27 @@ impl Limit {
         match self {
             Limit::Fuel => {
                 "make the template do less work (smaller loops, no huge strings or lists); the \
-                 operator sets the limit (recipe::Limits::fuel in LoadOptions), recipes cannot"
+                 operator sets the limit (--render-fuel on kiln up/worker/build/render), recipes cannot"
             }
             Limit::FileOutput => {
                 "make the template produce less text, or split it into several files; the \
-                 operator sets the limit (recipe::Limits::max_file_output in LoadOptions)"
+                 operator sets the limit (--render-output MIB)"
             }
             Limit::TotalOutput => {
                 "make the templates produce less text; the operator sets the limit \
-                 (recipe::Limits::max_total_output in LoadOptions)"
+                 (--render-total-output MIB)"
             }
             Limit::Time => {
                 "make the template do less work; the operator sets the limit \
-                 (recipe::Limits::render_timeout in LoadOptions)"
+                 (--render-timeout SECS)"
             }
             Limit::Recursion => {
                 "check for a template that includes itself or a macro that calls itself without \
-                 end; the operator sets the limit (recipe::Limits::recursion_limit in LoadOptions)"
+                 end; the operator sets the limit (recipe::Limits::recursion_limit; 500 at most)"
             }
             Limit::Memory => {
                 "make the template build smaller values; the operator sets the limit \
-                 (recipe::Limits::max_memory in LoadOptions)"
+                 (--render-memory MIB)"
             }
         }
     }
@@ -162,7 +162,7 @@ pub enum ReadError {
     Io(#[from] std::io::Error),
     #[error(
         "the file is larger than the limit of {} for recipes, templates and fragments \
-         (recipe::Limits::max_source_bytes, an operator setting)",
+         (--recipe-max-size MIB, an operator setting)",
         bytes(*.limit)
     )]
     TooLarge { limit: u64 },

@@ -542,3 +542,68 @@ fn sigterm_stops_a_busy_worker_within_seconds() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_template_bomb_fails_in_bounded_time_while_other_builds_go_on() {
+    let server = PrivateServer::start().unwrap();
+    let url = server.url();
+    let home = shared_home();
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("up.log");
+    let _up = Running::spawn(
+        {
+            let mut c = kiln(home.path());
+            c.args([
+                "up",
+                "--nats",
+                &url,
+                "--listen",
+                "none",
+                "--render-timeout",
+                "3",
+            ])
+            .args(recipe_roots());
+            c
+        },
+        &log,
+    );
+    // Lists that share their items, serialized: minijinja charges no fuel for the walk, so only
+    // the render child's time and memory limits stop it.
+    let bomb = "{% set a = [1, 1] %}".to_string()
+        + &"{% set a = [a, a] %}".repeat(30)
+        + "name: \"{{ a|tojson|length }}\"\n";
+    let started = Instant::now();
+    let r = request(
+        Some("sec-bomb"),
+        serde_json::json!({ "inline": bomb, "name": "bomb.yaml" }),
+    );
+    publish(&url, "kiln.build.requested", r.to_string().as_bytes());
+    let good = request(
+        Some("sec-good"),
+        serde_json::json!({ "path": "recipes/minimal.yaml" }),
+    );
+    publish(&url, "kiln.build.requested", good.to_string().as_bytes());
+
+    let events = wait_end(&url, "sec-bomb", &log);
+    let f = failure(&events);
+    let took = started.elapsed();
+    assert_eq!(f.stage, kiln::bus::Stage::Render, "{f:?}");
+    assert_eq!(f.error.kind, kiln::bus::ErrorKind::Recipe, "{f:?}");
+    assert!(f.error.message.contains("limit"), "{f:?}");
+    assert!(
+        f.error.file.as_deref().unwrap_or("").ends_with("bomb.yaml"),
+        "{f:?}"
+    );
+    assert!(took < Duration::from_secs(30), "the bomb took {took:?}");
+    eprintln!("template bomb refused after {:.1} s", took.as_secs_f64());
+    // The other build went on to the end.
+    let events = wait_end(&url, "sec-good", &log);
+    assert!(
+        events.iter().any(|(e, _)| matches!(
+            e,
+            StageEvent::Completed(c) if c.stage == kiln::bus::Stage::Publish
+        )),
+        "{:?}",
+        failure(&events)
+    );
+}

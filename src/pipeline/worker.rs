@@ -299,6 +299,24 @@ impl StageRecords for SharedRecords {
     }
 }
 
+/// Records kept in this process only: what one host's private bus (`kiln build`) hands from
+/// stage to stage lives as long as that bus, not in the stage cache.
+#[derive(Clone, Default)]
+struct MemoryRecords(Arc<Mutex<std::collections::HashMap<String, Value>>>);
+
+impl StageRecords for MemoryRecords {
+    fn get(&self, stage: &str, key: &Digest256) -> Option<Value> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&format!("{stage}/{key}")).cloned()
+    }
+
+    fn put(&self, stage: &str, key: &Digest256, outputs: &Value) -> std::io::Result<()> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(format!("{stage}/{key}"), outputs.clone());
+        Ok(())
+    }
+}
+
 /// Everything the handlers share.
 struct Ctx {
     bus: Bus,
@@ -306,9 +324,21 @@ struct Ctx {
     kv: StageOutputs,
     env: StageEnv,
     config: WorkerConfig,
+    /// The hand-over records of a private bus (see [`Ctx::handoff_records`]).
+    memory: MemoryRecords,
 }
 
 impl Ctx {
+    /// Where the records of what stages hand on (states, build-id claims) live: with the stream
+    /// they are about — the shared bucket, or this process for a private bus.
+    fn handoff_records(&self) -> Box<dyn StageRecords + Send> {
+        if self.config.local_blobs {
+            Box::new(self.memory.clone())
+        } else {
+            self.records()
+        }
+    }
+
     /// Where this worker's stage records live: the local stage cache, and the shared KV bucket
     /// unless every worker shares this host's `$KILN_HOME` (one host's workers keep their
     /// records local: a record in the shared bucket would name blobs the object store does not
@@ -347,7 +377,7 @@ async fn record_state(
     let record = json!({ "build": build, "stage": stage });
     let c = ctx.clone();
     blocking(move || {
-        c.records()
+        c.handoff_records()
             .put(STATE_RECORD, &key, &record)
             .map_err(|e| transient(format!("recording the state handed on: {e}")))
     })
@@ -359,7 +389,7 @@ async fn record_state(
 async fn check_state(ctx: &Arc<Ctx>, prev: &Previous) -> Result<(), Failure> {
     let key = prev.digest.clone();
     let c = ctx.clone();
-    let record = blocking(move || Ok(c.records().get(STATE_RECORD, &key))).await?;
+    let record = blocking(move || Ok(c.handoff_records().get(STATE_RECORD, &key))).await?;
     let agrees = record.as_ref().is_some_and(|r| {
         r["build"].as_str() == Some(prev.build.as_str())
             && r["stage"].as_str() == Some(prev.stage.name())
@@ -425,6 +455,7 @@ pub async fn run_workers(
         kv: StageOutputs::open(bus).await?,
         env,
         config: config.clone(),
+        memory: MemoryRecords::default(),
     });
     let mut workers = Vec::new();
     for stage in stages {
@@ -705,18 +736,18 @@ async fn claim_build_id(ctx: &Arc<Ctx>, id: &str, d: &Delivery) -> Result<(), Fa
         .unwrap_or(0);
     let mine = json!({ "id": id, "sequence": d.stream_sequence(), "published_ms": published });
     // Claims live with the stream they are about: in the shared bucket (never in a worker's
-    // local cache, which outlives a stream), or, for one host's private bus, in its cache.
+    // local cache, which outlives a stream), or, for one host's private bus, in this process.
     let taken = if ctx.config.local_blobs {
-        let cache = StageCache::new(&ctx.config.home);
-        let claim = mine.clone();
-        blocking(move || match cache.get::<Value>(BUILD_ID_RECORD, &key) {
-            Some(other) => Ok(Some(other)),
-            None => cache
-                .put(BUILD_ID_RECORD, &key, &claim)
-                .map(|()| None)
-                .map_err(|e| transient(format!("recording the build id: {e}"))),
-        })
-        .await?
+        let records = ctx.handoff_records();
+        match records.get(BUILD_ID_RECORD, &key) {
+            Some(other) => Some(other),
+            None => {
+                records
+                    .put(BUILD_ID_RECORD, &key, &mine)
+                    .map_err(|e| transient(format!("recording the build id: {e}")))?;
+                None
+            }
+        }
     } else {
         let name = format!("{BUILD_ID_RECORD}/{key}");
         match ctx.kv.get(&name).await.map_err(transient)? {

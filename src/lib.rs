@@ -10,6 +10,8 @@ pub mod cache;
 pub mod cli;
 pub mod debian;
 pub mod disk;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod kernel;
 pub mod manifest;
 pub mod net;

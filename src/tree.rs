@@ -62,6 +62,12 @@ pub const MAX_TAR_ENTRIES: u64 = 1_000_000;
 /// Longest path (or link target) a tar entry may have, in bytes: Linux's `PATH_MAX`.
 pub const MAX_TAR_PATH: usize = 4096;
 
+/// Most bytes of holes the GNU sparse entries of one tar stream may add. Holes are zeros that
+/// the archive does not hold, so they escape the caller's count of bytes read from the stream:
+/// a few hundred bytes of header could otherwise describe an exabyte of zeros for the blob
+/// store to write.
+pub const MAX_TAR_SPARSE_HOLES: u64 = 1 << 30;
+
 fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> TreeError {
     let path = path.into();
     move |source| TreeError::Io { path, source }
@@ -763,6 +769,7 @@ impl Tree {
             .entries()
             .map_err(tar_err("reading the archive".into()))?;
         let mut count = 0u64;
+        let mut holes = 0u64;
         for item in entries {
             let mut item = item.map_err(tar_err("reading an entry header".into()))?;
             count += 1;
@@ -855,6 +862,21 @@ impl Tree {
             let kind = match header.entry_type() {
                 T::Regular | T::Continuous | T::GNUSparse => {
                     let len = item.size();
+                    if header.entry_type() == T::GNUSparse {
+                        let stored = header
+                            .entry_size()
+                            .map_err(tar_err(format!("{path}: reading size")))?;
+                        holes = holes.saturating_add(len.saturating_sub(stored));
+                        if holes > MAX_TAR_SPARSE_HOLES {
+                            return Err(TreeError::TarLimit {
+                                what: format!(
+                                    "{path}: the holes of sparse files (zeros the archive does \
+                                     not hold) add up to too many bytes"
+                                ),
+                                limit: MAX_TAR_SPARSE_HOLES,
+                            });
+                        }
+                    }
                     let content = blobs(&mut item, len)
                         .map_err(tar_err(format!("{path}: storing content")))?;
                     EntryKind::File(content)
@@ -1066,6 +1088,49 @@ mod tests {
             assert!(matches!(err, TreeError::TarLimit { .. }), "{err}");
             assert!(err.to_string().contains("limit 4096"), "{err}");
         }
+    }
+
+    /// A GNU sparse entry `big` whose one 512-byte data block sits at `offset`: holes before it.
+    fn sparse_tar(offset: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_path("big").unwrap();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(512);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.sparse[0].set_offset(offset);
+        gnu.sparse[0].set_length(512);
+        gnu.set_real_size(offset + 512);
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(&[b'x'; 512]);
+        bytes.extend_from_slice(&[0; 1024]);
+        bytes
+    }
+
+    #[test]
+    fn sparse_holes_are_bounded() {
+        let mut t = Tree::new();
+        t.extend_from_tar(&sparse_tar(1024)[..], &mut |r, len| {
+            let mut v = Vec::new();
+            r.read_to_end(&mut v)?;
+            assert_eq!(v.len() as u64, len);
+            Ok(Content::inline(v))
+        })
+        .unwrap();
+        assert_eq!(t.content_bytes(), 1536);
+        // 2 KiB of archive describing an exabyte of zeros.
+        let mut t = Tree::new();
+        let err = t
+            .extend_from_tar(
+                &sparse_tar(1 << 60)[..],
+                &mut |_, _| -> io::Result<Content> { panic!("the content was read") },
+            )
+            .unwrap_err();
+        assert!(matches!(err, TreeError::TarLimit { .. }), "{err}");
     }
 
     #[test]

@@ -241,7 +241,9 @@ fn modinfo_section(path: &str, read: &mut ReadAt<'_>) -> Result<Vec<u8>, ModuleE
     let shentsize = u16_at(&ehdr, 0x3A);
     let shnum = u16_at(&ehdr, 0x3C);
     let shstrndx = u16_at(&ehdr, 0x3E);
-    if shentsize < 64 || shnum == 0 || shstrndx >= shnum {
+    // Entries are exactly an Elf64_Shdr, as the kernel's loader requires: a larger size would
+    // let a header of 64 bytes ask for a section table of up to 4 GiB.
+    if shentsize != 64 || shnum == 0 || shstrndx >= shnum {
         return Err(bad(format!(
             "bad section header table (entsize {shentsize}, count {shnum}, names {shstrndx})"
         )));
@@ -488,6 +490,17 @@ pub(crate) mod tests {
                     .map(|b| if b == b'.' { b'_' } else { b })
                     .collect(),
                 "no .modinfo",
+            ),
+            (
+                // Found by the kernel_module fuzzer: 65535 entries of 65535 bytes, one 3 GiB
+                // allocation before any read.
+                "f.ko",
+                {
+                    let mut e = tiny_elf(INFO);
+                    e[0x3A..0x3E].copy_from_slice(&[0xff; 4]);
+                    e
+                },
+                "bad section header table (entsize 65535",
             ),
             (
                 "e.ko.xz",

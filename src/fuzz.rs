@@ -27,9 +27,12 @@ use crate::store::{Descriptor, ImageConfig, Manifest, Reference, registry, sign}
 use crate::tree::{Content, EntryKind, Tree, TreePath};
 use crate::verify::profile::{self, Profile};
 
+/// A fuzz harness: takes any bytes, must never panic.
+pub type Harness = fn(&[u8]);
+
 /// Every target: its name (the directory names under `fuzz/corpus/` and `fuzz/regressions/`, and
 /// the cargo-fuzz target names) and its harness.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Harness)] = &[
     ("recipe", recipe),
     ("bus_message", bus_message),
     ("deb", deb),

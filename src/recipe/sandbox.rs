@@ -16,6 +16,7 @@ use super::limits::{Limit, Limits, bytes};
 use super::render::{Job, LoadedTemplate, Origin, Renderer};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -123,9 +124,11 @@ pub(crate) fn run(exe: &Path, request: &Request) -> Result<Response, Failure> {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            set_limit(libc::RLIMIT_AS, memory)?;
-            set_limit(libc::RLIMIT_CPU, cpu)?;
-            set_limit(libc::RLIMIT_CORE, 0)?;
+            set_limit(libc::RLIMIT_AS, memory, memory)?;
+            // SIGXCPU at the soft limit says "time"; the hard limit a second later (SIGKILL)
+            // only stops a child that ignores it.
+            set_limit(libc::RLIMIT_CPU, cpu, cpu.saturating_add(1))?;
+            set_limit(libc::RLIMIT_CORE, 0, 0)?;
             Ok(())
         });
     }
@@ -148,7 +151,8 @@ pub(crate) fn run(exe: &Path, request: &Request) -> Result<Response, Failure> {
     let stderr = child.stderr.take();
     let out_reader = std::thread::spawn(move || read_capped(stdout, answer_cap));
     let err_reader = std::thread::spawn(move || read_capped(stderr, STDERR_KEEP));
-    let deadline = Instant::now() + limits.render_timeout + CHILD_GRACE;
+    let started = Instant::now();
+    let deadline = started + limits.render_timeout + CHILD_GRACE;
     let mut timed_out = false;
     let status = loop {
         match child.try_wait() {
@@ -165,7 +169,10 @@ pub(crate) fn run(exe: &Path, request: &Request) -> Result<Response, Failure> {
     let out = out_reader.join().unwrap_or_default();
     let err = err_reader.join().unwrap_or_default();
     let status = status.map_err(|e| Failure::Broken(format!("waiting for the child: {e}")))?;
-    if timed_out {
+    // A child killed (by the CPU hard limit or anyone else) once its time was up ran out of time.
+    let killed_late =
+        status.signal() == Some(libc::SIGKILL) && started.elapsed() >= limits.render_timeout;
+    if timed_out || killed_late {
         return Err(Failure::Limit(Limit::Time));
     }
     if !status.success() {
@@ -182,7 +189,6 @@ pub(crate) fn run(exe: &Path, request: &Request) -> Result<Response, Failure> {
 
 /// What a child's failed exit means: which limit, or a crash.
 fn classify(status: std::process::ExitStatus, stderr: &str) -> Failure {
-    use std::os::unix::process::ExitStatusExt;
     let signal = status.signal();
     if signal == Some(libc::SIGXCPU) {
         return Failure::Limit(Limit::Time);
@@ -201,9 +207,9 @@ fn classify(status: std::process::ExitStatus, stderr: &str) -> Failure {
     Failure::Broken(format!("{status}: {last}"))
 }
 
-/// Lower `resource` to `value` (never above the hard limit the process already has, which only a
-/// privileged process could raise).
-fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
+/// Lower `resource` to `soft` and `hard` (never above the hard limit the process already has,
+/// which only a privileged process could raise).
+fn set_limit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> std::io::Result<()> {
     let mut current = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -212,10 +218,10 @@ fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result
     if unsafe { libc::getrlimit(resource, &mut current) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let value = value.min(current.rlim_max);
+    let hard = hard.min(current.rlim_max);
     let limit = libc::rlimit {
-        rlim_cur: value,
-        rlim_max: value,
+        rlim_cur: soft.min(hard),
+        rlim_max: hard,
     };
     // SAFETY: setrlimit reads the struct it is given.
     if unsafe { libc::setrlimit(resource, &limit) } != 0 {
@@ -279,7 +285,6 @@ fn serve() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::process::ExitStatusExt;
 
     #[test]
     fn a_child_that_cannot_start_is_a_host_problem() {

@@ -694,9 +694,9 @@ pub struct PublishOpts {
 }
 
 impl PublishOpts {
-    fn target(&self) -> Option<crate::pipeline::publish::PublishTarget> {
+    fn target(&self) -> Option<crate::pipeline::stages::PublishTarget> {
         let to = self.publish_to.clone()?;
-        Some(crate::pipeline::publish::PublishTarget {
+        Some(crate::pipeline::stages::PublishTarget {
             to,
             key: self.key.clone(),
             store: crate::store::StoreOptions {
@@ -1316,7 +1316,7 @@ impl StageDisplay {
             StageEvent::Completed(c) => self.note(
                 stage,
                 &StageNote::Completed {
-                    cache: crate::pipeline::events::cache_text(c.cache).into(),
+                    cache: c.cache,
                     seconds: c.duration_ms as f64 / 1000.0,
                 },
                 json,
@@ -1404,7 +1404,8 @@ fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
     };
     let display = StageDisplay::new(quiet, args.json);
     let report = if args.no_bus {
-        let observe = |stage: &str, note: crate::pipeline::build::StageNote| {
+        let observe = |stage: crate::bus::Stage, note: crate::pipeline::build::StageNote| {
+            let stage = stage.name();
             let json = || {
                 use crate::pipeline::build::StageNote;
                 match &note {
@@ -1795,9 +1796,9 @@ fn run_workers(
     mut config: crate::pipeline::worker::WorkerConfig,
     api: Option<ApiSetup>,
 ) -> anyhow::Result<i32> {
-    use crate::pipeline::worker::{RUNNABLE, run_workers};
+    use crate::pipeline::worker::run_workers;
     let stages = if stages.is_empty() {
-        RUNNABLE.to_vec()
+        crate::bus::Stage::ALL.to_vec()
     } else {
         stages
     };

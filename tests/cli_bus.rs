@@ -110,7 +110,12 @@ fn build_runs_through_a_private_server_and_leaves_nothing_behind() {
         })
         .collect();
     let plan: Vec<&str> = stages.iter().map(|(s, _)| s.as_str()).collect();
-    assert_eq!(plan, ["packages", "rootfs", "kernel", "disk", "verify"]);
+    assert_eq!(
+        plan,
+        [
+            "source", "render", "rootfs", "kernel", "disk", "verify", "publish"
+        ]
+    );
     assert!(stages.iter().any(|(s, c)| s == "disk" && c == "miss"));
     assert_eq!(report["boots"][0]["profile"], "direct");
 

@@ -56,7 +56,7 @@ fn built_kernel_boots_without_initramfs_both_ways_and_is_reused() {
             .output()
             .unwrap(),
     );
-    let kernel = &stage(&report, "kernel")["outputs"];
+    let kernel = &stage(&report, "kernel")["outputs"]["kernel"];
     // No initramfs: the kernel mounts root itself.
     assert!(kernel.get("initrd").is_none(), "{kernel}");
     let built = &kernel["built"];
@@ -145,8 +145,8 @@ fn built_kernel_boots_without_initramfs_both_ways_and_is_reused() {
     );
     let kernel2 = &stage(&again, "kernel");
     assert_eq!(kernel2["cache"], "miss");
-    assert_eq!(kernel2["outputs"]["built"]["cached"], true);
-    assert_eq!(kernel2["outputs"]["vmlinuz"], kernel["vmlinuz"]);
+    assert_eq!(kernel2["outputs"]["kernel"]["built"]["cached"], true);
+    assert_eq!(kernel2["outputs"]["kernel"]["vmlinuz"], kernel["vmlinuz"]);
     assert_eq!(again["image_digest"], report["image_digest"]);
     assert!(
         started.elapsed().as_secs() < 120,

@@ -407,6 +407,15 @@ pub enum CacheStatus {
     Miss,
 }
 
+impl std::fmt::Display for CacheStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+        })
+    }
+}
+
 /// What kind of failure: tells the user whether to fix the recipe, retry, or report a bug.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -464,6 +473,17 @@ impl ErrorInfo {
         }
     }
 
+    /// An error and its causes: the message is the chain on one line (`what: cause: cause`),
+    /// the detail the chain one cause per line when there is more than one.
+    pub fn from_error(kind: ErrorKind, e: &dyn std::error::Error) -> Self {
+        let chain = error_chain(e);
+        let mut info = ErrorInfo::new(kind, &chain.join(": "));
+        if chain.len() > 1 {
+            info.detail = Some(chain.join("\ncaused by: "));
+        }
+        info
+    }
+
     /// `file:line:column` (or as much of it as is known).
     pub fn location(&self) -> Option<String> {
         let file = self.file.as_ref()?;
@@ -473,6 +493,21 @@ impl ErrorInfo {
             _ => file.clone(),
         })
     }
+}
+
+/// An error's message and those of its causes, each said once: a cause whose text the error
+/// before it already shows is left out.
+pub fn error_chain(e: &dyn std::error::Error) -> Vec<String> {
+    let mut out: Vec<String> = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.last().is_some_and(|last| last.contains(&text)) && !text.is_empty() {
+            out.push(text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// `kiln.build.<id>.<stage>.started`

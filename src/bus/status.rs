@@ -183,7 +183,10 @@ impl StageStatus {
             StageState::Completed => "completed",
             StageState::Failed => "failed",
         };
-        let cache = self.cache.map(cache_text).unwrap_or("-");
+        let cache = self
+            .cache
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into());
         let secs = self
             .duration_ms
             .map(|ms| format!("{:.2}s", ms as f64 / 1000.0))
@@ -249,14 +252,6 @@ pub fn time_text(t: &EventTime) -> String {
     match t {
         EventTime::Rfc3339(s) => s.clone(),
         EventTime::UnixMs(ms) => super::messages::format_rfc3339_ms(*ms),
-    }
-}
-
-/// `hit` or `miss`.
-pub fn cache_text(c: CacheStatus) -> &'static str {
-    match c {
-        CacheStatus::Hit => "hit",
-        CacheStatus::Miss => "miss",
     }
 }
 

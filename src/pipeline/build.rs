@@ -1,15 +1,19 @@
-//! `kiln build` in one process: render, then the stages of [`super::stages`] in order against the
-//! local stage cache, then delivery of the verified image, its serial logs and a JSON report. An
-//! unchanged rebuild is a chain of lookups: no download, no disk write, no boot.
+//! `kiln build` in one process (`--no-bus`): the seven stages of [`crate::bus::Stage::ALL`] in
+//! order through [`run_one`] against the local stage records, then delivery of the verified
+//! image, its serial logs and a JSON report. An unchanged rebuild is a chain of lookups: no
+//! download, no disk write, no boot.
 
-use super::cache::StageCache;
+use super::bus_build::{caller_access, request_for};
+use super::records::LocalRecords;
 use super::stages::{
-    BootSummary, BuildState, ProgressUpdate, Stage, StageEnv, StageError, StageReport,
-    check_supported, copy_sparse, is_debian, run_stage,
+    BootSummary, Handover, ProgressUpdate, StageEnv, StageError, StageReport, io as stage_io,
+    run_one,
 };
+use crate::bus::{self, CacheStatus};
 use crate::cache::{BlobStore, Digest256, write_atomic};
 use crate::packages::ArchiveOptions;
 use crate::recipe::LoadOptions;
+use crate::tree::Content;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -63,10 +67,16 @@ pub struct PackageSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("{0}")]
+    #[error("{}", .0.message)]
     Recipe(Box<crate::recipe::Diagnostic>),
-    #[error(transparent)]
-    Stage(#[from] StageError),
+    #[error("the {stage} stage failed")]
+    Stage {
+        stage: bus::Stage,
+        #[source]
+        source: StageError,
+    },
+    #[error("delivering the image")]
+    Deliver(#[source] StageError),
 }
 
 impl BuildError {
@@ -74,23 +84,16 @@ impl BuildError {
     pub fn is_input_error(&self) -> bool {
         match self {
             BuildError::Recipe(_) => true,
-            BuildError::Stage(e) => e.is_input_error(),
+            BuildError::Stage { source, .. } | BuildError::Deliver(source) => {
+                source.is_input_error()
+            }
         }
     }
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
     let what = what.into();
-    move |source| BuildError::Stage(StageError::Io { what, source })
-}
-
-/// The stages a build runs, in order.
-pub fn stage_plan(verify: bool, profiles: &[String]) -> Vec<Stage> {
-    let mut plan = vec![Stage::Packages, Stage::Rootfs, Stage::Kernel, Stage::Disk];
-    if verify {
-        plan.extend(profiles.iter().cloned().map(Stage::Verify));
-    }
-    plan
+    move |source| BuildError::Deliver(StageError::Io { what, source })
 }
 
 /// What a build tells its caller about a stage as it runs (for progress bars and logs).
@@ -98,79 +101,60 @@ pub fn stage_plan(verify: bool, profiles: &[String]) -> Vec<Stage> {
 pub enum StageNote {
     Started,
     Progress(ProgressUpdate),
-    Completed {
-        /// `hit` or `miss`.
-        cache: String,
-        seconds: f64,
-    },
+    Completed { cache: CacheStatus, seconds: f64 },
 }
 
-/// Build (and, unless told otherwise, boot) a recipe in this process, without NATS.
-/// `observe(stage, note)` hears of every stage as it starts, progresses and ends.
+/// Build (and, unless told otherwise, boot) a recipe in this process, without NATS: the same
+/// stages as on the bus, in the same order. `observe(stage, note)` hears of every stage as it
+/// starts, progresses and ends.
 pub fn build(
     opts: &BuildOptions,
-    observe: &(dyn Fn(&str, StageNote) + Sync),
+    observe: &(dyn Fn(bus::Stage, StageNote) + Sync),
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
-    let loaded = crate::recipe::load(&opts.recipe, &opts.load)
-        .map_err(|d| BuildError::Recipe(Box::new(d)))?;
-    check_supported(&loaded)?;
-    let env = StageEnv::new(
+    let request = request_for(opts, &bus::new_build_id()).map_err(BuildError::Deliver)?;
+    let mut env = StageEnv::new(
         opts.home.clone(),
         opts.archive.clone(),
         opts.profiles_dir.clone(),
     );
-    let records = StageCache::new(&opts.home);
-    let profiles = if opts.profiles.is_empty() {
-        vec![
-            loaded
-                .recipe
-                .verify
-                .profile
-                .clone()
-                .unwrap_or_else(|| "direct".into()),
-        ]
-    } else {
-        opts.profiles.clone()
-    };
-    let mut state = BuildState::new(loaded);
-    let mut stages = Vec::new();
-    let sink = |stage: &Stage, update: ProgressUpdate| {
-        observe(stage.name(), StageNote::Progress(update));
-    };
-    for stage in stage_plan(opts.verify, &profiles) {
-        observe(stage.name(), StageNote::Started);
-        let report = run_stage(&env, &records, &stage, &mut state, &sink)?;
+    env.access = caller_access(&request).map_err(BuildError::Deliver)?;
+    env.limits = opts.load.limits.clone();
+    let records = LocalRecords::new(&opts.home);
+    let mut h = Handover::new(request);
+    for stage in bus::Stage::ALL {
+        observe(stage, StageNote::Started);
+        let sink = |update: ProgressUpdate| observe(stage, StageNote::Progress(update));
+        let ran = run_one(&env, &records, stage, &mut h, &sink).map_err(|e| match e {
+            StageError::Recipe(d) => BuildError::Recipe(d),
+            source => BuildError::Stage { stage, source },
+        })?;
         observe(
-            stage.name(),
+            stage,
             StageNote::Completed {
-                cache: report.cache.clone(),
-                seconds: report.seconds,
+                cache: ran.report.cache,
+                seconds: ran.report.seconds,
             },
         );
-        stages.push(report);
     }
-    let mirror_requests = env
-        .mirror_requests
-        .load(std::sync::atomic::Ordering::Relaxed);
-    deliver(opts, &env.blobs, &state, stages, mirror_requests, started)
+    h.mirror_requests = env.requests();
+    deliver(opts, &env.blobs, &h, started)
 }
 
 /// Deliver a finished build to `opts.out_dir`: the image from `blobs` (only once it booted),
-/// its serial logs and the JSON report. Shared by the in-process and the NATS paths.
+/// its serial logs and the JSON report with every stage's report. Shared by the in-process and
+/// the NATS paths.
 pub fn deliver(
     opts: &BuildOptions,
     blobs: &BlobStore,
-    state: &BuildState,
-    stages: Vec<StageReport>,
-    mirror_requests: u64,
+    h: &Handover,
     started: Instant,
 ) -> Result<BuildReport, BuildError> {
+    let state = h.artifacts().map_err(BuildError::Deliver)?;
     let recipe = &state.loaded.recipe;
-    let (Some(disk), Some(kernel), Some(packages)) = (&state.disk, &state.kernel, &state.packages)
-    else {
-        return Err(StageError::Missing("disk").into());
-    };
+    let disk = state.disk().map_err(BuildError::Deliver)?;
+    let kernel = state.kernel().map_err(BuildError::Deliver)?;
+    let packages = state.packages().map_err(BuildError::Deliver)?;
 
     // Deliver: the image (only now that it booted), its serial logs, the report.
     std::fs::create_dir_all(&opts.out_dir)
@@ -180,7 +164,7 @@ pub fn deliver(
         None => format!("{}.{}", recipe.name, disk.format),
     };
     let image_path = opts.out_dir.join(file_name);
-    copy_sparse(&blobs.path(&disk.image), &image_path)?;
+    copy_sparse(&blobs.path(&disk.image), &image_path).map_err(BuildError::Deliver)?;
     let mut boots = state.boots.clone();
     for (i, boot) in boots.iter_mut().enumerate() {
         let Some(log) = &boot.serial_log else {
@@ -216,7 +200,7 @@ pub fn deliver(
         kernel_version: kernel.version.clone(),
         modules: kernel.modules.clone(),
         packages: packages
-            .fetched(is_debian(&state.loaded))
+            .fetched(state.is_debian())
             .into_iter()
             .map(|p| PackageSummary {
                 name: p.name.clone(),
@@ -224,9 +208,9 @@ pub fn deliver(
                 sha256: p.sha256.clone(),
             })
             .collect(),
-        stages,
+        stages: h.reports.clone(),
         boots,
-        mirror_requests,
+        mirror_requests: h.mirror_requests,
         seconds: started.elapsed().as_secs_f64(),
     };
     let json = serde_json::to_vec_pretty(&report)
@@ -235,4 +219,130 @@ pub fn deliver(
     report_path.push(".report.json");
     write_atomic(Path::new(&report_path), &json).map_err(io("writing the report"))?;
     Ok(report)
+}
+
+/// Copy a file keeping its holes (temp file + rename).
+pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), StageError> {
+    use std::os::unix::fs::FileExt;
+    let len = std::fs::metadata(from)
+        .map_err(stage_io(format!("reading {}", from.display())))?
+        .len();
+    let content = Content::Host {
+        path: from.to_path_buf(),
+        len,
+    };
+    let dir = match to.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(stage_io(format!("creating a file in {}", dir.display())))?;
+    tmp.as_file()
+        .set_len(len)
+        .map_err(stage_io("sizing the copy"))?;
+    let reader = content
+        .reader()
+        .map_err(stage_io("reading the cached image"))?;
+    let source =
+        std::fs::File::open(from).map_err(stage_io(format!("reading {}", from.display())))?;
+    let mut buf = Vec::new();
+    let mut in_kernel = true;
+    for (start, length) in content
+        .data_ranges()
+        .map_err(stage_io("reading the cached image"))?
+    {
+        let mut off = start;
+        if in_kernel {
+            match kernel_copy(&source, tmp.as_file(), start, length) {
+                Ok(()) => continue,
+                // Not on this kernel or between these filesystems: copy through memory.
+                Err(copied) => {
+                    off = copied;
+                    in_kernel = false;
+                }
+            }
+        }
+        buf.resize(1 << 20, 0);
+        while off < start + length {
+            let want = ((start + length - off) as usize).min(buf.len());
+            let n = reader
+                .read_at(off, &mut buf[..want])
+                .map_err(stage_io("reading the cached image"))?;
+            if n == 0 {
+                break;
+            }
+            tmp.as_file()
+                .write_all_at(&buf[..n], off)
+                .map_err(stage_io("writing the copy"))?;
+            off += n as u64;
+        }
+    }
+    // A delivered image is an ordinary file (the temp file was made 0600).
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(stage_io(format!("setting the mode of {}", to.display())))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(stage_io("syncing the copy"))?;
+    tmp.persist(to)
+        .map_err(|e| stage_io(format!("writing {}", to.display()))(e.error))?;
+    Ok(())
+}
+
+/// Copy `len` bytes at `start` of `from` to the same offset of `to` inside the kernel
+/// (`copy_file_range`: no round trip through user memory). On failure returns the offset up to
+/// which bytes were copied, for the caller to go on another way.
+fn kernel_copy(from: &std::fs::File, to: &std::fs::File, start: u64, len: u64) -> Result<(), u64> {
+    use std::os::fd::AsRawFd;
+    let (mut off_in, mut off_out) = (start as libc::loff_t, start as libc::loff_t);
+    let end = start + len;
+    while (off_in as u64) < end {
+        let want = ((end - off_in as u64) as usize).min(1 << 30);
+        // SAFETY: both descriptors are open for the call; the offsets are ours to update.
+        let n = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut off_in,
+                to.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        if n <= 0 {
+            return Err(off_in as u64);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_sparse_keeps_data_and_holes_and_makes_an_ordinary_file() {
+        use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("image");
+        let f = std::fs::File::create(&from).unwrap();
+        let len = 64u64 << 20;
+        f.set_len(len).unwrap();
+        f.write_all_at(&[7u8; 5000], 0).unwrap();
+        f.write_all_at(&[9u8; 70000], 40 << 20).unwrap();
+        drop(f);
+        let to = dir.path().join("out").join("copy.raw");
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        copy_sparse(&from, &to).unwrap();
+        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
+        let m = std::fs::metadata(&to).unwrap();
+        assert_eq!(m.len(), len);
+        assert!(
+            m.blocks() * 512 < 4 << 20,
+            "the hole was written: {}",
+            m.blocks()
+        );
+        assert_eq!(m.permissions().mode() & 0o777, 0o644);
+    }
 }

@@ -1,5 +1,5 @@
 //! `kiln build` through NATS: submit the build request, follow the build's events on the stream
-//! (for progress bars and logs) until the verify stage completes or a stage fails, then deliver
+//! (for progress bars and logs) until the publish stage completes or a stage fails, then deliver
 //! the image, serial logs and report like the in-process build.
 //!
 //! Without a URL ([`BusTarget::Private`]) kiln starts a private `nats-server` (JetStream in a
@@ -11,7 +11,8 @@
 
 use super::access::{RecipeAccess, is_forbidden_env};
 use super::build::{BuildError, BuildOptions, BuildReport, deliver};
-use super::worker::{PipelineState, RUNNABLE, WorkerConfig, WorkerError, run_workers};
+use super::stages::{Handover, StageError};
+use super::worker::{WorkerConfig, WorkerError, run_workers};
 use crate::bus::{
     self, BlobError, Blobs, BuildRequest, Bus, BusError, ConnectOptions, ErrorInfo, ErrorKind,
     PrivateServer, RecipeSource, RetryPolicy, ServerError, StageEvent,
@@ -37,9 +38,9 @@ pub enum BusBuildError {
     Server(#[from] ServerError),
     #[error(transparent)]
     Bus(#[from] BusError),
-    #[error("the stage workers of this process: {0}")]
+    #[error("the stage workers of this process")]
     Worker(#[from] WorkerError),
-    #[error("fetching the build's image: {0}")]
+    #[error("fetching the build's image")]
     Blob(#[from] BlobError),
     /// A stage published `failed`: everything the user needs is in `error`.
     #[error("the {stage} stage of build {build} failed: {}", error.message)]
@@ -85,13 +86,11 @@ pub fn private_policy() -> RetryPolicy {
 }
 
 /// The build request `kiln build` publishes for `opts` (recipe and templates as absolute paths).
-pub fn request_for(opts: &BuildOptions, id: &str) -> Result<BuildRequest, BusBuildError> {
+pub fn request_for(opts: &BuildOptions, id: &str) -> Result<BuildRequest, StageError> {
     let absolute = |p: &std::path::Path| {
-        std::path::absolute(p).map_err(|source| {
-            BusBuildError::Deliver(BuildError::Stage(super::stages::StageError::Io {
-                what: format!("resolving {}", p.display()),
-                source,
-            }))
+        std::path::absolute(p).map_err(|source| StageError::Io {
+            what: format!("resolving {}", p.display()),
+            source,
         })
     };
     let requester = std::env::var("USER").unwrap_or_else(|_| "kiln build".into());
@@ -115,7 +114,7 @@ pub fn request_for(opts: &BuildOptions, id: &str) -> Result<BuildRequest, BusBui
 /// What `kiln build`'s own workers may reach: the recipe's project (the directory above its
 /// nearest `templates/`, else its own directory) and the templates directory the caller gave,
 /// no git repository, and the caller's environment (never kiln's credentials).
-fn caller_access(req: &BuildRequest) -> Result<RecipeAccess, BusBuildError> {
+pub fn caller_access(req: &BuildRequest) -> Result<RecipeAccess, StageError> {
     let mut roots = Vec::new();
     if let RecipeSource::Path { path } = &req.recipe {
         let dir = path.parent().unwrap_or(std::path::Path::new("/"));
@@ -130,10 +129,10 @@ fn caller_access(req: &BuildRequest) -> Result<RecipeAccess, BusBuildError> {
         .filter(|k| !is_forbidden_env(k))
         .collect();
     RecipeAccess::new(&roots, &[], &env, &crate::cache::kiln_home()).map_err(|message| {
-        BusBuildError::Deliver(BuildError::Stage(super::stages::StageError::Io {
+        StageError::Io {
             what: message,
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        }))
+        }
     })
 }
 
@@ -159,7 +158,8 @@ pub async fn build_over_bus(
     let bus = Bus::connect(&connect).await?;
     bus.kiln_stream().await?;
     let id = bus::new_build_id();
-    let req = request_for(opts, &id)?;
+    let deliver_err = |e| BusBuildError::Deliver(BuildError::Deliver(e));
+    let req = request_for(opts, &id).map_err(deliver_err)?;
     let events = bus.follow(&id, true).await?;
     bus.publish_request(&req).await?;
     tracing::debug!(
@@ -176,7 +176,7 @@ pub async fn build_over_bus(
         profiles_dir: opts.profiles_dir.clone(),
         policy: private_policy(),
         local_blobs: true,
-        access: caller_access(&req)?,
+        access: caller_access(&req).map_err(deliver_err)?,
         limits: opts.load.limits.clone(),
         ..WorkerConfig::from_env()
     };
@@ -185,7 +185,7 @@ pub async fn build_over_bus(
             let stop = async {
                 let _ = stop_rx.await;
             };
-            run_workers(&bus, &RUNNABLE, config, stop).await
+            run_workers(&bus, &bus::Stage::ALL, config, stop).await
         } else {
             std::future::pending().await
         }
@@ -231,9 +231,10 @@ pub async fn build_over_bus(
         build: id.clone(),
         message,
     };
-    let state: PipelineState = serde_json::from_value(state).map_err(|e| bad(e.to_string()))?;
+    let state: Handover = serde_json::from_value(state).map_err(|e| bad(e.to_string()))?;
     let build = state
         .build
+        .as_ref()
         .ok_or_else(|| bad("it carries no build state".into()))?;
     let local = BlobStore::new(&opts.home);
     if !private && let Some(disk) = &build.disk {
@@ -249,14 +250,7 @@ pub async fn build_over_bus(
             }
         }
     }
-    let report = deliver(
-        opts,
-        &local,
-        &build,
-        state.reports,
-        state.mirror_requests,
-        started,
-    )?;
+    let report = deliver(opts, &local, &state, started)?;
     drop(server);
     Ok((id.clone(), report))
 }

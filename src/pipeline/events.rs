@@ -3,7 +3,7 @@
 //! and the list of recent builds (`kiln status`); each stage's latest state is
 //! [`crate::bus::status`]. Pure functions over messages, so the HTTP front end shows the same.
 
-pub use crate::bus::status::{cache_text, ends_build, error_text, time_text};
+pub use crate::bus::status::{ends_build, error_text, time_text};
 use crate::bus::{self, BuildRequest, ErrorInfo, StageEvent, StoredMessage, subjects};
 use serde::Serialize;
 use serde_json::Value;
@@ -51,7 +51,7 @@ pub fn event_line(e: &StageEvent) -> String {
             &c.time,
             format!(
                 "{} {:.2} s on {}",
-                cache_text(c.cache),
+                c.cache,
                 c.duration_ms as f64 / 1000.0,
                 c.worker
             ),

@@ -1,40 +1,30 @@
-//! kiln's build stages as NATS JetStream workers: one [`Worker`] per bus stage, each running the
-//! pipeline work of [`super::stages`] for the messages of its durable consumer.
+//! kiln's stages as NATS JetStream workers: one [`bus::Worker`] per stage, each running the
+//! stage's work ([`super::stages::run_one`], the same code `kiln build --no-bus` runs) for the
+//! messages of its durable consumer.
 //!
-//! Mapping of bus stages to pipeline work:
-//! - `source`: resolve the recipe source (git: check out → commit; path: must exist on this host;
-//!   inline: nothing to fetch) and assign the build id when the request has none.
-//! - `render`: load the recipe (git recipes are checked out again by commit on this worker, inline
-//!   recipes are written to a temp project directory) → a new [`BuildState`].
-//! - `rootfs`: [`Stage::Packages`] then [`Stage::Rootfs`]; `kernel`, `disk`: the stage of that name;
-//!   `verify`: one [`Stage::Verify`] per profile (the request's, else the recipe's).
-//! - `publish`: push the verified disk to the worker's [`PublishTarget`] and announce it
-//!   ([`super::publish`]); its `completed` message ends a build.
-//!
-//! Every `completed` message carries the accumulated [`PipelineState`] in `state`. Before a stage
-//! runs, the worker makes every blob it needs local through the `kiln-blobs` object store; after
-//! it runs, it uploads every blob the stage produced, then publishes `completed`, so the next stage
-//! may run on another host. Stage records live in the local stage cache and in the `kiln-stages`
-//! KV bucket. Recipe errors give one `failed` message (kind `recipe`, with file:line:column) and
-//! no retry; other errors are retried, and the last attempt publishes `failed`.
+//! Every `completed` message carries the accumulated [`Handover`] in `state`; a worker uses it
+//! only when a worker recorded that exact state for that build and stage (the message is a
+//! trigger, not a proof). Before a stage runs, the worker makes every blob it needs local through
+//! the `kiln-blobs` object store; after it runs, it uploads every blob the stage produced, then
+//! publishes `completed`, so the next stage may run on another host. Stage records live in the
+//! local records and in the `kiln-stages` KV bucket. Input errors (a recipe, a refused request, an
+//! image that does not boot) give one `failed` message and no retry; other errors are retried,
+//! and the last attempt publishes `failed`.
 
-use super::access::{AccessError, RecipeAccess};
-use super::cache::StageCache;
-use super::publish::{PublishTarget, Published, publish_build};
+use super::access::RecipeAccess;
+use super::records::{LocalRecords, MemoryRecords, StageRecords, stage_key};
 use super::stages::{
-    BuildState, ProgressSink, ProgressUpdate, Stage, StageEnv, StageError, StageRecords,
-    StageReport, VERIFIED, check_supported, is_debian, run_stage, verified_key,
+    Handover, Need, ProgressSink, ProgressUpdate, PublishTarget, StageEnv, StageError, needs,
+    produced, run_one,
 };
 use crate::bus::{
     self, BlobError, Blobs, BuildRequest, Bus, BusError, CacheStatus, Delivery, ErrorInfo,
-    ErrorKind, EventTime, Outcome, RecipeSource, RetryPolicy, StageCompleted, StageEvent,
-    StageFailed, StageOutputs, StageProgress, StageStarted, VERSION,
+    ErrorKind, EventTime, Outcome, RetryPolicy, StageCompleted, StageEvent, StageFailed,
+    StageOutputs, StageProgress, StageStarted, VERSION,
 };
 use crate::cache::Digest256;
-use crate::manifest::{Manifest, ManifestKind};
 use crate::packages::ArchiveOptions;
-use crate::recipe::{Diagnostic, LoadOptions};
-use serde::{Deserialize, Serialize};
+use crate::recipe::Diagnostic;
 use serde_json::{Value, json};
 use std::future::Future;
 use std::path::PathBuf;
@@ -43,33 +33,6 @@ use std::time::{Duration, Instant};
 
 /// The shortest time between two `progress` messages of one stage run.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
-
-/// What a build carries from stage to stage (`state` of every `completed` message).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PipelineState {
-    /// The request, with its build id filled in.
-    pub request: BuildRequest,
-    /// The git commit of a git recipe (set by `source`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub commit: Option<String>,
-    /// The commit time (seconds since the epoch) of a git recipe.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub time: Option<i64>,
-    /// The pipeline state (set by `render`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build: Option<BuildState>,
-    /// Each pipeline stage run so far (packages, rootfs, …): cache hit or miss, time, key,
-    /// outputs; what `kiln build` puts in its report.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub reports: Vec<StageReport>,
-    /// Requests the stages made to the Debian mirror so far.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub mirror_requests: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
 
 /// How the workers of one process run.
 #[derive(Debug, Clone)]
@@ -119,19 +82,12 @@ pub fn default_worker_name() -> String {
     format!("{host}/{}", std::process::id())
 }
 
-/// The bus stages a worker can run (all of them).
-pub const RUNNABLE: [bus::Stage; 7] = bus::Stage::ALL;
-
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
     Bus(#[from] BusError),
     #[error(transparent)]
     Blob(#[from] BlobError),
-    #[error(
-        "the {0} stage has no worker in this kiln; stages: source, render, rootfs, kernel, disk, verify, publish"
-    )]
-    NotRunnable(bus::Stage),
 }
 
 /// Why handling one message failed.
@@ -155,28 +111,6 @@ fn transient(e: impl std::fmt::Display) -> Failure {
     Failure::Retry(ErrorInfo::new(ErrorKind::Transient, &e.to_string()))
 }
 
-/// Whether an I/O error's text says the worker ran out of a resource (file descriptors, memory)
-/// rather than that a file is missing or unreadable: `std::io::Error` prints its OS error number.
-fn out_of_resources(message: &str) -> bool {
-    ["(os error 23)", "(os error 24)", "(os error 12)"]
-        .iter()
-        .any(|code| message.contains(code))
-}
-
-/// A git error: what no retry can heal (an unknown ref, a recipe path that is not in the
-/// repository, an unsupported URL) is final; the rest (the network) is retried.
-fn source_failure(e: crate::source::SourceError) -> Failure {
-    use crate::source::SourceError as E;
-    match e {
-        E::UnknownRef { .. }
-        | E::BadRecipePath { .. }
-        | E::MissingRecipe { .. }
-        | E::UnsupportedScheme { .. }
-        | E::NoSuchPath { .. } => Failure::Input(ErrorInfo::new(ErrorKind::Recipe, &e.to_string())),
-        e => transient(e),
-    }
-}
-
 /// A recipe diagnostic as a `failed` message's error: place, help, and the whole rendering
 /// (source line and caret) as detail.
 pub fn diagnostic_info(d: &Diagnostic) -> ErrorInfo {
@@ -193,29 +127,35 @@ pub fn diagnostic_info(d: &Diagnostic) -> ErrorInfo {
     info
 }
 
-/// The error and its causes, one per line, when that says more than the first line.
-fn error_detail(e: &dyn std::error::Error) -> Option<String> {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let cause = s.to_string();
-        if !text.contains(&cause) {
-            text.push_str(&format!("\ncaused by: {cause}"));
-        }
-        source = s.source();
-    }
-    text.contains('\n').then_some(text)
-}
-
+/// A stage's error as a `failed` message's error: input errors are final, the rest retried.
 fn stage_failure(e: &StageError) -> Failure {
-    let message = e.to_string();
-    let kind = match e {
-        _ if !e.is_input_error() => ErrorKind::Transient,
-        StageError::Verify(_) => ErrorKind::Verification,
-        _ => ErrorKind::Recipe,
+    let kind = e.kind();
+    let info = match e {
+        StageError::Recipe(d) => {
+            let mut info = diagnostic_info(d);
+            info.kind = kind;
+            info
+        }
+        StageError::Refused(access) => {
+            let mut info = ErrorInfo::from_error(kind, access);
+            info.help = Some(access.help().to_string());
+            info
+        }
+        StageError::NoRecipe(path) => {
+            let mut info = ErrorInfo::from_error(kind, e);
+            info.file = Some(crate::recipe::diag::one_line(
+                &path.display().to_string(),
+                1000,
+            ));
+            info
+        }
+        StageError::NotVerified { .. } => {
+            let mut info = ErrorInfo::from_error(kind, e);
+            info.help = Some("build it again; the verify stage must boot this image".into());
+            info
+        }
+        _ => ErrorInfo::from_error(kind, e),
     };
-    let mut info = ErrorInfo::new(kind, &message);
-    info.detail = error_detail(e);
     if kind == ErrorKind::Transient {
         Failure::Retry(info)
     } else {
@@ -237,7 +177,7 @@ struct BusProgress {
 }
 
 impl ProgressSink for BusProgress {
-    fn progress(&self, stage: &Stage, update: ProgressUpdate) {
+    fn progress(&self, update: ProgressUpdate) {
         {
             let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
@@ -247,11 +187,6 @@ impl ProgressSink for BusProgress {
             }
             *last = Some(now);
         }
-        let message = if stage.name() == self.stage.name() {
-            update.message
-        } else {
-            format!("{}: {}", stage.name(), update.message)
-        };
         let msg = StageEvent::Progress(StageProgress {
             v: VERSION,
             build: self.build.clone(),
@@ -259,7 +194,7 @@ impl ProgressSink for BusProgress {
             worker: self.worker.clone(),
             time: EventTime::now(),
             fraction: update.fraction,
-            message: Some(message),
+            message: Some(update.message),
         });
         if let Err(e) = self.rt.block_on(self.bus.publish_event(&msg)) {
             tracing::debug!(stage = %self.stage, "cannot publish progress: {e}");
@@ -270,7 +205,7 @@ impl ProgressSink for BusProgress {
 /// Stage records in the local stage cache and the shared KV bucket (get: local, else KV; put:
 /// both). Used from blocking code: KV calls run on `rt`.
 struct SharedRecords {
-    local: StageCache,
+    local: LocalRecords,
     kv: StageOutputs,
     rt: tokio::runtime::Handle,
 }
@@ -296,24 +231,6 @@ impl StageRecords for SharedRecords {
         self.rt
             .block_on(self.kv.put(&format!("{stage}/{key}"), outputs))
             .map_err(std::io::Error::other)
-    }
-}
-
-/// Records kept in this process only: what one host's private bus (`kiln build`) hands from
-/// stage to stage lives as long as that bus, not in the stage cache.
-#[derive(Clone, Default)]
-struct MemoryRecords(Arc<Mutex<std::collections::HashMap<String, Value>>>);
-
-impl StageRecords for MemoryRecords {
-    fn get(&self, stage: &str, key: &Digest256) -> Option<Value> {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&format!("{stage}/{key}")).cloned()
-    }
-
-    fn put(&self, stage: &str, key: &Digest256, outputs: &Value) -> std::io::Result<()> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert(format!("{stage}/{key}"), outputs.clone());
-        Ok(())
     }
 }
 
@@ -345,10 +262,10 @@ impl Ctx {
     /// have). Blocking: call from blocking code.
     fn records(&self) -> Box<dyn StageRecords + Send> {
         if self.config.local_blobs {
-            Box::new(StageCache::new(&self.config.home))
+            Box::new(LocalRecords::new(&self.config.home))
         } else {
             Box::new(SharedRecords {
-                local: StageCache::new(&self.config.home),
+                local: LocalRecords::new(&self.config.home),
                 kv: self.kv.clone(),
                 rt: tokio::runtime::Handle::current(),
             })
@@ -363,7 +280,7 @@ const STATE_RECORD: &str = "state";
 
 /// The digest of a state as a `completed` message carries it.
 fn state_digest(state: &Value) -> Digest256 {
-    super::cache::stage_key(STATE_RECORD, 1, state)
+    stage_key(STATE_RECORD, 1, state)
 }
 
 /// Record that this worker handed `state` on from `stage` of `build`.
@@ -427,9 +344,6 @@ pub async fn run_workers(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    if let Some(s) = stages.iter().find(|s| !RUNNABLE.contains(s)) {
-        return Err(WorkerError::NotRunnable(*s));
-    }
     bus.ensure_kiln_stream().await?;
     // What a killed worker left half-written (an image, a blob) must not pile up or be used.
     match crate::cache::sweep_stale_temp(&config.home) {
@@ -444,11 +358,14 @@ pub async fn run_workers(
             config.home.display()
         ),
     }
-    let env = StageEnv::new(
+    let mut env = StageEnv::new(
         config.home.clone(),
         config.archive.clone(),
         config.profiles_dir.clone(),
     );
+    env.access = config.access.clone();
+    env.limits = config.limits.clone();
+    env.publish = config.publish.clone();
     let ctx = Arc::new(Ctx {
         bus: bus.clone(),
         blobs: Blobs::open(bus, env.blobs.clone()).await?,
@@ -534,7 +451,7 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
             attempt: Some(d.attempt()),
         }))
         .await;
-    match run(&ctx, stage, state).await {
+    match run(&ctx, stage, state, &build).await {
         Ok((state, outputs, cache)) => {
             let state = serde_json::to_value(&state).map_err(transient)?;
             record_state(&ctx, &build, stage, &state).await?;
@@ -637,7 +554,7 @@ async fn publish_reliably(bus: &Bus, event: &StageEvent) -> Result<u64, BusError
 
 /// What a message carries: the build id, its state, and (for every stage after source) the stage
 /// that handed it on.
-type Input = (String, PipelineState, Option<Previous>);
+type Input = (String, Handover, Option<Previous>);
 
 /// The build id and state a message carries, or the build id (best known) and why it is unusable.
 fn read_input(stage: bus::Stage, d: &Delivery) -> Result<Input, (String, Box<ErrorInfo>)> {
@@ -665,15 +582,7 @@ fn read_input(stage: bus::Stage, d: &Delivery) -> Result<Input, (String, Box<Err
         }
         let id = request.id.clone().unwrap_or_else(|| assigned_id(d));
         request.id = Some(id.clone());
-        let state = PipelineState {
-            request,
-            commit: None,
-            time: None,
-            build: None,
-            reports: Vec::new(),
-            mirror_requests: 0,
-        };
-        return Ok((id, state, None));
+        return Ok((id, Handover::new(request), None));
     }
     let prev: StageCompleted = match d.decode() {
         Ok(p) => p,
@@ -699,7 +608,7 @@ fn read_input(stage: bus::Stage, d: &Delivery) -> Result<Input, (String, Box<Err
         stage: prev.stage,
         digest: state_digest(&prev.state),
     };
-    match serde_json::from_value::<PipelineState>(prev.state) {
+    match serde_json::from_value::<Handover>(prev.state) {
         Ok(s) if s.request.id.as_deref() != Some(prev.build.as_str()) => Err((
             prev.build,
             invalid(&"the message's state belongs to another build"),
@@ -728,7 +637,7 @@ const BUILD_ID_RECORD: &str = "build-id";
 /// Take `id` for the request `d`, or refuse it when another request took it first. A redelivery
 /// of the same request finds its own record.
 async fn claim_build_id(ctx: &Arc<Ctx>, id: &str, d: &Delivery) -> Result<(), Failure> {
-    let key = super::cache::stage_key(BUILD_ID_RECORD, 1, &id);
+    let key = stage_key(BUILD_ID_RECORD, 1, &id);
     let published = d
         .message()
         .info()
@@ -795,121 +704,103 @@ pub fn assigned_build_id(published_ms: u64, sequence: u64) -> String {
     format!("{compact}Z-{sequence:08x}")
 }
 
-type StageResult = (PipelineState, Value, CacheStatus);
+type StageResult = (Handover, Value, CacheStatus);
 
+/// Run `stage` on this worker: blobs in, [`run_one`], blobs out, and the image announcement of
+/// the publish stage (before `completed`, so whoever sees the build end finds it announced).
 async fn run(
     ctx: &Arc<Ctx>,
     stage: bus::Stage,
-    state: PipelineState,
+    h: Handover,
+    build_id: &str,
 ) -> Result<StageResult, Failure> {
-    match stage {
-        bus::Stage::Source => source(ctx, state).await,
-        bus::Stage::Render => render(ctx, state).await,
-        bus::Stage::Rootfs => {
-            pipeline(ctx, stage, state, vec![Stage::Packages, Stage::Rootfs]).await
-        }
-        bus::Stage::Kernel => pipeline(ctx, stage, state, vec![Stage::Kernel]).await,
-        bus::Stage::Disk => pipeline(ctx, stage, state, vec![Stage::Disk]).await,
-        bus::Stage::Verify => {
-            let build = state.build.as_ref().ok_or_else(|| missing("render"))?;
-            let stages = if !state.request.verify {
-                Vec::new()
-            } else if !state.request.profiles.is_empty() {
-                state
-                    .request
-                    .profiles
-                    .iter()
-                    .cloned()
-                    .map(Stage::Verify)
-                    .collect()
-            } else {
-                let p = build.loaded.recipe.verify.profile.clone();
-                vec![Stage::Verify(p.unwrap_or_else(|| "direct".into()))]
-            };
-            pipeline(ctx, stage, state, stages).await
-        }
-        bus::Stage::Publish => publish(ctx, state).await,
-    }
-}
-
-/// The publish stage: see [`super::publish`]. The image message goes out before `completed`, so
-/// whoever sees the build end finds the image announced.
-async fn publish(ctx: &Arc<Ctx>, state: PipelineState) -> Result<StageResult, Failure> {
-    let build = state.build.as_ref().ok_or_else(|| missing("render"))?;
-    let id = state.request.id.clone().unwrap_or_default();
-    let needs_disk = build.loaded.recipe.publish.is_some() && ctx.config.publish.is_some();
-    let disk = match (&build.disk, needs_disk) {
-        (Some(d), true) => {
-            fetch(ctx, std::slice::from_ref(&d.image)).await?;
-            ctx.env.blobs.path(&d.image)
-        }
-        (None, true) => return Err(missing("disk")),
-        (_, false) => PathBuf::new(),
+    fetch(ctx, &needs(&ctx.env, stage, &h)).await?;
+    let records = ctx.records();
+    // A counter of its own, so this build's mirror requests are counted alone.
+    let env = ctx.env.counting();
+    let sink = BusProgress {
+        bus: ctx.bus.clone(),
+        rt: tokio::runtime::Handle::current(),
+        build: build_id.to_string(),
+        stage,
+        worker: ctx.config.name.clone(),
+        last: Mutex::new(None),
     };
-    let st = state.clone();
-    let target = ctx.config.publish.clone();
-    let c = ctx.clone();
-    let done = blocking(move || {
-        let build = st.build.as_ref().ok_or_else(|| missing("render"))?;
-        if needs_disk {
-            check_verified(c.records().as_ref(), build)?;
-        }
-        publish_build(&id, build, st.commit.as_deref(), &disk, target.as_ref()).map_err(|e| {
-            if e.kind == ErrorKind::Transient {
-                Failure::Retry(e)
-            } else {
-                Failure::Input(e)
-            }
-        })
+    let (h, ran) = blocking(move || {
+        let mut h = h;
+        let ran =
+            run_one(&env, records.as_ref(), stage, &mut h, &sink).map_err(|e| stage_failure(&e))?;
+        h.mirror_requests += env.requests();
+        Ok((h, ran))
     })
     .await?;
-    match done {
-        Published::Skipped(why) => Ok((state, json!({ "skipped": why }), CacheStatus::Miss)),
-        Published::Pushed { outputs, message } => {
-            ctx.bus.publish_image(&message).await.map_err(transient)?;
-            let cache = if outputs["uploaded"].as_u64() == Some(0) {
-                CacheStatus::Hit
-            } else {
-                CacheStatus::Miss
-            };
-            Ok((state, outputs, cache))
-        }
+    if !ctx.config.local_blobs {
+        upload(ctx, &produced(stage, &h)).await?;
     }
+    if let Some(message) = &ran.announce {
+        ctx.bus.publish_image(message).await.map_err(transient)?;
+    }
+    Ok((h, ran.report.outputs, ran.report.cache))
 }
 
-/// Every boot the state reports must be one the verify stage recorded itself: this image, this
-/// recipe's marker, this profile. Blocking.
-fn check_verified(records: &dyn StageRecords, build: &BuildState) -> Result<(), Failure> {
-    let Some(disk) = &build.disk else {
-        return Err(missing("disk"));
-    };
-    let expect = &build.loaded.recipe.verify.expect;
-    for boot in &build.boots {
-        let key = verified_key(&disk.image, expect, &boot.profile);
-        let recorded = records
-            .get(VERIFIED, &key)
-            .is_some_and(|r| r["image"].as_str() == Some(disk.image.to_string().as_str()));
-        if !recorded {
-            let mut info = ErrorInfo::new(
-                ErrorKind::InvalidMessage,
-                &format!(
-                    "no verify stage recorded a passing {} boot of {} with this recipe's marker: \
-                     refusing to sign and publish an image that was not seen to boot",
-                    boot.profile, disk.image
-                ),
-            );
-            info.help = Some("build it again; the verify stage must boot this image".into());
-            return Err(Failure::Input(info));
+/// Make what a stage needs local (from the object store when needed). A worker sharing this
+/// host's `$KILN_HOME` only checks that the blobs are here.
+async fn fetch(ctx: &Arc<Ctx>, needs: &[Need]) -> Result<(), Failure> {
+    if ctx.config.local_blobs {
+        return match needs
+            .iter()
+            .find(|n| !ctx.blobs.local().contains(n.digest()))
+        {
+            Some(n) => Err(transient(format!(
+                "blob {} is not in the local store {}",
+                n.digest(),
+                ctx.config.home.display()
+            ))),
+            None => Ok(()),
+        };
+    }
+    for need in needs {
+        ctx.blobs.get_blob(need.digest()).await.map_err(transient)?;
+        for d in files_of(ctx, need).await? {
+            ctx.blobs.get_blob(&d).await.map_err(transient)?;
         }
     }
     Ok(())
 }
 
-fn missing(what: &str) -> Failure {
-    Failure::Input(ErrorInfo::new(
-        ErrorKind::InvalidMessage,
-        &format!("the message's state has no {what} outputs"),
-    ))
+/// Put what a stage produced in the object store (a blob that is not local must be there
+/// already).
+async fn upload(ctx: &Arc<Ctx>, produced: &[Need]) -> Result<(), Failure> {
+    for need in produced {
+        if let Need::Tree(m) | Need::KernelOf(m) = need {
+            // Its manifest must be here to list its files.
+            ctx.blobs.get_blob(m).await.map_err(transient)?;
+        }
+        let mut digests = vec![need.digest().clone()];
+        digests.extend(files_of(ctx, need).await?);
+        for d in &digests {
+            if ctx.blobs.local().contains(d) {
+                ctx.blobs.publish_local(d).await.map_err(transient)?;
+            } else if matches!(need, Need::IfHere(_)) {
+                continue;
+            } else if !ctx.blobs.remote_has(d).await {
+                return Err(transient(format!(
+                    "blob {d} is neither local nor in the object store"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The files a manifest names (none for a single blob). Its blob must be local.
+async fn files_of(ctx: &Arc<Ctx>, need: &Need) -> Result<Vec<Digest256>, Failure> {
+    if let Need::Blob(_) | Need::IfHere(_) = need {
+        return Ok(Vec::new());
+    }
+    let blobs = ctx.env.blobs.clone();
+    let need = need.clone();
+    blocking(move || need.files(&blobs).map_err(|e| stage_failure(&e))).await
 }
 
 async fn blocking<T: Send + 'static>(
@@ -918,327 +809,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Failure::Retry(ErrorInfo::new(ErrorKind::Internal, &e.to_string())))?
-}
-
-fn params(req: &BuildRequest) -> Vec<(String, String)> {
-    req.params
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
-/// A request that names what this worker's operator did not open to requests.
-fn refused(e: AccessError) -> Failure {
-    let mut info = ErrorInfo::new(ErrorKind::InvalidMessage, &e.to_string());
-    info.help = Some(e.help().to_string());
-    Failure::Input(info)
-}
-
-/// The request's recipe file and templates directory, checked against the recipe roots.
-fn checked_paths(
-    access: &RecipeAccess,
-    request: &BuildRequest,
-) -> Result<(Option<PathBuf>, Option<PathBuf>), Failure> {
-    let recipe = match &request.recipe {
-        RecipeSource::Path { path } => Some(access.check_path("recipe", path).map_err(refused)?),
-        _ => None,
-    };
-    let templates = match &request.templates {
-        Some(t) => Some(
-            access
-                .check_path("templates directory", t)
-                .map_err(refused)?,
-        ),
-        None => None,
-    };
-    Ok((recipe, templates))
-}
-
-async fn source(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult, Failure> {
-    checked_paths(&ctx.config.access, &state.request)?;
-    if let RecipeSource::Git { git } = &state.request.recipe {
-        ctx.config
-            .access
-            .check_git(&git.url, &ctx.config.home)
-            .map_err(refused)?;
-    }
-    let outputs = match state.request.recipe.clone() {
-        RecipeSource::Path { path } => {
-            if !path.is_file() {
-                let mut info = ErrorInfo::new(
-                    ErrorKind::Recipe,
-                    &format!(
-                        "recipe {} does not exist on this worker (path recipes are read on the worker's file system; use an absolute path, or send it inline or from git)",
-                        path.display()
-                    ),
-                );
-                info.file = Some(path.display().to_string());
-                return Err(Failure::Input(info));
-            }
-            json!({ "path": path })
-        }
-        RecipeSource::Inline { name, .. } => json!({ "inline": name }),
-        RecipeSource::Git { git } => {
-            let home = ctx.config.home.clone();
-            let checkout = blocking(move || {
-                crate::source::GitSource::with_home(&git.url, &home)
-                    .and_then(|s| s.checkout(&git.git_ref, &git.path))
-                    .map_err(source_failure)
-            })
-            .await?;
-            state.commit = Some(checkout.commit.clone());
-            state.time = Some(checkout.time);
-            json!({ "commit": checkout.commit })
-        }
-    };
-    Ok((state, outputs, CacheStatus::Miss))
-}
-
-async fn render(ctx: &Arc<Ctx>, mut state: PipelineState) -> Result<StageResult, Failure> {
-    let home = ctx.config.home.clone();
-    let st = state.clone();
-    let access = ctx.config.access.clone();
-    let limits = ctx.config.limits.clone();
-    let loaded = blocking(move || {
-        let set = params(&st.request);
-        // Recipes see only the environment variables this worker's operator allowed.
-        let env = Some(access.env_values());
-        let load = |path: &std::path::Path, opts: &LoadOptions| {
-            crate::recipe::load(path, opts).map_err(|d| {
-                if d.kind == crate::recipe::DiagnosticKind::Io && out_of_resources(&d.message) {
-                    // The worker ran out of descriptors or memory: not the recipe's fault.
-                    transient(&d.message)
-                } else {
-                    Failure::Input(diagnostic_info(&d))
-                }
-            })
-        };
-        let (recipe_path, templates_dir) = checked_paths(&access, &st.request)?;
-        let loaded = match &st.request.recipe {
-            RecipeSource::Path { .. } => load(
-                recipe_path.as_deref().ok_or_else(|| missing("source"))?,
-                &LoadOptions {
-                    set,
-                    templates_dir,
-                    env,
-                    limits,
-                    ..Default::default()
-                },
-            )?,
-            RecipeSource::Inline { inline, name } => {
-                let dir = tempfile::tempdir().map_err(transient)?;
-                let file_name = std::path::Path::new(name)
-                    .file_name()
-                    .map(|n| n.to_os_string())
-                    .unwrap_or_else(|| "recipe.yaml".into());
-                let path = dir.path().join(file_name);
-                std::fs::write(&path, inline).map_err(transient)?;
-                load(
-                    &path,
-                    &LoadOptions {
-                        set,
-                        env,
-                        limits,
-                        ..Default::default()
-                    },
-                )?
-            }
-            RecipeSource::Git { git } => {
-                access.check_git(&git.url, &home).map_err(refused)?;
-                let commit = st.commit.clone().ok_or_else(|| missing("source"))?;
-                let checkout = crate::source::GitSource::with_home(&git.url, &home)
-                    .and_then(|s| s.checkout(&commit, &git.path))
-                    .map_err(source_failure)?;
-                let mut opts = crate::source::load_options_for(&checkout, set);
-                opts.git.reference = git.git_ref.clone();
-                opts.env = env;
-                opts.limits = limits;
-                load(&checkout.recipe_path, &opts)?
-            }
-        };
-        check_supported(&loaded).map_err(|e| stage_failure(&e))?;
-        Ok(loaded)
-    })
-    .await?;
-    let outputs = json!({ "inputs": loaded.inputs, "name": loaded.recipe.name });
-    state.build = Some(BuildState::new(loaded));
-    Ok((state, outputs, CacheStatus::Miss))
-}
-
-/// The file blobs a rootfs manifest names (the manifest blob must be local).
-fn manifest_blobs(env: &StageEnv, manifest: &Digest256) -> Result<Vec<Digest256>, Failure> {
-    let file = env.blobs.open(manifest).map_err(transient)?;
-    let m: Manifest = serde_json::from_reader(std::io::BufReader::new(file)).map_err(transient)?;
-    Ok(m.entries
-        .into_iter()
-        .filter_map(|e| match e.kind {
-            ManifestKind::File { digest, .. } => Some(digest),
-            _ => None,
-        })
-        .collect())
-}
-
-/// The file blobs of a Debian base's kernel (`/boot`, the module directories).
-fn kernel_blobs(env: &StageEnv, base: &Digest256) -> Result<Vec<Digest256>, Failure> {
-    let file = env.blobs.open(base).map_err(transient)?;
-    let m: Manifest = serde_json::from_reader(std::io::BufReader::new(file)).map_err(transient)?;
-    Ok(m.entries
-        .into_iter()
-        .filter(|e| crate::debian::holds_kernel(&e.path))
-        .filter_map(|e| match e.kind {
-            ManifestKind::File { digest, .. } => Some(digest),
-            _ => None,
-        })
-        .collect())
-}
-
-/// Make `digests` local (from the object store when needed).
-async fn fetch(ctx: &Ctx, digests: &[Digest256]) -> Result<(), Failure> {
-    if ctx.config.local_blobs {
-        return match digests.iter().find(|d| !ctx.blobs.local().contains(d)) {
-            Some(d) => Err(transient(format!(
-                "blob {d} is not in the local store {}",
-                ctx.config.home.display()
-            ))),
-            None => Ok(()),
-        };
-    }
-    for d in digests {
-        ctx.blobs.get_blob(d).await.map_err(transient)?;
-    }
-    Ok(())
-}
-
-/// Put `digests` in the object store (a blob that is not local must be there already).
-async fn upload(ctx: &Ctx, digests: &[Digest256]) -> Result<(), Failure> {
-    if ctx.config.local_blobs {
-        return Ok(());
-    }
-    for d in digests {
-        if ctx.blobs.local().contains(d) {
-            ctx.blobs.publish_local(d).await.map_err(transient)?;
-        } else if !ctx.blobs.remote_has(d).await {
-            return Err(transient(format!(
-                "blob {d} is neither local nor in the object store"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The blobs a pipeline stage produced.
-async fn produced(ctx: &Ctx, state: &BuildState, stage: &Stage) -> Result<Vec<Digest256>, Failure> {
-    Ok(match stage {
-        Stage::Packages => state
-            .packages
-            .iter()
-            .flat_map(|p| p.fetched(is_debian(&state.loaded)))
-            .map(|p| p.sha256.clone())
-            .collect(),
-        Stage::Rootfs => {
-            let Some(r) = &state.rootfs else {
-                return Ok(Vec::new());
-            };
-            ctx.blobs.get_blob(&r.manifest).await.map_err(transient)?;
-            let mut out = vec![r.manifest.clone()];
-            // A Debian base's files are all in the image; its manifest is the kernel stage's.
-            out.extend(r.base.clone());
-            let env = ctx.env.clone();
-            let m = r.manifest.clone();
-            out.extend(blocking(move || manifest_blobs(&env, &m)).await?);
-            out
-        }
-        Stage::Kernel => state
-            .kernel
-            .iter()
-            .flat_map(|k| std::iter::once(k.vmlinuz.clone()).chain(k.initrd.clone()))
-            .collect(),
-        Stage::Disk => state.disk.iter().map(|d| d.image.clone()).collect(),
-        Stage::Verify(_) => state
-            .boots
-            .iter()
-            .filter_map(|b| b.serial_log_blob.clone())
-            .filter(|d| ctx.blobs.local().contains(d))
-            .collect(),
-    })
-}
-
-/// Run pipeline `stages` in order on this worker: blobs in, run, blobs out.
-async fn pipeline(
-    ctx: &Arc<Ctx>,
-    bus_stage: bus::Stage,
-    mut state: PipelineState,
-    stages: Vec<Stage>,
-) -> Result<StageResult, Failure> {
-    let mut build = state.build.take().ok_or_else(|| missing("render"))?;
-    let build_id = state.request.id.clone().unwrap_or_default();
-    let mut outputs = serde_json::Map::new();
-    let mut all_hit = true;
-    for stage in stages {
-        let mut needed = build.blobs_needed(&stage);
-        if stage == Stage::Disk
-            && !ctx.config.local_blobs
-            && let Some(r) = &build.rootfs
-        {
-            ctx.blobs.get_blob(&r.manifest).await.map_err(transient)?;
-            let env = ctx.env.clone();
-            let m = r.manifest.clone();
-            needed.extend(blocking(move || manifest_blobs(&env, &m)).await?);
-        }
-        if stage == Stage::Kernel
-            && !ctx.config.local_blobs
-            && let Some(base) = build.rootfs.as_ref().and_then(|r| r.base.clone())
-        {
-            // The kernel of a Debian image is read from its base: its /boot and modules.
-            ctx.blobs.get_blob(&base).await.map_err(transient)?;
-            let env = ctx.env.clone();
-            needed.extend(blocking(move || kernel_blobs(&env, &base)).await?);
-        }
-        fetch(ctx, &needed).await?;
-        let records = ctx.records();
-        // A counter of its own, so this build's mirror requests are counted alone.
-        let mut env = ctx.env.clone();
-        env.mirror_requests = Default::default();
-        let st = stage.clone();
-        let sink = BusProgress {
-            bus: ctx.bus.clone(),
-            rt: tokio::runtime::Handle::current(),
-            build: build_id.clone(),
-            stage: bus_stage,
-            worker: ctx.config.name.clone(),
-            last: Mutex::new(None),
-        };
-        let (b, report, requests) = blocking(move || {
-            let mut b = build;
-            let r = run_stage(&env, records.as_ref(), &st, &mut b, &sink)
-                .map_err(|e| stage_failure(&e))?;
-            let requests = env
-                .mirror_requests
-                .load(std::sync::atomic::Ordering::Relaxed);
-            Ok((b, r, requests))
-        })
-        .await?;
-        build = b;
-        state.mirror_requests += requests;
-        state.reports.push(report.clone());
-        if !ctx.config.local_blobs {
-            let blobs = produced(ctx, &build, &stage).await?;
-            upload(ctx, &blobs).await?;
-        }
-        all_hit &= report.cache == "hit";
-        let key = match &stage {
-            Stage::Verify(p) => format!("verify.{p}"),
-            s => s.name().to_string(),
-        };
-        outputs.insert(key, report.outputs);
-    }
-    state.build = Some(build);
-    let cache = if all_hit && !outputs.is_empty() {
-        CacheStatus::Hit
-    } else {
-        CacheStatus::Miss
-    };
-    Ok((state, Value::Object(outputs), cache))
 }
 
 #[cfg(test)]
@@ -1251,94 +821,15 @@ mod tests {
             br#"{ "v": 1, "recipe": { "path": "recipes/minimal.yaml" }, "requester": "alice" }"#,
         )
         .unwrap();
-        let state = PipelineState {
-            request,
-            commit: Some("0123".into()),
-            time: Some(1_700_000_000),
-            build: None,
-            reports: Vec::new(),
-            mirror_requests: 0,
-        };
+        let mut state = Handover::new(request);
+        state.commit = Some("0123".into());
+        state.time = Some(1_700_000_000);
         let v = serde_json::to_value(&state).unwrap();
         assert_eq!(v["request"]["recipe"]["path"], "recipes/minimal.yaml");
         assert!(v.get("build").is_none());
-        let back: PipelineState = serde_json::from_value(v).unwrap();
+        let back: Handover = serde_json::from_value(v).unwrap();
         assert_eq!(back.commit.as_deref(), Some("0123"));
         assert_eq!(back.request.requester, "alice");
-    }
-
-    #[test]
-    fn publish_signs_only_what_the_verify_stage_recorded() {
-        use crate::pipeline::stages::{BootSummary, DiskOut};
-        let dir = tempfile::tempdir().unwrap();
-        let recipe = dir.path().join("r.yaml");
-        std::fs::write(
-            &recipe,
-            "name: r\nkernel: { package: linux-image-cloud-amd64 }\nboot: { loader: none }\n\
-             disk: { partitions: [ { name: root, type: root, size: auto } ] }\n\
-             verify: { expect: marker-1 }\n",
-        )
-        .unwrap();
-        let loaded = crate::recipe::load(&recipe, &LoadOptions::default()).unwrap();
-        let mut build = BuildState::new(loaded);
-        let image = Digest256::from_sha256(&[7u8; 32]);
-        build.disk = Some(DiskOut {
-            image: image.clone(),
-            format: "raw".into(),
-            disk_size: 1 << 20,
-            file_size: 1 << 20,
-        });
-        build.boots.push(BootSummary {
-            profile: "direct".into(),
-            serial_log: None,
-            serial_log_blob: None,
-            accel: "tcg".into(),
-            time_to_first_output: None,
-            time_to_kernel: None,
-            time_to_marker: 1.0,
-            total: 1.0,
-            marker_line: "marker-1".into(),
-        });
-        let records = StageCache::new(dir.path());
-        let refused = check_verified(&records, &build).unwrap_err();
-        assert!(
-            refused.to_string().contains("not seen to boot"),
-            "{refused}"
-        );
-        // A record for another image, marker or profile does not count.
-        let expect = Some("marker-1".to_string());
-        let other = Digest256::from_sha256(&[8u8; 32]);
-        for (img, exp, profile) in [
-            (&other, &expect, "direct"),
-            (&image, &Some("marker-2".to_string()), "direct"),
-            (&image, &expect, "uefi"),
-        ] {
-            let rec = json!({ "image": img });
-            records
-                .put(VERIFIED, &verified_key(img, exp, profile), &rec)
-                .unwrap();
-        }
-        assert!(check_verified(&records, &build).is_err());
-        records
-            .put(
-                VERIFIED,
-                &verified_key(&image, &expect, "direct"),
-                &json!({ "image": image }),
-            )
-            .unwrap();
-        assert!(check_verified(&records, &build).is_ok());
-    }
-
-    #[test]
-    fn running_out_of_descriptors_is_not_a_recipe_error() {
-        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
-        assert!(out_of_resources(&format!(
-            "cannot read recipe /r.yaml: {emfile}"
-        )));
-        let missing = std::io::Error::from_raw_os_error(libc::ENOENT);
-        assert!(!out_of_resources(&format!(
-            "cannot read recipe /r.yaml: {missing}"
-        )));
     }
 
     #[test]

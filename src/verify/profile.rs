@@ -51,6 +51,9 @@ pub struct Firmware {
     pub vars: PathBuf,
 }
 
+/// The profile a build boots with when neither the request nor the recipe names one.
+pub const DEFAULT_PROFILE: &str = "direct";
+
 /// A machine profile. See `qemu/direct.toml` for what each field means.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

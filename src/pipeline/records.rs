@@ -1,0 +1,113 @@
+//! Stage records: a stage step's outputs recorded under a key that hashes the step's name, its
+//! format version and its inputs, so a step run again with the same inputs is a lookup. The local
+//! records live in `$KILN_HOME/stages/<step>/<key>.json` ([`LocalRecords`]); the blobs they name
+//! live in the blob store. Workers on NATS also keep them in a shared KV bucket (see
+//! `pipeline::worker`); a private bus keeps what it hands over in memory ([`MemoryRecords`]).
+
+use crate::cache::{Digest256, write_atomic};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The key of one step run: SHA-256 over the step's name, its format version and the JSON of its
+/// inputs.
+pub fn stage_key(step: &str, version: u32, inputs: &impl Serialize) -> Digest256 {
+    let mut h = Sha256::new();
+    h.update(b"kiln-stage\0");
+    h.update(step.as_bytes());
+    h.update(b"\0");
+    h.update(version.to_le_bytes());
+    // serde_json writes struct fields in declaration order and maps (BTreeMap) sorted, so the
+    // same inputs always give the same bytes.
+    h.update(serde_json::to_vec(inputs).unwrap_or_default());
+    Digest256::from_sha256(&h.finalize())
+}
+
+/// Where step results are recorded (the local records, a shared KV bucket, or memory).
+pub trait StageRecords: Send + Sync {
+    /// The recorded outputs for `key`, if any (an unreadable record counts as absent).
+    fn get(&self, step: &str, key: &Digest256) -> Option<Value>;
+    /// Record outputs for `key`.
+    fn put(&self, step: &str, key: &Digest256, outputs: &Value) -> std::io::Result<()>;
+}
+
+/// Step records under `$KILN_HOME/stages`.
+#[derive(Debug, Clone)]
+pub struct LocalRecords {
+    root: PathBuf,
+}
+
+impl LocalRecords {
+    pub fn new(home: &Path) -> Self {
+        LocalRecords {
+            root: home.join("stages"),
+        }
+    }
+
+    fn path(&self, step: &str, key: &Digest256) -> PathBuf {
+        self.root.join(step).join(format!("{}.json", key.hex()))
+    }
+}
+
+impl StageRecords for LocalRecords {
+    fn get(&self, step: &str, key: &Digest256) -> Option<Value> {
+        let bytes = std::fs::read(self.path(step, key)).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(step, key = %key, "ignoring unreadable stage record: {e}");
+                None
+            }
+        }
+    }
+
+    /// Record outputs for `key` (atomically).
+    fn put(&self, step: &str, key: &Digest256, outputs: &Value) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(outputs).map_err(std::io::Error::other)?;
+        write_atomic(&self.path(step, key), &bytes)
+    }
+}
+
+/// Records kept in this process only: what one host's private bus (`kiln build`) hands from
+/// stage to stage lives as long as that bus, not in the stage records.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryRecords(Arc<Mutex<std::collections::HashMap<String, Value>>>);
+
+impl StageRecords for MemoryRecords {
+    fn get(&self, step: &str, key: &Digest256) -> Option<Value> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&format!("{step}/{key}")).cloned()
+    }
+
+    fn put(&self, step: &str, key: &Digest256, outputs: &Value) -> std::io::Result<()> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(format!("{step}/{key}"), outputs.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_follow_inputs_and_records_round_trip() {
+        let a = stage_key("disk", 1, &json!({"x": 1}));
+        assert_eq!(a, stage_key("disk", 1, &json!({"x": 1})));
+        assert_ne!(a, stage_key("disk", 2, &json!({"x": 1})));
+        assert_ne!(a, stage_key("disk", 1, &json!({"x": 2})));
+        assert_ne!(a, stage_key("rootfs", 1, &json!({"x": 1})));
+        let dir = tempfile::tempdir().unwrap();
+        let records = LocalRecords::new(dir.path());
+        assert!(records.get("disk", &a).is_none());
+        records.put("disk", &a, &json!(42)).unwrap();
+        assert_eq!(records.get("disk", &a), Some(json!(42)));
+        let memory = MemoryRecords::default();
+        memory.put("disk", &a, &json!(7)).unwrap();
+        assert_eq!(memory.get("disk", &a), Some(json!(7)));
+        assert!(memory.get("rootfs", &a).is_none());
+    }
+}

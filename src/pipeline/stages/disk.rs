@@ -1,0 +1,256 @@
+//! The disk stage: the ESP (systemd-boot, its loader entry, kernel and initramfs), the root
+//! filesystem from the rootfs Tree and the recipe's other partitions, written as one GPT disk,
+//! raw or qcow2.
+
+use super::rootfs::debs;
+use super::{
+    Artifacts, Handover, Need, Partitions, StageEnv, StageError, StageRun, StageWork, io,
+    kernel_cmdline, load_tree, mib, read_pkg, with_ticker,
+};
+use crate::boot::{BootEntry, LoaderOptions, esp_tree, systemd_boot_from};
+use crate::bus;
+use crate::cache::{BlobStore, Digest256};
+use crate::disk::build::{DiskSpec, PartitionInput, build_disk};
+use crate::disk::gpt::PartitionKind;
+use crate::disk::image::{ImageFormat, ImageOptions};
+use crate::disk::layout::{Filesystem, Size, parse_size};
+use crate::recipe::schema::{DiskFormat, FilesystemKind, Loader, PartitionType};
+use crate::tree::{Content, Tree};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+pub struct Disk;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskOut {
+    pub image: Digest256,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    pub disk_size: u64,
+    pub file_size: u64,
+}
+
+/// What the disk stage made, as its message carries it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskStageOut {
+    pub disk: DiskOut,
+}
+
+/// The key of the disk step (fields sorted, as the JSON keys).
+#[derive(Serialize)]
+struct DiskKey<'a> {
+    boot: &'a crate::recipe::schema::Boot,
+    description: &'a Option<String>,
+    disk: &'a crate::recipe::schema::Disk,
+    epoch: i64,
+    initrd: &'a Option<Digest256>,
+    name: &'a str,
+    rootfs: &'a Digest256,
+    seed: &'a str,
+    systemd_boot: &'a Digest256,
+    version: &'a Option<String>,
+    vmlinuz: &'a Digest256,
+}
+
+impl StageWork for Disk {
+    const STAGE: bus::Stage = bus::Stage::Disk;
+    type Output = DiskStageOut;
+
+    fn needs(_env: &StageEnv, h: &Handover) -> Vec<Need> {
+        let Some(build) = &h.build else {
+            return Vec::new();
+        };
+        let mut out = debs(build);
+        out.extend(build.rootfs.iter().map(|r| Need::Tree(r.manifest.clone())));
+        out.extend(build.kernel.iter().flat_map(|k| k.blobs()));
+        out
+    }
+
+    fn run(run: &mut StageRun<'_>, h: &Handover) -> Result<DiskStageOut, StageError> {
+        let build = h.artifacts()?;
+        let recipe = &build.loaded.recipe;
+        let kernel = build.kernel()?;
+        let key = DiskKey {
+            boot: &recipe.boot,
+            description: &recipe.description,
+            disk: &recipe.disk,
+            epoch: build.loaded.source_date_epoch,
+            initrd: &kernel.initrd,
+            name: &recipe.name,
+            rootfs: &build.rootfs()?.manifest,
+            seed: &build.loaded.inputs,
+            systemd_boot: &build.packages()?.systemd_boot.sha256,
+            version: &recipe.version,
+            vmlinuz: &kernel.vmlinuz,
+        };
+        let disk = run.step("disk", 1, &key, |run| disk(run, build))?;
+        Ok(DiskStageOut { disk })
+    }
+
+    fn apply(h: &mut Handover, out: &DiskStageOut) {
+        if let Some(b) = &mut h.build {
+            b.disk = Some(out.disk.clone());
+        }
+    }
+
+    fn produced(h: &Handover) -> Vec<Need> {
+        h.build
+            .iter()
+            .flat_map(|b| b.disk.iter())
+            .map(|d| Need::Blob(d.image.clone()))
+            .collect()
+    }
+}
+
+fn blob_content(blobs: &BlobStore, digest: &Digest256) -> Result<Content, StageError> {
+    let path = blobs.path(digest);
+    let len = std::fs::metadata(&path)
+        .map_err(io(format!("reading blob {digest}")))?
+        .len();
+    Ok(Content::Host { path, len })
+}
+
+fn disk(run: &StageRun<'_>, build: &Artifacts) -> Result<DiskOut, StageError> {
+    let env = run.env;
+    let pk = build.packages()?;
+    let rootfs_out = build.rootfs()?;
+    let kernel_out = build.kernel()?;
+    let loaded = &build.loaded;
+    let recipe = &loaded.recipe;
+    let blobs = &env.blobs;
+    let root_tree = load_tree(blobs, &rootfs_out.manifest, "the rootfs manifest")?;
+    let ids = Partitions::of(loaded);
+    let loader = recipe.boot.loader.unwrap_or(Loader::SystemdBoot);
+    let mut esp = if loader == Loader::SystemdBoot && ids.esp.is_some() {
+        let sdboot = systemd_boot_from(&read_pkg(env, loaded, &pk.systemd_boot)?)?;
+        let entry = BootEntry {
+            name: recipe.name.clone(),
+            title: recipe
+                .description
+                .clone()
+                .unwrap_or_else(|| recipe.name.clone()),
+            version: recipe.version.clone(),
+            kernel: blob_content(blobs, &kernel_out.vmlinuz)?,
+            initrd: match &kernel_out.initrd {
+                Some(d) => Some(blob_content(blobs, d)?),
+                None => None,
+            },
+            cmdline: kernel_cmdline(loaded, kernel_out),
+            root_partuuid: Some(ids.root),
+        };
+        let mut loader_opts = LoaderOptions::new(loaded.source_date_epoch);
+        if let Some(t) = recipe.boot.timeout {
+            loader_opts.timeout_secs = t;
+        }
+        Some(esp_tree(&sdboot, &[entry], &loader_opts)?)
+    } else {
+        None
+    };
+    let mut root_tree = Some(root_tree);
+    let size = |text: Option<&str>| -> Result<Size, StageError> {
+        match text {
+            None => Ok(Size::Auto),
+            Some(t) => parse_size(t).map_err(|e| StageError::Unsupported(e.to_string())),
+        }
+    };
+    let mut inputs = Vec::new();
+    for p in &recipe.disk.partitions {
+        let raw = p.filesystem() == FilesystemKind::None;
+        let (kind, filesystem, tree) = match p.kind {
+            PartitionType::Esp => (
+                PartitionKind::Esp,
+                Filesystem::Fat32,
+                Some(esp.take().unwrap_or_default()),
+            ),
+            PartitionType::Root => (
+                PartitionKind::RootX86_64,
+                Filesystem::Ext4,
+                root_tree.take(),
+            ),
+            PartitionType::Data if raw => (PartitionKind::LinuxData, Filesystem::None, None),
+            PartitionType::Data => (
+                PartitionKind::LinuxData,
+                Filesystem::Ext4,
+                Some(Tree::new()),
+            ),
+            PartitionType::Swap => (PartitionKind::Swap, Filesystem::Swap, None),
+        };
+        inputs.push(PartitionInput {
+            name: p.name.clone(),
+            kind,
+            filesystem,
+            size: size(p.size.as_deref())?,
+            label: p.label.clone(),
+            tree,
+        });
+    }
+    let format = match recipe.disk.format {
+        Some(DiskFormat::Raw) => ImageFormat::Raw,
+        _ => ImageFormat::Qcow2,
+    };
+    let spec = DiskSpec {
+        size: size(recipe.disk.size.as_deref())?,
+        image: ImageOptions {
+            format,
+            compress: recipe.disk.compress,
+            ..ImageOptions::default()
+        },
+        seed: loaded.inputs.clone(),
+        epoch: loaded.source_date_epoch,
+        partitions: inputs,
+    };
+    let tmp_dir = env.home.join("tmp");
+    std::fs::create_dir_all(&tmp_dir).map_err(io("creating the cache's tmp dir"))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("{}image-", crate::cache::temp_prefix()))
+        .tempdir_in(&tmp_dir)
+        .map_err(io("creating a temp dir for the image"))?;
+    let path = tmp.path().join("disk");
+    // What the partitions hold: the disk writes at least this much (and its metadata).
+    let content: u64 = spec
+        .partitions
+        .iter()
+        .flat_map(|p| p.tree.iter())
+        .flat_map(|t| t.iter())
+        .map(|(_, e)| match &e.kind {
+            crate::tree::EntryKind::File(c) => c.len(),
+            _ => 0,
+        })
+        .sum();
+    let tick = |_: Duration| {
+        use std::os::unix::fs::MetadataExt;
+        let written = std::fs::metadata(&path)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0);
+        run.progress(
+            Some((written as f64 / content.max(1) as f64).min(0.99)),
+            format!(
+                "writing the disk: {} of about {}",
+                mib(written),
+                mib(content)
+            ),
+        );
+    };
+    let report = with_ticker(Duration::from_millis(200), tick, || {
+        build_disk(&spec, &path)
+    })?;
+    run.progress(
+        Some(1.0),
+        format!(
+            "wrote {} ({} disk, {} file)",
+            format!("{format:?}").to_lowercase(),
+            mib(report.layout.disk_size),
+            mib(report.image.file_size)
+        ),
+    );
+    let (image, _) = blobs.put_file(&path).map_err(io("storing the image"))?;
+    Ok(DiskOut {
+        image,
+        format: match format {
+            ImageFormat::Raw => "raw".into(),
+            ImageFormat::Qcow2 => "qcow2".into(),
+        },
+        disk_size: report.layout.disk_size,
+        file_size: report.image.file_size,
+    })
+}

@@ -1,0 +1,388 @@
+//! The rootfs stage: choose the packages from one signed release and fetch them (step
+//! `packages`), make the Debian base with mmdebstrap for `rootfs.base: debian` (step
+//! `debian-base`), and assemble the image's root Tree from them and the recipe (step `rootfs`).
+
+use super::{
+    Artifacts, Handover, Need, Partitions, StageEnv, StageError, StageRun, StageWork, load_tree,
+    mib, open_archive, read_pkg, store_tree,
+};
+use crate::bus;
+use crate::cache::Digest256;
+use crate::packages::{Archive, Deps, PackageRef};
+use crate::recipe::Loaded;
+use serde::{Deserialize, Serialize};
+
+pub struct Rootfs;
+
+/// The packages a build uses, chosen from one signed release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChosenPackages {
+    /// The kernel image package, or the `linux-source-*` package when the recipe builds its
+    /// kernel (`kernel.build`).
+    pub kernel: PackageRef,
+    pub busybox: PackageRef,
+    pub systemd_boot: PackageRef,
+}
+
+impl ChosenPackages {
+    /// The packages a build downloads: a Debian image's kernel comes from its own base
+    /// (mmdebstrap installs it), so its package is named but never fetched.
+    pub fn fetched(&self, debian: bool) -> Vec<&PackageRef> {
+        [&self.kernel, &self.busybox, &self.systemd_boot]
+            .into_iter()
+            .filter(|p| !(debian && *p == &self.kernel))
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootfsOut {
+    /// The Tree manifest (a blob).
+    pub manifest: Digest256,
+    /// `rootfs.base: debian`: the manifest of the mmdebstrap base the image was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Digest256>,
+}
+
+/// The Debian base step's outputs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaseOut {
+    /// The base Tree's manifest (a blob).
+    pub manifest: Digest256,
+    pub entries: usize,
+    /// Bytes of file content in the base.
+    pub bytes: u64,
+    /// The mmdebstrap arguments that made it (tarball on stdout).
+    #[serde(default)]
+    pub mmdebstrap: Vec<String>,
+}
+
+/// What the rootfs stage made: the packages, the Debian base (if any) and the root Tree.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootfsStageOut {
+    pub packages: ChosenPackages,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseOut>,
+    pub rootfs: RootfsOut,
+}
+
+/// The key of the `packages` step (fields in the order of the JSON keys: sorted).
+#[derive(Serialize)]
+struct PackagesKey<'a> {
+    arch: &'a str,
+    components: &'a [String],
+    kernel: &'a str,
+    mirror: &'a str,
+    release: &'a Digest256,
+}
+
+/// The key of the `rootfs` step.
+#[derive(Serialize)]
+struct RootfsKey<'a> {
+    base: Option<&'a Digest256>,
+    busybox: &'a Digest256,
+    esp: Option<String>,
+    inputs: &'a str,
+    root: String,
+}
+
+impl StageWork for Rootfs {
+    const STAGE: bus::Stage = bus::Stage::Rootfs;
+    type Output = RootfsStageOut;
+
+    fn run(run: &mut StageRun<'_>, h: &Handover) -> Result<RootfsStageOut, StageError> {
+        let build = h.artifacts()?;
+        let loaded = &build.loaded;
+        let packages = packages(run, loaded)?;
+        let base = if build.is_debian() {
+            Some(debian_base(run, loaded)?)
+        } else {
+            None
+        };
+        let ids = Partitions::of(loaded);
+        let base_manifest = base.as_ref().map(|b| b.manifest.clone());
+        let key = RootfsKey {
+            base: base_manifest.as_ref(),
+            busybox: &packages.busybox.sha256,
+            esp: ids.esp.map(|u| u.to_string()),
+            inputs: &loaded.inputs,
+            root: ids.root.to_string(),
+        };
+        let rootfs = run.step("rootfs", 1, &key, |run| {
+            rootfs(run.env, loaded, &packages, base_manifest.as_ref())
+        })?;
+        Ok(RootfsStageOut {
+            packages,
+            base,
+            rootfs,
+        })
+    }
+
+    fn apply(h: &mut Handover, out: &RootfsStageOut) {
+        if let Some(b) = &mut h.build {
+            b.packages = Some(out.packages.clone());
+            b.rootfs = Some(out.rootfs.clone());
+        }
+    }
+
+    fn produced(h: &Handover) -> Vec<Need> {
+        let Some(build) = &h.build else {
+            return Vec::new();
+        };
+        let mut out: Vec<Need> = build.fetched_debs().into_iter().map(Need::Blob).collect();
+        if let Some(r) = &build.rootfs {
+            out.push(Need::Tree(r.manifest.clone()));
+            // A Debian base's files are all in the image; its manifest is the kernel stage's.
+            out.extend(r.base.clone().map(Need::Blob));
+        }
+        out
+    }
+}
+
+/// The `packages` step: choose the packages from the signed release (recorded), and make sure
+/// every `.deb` the build needs is here.
+fn packages(run: &mut StageRun<'_>, loaded: &Loaded) -> Result<ChosenPackages, StageError> {
+    let env = run.env;
+    let archive = open_archive(env, loaded)?;
+    let kernel = kernel_package_name(loaded);
+    let key = PackagesKey {
+        arch: &archive.options().arch,
+        components: &archive.options().components,
+        kernel: &kernel,
+        mirror: &archive.options().mirror,
+        release: archive.release_digest(),
+    };
+    let chosen: ChosenPackages = run.step("packages", 1, &key, |_| {
+        Ok(ChosenPackages {
+            kernel: versioned_package(&archive, &kernel)?,
+            busybox: one_package(&archive, "busybox-static")?,
+            systemd_boot: one_package(&archive, "systemd-boot-efi")?,
+        })
+    })?;
+    let all =
+        chosen.fetched(loaded.recipe.rootfs.base == crate::recipe::schema::RootfsBase::Debian);
+    let total: u64 = all.iter().map(|p| p.size).sum();
+    let mut done = 0u64;
+    for (i, p) in all.iter().enumerate() {
+        let fraction = Some(done as f64 / total.max(1) as f64);
+        if env.blobs.contains(&p.sha256) {
+            run.progress(fraction, format!("{} {} cached", p.name, p.version));
+        } else {
+            run.progress(
+                fraction,
+                format!(
+                    "fetching {}/{} {} {} ({}), {} of {}",
+                    i + 1,
+                    all.len(),
+                    p.name,
+                    p.version,
+                    mib(p.size),
+                    mib(done),
+                    mib(total)
+                ),
+            );
+            archive.fetch(p)?;
+        }
+        done += p.size;
+    }
+    run.progress(Some(0.5), format!("{} packages, {}", all.len(), mib(total)));
+    env.note(&archive);
+    Ok(chosen)
+}
+
+/// The Debian base of a recipe: looked up under its own key (suite, the mirror's signed release,
+/// variant, components, packages), else made by mmdebstrap and recorded. Unknown package names
+/// are reported from kiln's index before mmdebstrap runs.
+fn debian_base(run: &mut StageRun<'_>, loaded: &Loaded) -> Result<BaseOut, StageError> {
+    let env = run.env;
+    let archive = open_archive(env, loaded)?;
+    let spec = crate::debian::BaseSpec::of(loaded, &archive.options().mirror)?;
+    let key = spec.key_inputs(archive.release_digest().as_str());
+    let here = |out: &BaseOut| env.blobs.contains(&out.manifest);
+    let out = run.step_if("debian-base", 1, &key, here, |run| {
+        run.progress(None, "making the Debian base with mmdebstrap");
+        let checked = spec.check_packages(&archive);
+        env.note(&archive);
+        checked?;
+        let started = std::time::Instant::now();
+        let epoch = archive.release().date.unwrap_or(1);
+        let tree = crate::debian::build_base(&spec, &env.blobs, epoch)?;
+        let out = BaseOut {
+            manifest: store_tree(&env.blobs, &tree)?,
+            entries: tree.len(),
+            bytes: tree.content_bytes(),
+            mmdebstrap: spec.mmdebstrap_args(),
+        };
+        tracing::info!(
+            entries = out.entries,
+            bytes = out.bytes,
+            "Debian base made in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(out)
+    })?;
+    env.note(&archive);
+    Ok(out)
+}
+
+fn rootfs(
+    env: &StageEnv,
+    loaded: &Loaded,
+    packages: &ChosenPackages,
+    base: Option<&Digest256>,
+) -> Result<RootfsOut, StageError> {
+    let ids = Partitions::of(loaded);
+    let mounts = crate::rootfs::Mounts {
+        root_partuuid: ids.root.to_string(),
+        esp_partuuid: ids.esp.map(|u| u.to_string()),
+    };
+    let tree = match base {
+        Some(base) => {
+            let base_tree = load_tree(&env.blobs, base, "the Debian base manifest")?;
+            crate::debian::debian_rootfs(loaded, base_tree, &mounts)?
+        }
+        None => {
+            let busybox = read_pkg(env, loaded, &packages.busybox)?;
+            crate::rootfs::busybox_rootfs(loaded, &busybox, &mounts)?
+        }
+    };
+    let digest = store_tree(&env.blobs, &tree)?;
+    Ok(RootfsOut {
+        manifest: digest,
+        base: base.cloned(),
+    })
+}
+
+/// The kernel package the recipe names: the recipe's, the default, or the kernel source
+/// metapackage for `kernel.build`.
+fn kernel_package_name(loaded: &Loaded) -> String {
+    if loaded.recipe.kernel.build.is_some() {
+        return SOURCE_PACKAGE.into();
+    }
+    loaded
+        .recipe
+        .kernel
+        .package
+        .clone()
+        .unwrap_or_else(|| crate::debian::DEFAULT_KERNEL_PACKAGE.into())
+}
+
+/// The metapackage of the current kernel source (`linux-source` → `linux-source-6.1`).
+const SOURCE_PACKAGE: &str = "linux-source";
+
+/// One package without its dependencies.
+fn one_package(archive: &Archive, name: &str) -> Result<PackageRef, StageError> {
+    let mut found = archive.resolve(&[name], Deps::None)?;
+    found
+        .pop()
+        .ok_or_else(|| StageError::Unsupported(format!("package {name}")))
+}
+
+/// The versioned kernel package behind a name such as `linux-image-cloud-amd64` (a metapackage
+/// that depends on `linux-image-<version>-cloud-amd64`) or `linux-source` (→
+/// `linux-source-<version>`).
+fn versioned_package(archive: &Archive, name: &str) -> Result<PackageRef, StageError> {
+    let prefix = if name.starts_with("linux-source") {
+        "linux-source-"
+    } else {
+        "linux-image-"
+    };
+    let mut current = one_package(archive, name)?;
+    for _ in 0..4 {
+        if looks_versioned(&current.name) {
+            break;
+        }
+        let next = archive
+            .index()?
+            .versions_of(&current.name)
+            .find(|(_, e)| e.version_str() == current.version)
+            .and_then(|(_, e)| {
+                e.depends()
+                    .split(',')
+                    .map(|d| {
+                        d.trim()
+                            .split([' ', '(', '|'])
+                            .next()
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .find(|d| d.starts_with(prefix) && d != &current.name)
+            });
+        match next {
+            Some(n) => current = one_package(archive, &n)?,
+            None => break,
+        }
+    }
+    Ok(current)
+}
+
+/// `linux-image-6.1.0-26-cloud-amd64`, `linux-source-6.1` (versioned) vs
+/// `linux-image-cloud-amd64`, `linux-source` (meta).
+fn looks_versioned(name: &str) -> bool {
+    name.trim_start_matches("linux-image-")
+        .trim_start_matches("linux-source-")
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_digit())
+}
+
+/// The blobs the rootfs stage reads: the `.deb`s it fetched already (a worker that did not fetch
+/// them gets them from the object store).
+pub(super) fn debs(build: &Artifacts) -> Vec<Need> {
+    build.fetched_debs().into_iter().map(Need::Blob).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn versioned_kernel_names() {
+        assert!(looks_versioned("linux-image-6.1.0-26-cloud-amd64"));
+        assert!(!looks_versioned("linux-image-cloud-amd64"));
+        assert!(looks_versioned("linux-source-6.1"));
+        assert!(!looks_versioned("linux-source"));
+    }
+
+    /// Typed keys serialise to the bytes of the JSON objects earlier kiln versions hashed, so
+    /// records made before stay valid.
+    #[test]
+    fn keys_keep_their_bytes() {
+        let d = Digest256::from_sha256(&[1u8; 32]);
+        let e = Digest256::from_sha256(&[2u8; 32]);
+        let components = vec!["main".to_string()];
+        let typed = PackagesKey {
+            arch: "amd64",
+            components: &components,
+            kernel: "linux-image-cloud-amd64",
+            mirror: "http://deb.debian.org/debian",
+            release: &d,
+        };
+        let old = json!({
+            "release": d, "kernel": "linux-image-cloud-amd64",
+            "mirror": "http://deb.debian.org/debian", "arch": "amd64", "components": ["main"],
+        });
+        assert_eq!(
+            serde_json::to_vec(&typed).unwrap(),
+            serde_json::to_vec(&old).unwrap()
+        );
+        for base in [None, Some(&e)] {
+            let typed = RootfsKey {
+                base,
+                busybox: &d,
+                esp: Some("u-esp".into()),
+                inputs: "sha256:00",
+                root: "u-root".into(),
+            };
+            let old = json!({
+                "inputs": "sha256:00", "busybox": d, "root": "u-root",
+                "esp": Some("u-esp"), "base": base,
+            });
+            assert_eq!(
+                serde_json::to_vec(&typed).unwrap(),
+                serde_json::to_vec(&old).unwrap()
+            );
+        }
+    }
+}

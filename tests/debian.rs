@@ -61,17 +61,29 @@ fn read_banner(port: u16, stop: Arc<AtomicBool>) -> Option<String> {
     let mut last = None;
     while !stop.load(Ordering::Relaxed) {
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            // Short: a connection made before sshd listens may hang rather than close.
-            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            // A connection QEMU accepted while sshd is still starting (first-boot host keys) is
+            // answered once sshd is ready: wait on it rather than open more, which sshd would
+            // count against MaxStartups and refuse.
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
             let mut buf = [0u8; 256];
-            if let Ok(n) = s.read(&mut buf)
-                && n > 0
-            {
-                let text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
-                if text.starts_with("SSH-") {
-                    return Some(text);
+            loop {
+                match s.read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        let text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+                        if text.starts_with("SSH-") {
+                            return Some(text);
+                        }
+                        last = Some(text);
+                        break;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) && !stop.load(Ordering::Relaxed) => {}
+                    _ => break,
                 }
-                last = Some(text);
             }
         }
         // QEMU's user network accepts the connection before the guest listens, and kiln stops

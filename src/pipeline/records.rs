@@ -25,6 +25,12 @@ pub fn stage_key(step: &str, version: u32, inputs: &impl Serialize) -> Digest256
     Digest256::from_sha256(&h.finalize())
 }
 
+/// A nested part of a key (a recipe section, a machine profile) as JSON with its object keys
+/// sorted, as keys have always hashed it: a struct's own field order does not count.
+pub fn key_part(part: &impl Serialize) -> Value {
+    serde_json::to_value(part).unwrap_or(Value::Null)
+}
+
 /// Where step results are recorded (the local records, a shared KV bucket, or memory).
 pub trait StageRecords: Send + Sync {
     /// The recorded outputs for `key`, if any (an unreadable record counts as absent).

@@ -14,9 +14,11 @@ use crate::disk::build::{DiskSpec, PartitionInput, build_disk};
 use crate::disk::gpt::PartitionKind;
 use crate::disk::image::{ImageFormat, ImageOptions};
 use crate::disk::layout::{Filesystem, Size, parse_size};
+use crate::pipeline::records::key_part;
 use crate::recipe::schema::{DiskFormat, FilesystemKind, Loader, PartitionType};
 use crate::tree::{Content, Tree};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::time::Duration;
 
 pub struct Disk;
@@ -39,9 +41,11 @@ pub struct DiskStageOut {
 /// The key of the disk step (fields sorted, as the JSON keys).
 #[derive(Serialize)]
 struct DiskKey<'a> {
-    boot: &'a crate::recipe::schema::Boot,
+    /// The recipe's `boot:` (see [`key_part`]).
+    boot: Value,
     description: &'a Option<String>,
-    disk: &'a crate::recipe::schema::Disk,
+    /// The recipe's `disk:`.
+    disk: Value,
     epoch: i64,
     initrd: &'a Option<Digest256>,
     name: &'a str,
@@ -71,9 +75,9 @@ impl StageWork for Disk {
         let recipe = &build.loaded.recipe;
         let kernel = build.kernel()?;
         let key = DiskKey {
-            boot: &recipe.boot,
+            boot: key_part(&recipe.boot),
             description: &recipe.description,
-            disk: &recipe.disk,
+            disk: key_part(&recipe.disk),
             epoch: build.loaded.source_date_epoch,
             initrd: &kernel.initrd,
             name: &recipe.name,
@@ -253,4 +257,49 @@ fn disk(run: &StageRun<'_>, build: &Artifacts) -> Result<DiskOut, StageError> {
         disk_size: report.layout.disk_size,
         file_size: report.image.file_size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The typed key serialises to the bytes of the JSON object earlier kiln versions hashed.
+    #[test]
+    fn key_keeps_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.yaml");
+        std::fs::write(
+            &path,
+            "name: r\nversion: '1'\nkernel: { package: linux-image-cloud-amd64 }\nboot: { loader: none }\n\
+             disk: { partitions: [ { name: root, type: root, size: auto } ] }\n",
+        )
+        .unwrap();
+        let loaded = crate::recipe::load(&path, &crate::recipe::LoadOptions::default()).unwrap();
+        let r = &loaded.recipe;
+        let d = Digest256::from_sha256(&[1u8; 32]);
+        let initrd = Some(Digest256::from_sha256(&[2u8; 32]));
+        let typed = DiskKey {
+            boot: key_part(&r.boot),
+            description: &r.description,
+            disk: key_part(&r.disk),
+            epoch: loaded.source_date_epoch,
+            initrd: &initrd,
+            name: &r.name,
+            rootfs: &d,
+            seed: &loaded.inputs,
+            systemd_boot: &d,
+            version: &r.version,
+            vmlinuz: &d,
+        };
+        let old = json!({
+            "rootfs": d, "systemd_boot": d, "vmlinuz": d, "initrd": initrd,
+            "disk": r.disk, "boot": r.boot, "name": r.name, "description": r.description,
+            "version": r.version, "seed": loaded.inputs, "epoch": loaded.source_date_epoch,
+        });
+        assert_eq!(
+            serde_json::to_vec(&typed).unwrap(),
+            serde_json::to_vec(&old).unwrap()
+        );
+    }
 }

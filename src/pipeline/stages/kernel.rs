@@ -264,3 +264,53 @@ fn built_kernel(env: &StageEnv, build: &Artifacts) -> Result<KernelOut, StageErr
         }),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Typed keys serialise to the bytes of the JSON objects earlier kiln versions hashed, so
+    /// records made before stay valid.
+    #[test]
+    fn keys_keep_their_bytes() {
+        let d = Digest256::from_sha256(&[1u8; 32]);
+        let e = Digest256::from_sha256(&[2u8; 32]);
+        let modules = vec!["virtio_blk".to_string()];
+        for (base, kernel) in [(None, Some(&d)), (Some(&e), None)] {
+            let typed = PackagedKey {
+                base,
+                busybox: &d,
+                compression: Some(Compression::Zstd),
+                epoch: 7,
+                kernel,
+                modules: &modules,
+                root: "u-root".into(),
+            };
+            let old = json!({
+                "kernel": kernel, "base": base, "busybox": d, "modules": modules,
+                "compression": Some(Compression::Zstd), "root": "u-root", "epoch": 7,
+            });
+            assert_eq!(
+                serde_json::to_vec(&typed).unwrap(),
+                serde_json::to_vec(&old).unwrap()
+            );
+        }
+        let fragment = Some("CONFIG_X=y\n".to_string());
+        let base = crate::recipe::schema::KernelBase::default();
+        let typed = BuiltKey {
+            base,
+            epoch: 7,
+            fragment: &fragment,
+            source: &d,
+            toolchain: "gcc 12".into(),
+        };
+        let old = json!({
+            "source": d, "fragment": fragment, "base": base, "toolchain": "gcc 12", "epoch": 7,
+        });
+        assert_eq!(
+            serde_json::to_vec(&typed).unwrap(),
+            serde_json::to_vec(&old).unwrap()
+        );
+    }
+}

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::bus;
 use crate::cache::Digest256;
+use crate::pipeline::records::key_part;
 use crate::verify::{self, BootImageOptions};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -45,7 +46,8 @@ struct BootKey<'a> {
     expect: &'a Option<String>,
     image: &'a Digest256,
     initrd: &'a Option<Digest256>,
-    machine: verify::profile::Profile,
+    /// The machine profile's settings (see [`key_part`]).
+    machine: serde_json::Value,
     profile: &'a str,
     vmlinuz: &'a Digest256,
 }
@@ -161,7 +163,7 @@ fn boot(
         expect,
         image: &disk_out.image,
         initrd: &kernel_out.initrd,
-        machine,
+        machine: key_part(&machine),
         profile,
         vmlinuz: &kernel_out.vmlinuz,
     };
@@ -305,5 +307,27 @@ mod tests {
             &json!({ "image": d, "expect": expect, "profile": "direct" }),
         );
         assert_eq!(verified_key(&d, &expect, "direct"), old);
+        let machine = verify::profile::ProfileDir::locate(None)
+            .unwrap()
+            .load("uefi")
+            .unwrap();
+        let initrd = None;
+        let typed = BootKey {
+            cmdline: "console=ttyS0".into(),
+            expect: &expect,
+            image: &d,
+            initrd: &initrd,
+            machine: key_part(&machine),
+            profile: "uefi",
+            vmlinuz: &d,
+        };
+        let old = json!({
+            "image": d, "profile": "uefi", "machine": machine, "expect": expect,
+            "vmlinuz": d, "initrd": initrd, "cmdline": "console=ttyS0",
+        });
+        assert_eq!(
+            serde_json::to_vec(&typed).unwrap(),
+            serde_json::to_vec(&old).unwrap()
+        );
     }
 }

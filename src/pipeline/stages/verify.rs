@@ -12,7 +12,6 @@ use crate::cache::Digest256;
 use crate::pipeline::records::key_part;
 use crate::verify::{self, BootImageOptions};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -36,8 +35,21 @@ pub struct BootSummary {
     pub marker_line: String,
 }
 
-/// The boots of the verify stage under `verify.<profile>`, as its message carries them.
-pub type VerifyOut = BTreeMap<String, BootSummary>;
+/// The boots of the verify stage, in the order of the profiles; its message carries each under
+/// `verify.<profile>`.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOut(pub Vec<BootSummary>);
+
+impl Serialize for VerifyOut {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for boot in &self.0 {
+            map.serialize_entry(&format!("verify.{}", boot.profile), boot)?;
+        }
+        map.end()
+    }
+}
 
 /// The key of one boot (fields sorted, as the JSON keys).
 #[derive(Serialize)]
@@ -101,17 +113,16 @@ impl StageWork for Verify {
 
     fn run(run: &mut StageRun<'_>, h: &Handover) -> Result<VerifyOut, StageError> {
         let build = h.artifacts()?;
-        let mut out = VerifyOut::new();
+        let mut out = VerifyOut::default();
         for profile in profiles(h, build) {
-            let summary = boot(run, build, &profile)?;
-            out.insert(format!("verify.{profile}"), summary);
+            out.0.push(boot(run, build, &profile)?);
         }
         Ok(out)
     }
 
     fn apply(h: &mut Handover, out: &VerifyOut) {
         if let Some(b) = &mut h.build {
-            b.boots.extend(out.values().cloned());
+            b.boots.extend(out.0.iter().cloned());
         }
     }
 

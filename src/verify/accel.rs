@@ -86,6 +86,15 @@ pub fn probe_cached(qemu: &Path) -> AccelProbe {
     answer
 }
 
+/// Start [`probe_cached`] for `qemu` on another thread, so that a build's first boot finds the
+/// answer ready instead of probing after the disk is written (the probe boots a test guest and
+/// may wait seconds for it).
+pub fn probe_in_background(qemu: PathBuf) {
+    std::thread::spawn(move || {
+        probe_cached(&qemu);
+    });
+}
+
 /// Where the probe's answer is kept across processes: `$KILN_HOME/accel/<key>.json`, keyed by the
 /// QEMU binary (path, size, mtime), the host kernel and the host's boot id — so it is asked again
 /// after a reboot, a kernel or a QEMU change.

@@ -28,6 +28,8 @@ impl StageWork for Render {
     fn run(run: &mut StageRun<'_>, h: &Handover) -> Result<RenderOut, StageError> {
         let loaded = load(run, h)?;
         check_supported(&loaded)?;
+        // The accelerator probe of the verify stage runs beside the stages in between.
+        super::verify::probe_ahead(run.env, &h.request, &loaded);
         Ok(RenderOut {
             inputs: loaded.inputs.clone(),
             name: loaded.recipe.name.clone(),

@@ -114,7 +114,7 @@ impl StageWork for Verify {
     fn run(run: &mut StageRun<'_>, h: &Handover) -> Result<VerifyOut, StageError> {
         let build = h.artifacts()?;
         let mut out = VerifyOut::default();
-        for profile in profiles(h, build) {
+        for profile in profiles(&h.request, &build.loaded) {
             out.0.push(boot(run, build, &profile)?);
         }
         Ok(out)
@@ -137,23 +137,41 @@ impl StageWork for Verify {
 }
 
 /// The profiles to boot: none with `--no-verify`, else the request's, else the recipe's, else
-/// `direct`.
-fn profiles(h: &Handover, build: &Artifacts) -> Vec<String> {
-    if !h.request.verify {
+/// [`verify::profile::DEFAULT_PROFILE`].
+fn profiles(request: &bus::BuildRequest, loaded: &crate::recipe::Loaded) -> Vec<String> {
+    if !request.verify {
         return Vec::new();
     }
-    if !h.request.profiles.is_empty() {
-        return h.request.profiles.clone();
+    if !request.profiles.is_empty() {
+        return request.profiles.clone();
     }
     vec![
-        build
-            .loaded
+        loaded
             .recipe
             .verify
             .profile
             .clone()
             .unwrap_or_else(|| verify::profile::DEFAULT_PROFILE.into()),
     ]
+}
+
+/// When a profile this build will boot with lets the KVM probe choose the accelerator, start the
+/// probe now, so that it runs beside the stages before verify rather than after them.
+pub(super) fn probe_ahead(
+    env: &StageEnv,
+    request: &bus::BuildRequest,
+    loaded: &crate::recipe::Loaded,
+) {
+    let Ok(dir) = verify::profile::ProfileDir::locate(env.profiles_dir.as_deref()) else {
+        return;
+    };
+    let probes = profiles(request, loaded).iter().any(|p| {
+        dir.load(p)
+            .is_ok_and(|m| m.accel != verify::profile::AccelChoice::Tcg)
+    });
+    if probes && let Ok(qemu) = verify::qemu::find_qemu() {
+        verify::accel::probe_in_background(qemu);
+    }
 }
 
 /// One boot under `profile` (a recorded step), and its [`VERIFIED`] record.

@@ -123,19 +123,29 @@ impl BlobStore {
         fs::create_dir_all(&dir)?;
         let mut tmp = temp_file_in(&dir)?;
         let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
         let mut len = 0u64;
-        loop {
+        // One buffer per thread, taken while in use: a package's thousands of small files do not
+        // each zero 1 MiB.
+        thread_local! {
+            static BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut buf = BUF.take();
+        buf.resize(1 << 20, 0);
+        let copied = loop {
             let n = match reader.read(&mut buf) {
-                Ok(0) => break,
+                Ok(0) => break Ok(()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) => break Err(e),
             };
             hasher.update(&buf[..n]);
-            tmp.write_all(&buf[..n])?;
+            if let Err(e) = tmp.write_all(&buf[..n]) {
+                break Err(e);
+            }
             len += n as u64;
-        }
+        };
+        BUF.set(buf);
+        copied?;
         let digest = Digest256::from_sha256(&hasher.finalize());
         let dest = self.path(&digest);
         if dest.is_file() {

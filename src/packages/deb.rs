@@ -391,8 +391,15 @@ pub fn read_deb(
             let data = ar.data(&member);
             let tar = decompressor(&member.name, data).map_err(io_err(&member.name))?;
             let mut tar = LimitReader::new(tar, limits.data_bytes);
-            let read = pkg_tree
-                .extend_from_tar(&mut tar, &mut |r: &mut dyn Read, _len| store.put_content(r));
+            // Thousands of files (a kernel's modules): one sync for all of them below, not one
+            // per file.
+            let read = pkg_tree.extend_from_tar(&mut tar, &mut |r: &mut dyn Read, _len| {
+                let (digest, len) = store.put_unsynced(r)?;
+                Ok(crate::tree::Content::Host {
+                    path: store.path(&digest),
+                    len,
+                })
+            });
             if tar.exceeded() {
                 return Err(too_large(
                     &member.name,
@@ -404,6 +411,7 @@ pub fn read_deb(
                 path: path.to_path_buf(),
                 source,
             })?;
+            store.sync().map_err(io_err(&member.name))?;
             saw_data = true;
         } else if member.name.starts_with('_') {
             // Reserved for extensions; dpkg ignores them too.

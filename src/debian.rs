@@ -9,8 +9,7 @@
 
 use crate::cache::BlobStore;
 use crate::packages::{Archive, Deps};
-use crate::recipe::Loaded;
-use crate::rootfs::{Mounts, RootfsError};
+use crate::rootfs::{Mounts, RootfsError, RootfsSpec};
 use crate::tree::{Content, Entry, EntryKind, Tree, TreeError, TreePath};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -74,15 +73,13 @@ pub struct BaseSpec {
 
 impl BaseSpec {
     /// The base a recipe asks for, against `mirror`.
-    pub fn of(loaded: &Loaded, mirror: &str) -> Result<BaseSpec, DebianError> {
-        let r = &loaded.recipe.rootfs;
+    pub fn of(
+        r: &crate::recipe::schema::Rootfs,
+        kernel_package: Option<&str>,
+        mirror: &str,
+    ) -> Result<BaseSpec, DebianError> {
         let mut packages: Vec<String> = r.packages.iter().map(|p| p.trim().to_string()).collect();
-        let kernel = loaded
-            .recipe
-            .kernel
-            .package
-            .clone()
-            .unwrap_or_else(|| DEFAULT_KERNEL_PACKAGE.to_string());
+        let kernel = kernel_package.unwrap_or(DEFAULT_KERNEL_PACKAGE).to_string();
         packages.push(kernel);
         packages.sort();
         packages.dedup();
@@ -290,20 +287,23 @@ fn ensure_newline(mut s: String) -> String {
 /// (appended to its passwd, shadow, group and gshadow), SSH keys, hostname, fstab, the systemd
 /// configuration, and the recipe's files, directories and symlinks; every mtime is
 /// SOURCE_DATE_EPOCH.
-pub fn debian_rootfs(loaded: &Loaded, base: Tree, mounts: &Mounts) -> Result<Tree, RootfsError> {
-    let recipe = &loaded.recipe;
+pub fn debian_rootfs(
+    spec: &RootfsSpec<'_>,
+    base: Tree,
+    mounts: &Mounts,
+) -> Result<Tree, RootfsError> {
     let mut tree = base;
     let passwd = text_of(&tree, "/etc/passwd")?;
     let group = text_of(&tree, "/etc/group")?;
     let shadow = text_of(&tree, "/etc/shadow")?;
     let gshadow = text_of(&tree, "/etc/gshadow")?;
     let (users, groups) =
-        crate::rootfs::accounts_over(loaded, ids_of(&passwd), ids_of(&group), "/bin/bash")?;
+        crate::rootfs::accounts_over(spec.rootfs, ids_of(&passwd), ids_of(&group), "/bin/bash")?;
     let base_groups: Vec<String> = group
         .lines()
         .filter_map(|l| l.split(':').next().map(str::to_string))
         .collect();
-    let days = loaded.source_date_epoch.max(0) / 86_400;
+    let days = spec.epoch.max(0) / 86_400;
 
     let mut passwd = ensure_newline(passwd);
     let mut shadow = ensure_newline(shadow);
@@ -368,21 +368,17 @@ pub fn debian_rootfs(loaded: &Loaded, base: Tree, mounts: &Mounts) -> Result<Tre
         "/etc/gshadow",
         Entry::file(Content::inline(gshadow_text), 0o640).owner(0, shadow_gid),
     )?;
-    crate::rootfs::add_homes(&mut tree, loaded, &users)?;
+    crate::rootfs::add_homes(&mut tree, spec, &users)?;
 
-    let hostname = recipe
-        .rootfs
-        .hostname
-        .clone()
-        .unwrap_or_else(|| recipe.name.clone());
+    let hostname = spec.hostname();
     let ctx = json!({
         "hostname": hostname,
         "root_partuuid": mounts.root_partuuid,
         "esp_partuuid": mounts.esp_partuuid,
     });
     let render = |name: &str, ctx: Value| {
-        loaded
-            .render_template(name, ctx)
+        spec.templates
+            .render(name, ctx)
             .map_err(|message| RootfsError::Template {
                 name: name.to_string(),
                 message,
@@ -411,10 +407,10 @@ pub fn debian_rootfs(loaded: &Loaded, base: Tree, mounts: &Mounts) -> Result<Tre
     ] {
         tree.remove(&TreePath::new(path)?);
     }
-    crate::rootfs::apply_recipe_entries(&mut tree, loaded, &users, &groups)?;
-    crate::systemd::configure(&mut tree, loaded)?;
+    crate::rootfs::apply_recipe_entries(&mut tree, spec, &users, &groups)?;
+    crate::systemd::configure(&mut tree, spec)?;
     for (_, entry) in tree.iter_mut() {
-        entry.mtime = loaded.source_date_epoch;
+        entry.mtime = spec.epoch;
     }
     tree.validate()?;
     Ok(tree)

@@ -2,8 +2,8 @@
 //! [`crate::debian`]) plus what the recipe adds — files, directories, symlinks, users and groups — with every timestamp set to
 //! SOURCE_DATE_EPOCH. Pure Tree work: packages arrive already read into Trees.
 
-use crate::recipe::Loaded;
 use crate::recipe::validate::parse_mode;
+use crate::recipe::{Loaded, TemplateSet};
 use crate::tree::{Content, Entry, EntryKind, Tree, TreeError, TreePath};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -60,17 +60,58 @@ pub struct Account {
     pub password: String,
 }
 
+/// What assembling a root filesystem (busybox or Debian, with its systemd configuration) reads
+/// of a recipe.
+#[derive(Debug, Clone, Copy)]
+pub struct RootfsSpec<'a> {
+    /// The image name: the hostname when `rootfs.hostname` is not set.
+    pub name: &'a str,
+    pub rootfs: &'a crate::recipe::schema::Rootfs,
+    /// The line the image prints once it has booted (`verify.expect`).
+    pub expect: &'a str,
+    /// The application command of a busybox image (`deploy.run`).
+    pub deploy_run: Option<&'a str>,
+    /// SOURCE_DATE_EPOCH: every mtime.
+    pub epoch: i64,
+    /// Rendered text of every `rootfs.files[].template`, by image path.
+    pub rendered_files: &'a BTreeMap<String, String>,
+    /// For the files kiln renders itself (init, passwd, fstab, units).
+    pub templates: TemplateSet<'a>,
+}
+
+impl<'a> RootfsSpec<'a> {
+    pub fn of(loaded: &'a Loaded) -> Self {
+        let recipe = &loaded.recipe;
+        RootfsSpec {
+            name: &recipe.name,
+            rootfs: &recipe.rootfs,
+            expect: recipe.verify.expect.as_deref().unwrap_or_default(),
+            deploy_run: recipe.deploy.as_ref().and_then(|d| d.run.as_deref()),
+            epoch: loaded.source_date_epoch,
+            rendered_files: &loaded.rendered_files,
+            templates: loaded.template_set(),
+        }
+    }
+
+    /// `rootfs.hostname`, else the image name.
+    pub fn hostname(&self) -> String {
+        self.rootfs
+            .hostname
+            .clone()
+            .unwrap_or_else(|| self.name.to_string())
+    }
+}
+
 /// Build the root Tree of a `rootfs.base: busybox` recipe.
 pub fn busybox_rootfs(
-    loaded: &Loaded,
+    spec: &RootfsSpec<'_>,
     busybox: &Tree,
     mounts: &Mounts,
 ) -> Result<Tree, RootfsError> {
-    let epoch = loaded.source_date_epoch;
-    let recipe = &loaded.recipe;
+    let epoch = spec.epoch;
     let render = |name: &str, extra: serde_json::Value| {
-        loaded
-            .render_template(name, extra)
+        spec.templates
+            .render(name, extra)
             .map_err(|message| RootfsError::Template {
                 name: name.to_string(),
                 message,
@@ -124,22 +165,16 @@ pub fn busybox_rootfs(
         tree.insert(path, Entry::symlink(format!("{up}bin/busybox")))?;
     }
 
-    let (users, groups) = accounts(loaded)?;
-    let hostname = recipe
-        .rootfs
-        .hostname
-        .clone()
-        .unwrap_or_else(|| recipe.name.clone());
-    let expect = recipe.verify.expect.clone().unwrap_or_default();
+    let (users, groups) = accounts(spec)?;
+    let hostname = spec.hostname();
+    let expect = spec.expect;
     let ctx = json!({
         "users": users,
         "groups": groups,
         "expect": expect,
-        "expect_shell": shell_quote(&expect),
-        "deploy_run": recipe
-            .deploy
-            .as_ref()
-            .and_then(|d| d.run.as_deref())
+        "expect_shell": shell_quote(expect),
+        "deploy_run": spec
+            .deploy_run
             .filter(|r| !r.trim().is_empty())
             .map(shell_quote),
         "root_partuuid": mounts.root_partuuid,
@@ -187,8 +222,8 @@ pub fn busybox_rootfs(
         "/dev/null",
         Entry::new(EntryKind::CharDevice { major: 1, minor: 3 }, 0o666),
     )?;
-    add_homes(&mut tree, loaded, &users)?;
-    apply_recipe_entries(&mut tree, loaded, &users, &groups)?;
+    add_homes(&mut tree, spec, &users)?;
+    apply_recipe_entries(&mut tree, spec, &users, &groups)?;
     for (_, entry) in tree.iter_mut() {
         entry.mtime = epoch;
     }
@@ -198,17 +233,21 @@ pub fn busybox_rootfs(
 
 /// Each user's home directory (0750) and `~/.ssh/authorized_keys` (0600, in a 0700 `.ssh`),
 /// owned by the user.
-pub fn add_homes(tree: &mut Tree, loaded: &Loaded, users: &[Account]) -> Result<(), RootfsError> {
+pub fn add_homes(
+    tree: &mut Tree,
+    spec: &RootfsSpec<'_>,
+    users: &[Account],
+) -> Result<(), RootfsError> {
     for u in users {
         let home = TreePath::new(&u.home)?;
         tree.insert(home.clone(), Entry::dir(0o750).owner(u.uid, u.gid))?;
-        let spec = loaded.recipe.rootfs.users.iter().find(|s| s.name == u.name);
-        if let Some(spec) = spec
-            && !spec.ssh_authorized_keys.is_empty()
+        let user = spec.rootfs.users.iter().find(|s| s.name == u.name);
+        if let Some(user) = user
+            && !user.ssh_authorized_keys.is_empty()
         {
             let ssh = home.join(".ssh")?;
             tree.insert(ssh.clone(), Entry::dir(0o700).owner(u.uid, u.gid))?;
-            let mut keys = spec.ssh_authorized_keys.join("\n");
+            let mut keys = user.ssh_authorized_keys.join("\n");
             keys.push('\n');
             tree.insert(
                 ssh.join("authorized_keys")?,
@@ -222,11 +261,11 @@ pub fn add_homes(tree: &mut Tree, loaded: &Loaded, users: &[Account]) -> Result<
 /// Files, directories and symlinks from the recipe, over whatever the base put there.
 pub fn apply_recipe_entries(
     tree: &mut Tree,
-    loaded: &Loaded,
+    spec: &RootfsSpec<'_>,
     users: &[Account],
     groups: &[Account],
 ) -> Result<(), RootfsError> {
-    let r = &loaded.recipe.rootfs;
+    let r = spec.rootfs;
     for d in &r.directories {
         let (uid, gid) = owner(d.owner.as_deref(), &d.path, users, groups)?;
         let mode = d.mode.as_deref().and_then(parse_mode).unwrap_or(0o755);
@@ -235,7 +274,7 @@ pub fn apply_recipe_entries(
     for f in &r.files {
         let (uid, gid) = owner(f.owner.as_deref(), &f.path, users, groups)?;
         let mode = f.mode.as_deref().and_then(parse_mode).unwrap_or(0o644);
-        let text = match (&f.content, loaded.rendered_files.get(&f.path)) {
+        let text = match (&f.content, spec.rendered_files.get(&f.path)) {
             (Some(c), _) => c.clone(),
             (None, Some(rendered)) => rendered.clone(),
             (None, None) => String::new(),
@@ -253,10 +292,10 @@ pub fn apply_recipe_entries(
 
 /// Users and groups with ids settled: given ids kept, others allocated from 1000 up in recipe
 /// order; each user gets a group of its own name unless it names one.
-fn accounts(loaded: &Loaded) -> Result<(Vec<Account>, Vec<Account>), RootfsError> {
+fn accounts(spec: &RootfsSpec<'_>) -> Result<(Vec<Account>, Vec<Account>), RootfsError> {
     let users = BTreeMap::from([(0, "root".to_string()), (65534, "nobody".to_string())]);
     let groups = BTreeMap::from([(0, "root".to_string()), (65534, "nogroup".to_string())]);
-    accounts_over(loaded, users, groups, "/bin/sh")
+    accounts_over(spec.rootfs, users, groups, "/bin/sh")
 }
 
 /// Users and groups of the recipe over a base that already has `base_users` (uid → name) and
@@ -264,12 +303,11 @@ fn accounts(loaded: &Loaded) -> Result<(Vec<Account>, Vec<Account>), RootfsError
 /// a user name the base has; free ids are allocated from 1000 up. A base group named as a
 /// supplementary group is returned (with the new members) so that the caller can add them.
 pub fn accounts_over(
-    loaded: &Loaded,
+    r: &crate::recipe::schema::Rootfs,
     base_users: BTreeMap<u32, String>,
     base_groups: BTreeMap<u32, String>,
     default_shell: &str,
 ) -> Result<(Vec<Account>, Vec<Account>), RootfsError> {
-    let r = &loaded.recipe.rootfs;
     let mut groups: Vec<Account> = Vec::new();
     let mut used_gids = base_groups.clone();
     for u in &r.users {

@@ -6,9 +6,8 @@
 //! `systemctl is-system-running --wait` with the build's marker on the serial console. Also the
 //! check of that line after a boot: [`check_system_state`].
 
-use crate::recipe::Loaded;
 use crate::recipe::schema::RootfsBase;
-use crate::rootfs::shell_quote;
+use crate::rootfs::{RootfsSpec, shell_quote};
 use crate::tree::{Content, Entry, EntryKind, Tree, TreeError, TreePath};
 use serde_json::json;
 
@@ -228,9 +227,13 @@ pub fn mask_unit(tree: &mut Tree, unit: &str) -> Result<(), SystemdError> {
     Ok(())
 }
 
-fn render(loaded: &Loaded, name: &str, ctx: serde_json::Value) -> Result<String, SystemdError> {
-    loaded
-        .render_template(name, ctx)
+fn render(
+    spec: &RootfsSpec<'_>,
+    name: &str,
+    ctx: serde_json::Value,
+) -> Result<String, SystemdError> {
+    spec.templates
+        .render(name, ctx)
         .map_err(|message| SystemdError::Template {
             name: name.to_string(),
             message,
@@ -238,8 +241,8 @@ fn render(loaded: &Loaded, name: &str, ctx: serde_json::Value) -> Result<String,
 }
 
 /// Apply the recipe's systemd configuration and kiln's first-boot and verification units.
-pub fn configure(tree: &mut Tree, loaded: &Loaded) -> Result<(), SystemdError> {
-    let r = &loaded.recipe.rootfs;
+pub fn configure(tree: &mut Tree, spec: &RootfsSpec<'_>) -> Result<(), SystemdError> {
+    let r = spec.rootfs;
     // Set on first boot (systemd sees an empty file and initializes it).
     tree.add(
         "/etc/machine-id",
@@ -267,11 +270,7 @@ pub fn configure(tree: &mut Tree, loaded: &Loaded) -> Result<(), SystemdError> {
         tree.add(
             &format!("/etc/systemd/system/{SSH_KEYS_UNIT}"),
             Entry::file(
-                Content::inline(render(
-                    loaded,
-                    "debian/ssh-host-keys.service.j2",
-                    json!({}),
-                )?),
+                Content::inline(render(spec, "debian/ssh-host-keys.service.j2", json!({}))?),
                 0o644,
             ),
         )?;
@@ -316,7 +315,7 @@ pub fn configure(tree: &mut Tree, loaded: &Loaded) -> Result<(), SystemdError> {
         tree.insert(
             network_dir.join("20-kiln-dhcp.network")?,
             Entry::file(
-                Content::inline(render(loaded, "debian/dhcp.network.j2", json!({}))?),
+                Content::inline(render(spec, "debian/dhcp.network.j2", json!({}))?),
                 0o644,
             ),
         )?;
@@ -328,12 +327,12 @@ pub fn configure(tree: &mut Tree, loaded: &Loaded) -> Result<(), SystemdError> {
         mask_unit(tree, &unit_name(unit))?;
     }
     // The verification unit: prints the state and the marker once the boot has finished.
-    let expect = loaded.recipe.verify.expect.clone().unwrap_or_default();
+    let expect = spec.expect;
     let script = render(
-        loaded,
+        spec,
         "debian/kiln-verify.sh.j2",
         json!({
-            "expect_shell": shell_quote(&expect),
+            "expect_shell": shell_quote(expect),
             "state_prefix": STATE_PREFIX,
             "failed_prefix": FAILED_PREFIX,
         }),
@@ -345,7 +344,7 @@ pub fn configure(tree: &mut Tree, loaded: &Loaded) -> Result<(), SystemdError> {
     tree.add(
         &format!("/etc/systemd/system/{VERIFY_UNIT}"),
         Entry::file(
-            Content::inline(render(loaded, "debian/kiln-verify.service.j2", json!({}))?),
+            Content::inline(render(spec, "debian/kiln-verify.service.j2", json!({}))?),
             0o644,
         ),
     )?;
@@ -375,9 +374,10 @@ fn unit_name(name: &str) -> String {
     }
 }
 
-/// Whether `loaded` builds a systemd image whose verification reads the system state.
-pub fn reports_state(loaded: &Loaded) -> bool {
-    loaded.recipe.rootfs.base == RootfsBase::Debian
+/// Whether a recipe with this `rootfs:` builds a systemd image whose verification reads the
+/// system state.
+pub fn reports_state(rootfs: &crate::recipe::schema::Rootfs) -> bool {
+    rootfs.base == RootfsBase::Debian
 }
 
 /// Check the marker line of a Debian boot: `system-state=running <marker>` passes; any other state

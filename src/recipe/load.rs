@@ -66,15 +66,32 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Render a template (from the roots, else kiln's built-ins) with the recipe's context plus
-    /// `extra` (an object whose keys are added at the top level), under the default [`Limits`].
-    /// The error is one line: `file:line:column: message` when the place is known.
-    pub fn render_template(&self, name: &str, extra: Value) -> Result<String, String> {
+    /// The recipe's templates and render context, for the files kiln renders itself.
+    pub fn template_set(&self) -> TemplateSet<'_> {
+        TemplateSet {
+            context: &self.context,
+            texts: &self.templates,
+        }
+    }
+}
+
+/// Templates (the recipe's, else kiln's built-ins) and the context a recipe was rendered with.
+#[derive(Debug, Clone, Copy)]
+pub struct TemplateSet<'a> {
+    context: &'a Value,
+    texts: &'a BTreeMap<String, String>,
+}
+
+impl TemplateSet<'_> {
+    /// Render a template with the recipe's context plus `extra` (an object whose keys are added
+    /// at the top level), under the default [`Limits`]. The error is one line:
+    /// `file:line:column: message` when the place is known.
+    pub fn render(&self, name: &str, extra: Value) -> Result<String, String> {
         let mut ctx = self.context.clone();
         if let (Value::Object(c), Value::Object(e)) = (&mut ctx, extra) {
             c.extend(e);
         }
-        let renderer = Renderer::from_texts(self.templates.clone(), &Limits::default());
+        let renderer = Renderer::from_texts(self.texts.clone(), &Limits::default());
         renderer
             .render_template(name, &ctx)
             .map_err(|d| match d.location() {

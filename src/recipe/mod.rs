@@ -12,5 +12,5 @@ pub mod validate;
 
 pub use diag::{Diagnostic, Kind as DiagnosticKind};
 pub use limits::Limits;
-pub use load::{GitInfo, LoadOptions, Loaded, load};
+pub use load::{GitInfo, LoadOptions, Loaded, TemplateSet, load};
 pub use schema::Recipe;

@@ -10,6 +10,7 @@ use crate::bus;
 use crate::cache::Digest256;
 use crate::packages::{Archive, Deps, PackageRef};
 use crate::recipe::Loaded;
+use crate::rootfs::RootfsSpec;
 use serde::{Deserialize, Serialize};
 
 pub struct Rootfs;
@@ -196,7 +197,11 @@ fn packages(run: &mut StageRun<'_>, loaded: &Loaded) -> Result<ChosenPackages, S
 fn debian_base(run: &mut StageRun<'_>, loaded: &Loaded) -> Result<BaseOut, StageError> {
     let env = run.env;
     let archive = open_archive(env, loaded)?;
-    let spec = crate::debian::BaseSpec::of(loaded, &archive.options().mirror)?;
+    let spec = crate::debian::BaseSpec::of(
+        &loaded.recipe.rootfs,
+        loaded.recipe.kernel.package.as_deref(),
+        &archive.options().mirror,
+    )?;
     let key = spec.key_inputs(archive.release_digest().as_str());
     let here = |out: &BaseOut| env.blobs.contains(&out.manifest);
     let out = run.step_if("debian-base", 1, &key, here, |run| {
@@ -239,11 +244,11 @@ fn rootfs(
     let tree = match base {
         Some(base) => {
             let base_tree = load_tree(&env.blobs, base, "the Debian base manifest")?;
-            crate::debian::debian_rootfs(loaded, base_tree, &mounts)?
+            crate::debian::debian_rootfs(&RootfsSpec::of(loaded), base_tree, &mounts)?
         }
         None => {
             let busybox = read_pkg(env, loaded, &packages.busybox)?;
-            crate::rootfs::busybox_rootfs(loaded, &busybox, &mounts)?
+            crate::rootfs::busybox_rootfs(&RootfsSpec::of(loaded), &busybox, &mounts)?
         }
     };
     let digest = store_tree(&env.blobs, &tree)?;

@@ -208,7 +208,7 @@ fn boot(
         let summary = with_ticker(Duration::from_millis(250), tick, || {
             verify_boot(env, build, profile, Some(log.clone()))
         })?;
-        if crate::systemd::reports_state(&build.loaded) {
+        if crate::systemd::reports_state(&build.loaded.recipe.rootfs) {
             let serial = summary
                 .serial_log
                 .as_ref()

@@ -17,8 +17,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 mod common;
-use common::registry::{free_port, start_registry};
-use common::{Running, kiln, shared_home};
+use common::registry::start_registry;
+use common::{Running, curl, free_port, kiln, sha256_digest, shared_home};
 
 /// The QEMU processes whose command line names `dir` (the agent's state directory).
 fn qemus_in(dir: &Path) -> Vec<u32> {
@@ -81,7 +81,7 @@ impl Agent {
             }
         });
         Agent {
-            proc: Running(child),
+            proc: Running::new(child),
             lines: rx,
             log: log.to_path_buf(),
         }
@@ -119,32 +119,6 @@ fn json_lines(o: &Output) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
-}
-
-fn sha256_file(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success());
-    format!(
-        "sha256:{}",
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-    )
-}
-
-fn curl(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("curl")
-        .args(["-sS", "--fail", "-m", "30"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 /// One HTTP GET through the agent's stable address: the page the guest serves.
@@ -240,7 +214,7 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
             .args(common::recipe_roots())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&up_log).unwrap());
-        Running(c.spawn().unwrap())
+        Running::new(c.spawn().unwrap())
     };
     let events = submit(home.path(), &url, &["release=1"], &up_log);
     let build1 = events[0]["build"].as_str().unwrap().to_string();
@@ -263,8 +237,12 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     assert!(disk["outputs"].to_string().contains(layer), "{disk}");
 
     // The registry's own API lists the tag (and the signature tag).
-    let tags: serde_json::Value =
-        serde_json::from_slice(&curl(&[&format!("http://{host}/v2/kiln/app/tags/list")])).unwrap();
+    let tags: serde_json::Value = serde_json::from_slice(&curl(&[
+        "-m",
+        "30",
+        &format!("http://{host}/v2/kiln/app/tags/list"),
+    ]))
+    .unwrap();
     let tags: Vec<&str> = tags["tags"]
         .as_array()
         .unwrap()
@@ -279,6 +257,8 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     );
     // curl sees the manifest (with kiln's annotations) and the blob.
     let m = curl(&[
+        "-m",
+        "30",
         "-H",
         "Accept: application/vnd.oci.image.manifest.v1+json",
         &format!("http://{host}/v2/kiln/app/manifests/latest"),
@@ -303,11 +283,13 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     );
     let curled = work.path().join("curl.blob");
     curl(&[
+        "-m",
+        "30",
         "-o",
         curled.to_str().unwrap(),
         &format!("http://{host}/v2/kiln/app/blobs/{layer}"),
     ]);
-    assert_eq!(sha256_file(&curled), layer);
+    assert_eq!(sha256_digest(&curled), layer);
     // kiln pull --trust gets the same bytes.
     let v1_file = work.path().join("v1.qcow2");
     let o = kiln(home.path())
@@ -318,7 +300,7 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", show(&o, &up_log));
-    assert_eq!(sha256_file(&v1_file), layer);
+    assert_eq!(sha256_digest(&v1_file), layer);
     assert_eq!(
         std::fs::read(&v1_file).unwrap(),
         std::fs::read(&curled).unwrap()

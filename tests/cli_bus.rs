@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::{Running, kiln, shared_home};
+use common::{Running, kiln, sha256_digest, shared_home};
 
 fn show(o: &Output) -> String {
     format!(
@@ -262,7 +262,7 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
     let url = server.url();
     let worker_home = shared_home();
     let log = worker_home.path().join("up.log");
-    let _up = Running(
+    let _up = Running::new(
         kiln(worker_home.path())
             .args(["up", "--nats", &url])
             .args(common::recipe_roots())
@@ -359,11 +359,9 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
     assert!(o.status.success(), "{}\n{}", show(&o), worker_log());
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let image = out.path().join("minimal-1.0.0.qcow2");
-    let sha = Command::new("sha256sum").arg(&image).output().unwrap();
-    let sha = String::from_utf8_lossy(&sha.stdout);
     assert_eq!(
         report["image_digest"].as_str().unwrap(),
-        format!("sha256:{}", sha.split_whitespace().next().unwrap())
+        sha256_digest(&image)
     );
     assert!(all_recorded_hit(&report), "{report}");
     // The serial log of the boot on the worker came through the object store too.

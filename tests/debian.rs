@@ -17,7 +17,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{json_report as report, kiln, root};
+use common::{free_port, json_report as report, kiln, root, sha256_digest};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -42,15 +42,6 @@ fn stage<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value
         .iter()
         .find(|s| s["stage"] == name)
         .unwrap_or_else(|| panic!("no stage {name} in {report}"))
-}
-
-/// A free loopback TCP port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Boot `image` (the example's qcow2) the way the uefi profile does — OVMF, q35, one virtio NIC on
@@ -233,11 +224,6 @@ impl Drop for Mounted {
     }
 }
 
-fn sha256_file(path: &Path) -> String {
-    let mut f = std::fs::File::open(path).unwrap();
-    kiln::cache::hash_file(&mut f).unwrap().0.to_string()
-}
-
 #[test]
 fn tree_matches_the_ext4_in_the_image() {
     let _guard = serial();
@@ -274,7 +260,7 @@ fn tree_matches_the_ext4_in_the_image() {
                 assert_eq!(meta.len(), *len, "size of {what}");
                 sampled += 1;
                 if e.mode & 0o6000 != 0 || !e.xattrs.is_empty() || sampled.is_multiple_of(97) {
-                    assert_eq!(&sha256_file(&host), digest.as_str(), "content of {what}");
+                    assert_eq!(&sha256_digest(&host), digest.as_str(), "content of {what}");
                 }
                 if e.mode & 0o4000 != 0 {
                     *counts.entry("setuid").or_default() += 1;
@@ -610,7 +596,7 @@ fn workers_on_two_homes_build_a_debian_image_through_the_object_store() {
     for (stage, w) in [("rootfs", &a), ("kernel", &b), ("disk", &b)] {
         let by = completed(stage)["worker"].as_str().unwrap();
         assert!(
-            by.ends_with(&format!("/{}", w.0.id())),
+            by.ends_with(&format!("/{}", w.pid())),
             "{stage} ran on {by}"
         );
     }

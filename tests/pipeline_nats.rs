@@ -330,8 +330,8 @@ fn two_workers_on_separate_homes_build_a_raw_request_through_the_object_store() 
             .map(|(_, v)| v["worker"].as_str().unwrap().to_string())
             .unwrap()
     };
-    let pid_a = format!("/{}", a.0.id());
-    let pid_b = format!("/{}", b.0.id());
+    let pid_a = format!("/{}", a.pid());
+    let pid_b = format!("/{}", b.pid());
     for s in ["source", "render", "rootfs"] {
         assert!(worker(s).ends_with(&pid_a), "{s} ran on {}", worker(s));
     }

@@ -518,10 +518,10 @@ fn sigterm_stops_a_busy_worker_within_seconds() {
     let stopping = Instant::now();
     // SAFETY: kill(2) with the pid of our own child.
     unsafe {
-        libc::kill(up.0.id() as i32, libc::SIGTERM);
+        libc::kill(up.pid() as i32, libc::SIGTERM);
     }
     let status = loop {
-        if let Some(s) = up.0.try_wait().unwrap() {
+        if let Some(s) = up.child.try_wait().unwrap() {
             break s;
         }
         assert!(

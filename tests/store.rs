@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 const MIB: u64 = 1 << 20;
 
 mod common;
-use common::registry::{RegistryServer, free_port, start_registry};
+use common::registry::{RegistryServer, start_registry};
+use common::{Running, curl, free_port, sha256_digest};
 
 /// A deterministic pseudo-random image file.
 fn make_image(path: &Path, size: u64, seed: u64) {
@@ -39,32 +40,6 @@ fn make_image(path: &Path, size: u64, seed: u64) {
         left -= n as u64;
     }
     f.flush().unwrap();
-}
-
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success());
-    format!(
-        "sha256:{}",
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-    )
-}
-
-fn curl(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("curl")
-        .args(["-sS", "-f"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 const ACCEPT_OCI: &str = "Accept: application/vnd.oci.image.manifest.v1+json";
@@ -116,7 +91,7 @@ fn publish_list_fetch_with_curl_and_pull_verified() {
     .unwrap();
     assert_eq!(rep.bytes, 30 * MIB + 12345);
     assert_eq!(rep.uploaded, rep.bytes);
-    assert_eq!(rep.layer_digest.as_str(), sha256sum(&image));
+    assert_eq!(rep.layer_digest.as_str(), sha256_digest(&image));
     assert_eq!(rep.tags, vec!["v1", "stable"]);
     assert!(rep.signature_digest.is_some());
     assert_eq!(
@@ -159,7 +134,7 @@ fn publish_list_fetch_with_curl_and_pull_verified() {
         mpath.to_str().unwrap(),
         &format!("{base}/manifests/v1"),
     ]);
-    assert_eq!(sha256sum(&mpath), rep.manifest_digest.as_str());
+    assert_eq!(sha256_digest(&mpath), rep.manifest_digest.as_str());
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
     assert_eq!(manifest["artifactType"], "application/vnd.kiln.disk.v1");
@@ -178,7 +153,7 @@ fn publish_list_fetch_with_curl_and_pull_verified() {
         bpath.to_str().unwrap(),
         &format!("{base}/blobs/{}", rep.layer_digest),
     ]);
-    assert_eq!(sha256sum(&bpath), rep.layer_digest.as_str());
+    assert_eq!(sha256_digest(&bpath), rep.layer_digest.as_str());
     // The signature artifact names the image as its subject.
     let sig: serde_json::Value = serde_json::from_slice(&curl(&[
         "-H",
@@ -213,7 +188,7 @@ fn publish_list_fetch_with_curl_and_pull_verified() {
     );
     assert_eq!(pr.manifest_digest, rep.manifest_digest);
     assert_eq!(pr.transferred, pr.bytes);
-    assert_eq!(sha256sum(&out), rep.layer_digest.as_str());
+    assert_eq!(sha256_digest(&out), rep.layer_digest.as_str());
     assert!(!store::partial_path(&out).exists());
     assert_eq!(pr.format, "raw");
     // By digest, without a key: digests checked, signature reported unchecked.
@@ -226,7 +201,7 @@ fn publish_list_fetch_with_curl_and_pull_verified() {
     )
     .unwrap();
     assert!(matches!(pr2.signature, SignatureCheck::Unchecked { .. }));
-    assert_eq!(sha256sum(&out2), rep.layer_digest.as_str());
+    assert_eq!(sha256_digest(&out2), rep.layer_digest.as_str());
     // A digest that is not the tag's: not found.
     let wrong = Digest256::of(b"nothing");
     assert!(matches!(
@@ -520,7 +495,7 @@ fn interrupted_pull_resumes_with_a_range_request() {
         "{over_the_wire} bytes came over for {} missing",
         30 * MIB - kept
     );
-    assert_eq!(sha256sum(&out), sha256sum(&image));
+    assert_eq!(sha256_digest(&out), sha256_digest(&image));
     assert!(!partial.exists());
 
     // A server that ignores Range (200 with the whole blob): the pull starts over and verifies.
@@ -534,7 +509,7 @@ fn interrupted_pull_resumes_with_a_range_request() {
     let pr = store::pull(&via_proxy, &out2, Some(&vk), &opts()).unwrap();
     assert_eq!(pr.resumed_from, 0);
     assert_eq!(pr.transferred, 30 * MIB);
-    assert_eq!(sha256sum(&out2), sha256sum(&image));
+    assert_eq!(sha256_digest(&out2), sha256_digest(&image));
 }
 
 #[test]
@@ -575,7 +550,7 @@ fn oci_layout_directory_round_trip() {
     for e in std::fs::read_dir(dir.join("blobs/sha256")).unwrap() {
         let p = e.unwrap().path();
         assert_eq!(
-            sha256sum(&p),
+            sha256_digest(&p),
             format!("sha256:{}", p.file_name().unwrap().to_str().unwrap())
         );
     }
@@ -598,7 +573,7 @@ fn oci_layout_directory_round_trip() {
     .unwrap();
     assert!(matches!(pr.signature, SignatureCheck::Verified { .. }));
     assert_eq!(pr.format, "qcow2");
-    assert_eq!(sha256sum(&out), sha256sum(&image));
+    assert_eq!(sha256_digest(&out), sha256_digest(&image));
 
     // The signature names the repository it was made for: a copy elsewhere is refused, unless
     // the puller accepts signatures made for the original.
@@ -672,7 +647,7 @@ fn basic_auth_with_htpasswd() {
     store::publish(&image, &r, &meta("c"), None, &good).unwrap();
     let out = work.path().join("out.raw");
     store::pull(&r, &out, None, &good).unwrap();
-    assert_eq!(sha256sum(&out), sha256sum(&image));
+    assert_eq!(sha256_digest(&out), sha256_digest(&image));
     let list = store::images(&format!("127.0.0.1:{}", reg.port), &good).unwrap();
     assert_eq!(list.len(), 1);
 }
@@ -886,7 +861,11 @@ fn bearer_token_auth_flow() {
         .stderr(std::fs::File::create(root.path().join("registry.log")).unwrap())
         .spawn()
         .unwrap();
-    let reg = RegistryServer { child, port, root };
+    let reg = RegistryServer {
+        child: Running::new(child),
+        port,
+        root,
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = Command::new("curl")
@@ -919,7 +898,7 @@ fn bearer_token_auth_flow() {
     let out = work.path().join("out.raw");
     let pr = store::pull(&r, &out, Some(&vk), &good).unwrap();
     assert!(matches!(pr.signature, SignatureCheck::Verified { .. }));
-    assert_eq!(sha256sum(&out), sha256sum(&image));
+    assert_eq!(sha256_digest(&out), sha256_digest(&image));
     assert!(issued.load(Ordering::SeqCst) >= 2);
     let list = store::images(&format!("127.0.0.1:{}/kiln/img", reg.port), &good).unwrap();
     assert_eq!(list.len(), 1);

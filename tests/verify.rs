@@ -4,19 +4,19 @@
 //! a disk kiln's own layout/GPT/FAT32 writers made, and the KVM probe checked against what a
 //! forced KVM boot really does. Boots run one at a time.
 
-#[path = "common/verify_support.rs"]
-mod verify_support;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::verify_support::*;
+use common::{run, sha256};
 use kiln::boot::{self, BootEntry, LoaderOptions};
 use kiln::tree::Content;
 use kiln::verify::{
     self, Accel, BootImageOptions, BootMethod, BootSpec, ProfileDir, VerifyError, accel,
 };
-use verify_support::*;
 
 fn profile(name: &str) -> kiln::verify::Profile {
     ProfileDir::locate(None).unwrap().load(name).unwrap()
@@ -55,7 +55,7 @@ fn direct_boot_reaches_the_marker() {
     // A qcow2 disk: the guest must see its virtual size (64 MiB = 131072 sectors), which it only
     // does if kiln detected the format.
     let disk = dir.path().join("disk.qcow2");
-    sh(Command::new("qemu-img")
+    run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&disk)
         .arg("64M"));
@@ -248,7 +248,7 @@ fn uefi_disk(dir: &Path, root_uuid: &uuid::Uuid) -> PathBuf {
         .write_all(script.as_bytes())
         .unwrap();
     assert!(sfdisk.wait().unwrap().success(), "sfdisk failed");
-    sh(Command::new("mkfs.vfat")
+    run(Command::new("mkfs.vfat")
         .args(["-F", "32", "-n", "ESP", "--offset", "2048"])
         .arg(&disk)
         .arg((esp_sectors / 2).to_string()));
@@ -261,8 +261,8 @@ fn uefi_disk(dir: &Path, root_uuid: &uuid::Uuid) -> PathBuf {
     for (path, _) in esp.children(&kiln::tree::TreePath::root()) {
         mcopy.arg(esp_dir.join(path.as_str()));
     }
-    sh(mcopy.arg("::/"));
-    let listing = sh(Command::new("mdir")
+    run(mcopy.arg("::/"));
+    let listing = run(Command::new("mdir")
         .env("MTOOLS_SKIP_CHECK", "1")
         .args(["-/", "-b", "-i"])
         .arg(format!("{}@@1M", disk.display()))

@@ -1,10 +1,32 @@
-//! Test helpers: real Debian packages unpacked into a Tree. Downloads are cached in
-//! /var/tmp/kiln-test-debs so reruns do not download (to be replaced by kiln's own archive
-//! client).
+//! The one home of test helpers; every test file has `mod common;`. Here: the `kiln` binary
+//! under test ([`kiln`], [`kiln_no_home`]), the project [`root`], KILN_HOMEs sharing downloads
+//! between runs, and real Debian packages unpacked into a Tree (downloads cached in
+//! /var/tmp/kiln-test-debs so reruns do not download). By concern: [`process`] (running
+//! commands, the child-process guard [`Running`], [`free_port`], [`curl`]), [`hash`] (sha256),
+//! [`files`] ([`copy_dir`], [`walk`]), [`git`] ([`commit_all`]), [`registry`], [`nats_roles`],
+//! [`verify_support`].
+//!
+//! Each test binary compiles this module on its own and uses a part of it, hence
+//! `allow(dead_code)`.
 #![allow(dead_code)]
 
+pub mod files;
+pub mod git;
+pub mod hash;
 pub mod nats_roles;
+pub mod process;
 pub mod registry;
+pub mod verify_support;
+
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use files::{copy_dir, walk};
+#[allow(unused_imports)]
+pub use git::commit_all;
+#[allow(unused_imports)]
+pub use hash::{sha256, sha256_bytes, sha256_digest};
+#[allow(unused_imports)]
+pub use process::{Running, curl, free_port, output, run, succeeded};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,27 +41,24 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The `kiln` binary under test, run from the project root with `KILN_HOME=home` and none of the
-/// environment variables that would change what it does (tests set what they need).
+/// The `kiln` binary under test, run from the project root with `KILN_HOME=home` and no other
+/// `KILN_*` variable of the environment, so a developer's shell cannot change a result (tests
+/// set what they need).
 pub fn kiln(home: &Path) -> Command {
+    let mut c = kiln_no_home();
+    c.env("KILN_HOME", home);
+    c
+}
+
+/// The `kiln` binary under test, run from the project root with no `KILN_*` variable of the
+/// environment (not even `KILN_HOME`), for commands that need no home of their own.
+pub fn kiln_no_home() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env("KILN_HOME", home).current_dir(root());
-    for var in [
-        "KILN_OFFLINE",
-        "KILN_NATS_URL",
-        "KILN_NATS_USER",
-        "KILN_NATS_PASSWORD",
-        "KILN_NATS_TOKEN",
-        "KILN_NATS_CREDS",
-        "KILN_NATS_INBOX_PREFIX",
-        "KILN_NATS_SERVER",
-        "KILN_API_TOKEN",
-        "KILN_ACK_WAIT",
-        "KILN_MAX_DELIVER",
-        "KILN_REGISTRY_USER",
-        "KILN_REGISTRY_PASSWORD",
-    ] {
-        c.env_remove(var);
+    c.current_dir(root());
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("KILN_") {
+            c.env_remove(var);
+        }
     }
     c
 }
@@ -187,57 +206,4 @@ pub fn shared_debian_home() -> tempfile::TempDir {
     std::os::unix::fs::symlink(&shared, dir.path().join("stages").join("debian-base"))
         .expect("symlink");
     dir
-}
-
-/// A child process stopped when dropped: SIGTERM, then SIGKILL after 10 s.
-pub struct Running(pub std::process::Child);
-
-impl Running {
-    /// Start `cmd` with stdout discarded and stderr written to `log`.
-    pub fn spawn(mut cmd: Command, log: &Path) -> Running {
-        let f = std::fs::File::create(log).expect("log file");
-        Running(
-            cmd.stdout(Stdio::null())
-                .stderr(f)
-                .spawn()
-                .expect("spawn child"),
-        )
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) with the pid of our own child.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        self.kill9();
-    }
-}
-
-/// Every file under `dir`, recursively (none if it does not exist).
-pub fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

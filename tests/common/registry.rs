@@ -1,31 +1,18 @@
 //! A real OCI registry for tests: Debian's `docker-registry` (distribution 2.8) on a free
 //! loopback port, its storage in a temp dir, stopped when dropped.
 
+use super::{Running, free_port};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A running `docker-registry`; stopped (by its [`Running`] guard) before its storage goes.
 pub struct RegistryServer {
-    pub child: Child,
+    pub child: Running,
     pub port: u16,
     /// Holds `data/` (the storage), `config.yml` and `registry.log`.
     pub root: tempfile::TempDir,
-}
-
-impl Drop for RegistryServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Start `docker-registry serve`; with `htpasswd`, require basic auth for that file.
@@ -52,7 +39,11 @@ pub fn start_registry(htpasswd: Option<&Path>) -> RegistryServer {
         .stderr(std::fs::File::create(root.path().join("registry.log")).unwrap())
         .spawn()
         .expect("docker-registry (Debian package docker-registry) must be installed");
-    let server = RegistryServer { child, port, root };
+    let server = RegistryServer {
+        child: Running::new(child),
+        port,
+        root,
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = Command::new("curl")

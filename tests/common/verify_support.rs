@@ -2,13 +2,13 @@
 //! `apt-get download` into /var/tmp/kiln-test-debs and unpacked there once), a tiny busybox
 //! initramfs made with the `cpio` tool, and helpers to check that no QEMU is left behind.
 
-#![allow(dead_code)]
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
+
+use super::run;
 
 pub const DEBS: &str = "/var/tmp/kiln-test-debs";
 
@@ -30,19 +30,6 @@ const VIRTIO_MODULES: &[&str] = &[
 pub fn qemu_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The cached .deb whose file name starts with `prefix`, downloading `package` if none is.
@@ -253,18 +240,4 @@ pub fn write_tree(tree: &kiln::tree::Tree, dir: &Path) {
             other => panic!("{path}: unexpected {} in the ESP tree", other.name()),
         }
     }
-}
-
-/// sha256 of a file, via sha256sum.
-pub fn sha256(path: &Path) -> String {
-    run(Command::new("sha256sum").arg(path))
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// Run a command and return stdout; panics with stderr on failure.
-pub fn sh(cmd: &mut Command) -> String {
-    run(cmd)
 }

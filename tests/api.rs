@@ -3,28 +3,29 @@
 //! git2, reqwest as the client, real builds (package downloads shared with other test runs
 //! through `/var/tmp/kiln-test-cache`) and a real QEMU boot.
 
-use git2::{Repository, RepositoryInitOptions, Signature, Time};
+use git2::{Repository, RepositoryInitOptions};
 use kiln::bus::PrivateServer;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{kiln, root, shared_home};
+use common::{Running, commit_all, copy_dir, kiln, root, shared_home};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 
-/// A child process killed (by its pid) when dropped, with its stdout lines on a channel.
-struct Running {
-    child: Child,
+/// A child process (stopped by its [`Running`] guard when dropped) with its stdout lines on a
+/// channel.
+struct Lines {
+    _proc: Running,
     lines: mpsc::Receiver<String>,
     log: PathBuf,
 }
 
-impl Running {
-    fn spawn(mut c: Command, log: &Path) -> Running {
+impl Lines {
+    fn spawn(mut c: Command, log: &Path) -> Lines {
         let f = std::fs::File::create(log).unwrap();
         let mut child = c.stdout(Stdio::piped()).stderr(f).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -37,8 +38,8 @@ impl Running {
                 }
             }
         });
-        Running {
-            child,
+        Lines {
+            _proc: Running::new(child),
             lines,
             log: log.to_path_buf(),
         }
@@ -54,25 +55,8 @@ impl Running {
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `kiln up` with the API on a free loopback port; returns the process and the API's base URL.
-fn kiln_up(home: &Path, nats: &str, extra: &[&str], env_token: bool) -> (Running, String) {
+fn kiln_up(home: &Path, nats: &str, extra: &[&str], env_token: bool) -> (Lines, String) {
     kiln_up_with(home, nats, extra, env_token, |_| {})
 }
 
@@ -83,7 +67,7 @@ fn kiln_up_with(
     extra: &[&str],
     env_token: bool,
     customize: impl FnOnce(&mut Command),
-) -> (Running, String) {
+) -> (Lines, String) {
     let mut c = kiln(home);
     c.args(["up", "--nats", nats, "--listen", "127.0.0.1:0"])
         .args(common::recipe_roots())
@@ -92,7 +76,7 @@ fn kiln_up_with(
         c.env("KILN_API_TOKEN", TOKEN);
     }
     customize(&mut c);
-    let up = Running::spawn(c, &home.join("up.log"));
+    let up = Lines::spawn(c, &home.join("up.log"));
     let line = up
         .line(Duration::from_secs(60))
         .unwrap_or_else(|| panic!("kiln up printed no URL\n{}", up.log()));
@@ -175,7 +159,7 @@ fn wait_for_end(
     http: &reqwest::blocking::Client,
     base: &str,
     id: &str,
-    up: &Running,
+    up: &Lines,
 ) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
@@ -453,34 +437,6 @@ fn api_builds_reports_and_streams_and_refuses_what_it_must() {
 }
 
 const T1: i64 = 1_700_000_000;
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), &dest).unwrap();
-        }
-    }
-}
-
-fn commit_all(repo: &Repository, message: &str, time: i64) -> String {
-    let mut index = repo.index().unwrap();
-    index
-        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
-        .unwrap();
-    index.write().unwrap();
-    let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
-    let sig = Signature::new("kiln test", "test@example.org", &Time::new(time, 0)).unwrap();
-    let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
-    let parents: Vec<&git2::Commit> = parent.iter().collect();
-    repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)
-        .unwrap()
-        .to_string()
-}
 
 /// A recipe repository on branch `main`: `recipes/a.yaml` and `recipes/b.yaml` (the minimal
 /// recipe, booted directly), the crate's templates, a README; one commit.
@@ -771,7 +727,7 @@ fn kiln_watch_submits_one_build_for_the_changed_recipe() {
     assert!(requests(&nats).is_empty());
 
     // A commit changing a: the running watcher submits exactly one build, of a, at that commit.
-    let w = Running::spawn(watch(&["--interval", "1"]), &home.path().join("watch.log"));
+    let w = Lines::spawn(watch(&["--interval", "1"]), &home.path().join("watch.log"));
     std::thread::sleep(Duration::from_secs(2));
     let c2 = repo.change("a", "kiln-watched");
     let committed = Instant::now();

@@ -10,72 +10,22 @@
 use kiln::bus::{Bus, PrivateServer, RecordedEvent, StageEvent};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{kiln, shared_home};
+use common::{Running, kiln, shared_home};
 
 /// Short redelivery so a killed worker's message is taken over within seconds.
 const ACK_WAIT: &str = "3";
 const MAX_DELIVER: &str = "6";
 
-/// A `kiln` process, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn start(mut c: Command, log: &Path) -> Proc {
-        let f = std::fs::File::create(log).unwrap();
-        let child = c.stdout(Stdio::null()).stderr(f).spawn().unwrap();
-        Proc {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILL and reap.
-    fn sigkill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.sigkill();
-    }
-}
-
-fn worker(home: &Path, url: &str, stages: &str, log: &Path) -> Proc {
+fn worker(home: &Path, url: &str, stages: &str, log: &Path) -> Running {
     let mut c = kiln(home);
     c.args(["worker", "--nats", url, "--stages", stages])
         .args(common::recipe_roots())
         .args(["--ack-wait", ACK_WAIT, "--max-deliver", MAX_DELIVER]);
-    Proc::start(c, log)
+    Running::spawn(c, log)
 }
 
 /// A build parameter no earlier run used, so rootfs, kernel and disk really run.
@@ -357,7 +307,7 @@ fn worker_killed_mid_disk_stage_is_replaced_and_the_build_completes_once() {
         );
         std::thread::sleep(Duration::from_millis(1));
     };
-    doomed.sigkill();
+    doomed.kill9();
     eprintln!(
         "killed disk worker {} while it wrote {}",
         doomed.pid(),
@@ -498,7 +448,7 @@ fn server_restart_mid_build(signal: libc::c_int, tag: &str) {
     up.args(["up", "--nats", &url])
         .args(common::recipe_roots())
         .args(["--ack-wait", ACK_WAIT, "--max-deliver", MAX_DELIVER]);
-    let _up = Proc::start(up, &logs_dir.path().join("up.log"));
+    let _up = Running::spawn(up, &logs_dir.path().join("up.log"));
     let _w = worker(
         home_b.path(),
         &url,

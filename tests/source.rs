@@ -11,39 +11,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod common;
+use common::{commit_all, copy_dir};
+
 const T1: i64 = 1_600_000_000;
 const T2: i64 = 1_650_000_000;
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            fs::copy(e.path(), &dest).unwrap();
-        }
-    }
-}
-
-/// Commit everything in the work tree at `time` on HEAD.
-fn commit_all(repo: &Repository, message: &str, time: i64) -> String {
-    let mut index = repo.index().unwrap();
-    index
-        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
-        .unwrap();
-    index.update_all(["*"], None).unwrap();
-    index.write().unwrap();
-    let tree_id = index.write_tree().unwrap();
-    let tree = repo.find_tree(tree_id).unwrap();
-    let sig = Signature::new("kiln test", "test@example.org", &Time::new(time, 0)).unwrap();
-    let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
-    let parents: Vec<&git2::Commit> = parent.iter().collect();
-    repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)
-        .unwrap()
-        .to_string()
-}
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -66,7 +38,7 @@ fn fixture() -> Fixture {
     let mut opts = RepositoryInitOptions::new();
     opts.initial_head("main");
     let repo = Repository::init_opts(&work, &opts).unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = common::root();
     copy_dir(&root.join("recipes"), &work.join("recipes"));
     copy_dir(&root.join("templates"), &work.join("templates"));
     // The watcher tests count recipes: keep the two busybox examples only, whatever else the

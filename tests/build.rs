@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{json_report as json, kiln, root};
+use common::{json_report as json, kiln, root, sha256, sha256_digest};
 
 /// A fresh KILN_HOME whose downloads are shared with other runs.
 fn home() -> tempfile::TempDir {
@@ -169,17 +169,12 @@ fn minimal_builds_boots_both_ways_and_rebuilds_from_cache() {
         ]
     );
     assert_eq!(fresh["image_digest"], report["image_digest"]);
-    let sha = |p: &Path| {
-        let o = Command::new("sha256sum").arg(p).output().unwrap();
-        String::from_utf8_lossy(&o.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
-    };
-    assert_eq!(sha(&image), sha(&out2.path().join("minimal-1.0.0.qcow2")));
     assert_eq!(
-        format!("sha256:{}", sha(&image)),
+        sha256(&image),
+        sha256(&out2.path().join("minimal-1.0.0.qcow2"))
+    );
+    assert_eq!(
+        sha256_digest(&image),
         report["image_digest"].as_str().unwrap()
     );
 }

@@ -7,13 +7,11 @@
 use kiln::bus::*;
 use kiln::cache::{BlobStore, Digest256};
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::root;
 
 /// `(example name, JSON text)` for every `<!-- example: NAME -->` in docs/messages.md. A `sh`
 /// block contributes the single-quoted JSON argument of its `nats pub`.

@@ -3,12 +3,8 @@
 
 use std::process::Command;
 
-fn kiln(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .expect("run kiln")
-}
+mod common;
+use common::{kiln_no_home as kiln, output};
 
 #[test]
 fn keygen_publish_images_pull() {
@@ -21,14 +17,18 @@ fn keygen_publish_images_pull() {
         .unwrap();
     assert!(made.success());
     for key in ["a.key", "b.key"] {
-        let o = kiln(&["keygen", "-o", &d(key)]);
+        let o = output(kiln().args(["keygen", "-o", &d(key)]));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     // keygen refuses to overwrite a key.
-    assert!(!kiln(&["keygen", "-o", &d("a.key")]).status.success());
+    assert!(
+        !output(kiln().args(["keygen", "-o", &d("a.key")]))
+            .status
+            .success()
+    );
 
     let layout = format!("oci:{}:v1", d("layout"));
-    let o = kiln(&[
+    let o = output(kiln().args([
         "publish",
         &image,
         "--to",
@@ -36,25 +36,25 @@ fn keygen_publish_images_pull() {
         "--key",
         &d("a.key"),
         "--json",
-    ]);
+    ]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["signature_digest"].is_string());
 
-    let o = kiln(&["images", &format!("oci:{}", d("layout")), "--json"]);
+    let o = output(kiln().args(["images", &format!("oci:{}", d("layout")), "--json"]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(list[0]["tag"], "v1");
     assert_eq!(list[0]["signed"], true);
 
     let out = d("pulled.qcow2");
-    let o = kiln(&["pull", &layout, "-o", &out, "--trust", &d("a.key.pub")]);
+    let o = output(kiln().args(["pull", &layout, "-o", &out, "--trust", &d("a.key.pub")]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("signature verified"));
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&image).unwrap());
 
     let other = d("other.qcow2");
-    let o = kiln(&["pull", &layout, "-o", &other, "--trust", &d("b.key.pub")]);
+    let o = output(kiln().args(["pull", &layout, "-o", &other, "--trust", &d("b.key.pub")]));
     assert!(!o.status.success());
     assert!(!std::path::Path::new(&other).exists());
     let err = String::from_utf8_lossy(&o.stderr);

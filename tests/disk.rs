@@ -5,29 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn kiln() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("run command")
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let o = run(cmd);
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn sha256(path: &Path) -> String {
-    let out = ok(Command::new("sha256sum").arg(path));
-    out.split_whitespace().next().unwrap().to_string()
-}
+mod common;
+use common::{kiln_no_home as kiln, output, run, sha256};
 
 /// A root tree with every entry type a host directory can hold, and an ESP tree.
 fn make_trees(base: &Path) -> (PathBuf, PathBuf) {
@@ -67,32 +46,34 @@ fn make_trees(base: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn disk(root: &Path, esp: &Path, out: &Path, extra: &[&str]) -> Output {
-    run(kiln()
-        .args([
-            "-q",
-            "disk",
-            "--seed",
-            "test-seed",
-            "--epoch",
-            "1700000000",
-            "--root",
-        ])
-        .arg(root)
-        .arg("--esp")
-        .arg(esp)
-        .args(extra)
-        .arg("-o")
-        .arg(out))
+    output(
+        kiln()
+            .args([
+                "-q",
+                "disk",
+                "--seed",
+                "test-seed",
+                "--epoch",
+                "1700000000",
+                "--root",
+            ])
+            .arg(root)
+            .arg("--esp")
+            .arg(esp)
+            .args(extra)
+            .arg("-o")
+            .arg(out),
+    )
 }
 
 /// Copy partition `n` (1-based) out of a raw disk using sfdisk's table.
 fn extract_partition(raw: &Path, n: usize, dest: &Path) {
-    let json = ok(Command::new("sfdisk").arg("--json").arg(raw));
+    let json = run(Command::new("sfdisk").arg("--json").arg(raw));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let p = &v["partitiontable"]["partitions"][n - 1];
     let start = p["start"].as_u64().unwrap();
     let size = p["size"].as_u64().unwrap();
-    ok(Command::new("dd")
+    run(Command::new("dd")
         .arg(format!("if={}", raw.display()))
         .arg(format!("of={}", dest.display()))
         .args(["bs=512", "status=none", "conv=sparse"])
@@ -131,9 +112,9 @@ fn raw_and_qcow2_disks_pass_every_checker_and_match() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    let v = ok(Command::new("sgdisk").arg("-v").arg(&raw));
+    let v = run(Command::new("sgdisk").arg("-v").arg(&raw));
     assert!(v.contains("No problems found"), "{v}");
-    let dump = ok(Command::new("sfdisk").arg("-d").arg(&raw));
+    let dump = run(Command::new("sfdisk").arg("-d").arg(&raw));
     assert!(
         dump.contains("type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
         "{dump}"
@@ -147,25 +128,25 @@ fn raw_and_qcow2_disks_pass_every_checker_and_match() {
         "{dump}"
     );
 
-    ok(Command::new("qemu-img").arg("check").arg(&qcow2));
-    let cmp = ok(Command::new("qemu-img")
+    run(Command::new("qemu-img").arg("check").arg(&qcow2));
+    let cmp = run(Command::new("qemu-img")
         .arg("compare")
         .arg(&raw)
         .arg(&qcow2));
     assert!(cmp.contains("identical"), "{cmp}");
-    let info = ok(Command::new("qemu-img")
+    let info = run(Command::new("qemu-img")
         .args(["info", "--output=json"])
         .arg(&qcow2));
     assert!(info.contains("\"format\": \"qcow2\""), "{info}");
 
     let esp_img = dir.path().join("esp.img");
     extract_partition(&raw, 1, &esp_img);
-    let o = run(Command::new("fsck.vfat").arg("-n").arg(&esp_img));
+    let o = output(Command::new("fsck.vfat").arg("-n").arg(&esp_img));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     for n in [2, 3] {
         let img = dir.path().join(format!("p{n}.img"));
         extract_partition(&raw, n, &img);
-        let o = run(Command::new("e2fsck").arg("-fn").arg(&img));
+        let o = output(Command::new("e2fsck").arg("-fn").arg(&img));
         assert!(
             o.status.success(),
             "partition {n}: {}{}",
@@ -175,19 +156,21 @@ fn raw_and_qcow2_disks_pass_every_checker_and_match() {
     }
     // The root tree reads back: setuid bit, hard link count, symlink target, fifo.
     let p2 = dir.path().join("p2.img");
-    let stat = ok(Command::new("debugfs")
+    let stat = run(Command::new("debugfs")
         .arg("-R")
         .arg("stat /usr/bin/tool")
         .arg(&p2));
     assert!(stat.contains("Mode:  04755"), "{stat}");
     assert!(stat.contains("Links: 2"), "{stat}");
-    let ls = ok(Command::new("debugfs").arg("-R").arg("ls -l /var").arg(&p2));
+    let ls = run(Command::new("debugfs").arg("-R").arg("ls -l /var").arg(&p2));
     assert!(ls.contains("fifo"), "{ls}");
 
     if Path::new("/usr/bin/systemd-dissect").exists() && nix_root() {
-        let o = run(Command::new("systemd-dissect")
-            .args(["--json=short"])
-            .arg(&raw));
+        let o = output(
+            Command::new("systemd-dissect")
+                .args(["--json=short"])
+                .arg(&raw),
+        );
         let text = String::from_utf8_lossy(&o.stdout);
         assert!(
             o.status.success(),
@@ -214,30 +197,34 @@ fn same_input_same_bytes_from_any_directory() {
     let o = disk(&root, &esp, &a, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // From another working directory, with relative paths.
-    let o = run(kiln()
-        .current_dir(dir.path())
-        .args(["-q", "disk", "--seed", "test-seed", "--epoch", "1700000000"])
-        .args(["--root", "root", "--esp", "esp", "-o"])
-        .arg(&b));
+    let o = output(
+        kiln()
+            .current_dir(dir.path())
+            .args(["-q", "disk", "--seed", "test-seed", "--epoch", "1700000000"])
+            .args(["--root", "root", "--esp", "esp", "-o"])
+            .arg(&b),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(sha256(&a), sha256(&b));
     // Another seed gives another disk.
     let c = dir.path().join("c.qcow2");
-    let o = run(kiln()
-        .args([
-            "-q",
-            "disk",
-            "--seed",
-            "other",
-            "--epoch",
-            "1700000000",
-            "--root",
-        ])
-        .arg(&root)
-        .arg("--esp")
-        .arg(&esp)
-        .arg("-o")
-        .arg(&c));
+    let o = output(
+        kiln()
+            .args([
+                "-q",
+                "disk",
+                "--seed",
+                "other",
+                "--epoch",
+                "1700000000",
+                "--root",
+            ])
+            .arg(&root)
+            .arg("--esp")
+            .arg(&esp)
+            .arg("-o")
+            .arg(&c),
+    );
     assert!(o.status.success());
     assert_ne!(sha256(&a), sha256(&c));
 }

@@ -9,6 +9,9 @@ use std::process::Command;
 use kiln::disk::ext4::{Ext4Error, Ext4Options, Ext4Report, ext4_min_size, write_ext4};
 use kiln::tree::{Content, Entry, EntryKind, Tree, TreePath, read_content};
 
+mod common;
+use common::sha256;
+
 const MIB: u64 = 1 << 20;
 
 fn opts() -> Ext4Options {
@@ -25,8 +28,9 @@ fn write_image(tree: &Tree, path: &Path, size: u64) -> Result<Ext4Report, Ext4Er
     write_ext4(tree, &mut file, size, &opts())
 }
 
-fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(cmd).args(args).output().unwrap();
+/// `cmd args` run to its end: exit code (-1 for a signal), stdout, stderr.
+fn tool(cmd: &str, args: &[&str]) -> (i32, String, String) {
+    let out = common::output(Command::new(cmd).args(args));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -36,7 +40,7 @@ fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
 
 /// `e2fsck -fn` exits 0 and prints nothing but its pass headers and the summary line.
 fn e2fsck_clean(img: &Path) -> String {
-    let (code, out, err) = run("e2fsck", &["-fn", img.to_str().unwrap()]);
+    let (code, out, err) = tool("e2fsck", &["-fn", img.to_str().unwrap()]);
     assert_eq!(code, 0, "e2fsck failed:\n{out}\n{err}");
     for l in out.lines() {
         let ok = l.starts_with("Pass ")
@@ -55,7 +59,7 @@ fn debugfs(img: &Path, cmds: &[String]) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let cmdfile = dir.path().join("cmds");
     std::fs::write(&cmdfile, cmds.join("\n") + "\n").unwrap();
-    let (code, out, err) = run(
+    let (code, out, err) = tool(
         "debugfs",
         &["-f", cmdfile.to_str().unwrap(), img.to_str().unwrap()],
     );
@@ -387,7 +391,7 @@ fn rich_tree_reads_back_and_fscks_clean() {
     check_tree_matches(&tree, &img);
     assert_eq!(report.blocks_total, 16384);
     // dumpe2fs agrees with the report.
-    let (_, out, _) = run("dumpe2fs", &["-h", img.to_str().unwrap()]);
+    let (_, out, _) = tool("dumpe2fs", &["-h", img.to_str().unwrap()]);
     let free: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("Free blocks:"))
@@ -648,13 +652,12 @@ fn name_over_255_bytes_is_an_error_naming_the_path() {
 
 #[test]
 fn same_tree_same_bytes() {
-    use sha2::{Digest, Sha256};
     let dir = tempfile::tempdir().unwrap();
     let tree = rich_tree(dir.path());
     let digest = |name: &str| {
         let img = dir.path().join(name);
         write_image(&tree, &img, 48 * MIB).unwrap();
-        hex::encode(Sha256::digest(std::fs::read(&img).unwrap()))
+        sha256(&img)
     };
     assert_eq!(digest("one.img"), digest("two.img"));
     // A different seed changes the UUID (and so every checksum).
@@ -664,10 +667,7 @@ fn same_tree_same_bytes() {
     let mut o = opts();
     o.seed = "other".into();
     write_ext4(&tree, &mut file, 48 * MIB, &o).unwrap();
-    assert_ne!(
-        hex::encode(Sha256::digest(std::fs::read(&img).unwrap())),
-        digest("four.img")
-    );
+    assert_ne!(sha256(&img), digest("four.img"));
 }
 
 #[test]
@@ -680,7 +680,7 @@ fn journal_is_valid_and_clean() {
         let img = dir.path().join("j.img");
         write_image(&tree, &img, size).unwrap();
         e2fsck_clean(&img);
-        let (code, out, err) = run("dumpe2fs", &["-h", img.to_str().unwrap()]);
+        let (code, out, err) = tool("dumpe2fs", &["-h", img.to_str().unwrap()]);
         assert_eq!(code, 0, "{err}");
         let features = out
             .lines()
@@ -711,7 +711,7 @@ fn journal_is_valid_and_clean() {
             "{out}"
         );
         assert!(out.contains("Filesystem volume name:   root"), "{out}");
-        let (code, out, err) = run("debugfs", &["-R", "logdump", img.to_str().unwrap()]);
+        let (code, out, err) = tool("debugfs", &["-R", "logdump", img.to_str().unwrap()]);
         assert_eq!(code, 0, "{err}");
         assert!(
             out.contains("Journal starts at block 0, transaction 1"),
@@ -730,7 +730,7 @@ fn kernel_mounts_read_write() {
     write_image(&tree, &img, 64 * MIB).unwrap();
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let (code, _, err) = run(
+    let (code, _, err) = tool(
         "mount",
         &["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()],
     );
@@ -775,7 +775,7 @@ fn kernel_mounts_read_write() {
             std::fs::write(mnt.join(format!("emptydir/f{i}")), b"x").unwrap();
         }
     });
-    let (code, _, err) = run("umount", &[mnt.to_str().unwrap()]);
+    let (code, _, err) = tool("umount", &[mnt.to_str().unwrap()]);
     assert_eq!(code, 0, "umount: {err}");
     result.unwrap();
     e2fsck_clean(&img);

@@ -9,7 +9,9 @@ use std::process::Command;
 
 use kiln::disk::fat::{FatError, FatOptions, fat32_min_size, write_fat32};
 use kiln::tree::{Content, Entry, EntryKind, Tree, TreePath, read_content};
-use sha2::{Digest, Sha256};
+
+mod common;
+use common::sha256;
 
 const MIB: u64 = 1 << 20;
 const EPOCH: i64 = 1_700_000_000; // 2023-11-14 22:13:20 UTC
@@ -384,19 +386,9 @@ fn same_tree_and_seed_give_the_same_bytes() {
     let size = fat32_min_size(&tree).unwrap();
     let digest = |name: &str, seed: &str| {
         let img = image(dir.path(), name, &tree, size, &FatOptions::new(seed, EPOCH));
-        use std::io::Read;
-        let mut h = Sha256::new();
-        let mut f = File::open(&img).unwrap();
-        let mut buf = vec![0u8; MIB as usize];
-        loop {
-            let n = f.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
+        let digest = sha256(&img);
         std::fs::remove_file(&img).unwrap();
-        hex::encode(h.finalize())
+        digest
     };
     let a = digest("a.img", "seed");
     let b = digest("b.img", "seed");

@@ -6,8 +6,10 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
+mod common;
+
 fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
+    common::root().join("fuzz")
 }
 
 /// The files of `dir`, sorted; none when it does not exist.

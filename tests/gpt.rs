@@ -10,6 +10,9 @@ use std::process::Command;
 use kiln::disk::gpt::PartitionKind;
 use kiln::disk::layout::{Filesystem, Layout, PartitionSpec, Size, plan};
 
+mod common;
+use common::sha256;
+
 const MIB: u64 = 1 << 20;
 
 fn spec(
@@ -90,20 +93,14 @@ fn write_image(dir: &Path, name: &str, layout: &Layout) -> PathBuf {
     path
 }
 
-fn run(cmd: &str, args: &[&str], image: &Path) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .arg(image)
+/// `cmd args image`, which must succeed (see [`common::succeeded`]); its stdout.
+fn tool(cmd: &str, args: &[&str], image: &Path) -> String {
+    let mut c = Command::new(cmd);
+    c.args(args).arg(image);
+    let out = c
         .output()
         .unwrap_or_else(|e| panic!("{cmd} could not run ({e}); install it (gdisk / fdisk)"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    common::succeeded(&c, &out)
 }
 
 /// The Discoverable Partitions Specification type GUIDs, as sfdisk and sgdisk print them.
@@ -120,20 +117,15 @@ fn guid_text(g: [u8; 16]) -> String {
     uuid::Uuid::from_bytes(g).to_string().to_uppercase()
 }
 
-fn sha256(path: &Path) -> String {
-    // The coreutils tool: fast even in a debug build, and the check a user would run.
-    let out = run("sha256sum", &[], path);
-    out.split_whitespace().next().unwrap().to_string()
-}
-
 /// Every check the table tools can make, against what `layout` planned.
 fn check_with_tools(image: &Path, layout: &Layout) {
     // sgdisk's verifier: CRCs, header fields, backup copy, overlaps, alignment.
-    let verify = run("sgdisk", &["-v"], image);
+    let verify = tool("sgdisk", &["-v"], image);
     assert!(verify.contains("No problems found"), "sgdisk -v:\n{verify}");
 
     // sfdisk: label, disk GUID, and each entry's type, GUID, name, start and size (sectors).
-    let json: serde_json::Value = serde_json::from_str(&run("sfdisk", &["--json"], image)).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&tool("sfdisk", &["--json"], image)).unwrap();
     let table = &json["partitiontable"];
     assert_eq!(table["label"], "gpt");
     assert_eq!(table["id"], guid_text(layout.disk_guid).as_str());
@@ -151,7 +143,7 @@ fn check_with_tools(image: &Path, layout: &Layout) {
 
     // sgdisk -i N: the exact unique GUID (mixed-endian on disk, printed back as given).
     for (i, planned) in layout.partitions.iter().enumerate() {
-        let info = run("sgdisk", &["-i", &(i + 1).to_string()], image);
+        let info = tool("sgdisk", &["-i", &(i + 1).to_string()], image);
         let want = [
             format!("Partition GUID code: {}", dps_type(planned.kind)),
             format!("Partition unique GUID: {}", guid_text(planned.guid)),
@@ -272,7 +264,7 @@ fn format_with_standard_tools(image: &Path, layout: &Layout) {
                 // This mkswap has no --offset: make the signature page in a side file and copy it.
                 let side = image.with_extension("swap");
                 File::create(&side).unwrap().set_len(p.size).unwrap();
-                run("mkswap", &["-q"], &side);
+                tool("mkswap", &["-q"], &side);
                 let mut page = vec![0u8; 4096];
                 std::io::Read::read_exact(&mut File::open(&side).unwrap(), &mut page).unwrap();
                 let img = std::fs::OpenOptions::new().write(true).open(image).unwrap();

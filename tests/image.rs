@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use kiln::disk::WriteAt;
 use kiln::disk::image::{ImageError, ImageFormat, ImageOptions, ImageReport, ImageWriter};
-use sha2::{Digest, Sha256};
+
+mod common;
+use common::sha256;
 
 const MIB: u64 = 1 << 20;
 
@@ -140,8 +142,9 @@ fn qcow2(cluster_size: u32, compress: bool) -> ImageOptions {
     }
 }
 
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap();
+/// `cmd` run to its end: whether it succeeded, and its stdout followed by its stderr.
+fn tool(cmd: &mut Command) -> (bool, String) {
+    let out = common::output(cmd);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -152,19 +155,23 @@ fn run(cmd: &mut Command) -> (bool, String) {
 
 /// `qemu-img check` must find no errors and no leaks (exit status 0).
 fn assert_check_clean(path: &Path) {
-    let (ok, text) = run(Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(path));
+    let (ok, text) = tool(
+        Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(path),
+    );
     assert!(ok, "qemu-img check {}:\n{text}", path.display());
     assert!(text.contains("No errors were found"), "{text}");
     assert!(!text.contains("leaked"), "{text}");
 }
 
 fn assert_identical(raw: &Path, qcow2: &Path) {
-    let (ok, text) = run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "qcow2"])
-        .arg(raw)
-        .arg(qcow2));
+    let (ok, text) = tool(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "qcow2"])
+            .arg(raw)
+            .arg(qcow2),
+    );
     assert!(
         ok,
         "qemu-img compare {} {}:\n{text}",
@@ -175,15 +182,13 @@ fn assert_identical(raw: &Path, qcow2: &Path) {
 }
 
 fn info(path: &Path) -> serde_json::Value {
-    let (ok, text) = run(Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(path));
+    let (ok, text) = tool(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(path),
+    );
     assert!(ok, "{text}");
     serde_json::from_str(&text).unwrap()
-}
-
-fn sha256(path: &Path) -> String {
-    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
 }
 
 fn dir_entries(dir: &Path) -> Vec<PathBuf> {
@@ -270,10 +275,12 @@ fn pattern_reads_back_identically_from_raw_and_every_qcow2_variant() {
 
     // An independent read-back: qemu converts the compressed qcow2 to raw, which must be the model.
     let back = dir.path().join("back.raw");
-    let (ok, text) = run(Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(dir.path().join("disk-65536-true.qcow2"))
-        .arg(&back));
+    let (ok, text) = tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(dir.path().join("disk-65536-true.qcow2"))
+            .arg(&back),
+    );
     assert!(ok, "{text}");
     assert!(
         std::fs::read(&back).unwrap() == expected,
@@ -465,7 +472,7 @@ fn bench_qcow2_writer_vs_qemu_img_convert() {
                 cmd.arg("-c");
             }
             let (t, cpu) = (Instant::now(), cpu_seconds(libc::RUSAGE_CHILDREN));
-            let (ok, text) = run(cmd.arg(&raw).arg(&out2));
+            let (ok, text) = tool(cmd.arg(&raw).arg(&out2));
             theirs_cpu.push(cpu_seconds(libc::RUSAGE_CHILDREN) - cpu);
             // qemu-img convert does not fsync by default; ours does, so time a sync too.
             let synced = std::fs::File::open(&out2).unwrap().sync_all();

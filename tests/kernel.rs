@@ -15,7 +15,6 @@ use kiln::kernel::initramfs::{self, InitramfsSpec};
 use kiln::kernel::{Kernel, cpio};
 use kiln::recipe::schema::Compression;
 use kiln::tree::{Content, Entry, EntryKind, Tree, read_content};
-use sha2::{Digest, Sha256};
 
 fn kernel(flavour: &str) -> Kernel {
     let tree = common::deb_tree(&common::kernel_package(flavour));
@@ -359,7 +358,7 @@ fn initramfs_contents_and_determinism() {
     );
 
     // Same inputs, same bytes (gzip and zstd); another epoch changes them.
-    let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
+    let sha = common::sha256_bytes;
     assert_eq!(sha(&initramfs::build_bytes(&spec).unwrap().0), sha(&gz));
     spec.compression = Compression::Zstd;
     let zst = initramfs::build_bytes(&spec).unwrap().0;
@@ -436,16 +435,6 @@ fn write_content(c: &Content, path: &Path) {
     std::io::copy(&mut c.open().unwrap(), &mut f).unwrap();
 }
 
-fn sh(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A GPT disk whose one Linux partition (PARTUUID set by sfdisk) holds an ext4 with busybox
 /// and an /sbin/init that prints the marker and powers off.
 fn make_disk(dir: &Path, bb: &Tree) -> PathBuf {
@@ -506,11 +495,13 @@ fn make_disk(dir: &Path, bb: &Tree) -> PathBuf {
         )
         .unwrap();
     assert!(sfdisk.wait().unwrap().success());
-    sh(Command::new("mke2fs")
-        .args(["-F", "-q", "-t", "ext4", "-E", "offset=1048576", "-d"])
-        .arg(&root)
-        .arg(&disk)
-        .arg("62M"));
+    common::run(
+        Command::new("mke2fs")
+            .args(["-F", "-q", "-t", "ext4", "-E", "offset=1048576", "-d"])
+            .arg(&root)
+            .arg(&disk)
+            .arg("62M"),
+    );
     disk
 }
 

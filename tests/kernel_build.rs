@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 mod common;
-use common::{json_report as json, kiln, root};
+use common::{json_report as json, kiln, kiln_no_home, root};
 
 fn stage<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     report["stages"]
@@ -202,7 +202,7 @@ fn fragments_are_checked_when_the_recipe_loads() {
             text.replace("kernel-configs/virt-minimal.config", fragment),
         )
         .unwrap();
-        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        let o = kiln_no_home()
             .current_dir(project.path())
             .args(["check", "recipes/f.yaml"])
             .output()
@@ -215,7 +215,7 @@ fn fragments_are_checked_when_the_recipe_loads() {
         assert!(err.contains("recipes/f.yaml:"), "{fragment}: {err}");
     }
     // The real one is fine.
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let o = kiln_no_home()
         .current_dir(project.path())
         .args(["check", "recipes/minimal-custom-kernel.yaml"])
         .output()

@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::sha256_bytes;
+
 const SHARED_CACHE: &str = "/var/tmp/kiln-test-cache";
 
 fn real_options(home: &Path) -> ArchiveOptions {
@@ -650,11 +653,6 @@ fn make_deb(name: &str, version: &str, depends: &str, file: &str) -> Vec<u8> {
     ])
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
-}
-
 /// A suite `kilntest` with `hello` (needing `libhello (>= 1.0) | libalt`) and `libhello`,
 /// listing only `Packages.gz`, valid until `valid_until`.
 fn test_archive(valid_until: &str) -> TestArchive {
@@ -703,7 +701,7 @@ fn signed_archive(valid_until: &str, debs: &[(String, String, String, Vec<u8>)])
             "Package: {name}\nVersion: {version}\nArchitecture: amd64\n{fields}\
              Filename: {filename}\nSize: {}\nSHA256: {}\n\n",
             deb.len(),
-            sha256_hex(deb)
+            sha256_bytes(deb)
         );
         files.insert(format!("/debian/{filename}"), deb.clone());
     }
@@ -714,7 +712,7 @@ fn signed_archive(valid_until: &str, debs: &[(String, String, String, Vec<u8>)])
         "Origin: kiln\nSuite: testing\nCodename: kilntest\nDate: Thu, 01 Jan 2026 00:00:00 UTC\n\
          Valid-Until: {valid_until}\nArchitectures: amd64\nComponents: main\nSHA256:\n \
          {} {} main/binary-amd64/Packages.gz\n",
-        sha256_hex(&packages_gz),
+        sha256_bytes(&packages_gz),
         packages_gz.len()
     );
     let signed =

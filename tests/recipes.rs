@@ -3,19 +3,10 @@
 //! `file:line:column`, the offending line with a caret, and help — never a panic.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn kiln() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("run kiln")
-}
+mod common;
+use common::{kiln_no_home as kiln, output, root};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -48,15 +39,17 @@ fn examples_render_to_their_golden_output() {
         ),
         ("recipes/minimal-demo.yaml", vec![], "minimal-demo.yaml"),
     ] {
-        let o = run(kiln()
-            .current_dir(root())
-            .arg("render")
-            .arg(recipe)
-            .args(&args));
+        let o = output(
+            kiln()
+                .current_dir(root())
+                .arg("render")
+                .arg(recipe)
+                .args(&args),
+        );
         assert!(o.status.success(), "{recipe}: {}", text(&o.stderr));
         golden(out, &text(&o.stdout));
     }
-    let o = run(kiln().current_dir(root()).args([
+    let o = output(kiln().current_dir(root()).args([
         "render",
         "recipes/minimal.yaml",
         "--set",
@@ -88,17 +81,19 @@ fn check_passes_on_every_example() {
             cmd.arg(p);
         }
     }
-    let o = run(&mut cmd);
+    let o = output(&mut cmd);
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
 }
 
 #[test]
 fn inputs_digest_follows_inputs_not_location() {
     let digest = |dir: &Path, args: &[&str]| {
-        let o = run(kiln()
-            .current_dir(dir)
-            .args(["render", "--json", "recipes/minimal.yaml"])
-            .args(args));
+        let o = output(
+            kiln()
+                .current_dir(dir)
+                .args(["render", "--json", "recipes/minimal.yaml"])
+                .args(args),
+        );
         assert!(o.status.success(), "{}", text(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         v["build"]["inputs"].as_str().unwrap().to_string()
@@ -125,7 +120,7 @@ fn inputs_digest_follows_inputs_not_location() {
 
 #[test]
 fn schema_file_is_current() {
-    let o = run(kiln().arg("schema"));
+    let o = output(kiln().arg("schema"));
     assert!(o.status.success());
     let on_disk = std::fs::read_to_string(root().join("recipes/schema.json")).unwrap();
     assert_eq!(
@@ -137,7 +132,7 @@ fn schema_file_is_current() {
 
 #[test]
 fn completions_and_help() {
-    let o = run(kiln().args(["completions", "bash"]));
+    let o = output(kiln().args(["completions", "bash"]));
     assert!(o.status.success());
     assert!(text(&o.stdout).contains("kiln"));
     for sub in [
@@ -159,7 +154,7 @@ fn completions_and_help() {
         "status",
         "logs",
     ] {
-        let o = run(kiln().args([sub, "--help"]));
+        let o = output(kiln().args([sub, "--help"]));
         assert!(o.status.success(), "{sub}");
         assert!(
             text(&o.stdout).contains("Example"),
@@ -451,11 +446,13 @@ fn bad_inputs_fail_with_place_caret_and_help() {
             std::fs::write(proj.join("secret.txt"), "s").unwrap();
         }
         std::fs::write(recipes.join("r.yaml"), &c.recipe).unwrap();
-        let o = run(kiln()
-            .current_dir(&recipes)
-            .args(["check", "r.yaml"])
-            .args(&c.args)
-            .env("HOME", "/root"));
+        let o = output(
+            kiln()
+                .current_dir(&recipes)
+                .args(["check", "r.yaml"])
+                .args(&c.args)
+                .env("HOME", "/root"),
+        );
         let err = text(&o.stderr);
         let mut why = Vec::new();
         if o.status.code() != Some(2) {
@@ -497,9 +494,11 @@ fn injected_account_lines_are_refused_at_the_field() {
         "      content: a\n  users:\n    - name: admin\n      shell: \"/bin/sh\\nroot2::0:0::/:/bin/sh\"\n",
     );
     let dir = project(&recipe, &[]);
-    let o = run(kiln()
-        .current_dir(dir.path().join("proj/recipes"))
-        .args(["check", "r.yaml"]));
+    let o = output(
+        kiln()
+            .current_dir(dir.path().join("proj/recipes"))
+            .args(["check", "r.yaml"]),
+    );
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("--> r.yaml:10:7"), "{err}");

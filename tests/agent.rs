@@ -18,7 +18,7 @@ use std::time::Duration;
 
 mod common;
 use common::registry::start_registry;
-use common::{Running, curl, free_port, kiln, sha256_digest, shared_home};
+use common::{Running, curl, free_port, json_lines, kiln, rt, sha256_digest, shared_home};
 
 /// The QEMU processes whose command line names `dir` (the agent's state directory).
 fn qemus_in(dir: &Path) -> Vec<u32> {
@@ -114,13 +114,6 @@ fn show(o: &Output, log: &Path) -> String {
     )
 }
 
-fn json_lines(o: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
 /// One HTTP GET through the agent's stable address: the page the guest serves.
 fn page(port: u16) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -156,13 +149,6 @@ fn submit(home: &Path, url: &str, sets: &[&str], log: &Path) -> Vec<serde_json::
         show(&o, log)
     );
     events
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// Announce an image the way the publish stage does (a CI system may do the same).

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod common;
-use common::root;
+use common::{free_port, root};
 
 /// `(example name, JSON text)` for every `<!-- example: NAME -->` in docs/messages.md. A `sh`
 /// block contributes the single-quoted JSON argument of its `nats pub`.
@@ -525,11 +525,7 @@ async fn stage_outputs_kv_works_on_this_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_the_stream_and_redelivers_unacked() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut server = PrivateServer::start_in(&dir.path().join("js"), port).unwrap();
     let bus = connect(&server).await;
     let policy = fast_policy(1000, &[], -1);
@@ -669,11 +665,7 @@ async fn build_events_are_one_builds_history_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_errors_say_where() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let err = tokio::time::timeout(Duration::from_secs(15), Bus::connect_url(&url))
         .await

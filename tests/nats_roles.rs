@@ -16,7 +16,7 @@ use common::nats_roles::{
     ADMIN, AGENT_HV_01, CI, PUBLISHER, RolesServer, WORKER, connect_as, next_error,
     start_roles_server, wait_for_stream,
 };
-use common::{Running, kiln, shared_home};
+use common::{Running, kiln, rt, shared_home};
 use kiln::bus::{Bus, RetryPolicy, STREAM, StageOutputs};
 use std::process::{Output, Stdio};
 use std::time::Duration;
@@ -28,13 +28,6 @@ fn show(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }
 
 /// A `kiln worker` logged in as `role`, its stderr in `log`.

@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Running, kiln, shared_home};
+use common::{Running, free_port, kiln, shared_home};
 
 /// Short redelivery so a killed worker's message is taken over within seconds.
 const ACK_WAIT: &str = "3";
@@ -434,11 +434,7 @@ fn worker_killed_mid_disk_stage_is_replaced_and_the_build_completes_once() {
 /// every build completes once and every follower sees it end.
 fn server_restart_mid_build(signal: libc::c_int, tag: &str) {
     let store = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut server = PrivateServer::start_in(&store.path().join("jetstream"), port).unwrap();
     let url = server.url();
     let home_a = shared_home();

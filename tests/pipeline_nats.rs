@@ -9,14 +9,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Running, kiln, shared_home, walk};
-
-fn lines(o: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
+use common::{Running, json_lines, kiln, shared_home, walk};
 
 fn show(o: &Output, log: &Path) -> String {
     format!(
@@ -52,7 +45,7 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", show(&o, &log));
-    let events = lines(&o);
+    let events = json_lines(&o);
     let bad_id = events[0]["build"].as_str().unwrap().to_string();
     let failed = events.last().unwrap();
     assert_eq!(failed["kind"], "failed", "{}", show(&o, &log));
@@ -88,7 +81,7 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
         "build through NATS: {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let events = lines(&o);
+    let events = json_lines(&o);
     let id = events[0]["build"].as_str().unwrap().to_string();
     // publish ends the build; minimal.yaml has no publish: section, so it is skipped.
     let published = events.last().unwrap();

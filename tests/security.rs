@@ -10,14 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Running, kiln, recipe_roots, shared_home};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use common::{Running, kiln, recipe_roots, rt, shared_home};
 
 /// Publish raw bytes on `subject`, as any NATS client may.
 fn publish(url: &str, subject: &str, payload: &[u8]) {

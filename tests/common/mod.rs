@@ -1,6 +1,6 @@
 //! The one home of test helpers; every test file has `mod common;`. Here: the `kiln` binary
-//! under test ([`kiln`], [`kiln_no_home`]), the project [`root`], KILN_HOMEs sharing downloads
-//! between runs, and real Debian packages unpacked into a Tree (downloads cached in
+//! under test ([`kiln`], [`kiln_no_home`]) and its JSON output, the project [`root`], KILN_HOMEs
+//! sharing downloads between runs, a tokio runtime ([`rt`]), and real Debian packages unpacked into a Tree (downloads cached in
 //! /var/tmp/kiln-test-debs so reruns do not download). By concern: [`process`] (running
 //! commands, the child-process guard [`Running`], [`free_port`], [`curl`]), [`hash`] (sha256),
 //! [`files`] ([`copy_dir`], [`walk`]), [`git`] ([`commit_all`]), [`registry`], [`nats_roles`],
@@ -83,6 +83,23 @@ pub fn json_report(o: &std::process::Output) -> serde_json::Value {
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_slice(&o.stdout).expect("JSON report")
+}
+
+/// The JSON values a `kiln ... --json` printed on stdout, one per line; panics naming a line that
+/// is not JSON.
+pub fn json_lines(o: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// A current-thread tokio runtime, for the bus calls of a test that is not async.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 pub const DEB_CACHE: &str = "/var/tmp/kiln-test-debs";

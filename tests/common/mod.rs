@@ -1,10 +1,10 @@
 //! The one home of test helpers; every test file has `mod common;`. Here: the `kiln` binary
-//! under test ([`kiln`], [`kiln_no_home`]) and its JSON output, the project [`root`], KILN_HOMEs
-//! sharing downloads between runs, a tokio runtime ([`rt`]), and real Debian packages unpacked into a Tree (downloads cached in
-//! /var/tmp/kiln-test-debs so reruns do not download). By concern: [`process`] (running
-//! commands, the child-process guard [`Running`], [`free_port`], [`curl`]), [`hash`] (sha256),
-//! [`files`] ([`copy_dir`], [`walk`]), [`git`] ([`commit_all`]), [`registry`], [`nats_roles`],
-//! [`verify_support`].
+//! under test ([`kiln`], [`kiln_no_home`]) and its JSON output, the project [`root`],
+//! KILN_HOMEs sharing downloads between runs, a tokio runtime ([`rt`]), and real Debian
+//! packages unpacked into a Tree (downloads cached in /var/tmp/kiln-test-debs so reruns do not
+//! download). By concern: [`process`] (running commands, the child-process guard [`Running`],
+//! [`free_port`], [`curl`]), [`hash`] (sha256), [`files`] ([`copy_dir`], [`walk`]), [`git`]
+//! ([`commit_all`]), [`registry`], [`nats_roles`], [`verify_support`].
 //!
 //! Each test binary compiles this module on its own and uses a part of it, hence
 //! `allow(dead_code)`.

@@ -375,7 +375,7 @@ fn deploy(
     };
     match vm::wait_healthy(&new, started) {
         Ok(boot) => {
-            new.since = crate::bus::messages::format_rfc3339_ms(now_ms());
+            new.since = crate::time::rfc3339(now_ms() as i64, crate::time::Precision::Millis);
             let seconds = received.elapsed().as_secs_f64();
             let old = state.current.replace(new.clone());
             // The new VM takes new connections before the old one goes away.
@@ -501,7 +501,7 @@ fn recover(
     .map_err(|e| e.to_string())
     .and_then(|mut new| match vm::wait_healthy(&new, started) {
         Ok(_) => {
-            new.since = crate::bus::messages::format_rfc3339_ms(now_ms());
+            new.since = crate::time::rfc3339(now_ms() as i64, crate::time::Precision::Millis);
             Ok(new)
         }
         Err(why) => {

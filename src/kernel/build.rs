@@ -490,16 +490,16 @@ pub fn build_timestamp(epoch: i64) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let days = epoch.div_euclid(86_400);
-    let (y, m, d) = crate::time::civil_from_days(days);
-    let rem = epoch.rem_euclid(86_400);
+    let c = crate::time::Civil::from_epoch(epoch);
     format!(
-        "{} {} {d:>2} {:02}:{:02}:{:02} UTC {y}",
-        DAYS[(days + 4).rem_euclid(7) as usize],
-        MONTHS[(m - 1).clamp(0, 11) as usize],
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "{} {} {:>2} {:02}:{:02}:{:02} UTC {}",
+        DAYS[c.weekday as usize],
+        MONTHS[(c.month - 1).clamp(0, 11) as usize],
+        c.day,
+        c.hour,
+        c.minute,
+        c.second,
+        c.year
     )
 }
 

@@ -695,13 +695,8 @@ fn assigned_id(d: &Delivery) -> String {
 /// The id the source stage gives a request without one, from the request's publication time
 /// (Unix milliseconds) and stream sequence.
 pub fn assigned_build_id(published_ms: u64, sequence: u64) -> String {
-    let stamp = bus::messages::format_rfc3339_ms(published_ms);
-    let compact: String = stamp
-        .chars()
-        .take(19)
-        .filter(|c| *c != '-' && *c != ':')
-        .collect();
-    format!("{compact}Z-{sequence:08x}")
+    let stamp = crate::time::basic_stamp(i64::try_from(published_ms).unwrap_or(i64::MAX));
+    format!("{stamp}-{sequence:08x}")
 }
 
 type StageResult = (Handover, Value, CacheStatus);

@@ -398,19 +398,6 @@ fn io_err(what: &str, path: &Path, source: io::Error) -> StoreError {
     }
 }
 
-/// RFC 3339 UTC time of a Unix epoch second (days-to-civil conversion, proleptic Gregorian).
-pub fn rfc3339(epoch: u64) -> String {
-    let days = (epoch / 86_400) as i64;
-    let secs = epoch % 86_400;
-    let (year, month, day) = crate::time::civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
 /// The tag a signature is stored under: `sha256-<hex>.sig`.
 pub fn signature_tag(manifest: &Digest256) -> String {
     format!("sha256-{}.sig", manifest.hex())
@@ -674,7 +661,12 @@ pub fn publish(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| format!("disk.{}", format.name()))
     });
-    let created = rfc3339(meta.source_date_epoch);
+    let created = crate::time::rfc3339(
+        i64::try_from(meta.source_date_epoch)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000),
+        crate::time::Precision::Seconds,
+    );
     let mut annotations = BTreeMap::from([
         (ANN_CREATED.to_string(), created.clone()),
         (ANN_TITLE.to_string(), title.clone()),
@@ -1365,14 +1357,6 @@ pub fn images(target: &str, opts: &StoreOptions) -> Result<Vec<ImageInfo>, Store
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_matches_known_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
-    }
 
     #[test]
     fn signature_tags() {

@@ -22,6 +22,7 @@ pub mod rootfs;
 pub mod source;
 pub mod store;
 pub mod systemd;
+pub mod task;
 pub mod time;
 pub mod tree;
 pub mod verify;

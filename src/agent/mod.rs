@@ -30,6 +30,7 @@ use crate::bus::{
     VERSION, subjects,
 };
 use crate::store::{self, Reference, StoreError, StoreOptions, VerifyingKey};
+use crate::task::blocking;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use state::{AgentState, HealthSpec, VmRecord};
@@ -573,12 +574,10 @@ async fn announce(bus: &Bus, outcome: &Deployed, report: &Report) {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
-) -> Result<T, AgentError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AgentError::Config(format!("agent task failed: {e}")))?
+impl From<tokio::task::JoinError> for AgentError {
+    fn from(e: tokio::task::JoinError) -> AgentError {
+        AgentError::Config(format!("agent task failed: {e}"))
+    }
 }
 
 /// Run the agent until `shutdown` completes. VMs keep running after it returns.
@@ -609,7 +608,7 @@ pub async fn run(
     let (st, outcome) = {
         let config = config.clone();
         let backend = backend.clone();
-        blocking(move || {
+        blocking::<_, AgentError>(move || {
             let mut st = state;
             let o = recover(&config, &mut st, &backend)?;
             Ok((st, o))
@@ -664,7 +663,7 @@ pub async fn run(
         let (st, outcome) = {
             let config = config.clone();
             let backend = backend.clone();
-            blocking(move || {
+            blocking::<_, AgentError>(move || {
                 let mut st = state;
                 let o = deploy(&config, &trust, &mut st, &msg, received, &backend)?;
                 // Deployed or rolled back: `deploy` marked the digest handled. Refused without

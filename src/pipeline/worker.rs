@@ -25,6 +25,7 @@ use crate::bus::{
 use crate::cache::Digest256;
 use crate::packages::ArchiveOptions;
 use crate::recipe::Diagnostic;
+use crate::task::blocking;
 use serde_json::{Value, json};
 use std::future::Future;
 use std::path::PathBuf;
@@ -306,7 +307,8 @@ async fn record_state(
 async fn check_state(ctx: &Arc<Ctx>, prev: &Previous) -> Result<(), Failure> {
     let key = prev.digest.clone();
     let c = ctx.clone();
-    let record = blocking(move || Ok(c.handoff_records().get(STATE_RECORD, &key))).await?;
+    let record =
+        blocking(move || Ok::<_, Failure>(c.handoff_records().get(STATE_RECORD, &key))).await?;
     let agrees = record.as_ref().is_some_and(|r| {
         r["build"].as_str() == Some(prev.build.as_str())
             && r["stage"].as_str() == Some(prev.stage.name())
@@ -726,7 +728,7 @@ async fn run(
         let ran =
             run_one(&env, records.as_ref(), stage, &mut h, &sink).map_err(|e| stage_failure(&e))?;
         h.mirror_requests += env.requests();
-        Ok((h, ran))
+        Ok::<_, Failure>((h, ran))
     })
     .await?;
     if !ctx.config.local_blobs {
@@ -798,12 +800,10 @@ async fn files_of(ctx: &Arc<Ctx>, need: &Need) -> Result<Vec<Digest256>, Failure
     blocking(move || need.files(&blobs).map_err(|e| stage_failure(&e))).await
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
-) -> Result<T, Failure> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Failure::Retry(ErrorInfo::new(ErrorKind::Internal, &e.to_string())))?
+impl From<tokio::task::JoinError> for Failure {
+    fn from(e: tokio::task::JoinError) -> Failure {
+        Failure::Retry(ErrorInfo::new(ErrorKind::Internal, &e.to_string()))
+    }
 }
 
 #[cfg(test)]

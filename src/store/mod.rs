@@ -565,23 +565,6 @@ struct Fetched {
     announced: Option<u64>,
 }
 
-/// Hash a file in one streaming pass.
-fn hash_file(path: &Path) -> Result<(Digest256, u64), StoreError> {
-    let mut f = File::open(path).map_err(|e| io_err("open", path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = registry::read_full(&mut f, &mut buf).map_err(|e| io_err("read", path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((Digest256::from_sha256(&hasher.finalize()), total))
-}
-
 fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Usage {
         what: "serialize JSON".into(),
@@ -632,7 +615,10 @@ pub fn publish(
     if let Target::Registry { reg, .. } = &target {
         reg.ping()?;
     }
-    let (layer_digest, size) = hash_file(image)?;
+    let (layer_digest, size) = {
+        let mut f = File::open(image).map_err(|e| io_err("open", image, e))?;
+        crate::cache::hash_file(&mut f).map_err(|e| io_err("read", image, e))?
+    };
     let uploaded = match target.blob_exists(&layer_digest)? {
         Some(_) => 0,
         None => {

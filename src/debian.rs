@@ -477,13 +477,13 @@ mod tests {
             suite: "bookworm".into(),
             variant: "minbase".into(),
             components: vec!["main".into()],
-            packages: vec!["linux-image-cloud-amd64".into(), "systemd".into()],
+            packages: vec![DEFAULT_KERNEL_PACKAGE.into(), "systemd".into()],
             mirror: "http://deb.debian.org/debian".into(),
             locale: None,
         };
         let args = spec.mmdebstrap_args();
         assert!(args.contains(&"--variant=minbase".to_string()));
-        assert!(args.contains(&"--include=linux-image-cloud-amd64,systemd".to_string()));
+        assert!(args.contains(&format!("--include={DEFAULT_KERNEL_PACKAGE},systemd")));
         assert_eq!(
             &args[args.len() - 3..],
             ["bookworm", "-", "http://deb.debian.org/debian"]

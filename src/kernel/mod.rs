@@ -24,7 +24,8 @@ pub const ROOT_DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "ext4", "cr
 pub enum KernelError {
     #[error(
         "no kernel in the tree: expected /boot/vmlinuz-<version> (is the kernel package, e.g. \
-         linux-image-cloud-amd64, in the recipe?)"
+         {}, in the recipe?)",
+        crate::debian::DEFAULT_KERNEL_PACKAGE
     )]
     NoKernel,
     #[error("several kernels in the tree ({versions}); name the one to boot")]

@@ -2017,7 +2017,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
         )));
         return Ok(EXIT_RECIPE);
     }
-    let source = match crate::source::GitSource::new(&args.repo) {
+    let source = match crate::source::GitMirror::new(&args.repo) {
         Ok(s) => s,
         Err(e) => {
             report_error(&e);

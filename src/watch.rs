@@ -21,7 +21,7 @@
 
 use crate::net::redact;
 use crate::recipe::{self, Diagnostic, GitInfo};
-use crate::source::{Checkout, GitSource, SourceError, load_options_for};
+use crate::source::{Checkout, GitMirror, SourceError, load_options_for};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -75,7 +75,7 @@ pub struct WatchState {
 /// Watches one ref of one repository.
 #[derive(Debug)]
 pub struct Watcher {
-    source: GitSource,
+    source: GitMirror,
     reference: String,
     pattern: glob::Pattern,
     state_file: PathBuf,
@@ -92,7 +92,7 @@ impl Watcher {
         state_file: &Path,
     ) -> Result<Self, WatchError> {
         Self::with_source(
-            GitSource::new(repo_url)?,
+            GitMirror::new(repo_url)?,
             reference,
             recipes_glob,
             state_file,
@@ -101,7 +101,7 @@ impl Watcher {
 
     /// Like [`Watcher::new`] with an explicit source (e.g. another kiln home).
     pub fn with_source(
-        source: GitSource,
+        source: GitMirror,
         reference: &str,
         recipes_glob: &str,
         state_file: &Path,

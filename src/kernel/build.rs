@@ -130,7 +130,7 @@ fn io_at(
 
 /// What to build.
 #[derive(Debug, Clone)]
-pub struct BuildRequest {
+pub struct KernelBuildSpec {
     /// `$KILN_HOME`.
     pub home: PathBuf,
     /// The verified `linux-source-*` `.deb`.
@@ -251,7 +251,7 @@ impl Dirs {
 }
 
 /// Build (or find) the kernel `req` describes.
-pub fn build(req: &BuildRequest) -> Result<BuiltKernel, KernelBuildError> {
+pub fn build(req: &KernelBuildSpec) -> Result<BuiltKernel, KernelBuildError> {
     let fragment = Config::parse(&req.fragment_name, &req.fragment)?;
     let toolchain = check_build_tools()?;
     let dirs = Dirs::new(&req.home)?;
@@ -381,7 +381,7 @@ fn base_name(base: KernelBase) -> &'static str {
     }
 }
 
-fn build_key(req: &BuildRequest, merged: &str, toolchain: &str) -> Digest256 {
+fn build_key(req: &KernelBuildSpec, merged: &str, toolchain: &str) -> Digest256 {
     let mut h = Sha256::new();
     for (label, value) in [
         ("format", FORMAT),
@@ -630,7 +630,7 @@ fn unpack_source(dirs: &Dirs, deb: &Path, digest: &Digest256) -> Result<PathBuf,
 fn base_config(
     dirs: &Dirs,
     srctree: &Path,
-    req: &BuildRequest,
+    req: &KernelBuildSpec,
     toolchain: &str,
 ) -> Result<Config, KernelBuildError> {
     let mut h = Sha256::new();
@@ -697,7 +697,7 @@ mod tests {
 
     #[test]
     fn the_key_covers_source_config_toolchain_and_time() {
-        let req = BuildRequest {
+        let req = KernelBuildSpec {
             home: PathBuf::from("/nonexistent"),
             source_deb: PathBuf::from("/nonexistent.deb"),
             source_digest: Digest256::of(b"source"),

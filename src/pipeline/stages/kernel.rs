@@ -10,7 +10,7 @@ use super::{
 use crate::bus;
 use crate::cache::Digest256;
 use crate::kernel::Kernel;
-use crate::kernel::build::{BuildRequest, ROOT_BUILTIN};
+use crate::kernel::build::{KernelBuildSpec, ROOT_BUILTIN};
 use crate::kernel::initramfs::{self, InitramfsSpec};
 use crate::manifest::from_manifest;
 use crate::recipe::schema::Compression;
@@ -218,7 +218,7 @@ fn built_kernel(env: &StageEnv, build: &Artifacts) -> Result<KernelOut, StageErr
             "kernel.build without its fragment's text (reload the recipe)".into(),
         )
     })?;
-    let request = BuildRequest {
+    let request = KernelBuildSpec {
         home: env.home.clone(),
         source_deb: deb_path(env, loaded, &pk.kernel)?,
         source_digest: pk.kernel.sha256.clone(),

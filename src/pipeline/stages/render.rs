@@ -95,7 +95,7 @@ fn load(run: &StageRun<'_>, h: &Handover) -> Result<Loaded, StageError> {
         RecipeSource::Git { git } => {
             access.check_git(&git.url, &env.home).map_err(refused)?;
             let commit = h.commit.clone().ok_or(StageError::Missing("source"))?;
-            let checkout = crate::source::GitSource::with_home(&git.url, &env.home)
+            let checkout = crate::source::GitMirror::with_home(&git.url, &env.home)
                 .and_then(|s| s.checkout(&commit, &git.path))
                 .map_err(StageError::Source)?;
             let mut opts = crate::source::load_options_for(&checkout, set);

@@ -37,7 +37,7 @@ impl StageWork for Source {
             },
             RecipeSource::Git { git } => {
                 env.access.check_git(&git.url, &env.home).map_err(refused)?;
-                let checkout = crate::source::GitSource::with_home(&git.url, &env.home)
+                let checkout = crate::source::GitMirror::with_home(&git.url, &env.home)
                     .and_then(|s| s.checkout(&git.git_ref, &git.path))
                     .map_err(StageError::Source)?;
                 SourceOut::Git {

@@ -947,7 +947,7 @@ fn fake_image(layer: &Digest256, size: u64) -> (Vec<u8>, Vec<u8>, Digest256) {
         artifact_type: None,
         annotations: Default::default(),
     };
-    let manifest = store::Manifest {
+    let manifest = store::OciManifest {
         schema_version: 2,
         media_type: Some(store::registry::OCI_MANIFEST.into()),
         artifact_type: Some(store::ARTIFACT_DISK.into()),

@@ -53,7 +53,7 @@ pub mod sign;
 
 use crate::cache::Digest256;
 use crate::net::redact;
-use layout::Layout;
+use layout::OciLayout;
 pub use reference::{Location, Reference, ReferenceError};
 use registry::{Credentials, FetchedManifest, OCI_MANIFEST, Registry};
 use sha2::{Digest, Sha256};
@@ -227,7 +227,7 @@ pub struct Descriptor {
 /// An OCI image manifest (the fields kiln writes and reads).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Manifest {
+pub struct OciManifest {
     pub schema_version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
@@ -412,7 +412,7 @@ fn is_signature_tag(tag: &str) -> bool {
 /// A registry repository or a layout directory.
 enum Target {
     Registry { reg: Registry, repo: String },
-    Layout(Layout),
+    Layout(OciLayout),
 }
 
 impl Target {
@@ -427,7 +427,7 @@ impl Target {
                 )?,
                 repo: repository.clone(),
             },
-            Location::Layout { dir } => Target::Layout(Layout::open(dir, create)?),
+            Location::Layout { dir } => Target::Layout(OciLayout::open(dir, create)?),
         })
     }
 
@@ -670,7 +670,7 @@ pub fn publish(
     for (k, v) in &meta.annotations {
         annotations.entry(k.clone()).or_insert_with(|| v.clone());
     }
-    let manifest = Manifest {
+    let manifest = OciManifest {
         schema_version: 2,
         media_type: Some(OCI_MANIFEST.into()),
         artifact_type: Some(ARTIFACT_DISK.into()),
@@ -748,7 +748,7 @@ fn signature_manifest(
     let signature = sign::sign(key, &payload);
     let payload_digest = target.put_small_blob(&payload)?;
     let empty = target.put_small_blob(b"{}")?;
-    let m = Manifest {
+    let m = OciManifest {
         schema_version: 2,
         media_type: Some(OCI_MANIFEST.into()),
         artifact_type: Some(ARTIFACT_SIGNATURE.into()),
@@ -790,7 +790,7 @@ fn fetch_manifest(
     target: &Target,
     r: &Reference,
     reference: &str,
-) -> Result<(Vec<u8>, Digest256, Manifest), StoreError> {
+) -> Result<(Vec<u8>, Digest256, OciManifest), StoreError> {
     let FetchedManifest {
         bytes,
         digest: claimed,
@@ -815,7 +815,7 @@ fn fetch_manifest(
             actual: digest,
         });
     }
-    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| StoreError::Malformed {
+    let m: OciManifest = serde_json::from_slice(&bytes).map_err(|e| StoreError::Malformed {
         what: format!("manifest {reference}"),
         reference: r.to_string(),
         reason: e.to_string(),
@@ -838,7 +838,7 @@ fn find_signatures(
     target: &Target,
     r: &Reference,
     digest: &Digest256,
-) -> Result<Vec<Manifest>, StoreError> {
+) -> Result<Vec<OciManifest>, StoreError> {
     let mut refs: Vec<String> = Vec::new();
     if let Target::Registry { reg, repo } = target
         && let Some(list) = reg.referrers(repo, digest, ARTIFACT_SIGNATURE)?
@@ -1315,7 +1315,7 @@ pub fn images(target: &str, opts: &StoreOptions) -> Result<Vec<ImageInfo>, Store
                 continue;
             };
             let digest = Digest256::of(&bytes);
-            let m: Option<Manifest> = serde_json::from_slice(&bytes).ok();
+            let m: Option<OciManifest> = serde_json::from_slice(&bytes).ok();
             let layer = m.as_ref().and_then(|m| match m.layers.as_slice() {
                 [l] if l.media_type == MEDIA_DISK_QCOW2 || l.media_type == MEDIA_DISK_RAW => {
                     Some(l.clone())

@@ -250,35 +250,35 @@ pub struct ImageConfig {
     pub format: String,
 }
 
-/// Disk file format.
+/// The format of the disk layer an image carries (its name and media type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskFormat {
+pub enum LayerFormat {
     Qcow2,
     Raw,
 }
 
-impl DiskFormat {
+impl LayerFormat {
     pub fn name(self) -> &'static str {
         match self {
-            DiskFormat::Qcow2 => "qcow2",
-            DiskFormat::Raw => "raw",
+            LayerFormat::Qcow2 => "qcow2",
+            LayerFormat::Raw => "raw",
         }
     }
     pub fn media_type(self) -> &'static str {
         match self {
-            DiskFormat::Qcow2 => MEDIA_DISK_QCOW2,
-            DiskFormat::Raw => MEDIA_DISK_RAW,
+            LayerFormat::Qcow2 => MEDIA_DISK_QCOW2,
+            LayerFormat::Raw => MEDIA_DISK_RAW,
         }
     }
     /// qcow2 by its magic `QFI\xfb`, else raw.
-    pub fn detect(path: &Path) -> Result<DiskFormat, StoreError> {
+    pub fn detect(path: &Path) -> Result<LayerFormat, StoreError> {
         let mut magic = [0u8; 4];
         let mut f = File::open(path).map_err(|e| io_err("open", path, e))?;
         let n = registry::read_full(&mut f, &mut magic).map_err(|e| io_err("read", path, e))?;
         Ok(if n == 4 && &magic == b"QFI\xfb" {
-            DiskFormat::Qcow2
+            LayerFormat::Qcow2
         } else {
-            DiskFormat::Raw
+            LayerFormat::Raw
         })
     }
 }
@@ -300,7 +300,7 @@ pub struct PublishMeta {
     /// Layer title; default: the image file name.
     pub title: Option<String>,
     /// Format; default: detected from the file.
-    pub format: Option<DiskFormat>,
+    pub format: Option<LayerFormat>,
     /// More manifest annotations (e.g. [`ANN_DEPLOY`]); they cannot replace the ones above.
     pub annotations: BTreeMap<String, String>,
 }
@@ -609,7 +609,7 @@ pub fn publish(
     }
     let format = match meta.format {
         Some(f) => f,
-        None => DiskFormat::detect(image)?,
+        None => LayerFormat::detect(image)?,
     };
     let target = Target::open(&r, opts, true)?;
     if let Target::Registry { reg, .. } = &target {

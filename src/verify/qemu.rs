@@ -44,23 +44,23 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// A disk image's format, from its first bytes.
+/// A disk image's format as QEMU's `-drive format=` names it, from the file's first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DiskFormat {
+pub enum DriveFormat {
     Raw,
     Qcow2,
 }
 
-impl DiskFormat {
+impl DriveFormat {
     pub fn qemu_name(self) -> &'static str {
         match self {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
+            DriveFormat::Raw => "raw",
+            DriveFormat::Qcow2 => "qcow2",
         }
     }
 
     /// `qcow2` if the file starts with the qcow2 magic `QFI\xfb`, else `raw`.
-    pub fn detect(path: &Path) -> Result<DiskFormat, VerifyError> {
+    pub fn detect(path: &Path) -> Result<DriveFormat, VerifyError> {
         let io_err = |source| VerifyError::Io {
             what: "reading the disk image header",
             path: path.to_path_buf(),
@@ -77,9 +77,9 @@ impl DiskFormat {
             got += n;
         }
         Ok(if got == 4 && magic == *b"QFI\xfb" {
-            DiskFormat::Qcow2
+            DriveFormat::Qcow2
         } else {
-            DiskFormat::Raw
+            DriveFormat::Raw
         })
     }
 }
@@ -96,7 +96,7 @@ pub(crate) fn qemu_args(
     spec: &BootSpec,
     accel: Accel,
     vars: Option<&Path>,
-    disk: Option<(&Path, DiskFormat)>,
+    disk: Option<(&Path, DriveFormat)>,
 ) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
@@ -400,9 +400,9 @@ mod tests {
         std::fs::write(&r, [0u8; 512]).unwrap();
         let e = dir.path().join("empty");
         std::fs::write(&e, b"").unwrap();
-        assert_eq!(DiskFormat::detect(&q).unwrap(), DiskFormat::Qcow2);
-        assert_eq!(DiskFormat::detect(&r).unwrap(), DiskFormat::Raw);
-        assert_eq!(DiskFormat::detect(&e).unwrap(), DiskFormat::Raw);
+        assert_eq!(DriveFormat::detect(&q).unwrap(), DriveFormat::Qcow2);
+        assert_eq!(DriveFormat::detect(&r).unwrap(), DriveFormat::Raw);
+        assert_eq!(DriveFormat::detect(&e).unwrap(), DriveFormat::Raw);
     }
 
     #[test]

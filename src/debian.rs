@@ -429,7 +429,7 @@ pub fn holds_kernel(path: &str) -> bool {
 }
 
 /// The kernel's files of an image tree (`/boot/vmlinuz-*` and the module directories), as a
-/// small Tree that [`crate::kernel::Kernel::from_tree`] reads: the kernel comes from the image's
+/// small Tree that [`crate::kernel::InstalledKernel::from_tree`] reads: the kernel comes from the image's
 /// own packages.
 pub fn kernel_tree(image: &Tree) -> Result<Tree, TreeError> {
     let mut out = Tree::new();

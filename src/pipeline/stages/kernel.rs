@@ -9,7 +9,7 @@ use super::{
 };
 use crate::bus;
 use crate::cache::Digest256;
-use crate::kernel::Kernel;
+use crate::kernel::InstalledKernel;
 use crate::kernel::build::{KernelBuildSpec, ROOT_BUILTIN};
 use crate::kernel::initramfs::{self, InitramfsSpec};
 use crate::manifest::from_manifest;
@@ -167,7 +167,7 @@ fn packaged_kernel(env: &StageEnv, build: &Artifacts) -> Result<KernelOut, Stage
         None => read_pkg(env, &build.loaded, &pk.kernel)?,
     };
     let busybox = read_pkg(env, &build.loaded, &pk.busybox)?;
-    let kernel = Kernel::from_tree(&kernel_tree)?;
+    let kernel = InstalledKernel::from_tree(&kernel_tree)?;
     let ids = Partitions::of(&build.loaded);
     let mut spec = InitramfsSpec::new(&kernel, &busybox, ids.root.to_string());
     spec.modules = recipe.initramfs.modules.clone();

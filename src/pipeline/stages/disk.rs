@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::time::Duration;
 
-pub struct Disk;
+pub struct DiskStage;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskOut {
@@ -56,7 +56,7 @@ struct DiskKey<'a> {
     vmlinuz: &'a Digest256,
 }
 
-impl StageWork for Disk {
+impl StageWork for DiskStage {
     const STAGE: bus::Stage = bus::Stage::Disk;
     type Output = DiskStageOut;
 

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-pub struct Publish;
+pub struct PublishStage;
 
 /// Where a worker publishes verified images.
 #[derive(Debug, Clone)]
@@ -64,7 +64,7 @@ pub struct Pushed {
     pub message: Box<ImagePublished>,
 }
 
-impl StageWork for Publish {
+impl StageWork for PublishStage {
     const STAGE: bus::Stage = bus::Stage::Publish;
     type Output = PublishOut;
 

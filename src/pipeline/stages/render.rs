@@ -9,7 +9,7 @@ use crate::recipe::schema::RootfsBase;
 use crate::recipe::{LoadOptions, Loaded};
 use serde::Serialize;
 
-pub struct Render;
+pub struct RenderStage;
 
 /// What the render stage made: the recipe's inputs digest and name.
 #[derive(Debug, Clone, Serialize)]
@@ -21,7 +21,7 @@ pub struct RenderOut {
     loaded: Option<Box<Loaded>>,
 }
 
-impl StageWork for Render {
+impl StageWork for RenderStage {
     const STAGE: bus::Stage = bus::Stage::Render;
     type Output = RenderOut;
 

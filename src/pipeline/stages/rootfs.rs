@@ -14,7 +14,7 @@ use crate::recipe::Loaded;
 use crate::rootfs::RootfsSpec;
 use serde::{Deserialize, Serialize};
 
-pub struct Rootfs;
+pub struct RootfsStage;
 
 /// The packages a build uses, chosen from one signed release.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,7 +88,7 @@ struct RootfsKey<'a> {
     root: String,
 }
 
-impl StageWork for Rootfs {
+impl StageWork for RootfsStage {
     const STAGE: bus::Stage = bus::Stage::Rootfs;
     type Output = RootfsStageOut;
 

@@ -7,7 +7,7 @@ use crate::bus::{self, BuildRequest, RecipeSource};
 use serde::Serialize;
 use std::path::PathBuf;
 
-pub struct Source;
+pub struct SourceStage;
 
 /// Where the recipe came from.
 #[derive(Debug, Clone, Serialize)]
@@ -18,7 +18,7 @@ pub enum SourceOut {
     Git { commit: String, time: i64 },
 }
 
-impl StageWork for Source {
+impl StageWork for SourceStage {
     const STAGE: bus::Stage = bus::Stage::Source;
     type Output = SourceOut;
 

@@ -7,7 +7,7 @@
 //! cache on [`BaseSpec::key_inputs`] so that one base serves every recipe (and every template
 //! change) that asks for the same suite, variant, components and packages.
 
-use crate::cache::BlobStore;
+use crate::home::BlobStore;
 use crate::packages::{Archive, Deps};
 use crate::rootfs::{Mounts, RootfsError, RootfsSpec};
 use crate::tree::{Content, Entry, EntryKind, Tree, TreeError, TreePath};

@@ -18,7 +18,8 @@ use crate::bus::{
     self, BuildRequest, DeployCompleted, DeployFailed, EventKind, ImagePublished, Message,
     RecordedEvent, StageEvent,
 };
-use crate::cache::{BlobStore, Digest256};
+use crate::digest::Digest256;
+use crate::home::BlobStore;
 use crate::kernel::{cpio, modules};
 use crate::packages::index::{Index, StanzaReader, parse_relations};
 use crate::packages::release::{self, Keyring, Release};

@@ -195,7 +195,7 @@ pub struct GitMirror {
 impl GitMirror {
     /// The repository at `url`, cached under `$KILN_HOME`.
     pub fn new(url: &str) -> Result<Self, SourceError> {
-        Self::with_home(url, &crate::cache::kiln_home())
+        Self::with_home(url, &crate::home::kiln_home())
     }
 
     /// The repository at `url`, cached under `home` (instead of `$KILN_HOME`). A local path is

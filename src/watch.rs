@@ -296,7 +296,7 @@ impl Watcher {
             Err(d) => {
                 // Key on the message without the checkout's location, which changes per commit.
                 let text = d.to_string().replace(&*checkout.dir.to_string_lossy(), "");
-                let key = format!("error:{}", crate::cache::Digest256::of(text.as_bytes()));
+                let key = format!("error:{}", crate::digest::Digest256::of(text.as_bytes()));
                 trigger.error = Some(d);
                 return (trigger, key);
             }
@@ -323,7 +323,7 @@ impl Watcher {
             path: self.state_file.clone(),
             message: format!("cannot encode: {e}"),
         })?;
-        crate::cache::write_atomic(&self.state_file, &bytes).map_err(|e| WatchError::State {
+        crate::home::write_atomic(&self.state_file, &bytes).map_err(|e| WatchError::State {
             path: self.state_file.clone(),
             message: format!("cannot write: {e}"),
         })?;
@@ -369,6 +369,6 @@ pub fn state_file_for(dir: &Path, url: &str, reference: &str, recipes_glob: &str
     let key = format!("{url}\n{reference}\n{recipes_glob}");
     dir.join(format!(
         "{}.json",
-        crate::cache::Digest256::of(key.as_bytes()).hex()
+        crate::digest::Digest256::of(key.as_bytes()).hex()
     ))
 }

@@ -2,7 +2,7 @@
 //! started per test on a free loopback port with its storage in a temp dir. `curl` and
 //! `sha256sum` are the second opinion on what the registry holds.
 
-use kiln::cache::Digest256;
+use kiln::digest::Digest256;
 use kiln::store::registry::Credentials;
 use kiln::store::{
     self, PublishMeta, SignatureCheck, StoreError, StoreOptions, load_signing_key,

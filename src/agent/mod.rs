@@ -226,7 +226,7 @@ fn pull_reference(msg: &ImagePublished) -> String {
     let base = msg.reference.split('@').next().unwrap_or(&msg.reference);
     match Reference::parse(base) {
         Ok(r) if matches!(r.location, store::Location::Registry { .. }) => {
-            match crate::cache::Digest256::parse(&msg.digest) {
+            match crate::digest::Digest256::parse(&msg.digest) {
                 Some(d) => Reference { tag: None, ..r }.with_digest(&d),
                 None => base.to_string(),
             }

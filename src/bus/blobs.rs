@@ -7,7 +7,8 @@
 //! file is replaced rather than used.
 
 use super::{Bus, BusError, nats_err};
-use crate::cache::{BlobStore, Digest256, hash_file};
+use crate::digest::{Digest256, hash_file};
+use crate::home::BlobStore;
 use crate::task::blocking;
 use async_nats::jetstream::{kv, object_store, stream};
 use sha2::{Digest, Sha256};
@@ -252,8 +253,7 @@ impl Blobs {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(io_err("create", &dir))?;
-        let tmp =
-            crate::cache::temp_file_in(&dir).map_err(io_err("create a temp file in", &dir))?;
+        let tmp = crate::home::temp_file_in(&dir).map_err(io_err("create a temp file in", &dir))?;
         let (std_file, tmp_path) = tmp.into_parts();
         let mut file = tokio::fs::File::from_std(std_file);
         let mut hasher = Sha256::new();

@@ -17,7 +17,8 @@ use thiserror::Error;
 
 use super::config::{self, Config, ConfigError, Dropped};
 use crate::bounded::LimitReader;
-use crate::cache::{Digest256, write_atomic};
+use crate::digest::Digest256;
+use crate::home::write_atomic;
 use crate::packages::deb::{ArReader, MAX_UNDECLARED_DATA, decompressor};
 use crate::recipe::schema::KernelBase;
 

@@ -22,7 +22,7 @@ use crate::bus::{
     ErrorKind, EventTime, Outcome, RetryPolicy, StageCompleted, StageEvent, StageFailed,
     StageOutputs, StageProgress, StageStarted, VERSION,
 };
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 use crate::packages::ArchiveOptions;
 use crate::recipe::Diagnostic;
 use crate::task::blocking;
@@ -62,7 +62,7 @@ impl WorkerConfig {
     /// `<hostname>/<pid>`.
     pub fn from_env() -> Self {
         WorkerConfig {
-            home: crate::cache::kiln_home(),
+            home: crate::home::kiln_home(),
             archive: ArchiveOptions::from_env(),
             profiles_dir: None,
             name: default_worker_name(),
@@ -348,7 +348,7 @@ pub async fn run_workers(
 ) -> Result<(), WorkerError> {
     bus.ensure_kiln_stream().await?;
     // What a killed worker left half-written (an image, a blob) must not pile up or be used.
-    match crate::cache::sweep_stale_temp(&config.home) {
+    match crate::home::sweep_stale_temp(&config.home) {
         Ok(removed) if !removed.is_empty() => tracing::info!(
             "removed {} temp file(s) that stopped kiln processes left in {}",
             removed.len(),

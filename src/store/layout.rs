@@ -4,7 +4,8 @@
 //! signature manifest under the ref name `sha256-<hex>.sig` like in a registry.
 
 use super::{Descriptor, StoreError};
-use crate::cache::{Digest256, write_atomic};
+use crate::digest::Digest256;
+use crate::home::write_atomic;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::{self, File};

@@ -51,7 +51,7 @@ pub mod reference;
 pub mod registry;
 pub mod sign;
 
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 use crate::net::redact;
 use layout::OciLayout;
 pub use reference::{Location, Reference, ReferenceError};
@@ -617,7 +617,7 @@ pub fn publish(
     }
     let (layer_digest, size) = {
         let mut f = File::open(image).map_err(|e| io_err("open", image, e))?;
-        crate::cache::hash_file(&mut f).map_err(|e| io_err("read", image, e))?
+        crate::digest::hash_file(&mut f).map_err(|e| io_err("read", image, e))?
     };
     let uploaded = match target.blob_exists(&layer_digest)? {
         Some(_) => 0,

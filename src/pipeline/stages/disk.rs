@@ -9,11 +9,12 @@ use super::{
 };
 use crate::boot::{BootEntry, LoaderOptions, esp_tree, systemd_boot_from};
 use crate::bus;
-use crate::cache::{BlobStore, Digest256};
+use crate::digest::Digest256;
 use crate::disk::build::{DiskSpec, PartitionInput, build_disk};
 use crate::disk::gpt::PartitionKind;
 use crate::disk::image::{ImageFormat, ImageOptions};
 use crate::disk::layout::{Filesystem, Size, parse_size};
+use crate::home::BlobStore;
 use crate::pipeline::records::key_part;
 use crate::recipe::schema::{DiskFormat, FilesystemKind, Loader, PartitionType};
 use crate::tree::{Content, Tree};
@@ -206,7 +207,7 @@ fn disk(run: &StageRun<'_>, build: &Artifacts) -> Result<DiskOut, StageError> {
     let tmp_dir = env.home.join("tmp");
     std::fs::create_dir_all(&tmp_dir).map_err(io("creating the cache's tmp dir"))?;
     let tmp = tempfile::Builder::new()
-        .prefix(&format!("{}image-", crate::cache::temp_prefix()))
+        .prefix(&format!("{}image-", crate::home::temp_prefix()))
         .tempdir_in(&tmp_dir)
         .map_err(io("creating a temp dir for the image"))?;
     let path = tmp.path().join("disk");

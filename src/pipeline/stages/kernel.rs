@@ -8,7 +8,7 @@ use super::{
     read_manifest, read_pkg,
 };
 use crate::bus;
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 use crate::kernel::InstalledKernel;
 use crate::kernel::build::{KernelBuildSpec, ROOT_BUILTIN};
 use crate::kernel::initramfs::{self, InitramfsSpec};

@@ -16,7 +16,7 @@
 use super::verify::{VERIFIED, VerifiedBoot, verified_key};
 use super::{Artifacts, Handover, Need, StageEnv, StageError, StageRun, StageWork};
 use crate::bus::{self, CacheStatus, EventTime, ImagePublished, VERSION};
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 use crate::pipeline::records::StageRecords;
 use crate::store::{self, PublishMeta, StoreError, StoreOptions};
 use serde::Serialize;

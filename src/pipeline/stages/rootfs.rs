@@ -7,7 +7,7 @@ use super::{
     mib, open_archive, read_pkg, store_tree,
 };
 use crate::bus;
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 use crate::packages::index::parse_relations;
 use crate::packages::{Archive, Deps, PackageRef};
 use crate::recipe::Loaded;

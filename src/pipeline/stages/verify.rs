@@ -8,7 +8,7 @@ use super::{
     kernel_cmdline, with_ticker,
 };
 use crate::bus;
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 use crate::pipeline::records::key_part;
 use crate::verify::{self, BootImageOptions};
 use serde::{Deserialize, Serialize};

@@ -52,6 +52,7 @@ pub mod registry;
 pub mod sign;
 
 use crate::digest::Digest256;
+use crate::disk::image::ImageFormat;
 use crate::net::redact;
 use layout::OciLayout;
 pub use reference::{Location, Reference, ReferenceError};
@@ -250,36 +251,11 @@ pub struct ImageConfig {
     pub format: String,
 }
 
-/// The format of the disk layer an image carries (its name and media type).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LayerFormat {
-    Qcow2,
-    Raw,
-}
-
-impl LayerFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            LayerFormat::Qcow2 => "qcow2",
-            LayerFormat::Raw => "raw",
-        }
-    }
-    pub fn media_type(self) -> &'static str {
-        match self {
-            LayerFormat::Qcow2 => MEDIA_DISK_QCOW2,
-            LayerFormat::Raw => MEDIA_DISK_RAW,
-        }
-    }
-    /// qcow2 by its magic `QFI\xfb`, else raw.
-    pub fn detect(path: &Path) -> Result<LayerFormat, StoreError> {
-        let mut magic = [0u8; 4];
-        let mut f = File::open(path).map_err(|e| io_err("open", path, e))?;
-        let n = registry::read_full(&mut f, &mut magic).map_err(|e| io_err("read", path, e))?;
-        Ok(if n == 4 && &magic == b"QFI\xfb" {
-            LayerFormat::Qcow2
-        } else {
-            LayerFormat::Raw
-        })
+/// The media type of a disk layer in `format`.
+fn layer_media_type(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Qcow2 => MEDIA_DISK_QCOW2,
+        ImageFormat::Raw => MEDIA_DISK_RAW,
     }
 }
 
@@ -300,7 +276,7 @@ pub struct PublishMeta {
     /// Layer title; default: the image file name.
     pub title: Option<String>,
     /// Format; default: detected from the file.
-    pub format: Option<LayerFormat>,
+    pub format: Option<ImageFormat>,
     /// More manifest annotations (e.g. [`ANN_DEPLOY`]); they cannot replace the ones above.
     pub annotations: BTreeMap<String, String>,
 }
@@ -609,7 +585,10 @@ pub fn publish(
     }
     let format = match meta.format {
         Some(f) => f,
-        None => LayerFormat::detect(image)?,
+        None => {
+            let mut f = File::open(image).map_err(|e| io_err("open", image, e))?;
+            ImageFormat::sniff(&mut f).map_err(|e| io_err("read", image, e))?
+        }
     };
     let target = Target::open(&r, opts, true)?;
     if let Target::Registry { reg, .. } = &target {
@@ -682,7 +661,7 @@ pub fn publish(
             annotations: BTreeMap::new(),
         },
         layers: vec![Descriptor {
-            media_type: format.media_type().into(),
+            media_type: layer_media_type(format).into(),
             digest: layer_digest.clone(),
             size,
             artifact_type: None,

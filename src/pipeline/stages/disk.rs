@@ -251,10 +251,7 @@ fn disk(run: &StageRun<'_>, build: &Artifacts) -> Result<DiskOut, StageError> {
     let (image, _) = blobs.put_file(&path).map_err(io("storing the image"))?;
     Ok(DiskOut {
         image,
-        format: match format {
-            ImageFormat::Raw => "raw".into(),
-            ImageFormat::Qcow2 => "qcow2".into(),
-        },
+        format: format.name().into(),
         disk_size: report.layout.disk_size,
         file_size: report.image.file_size,
     })

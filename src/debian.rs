@@ -303,7 +303,7 @@ pub fn debian_rootfs(
         .lines()
         .filter_map(|l| l.split(':').next().map(str::to_string))
         .collect();
-    let days = spec.epoch.max(0) / 86_400;
+    let days = spec.epoch.max(0) / crate::time::SECS_PER_DAY;
 
     let mut passwd = ensure_newline(passwd);
     let mut shadow = ensure_newline(shadow);

@@ -669,7 +669,7 @@ impl AccessOpts {
             &self.recipes,
             &git,
             &self.allow_env,
-            &crate::cache::kiln_home(),
+            &crate::home::kiln_home(),
         )
         .map_err(BadInput)
     }
@@ -1396,7 +1396,7 @@ fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
         recipe: args.recipe.clone(),
         load: args.opts.load_options(),
         out_dir: args.output.clone(),
-        home: crate::cache::kiln_home(),
+        home: crate::home::kiln_home(),
         verify: !args.no_verify,
         profiles,
         profiles_dir,
@@ -1892,7 +1892,7 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
             "the API listens on {listen}, not only on loopback: anyone who reaches it can read build status (POSTs still need the token); put it behind a firewall or a TLS proxy"
         );
     }
-    let home = crate::cache::kiln_home();
+    let home = crate::home::kiln_home();
     let env = std::env::var("KILN_API_TOKEN").ok();
     let (token, origin) = crate::api::load_token(args.token_file.as_deref(), env, &home)
         .map_err(|e| BadInput(e.to_string()))?;
@@ -2017,7 +2017,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
         )));
         return Ok(EXIT_RECIPE);
     }
-    let source = match crate::source::GitSource::new(&args.repo) {
+    let source = match crate::source::GitMirror::new(&args.repo) {
         Ok(s) => s,
         Err(e) => {
             report_error(&e);
@@ -2027,7 +2027,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
     let url = source.url().to_string();
     let state = args.state.clone().unwrap_or_else(|| {
         state_file_for(
-            &crate::cache::kiln_home().join("watch"),
+            &crate::home::kiln_home().join("watch"),
             &url,
             &args.git_ref,
             &args.recipes,

@@ -7,7 +7,7 @@
 //! cache on [`BaseSpec::key_inputs`] so that one base serves every recipe (and every template
 //! change) that asks for the same suite, variant, components and packages.
 
-use crate::cache::BlobStore;
+use crate::home::BlobStore;
 use crate::packages::{Archive, Deps};
 use crate::rootfs::{Mounts, RootfsError, RootfsSpec};
 use crate::tree::{Content, Entry, EntryKind, Tree, TreeError, TreePath};
@@ -303,7 +303,7 @@ pub fn debian_rootfs(
         .lines()
         .filter_map(|l| l.split(':').next().map(str::to_string))
         .collect();
-    let days = spec.epoch.max(0) / 86_400;
+    let days = spec.epoch.max(0) / crate::time::SECS_PER_DAY;
 
     let mut passwd = ensure_newline(passwd);
     let mut shadow = ensure_newline(shadow);
@@ -429,7 +429,7 @@ pub fn holds_kernel(path: &str) -> bool {
 }
 
 /// The kernel's files of an image tree (`/boot/vmlinuz-*` and the module directories), as a
-/// small Tree that [`crate::kernel::Kernel::from_tree`] reads: the kernel comes from the image's
+/// small Tree that [`crate::kernel::InstalledKernel::from_tree`] reads: the kernel comes from the image's
 /// own packages.
 pub fn kernel_tree(image: &Tree) -> Result<Tree, TreeError> {
     let mut out = Tree::new();
@@ -477,13 +477,13 @@ mod tests {
             suite: "bookworm".into(),
             variant: "minbase".into(),
             components: vec!["main".into()],
-            packages: vec!["linux-image-cloud-amd64".into(), "systemd".into()],
+            packages: vec![DEFAULT_KERNEL_PACKAGE.into(), "systemd".into()],
             mirror: "http://deb.debian.org/debian".into(),
             locale: None,
         };
         let args = spec.mmdebstrap_args();
         assert!(args.contains(&"--variant=minbase".to_string()));
-        assert!(args.contains(&"--include=linux-image-cloud-amd64,systemd".to_string()));
+        assert!(args.contains(&format!("--include={DEFAULT_KERNEL_PACKAGE},systemd")));
         assert_eq!(
             &args[args.len() - 3..],
             ["bookworm", "-", "http://deb.debian.org/debian"]

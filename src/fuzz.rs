@@ -18,12 +18,13 @@ use crate::bus::{
     self, BuildRequest, DeployCompleted, DeployFailed, EventKind, ImagePublished, Message,
     RecordedEvent, StageEvent,
 };
-use crate::cache::{BlobStore, Digest256};
+use crate::digest::Digest256;
+use crate::home::BlobStore;
 use crate::kernel::{cpio, modules};
 use crate::packages::index::{Index, StanzaReader, parse_relations};
 use crate::packages::release::{self, Keyring, Release};
 use crate::packages::{DebLimits, Version, deb};
-use crate::store::{Descriptor, ImageConfig, Manifest, Reference, registry, sign};
+use crate::store::{Descriptor, ImageConfig, OciManifest, Reference, registry, sign};
 use crate::tree::{Content, EntryKind, Tree, TreePath};
 use crate::verify::profile::{self, Profile};
 
@@ -290,10 +291,10 @@ struct OciIndex {
 /// image config and signature payload as JSON; as text, an image reference (which must print
 /// as text that parses to the same reference), a `WWW-Authenticate` challenge and a digest.
 pub fn oci(data: &[u8]) {
-    if let Ok(m) = serde_json::from_slice::<Manifest>(data) {
+    if let Ok(m) = serde_json::from_slice::<OciManifest>(data) {
         let json = serde_json::to_vec(&m)
             .unwrap_or_else(|e| panic!("a parsed manifest does not serialize: {e}"));
-        match serde_json::from_slice::<Manifest>(&json) {
+        match serde_json::from_slice::<OciManifest>(&json) {
             Ok(back) => assert_eq!(back, m, "manifest changed in a round trip"),
             Err(e) => panic!("a manifest does not parse from its own JSON: {e}"),
         }

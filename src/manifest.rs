@@ -3,7 +3,8 @@
 //! output, the disk stage's input), small enough to hash, store and send, while the bytes stay in
 //! the content-addressed store (locally, or in the object store across hosts).
 
-use crate::cache::{BlobStore, Digest256};
+use crate::digest::Digest256;
+use crate::home::BlobStore;
 use crate::tree::{Content, Entry, EntryKind, Tree, TreeError, TreePath};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

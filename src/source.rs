@@ -187,22 +187,22 @@ pub struct Checkout {
 
 /// One repository, mirrored under a kiln home.
 #[derive(Debug, Clone)]
-pub struct GitSource {
+pub struct GitMirror {
     url: String,
     home: PathBuf,
 }
 
-impl GitSource {
+impl GitMirror {
     /// The repository at `url`, cached under `$KILN_HOME`.
     pub fn new(url: &str) -> Result<Self, SourceError> {
-        Self::with_home(url, &crate::cache::kiln_home())
+        Self::with_home(url, &crate::home::kiln_home())
     }
 
     /// The repository at `url`, cached under `home` (instead of `$KILN_HOME`). A local path is
     /// made absolute, so the same repository has one mirror whatever the working directory.
     pub fn with_home(url: &str, home: &Path) -> Result<Self, SourceError> {
         let url = normalize_url(url)?;
-        Ok(GitSource {
+        Ok(GitMirror {
             url,
             home: home.to_path_buf(),
         })
@@ -535,7 +535,7 @@ impl GitSource {
 
 /// Fetch and check out `reference` of `url` under `$KILN_HOME` and locate `recipe` in it.
 pub fn checkout(url: &str, reference: &str, recipe: &str) -> Result<Checkout, SourceError> {
-    GitSource::new(url)?.checkout(reference, recipe)
+    GitMirror::new(url)?.checkout(reference, recipe)
 }
 
 /// Load options for a recipe from `checkout`: the commit, ref and commit time (the
@@ -570,11 +570,11 @@ pub fn load_options_for(checkout: &Checkout, set: Vec<(String, String)>) -> Load
     }
 }
 
-/// Canonical form of a repository URL for allow-lists: normalized like [`GitSource`] does
+/// Canonical form of a repository URL for allow-lists: normalized like [`GitMirror`] does
 /// (local paths absolute), without `file://`, a trailing `/` or `.git`.
 pub fn canonical_repo_url(url: &str, home: &Path) -> Option<String> {
     let url = url.strip_prefix("file://").unwrap_or(url);
-    let normalized = GitSource::with_home(url, home).ok()?.url().to_string();
+    let normalized = GitMirror::with_home(url, home).ok()?.url().to_string();
     let trimmed = normalized.trim_end_matches('/');
     Some(trimmed.strip_suffix(".git").unwrap_or(trimmed).to_string())
 }

@@ -21,7 +21,7 @@
 
 use crate::net::redact;
 use crate::recipe::{self, Diagnostic, GitInfo};
-use crate::source::{Checkout, GitSource, SourceError, load_options_for};
+use crate::source::{Checkout, GitMirror, SourceError, load_options_for};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -75,7 +75,7 @@ pub struct WatchState {
 /// Watches one ref of one repository.
 #[derive(Debug)]
 pub struct Watcher {
-    source: GitSource,
+    source: GitMirror,
     reference: String,
     pattern: glob::Pattern,
     state_file: PathBuf,
@@ -92,7 +92,7 @@ impl Watcher {
         state_file: &Path,
     ) -> Result<Self, WatchError> {
         Self::with_source(
-            GitSource::new(repo_url)?,
+            GitMirror::new(repo_url)?,
             reference,
             recipes_glob,
             state_file,
@@ -101,7 +101,7 @@ impl Watcher {
 
     /// Like [`Watcher::new`] with an explicit source (e.g. another kiln home).
     pub fn with_source(
-        source: GitSource,
+        source: GitMirror,
         reference: &str,
         recipes_glob: &str,
         state_file: &Path,
@@ -296,7 +296,7 @@ impl Watcher {
             Err(d) => {
                 // Key on the message without the checkout's location, which changes per commit.
                 let text = d.to_string().replace(&*checkout.dir.to_string_lossy(), "");
-                let key = format!("error:{}", crate::cache::Digest256::of(text.as_bytes()));
+                let key = format!("error:{}", crate::digest::Digest256::of(text.as_bytes()));
                 trigger.error = Some(d);
                 return (trigger, key);
             }
@@ -323,7 +323,7 @@ impl Watcher {
             path: self.state_file.clone(),
             message: format!("cannot encode: {e}"),
         })?;
-        crate::cache::write_atomic(&self.state_file, &bytes).map_err(|e| WatchError::State {
+        crate::home::write_atomic(&self.state_file, &bytes).map_err(|e| WatchError::State {
             path: self.state_file.clone(),
             message: format!("cannot write: {e}"),
         })?;
@@ -369,6 +369,6 @@ pub fn state_file_for(dir: &Path, url: &str, reference: &str, recipes_glob: &str
     let key = format!("{url}\n{reference}\n{recipes_glob}");
     dir.join(format!(
         "{}.json",
-        crate::cache::Digest256::of(key.as_bytes()).hex()
+        crate::digest::Digest256::of(key.as_bytes()).hex()
     ))
 }

@@ -5,7 +5,8 @@
 //! that every example in docs/messages.md parses and that docs/schemas/ is current.
 
 use kiln::bus::*;
-use kiln::cache::{BlobStore, Digest256};
+use kiln::digest::Digest256;
+use kiln::home::BlobStore;
 use std::io::{BufRead, BufReader, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

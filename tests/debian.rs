@@ -232,8 +232,8 @@ fn tree_matches_the_ext4_in_the_image() {
         .as_str()
         .unwrap()
         .to_string();
-    let blobs = kiln::cache::BlobStore::new(b.home.path());
-    let digest = kiln::cache::Digest256::parse(&manifest_digest).unwrap();
+    let blobs = kiln::home::BlobStore::new(b.home.path());
+    let digest = kiln::digest::Digest256::parse(&manifest_digest).unwrap();
     let manifest: kiln::manifest::Manifest =
         serde_json::from_reader(blobs.open(&digest).unwrap()).unwrap();
     let image = PathBuf::from(b.report["image"].as_str().unwrap());

@@ -12,14 +12,14 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use kiln::kernel::initramfs::{self, InitramfsSpec};
-use kiln::kernel::{Kernel, cpio};
+use kiln::kernel::{InstalledKernel, cpio};
 use kiln::recipe::schema::Compression;
 use kiln::tree::{Content, Entry, EntryKind, Tree, read_content};
 
-fn kernel(flavour: &str) -> Kernel {
+fn kernel(flavour: &str) -> InstalledKernel {
     let tree = common::deb_tree(&common::kernel_package(flavour));
     let start = Instant::now();
-    let k = Kernel::from_tree(&tree).unwrap();
+    let k = InstalledKernel::from_tree(&tree).unwrap();
     eprintln!(
         "{}: indexed {} modules in {:?}",
         k.version,
@@ -33,7 +33,7 @@ fn busybox() -> Tree {
     common::deb_tree("busybox-static")
 }
 
-fn names(k: &Kernel, req: &[&str]) -> Vec<String> {
+fn names(k: &InstalledKernel, req: &[&str]) -> Vec<String> {
     k.closure(req)
         .unwrap()
         .modules
@@ -525,7 +525,7 @@ impl Boot {
 /// Boot `k` with `initrd` and `disk` as virtio-blk until `expect` shows on the serial console
 /// and QEMU exits, or `timeout` passes (then QEMU is killed).
 fn run_qemu(
-    k: &Kernel,
+    k: &InstalledKernel,
     initrd: &[u8],
     disk: &Path,
     append: &str,
@@ -691,7 +691,7 @@ fn usr_lib_modules_and_zstd_modules() {
             _ => tree.add(p, entry.clone()).unwrap(),
         }
     }
-    let k = Kernel::from_tree(&tree).unwrap();
+    let k = InstalledKernel::from_tree(&tree).unwrap();
     assert_eq!(
         k.modules_dir.as_ref().unwrap().as_str(),
         format!("usr/lib/modules/{}", k.version)

@@ -2,7 +2,7 @@
 //! /var/tmp/kiln-test-cache so reruns are fast) and against loopback HTTP servers that misbehave:
 //! a closed port, a tampered InRelease, a tampered .deb, a connection that drops mid-download.
 
-use kiln::cache::BlobStore;
+use kiln::home::BlobStore;
 use kiln::packages::{Archive, ArchiveOptions, Deps, PackagesError, deb};
 use kiln::tree::{EntryKind, Tree, TreePath};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -331,7 +331,7 @@ struct Real {
 fn real_files() -> Real {
     let archive = real();
     let xz = &archive.release().sha256["main/binary-amd64/Packages.xz"];
-    let xz_digest = kiln::cache::Digest256::parse(&format!("sha256:{}", xz.sha256)).unwrap();
+    let xz_digest = kiln::digest::Digest256::parse(&format!("sha256:{}", xz.sha256)).unwrap();
     let store = BlobStore::new(SHARED_CACHE);
     let packages_xz = match std::fs::read(store.path(&xz_digest)) {
         Ok(b) => b,

@@ -228,10 +228,10 @@ fn download_blob(url: &str, digest: &str, dir: &Path) -> PathBuf {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let bus = Bus::connect_url(url).await.unwrap();
-        let blobs = kiln::bus::Blobs::open(&bus, kiln::cache::BlobStore::new(dir))
+        let blobs = kiln::bus::Blobs::open(&bus, kiln::home::BlobStore::new(dir))
             .await
             .unwrap();
-        let d = kiln::cache::Digest256::parse(digest).unwrap();
+        let d = kiln::digest::Digest256::parse(digest).unwrap();
         blobs.get_blob(&d).await.unwrap()
     })
 }

@@ -3,7 +3,7 @@
 //! the watcher turning commits into triggers.
 
 use git2::{Repository, RepositoryInitOptions, Signature, Time};
-use kiln::source::{GitSource, SourceError, load_options_for};
+use kiln::source::{GitMirror, SourceError, load_options_for};
 use kiln::watch::Watcher;
 use std::cell::RefCell;
 use std::fs;
@@ -92,8 +92,8 @@ fn fixture() -> Fixture {
     }
 }
 
-fn source(f: &Fixture) -> GitSource {
-    GitSource::with_home(f.work.to_str().unwrap(), &f.home).unwrap()
+fn source(f: &Fixture) -> GitMirror {
+    GitMirror::with_home(f.work.to_str().unwrap(), &f.home).unwrap()
 }
 
 #[test]
@@ -153,7 +153,7 @@ fn checkout_by_branch_tag_and_commit() {
 
     // file:// URLs work too (their own mirror).
     let url = format!("file://{}", f.work.display());
-    let by_url = GitSource::with_home(&url, &f.home).unwrap();
+    let by_url = GitMirror::with_home(&url, &f.home).unwrap();
     assert_ne!(by_url.mirror_dir(), src.mirror_dir());
     let c = by_url.checkout("v1", "recipes/minimal.yaml").unwrap();
     assert!(c.cloned);
@@ -192,8 +192,8 @@ fn second_checkout_reuses_the_mirror_in_a_directory_of_its_own() {
     // The mirror stays: it is the cache.
     assert!(mirror.join("HEAD").is_file());
     assert_eq!(fs::read_dir(f.home.join("git")).unwrap().count(), 1);
-    // A new GitSource for the same path (given differently) uses the same mirror.
-    let again = GitSource::with_home(&format!("{}/./", f.work.display()), &f.home).unwrap();
+    // A new GitMirror for the same path (given differently) uses the same mirror.
+    let again = GitMirror::with_home(&format!("{}/./", f.work.display()), &f.home).unwrap();
     assert_eq!(again.mirror_dir(), mirror);
 }
 
@@ -255,10 +255,10 @@ fn bad_refs_paths_and_repositories_are_clear_errors() {
     assert!(matches!(e, SourceError::MissingRecipe { .. }), "{e:?}");
 
     let gone = f.work.parent().unwrap().join("no-such-repo");
-    let e = GitSource::with_home(gone.to_str().unwrap(), &f.home).unwrap_err();
+    let e = GitMirror::with_home(gone.to_str().unwrap(), &f.home).unwrap_err();
     assert!(matches!(e, SourceError::NoSuchPath { .. }), "{e:?}");
     let url = format!("file://{}", gone.display());
-    let e = GitSource::with_home(&url, &f.home)
+    let e = GitMirror::with_home(&url, &f.home)
         .unwrap()
         .checkout("main", "recipes/minimal.yaml")
         .unwrap_err();
@@ -267,12 +267,12 @@ fn bad_refs_paths_and_repositories_are_clear_errors() {
     // Nothing half-made is left for the failed clone.
     assert_eq!(fs::read_dir(f.home.join("git")).unwrap().count(), 1);
     // http:// to a closed loopback port: unreachable, not a crash.
-    let e = GitSource::with_home("http://127.0.0.1:9/repo.git", &f.home)
+    let e = GitMirror::with_home("http://127.0.0.1:9/repo.git", &f.home)
         .unwrap()
         .checkout("main", "recipes/minimal.yaml")
         .unwrap_err();
     assert!(matches!(e, SourceError::Unreachable { .. }), "{e:?}");
-    let e = GitSource::with_home("ssh://example.org/repo.git", &f.home).unwrap_err();
+    let e = GitMirror::with_home("ssh://example.org/repo.git", &f.home).unwrap_err();
     assert!(matches!(e, SourceError::UnsupportedScheme { .. }), "{e:?}");
 }
 
@@ -541,7 +541,7 @@ fn serve_git_http(root: PathBuf) -> String {
 fn fetch_over_smart_http() {
     let f = fixture();
     let base = serve_git_http(f.work.parent().unwrap().to_path_buf());
-    let src = GitSource::with_home(&format!("{base}/repo"), &f.home).unwrap();
+    let src = GitMirror::with_home(&format!("{base}/repo"), &f.home).unwrap();
     let c = src.checkout("v1", "recipes/minimal.yaml").unwrap();
     assert!(c.cloned);
     assert_eq!(c.commit, f.c1);
@@ -555,7 +555,7 @@ fn fetch_over_smart_http() {
     assert_eq!(c.commit, c3);
     assert_eq!(fs::read_to_string(&c.recipe_path).unwrap(), "3\n");
     // A path that is no repository: a clear error naming the URL.
-    let e = GitSource::with_home(&format!("{base}/nothing"), &f.home)
+    let e = GitMirror::with_home(&format!("{base}/nothing"), &f.home)
         .unwrap()
         .checkout("main", "x")
         .unwrap_err();
@@ -637,7 +637,7 @@ fn credentials_in_the_url_never_reach_messages() {
     let f = fixture();
     let base = serve_git_http(f.work.parent().unwrap().to_path_buf());
     let with_secret = base.replace("http://", "http://kiln:s3cr3t-token@");
-    let src = GitSource::with_home(&format!("{with_secret}/nothing"), &f.home).unwrap();
+    let src = GitMirror::with_home(&format!("{with_secret}/nothing"), &f.home).unwrap();
     let err = src.checkout("main", "x").unwrap_err();
     let msg = err.to_string();
     eprintln!("{msg}");

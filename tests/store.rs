@@ -2,7 +2,7 @@
 //! started per test on a free loopback port with its storage in a temp dir. `curl` and
 //! `sha256sum` are the second opinion on what the registry holds.
 
-use kiln::cache::Digest256;
+use kiln::digest::Digest256;
 use kiln::store::registry::Credentials;
 use kiln::store::{
     self, PublishMeta, SignatureCheck, StoreError, StoreOptions, load_signing_key,
@@ -926,7 +926,7 @@ fn fake_image(layer: &Digest256, size: u64) -> (Vec<u8>, Vec<u8>, Digest256) {
         artifact_type: None,
         annotations: Default::default(),
     };
-    let manifest = store::Manifest {
+    let manifest = store::OciManifest {
         schema_version: 2,
         media_type: Some(store::registry::OCI_MANIFEST.into()),
         artifact_type: Some(store::ARTIFACT_DISK.into()),

@@ -30,6 +30,7 @@ use crate::bus::{
     VERSION, subjects,
 };
 use crate::store::{self, Reference, StoreError, StoreOptions, VerifyingKey};
+use crate::task::blocking;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use state::{AgentState, HealthSpec, VmRecord};
@@ -225,7 +226,7 @@ fn pull_reference(msg: &ImagePublished) -> String {
     let base = msg.reference.split('@').next().unwrap_or(&msg.reference);
     match Reference::parse(base) {
         Ok(r) if matches!(r.location, store::Location::Registry { .. }) => {
-            match crate::cache::Digest256::parse(&msg.digest) {
+            match crate::digest::Digest256::parse(&msg.digest) {
                 Some(d) => Reference { tag: None, ..r }.with_digest(&d),
                 None => base.to_string(),
             }
@@ -375,7 +376,7 @@ fn deploy(
     };
     match vm::wait_healthy(&new, started) {
         Ok(boot) => {
-            new.since = crate::bus::messages::format_rfc3339_ms(now_ms());
+            new.since = crate::time::rfc3339(now_ms() as i64, crate::time::Precision::Millis);
             let seconds = received.elapsed().as_secs_f64();
             let old = state.current.replace(new.clone());
             // The new VM takes new connections before the old one goes away.
@@ -501,7 +502,7 @@ fn recover(
     .map_err(|e| e.to_string())
     .and_then(|mut new| match vm::wait_healthy(&new, started) {
         Ok(_) => {
-            new.since = crate::bus::messages::format_rfc3339_ms(now_ms());
+            new.since = crate::time::rfc3339(now_ms() as i64, crate::time::Precision::Millis);
             Ok(new)
         }
         Err(why) => {
@@ -573,12 +574,10 @@ async fn announce(bus: &Bus, outcome: &Deployed, report: &Report) {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
-) -> Result<T, AgentError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AgentError::Config(format!("agent task failed: {e}")))?
+impl From<tokio::task::JoinError> for AgentError {
+    fn from(e: tokio::task::JoinError) -> AgentError {
+        AgentError::Config(format!("agent task failed: {e}"))
+    }
 }
 
 /// Run the agent until `shutdown` completes. VMs keep running after it returns.
@@ -609,7 +608,7 @@ pub async fn run(
     let (st, outcome) = {
         let config = config.clone();
         let backend = backend.clone();
-        blocking(move || {
+        blocking::<_, AgentError>(move || {
             let mut st = state;
             let o = recover(&config, &mut st, &backend)?;
             Ok((st, o))
@@ -664,7 +663,7 @@ pub async fn run(
         let (st, outcome) = {
             let config = config.clone();
             let backend = backend.clone();
-            blocking(move || {
+            blocking::<_, AgentError>(move || {
                 let mut st = state;
                 let o = deploy(&config, &trust, &mut st, &msg, received, &backend)?;
                 // Deployed or rolled back: `deploy` marked the digest handled. Refused without

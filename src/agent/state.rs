@@ -107,7 +107,7 @@ impl AgentState {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        crate::cache::write_atomic(&path, &bytes).map_err(|source| AgentError::Io {
+        crate::home::write_atomic(&path, &bytes).map_err(|source| AgentError::Io {
             what: "write the agent state",
             path,
             source,

@@ -15,7 +15,7 @@
 
 use super::ApiError;
 use crate::bus::{Bus, new_build_id};
-use crate::source::{GitSource, SourceError};
+use crate::source::{GitMirror, SourceError};
 use crate::watch::{WatchError, Watcher, state_file_for};
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
@@ -212,7 +212,7 @@ impl HookConfig {
             wanted.is_some() && crate::source::canonical_repo_url(r, &self.home) == wanted
         });
         match found {
-            Some(r) => GitSource::with_home(r, &self.home)
+            Some(r) => GitMirror::with_home(r, &self.home)
                 .map(|s| s.url().to_string())
                 .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())),
             None if self.repos.is_empty() => Err(ApiError::new(
@@ -280,7 +280,7 @@ pub fn run(
     bus: &Bus,
     runtime: &tokio::runtime::Handle,
 ) -> Result<Outcome, ApiError> {
-    let source = GitSource::with_home(url, &config.home).map_err(WatchError::from)?;
+    let source = GitMirror::with_home(url, &config.home).map_err(WatchError::from)?;
     // Build a commit only as what the payload says it is: a commit on the ref it names.
     if let Some(commit) = &push.commit
         && !source

@@ -7,10 +7,11 @@
 //! file is replaced rather than used.
 
 use super::{Bus, BusError, nats_err};
-use crate::cache::{BlobStore, Digest256};
+use crate::digest::{Digest256, hash_file};
+use crate::home::BlobStore;
+use crate::task::blocking;
 use async_nats::jetstream::{kv, object_store, stream};
 use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -83,30 +84,20 @@ pub(crate) async fn ensure_object_store(bus: &Bus) -> Result<object_store::Objec
     )))
 }
 
-/// sha256 of a file, streamed.
-fn hash_file(path: &Path) -> Result<Digest256, BlobError> {
+/// sha256 of the file at `path`, streamed.
+fn hash_path(path: &Path) -> Result<Digest256, BlobError> {
     let mut f = std::fs::File::open(path).map_err(io_err("open", path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io_err("read", path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(Digest256::from_sha256(&h.finalize()))
+    let (digest, _len) = hash_file(&mut f).map_err(io_err("read", path))?;
+    Ok(digest)
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
-) -> Result<T, BlobError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
+impl From<tokio::task::JoinError> for BlobError {
+    fn from(e: tokio::task::JoinError) -> BlobError {
         BlobError::Bus(BusError::Nats {
             what: "run a blocking file task".into(),
             message: e.to_string(),
         })
-    })?
+    }
 }
 
 /// The blob bucket with a local store in front of it.
@@ -231,7 +222,7 @@ impl Blobs {
                 return Ok(dest);
             }
             let d = dest.clone();
-            let actual = blocking(move || hash_file(&d)).await?;
+            let actual = blocking(move || hash_path(&d)).await?;
             if &actual == digest {
                 if let Some(s) = before {
                     self.seen().verified.insert(digest.clone(), s);
@@ -262,8 +253,7 @@ impl Blobs {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(io_err("create", &dir))?;
-        let tmp =
-            crate::cache::temp_file_in(&dir).map_err(io_err("create a temp file in", &dir))?;
+        let tmp = crate::home::temp_file_in(&dir).map_err(io_err("create a temp file in", &dir))?;
         let (std_file, tmp_path) = tmp.into_parts();
         let mut file = tokio::fs::File::from_std(std_file);
         let mut hasher = Sha256::new();

@@ -80,25 +80,10 @@ impl EventTime {
     pub fn now() -> EventTime {
         let ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
+            .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        EventTime::Rfc3339(format_rfc3339_ms(ms))
+        EventTime::Rfc3339(crate::time::rfc3339(ms, crate::time::Precision::Millis))
     }
-}
-
-/// Format Unix milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-pub fn format_rfc3339_ms(unix_ms: u64) -> String {
-    let secs = unix_ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (year, month, day) = crate::time::civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        unix_ms % 1000
-    )
 }
 
 /// A new build id: `<UTC time>-<8 random hex digits>`, e.g. `20261126T022407Z-9f3a01c2`. Sorts
@@ -107,12 +92,7 @@ pub fn new_build_id() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let stamp = format_rfc3339_ms(now.as_millis() as u64);
-    // 2026-11-26T02:24:07.123Z -> 20261126T022407Z
-    let compact: String = stamp[..19]
-        .chars()
-        .filter(|c| *c != '-' && *c != ':')
-        .collect();
+    let stamp = crate::time::basic_stamp(now.as_millis() as i64);
     let mut random = [0u8; 4];
     let got = std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random));
@@ -121,7 +101,7 @@ pub fn new_build_id() -> String {
         let mix = now.subsec_nanos() ^ std::process::id().rotate_left(16);
         random = mix.to_le_bytes();
     }
-    format!("{compact}Z-{}", hex::encode(random))
+    format!("{stamp}-{}", hex::encode(random))
 }
 
 /// Where the recipe of a build comes from. Exactly one of `path`, `inline` (with `name`) or
@@ -870,16 +850,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rfc3339_formatting() {
-        assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            format_rfc3339_ms(951_782_400_123),
-            "2000-02-29T00:00:00.123Z"
-        );
-        assert_eq!(
-            format_rfc3339_ms(1_795_919_047_000),
-            "2026-11-29T02:24:07.000Z"
-        );
+    fn build_ids_are_tokens() {
         let id = new_build_id();
         assert!(subjects::is_clean_token(&id), "{id}");
         assert_eq!(id.len(), "20261126T022407Z-9f3a01c2".len(), "{id}");

@@ -251,7 +251,10 @@ pub fn status_document(
 pub fn time_text(t: &EventTime) -> String {
     match t {
         EventTime::Rfc3339(s) => s.clone(),
-        EventTime::UnixMs(ms) => super::messages::format_rfc3339_ms(*ms),
+        EventTime::UnixMs(ms) => crate::time::rfc3339(
+            i64::try_from(*ms).unwrap_or(i64::MAX),
+            crate::time::Precision::Millis,
+        ),
     }
 }
 

@@ -8,7 +8,7 @@
 //!
 //! Work happens in three steps. [`prepare`] turns the Tree into inodes (numbers in Tree path
 //! order, directory entries, xattr areas, the data ranges of sparse files); it does not depend on
-//! the partition size. `layout` picks the geometry for a size and allocates every block
+//! the partition size. `plan_blocks` picks the geometry for a size and allocates every block
 //! sequentially. The writer then emits group metadata and data in disk order, skipping blocks that
 //! are all zeros (the sink reads unwritten bytes as zeros). Same Tree + same seed => same bytes.
 //!
@@ -111,7 +111,7 @@ pub fn write_ext4(
     opts: &Ext4Options,
 ) -> Result<Ext4Report, Ext4Error> {
     let prep = prepare(tree, opts.epoch)?;
-    let lay = match layout(&prep, size) {
+    let lay = match plan_blocks(&prep, size) {
         Ok(lay) => lay,
         Err(Ext4Error::TooSmall { .. }) => {
             return Err(Ext4Error::TooSmall {
@@ -141,7 +141,7 @@ fn min_size(prep: &Prepared) -> Result<u64, Ext4Error> {
     const MIB: u64 = 1 << 20;
     let mut mib: u64 = 2;
     loop {
-        match layout(prep, mib * MIB) {
+        match plan_blocks(prep, mib * MIB) {
             Ok(_) => return Ok(mib * MIB),
             Err(Ext4Error::TooSmall { needed, .. }) => {
                 mib = (mib + 1).max(needed.div_ceil(MIB));
@@ -1012,7 +1012,8 @@ fn place(
     Ok(p)
 }
 
-struct Layout {
+/// Where one size's filesystem puts everything: geometry, journal, each node's blocks.
+struct BlockPlan {
     geo: Geometry,
     journal: Placed,
     /// Parallel to `Prepared::nodes`.
@@ -1020,7 +1021,7 @@ struct Layout {
     runs: Vec<(u64, u64)>,
 }
 
-fn layout(prep: &Prepared, size: u64) -> Result<Layout, Ext4Error> {
+fn plan_blocks(prep: &Prepared, size: u64) -> Result<BlockPlan, Ext4Error> {
     let geo = Geometry::new(size, prep.max_ino)?;
     let mut alloc = Alloc::new(&geo);
     let journal = place(&mut alloc, &[(0, geo.journal_blocks)], false, "<journal>")?;
@@ -1043,7 +1044,7 @@ fn layout(prep: &Prepared, size: u64) -> Result<Layout, Ext4Error> {
         });
     }
     let runs = alloc.runs;
-    Ok(Layout {
+    Ok(BlockPlan {
         geo,
         journal,
         placed,
@@ -1111,7 +1112,7 @@ impl<'o> Seq<'o> {
 
 struct Image<'p> {
     prep: &'p Prepared<'p>,
-    lay: &'p Layout,
+    lay: &'p BlockPlan,
     csum_seed: u32,
     sb: Vec<u8>,
     gdt: Vec<u8>,
@@ -1119,7 +1120,7 @@ struct Image<'p> {
 }
 
 impl<'p> Image<'p> {
-    fn new(prep: &'p Prepared<'p>, lay: &'p Layout, opts: &Ext4Options) -> Self {
+    fn new(prep: &'p Prepared<'p>, lay: &'p BlockPlan, opts: &Ext4Options) -> Self {
         let uuid = derive_id(&opts.seed, "ext4-uuid");
         let hash_seed = derive_id(&opts.seed, "ext4-hash-seed");
         let csum_seed = crc(!0, &uuid);

@@ -828,38 +828,21 @@ struct DosStamp {
     tenths: u8,
 }
 
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 impl DosStamp {
     /// The DOS form of `epoch`, clamped to 1980-01-01 00:00:00 ..= 2107-12-31 23:59:59.
     fn from_epoch(epoch: i64) -> DosStamp {
-        let min = days_from_civil(1980, 1, 1) * 86_400;
-        let max = days_from_civil(2107, 12, 31) * 86_400 + 86_399;
-        let t = epoch.clamp(min, max);
-        let (y, m, d) = civil_from_days(t.div_euclid(86_400));
-        let secs = t.rem_euclid(86_400);
-        let (h, min, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+        use crate::time::{Civil, SECS_PER_DAY, days_from_civil};
+        let min = days_from_civil(1980, 1, 1) * SECS_PER_DAY;
+        let max = days_from_civil(2107, 12, 31) * SECS_PER_DAY + SECS_PER_DAY - 1;
+        let Civil {
+            year: y,
+            month: m,
+            day: d,
+            hour: h,
+            minute: min,
+            second: s,
+            ..
+        } = Civil::from_epoch(epoch.clamp(min, max));
         DosStamp {
             date: (((y - 1980) << 9) | (m << 5) | d) as u16,
             time: ((h << 11) | (min << 5) | (s / 2)) as u16,

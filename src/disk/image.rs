@@ -36,6 +36,36 @@ pub enum ImageFormat {
     Qcow2,
 }
 
+impl ImageFormat {
+    /// `raw` or `qcow2`, as recipes, build outputs, OCI media types and QEMU's `format=` name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    /// The format of an existing image from its first bytes: qcow2 when they are the qcow2 magic
+    /// `QFI\xfb`, else raw. Reads at most four bytes.
+    pub fn sniff(reader: &mut dyn io::Read) -> io::Result<ImageFormat> {
+        let mut magic = [0u8; 4];
+        let mut got = 0;
+        while got < magic.len() {
+            match reader.read(&mut magic[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(if got == 4 && magic == QCOW2_MAGIC.to_be_bytes() {
+            ImageFormat::Qcow2
+        } else {
+            ImageFormat::Raw
+        })
+    }
+}
+
 /// How to write a disk image.
 #[derive(Debug, Clone)]
 pub struct ImageOptions {

@@ -17,7 +17,8 @@ use thiserror::Error;
 
 use super::config::{self, Config, ConfigError, Dropped};
 use crate::bounded::LimitReader;
-use crate::cache::{Digest256, write_atomic};
+use crate::digest::Digest256;
+use crate::home::write_atomic;
 use crate::packages::deb::{ArReader, MAX_UNDECLARED_DATA, decompressor};
 use crate::recipe::schema::KernelBase;
 
@@ -130,7 +131,7 @@ fn io_at(
 
 /// What to build.
 #[derive(Debug, Clone)]
-pub struct BuildRequest {
+pub struct KernelBuildSpec {
     /// `$KILN_HOME`.
     pub home: PathBuf,
     /// The verified `linux-source-*` `.deb`.
@@ -251,7 +252,7 @@ impl Dirs {
 }
 
 /// Build (or find) the kernel `req` describes.
-pub fn build(req: &BuildRequest) -> Result<BuiltKernel, KernelBuildError> {
+pub fn build(req: &KernelBuildSpec) -> Result<BuiltKernel, KernelBuildError> {
     let fragment = Config::parse(&req.fragment_name, &req.fragment)?;
     let toolchain = check_build_tools()?;
     let dirs = Dirs::new(&req.home)?;
@@ -381,7 +382,7 @@ fn base_name(base: KernelBase) -> &'static str {
     }
 }
 
-fn build_key(req: &BuildRequest, merged: &str, toolchain: &str) -> Digest256 {
+fn build_key(req: &KernelBuildSpec, merged: &str, toolchain: &str) -> Digest256 {
     let mut h = Sha256::new();
     for (label, value) in [
         ("format", FORMAT),
@@ -490,16 +491,16 @@ pub fn build_timestamp(epoch: i64) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let days = epoch.div_euclid(86_400);
-    let (y, m, d) = crate::time::civil_from_days(days);
-    let rem = epoch.rem_euclid(86_400);
+    let c = crate::time::Civil::from_epoch(epoch);
     format!(
-        "{} {} {d:>2} {:02}:{:02}:{:02} UTC {y}",
-        DAYS[(days + 4).rem_euclid(7) as usize],
-        MONTHS[(m - 1).clamp(0, 11) as usize],
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "{} {} {:>2} {:02}:{:02}:{:02} UTC {}",
+        DAYS[c.weekday as usize],
+        MONTHS[(c.month - 1).clamp(0, 11) as usize],
+        c.day,
+        c.hour,
+        c.minute,
+        c.second,
+        c.year
     )
 }
 
@@ -630,7 +631,7 @@ fn unpack_source(dirs: &Dirs, deb: &Path, digest: &Digest256) -> Result<PathBuf,
 fn base_config(
     dirs: &Dirs,
     srctree: &Path,
-    req: &BuildRequest,
+    req: &KernelBuildSpec,
     toolchain: &str,
 ) -> Result<Config, KernelBuildError> {
     let mut h = Sha256::new();
@@ -697,7 +698,7 @@ mod tests {
 
     #[test]
     fn the_key_covers_source_config_toolchain_and_time() {
-        let req = BuildRequest {
+        let req = KernelBuildSpec {
             home: PathBuf::from("/nonexistent"),
             source_deb: PathBuf::from("/nonexistent.deb"),
             source_digest: Digest256::of(b"source"),

@@ -9,7 +9,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::cpio::{self, CpioError};
-use super::{Closure, Kernel, KernelError, ROOT_DISK_MODULES};
+use super::{Closure, InstalledKernel, KernelError, ROOT_DISK_MODULES};
 use crate::recipe::schema::Compression;
 use crate::tree::{Content, Entry, EntryKind, Tree, TreeError, TreePath};
 
@@ -71,7 +71,7 @@ pub enum InitramfsError {
 /// Everything an initramfs is made from.
 #[derive(Debug, Clone)]
 pub struct InitramfsSpec<'a> {
-    pub kernel: &'a Kernel,
+    pub kernel: &'a InstalledKernel,
     /// The unpacked busybox-static package (`/bin/busybox`).
     pub busybox: &'a Tree,
     /// Modules to load (names or aliases); empty means [`ROOT_DISK_MODULES`]. Built-in ones
@@ -94,7 +94,11 @@ pub struct InitramfsSpec<'a> {
 
 impl<'a> InitramfsSpec<'a> {
     /// Defaults: root disk modules, ext4, 30 s timeout, 10 s failure delay, zstd, epoch 0, default template.
-    pub fn new(kernel: &'a Kernel, busybox: &'a Tree, root_partuuid: impl Into<String>) -> Self {
+    pub fn new(
+        kernel: &'a InstalledKernel,
+        busybox: &'a Tree,
+        root_partuuid: impl Into<String>,
+    ) -> Self {
         InitramfsSpec {
             kernel,
             busybox,

@@ -24,7 +24,8 @@ pub const ROOT_DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "ext4", "cr
 pub enum KernelError {
     #[error(
         "no kernel in the tree: expected /boot/vmlinuz-<version> (is the kernel package, e.g. \
-         linux-image-cloud-amd64, in the recipe?)"
+         {}, in the recipe?)",
+        crate::debian::DEFAULT_KERNEL_PACKAGE
     )]
     NoKernel,
     #[error("several kernels in the tree ({versions}); name the one to boot")]
@@ -58,9 +59,9 @@ pub enum KernelError {
     Module(#[from] ModuleError),
 }
 
-/// A kernel found in a Tree.
+/// A kernel installed in a Tree: its version, image and modules.
 #[derive(Debug, Clone)]
-pub struct Kernel {
+pub struct InstalledKernel {
     /// e.g. `6.1.0-56-cloud-amd64`.
     pub version: String,
     pub vmlinuz: Content,
@@ -85,14 +86,17 @@ impl Closure {
     }
 }
 
-impl Kernel {
+impl InstalledKernel {
     /// The only kernel in the tree.
-    pub fn from_tree(tree: &Tree) -> Result<Kernel, KernelError> {
+    pub fn from_tree(tree: &Tree) -> Result<InstalledKernel, KernelError> {
         Self::from_tree_version(tree, None)
     }
 
     /// The kernel `version` (or the only one when `None`).
-    pub fn from_tree_version(tree: &Tree, version: Option<&str>) -> Result<Kernel, KernelError> {
+    pub fn from_tree_version(
+        tree: &Tree,
+        version: Option<&str>,
+    ) -> Result<InstalledKernel, KernelError> {
         let boot = TreePath::new("boot").map_err(|_| KernelError::NoKernel)?;
         let versions: Vec<String> = tree
             .children(&boot)
@@ -178,7 +182,7 @@ impl Kernel {
                 }
             }
         }
-        Ok(Kernel {
+        Ok(InstalledKernel {
             version,
             vmlinuz,
             modules_dir,
@@ -234,14 +238,14 @@ impl Kernel {
         Ok(walk.out)
     }
 
-    /// [`Kernel::closure`] of [`ROOT_DISK_MODULES`].
+    /// [`InstalledKernel::closure`] of [`ROOT_DISK_MODULES`].
     pub fn root_disk_closure(&self) -> Result<Closure, KernelError> {
         self.closure(ROOT_DISK_MODULES)
     }
 }
 
 struct Walk<'a> {
-    kernel: &'a Kernel,
+    kernel: &'a InstalledKernel,
     done: BTreeSet<String>,
     active: BTreeSet<String>,
     out: Closure,
@@ -348,7 +352,7 @@ mod tests {
 
     #[test]
     fn closure_orders_dependencies_first_and_survives_soft_cycles() {
-        let k = Kernel::from_tree(&sample("9.9.9-test")).unwrap();
+        let k = InstalledKernel::from_tree(&sample("9.9.9-test")).unwrap();
         assert_eq!(k.version, "9.9.9-test");
         assert_eq!(read_content(&k.vmlinuz).unwrap(), b"bzImage");
         let c = k.closure(&["a", "ext4", "e-x"]).unwrap();
@@ -368,7 +372,7 @@ mod tests {
     #[test]
     fn finds_exactly_one_kernel_or_says_why() {
         assert!(matches!(
-            Kernel::from_tree(&Tree::new()),
+            InstalledKernel::from_tree(&Tree::new()),
             Err(KernelError::NoKernel)
         ));
         let mut two = sample("1.0");
@@ -377,14 +381,14 @@ mod tests {
             Entry::file(Content::inline(vec![1]), 0o644),
         )
         .unwrap();
-        let err = Kernel::from_tree(&two).unwrap_err().to_string();
+        let err = InstalledKernel::from_tree(&two).unwrap_err().to_string();
         assert_eq!(
             err,
             "several kernels in the tree (1.0, 2.0); name the one to boot"
         );
-        let k = Kernel::from_tree_version(&two, Some("2.0")).unwrap();
+        let k = InstalledKernel::from_tree_version(&two, Some("2.0")).unwrap();
         assert!(k.modules_dir.is_none() && k.index.modules.is_empty());
-        let err = Kernel::from_tree_version(&two, Some("3.0"))
+        let err = InstalledKernel::from_tree_version(&two, Some("3.0"))
             .unwrap_err()
             .to_string();
         assert_eq!(err, "kernel 3.0 not in the tree; found: 1.0, 2.0");

@@ -9,7 +9,7 @@
 //! [`DebError::TooLarge`]; nothing of the package reaches the caller's tree.
 
 use crate::bounded::LimitReader;
-use crate::cache::BlobStore;
+use crate::home::BlobStore;
 use crate::tree::{EntryKind, Tree, TreeError, TreePath};
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -6,7 +6,8 @@
 //! (inside tokio, use `spawn_blocking`).
 
 use super::PackagesError;
-use crate::cache::{BlobStore, Digest256, hash_file};
+use crate::digest::{Digest256, hash_file};
+use crate::home::BlobStore;
 use crate::net::redact;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};

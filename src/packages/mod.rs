@@ -36,7 +36,8 @@ pub use release::{Keyring, Release};
 pub use resolve::{Deps, ResolveError};
 pub use version::Version;
 
-use crate::cache::{BlobStore, Digest256, kiln_home, write_atomic};
+use crate::digest::Digest256;
+use crate::home::{BlobStore, kiln_home, write_atomic};
 use crate::net::redact;
 use std::fs;
 use std::io::{self, BufReader, Read};

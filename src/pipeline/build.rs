@@ -10,7 +10,8 @@ use super::stages::{
     run_one,
 };
 use crate::bus::{self, CacheStatus};
-use crate::cache::{BlobStore, Digest256, write_atomic};
+use crate::digest::Digest256;
+use crate::home::{BlobStore, write_atomic};
 use crate::packages::ArchiveOptions;
 use crate::recipe::LoadOptions;
 use crate::tree::Content;

@@ -17,7 +17,7 @@ use crate::bus::{
     self, BlobError, Blobs, BuildRequest, Bus, BusError, ConnectOptions, ErrorInfo, ErrorKind,
     PrivateServer, RecipeSource, RetryPolicy, ServerError, StageEvent,
 };
-use crate::cache::BlobStore;
+use crate::home::BlobStore;
 use futures::StreamExt;
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -128,7 +128,7 @@ pub fn caller_access(req: &BuildRequest) -> Result<RecipeAccess, StageError> {
         .filter_map(|(k, _)| k.into_string().ok())
         .filter(|k| !is_forbidden_env(k))
         .collect();
-    RecipeAccess::new(&roots, &[], &env, &crate::cache::kiln_home()).map_err(|message| {
+    RecipeAccess::new(&roots, &[], &env, &crate::home::kiln_home()).map_err(|message| {
         StageError::Io {
             what: message,
             source: std::io::Error::from(std::io::ErrorKind::NotFound),

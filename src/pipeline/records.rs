@@ -4,7 +4,8 @@
 //! live in the blob store. Workers on NATS also keep them in a shared KV bucket (see
 //! `pipeline::worker`); a private bus keeps what it hands over in memory ([`MemoryRecords`]).
 
-use crate::cache::{Digest256, write_atomic};
+use crate::digest::Digest256;
+use crate::home::write_atomic;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};

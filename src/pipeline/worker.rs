@@ -22,9 +22,10 @@ use crate::bus::{
     ErrorKind, EventTime, Outcome, RetryPolicy, StageCompleted, StageEvent, StageFailed,
     StageOutputs, StageProgress, StageStarted, VERSION,
 };
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 use crate::packages::ArchiveOptions;
 use crate::recipe::Diagnostic;
+use crate::task::blocking;
 use serde_json::{Value, json};
 use std::future::Future;
 use std::path::PathBuf;
@@ -61,7 +62,7 @@ impl WorkerConfig {
     /// `<hostname>/<pid>`.
     pub fn from_env() -> Self {
         WorkerConfig {
-            home: crate::cache::kiln_home(),
+            home: crate::home::kiln_home(),
             archive: ArchiveOptions::from_env(),
             profiles_dir: None,
             name: default_worker_name(),
@@ -306,7 +307,8 @@ async fn record_state(
 async fn check_state(ctx: &Arc<Ctx>, prev: &Previous) -> Result<(), Failure> {
     let key = prev.digest.clone();
     let c = ctx.clone();
-    let record = blocking(move || Ok(c.handoff_records().get(STATE_RECORD, &key))).await?;
+    let record =
+        blocking(move || Ok::<_, Failure>(c.handoff_records().get(STATE_RECORD, &key))).await?;
     let agrees = record.as_ref().is_some_and(|r| {
         r["build"].as_str() == Some(prev.build.as_str())
             && r["stage"].as_str() == Some(prev.stage.name())
@@ -346,7 +348,7 @@ pub async fn run_workers(
 ) -> Result<(), WorkerError> {
     bus.ensure_kiln_stream().await?;
     // What a killed worker left half-written (an image, a blob) must not pile up or be used.
-    match crate::cache::sweep_stale_temp(&config.home) {
+    match crate::home::sweep_stale_temp(&config.home) {
         Ok(removed) if !removed.is_empty() => tracing::info!(
             "removed {} temp file(s) that stopped kiln processes left in {}",
             removed.len(),
@@ -695,13 +697,8 @@ fn assigned_id(d: &Delivery) -> String {
 /// The id the source stage gives a request without one, from the request's publication time
 /// (Unix milliseconds) and stream sequence.
 pub fn assigned_build_id(published_ms: u64, sequence: u64) -> String {
-    let stamp = bus::messages::format_rfc3339_ms(published_ms);
-    let compact: String = stamp
-        .chars()
-        .take(19)
-        .filter(|c| *c != '-' && *c != ':')
-        .collect();
-    format!("{compact}Z-{sequence:08x}")
+    let stamp = crate::time::basic_stamp(i64::try_from(published_ms).unwrap_or(i64::MAX));
+    format!("{stamp}-{sequence:08x}")
 }
 
 type StageResult = (Handover, Value, CacheStatus);
@@ -731,7 +728,7 @@ async fn run(
         let ran =
             run_one(&env, records.as_ref(), stage, &mut h, &sink).map_err(|e| stage_failure(&e))?;
         h.mirror_requests += env.requests();
-        Ok((h, ran))
+        Ok::<_, Failure>((h, ran))
     })
     .await?;
     if !ctx.config.local_blobs {
@@ -803,12 +800,10 @@ async fn files_of(ctx: &Arc<Ctx>, need: &Need) -> Result<Vec<Digest256>, Failure
     blocking(move || need.files(&blobs).map_err(|e| stage_failure(&e))).await
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
-) -> Result<T, Failure> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Failure::Retry(ErrorInfo::new(ErrorKind::Internal, &e.to_string())))?
+impl From<tokio::task::JoinError> for Failure {
+    fn from(e: tokio::task::JoinError) -> Failure {
+        Failure::Retry(ErrorInfo::new(ErrorKind::Internal, &e.to_string()))
+    }
 }
 
 #[cfg(test)]

@@ -96,7 +96,10 @@ fn check_kernel(recipe: &Recipe, out: &mut Vec<Problem>) {
         out.push(problem(
             "kernel",
             "the recipe names no kernel",
-            "set `kernel.package` (e.g. linux-image-cloud-amd64) or `kernel.build`",
+            format!(
+                "set `kernel.package` (e.g. {}) or `kernel.build`",
+                crate::debian::DEFAULT_KERNEL_PACKAGE
+            ),
         ));
     }
     if let Some(build) = &k.build
@@ -773,7 +776,10 @@ fn check_line_fields(recipe: &Recipe, out: &mut Vec<Problem>) {
             "kernel package",
             p,
             bad_package,
-            "name a Debian kernel package, e.g. linux-image-cloud-amd64",
+            &format!(
+                "name a Debian kernel package, e.g. {}",
+                crate::debian::DEFAULT_KERNEL_PACKAGE
+            ),
         );
     }
     for (i, p) in recipe.disk.partitions.iter().enumerate() {

@@ -4,7 +4,8 @@
 //! signature manifest under the ref name `sha256-<hex>.sig` like in a registry.
 
 use super::{Descriptor, StoreError};
-use crate::cache::{Digest256, write_atomic};
+use crate::digest::Digest256;
+use crate::home::write_atomic;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 /// An image layout directory.
-pub struct Layout {
+pub struct OciLayout {
     dir: PathBuf,
 }
 
@@ -37,11 +38,11 @@ fn io_err(what: &str, path: &Path, source: io::Error) -> StoreError {
     }
 }
 
-impl Layout {
+impl OciLayout {
     /// Open a layout; with `create`, make the directory and its `oci-layout`/`index.json` if
     /// missing.
-    pub fn open(dir: &Path, create: bool) -> Result<Layout, StoreError> {
-        let layout = Layout {
+    pub fn open(dir: &Path, create: bool) -> Result<OciLayout, StoreError> {
+        let layout = OciLayout {
             dir: dir.to_path_buf(),
         };
         let marker = dir.join("oci-layout");

@@ -51,9 +51,10 @@ pub mod reference;
 pub mod registry;
 pub mod sign;
 
-use crate::cache::Digest256;
+use crate::digest::Digest256;
+use crate::disk::image::ImageFormat;
 use crate::net::redact;
-use layout::Layout;
+use layout::OciLayout;
 pub use reference::{Location, Reference, ReferenceError};
 use registry::{Credentials, FetchedManifest, OCI_MANIFEST, Registry};
 use sha2::{Digest, Sha256};
@@ -227,7 +228,7 @@ pub struct Descriptor {
 /// An OCI image manifest (the fields kiln writes and reads).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Manifest {
+pub struct OciManifest {
     pub schema_version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
@@ -250,36 +251,11 @@ pub struct ImageConfig {
     pub format: String,
 }
 
-/// Disk file format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskFormat {
-    Qcow2,
-    Raw,
-}
-
-impl DiskFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            DiskFormat::Qcow2 => "qcow2",
-            DiskFormat::Raw => "raw",
-        }
-    }
-    pub fn media_type(self) -> &'static str {
-        match self {
-            DiskFormat::Qcow2 => MEDIA_DISK_QCOW2,
-            DiskFormat::Raw => MEDIA_DISK_RAW,
-        }
-    }
-    /// qcow2 by its magic `QFI\xfb`, else raw.
-    pub fn detect(path: &Path) -> Result<DiskFormat, StoreError> {
-        let mut magic = [0u8; 4];
-        let mut f = File::open(path).map_err(|e| io_err("open", path, e))?;
-        let n = registry::read_full(&mut f, &mut magic).map_err(|e| io_err("read", path, e))?;
-        Ok(if n == 4 && &magic == b"QFI\xfb" {
-            DiskFormat::Qcow2
-        } else {
-            DiskFormat::Raw
-        })
+/// The media type of a disk layer in `format`.
+fn layer_media_type(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Qcow2 => MEDIA_DISK_QCOW2,
+        ImageFormat::Raw => MEDIA_DISK_RAW,
     }
 }
 
@@ -300,7 +276,7 @@ pub struct PublishMeta {
     /// Layer title; default: the image file name.
     pub title: Option<String>,
     /// Format; default: detected from the file.
-    pub format: Option<DiskFormat>,
+    pub format: Option<ImageFormat>,
     /// More manifest annotations (e.g. [`ANN_DEPLOY`]); they cannot replace the ones above.
     pub annotations: BTreeMap<String, String>,
 }
@@ -398,19 +374,6 @@ fn io_err(what: &str, path: &Path, source: io::Error) -> StoreError {
     }
 }
 
-/// RFC 3339 UTC time of a Unix epoch second (days-to-civil conversion, proleptic Gregorian).
-pub fn rfc3339(epoch: u64) -> String {
-    let days = (epoch / 86_400) as i64;
-    let secs = epoch % 86_400;
-    let (year, month, day) = crate::time::civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
 /// The tag a signature is stored under: `sha256-<hex>.sig`.
 pub fn signature_tag(manifest: &Digest256) -> String {
     format!("sha256-{}.sig", manifest.hex())
@@ -425,7 +388,7 @@ fn is_signature_tag(tag: &str) -> bool {
 /// A registry repository or a layout directory.
 enum Target {
     Registry { reg: Registry, repo: String },
-    Layout(Layout),
+    Layout(OciLayout),
 }
 
 impl Target {
@@ -440,7 +403,7 @@ impl Target {
                 )?,
                 repo: repository.clone(),
             },
-            Location::Layout { dir } => Target::Layout(Layout::open(dir, create)?),
+            Location::Layout { dir } => Target::Layout(OciLayout::open(dir, create)?),
         })
     }
 
@@ -578,23 +541,6 @@ struct Fetched {
     announced: Option<u64>,
 }
 
-/// Hash a file in one streaming pass.
-fn hash_file(path: &Path) -> Result<(Digest256, u64), StoreError> {
-    let mut f = File::open(path).map_err(|e| io_err("open", path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = registry::read_full(&mut f, &mut buf).map_err(|e| io_err("read", path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((Digest256::from_sha256(&hasher.finalize()), total))
-}
-
 fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Usage {
         what: "serialize JSON".into(),
@@ -639,13 +585,19 @@ pub fn publish(
     }
     let format = match meta.format {
         Some(f) => f,
-        None => DiskFormat::detect(image)?,
+        None => {
+            let mut f = File::open(image).map_err(|e| io_err("open", image, e))?;
+            ImageFormat::sniff(&mut f).map_err(|e| io_err("read", image, e))?
+        }
     };
     let target = Target::open(&r, opts, true)?;
     if let Target::Registry { reg, .. } = &target {
         reg.ping()?;
     }
-    let (layer_digest, size) = hash_file(image)?;
+    let (layer_digest, size) = {
+        let mut f = File::open(image).map_err(|e| io_err("open", image, e))?;
+        crate::digest::hash_file(&mut f).map_err(|e| io_err("read", image, e))?
+    };
     let uploaded = match target.blob_exists(&layer_digest)? {
         Some(_) => 0,
         None => {
@@ -674,7 +626,12 @@ pub fn publish(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| format!("disk.{}", format.name()))
     });
-    let created = rfc3339(meta.source_date_epoch);
+    let created = crate::time::rfc3339(
+        i64::try_from(meta.source_date_epoch)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000),
+        crate::time::Precision::Seconds,
+    );
     let mut annotations = BTreeMap::from([
         (ANN_CREATED.to_string(), created.clone()),
         (ANN_TITLE.to_string(), title.clone()),
@@ -692,7 +649,7 @@ pub fn publish(
     for (k, v) in &meta.annotations {
         annotations.entry(k.clone()).or_insert_with(|| v.clone());
     }
-    let manifest = Manifest {
+    let manifest = OciManifest {
         schema_version: 2,
         media_type: Some(OCI_MANIFEST.into()),
         artifact_type: Some(ARTIFACT_DISK.into()),
@@ -704,7 +661,7 @@ pub fn publish(
             annotations: BTreeMap::new(),
         },
         layers: vec![Descriptor {
-            media_type: format.media_type().into(),
+            media_type: layer_media_type(format).into(),
             digest: layer_digest.clone(),
             size,
             artifact_type: None,
@@ -770,7 +727,7 @@ fn signature_manifest(
     let signature = sign::sign(key, &payload);
     let payload_digest = target.put_small_blob(&payload)?;
     let empty = target.put_small_blob(b"{}")?;
-    let m = Manifest {
+    let m = OciManifest {
         schema_version: 2,
         media_type: Some(OCI_MANIFEST.into()),
         artifact_type: Some(ARTIFACT_SIGNATURE.into()),
@@ -812,7 +769,7 @@ fn fetch_manifest(
     target: &Target,
     r: &Reference,
     reference: &str,
-) -> Result<(Vec<u8>, Digest256, Manifest), StoreError> {
+) -> Result<(Vec<u8>, Digest256, OciManifest), StoreError> {
     let FetchedManifest {
         bytes,
         digest: claimed,
@@ -837,7 +794,7 @@ fn fetch_manifest(
             actual: digest,
         });
     }
-    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| StoreError::Malformed {
+    let m: OciManifest = serde_json::from_slice(&bytes).map_err(|e| StoreError::Malformed {
         what: format!("manifest {reference}"),
         reference: r.to_string(),
         reason: e.to_string(),
@@ -860,7 +817,7 @@ fn find_signatures(
     target: &Target,
     r: &Reference,
     digest: &Digest256,
-) -> Result<Vec<Manifest>, StoreError> {
+) -> Result<Vec<OciManifest>, StoreError> {
     let mut refs: Vec<String> = Vec::new();
     if let Target::Registry { reg, repo } = target
         && let Some(list) = reg.referrers(repo, digest, ARTIFACT_SIGNATURE)?
@@ -1337,7 +1294,7 @@ pub fn images(target: &str, opts: &StoreOptions) -> Result<Vec<ImageInfo>, Store
                 continue;
             };
             let digest = Digest256::of(&bytes);
-            let m: Option<Manifest> = serde_json::from_slice(&bytes).ok();
+            let m: Option<OciManifest> = serde_json::from_slice(&bytes).ok();
             let layer = m.as_ref().and_then(|m| match m.layers.as_slice() {
                 [l] if l.media_type == MEDIA_DISK_QCOW2 || l.media_type == MEDIA_DISK_RAW => {
                     Some(l.clone())
@@ -1365,14 +1322,6 @@ pub fn images(target: &str, opts: &StoreOptions) -> Result<Vec<ImageInfo>, Store
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_matches_known_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
-    }
 
     #[test]
     fn signature_tags() {

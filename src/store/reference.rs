@@ -1,7 +1,7 @@
 //! Image references: `host[:port]/path/name[:tag][@sha256:<hex>]` for a registry and
 //! `oci:/path/to/dir[:tag]` for an OCI image layout directory. Parsing only, no I/O.
 
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 
 /// Where an image lives.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 //! user and password, if any, as basic auth) and resends with `Authorization: Bearer <token>`.
 
 use super::StoreError;
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 use crate::net::redact;
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};

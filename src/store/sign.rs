@@ -8,7 +8,7 @@
 //! manifest digest; the verifier checks the signature over those bytes with a trusted key, then
 //! that the payload names the manifest it actually fetched.
 
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
 pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use ed25519_dalek::{Signer, pkcs8::spki::der::pem::LineEnding};

@@ -112,7 +112,7 @@ fn record_path(qemu: &Path) -> Option<PathBuf> {
     h.update(release.trim().as_bytes());
     let key = hex::encode(&h.finalize()[..16]);
     Some(
-        crate::cache::kiln_home()
+        crate::home::kiln_home()
             .join("accel")
             .join(format!("{key}.json")),
     )
@@ -140,7 +140,7 @@ fn write_record(path: &Path, answer: &AccelProbe) {
         "took_ms": answer.took.as_millis() as u64,
     });
     if let Ok(bytes) = serde_json::to_vec_pretty(&v)
-        && let Err(e) = crate::cache::write_atomic(path, &bytes)
+        && let Err(e) = crate::home::write_atomic(path, &bytes)
     {
         tracing::debug!("cannot record the KVM probe in {}: {e}", path.display());
     }

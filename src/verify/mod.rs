@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 pub use accel::{Accel, AccelProbe};
 pub use profile::{AccelChoice, BootMethod, Profile, ProfileDir};
-pub use qemu::DiskFormat;
 
 use qemu::QemuProcess;
 use serial::{Event, SerialWatcher, TAIL_LINES};
@@ -461,7 +460,7 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
     let qemu = qemu::find_qemu()?;
     let (accel, accel_detail) = choose_accel(spec, &qemu)?;
     let disk = match &spec.image {
-        Some(image) => Some((image.as_path(), DiskFormat::detect(image)?)),
+        Some(image) => Some((image.as_path(), qemu::drive_format(image)?)),
         None => None,
     };
     let scratch = tempfile::Builder::new()

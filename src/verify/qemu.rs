@@ -4,7 +4,7 @@
 //! daemonized, long-running one for the agents (see `crate::agent`).
 
 use std::ffi::OsString;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::accel::Accel;
 use super::profile::{BootMethod, Profile};
 use super::{BootSpec, VerifyError};
+use crate::disk::image::ImageFormat;
 
 /// The QEMU binary kiln runs (override with `$KILN_QEMU`).
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -44,44 +45,15 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// A disk image's format, from its first bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DiskFormat {
-    Raw,
-    Qcow2,
-}
-
-impl DiskFormat {
-    pub fn qemu_name(self) -> &'static str {
-        match self {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        }
-    }
-
-    /// `qcow2` if the file starts with the qcow2 magic `QFI\xfb`, else `raw`.
-    pub fn detect(path: &Path) -> Result<DiskFormat, VerifyError> {
-        let io_err = |source| VerifyError::Io {
-            what: "reading the disk image header",
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut file = std::fs::File::open(path).map_err(io_err)?;
-        let mut magic = [0u8; 4];
-        let mut got = 0;
-        while got < magic.len() {
-            let n = file.read(&mut magic[got..]).map_err(io_err)?;
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
-        Ok(if got == 4 && magic == *b"QFI\xfb" {
-            DiskFormat::Qcow2
-        } else {
-            DiskFormat::Raw
-        })
-    }
+/// The format of the disk image at `path` for QEMU's `-drive format=`, from its first bytes.
+pub fn drive_format(path: &Path) -> Result<ImageFormat, VerifyError> {
+    let io_err = |source| VerifyError::Io {
+        what: "reading the disk image header",
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io_err)?;
+    ImageFormat::sniff(&mut file).map_err(io_err)
 }
 
 /// A `-drive` option value: commas in file names are doubled.
@@ -96,7 +68,7 @@ pub(crate) fn qemu_args(
     spec: &BootSpec,
     accel: Accel,
     vars: Option<&Path>,
-    disk: Option<(&Path, DiskFormat)>,
+    disk: Option<(&Path, ImageFormat)>,
 ) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
@@ -153,7 +125,7 @@ pub(crate) fn qemu_args(
             format!(
                 "file={},format={},if=virtio,snapshot=on",
                 drive_file(path),
-                format.qemu_name()
+                format.name()
             )
             .into(),
         );
@@ -400,9 +372,9 @@ mod tests {
         std::fs::write(&r, [0u8; 512]).unwrap();
         let e = dir.path().join("empty");
         std::fs::write(&e, b"").unwrap();
-        assert_eq!(DiskFormat::detect(&q).unwrap(), DiskFormat::Qcow2);
-        assert_eq!(DiskFormat::detect(&r).unwrap(), DiskFormat::Raw);
-        assert_eq!(DiskFormat::detect(&e).unwrap(), DiskFormat::Raw);
+        assert_eq!(drive_format(&q).unwrap(), ImageFormat::Qcow2);
+        assert_eq!(drive_format(&r).unwrap(), ImageFormat::Raw);
+        assert_eq!(drive_format(&e).unwrap(), ImageFormat::Raw);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use kiln::cache::BlobStore;
+use kiln::home::BlobStore;
 use kiln::tree::Tree;
 
 /// The project's root (the recipes, templates and profiles tests use).

@@ -9,11 +9,12 @@ use super::{
 };
 use crate::boot::{BootEntry, LoaderOptions, esp_tree, systemd_boot_from};
 use crate::bus;
-use crate::cache::{BlobStore, Digest256};
+use crate::digest::Digest256;
 use crate::disk::build::{DiskSpec, PartitionInput, build_disk};
 use crate::disk::gpt::PartitionKind;
 use crate::disk::image::{ImageFormat, ImageOptions};
 use crate::disk::layout::{Filesystem, Size, parse_size};
+use crate::home::BlobStore;
 use crate::pipeline::records::key_part;
 use crate::recipe::schema::{DiskFormat, FilesystemKind, Loader, PartitionType};
 use crate::tree::{Content, Tree};
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::time::Duration;
 
-pub struct Disk;
+pub struct DiskStage;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskOut {
@@ -56,7 +57,7 @@ struct DiskKey<'a> {
     vmlinuz: &'a Digest256,
 }
 
-impl StageWork for Disk {
+impl StageWork for DiskStage {
     const STAGE: bus::Stage = bus::Stage::Disk;
     type Output = DiskStageOut;
 
@@ -206,7 +207,7 @@ fn disk(run: &StageRun<'_>, build: &Artifacts) -> Result<DiskOut, StageError> {
     let tmp_dir = env.home.join("tmp");
     std::fs::create_dir_all(&tmp_dir).map_err(io("creating the cache's tmp dir"))?;
     let tmp = tempfile::Builder::new()
-        .prefix(&format!("{}image-", crate::cache::temp_prefix()))
+        .prefix(&format!("{}image-", crate::home::temp_prefix()))
         .tempdir_in(&tmp_dir)
         .map_err(io("creating a temp dir for the image"))?;
     let path = tmp.path().join("disk");
@@ -250,10 +251,7 @@ fn disk(run: &StageRun<'_>, build: &Artifacts) -> Result<DiskOut, StageError> {
     let (image, _) = blobs.put_file(&path).map_err(io("storing the image"))?;
     Ok(DiskOut {
         image,
-        format: match format {
-            ImageFormat::Raw => "raw".into(),
-            ImageFormat::Qcow2 => "qcow2".into(),
-        },
+        format: format.name().into(),
         disk_size: report.layout.disk_size,
         file_size: report.image.file_size,
     })

@@ -8,9 +8,9 @@ use super::{
     read_manifest, read_pkg,
 };
 use crate::bus;
-use crate::cache::Digest256;
-use crate::kernel::Kernel;
-use crate::kernel::build::{BuildRequest, ROOT_BUILTIN};
+use crate::digest::Digest256;
+use crate::kernel::InstalledKernel;
+use crate::kernel::build::{KernelBuildSpec, ROOT_BUILTIN};
 use crate::kernel::initramfs::{self, InitramfsSpec};
 use crate::manifest::from_manifest;
 use crate::recipe::schema::Compression;
@@ -167,7 +167,7 @@ fn packaged_kernel(env: &StageEnv, build: &Artifacts) -> Result<KernelOut, Stage
         None => read_pkg(env, &build.loaded, &pk.kernel)?,
     };
     let busybox = read_pkg(env, &build.loaded, &pk.busybox)?;
-    let kernel = Kernel::from_tree(&kernel_tree)?;
+    let kernel = InstalledKernel::from_tree(&kernel_tree)?;
     let ids = Partitions::of(&build.loaded);
     let mut spec = InitramfsSpec::new(&kernel, &busybox, ids.root.to_string());
     spec.modules = recipe.initramfs.modules.clone();
@@ -218,7 +218,7 @@ fn built_kernel(env: &StageEnv, build: &Artifacts) -> Result<KernelOut, StageErr
             "kernel.build without its fragment's text (reload the recipe)".into(),
         )
     })?;
-    let request = BuildRequest {
+    let request = KernelBuildSpec {
         home: env.home.clone(),
         source_deb: deb_path(env, loaded, &pk.kernel)?,
         source_digest: pk.kernel.sha256.clone(),

@@ -18,8 +18,9 @@ pub mod verify;
 use super::access::{AccessError, RecipeAccess};
 use super::records::{StageRecords, stage_key};
 use crate::bus::{self, BuildRequest, CacheStatus, ImagePublished};
-use crate::cache::{BlobStore, Digest256};
+use crate::digest::Digest256;
 use crate::disk::derive_id;
+use crate::home::BlobStore;
 use crate::manifest::{Manifest, from_manifest, to_manifest};
 use crate::packages::{Archive, ArchiveOptions, PackageRef, read_into_tree};
 use crate::recipe::Loaded;
@@ -81,13 +82,13 @@ fn entry_of<S: StageWork>() -> Entry {
 /// The one place a stage name meets its code.
 fn entry(stage: bus::Stage) -> Entry {
     match stage {
-        bus::Stage::Source => entry_of::<source::Source>(),
-        bus::Stage::Render => entry_of::<render::Render>(),
-        bus::Stage::Rootfs => entry_of::<rootfs::Rootfs>(),
+        bus::Stage::Source => entry_of::<source::SourceStage>(),
+        bus::Stage::Render => entry_of::<render::RenderStage>(),
+        bus::Stage::Rootfs => entry_of::<rootfs::RootfsStage>(),
         bus::Stage::Kernel => entry_of::<kernel::KernelStage>(),
-        bus::Stage::Disk => entry_of::<disk::Disk>(),
-        bus::Stage::Verify => entry_of::<verify::Verify>(),
-        bus::Stage::Publish => entry_of::<publish::Publish>(),
+        bus::Stage::Disk => entry_of::<disk::DiskStage>(),
+        bus::Stage::Verify => entry_of::<verify::VerifyStage>(),
+        bus::Stage::Publish => entry_of::<publish::PublishStage>(),
     }
 }
 

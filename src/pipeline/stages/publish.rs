@@ -16,7 +16,7 @@
 use super::verify::{VERIFIED, VerifiedBoot, verified_key};
 use super::{Artifacts, Handover, Need, StageEnv, StageError, StageRun, StageWork};
 use crate::bus::{self, CacheStatus, EventTime, ImagePublished, VERSION};
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 use crate::pipeline::records::StageRecords;
 use crate::store::{self, PublishMeta, StoreError, StoreOptions};
 use serde::Serialize;
@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-pub struct Publish;
+pub struct PublishStage;
 
 /// Where a worker publishes verified images.
 #[derive(Debug, Clone)]
@@ -64,7 +64,7 @@ pub struct Pushed {
     pub message: Box<ImagePublished>,
 }
 
-impl StageWork for Publish {
+impl StageWork for PublishStage {
     const STAGE: bus::Stage = bus::Stage::Publish;
     type Output = PublishOut;
 

@@ -9,7 +9,7 @@ use crate::recipe::schema::RootfsBase;
 use crate::recipe::{LoadOptions, Loaded};
 use serde::Serialize;
 
-pub struct Render;
+pub struct RenderStage;
 
 /// What the render stage made: the recipe's inputs digest and name.
 #[derive(Debug, Clone, Serialize)]
@@ -21,7 +21,7 @@ pub struct RenderOut {
     loaded: Option<Box<Loaded>>,
 }
 
-impl StageWork for Render {
+impl StageWork for RenderStage {
     const STAGE: bus::Stage = bus::Stage::Render;
     type Output = RenderOut;
 
@@ -95,7 +95,7 @@ fn load(run: &StageRun<'_>, h: &Handover) -> Result<Loaded, StageError> {
         RecipeSource::Git { git } => {
             access.check_git(&git.url, &env.home).map_err(refused)?;
             let commit = h.commit.clone().ok_or(StageError::Missing("source"))?;
-            let checkout = crate::source::GitSource::with_home(&git.url, &env.home)
+            let checkout = crate::source::GitMirror::with_home(&git.url, &env.home)
                 .and_then(|s| s.checkout(&commit, &git.path))
                 .map_err(StageError::Source)?;
             let mut opts = crate::source::load_options_for(&checkout, set);

@@ -7,13 +7,14 @@ use super::{
     mib, open_archive, read_pkg, store_tree,
 };
 use crate::bus;
-use crate::cache::Digest256;
+use crate::digest::Digest256;
+use crate::packages::index::parse_relations;
 use crate::packages::{Archive, Deps, PackageRef};
 use crate::recipe::Loaded;
 use crate::rootfs::RootfsSpec;
 use serde::{Deserialize, Serialize};
 
-pub struct Rootfs;
+pub struct RootfsStage;
 
 /// The packages a build uses, chosen from one signed release.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,7 +88,7 @@ struct RootfsKey<'a> {
     root: String,
 }
 
-impl StageWork for Rootfs {
+impl StageWork for RootfsStage {
     const STAGE: bus::Stage = bus::Stage::Rootfs;
     type Output = RootfsStageOut;
 
@@ -302,15 +303,12 @@ fn versioned_package(archive: &Archive, name: &str) -> Result<PackageRef, StageE
             .versions_of(&current.name)
             .find(|(_, e)| e.version_str() == current.version)
             .and_then(|(_, e)| {
-                e.depends()
-                    .split(',')
-                    .map(|d| {
-                        d.trim()
-                            .split([' ', '(', '|'])
-                            .next()
-                            .unwrap_or("")
-                            .to_string()
-                    })
+                // The first alternative of each `Depends` group.
+                parse_relations(e.depends())
+                    .ok()?
+                    .into_iter()
+                    .filter_map(|group| group.into_iter().next())
+                    .map(|r| r.name)
                     .find(|d| d.starts_with(prefix) && d != &current.name)
             });
         match next {
@@ -345,7 +343,7 @@ mod tests {
     #[test]
     fn versioned_kernel_names() {
         assert!(looks_versioned("linux-image-6.1.0-26-cloud-amd64"));
-        assert!(!looks_versioned("linux-image-cloud-amd64"));
+        assert!(!looks_versioned(crate::debian::DEFAULT_KERNEL_PACKAGE));
         assert!(looks_versioned("linux-source-6.1"));
         assert!(!looks_versioned("linux-source"));
     }
@@ -360,12 +358,12 @@ mod tests {
         let typed = PackagesKey {
             arch: "amd64",
             components: &components,
-            kernel: "linux-image-cloud-amd64",
+            kernel: crate::debian::DEFAULT_KERNEL_PACKAGE,
             mirror: "http://deb.debian.org/debian",
             release: &d,
         };
         let old = json!({
-            "release": d, "kernel": "linux-image-cloud-amd64",
+            "release": d, "kernel": crate::debian::DEFAULT_KERNEL_PACKAGE,
             "mirror": "http://deb.debian.org/debian", "arch": "amd64", "components": ["main"],
         });
         assert_eq!(

@@ -7,7 +7,7 @@ use crate::bus::{self, BuildRequest, RecipeSource};
 use serde::Serialize;
 use std::path::PathBuf;
 
-pub struct Source;
+pub struct SourceStage;
 
 /// Where the recipe came from.
 #[derive(Debug, Clone, Serialize)]
@@ -18,7 +18,7 @@ pub enum SourceOut {
     Git { commit: String, time: i64 },
 }
 
-impl StageWork for Source {
+impl StageWork for SourceStage {
     const STAGE: bus::Stage = bus::Stage::Source;
     type Output = SourceOut;
 
@@ -37,7 +37,7 @@ impl StageWork for Source {
             },
             RecipeSource::Git { git } => {
                 env.access.check_git(&git.url, &env.home).map_err(refused)?;
-                let checkout = crate::source::GitSource::with_home(&git.url, &env.home)
+                let checkout = crate::source::GitMirror::with_home(&git.url, &env.home)
                     .and_then(|s| s.checkout(&git.git_ref, &git.path))
                     .map_err(StageError::Source)?;
                 SourceOut::Git {

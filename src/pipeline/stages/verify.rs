@@ -8,14 +8,14 @@ use super::{
     kernel_cmdline, with_ticker,
 };
 use crate::bus;
-use crate::cache::Digest256;
+use crate::digest::Digest256;
 use crate::pipeline::records::key_part;
 use crate::verify::{self, BootImageOptions};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub struct Verify;
+pub struct VerifyStage;
 
 /// What a boot proved (recorded by image digest, profile and marker).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,7 +98,7 @@ pub struct VerifiedBoot {
     pub boot: Digest256,
 }
 
-impl StageWork for Verify {
+impl StageWork for VerifyStage {
     const STAGE: bus::Stage = bus::Stage::Verify;
     type Output = VerifyOut;
 

@@ -1,7 +1,8 @@
-//! kiln's local cache: `$KILN_HOME` (default `~/.cache/kiln`) and its content-addressed blob
-//! store. Blobs are written to a temp file, hashed while streaming, and renamed to
+//! kiln's home directory: `$KILN_HOME` (default `~/.cache/kiln`), its content-addressed blob
+//! store, atomic writes and the temp files behind them. Blobs are written to a temp file, hashed while streaming, and renamed to
 //! `blobs/sha256/<hex>` only when complete, so a crash never leaves a partial blob under a digest.
 
+use crate::digest::{Digest256, hash_file};
 use crate::tree::Content;
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
@@ -20,48 +21,6 @@ pub fn kiln_home() -> PathBuf {
         return PathBuf::from(home).join(".cache").join("kiln");
     }
     PathBuf::from("/var/tmp/kiln")
-}
-
-/// A `sha256:<hex>` content digest.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(transparent)]
-pub struct Digest256(String);
-
-impl Digest256 {
-    /// Parse `sha256:<64 hex>`.
-    pub fn parse(text: &str) -> Option<Self> {
-        let hex = text.strip_prefix("sha256:")?;
-        (hex.len() == 64
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| Digest256(text.to_string()))
-    }
-
-    pub fn from_sha256(hash: &[u8]) -> Self {
-        Digest256(format!("sha256:{}", hex::encode(hash)))
-    }
-
-    /// Digest of a byte slice.
-    pub fn of(bytes: &[u8]) -> Self {
-        Self::from_sha256(&Sha256::digest(bytes))
-    }
-
-    pub fn hex(&self) -> &str {
-        &self.0["sha256:".len()..]
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for Digest256 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
 }
 
 /// Content-addressed files under `<root>/blobs/sha256/`.
@@ -201,25 +160,6 @@ impl BlobStore {
     pub fn open(&self, digest: &Digest256) -> io::Result<File> {
         File::open(self.path(digest))
     }
-}
-
-/// SHA256 and length of a whole file.
-pub fn hash_file(file: &mut File) -> io::Result<(Digest256, u64)> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((Digest256::from_sha256(&hasher.finalize()), len))
 }
 
 /// Write `bytes` to `path` atomically (temp file in the same directory, fsync, rename), as an

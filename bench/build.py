@@ -464,7 +464,7 @@ def report(a, r, std_steps, cold_stages, warm_stages, boots, rep):
         print(f"    kiln boot, accel tcg (no probe)  {b[f'{prof}-kiln-noprobe']:6.2f} s"
               f"{'':24}overhead {b[f'{prof}-kiln-noprobe-outside'] - bare_out:+6.2f} s   goal < 0.3 s")
         print(f"    ratio kiln (no probe) / bare     {b[f'{prof}-kiln-noprobe'] / b[f'{prof}-bare']:6.2f}")
-    print(f"  KVM probe (once per kiln process; KVM hangs here, so it runs to its 4 s timeout): {probe:.2f} s")
+    print(f"  KVM probe (once per kiln process and KILN_HOME; on a host where KVM hangs guests it ends 0.5 s after the test guest stalls): {probe:.2f} s")
     print("  (no flag or env var skips it for `kiln boot`/`kiln build`; a profile with accel = \"tcg\" does)")
 
 if __name__ == "__main__":

@@ -269,6 +269,23 @@ impl Bus {
         &self.client
     }
 
+    /// Drain the connection (subscriptions end, what was published is flushed) and wait, at most
+    /// two seconds, until the client has closed it.
+    pub async fn close(&self) {
+        if let Err(e) = self.client.drain().await {
+            tracing::debug!("draining the NATS connection: {e}");
+            return;
+        }
+        // Once the connection is closed, commands fail at once: a flush that fails says so.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(200), self.client.flush()).await {
+                Ok(Err(_)) => return,
+                Ok(Ok(())) | Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
     }

@@ -251,6 +251,11 @@ pub async fn build_over_bus(
         }
     }
     let report = deliver(opts, &local, &state, started)?;
-    drop(server);
+    if let Some(server) = server {
+        // Close the connection before the server goes, so the client does not warn about a
+        // server it can no longer reach.
+        bus.close().await;
+        drop(server);
+    }
     Ok((id.clone(), report))
 }

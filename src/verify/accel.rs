@@ -5,9 +5,10 @@
 //! which every kernel does. So the probe, after the cheap checks (open `/dev/kvm`,
 //! `KVM_GET_API_VERSION`, `KVM_CREATE_VM`), starts QEMU under KVM with a 64 KiB test firmware that
 //! prints `R` in real mode, switches to 32-bit protected mode, prints `P` and writes to QEMU's
-//! `isa-debug-exit` port, so QEMU exits with status 3. Anything else within [`PROBE_TIMEOUT`] means
-//! KVM cannot run guests here, and the answer says which step failed. The result is cached per
-//! process and QEMU binary, and on disk per host boot (see `record_path`).
+//! `isa-debug-exit` port, so QEMU exits with status 3. Anything else within [`PROBE_TIMEOUT`] (or
+//! within [`PROTECTED_MODE_GRACE`] of the `R`) means KVM cannot run guests here, and the answer
+//! says which step failed. The result is cached per process and QEMU binary, and on disk per host
+//! boot (see `record_path`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,6 +23,10 @@ use super::qemu::QemuProcess;
 
 /// How long the test guest may take under KVM (it needs milliseconds when KVM works).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// How long the test guest may take from real mode (its `R`) to its exit: microseconds of guest
+/// code, so this is all slack for a loaded host.
+pub const PROTECTED_MODE_GRACE: Duration = Duration::from_millis(500);
 
 /// The accelerator QEMU runs the guest with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -236,8 +241,7 @@ fn kvm_guest_check(qemu: &Path) -> Result<String, String> {
     .stderr(err);
     let mut process =
         QemuProcess::spawn(cmd).map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
-    let status = process
-        .wait_timeout(PROBE_TIMEOUT)
+    let status = wait_for_guest(&mut process, &out_path)
         .map_err(|e| format!("waiting for the probe QEMU: {e}"))?;
     let serial = std::fs::read(&out_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
@@ -268,10 +272,35 @@ fn kvm_guest_check(qemu: &Path) -> Result<String, String> {
                 "it printed nothing"
             };
             Err(format!(
-                "a test guest under KVM did not finish within {} s: {stage}",
-                PROBE_TIMEOUT.as_secs()
+                "a test guest under KVM did not finish within {} ms: {stage}",
+                process.age().as_millis()
             ))
         }
+    }
+}
+
+/// Wait for the probe QEMU to exit, at most [`PROBE_TIMEOUT`] — or, once the guest has printed
+/// `R` (real mode ran), at most [`PROTECTED_MODE_GRACE`] more for it to finish: the switch to
+/// protected mode is a handful of instructions, so a guest still silent after that is hung there
+/// (the signature of hosts where KVM cannot run kernels), and the probe need not wait out the rest.
+/// `None`: it did not exit in time (the caller kills it).
+fn wait_for_guest(
+    process: &mut QemuProcess,
+    serial: &Path,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    let mut real_mode_at: Option<Instant> = None;
+    loop {
+        if let Some(status) = process.try_wait()? {
+            return Ok(Some(status));
+        }
+        if real_mode_at.is_none() && std::fs::read(serial).is_ok_and(|out| out.contains(&b'R')) {
+            real_mode_at = Some(Instant::now());
+        }
+        let hung = real_mode_at.is_some_and(|at| at.elapsed() >= PROTECTED_MODE_GRACE);
+        if hung || process.age() >= PROBE_TIMEOUT {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

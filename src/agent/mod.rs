@@ -53,7 +53,7 @@ pub enum AgentError {
     Key(#[from] store::KeyError),
     #[error(transparent)]
     Verify(#[from] crate::verify::VerifyError),
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -284,7 +284,10 @@ fn deploy(
                 msg,
                 &default_app,
                 kind,
-                format!("refused {pull_ref}, nothing was booted: {e}"),
+                format!(
+                    "refused {pull_ref}, nothing was booted: {}",
+                    crate::error::Chain(&e)
+                ),
                 state,
                 false,
             ));
@@ -367,7 +370,11 @@ fn deploy(
                 msg,
                 &application,
                 ErrorKind::Internal,
-                format!("could not start a VM for {}: {e}", msg.reference),
+                format!(
+                    "could not start a VM for {}: {}",
+                    msg.reference,
+                    crate::error::Chain(&e)
+                ),
                 state,
                 true,
             ));
@@ -498,7 +505,7 @@ fn recover(
         &config.profile,
         &req,
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| crate::error::chain_text(&e))
     .and_then(|mut new| match vm::wait_healthy(&new, started) {
         Ok(_) => {
             new.since = crate::bus::messages::format_rfc3339_ms(now_ms());
@@ -566,7 +573,10 @@ async fn announce(bus: &Bus, outcome: &Deployed, report: &Report) {
         }
     };
     if let Err(e) = r {
-        tracing::warn!("cannot publish the deploy result: {e}");
+        tracing::warn!(
+            "cannot publish the deploy result: {}",
+            crate::error::Chain(&e)
+        );
     }
     if let Ok(v) = v {
         report(&v);
@@ -644,7 +654,11 @@ pub async fn run(
         let msg: ImagePublished = match crate::bus::decode(&m.payload) {
             Ok(v) => v,
             Err(e) => {
-                tracing::warn!("ignoring a message on {}: {e}", m.subject);
+                tracing::warn!(
+                    "ignoring a message on {}: {}",
+                    m.subject,
+                    crate::error::Chain(&e)
+                );
                 continue;
             }
         };

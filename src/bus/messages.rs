@@ -19,7 +19,7 @@ pub const VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     /// Not JSON, a wrong type, or a missing required field (serde names the field).
-    #[error("invalid {what} message: {source}")]
+    #[error("invalid {what} message")]
     Json {
         what: &'static str,
         #[source]
@@ -479,7 +479,7 @@ impl ErrorInfo {
         let chain = error_chain(e);
         let mut info = ErrorInfo::new(kind, &chain.join(": "));
         if chain.len() > 1 {
-            info.detail = Some(chain.join("\ncaused by: "));
+            info.detail = Some(chain.join("\n  caused by: "));
         }
         info
     }
@@ -495,19 +495,9 @@ impl ErrorInfo {
     }
 }
 
-/// An error's message and those of its causes, each said once: a cause whose text the error
-/// before it already shows is left out.
+/// An error's message and those of its causes, each said once ([`crate::error::chain`]).
 pub fn error_chain(e: &dyn std::error::Error) -> Vec<String> {
-    let mut out: Vec<String> = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.last().is_some_and(|last| last.contains(&text)) && !text.is_empty() {
-            out.push(text);
-        }
-        source = s.source();
-    }
-    out
+    crate::error::chain(e)
 }
 
 /// `kiln.build.<id>.<stage>.started`
@@ -897,20 +887,20 @@ mod tests {
             }
         );
         let e = decode::<BuildRequest>(br#"{"v":1,"recipe":{"path":"r"}}"#).unwrap_err();
-        assert!(e.to_string().contains("requester"), "{e}");
+        assert!(crate::error::chain_text(&e).contains("requester"), "{e}");
         let e = decode::<BuildRequest>(br#"{"v":1,"recipe":{"inline":"x"},"requester":"a"}"#)
             .unwrap_err();
-        assert!(e.to_string().contains("`name`"), "{e}");
+        assert!(crate::error::chain_text(&e).contains("`name`"), "{e}");
         let e = decode::<BuildRequest>(
             br#"{"v":1,"recipe":{"path":"a","git":{"url":"u","ref":"r","path":"p"}},"requester":"a"}"#,
         )
         .unwrap_err();
-        assert!(e.to_string().contains("exactly one"), "{e}");
+        assert!(crate::error::chain_text(&e).contains("exactly one"), "{e}");
         let e = decode::<BuildRequest>(br#"{"v":2,"recipe":{"path":"r"},"requester":"a"}"#)
             .unwrap_err();
-        assert!(e.to_string().contains("v=2"), "{e}");
+        assert!(crate::error::chain_text(&e).contains("v=2"), "{e}");
         let e = decode::<BuildRequest>(br#"{"recipe":{"path":"r"},"requester":"a"}"#).unwrap_err();
-        assert!(e.to_string().contains("`v`"), "{e}");
+        assert!(crate::error::chain_text(&e).contains("`v`"), "{e}");
     }
 
     #[test]

@@ -109,9 +109,9 @@ pub enum PackagesError {
     },
     #[error("{what}: malformed index: {reason}")]
     BadIndex { what: String, reason: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Resolve(#[from] ResolveError),
-    #[error("cache {path}: {source}; check that $KILN_HOME is writable and has space")]
+    #[error("cache {path} (check that $KILN_HOME is writable and has space)")]
     Cache {
         path: PathBuf,
         #[source]
@@ -486,7 +486,7 @@ impl Archive {
         }
         read.map_err(|e| PackagesError::BadIndex {
             what: what.clone(),
-            reason: e.to_string(),
+            reason: crate::error::chain_text(&e),
         })?;
         tracing::debug!(index = %what, packages = index.len() - before, "index loaded");
         Ok(())

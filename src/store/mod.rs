@@ -92,7 +92,7 @@ pub enum StoreError {
     Reference(#[from] ReferenceError),
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}")]
     Io {
         what: String,
         path: PathBuf,

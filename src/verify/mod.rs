@@ -77,14 +77,14 @@ pub enum VerifyError {
     ProfileInvalid { source_name: String, reason: String },
     #[error("the profile asks for KVM, but {detail}; set accel = \"auto\" or \"tcg\"")]
     KvmUnusable { detail: String },
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("starting {binary}: {source}")]
+    #[error("starting {binary}")]
     Spawn {
         binary: PathBuf,
         #[source]

@@ -7,8 +7,13 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 
-/// Exit code for recipe errors (bad input the user can fix).
+/// Exit code for an operational failure: a download, a boot, the network, the disk.
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit code for input errors the user can fix: a bad recipe, argument or file they named, or
+/// input kiln refused.
 pub const EXIT_RECIPE: i32 = 2;
+/// Exit code when interrupted (SIGINT, SIGTERM): 128 + SIGINT, as shells report it.
+pub const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -671,7 +676,7 @@ impl AccessOpts {
             &self.allow_env,
             &crate::cache::kiln_home(),
         )
-        .map_err(BadInput)
+        .map_err(BadInput::Message)
     }
 }
 
@@ -949,13 +954,7 @@ fn report(d: &Diagnostic) {
 }
 
 fn render(args: RenderArgs) -> anyhow::Result<i32> {
-    let loaded = match recipe::load(&args.recipe, &args.opts.load_options()) {
-        Ok(l) => l,
-        Err(d) => {
-            report(&d);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    let loaded = recipe::load(&args.recipe, &args.opts.load_options())?;
     let mut out = std::io::stdout().lock();
     if args.json {
         let value = serde_json::json!({
@@ -1032,10 +1031,7 @@ fn disk(args: DiskArgs) -> anyhow::Result<i32> {
     use crate::tree::Tree;
     use anyhow::Context;
 
-    let usage = |msg: String| -> anyhow::Result<i32> {
-        eprintln!("error: {msg}");
-        Ok(EXIT_RECIPE)
-    };
+    let usage = |msg: String| -> anyhow::Result<i32> { Err(BadInput::Message(msg).into()) };
     let read_tree = |dir: &PathBuf| -> anyhow::Result<Tree> {
         let mut tree = Tree::from_host_dir(dir)
             .with_context(|| format!("reading the tree {}", dir.display()))?;
@@ -1114,13 +1110,8 @@ fn disk(args: DiskArgs) -> anyhow::Result<i32> {
         partitions,
     };
     let started = std::time::Instant::now();
-    let report = match build_disk(&spec, &args.output) {
-        Ok(r) => r,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    // What does not fit the disk or its filesystems is the trees' or the sizes' fault.
+    let report = build_disk(&spec, &args.output).map_err(BadInput::error)?;
     let elapsed = started.elapsed().as_secs_f64();
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -1368,7 +1359,7 @@ fn profile_names(
         if let Some(d) = file_dir {
             match &dir {
                 Some(other) if *other != d => {
-                    return Err(BadInput(format!(
+                    return Err(BadInput::Message(format!(
                         "--profile {p}: profile files must all be in one directory ({} here); \
                          put them there and pass --profiles DIR with their names",
                         other.display()
@@ -1383,15 +1374,9 @@ fn profile_names(
 }
 
 fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
-    use crate::pipeline::build::{BuildError, BuildOptions, build};
-    use crate::pipeline::bus_build::{BusBuildError, BusTarget, build_over_bus};
-    let (profiles, profiles_dir) = match profile_names(&args.profile, args.profiles.clone()) {
-        Ok(v) => v,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    use crate::pipeline::build::{BuildOptions, build};
+    use crate::pipeline::bus_build::{BusTarget, build_over_bus};
+    let (profiles, profiles_dir) = profile_names(&args.profile, args.profiles.clone())?;
     let opts = BuildOptions {
         recipe: args.recipe.clone(),
         load: args.opts.load_options(),
@@ -1420,17 +1405,7 @@ fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
             };
             display.note(stage, &note, json);
         };
-        match build(&opts, &observe) {
-            Ok(r) => r,
-            Err(BuildError::Recipe(d)) => {
-                report(&d);
-                return Ok(EXIT_RECIPE);
-            }
-            Err(e) => {
-                report_error(&e);
-                return Ok(if e.is_input_error() { EXIT_RECIPE } else { 1 });
-            }
-        }
+        build(&opts, &observe)?
     } else {
         let target = match &args.nats {
             None => BusTarget::Private,
@@ -1453,31 +1428,7 @@ fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
         let result = rt.block_on(build_over_bus(&opts, &target, &observe, interrupted));
         // A stage still running (after Ctrl-C) is abandoned, not waited for.
         rt.shutdown_timeout(std::time::Duration::from_secs(2));
-        match result {
-            Ok((_, r)) => r,
-            Err(BusBuildError::Failed { error, .. }) => {
-                report_failure(&error);
-                let input = matches!(
-                    error.kind,
-                    crate::bus::ErrorKind::Recipe
-                        | crate::bus::ErrorKind::InvalidMessage
-                        | crate::bus::ErrorKind::Verification
-                );
-                return Ok(if input { EXIT_RECIPE } else { 1 });
-            }
-            Err(BusBuildError::Deliver(BuildError::Recipe(d))) => {
-                report(&d);
-                return Ok(EXIT_RECIPE);
-            }
-            Err(e @ BusBuildError::Interrupted(_)) => {
-                report_error(&e);
-                return Ok(130);
-            }
-            Err(e) => {
-                report_error(&e);
-                return Ok(if e.is_input_error() { EXIT_RECIPE } else { 1 });
-            }
-        }
+        result?.1
     };
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -1551,13 +1502,7 @@ fn boot(args: BootArgs) -> anyhow::Result<i32> {
         Some("tcg") => Some(crate::verify::accel::Accel::Tcg),
         _ => None,
     };
-    let report = match boot_image(&args.image, &opts) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(1);
-        }
-    };
+    let report = boot_image(&args.image, &opts)?;
     let mut out = std::io::stdout().lock();
     if args.json {
         let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64());
@@ -1581,19 +1526,74 @@ fn boot(args: BootArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Print an error and the chain of its causes to stderr.
-fn report_error(e: &dyn std::error::Error) {
-    eprintln!("error: {e}");
-    let mut source = e.source();
-    while let Some(s) = source {
-        eprintln!("  caused by: {s}");
-        source = s.source();
+/// How every command ends in failure: the error printed once ([`print_error`]) and the exit
+/// code it means ([`exit_code`]). A reader that went away (`kiln render … | head`) is not an
+/// error worth a message.
+pub fn fail(err: &anyhow::Error) -> i32 {
+    let broken_pipe = err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+    if broken_pipe {
+        return 0;
+    }
+    print_error(err);
+    exit_code(err)
+}
+
+/// Print a command's error on stderr: `error: <what failed>`, then each cause once,
+/// `  caused by: <cause>`. A recipe diagnostic is its own report (the source line, a caret, the
+/// help), and a stage's `failed` message prints with its detail.
+pub fn print_error(err: &anyhow::Error) {
+    use crate::pipeline::build::BuildError;
+    use crate::pipeline::bus_build::BusBuildError;
+    if let Some(d) = err.downcast_ref::<Diagnostic>() {
+        return report(d);
+    }
+    if let Some(BuildError::Recipe(d)) = err.downcast_ref::<BuildError>() {
+        return report(d);
+    }
+    match err.downcast_ref::<BusBuildError>() {
+        Some(BusBuildError::Deliver(BuildError::Recipe(d))) => return report(d),
+        Some(BusBuildError::Failed { error, .. }) => return report_failure(error),
+        _ => {}
+    }
+    let chain = crate::error::chain(err.as_ref());
+    let mut lines = chain.iter();
+    if let Some(top) = lines.next() {
+        eprintln!("error: {top}");
+    }
+    for cause in lines {
+        eprintln!("  caused by: {cause}");
     }
 }
 
-fn store_failed(e: &crate::store::StoreError) -> i32 {
-    report_error(e);
-    1
+/// The exit code an error means: [`EXIT_RECIPE`] when the user's input is at fault,
+/// [`EXIT_INTERRUPTED`] when the command was stopped, else [`EXIT_FAILURE`]. The outermost error
+/// that knows decides.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    use crate::pipeline::build::BuildError;
+    use crate::pipeline::bus_build::BusBuildError;
+    use crate::pipeline::stages::StageError;
+    let input = |yes: bool| if yes { EXIT_RECIPE } else { EXIT_FAILURE };
+    for e in err.chain() {
+        if e.is::<BadInput>() || e.is::<Diagnostic>() {
+            return EXIT_RECIPE;
+        }
+        if let Some(e) = e.downcast_ref::<BusBuildError>() {
+            return match e {
+                BusBuildError::Interrupted(_) => EXIT_INTERRUPTED,
+                e => input(e.is_input_error()),
+            };
+        }
+        if let Some(e) = e.downcast_ref::<BuildError>() {
+            return input(e.is_input_error());
+        }
+        if let Some(e) = e.downcast_ref::<StageError>() {
+            return input(e.is_input_error());
+        }
+    }
+    EXIT_FAILURE
 }
 
 fn keygen(output: &std::path::Path) -> anyhow::Result<i32> {
@@ -1607,7 +1607,7 @@ fn keygen(output: &std::path::Path) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        Err(e) => Ok(store_failed(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1616,10 +1616,7 @@ fn publish(args: PublishArgs) -> anyhow::Result<i32> {
     let key = match &args.key {
         Some(path) => match load_signing_key(path) {
             Ok(k) => Some(k),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Ok(EXIT_RECIPE);
-            }
+            Err(e) => return Err(BadInput::error(e).into()),
         },
         None => {
             tracing::warn!(
@@ -1672,7 +1669,7 @@ fn publish(args: PublishArgs) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Err(e) => Ok(store_failed(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1681,10 +1678,7 @@ fn pull(args: PullArgs) -> anyhow::Result<i32> {
     let trust = match &args.trust {
         Some(path) => match load_verifying_key(path) {
             Ok(k) => Some(k),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Ok(EXIT_RECIPE);
-            }
+            Err(e) => return Err(BadInput::error(e).into()),
         },
         None => None,
     };
@@ -1722,7 +1716,7 @@ fn pull(args: PullArgs) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Err(e) => Ok(store_failed(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1762,7 +1756,7 @@ fn images(target: &str, insecure: bool, json: bool) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Err(e) => Ok(store_failed(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1883,7 +1877,7 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
         return Ok(None);
     }
     let listen: std::net::SocketAddr = text.parse().map_err(|_| {
-        BadInput(format!(
+        BadInput::Message(format!(
             "--listen {text:?} is not an address: give IP:PORT (e.g. 127.0.0.1:7070, [::1]:7070) or `none`"
         ))
     })?;
@@ -1894,8 +1888,8 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
     }
     let home = crate::cache::kiln_home();
     let env = std::env::var("KILN_API_TOKEN").ok();
-    let (token, origin) = crate::api::load_token(args.token_file.as_deref(), env, &home)
-        .map_err(|e| BadInput(e.to_string()))?;
+    let (token, origin) =
+        crate::api::load_token(args.token_file.as_deref(), env, &home).map_err(BadInput::error)?;
     match origin {
         crate::api::TokenOrigin::Generated(path) => {
             eprintln!("kiln: API token in {}", path.display())
@@ -1907,20 +1901,23 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
     }
     let secret = match &args.hook_secret_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| BadInput(format!("hook secret file {}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                BadInput::Message(format!("hook secret file {}: {e}", path.display()))
+            })?;
             let secret = text.trim().as_bytes().to_vec();
             if secret.is_empty() {
-                return Err(
-                    BadInput(format!("hook secret file {} is empty", path.display())).into(),
-                );
+                return Err(BadInput::Message(format!(
+                    "hook secret file {} is empty",
+                    path.display()
+                ))
+                .into());
             }
             Some(secret)
         }
         None => None,
     };
     glob::Pattern::new(&args.hook_recipes).map_err(|e| {
-        BadInput(format!(
+        BadInput::Message(format!(
             "--hook-recipes {:?} is not a valid glob: {}; write e.g. recipes/*.yaml",
             args.hook_recipes, e.msg
         ))
@@ -1944,49 +1941,42 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
     }))
 }
 
-/// A bad argument: exit code 2.
+/// Input the user gave is at fault (an argument, a file they named): exit code 2.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct BadInput(String);
+enum BadInput {
+    #[error("{0}")]
+    Message(String),
+    /// A library error about that input, shown as it is (its causes stay its causes).
+    #[error(transparent)]
+    Error(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl BadInput {
+    fn error(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        BadInput::Error(Box::new(e))
+    }
+}
 
 fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
-    let api = match api_setup(&args) {
-        Ok(api) => api,
-        Err(e) => {
-            report_error(e.as_ref());
-            return Ok(EXIT_RECIPE);
-        }
-    };
-    let config = match worker_config(
+    let api = api_setup(&args)?;
+    let config = worker_config(
         &args.access,
         &args.limits,
         &args.hook_repos,
         args.profiles.clone(),
         &args.publish,
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    )?;
     run_workers(&args.nats, &args.retry, Vec::new(), config, api)
 }
 
 fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
-    let config = match worker_config(
+    let config = worker_config(
         &args.access,
         &args.limits,
         &[],
         args.profiles.clone(),
         &args.publish,
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    )?;
     run_workers(&args.nats, &args.retry, args.stages, config, None)
 }
 
@@ -2011,19 +2001,13 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     if !(args.interval > 0.0 && args.interval.is_finite()) {
-        report_error(&BadInput(format!(
+        return Err(BadInput::Message(format!(
             "--interval {} must be a positive number of seconds",
             args.interval
-        )));
-        return Ok(EXIT_RECIPE);
+        ))
+        .into());
     }
-    let source = match crate::source::GitSource::new(&args.repo) {
-        Ok(s) => s,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    let source = crate::source::GitSource::new(&args.repo).map_err(BadInput::error)?;
     let url = source.url().to_string();
     let state = args.state.clone().unwrap_or_else(|| {
         state_file_for(
@@ -2033,13 +2017,8 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
             &args.recipes,
         )
     });
-    let mut watcher = match Watcher::with_source(source, &args.git_ref, &args.recipes, &state) {
-        Ok(w) => w,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    let mut watcher = Watcher::with_source(source, &args.git_ref, &args.recipes, &state)
+        .map_err(BadInput::error)?;
     let rt = runtime()?;
     let bus = rt.block_on(crate::bus::Bus::connect(&args.nats.connect_options()))?;
     rt.block_on(bus.kiln_stream())?;
@@ -2120,7 +2099,7 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
                 .clone()
                 .or_else(|| args.recipe.as_ref().map(|p| p.display().to_string()))
                 .ok_or_else(|| {
-                    anyhow::anyhow!("--git needs --path (the recipe in the repository)")
+                    BadInput::Message("--git needs --path (the recipe in the repository)".into())
                 })?;
             RecipeSource::Git {
                 git: crate::bus::GitSource {
@@ -2133,7 +2112,12 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
         (None, Some(path)) => RecipeSource::Path {
             path: std::path::absolute(path)?,
         },
-        (None, None) => anyhow::bail!("give a recipe file, or --git URL --ref REF --path FILE"),
+        (None, None) => {
+            return Err(BadInput::Message(
+                "give a recipe file, or --git URL --ref REF --path FILE".into(),
+            )
+            .into());
+        }
     };
     let requester = std::env::var("USER").unwrap_or_else(|_| "kiln submit".into());
     let mut req = BuildRequest::new(recipe, requester);
@@ -2206,7 +2190,7 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
             }
             out.flush()?;
             match &event {
-                StageEvent::Failed(_) => return Ok(1),
+                StageEvent::Failed(_) => return Ok(EXIT_FAILURE),
                 // publish is the last stage: its completed message ends the build.
                 StageEvent::Completed(c) if c.stage.next().is_none() => {
                     return Ok(0);
@@ -2220,16 +2204,9 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
 
 fn agent(args: AgentArgs) -> anyhow::Result<i32> {
     use crate::agent::{AgentConfig, parse_watch};
-    let (repository, tag) = match parse_watch(&args.watch) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    let (repository, tag) = parse_watch(&args.watch).map_err(BadInput::error)?;
     if let Err(e) = crate::store::load_verifying_key(&args.trust) {
-        eprintln!("error: --trust: {e}");
-        return Ok(EXIT_RECIPE);
+        return Err(anyhow::Error::new(BadInput::error(e)).context("--trust"));
     }
     let config = AgentConfig {
         name: args.name.clone(),
@@ -2367,8 +2344,9 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
                 )?;
             }
         }
+        // A failed build is what was asked for, shown: its exit code says how it ended.
         Ok(if status.state == BuildState::Failed {
-            1
+            EXIT_FAILURE
         } else {
             0
         })
@@ -2417,7 +2395,7 @@ fn nats_logs(args: LogsArgs) -> anyhow::Result<i32> {
                     Err(e) => eprintln!("warning: {} (sequence {}): {e}", ev.subject, ev.sequence),
                 }
             }
-            return Ok(if failed { 1 } else { 0 });
+            return Ok(if failed { EXIT_FAILURE } else { 0 });
         }
         let events = bus.follow(&args.build, true).await?;
         tokio::pin!(events);
@@ -2433,7 +2411,7 @@ fn nats_logs(args: LogsArgs) -> anyhow::Result<i32> {
             print(&event)?;
             if ends_build(&event) {
                 return Ok(if matches!(event, StageEvent::Failed(_)) {
-                    1
+                    EXIT_FAILURE
                 } else {
                     0
                 });
@@ -2441,4 +2419,32 @@ fn nats_logs(args: LogsArgs) -> anyhow::Result<i32> {
         }
         anyhow::bail!("the event stream of build {} ended", args.build)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_decided_by_the_error() {
+        use crate::pipeline::bus_build::BusBuildError;
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        // Input: a bad argument, or a library error about a file the user named.
+        assert_eq!(
+            exit_code(&BadInput::Message("--size lots".into()).into()),
+            2
+        );
+        assert_eq!(exit_code(&BadInput::error(io()).into()), 2);
+        let wrapped = anyhow::Error::new(BadInput::error(io())).context("--trust");
+        assert_eq!(exit_code(&wrapped), 2);
+        // Operational: anything else.
+        assert_eq!(exit_code(&io().into()), 1);
+        assert_eq!(exit_code(&anyhow::anyhow!("the stream ended")), 1);
+        // Interrupted.
+        assert_eq!(
+            exit_code(&BusBuildError::Interrupted("b".into()).into()),
+            130
+        );
+        assert_eq!(exit_code(&BusBuildError::StreamEnded("b".into()).into()), 1);
+    }
 }

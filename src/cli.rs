@@ -1505,21 +1505,18 @@ fn boot(args: BootArgs) -> anyhow::Result<i32> {
     let report = boot_image(&args.image, &opts)?;
     let mut out = std::io::stdout().lock();
     if args.json {
-        let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64());
-        let v = serde_json::json!({
-            "image": args.image,
-            "profile": report.profile,
-            "accel": report.accel.to_string(),
-            "accel_detail": report.accel_detail,
-            "time_to_first_output": secs(report.time_to_first_output),
-            "time_to_kernel": secs(report.time_to_kernel),
-            "time_to_marker": report.time_to_marker.as_secs_f64(),
-            "total": report.total.as_secs_f64(),
-            "marker_line": report.marker_line,
-            "powered_off": report.powered_off,
-            "serial_log": report.serial_log,
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        /// The report and the image it booted.
+        #[derive(serde::Serialize)]
+        struct Booted<'a> {
+            image: &'a std::path::Path,
+            #[serde(flatten)]
+            report: &'a crate::verify::BootReport,
+        }
+        let booted = Booted {
+            image: &args.image,
+            report: &report,
+        };
+        writeln!(out, "{}", serde_json::to_string_pretty(&booted)?)?;
     } else {
         writeln!(out, "{report}")?;
     }
@@ -1647,12 +1644,7 @@ fn publish(args: PublishArgs) -> anyhow::Result<i32> {
     match crate::store::publish(&args.image, &args.to, &meta, key.as_ref(), &opts) {
         Ok(r) => {
             if args.json {
-                let v = serde_json::json!({
-                    "reference": r.reference, "manifest_digest": r.manifest_digest,
-                    "layer_digest": r.layer_digest, "signature_digest": r.signature_digest,
-                    "tags": r.tags, "bytes": r.bytes, "uploaded": r.uploaded, "seconds": r.seconds,
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
                     "{} ({} MiB, {} MiB uploaded, {:.2} s){}",
@@ -1674,7 +1666,7 @@ fn publish(args: PublishArgs) -> anyhow::Result<i32> {
 }
 
 fn pull(args: PullArgs) -> anyhow::Result<i32> {
-    use crate::store::{SignatureCheck, StoreOptions, load_verifying_key};
+    use crate::store::{StoreOptions, load_verifying_key};
     let trust = match &args.trust {
         Some(path) => match load_verifying_key(path) {
             Ok(k) => Some(k),
@@ -1690,28 +1682,27 @@ fn pull(args: PullArgs) -> anyhow::Result<i32> {
     };
     match crate::store::pull(&args.reference, &args.output, trust.as_ref(), &opts) {
         Ok(r) => {
-            let signature = match &r.signature {
-                SignatureCheck::Verified { key } => format!("signature verified (key {key})"),
-                SignatureCheck::Unchecked { key } => {
-                    format!("signed by {key}, not checked (no --trust)")
-                }
-                SignatureCheck::Missing => "unsigned".to_string(),
-            };
             if args.json {
-                let v = serde_json::json!({
-                    "reference": r.reference, "manifest_digest": r.manifest_digest,
-                    "layer_digest": r.layer_digest, "format": r.format, "signature": signature,
-                    "bytes": r.bytes, "transferred": r.transferred, "resumed_from": r.resumed_from,
-                    "seconds": r.seconds, "output": args.output,
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                /// The report and where it went.
+                #[derive(serde::Serialize)]
+                struct Pulled<'a> {
+                    #[serde(flatten)]
+                    report: &'a crate::store::PullReport,
+                    output: &'a std::path::Path,
+                }
+                let pulled = Pulled {
+                    report: &r,
+                    output: &args.output,
+                };
+                println!("{}", serde_json::to_string_pretty(&pulled)?);
             } else {
                 println!(
-                    "{} -> {} ({} MiB, {:.2} s, {signature})",
+                    "{} -> {} ({} MiB, {:.2} s, {})",
                     r.reference,
                     args.output.display(),
                     r.bytes >> 20,
-                    r.seconds
+                    r.seconds,
+                    r.signature
                 );
             }
             Ok(0)
@@ -1729,17 +1720,7 @@ fn images(target: &str, insecure: bool, json: bool) -> anyhow::Result<i32> {
     match crate::store::images(target, &opts) {
         Ok(list) => {
             if json {
-                let v: Vec<_> = list
-                    .iter()
-                    .map(|i| {
-                        serde_json::json!({
-                            "repository": i.repository, "tag": i.tag,
-                            "manifest_digest": i.manifest_digest, "size": i.size,
-                            "created": i.created, "format": i.format, "signed": i.signed,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for i in &list {
                     println!(

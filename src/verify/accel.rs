@@ -23,8 +23,9 @@ use super::qemu::QemuProcess;
 /// How long the test guest may take under KVM (it needs milliseconds when KVM works).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// The accelerator QEMU runs the guest with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// The accelerator QEMU runs the guest with (serialized as its `-accel` value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// Hardware virtualization through `/dev/kvm`.
     Kvm,

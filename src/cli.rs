@@ -2068,10 +2068,32 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-use crate::pipeline::events::event_json;
+/// One stage event on stdout, for `kiln logs` and `kiln submit --follow`: a JSON object with
+/// `--json`, else a line (time, stage, event, worker, cache, duration, progress or the error)
+/// and, for a failure, its whole report indented (source line and caret, a boot's serial tail).
+fn print_event(event: &crate::bus::StageEvent, json: bool) -> anyhow::Result<()> {
+    use crate::bus::StageEvent;
+    use crate::pipeline::events::{event_json, event_line};
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", event_json(event))?;
+    } else {
+        writeln!(out, "{}", event_line(event))?;
+        if let StageEvent::Failed(f) = event
+            && let Some(detail) = &f.error.detail
+        {
+            for l in detail.lines() {
+                writeln!(out, "    | {l}")?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
 
 fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
     use crate::bus::{BuildRequest, RecipeSource, StageEvent};
+    use crate::pipeline::events::ends_build;
     use futures::StreamExt;
     let recipe = match (&args.git, &args.recipe) {
         (Some(url), _) => {
@@ -2127,56 +2149,13 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
         while let Some(ev) = events.next().await {
             let ev = ev?;
             let Ok(event) = ev.event else { continue };
-            let mut out = std::io::stdout().lock();
-            if args.json {
-                writeln!(out, "{}", event_json(&event))?;
-            } else {
-                match &event {
-                    StageEvent::Started(s) => {
-                        writeln!(out, "{:>8} started on {}", s.stage.name(), s.worker)?
-                    }
-                    StageEvent::Progress(p) => writeln!(
-                        out,
-                        "{:>8} {}",
-                        p.stage.name(),
-                        p.message.clone().unwrap_or_default()
-                    )?,
-                    StageEvent::Completed(c) => writeln!(
-                        out,
-                        "{:>8} completed ({}, {:.2} s) on {}",
-                        c.stage.name(),
-                        if c.cache == crate::bus::CacheStatus::Hit {
-                            "hit"
-                        } else {
-                            "miss"
-                        },
-                        c.duration_ms as f64 / 1000.0,
-                        c.worker
-                    )?,
-                    StageEvent::Failed(f) => {
-                        let place = match (&f.error.file, f.error.line, f.error.column) {
-                            (Some(file), Some(l), Some(c)) => format!("{file}:{l}:{c}: "),
-                            (Some(file), _, _) => format!("{file}: "),
-                            _ => String::new(),
-                        };
-                        writeln!(
-                            out,
-                            "{:>8} failed on {}: {place}{}",
-                            f.stage.name(),
-                            f.worker,
-                            f.error.message
-                        )?
-                    }
-                }
-            }
-            out.flush()?;
-            match &event {
-                StageEvent::Failed(_) => return Ok(EXIT_FAILURE),
-                // publish is the last stage: its completed message ends the build.
-                StageEvent::Completed(c) if c.stage.next().is_none() => {
-                    return Ok(0);
-                }
-                _ => {}
+            print_event(&event, args.json)?;
+            if ends_build(&event) {
+                return Ok(if matches!(event, StageEvent::Failed(_)) {
+                    EXIT_FAILURE
+                } else {
+                    0
+                });
             }
         }
         anyhow::bail!("the event stream of build {id} ended")
@@ -2336,26 +2315,9 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
 
 fn nats_logs(args: LogsArgs) -> anyhow::Result<i32> {
     use crate::bus::StageEvent;
-    use crate::pipeline::events::{ends_build, event_line};
+    use crate::pipeline::events::ends_build;
     use futures::StreamExt;
-    let print = |event: &StageEvent| -> anyhow::Result<()> {
-        let mut out = std::io::stdout().lock();
-        if args.json {
-            writeln!(out, "{}", event_json(event))?;
-        } else {
-            writeln!(out, "{}", event_line(event))?;
-            // The whole report of a failure (source line and caret, a boot's serial tail).
-            if let StageEvent::Failed(f) = event
-                && let Some(detail) = &f.error.detail
-            {
-                for l in detail.lines() {
-                    writeln!(out, "    | {l}")?;
-                }
-            }
-        }
-        out.flush()?;
-        Ok(())
-    };
+    let print = |event: &StageEvent| print_event(event, args.json);
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
         let mut failed = false;

@@ -2163,7 +2163,7 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
 }
 
 fn agent(args: AgentArgs) -> anyhow::Result<i32> {
-    use crate::agent::{AgentConfig, parse_watch};
+    use crate::agent::{AgentConfig, AgentEvent, parse_watch};
     let (repository, tag) = parse_watch(&args.watch).map_err(BadInput::error)?;
     if let Err(e) = crate::store::load_verifying_key(&args.trust) {
         return Err(anyhow::Error::new(BadInput::error(e)).context("--trust"));
@@ -2188,32 +2188,31 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
         },
     };
     let json = args.json;
-    let report: crate::agent::Report = Box::new(move |v: &serde_json::Value| {
+    let report: crate::agent::Report = Box::new(move |event: &AgentEvent| {
         let mut out = std::io::stdout().lock();
         let _ = if json {
-            writeln!(out, "{v}")
+            match serde_json::to_string(event) {
+                Ok(line) => writeln!(out, "{line}"),
+                Err(e) => Err(std::io::Error::other(e)),
+            }
         } else {
-            let kind = v["kind"].as_str().unwrap_or("");
-            match kind {
-                "ready" => writeln!(
+            match event {
+                AgentEvent::Ready {
+                    agent,
+                    watch,
+                    running,
+                    ..
+                } => writeln!(
                     out,
-                    "agent {} watching {}; running {}",
-                    v["agent"].as_str().unwrap_or(""),
-                    v["watch"].as_str().unwrap_or(""),
-                    v["running"].as_str().unwrap_or("nothing")
+                    "agent {agent} watching {watch}; running {}",
+                    running.as_deref().unwrap_or("nothing")
                 ),
-                "completed" => writeln!(
-                    out,
-                    "running {} (QEMU pid {})",
-                    v["reference"].as_str().unwrap_or(""),
-                    v["vm"]["pid"]
-                ),
-                _ => writeln!(
-                    out,
-                    "failed {}: {}",
-                    v["reference"].as_str().unwrap_or(""),
-                    v["error"]["message"].as_str().unwrap_or("")
-                ),
+                AgentEvent::Completed(c) => {
+                    writeln!(out, "running {} (QEMU pid {})", c.reference, c.vm["pid"])
+                }
+                AgentEvent::Failed(f) => {
+                    writeln!(out, "failed {}: {}", f.reference, f.error.message)
+                }
             }
         };
         let _ = out.flush();

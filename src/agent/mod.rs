@@ -31,7 +31,7 @@ use crate::bus::{
 };
 use crate::store::{self, Reference, StoreError, StoreOptions, VerifyingKey};
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 use state::{AgentState, HealthSpec, VmRecord};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -112,8 +112,42 @@ pub fn parse_watch(text: &str) -> Result<(String, String), AgentError> {
     }
 }
 
-/// What the agent reports as it works (printed by `kiln agent --json`).
-pub type Report = Box<dyn Fn(&Value) + Send + Sync>;
+/// What the agent reports as it works (printed by `kiln agent`, with `--json` as JSON lines).
+pub type Report = Box<dyn Fn(&AgentEvent) + Send + Sync>;
+
+/// One thing the agent did, as `kiln agent --json` prints it: an object with its `kind`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum AgentEvent {
+    /// Started, and watching the tag (after re-adopting or rebooting what ran before).
+    Ready {
+        agent: String,
+        /// `repository:tag`.
+        watch: String,
+        /// The reference of the image running now.
+        running: Option<String>,
+        /// Its QEMU's process id.
+        pid: Option<u32>,
+        /// The stable address forwarded to the running VM.
+        listen: Option<String>,
+    },
+    /// An image runs: the message published on `kiln.deploy.<agent>.completed`.
+    Completed(DeployCompleted),
+    /// An image was refused or did not become healthy: `kiln.deploy.<agent>.failed`.
+    Failed(DeployFailed),
+}
+
+/// The VM a deploy started, as `DeployCompleted.vm` carries it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+struct VmReport<'a> {
+    id: u64,
+    pid: u32,
+    qmp: &'a Path,
+    serial_log: &'a Path,
+    guest_port: Option<u16>,
+    host_port: Option<u16>,
+    seconds_to_healthy: Option<f64>,
+}
 
 /// Whether a message announces the watched tag of the watched repository.
 pub fn announces(msg: &ImagePublished, repository: &str, tag: &str) -> bool {
@@ -191,11 +225,16 @@ enum Deployed {
 }
 
 fn vm_json(vm: &VmRecord, seconds: Option<f64>) -> Value {
-    json!({
-        "id": vm.id, "pid": vm.pid, "qmp": vm.qmp, "serial_log": vm.serial_log,
-        "guest_port": vm.guest_port, "host_port": vm.host_port,
-        "seconds_to_healthy": seconds,
-    })
+    let report = VmReport {
+        id: vm.id,
+        pid: vm.pid,
+        qmp: &vm.qmp,
+        serial_log: &vm.serial_log,
+        guest_port: vm.guest_port,
+        host_port: vm.host_port,
+        seconds_to_healthy: seconds,
+    };
+    serde_json::to_value(report).unwrap_or(Value::Null)
 }
 
 fn failed(
@@ -553,22 +592,16 @@ fn recover(
 }
 
 async fn announce(bus: &Bus, outcome: &Deployed, report: &Report) {
-    let (r, v) = match outcome {
+    let (r, event) = match outcome {
         Deployed::Completed(c) => (
             bus.publish_deploy_completed(c).await,
-            serde_json::to_value(c).map(|mut v| {
-                v["kind"] = "completed".into();
-                v
-            }),
+            AgentEvent::Completed(c.clone()),
         ),
         Deployed::Failed(f) => {
             tracing::warn!("deploy of {} failed: {}", f.reference, f.error.message);
             (
                 bus.publish_deploy_failed(f).await,
-                serde_json::to_value(f).map(|mut v| {
-                    v["kind"] = "failed".into();
-                    v
-                }),
+                AgentEvent::Failed(f.clone()),
             )
         }
     };
@@ -578,9 +611,7 @@ async fn announce(bus: &Bus, outcome: &Deployed, report: &Report) {
             crate::error::Chain(&e)
         );
     }
-    if let Ok(v) = v {
-        report(&v);
-    }
+    report(&event);
 }
 
 async fn blocking<T: Send + 'static>(
@@ -630,13 +661,13 @@ pub async fn run(
     if let Some(o) = &outcome {
         announce(bus, o, &report).await;
     }
-    report(&json!({
-        "kind": "ready", "agent": config.name,
-        "watch": format!("{}:{}", config.repository, config.tag),
-        "running": state.current.as_ref().map(|c| c.reference.clone()),
-        "pid": state.current.as_ref().map(|c| c.pid),
-        "listen": config.listen.map(|a| a.to_string()),
-    }));
+    report(&AgentEvent::Ready {
+        agent: config.name.clone(),
+        watch: format!("{}:{}", config.repository, config.tag),
+        running: state.current.as_ref().map(|c| c.reference.clone()),
+        pid: state.current.as_ref().map(|c| c.pid),
+        listen: config.listen.map(|a| a.to_string()),
+    });
 
     let subject = subjects::image_published(&config.repository);
     bus.kiln_stream().await?;
@@ -785,6 +816,36 @@ pub fn current_vm(state_dir: &Path) -> Result<Option<VmRecord>, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_print_as_objects_with_their_kind() {
+        let ready = AgentEvent::Ready {
+            agent: "hv-07".into(),
+            watch: "127.0.0.1:5000/team/web:production".into(),
+            running: None,
+            pid: None,
+            listen: Some("127.0.0.1:8080".into()),
+        };
+        let v = serde_json::to_value(&ready).unwrap();
+        assert_eq!(v["kind"], "ready");
+        assert_eq!(v["agent"], "hv-07");
+        assert!(v["running"].is_null() && v.get("running").is_some(), "{v}");
+        let failed = AgentEvent::Failed(DeployFailed {
+            v: VERSION,
+            agent: "hv-07".into(),
+            build: None,
+            application: "web".into(),
+            reference: "r".into(),
+            error: ErrorInfo::new(ErrorKind::Verification, "unsigned"),
+            rolled_back: false,
+            running: None,
+            time: EventTime::now(),
+        });
+        let v = serde_json::to_value(&failed).unwrap();
+        assert_eq!(v["kind"], "failed");
+        assert_eq!(v["error"]["message"], "unsigned");
+        assert_eq!(v["reference"], "r");
+    }
 
     fn msg(reference: &str, tags: &[&str]) -> ImagePublished {
         ImagePublished {

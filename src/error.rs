@@ -5,14 +5,15 @@
 use std::error::Error;
 use std::fmt;
 
-/// An error's message and those of its causes, each said once: a cause whose text the message
-/// before it already shows (a wrapper that repeats its cause, an empty message) is left out.
+/// An error's message and those of its causes, each said once: a cause whose text a message
+/// before it already shows (a wrapper that repeats its cause, as reqwest's and async-nats's
+/// errors do, or an empty message) is left out.
 pub fn chain(e: &dyn Error) -> Vec<String> {
     let mut out: Vec<String> = vec![e.to_string()];
     let mut source = e.source();
     while let Some(s) = source {
         let text = s.to_string();
-        if !text.is_empty() && !out.last().is_some_and(|last| last.contains(&text)) {
+        if !text.is_empty() && !out.iter().any(|shown| shown.contains(&text)) {
             out.push(text);
         }
         source = s.source();

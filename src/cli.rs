@@ -1589,6 +1589,17 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(e) = e.downcast_ref::<StageError>() {
             return input(e.is_input_error());
         }
+        // `kiln boot`: the machine profile the operator named.
+        if let Some(e) = e.downcast_ref::<crate::verify::VerifyError>() {
+            use crate::verify::VerifyError as V;
+            return input(matches!(
+                e,
+                V::ProfileName { .. }
+                    | V::ProfileNotFound { .. }
+                    | V::ProfileParse { .. }
+                    | V::ProfileInvalid { .. }
+            ));
+        }
     }
     EXIT_FAILURE
 }
@@ -2388,5 +2399,9 @@ mod tests {
             130
         );
         assert_eq!(exit_code(&BusBuildError::StreamEnded("b".into()).into()), 1);
+        let profile = crate::verify::VerifyError::ProfileName {
+            name: "../x".into(),
+        };
+        assert_eq!(exit_code(&profile.into()), 2);
     }
 }

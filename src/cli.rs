@@ -1864,6 +1864,7 @@ struct ApiSetup {
 
 /// Read `kiln up`'s API options: None for `--listen none`.
 fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
+    use anyhow::Context;
     let text = args.listen.as_deref().unwrap_or(crate::api::DEFAULT_LISTEN);
     if text.eq_ignore_ascii_case("none") {
         return Ok(None);
@@ -1893,9 +1894,9 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
     }
     let secret = match &args.hook_secret_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                BadInput::Message(format!("hook secret file {}: {e}", path.display()))
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(BadInput::error)
+                .with_context(|| format!("cannot read the hook secret file {}", path.display()))?;
             let secret = text.trim().as_bytes().to_vec();
             if secret.is_empty() {
                 return Err(BadInput::Message(format!(

@@ -683,7 +683,10 @@ fn load_release(
                 return Ok((bytes, release));
             }
             Err(e) if opts.fetch.offline => return Err(e),
-            Err(e) => tracing::warn!("cached InRelease rejected, fetching again: {e}"),
+            Err(e) => tracing::warn!(
+                "cached InRelease rejected, fetching again: {}",
+                crate::error::Chain(&e)
+            ),
         }
     }
     let bytes = fetcher.get_bytes(&url, &format!("InRelease of {}", opts.suite), MAX_INRELEASE)?;

@@ -1391,18 +1391,14 @@ fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
     let report = if args.no_bus {
         let observe = |stage: crate::bus::Stage, note: crate::pipeline::build::StageNote| {
             let stage = stage.name();
-            let json = || {
-                use crate::pipeline::build::StageNote;
-                match &note {
-                    StageNote::Started => serde_json::json!({ "stage": stage, "kind": "started" }),
-                    StageNote::Progress(p) => serde_json::json!({
-                        "stage": stage, "kind": "progress", "fraction": p.fraction, "message": p.message
-                    }),
-                    StageNote::Completed { cache, seconds } => serde_json::json!({
-                        "stage": stage, "kind": "completed", "cache": cache, "seconds": seconds
-                    }),
-                }
-            };
+            /// A note and its stage, as `--json` prints it on stderr.
+            #[derive(serde::Serialize)]
+            struct Noted<'a> {
+                stage: &'a str,
+                #[serde(flatten)]
+                note: &'a crate::pipeline::build::StageNote,
+            }
+            let json = || serde_json::to_value(Noted { stage, note: &note }).unwrap_or_default();
             display.note(stage, &note, json);
         };
         build(&opts, &observe)?
@@ -2378,6 +2374,29 @@ fn nats_logs(args: LogsArgs) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stage_notes_print_as_the_json_lines_they_always_were() {
+        use crate::pipeline::build::StageNote;
+        use crate::pipeline::stages::ProgressUpdate;
+        let v = |n: StageNote| serde_json::to_value(n).unwrap();
+        assert_eq!(
+            v(StageNote::Started),
+            serde_json::json!({"kind": "started"})
+        );
+        assert_eq!(
+            v(StageNote::Progress(ProgressUpdate::new(Some(0.5), "x"))),
+            serde_json::json!({"kind": "progress", "fraction": 0.5, "message": "x"})
+        );
+        let cache = crate::bus::CacheStatus::Hit;
+        assert_eq!(
+            v(StageNote::Completed {
+                cache,
+                seconds: 1.5
+            }),
+            serde_json::json!({"kind": "completed", "cache": cache, "seconds": 1.5})
+        );
+    }
 
     #[test]
     fn exit_codes_are_decided_by_the_error() {

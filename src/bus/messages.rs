@@ -18,12 +18,12 @@ pub const VERSION: u32 = 1;
 /// Why a payload could not be read as a message.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    /// Not JSON, a wrong type, or a missing required field (serde names the field).
-    #[error("invalid {what} message")]
+    /// Not JSON, a wrong type, or a missing required field. serde's text (which names the
+    /// field) is the reason, part of this message: it has no cause of its own.
+    #[error("invalid {what} message: {error}")]
     Json {
         what: &'static str,
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error(
         "unsupported {what} message version v={found}: this kiln reads v={VERSION}; upgrade kiln or publish v={VERSION}"
@@ -41,9 +41,9 @@ pub trait Message: Serialize + DeserializeOwned {
 
 /// Parse a message: JSON, required fields present, `v` = 1. Unknown fields are ignored.
 pub fn decode<M: Message>(payload: &[u8]) -> Result<M, DecodeError> {
-    let msg: M = serde_json::from_slice(payload).map_err(|source| DecodeError::Json {
+    let msg: M = serde_json::from_slice(payload).map_err(|error| DecodeError::Json {
         what: M::NAME,
-        source,
+        error,
     })?;
     if msg.version() != VERSION {
         return Err(DecodeError::Version {
@@ -887,20 +887,20 @@ mod tests {
             }
         );
         let e = decode::<BuildRequest>(br#"{"v":1,"recipe":{"path":"r"}}"#).unwrap_err();
-        assert!(crate::error::chain_text(&e).contains("requester"), "{e}");
+        assert!(e.to_string().contains("requester"), "{e}");
         let e = decode::<BuildRequest>(br#"{"v":1,"recipe":{"inline":"x"},"requester":"a"}"#)
             .unwrap_err();
-        assert!(crate::error::chain_text(&e).contains("`name`"), "{e}");
+        assert!(e.to_string().contains("`name`"), "{e}");
         let e = decode::<BuildRequest>(
             br#"{"v":1,"recipe":{"path":"a","git":{"url":"u","ref":"r","path":"p"}},"requester":"a"}"#,
         )
         .unwrap_err();
-        assert!(crate::error::chain_text(&e).contains("exactly one"), "{e}");
+        assert!(e.to_string().contains("exactly one"), "{e}");
         let e = decode::<BuildRequest>(br#"{"v":2,"recipe":{"path":"r"},"requester":"a"}"#)
             .unwrap_err();
-        assert!(crate::error::chain_text(&e).contains("v=2"), "{e}");
+        assert!(e.to_string().contains("v=2"), "{e}");
         let e = decode::<BuildRequest>(br#"{"recipe":{"path":"r"},"requester":"a"}"#).unwrap_err();
-        assert!(crate::error::chain_text(&e).contains("`v`"), "{e}");
+        assert!(e.to_string().contains("`v`"), "{e}");
     }
 
     #[test]

@@ -59,11 +59,11 @@ pub enum InitramfsError {
     /// minijinja's alternate form shows the template line; it is the whole report, not a source.
     #[error("initramfs: rendering the /init template: {0:#}")]
     Template(minijinja::Error),
-    #[error("building the initramfs")]
+    #[error(transparent)]
     Kernel(#[from] KernelError),
-    #[error("building the initramfs")]
+    #[error(transparent)]
     Tree(#[from] TreeError),
-    #[error("building the initramfs")]
+    #[error(transparent)]
     Cpio(#[from] CpioError),
     #[error("initramfs: compressing")]
     Compress(#[source] io::Error),

@@ -45,9 +45,9 @@ pub enum BootError {
         template: &'static str,
         message: String,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Tree(#[from] TreeError),
-    #[error("reading {what}: {source}")]
+    #[error("reading {what}")]
     Read {
         what: String,
         #[source]

@@ -7,8 +7,13 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 
-/// Exit code for recipe errors (bad input the user can fix).
+/// Exit code for an operational failure: a download, a boot, the network, the disk.
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit code for input errors the user can fix: a bad recipe, argument or file they named, or
+/// input kiln refused.
 pub const EXIT_RECIPE: i32 = 2;
+/// Exit code when interrupted (SIGINT, SIGTERM): 128 + SIGINT, as shells report it.
+pub const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -671,7 +676,7 @@ impl AccessOpts {
             &self.allow_env,
             &crate::home::kiln_home(),
         )
-        .map_err(BadInput)
+        .map_err(BadInput::Message)
     }
 }
 
@@ -949,13 +954,7 @@ fn report(d: &Diagnostic) {
 }
 
 fn render(args: RenderArgs) -> anyhow::Result<i32> {
-    let loaded = match recipe::load(&args.recipe, &args.opts.load_options()) {
-        Ok(l) => l,
-        Err(d) => {
-            report(&d);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    let loaded = recipe::load(&args.recipe, &args.opts.load_options())?;
     let mut out = std::io::stdout().lock();
     if args.json {
         let value = serde_json::json!({
@@ -1032,10 +1031,7 @@ fn disk(args: DiskArgs) -> anyhow::Result<i32> {
     use crate::tree::Tree;
     use anyhow::Context;
 
-    let usage = |msg: String| -> anyhow::Result<i32> {
-        eprintln!("error: {msg}");
-        Ok(EXIT_RECIPE)
-    };
+    let usage = |msg: String| -> anyhow::Result<i32> { Err(BadInput::Message(msg).into()) };
     let read_tree = |dir: &PathBuf| -> anyhow::Result<Tree> {
         let mut tree = Tree::from_host_dir(dir)
             .with_context(|| format!("reading the tree {}", dir.display()))?;
@@ -1114,13 +1110,8 @@ fn disk(args: DiskArgs) -> anyhow::Result<i32> {
         partitions,
     };
     let started = std::time::Instant::now();
-    let report = match build_disk(&spec, &args.output) {
-        Ok(r) => r,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    // What does not fit the disk or its filesystems is the trees' or the sizes' fault.
+    let report = build_disk(&spec, &args.output).map_err(BadInput::error)?;
     let elapsed = started.elapsed().as_secs_f64();
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -1368,7 +1359,7 @@ fn profile_names(
         if let Some(d) = file_dir {
             match &dir {
                 Some(other) if *other != d => {
-                    return Err(BadInput(format!(
+                    return Err(BadInput::Message(format!(
                         "--profile {p}: profile files must all be in one directory ({} here); \
                          put them there and pass --profiles DIR with their names",
                         other.display()
@@ -1383,15 +1374,9 @@ fn profile_names(
 }
 
 fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
-    use crate::pipeline::build::{BuildError, BuildOptions, build};
-    use crate::pipeline::bus_build::{BusBuildError, BusTarget, build_over_bus};
-    let (profiles, profiles_dir) = match profile_names(&args.profile, args.profiles.clone()) {
-        Ok(v) => v,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    use crate::pipeline::build::{BuildOptions, build};
+    use crate::pipeline::bus_build::{BusTarget, build_over_bus};
+    let (profiles, profiles_dir) = profile_names(&args.profile, args.profiles.clone())?;
     let opts = BuildOptions {
         recipe: args.recipe.clone(),
         load: args.opts.load_options(),
@@ -1406,31 +1391,17 @@ fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
     let report = if args.no_bus {
         let observe = |stage: crate::bus::Stage, note: crate::pipeline::build::StageNote| {
             let stage = stage.name();
-            let json = || {
-                use crate::pipeline::build::StageNote;
-                match &note {
-                    StageNote::Started => serde_json::json!({ "stage": stage, "kind": "started" }),
-                    StageNote::Progress(p) => serde_json::json!({
-                        "stage": stage, "kind": "progress", "fraction": p.fraction, "message": p.message
-                    }),
-                    StageNote::Completed { cache, seconds } => serde_json::json!({
-                        "stage": stage, "kind": "completed", "cache": cache, "seconds": seconds
-                    }),
-                }
-            };
+            /// A note and its stage, as `--json` prints it on stderr.
+            #[derive(serde::Serialize)]
+            struct Noted<'a> {
+                stage: &'a str,
+                #[serde(flatten)]
+                note: &'a crate::pipeline::build::StageNote,
+            }
+            let json = || serde_json::to_value(Noted { stage, note: &note }).unwrap_or_default();
             display.note(stage, &note, json);
         };
-        match build(&opts, &observe) {
-            Ok(r) => r,
-            Err(BuildError::Recipe(d)) => {
-                report(&d);
-                return Ok(EXIT_RECIPE);
-            }
-            Err(e) => {
-                report_error(&e);
-                return Ok(if e.is_input_error() { EXIT_RECIPE } else { 1 });
-            }
-        }
+        build(&opts, &observe)?
     } else {
         let target = match &args.nats {
             None => BusTarget::Private,
@@ -1453,31 +1424,7 @@ fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
         let result = rt.block_on(build_over_bus(&opts, &target, &observe, interrupted));
         // A stage still running (after Ctrl-C) is abandoned, not waited for.
         rt.shutdown_timeout(std::time::Duration::from_secs(2));
-        match result {
-            Ok((_, r)) => r,
-            Err(BusBuildError::Failed { error, .. }) => {
-                report_failure(&error);
-                let input = matches!(
-                    error.kind,
-                    crate::bus::ErrorKind::Recipe
-                        | crate::bus::ErrorKind::InvalidMessage
-                        | crate::bus::ErrorKind::Verification
-                );
-                return Ok(if input { EXIT_RECIPE } else { 1 });
-            }
-            Err(BusBuildError::Deliver(BuildError::Recipe(d))) => {
-                report(&d);
-                return Ok(EXIT_RECIPE);
-            }
-            Err(e @ BusBuildError::Interrupted(_)) => {
-                report_error(&e);
-                return Ok(130);
-            }
-            Err(e) => {
-                report_error(&e);
-                return Ok(if e.is_input_error() { EXIT_RECIPE } else { 1 });
-            }
-        }
+        result?.1
     };
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -1551,49 +1498,106 @@ fn boot(args: BootArgs) -> anyhow::Result<i32> {
         Some("tcg") => Some(crate::verify::accel::Accel::Tcg),
         _ => None,
     };
-    let report = match boot_image(&args.image, &opts) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(1);
-        }
-    };
+    let report = boot_image(&args.image, &opts)?;
     let mut out = std::io::stdout().lock();
     if args.json {
-        let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64());
-        let v = serde_json::json!({
-            "image": args.image,
-            "profile": report.profile,
-            "accel": report.accel.to_string(),
-            "accel_detail": report.accel_detail,
-            "time_to_first_output": secs(report.time_to_first_output),
-            "time_to_kernel": secs(report.time_to_kernel),
-            "time_to_marker": report.time_to_marker.as_secs_f64(),
-            "total": report.total.as_secs_f64(),
-            "marker_line": report.marker_line,
-            "powered_off": report.powered_off,
-            "serial_log": report.serial_log,
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        /// The report and the image it booted.
+        #[derive(serde::Serialize)]
+        struct Booted<'a> {
+            image: &'a std::path::Path,
+            #[serde(flatten)]
+            report: &'a crate::verify::BootReport,
+        }
+        let booted = Booted {
+            image: &args.image,
+            report: &report,
+        };
+        writeln!(out, "{}", serde_json::to_string_pretty(&booted)?)?;
     } else {
         writeln!(out, "{report}")?;
     }
     Ok(0)
 }
 
-/// Print an error and the chain of its causes to stderr.
-fn report_error(e: &dyn std::error::Error) {
-    eprintln!("error: {e}");
-    let mut source = e.source();
-    while let Some(s) = source {
-        eprintln!("  caused by: {s}");
-        source = s.source();
+/// How every command ends in failure: the error printed once ([`print_error`]) and the exit
+/// code it means ([`exit_code`]). A reader that went away (`kiln render … | head`) is not an
+/// error worth a message.
+pub fn fail(err: &anyhow::Error) -> i32 {
+    let broken_pipe = err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+    if broken_pipe {
+        return 0;
+    }
+    print_error(err);
+    exit_code(err)
+}
+
+/// Print a command's error on stderr: `error: <what failed>`, then each cause once,
+/// `  caused by: <cause>`. A recipe diagnostic is its own report (the source line, a caret, the
+/// help), and a stage's `failed` message prints with its detail.
+pub fn print_error(err: &anyhow::Error) {
+    use crate::pipeline::build::BuildError;
+    use crate::pipeline::bus_build::BusBuildError;
+    if let Some(d) = err.downcast_ref::<Diagnostic>() {
+        return report(d);
+    }
+    if let Some(BuildError::Recipe(d)) = err.downcast_ref::<BuildError>() {
+        return report(d);
+    }
+    match err.downcast_ref::<BusBuildError>() {
+        Some(BusBuildError::Deliver(BuildError::Recipe(d))) => return report(d),
+        Some(BusBuildError::Failed { error, .. }) => return report_failure(error),
+        _ => {}
+    }
+    let chain = crate::error::chain(err.as_ref());
+    let mut lines = chain.iter();
+    if let Some(top) = lines.next() {
+        eprintln!("error: {top}");
+    }
+    for cause in lines {
+        eprintln!("  caused by: {cause}");
     }
 }
 
-fn store_failed(e: &crate::store::StoreError) -> i32 {
-    report_error(e);
-    1
+/// The exit code an error means: [`EXIT_RECIPE`] when the user's input is at fault,
+/// [`EXIT_INTERRUPTED`] when the command was stopped, else [`EXIT_FAILURE`]. The outermost error
+/// that knows decides.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    use crate::pipeline::build::BuildError;
+    use crate::pipeline::bus_build::BusBuildError;
+    use crate::pipeline::stages::StageError;
+    let input = |yes: bool| if yes { EXIT_RECIPE } else { EXIT_FAILURE };
+    for e in err.chain() {
+        if e.is::<BadInput>() || e.is::<Diagnostic>() {
+            return EXIT_RECIPE;
+        }
+        if let Some(e) = e.downcast_ref::<BusBuildError>() {
+            return match e {
+                BusBuildError::Interrupted(_) => EXIT_INTERRUPTED,
+                e => input(e.is_input_error()),
+            };
+        }
+        if let Some(e) = e.downcast_ref::<BuildError>() {
+            return input(e.is_input_error());
+        }
+        if let Some(e) = e.downcast_ref::<StageError>() {
+            return input(e.is_input_error());
+        }
+        // `kiln boot`: the machine profile the operator named.
+        if let Some(e) = e.downcast_ref::<crate::verify::VerifyError>() {
+            use crate::verify::VerifyError as V;
+            return input(matches!(
+                e,
+                V::ProfileName { .. }
+                    | V::ProfileNotFound { .. }
+                    | V::ProfileParse { .. }
+                    | V::ProfileInvalid { .. }
+            ));
+        }
+    }
+    EXIT_FAILURE
 }
 
 fn keygen(output: &std::path::Path) -> anyhow::Result<i32> {
@@ -1607,7 +1611,7 @@ fn keygen(output: &std::path::Path) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        Err(e) => Ok(store_failed(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1616,10 +1620,7 @@ fn publish(args: PublishArgs) -> anyhow::Result<i32> {
     let key = match &args.key {
         Some(path) => match load_signing_key(path) {
             Ok(k) => Some(k),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Ok(EXIT_RECIPE);
-            }
+            Err(e) => return Err(BadInput::error(e).into()),
         },
         None => {
             tracing::warn!(
@@ -1650,12 +1651,7 @@ fn publish(args: PublishArgs) -> anyhow::Result<i32> {
     match crate::store::publish(&args.image, &args.to, &meta, key.as_ref(), &opts) {
         Ok(r) => {
             if args.json {
-                let v = serde_json::json!({
-                    "reference": r.reference, "manifest_digest": r.manifest_digest,
-                    "layer_digest": r.layer_digest, "signature_digest": r.signature_digest,
-                    "tags": r.tags, "bytes": r.bytes, "uploaded": r.uploaded, "seconds": r.seconds,
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
                     "{} ({} MiB, {} MiB uploaded, {:.2} s){}",
@@ -1672,19 +1668,16 @@ fn publish(args: PublishArgs) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Err(e) => Ok(store_failed(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
 fn pull(args: PullArgs) -> anyhow::Result<i32> {
-    use crate::store::{SignatureCheck, StoreOptions, load_verifying_key};
+    use crate::store::{StoreOptions, load_verifying_key};
     let trust = match &args.trust {
         Some(path) => match load_verifying_key(path) {
             Ok(k) => Some(k),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Ok(EXIT_RECIPE);
-            }
+            Err(e) => return Err(BadInput::error(e).into()),
         },
         None => None,
     };
@@ -1696,33 +1689,32 @@ fn pull(args: PullArgs) -> anyhow::Result<i32> {
     };
     match crate::store::pull(&args.reference, &args.output, trust.as_ref(), &opts) {
         Ok(r) => {
-            let signature = match &r.signature {
-                SignatureCheck::Verified { key } => format!("signature verified (key {key})"),
-                SignatureCheck::Unchecked { key } => {
-                    format!("signed by {key}, not checked (no --trust)")
-                }
-                SignatureCheck::Missing => "unsigned".to_string(),
-            };
             if args.json {
-                let v = serde_json::json!({
-                    "reference": r.reference, "manifest_digest": r.manifest_digest,
-                    "layer_digest": r.layer_digest, "format": r.format, "signature": signature,
-                    "bytes": r.bytes, "transferred": r.transferred, "resumed_from": r.resumed_from,
-                    "seconds": r.seconds, "output": args.output,
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                /// The report and where it went.
+                #[derive(serde::Serialize)]
+                struct Pulled<'a> {
+                    #[serde(flatten)]
+                    report: &'a crate::store::PullReport,
+                    output: &'a std::path::Path,
+                }
+                let pulled = Pulled {
+                    report: &r,
+                    output: &args.output,
+                };
+                println!("{}", serde_json::to_string_pretty(&pulled)?);
             } else {
                 println!(
-                    "{} -> {} ({} MiB, {:.2} s, {signature})",
+                    "{} -> {} ({} MiB, {:.2} s, {})",
                     r.reference,
                     args.output.display(),
                     r.bytes >> 20,
-                    r.seconds
+                    r.seconds,
+                    r.signature
                 );
             }
             Ok(0)
         }
-        Err(e) => Ok(store_failed(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1735,17 +1727,7 @@ fn images(target: &str, insecure: bool, json: bool) -> anyhow::Result<i32> {
     match crate::store::images(target, &opts) {
         Ok(list) => {
             if json {
-                let v: Vec<_> = list
-                    .iter()
-                    .map(|i| {
-                        serde_json::json!({
-                            "repository": i.repository, "tag": i.tag,
-                            "manifest_digest": i.manifest_digest, "size": i.size,
-                            "created": i.created, "format": i.format, "signed": i.signed,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for i in &list {
                     println!(
@@ -1762,7 +1744,7 @@ fn images(target: &str, insecure: bool, json: bool) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Err(e) => Ok(store_failed(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1878,12 +1860,13 @@ struct ApiSetup {
 
 /// Read `kiln up`'s API options: None for `--listen none`.
 fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
+    use anyhow::Context;
     let text = args.listen.as_deref().unwrap_or(crate::api::DEFAULT_LISTEN);
     if text.eq_ignore_ascii_case("none") {
         return Ok(None);
     }
     let listen: std::net::SocketAddr = text.parse().map_err(|_| {
-        BadInput(format!(
+        BadInput::Message(format!(
             "--listen {text:?} is not an address: give IP:PORT (e.g. 127.0.0.1:7070, [::1]:7070) or `none`"
         ))
     })?;
@@ -1894,8 +1877,8 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
     }
     let home = crate::home::kiln_home();
     let env = std::env::var("KILN_API_TOKEN").ok();
-    let (token, origin) = crate::api::load_token(args.token_file.as_deref(), env, &home)
-        .map_err(|e| BadInput(e.to_string()))?;
+    let (token, origin) =
+        crate::api::load_token(args.token_file.as_deref(), env, &home).map_err(BadInput::error)?;
     match origin {
         crate::api::TokenOrigin::Generated(path) => {
             eprintln!("kiln: API token in {}", path.display())
@@ -1908,19 +1891,22 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
     let secret = match &args.hook_secret_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
-                .map_err(|e| BadInput(format!("hook secret file {}: {e}", path.display())))?;
+                .map_err(BadInput::error)
+                .with_context(|| format!("cannot read the hook secret file {}", path.display()))?;
             let secret = text.trim().as_bytes().to_vec();
             if secret.is_empty() {
-                return Err(
-                    BadInput(format!("hook secret file {} is empty", path.display())).into(),
-                );
+                return Err(BadInput::Message(format!(
+                    "hook secret file {} is empty",
+                    path.display()
+                ))
+                .into());
             }
             Some(secret)
         }
         None => None,
     };
     glob::Pattern::new(&args.hook_recipes).map_err(|e| {
-        BadInput(format!(
+        BadInput::Message(format!(
             "--hook-recipes {:?} is not a valid glob: {}; write e.g. recipes/*.yaml",
             args.hook_recipes, e.msg
         ))
@@ -1944,49 +1930,42 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
     }))
 }
 
-/// A bad argument: exit code 2.
+/// Input the user gave is at fault (an argument, a file they named): exit code 2.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct BadInput(String);
+enum BadInput {
+    #[error("{0}")]
+    Message(String),
+    /// A library error about that input, shown as it is (its causes stay its causes).
+    #[error(transparent)]
+    Error(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl BadInput {
+    fn error(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        BadInput::Error(Box::new(e))
+    }
+}
 
 fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
-    let api = match api_setup(&args) {
-        Ok(api) => api,
-        Err(e) => {
-            report_error(e.as_ref());
-            return Ok(EXIT_RECIPE);
-        }
-    };
-    let config = match worker_config(
+    let api = api_setup(&args)?;
+    let config = worker_config(
         &args.access,
         &args.limits,
         &args.hook_repos,
         args.profiles.clone(),
         &args.publish,
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    )?;
     run_workers(&args.nats, &args.retry, Vec::new(), config, api)
 }
 
 fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
-    let config = match worker_config(
+    let config = worker_config(
         &args.access,
         &args.limits,
         &[],
         args.profiles.clone(),
         &args.publish,
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    )?;
     run_workers(&args.nats, &args.retry, args.stages, config, None)
 }
 
@@ -2011,19 +1990,13 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     if !(args.interval > 0.0 && args.interval.is_finite()) {
-        report_error(&BadInput(format!(
+        return Err(BadInput::Message(format!(
             "--interval {} must be a positive number of seconds",
             args.interval
-        )));
-        return Ok(EXIT_RECIPE);
+        ))
+        .into());
     }
-    let source = match crate::source::GitMirror::new(&args.repo) {
-        Ok(s) => s,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    let source = crate::source::GitMirror::new(&args.repo).map_err(BadInput::error)?;
     let url = source.url().to_string();
     let state = args.state.clone().unwrap_or_else(|| {
         state_file_for(
@@ -2033,13 +2006,8 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
             &args.recipes,
         )
     });
-    let mut watcher = match Watcher::with_source(source, &args.git_ref, &args.recipes, &state) {
-        Ok(w) => w,
-        Err(e) => {
-            report_error(&e);
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    let mut watcher = Watcher::with_source(source, &args.git_ref, &args.recipes, &state)
+        .map_err(BadInput::error)?;
     let rt = runtime()?;
     let bus = rt.block_on(crate::bus::Bus::connect(&args.nats.connect_options()))?;
     rt.block_on(bus.kiln_stream())?;
@@ -2108,10 +2076,32 @@ fn watch(args: WatchArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-use crate::pipeline::events::event_json;
+/// One stage event on stdout, for `kiln logs` and `kiln submit --follow`: a JSON object with
+/// `--json`, else a line (time, stage, event, worker, cache, duration, progress or the error)
+/// and, for a failure, its whole report indented (source line and caret, a boot's serial tail).
+fn print_event(event: &crate::bus::StageEvent, json: bool) -> anyhow::Result<()> {
+    use crate::bus::StageEvent;
+    use crate::pipeline::events::{event_json, event_line};
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", event_json(event))?;
+    } else {
+        writeln!(out, "{}", event_line(event))?;
+        if let StageEvent::Failed(f) = event
+            && let Some(detail) = &f.error.detail
+        {
+            for l in detail.lines() {
+                writeln!(out, "    | {l}")?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
 
 fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
     use crate::bus::{BuildRequest, RecipeSource, StageEvent};
+    use crate::pipeline::events::ends_build;
     use futures::StreamExt;
     let recipe = match (&args.git, &args.recipe) {
         (Some(url), _) => {
@@ -2120,7 +2110,7 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
                 .clone()
                 .or_else(|| args.recipe.as_ref().map(|p| p.display().to_string()))
                 .ok_or_else(|| {
-                    anyhow::anyhow!("--git needs --path (the recipe in the repository)")
+                    BadInput::Message("--git needs --path (the recipe in the repository)".into())
                 })?;
             RecipeSource::Git {
                 git: crate::bus::GitSource {
@@ -2133,7 +2123,12 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
         (None, Some(path)) => RecipeSource::Path {
             path: std::path::absolute(path)?,
         },
-        (None, None) => anyhow::bail!("give a recipe file, or --git URL --ref REF --path FILE"),
+        (None, None) => {
+            return Err(BadInput::Message(
+                "give a recipe file, or --git URL --ref REF --path FILE".into(),
+            )
+            .into());
+        }
     };
     let requester = std::env::var("USER").unwrap_or_else(|_| "kiln submit".into());
     let mut req = BuildRequest::new(recipe, requester);
@@ -2162,56 +2157,13 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
         while let Some(ev) = events.next().await {
             let ev = ev?;
             let Ok(event) = ev.event else { continue };
-            let mut out = std::io::stdout().lock();
-            if args.json {
-                writeln!(out, "{}", event_json(&event))?;
-            } else {
-                match &event {
-                    StageEvent::Started(s) => {
-                        writeln!(out, "{:>8} started on {}", s.stage.name(), s.worker)?
-                    }
-                    StageEvent::Progress(p) => writeln!(
-                        out,
-                        "{:>8} {}",
-                        p.stage.name(),
-                        p.message.clone().unwrap_or_default()
-                    )?,
-                    StageEvent::Completed(c) => writeln!(
-                        out,
-                        "{:>8} completed ({}, {:.2} s) on {}",
-                        c.stage.name(),
-                        if c.cache == crate::bus::CacheStatus::Hit {
-                            "hit"
-                        } else {
-                            "miss"
-                        },
-                        c.duration_ms as f64 / 1000.0,
-                        c.worker
-                    )?,
-                    StageEvent::Failed(f) => {
-                        let place = match (&f.error.file, f.error.line, f.error.column) {
-                            (Some(file), Some(l), Some(c)) => format!("{file}:{l}:{c}: "),
-                            (Some(file), _, _) => format!("{file}: "),
-                            _ => String::new(),
-                        };
-                        writeln!(
-                            out,
-                            "{:>8} failed on {}: {place}{}",
-                            f.stage.name(),
-                            f.worker,
-                            f.error.message
-                        )?
-                    }
-                }
-            }
-            out.flush()?;
-            match &event {
-                StageEvent::Failed(_) => return Ok(1),
-                // publish is the last stage: its completed message ends the build.
-                StageEvent::Completed(c) if c.stage.next().is_none() => {
-                    return Ok(0);
-                }
-                _ => {}
+            print_event(&event, args.json)?;
+            if ends_build(&event) {
+                return Ok(if matches!(event, StageEvent::Failed(_)) {
+                    EXIT_FAILURE
+                } else {
+                    0
+                });
             }
         }
         anyhow::bail!("the event stream of build {id} ended")
@@ -2219,17 +2171,10 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
 }
 
 fn agent(args: AgentArgs) -> anyhow::Result<i32> {
-    use crate::agent::{AgentConfig, parse_watch};
-    let (repository, tag) = match parse_watch(&args.watch) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(EXIT_RECIPE);
-        }
-    };
+    use crate::agent::{AgentConfig, AgentEvent, parse_watch};
+    let (repository, tag) = parse_watch(&args.watch).map_err(BadInput::error)?;
     if let Err(e) = crate::store::load_verifying_key(&args.trust) {
-        eprintln!("error: --trust: {e}");
-        return Ok(EXIT_RECIPE);
+        return Err(anyhow::Error::new(BadInput::error(e)).context("--trust"));
     }
     let config = AgentConfig {
         name: args.name.clone(),
@@ -2251,32 +2196,31 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
         },
     };
     let json = args.json;
-    let report: crate::agent::Report = Box::new(move |v: &serde_json::Value| {
+    let report: crate::agent::Report = Box::new(move |event: &AgentEvent| {
         let mut out = std::io::stdout().lock();
         let _ = if json {
-            writeln!(out, "{v}")
+            match serde_json::to_string(event) {
+                Ok(line) => writeln!(out, "{line}"),
+                Err(e) => Err(std::io::Error::other(e)),
+            }
         } else {
-            let kind = v["kind"].as_str().unwrap_or("");
-            match kind {
-                "ready" => writeln!(
+            match event {
+                AgentEvent::Ready {
+                    agent,
+                    watch,
+                    running,
+                    ..
+                } => writeln!(
                     out,
-                    "agent {} watching {}; running {}",
-                    v["agent"].as_str().unwrap_or(""),
-                    v["watch"].as_str().unwrap_or(""),
-                    v["running"].as_str().unwrap_or("nothing")
+                    "agent {agent} watching {watch}; running {}",
+                    running.as_deref().unwrap_or("nothing")
                 ),
-                "completed" => writeln!(
-                    out,
-                    "running {} (QEMU pid {})",
-                    v["reference"].as_str().unwrap_or(""),
-                    v["vm"]["pid"]
-                ),
-                _ => writeln!(
-                    out,
-                    "failed {}: {}",
-                    v["reference"].as_str().unwrap_or(""),
-                    v["error"]["message"].as_str().unwrap_or("")
-                ),
+                AgentEvent::Completed(c) => {
+                    writeln!(out, "running {} (QEMU pid {})", c.reference, c.vm["pid"])
+                }
+                AgentEvent::Failed(f) => {
+                    writeln!(out, "failed {}: {}", f.reference, f.error.message)
+                }
             }
         };
         let _ = out.flush();
@@ -2367,8 +2311,9 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
                 )?;
             }
         }
+        // A failed build is what was asked for, shown: its exit code says how it ended.
         Ok(if status.state == BuildState::Failed {
-            1
+            EXIT_FAILURE
         } else {
             0
         })
@@ -2377,26 +2322,9 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
 
 fn nats_logs(args: LogsArgs) -> anyhow::Result<i32> {
     use crate::bus::StageEvent;
-    use crate::pipeline::events::{ends_build, event_line};
+    use crate::pipeline::events::ends_build;
     use futures::StreamExt;
-    let print = |event: &StageEvent| -> anyhow::Result<()> {
-        let mut out = std::io::stdout().lock();
-        if args.json {
-            writeln!(out, "{}", event_json(event))?;
-        } else {
-            writeln!(out, "{}", event_line(event))?;
-            // The whole report of a failure (source line and caret, a boot's serial tail).
-            if let StageEvent::Failed(f) = event
-                && let Some(detail) = &f.error.detail
-            {
-                for l in detail.lines() {
-                    writeln!(out, "    | {l}")?;
-                }
-            }
-        }
-        out.flush()?;
-        Ok(())
-    };
+    let print = |event: &StageEvent| print_event(event, args.json);
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
         let mut failed = false;
@@ -2417,7 +2345,7 @@ fn nats_logs(args: LogsArgs) -> anyhow::Result<i32> {
                     Err(e) => eprintln!("warning: {} (sequence {}): {e}", ev.subject, ev.sequence),
                 }
             }
-            return Ok(if failed { 1 } else { 0 });
+            return Ok(if failed { EXIT_FAILURE } else { 0 });
         }
         let events = bus.follow(&args.build, true).await?;
         tokio::pin!(events);
@@ -2433,7 +2361,7 @@ fn nats_logs(args: LogsArgs) -> anyhow::Result<i32> {
             print(&event)?;
             if ends_build(&event) {
                 return Ok(if matches!(event, StageEvent::Failed(_)) {
-                    1
+                    EXIT_FAILURE
                 } else {
                     0
                 });
@@ -2441,4 +2369,59 @@ fn nats_logs(args: LogsArgs) -> anyhow::Result<i32> {
         }
         anyhow::bail!("the event stream of build {} ended", args.build)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_notes_print_as_the_json_lines_they_always_were() {
+        use crate::pipeline::build::StageNote;
+        use crate::pipeline::stages::ProgressUpdate;
+        let v = |n: StageNote| serde_json::to_value(n).unwrap();
+        assert_eq!(
+            v(StageNote::Started),
+            serde_json::json!({"kind": "started"})
+        );
+        assert_eq!(
+            v(StageNote::Progress(ProgressUpdate::new(Some(0.5), "x"))),
+            serde_json::json!({"kind": "progress", "fraction": 0.5, "message": "x"})
+        );
+        let cache = crate::bus::CacheStatus::Hit;
+        assert_eq!(
+            v(StageNote::Completed {
+                cache,
+                seconds: 1.5
+            }),
+            serde_json::json!({"kind": "completed", "cache": cache, "seconds": 1.5})
+        );
+    }
+
+    #[test]
+    fn exit_codes_are_decided_by_the_error() {
+        use crate::pipeline::bus_build::BusBuildError;
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        // Input: a bad argument, or a library error about a file the user named.
+        assert_eq!(
+            exit_code(&BadInput::Message("--size lots".into()).into()),
+            2
+        );
+        assert_eq!(exit_code(&BadInput::error(io()).into()), 2);
+        let wrapped = anyhow::Error::new(BadInput::error(io())).context("--trust");
+        assert_eq!(exit_code(&wrapped), 2);
+        // Operational: anything else.
+        assert_eq!(exit_code(&io().into()), 1);
+        assert_eq!(exit_code(&anyhow::anyhow!("the stream ended")), 1);
+        // Interrupted.
+        assert_eq!(
+            exit_code(&BusBuildError::Interrupted("b".into()).into()),
+            130
+        );
+        assert_eq!(exit_code(&BusBuildError::StreamEnded("b".into()).into()), 1);
+        let profile = crate::verify::VerifyError::ProfileName {
+            name: "../x".into(),
+        };
+        assert_eq!(exit_code(&profile.into()), 2);
+    }
 }

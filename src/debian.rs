@@ -28,9 +28,9 @@ pub enum DebianError {
         "mmdebstrap not found: install the Debian package mmdebstrap (apt-get install mmdebstrap)"
     )]
     MmdebstrapMissing,
-    #[error("starting mmdebstrap: {0}")]
+    #[error("starting mmdebstrap")]
     Spawn(#[source] std::io::Error),
-    #[error("writing the Debian base into the cache: {0}; check that $KILN_HOME has space")]
+    #[error("writing the Debian base into the cache (check that $KILN_HOME has space)")]
     Store(#[source] std::io::Error),
     #[error(
         "mmdebstrap {suite} ({variant}) failed ({status}); its last lines:\n{stderr}\ncheck the \
@@ -43,7 +43,7 @@ pub enum DebianError {
         status: String,
         stderr: String,
     },
-    #[error("reading mmdebstrap's tarball: {source}; mmdebstrap said:\n{stderr}")]
+    #[error("reading mmdebstrap's tarball; mmdebstrap said:\n{stderr}")]
     Tarball {
         #[source]
         source: TreeError,

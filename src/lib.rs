@@ -10,6 +10,7 @@ pub mod cli;
 pub mod debian;
 pub mod digest;
 pub mod disk;
+pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod home;

@@ -67,7 +67,7 @@ pub struct Manifest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("storing the content of {path}: {source}")]
+    #[error("storing the content of {path}")]
     Store {
         path: String,
         #[source]

@@ -33,7 +33,7 @@ pub enum RootfsError {
          image"
     )]
     UnknownGroup { user: String, group: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Systemd(#[from] crate::systemd::SystemdError),
     #[error(transparent)]
     Tree(#[from] TreeError),

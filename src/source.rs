@@ -117,7 +117,7 @@ pub enum SourceError {
         what: String,
         limit: u64,
     },
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: String,
         path: PathBuf,

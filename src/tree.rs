@@ -33,7 +33,7 @@ pub enum TreeError {
     },
     #[error("{path}: cannot replace a directory that has entries with a non-directory")]
     ReplaceDir { path: String },
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -46,7 +46,7 @@ pub enum TreeError {
          of it was kept"
     )]
     TarLimit { what: String, limit: u64 },
-    #[error("tar stream: {context}: {source}")]
+    #[error("tar stream: {context}")]
     Tar {
         context: String,
         #[source]

@@ -219,11 +219,19 @@ impl Watcher {
                         on_trigger(t);
                     }
                     if let Err(e) = self.save(state) {
-                        tracing::warn!("watch {}: {e}", redact(self.source.url()));
+                        tracing::warn!(
+                            "watch {}: {}",
+                            redact(self.source.url()),
+                            crate::error::Chain(&e)
+                        );
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!("watch {}: {e}", redact(self.source.url())),
+                Err(e) => tracing::warn!(
+                    "watch {}: {}",
+                    redact(self.source.url()),
+                    crate::error::Chain(&e)
+                ),
             }
             while !stop() && started.elapsed() < interval {
                 let left = interval.saturating_sub(started.elapsed());

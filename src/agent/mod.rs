@@ -32,7 +32,7 @@ use crate::bus::{
 use crate::store::{self, Reference, StoreError, StoreOptions, VerifyingKey};
 use crate::task::blocking;
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 use state::{AgentState, HealthSpec, VmRecord};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -54,7 +54,7 @@ pub enum AgentError {
     Key(#[from] store::KeyError),
     #[error(transparent)]
     Verify(#[from] crate::verify::VerifyError),
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -113,8 +113,42 @@ pub fn parse_watch(text: &str) -> Result<(String, String), AgentError> {
     }
 }
 
-/// What the agent reports as it works (printed by `kiln agent --json`).
-pub type Report = Box<dyn Fn(&Value) + Send + Sync>;
+/// What the agent reports as it works (printed by `kiln agent`, with `--json` as JSON lines).
+pub type Report = Box<dyn Fn(&AgentEvent) + Send + Sync>;
+
+/// One thing the agent did, as `kiln agent --json` prints it: an object with its `kind`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum AgentEvent {
+    /// Started, and watching the tag (after re-adopting or rebooting what ran before).
+    Ready {
+        agent: String,
+        /// `repository:tag`.
+        watch: String,
+        /// The reference of the image running now.
+        running: Option<String>,
+        /// Its QEMU's process id.
+        pid: Option<u32>,
+        /// The stable address forwarded to the running VM.
+        listen: Option<String>,
+    },
+    /// An image runs: the message published on `kiln.deploy.<agent>.completed`.
+    Completed(DeployCompleted),
+    /// An image was refused or did not become healthy: `kiln.deploy.<agent>.failed`.
+    Failed(DeployFailed),
+}
+
+/// The VM a deploy started, as `DeployCompleted.vm` carries it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+struct VmReport<'a> {
+    id: u64,
+    pid: u32,
+    qmp: &'a Path,
+    serial_log: &'a Path,
+    guest_port: Option<u16>,
+    host_port: Option<u16>,
+    seconds_to_healthy: Option<f64>,
+}
 
 /// Whether a message announces the watched tag of the watched repository.
 pub fn announces(msg: &ImagePublished, repository: &str, tag: &str) -> bool {
@@ -192,11 +226,16 @@ enum Deployed {
 }
 
 fn vm_json(vm: &VmRecord, seconds: Option<f64>) -> Value {
-    json!({
-        "id": vm.id, "pid": vm.pid, "qmp": vm.qmp, "serial_log": vm.serial_log,
-        "guest_port": vm.guest_port, "host_port": vm.host_port,
-        "seconds_to_healthy": seconds,
-    })
+    let report = VmReport {
+        id: vm.id,
+        pid: vm.pid,
+        qmp: &vm.qmp,
+        serial_log: &vm.serial_log,
+        guest_port: vm.guest_port,
+        host_port: vm.host_port,
+        seconds_to_healthy: seconds,
+    };
+    serde_json::to_value(report).unwrap_or(Value::Null)
 }
 
 fn failed(
@@ -285,7 +324,10 @@ fn deploy(
                 msg,
                 &default_app,
                 kind,
-                format!("refused {pull_ref}, nothing was booted: {e}"),
+                format!(
+                    "refused {pull_ref}, nothing was booted: {}",
+                    crate::error::Chain(&e)
+                ),
                 state,
                 false,
             ));
@@ -368,7 +410,11 @@ fn deploy(
                 msg,
                 &application,
                 ErrorKind::Internal,
-                format!("could not start a VM for {}: {e}", msg.reference),
+                format!(
+                    "could not start a VM for {}: {}",
+                    msg.reference,
+                    crate::error::Chain(&e)
+                ),
                 state,
                 true,
             ));
@@ -499,7 +545,7 @@ fn recover(
         &config.profile,
         &req,
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| crate::error::chain_text(&e))
     .and_then(|mut new| match vm::wait_healthy(&new, started) {
         Ok(_) => {
             new.since = crate::time::rfc3339(now_ms() as i64, crate::time::Precision::Millis);
@@ -547,31 +593,26 @@ fn recover(
 }
 
 async fn announce(bus: &Bus, outcome: &Deployed, report: &Report) {
-    let (r, v) = match outcome {
+    let (r, event) = match outcome {
         Deployed::Completed(c) => (
             bus.publish_deploy_completed(c).await,
-            serde_json::to_value(c).map(|mut v| {
-                v["kind"] = "completed".into();
-                v
-            }),
+            AgentEvent::Completed(c.clone()),
         ),
         Deployed::Failed(f) => {
             tracing::warn!("deploy of {} failed: {}", f.reference, f.error.message);
             (
                 bus.publish_deploy_failed(f).await,
-                serde_json::to_value(f).map(|mut v| {
-                    v["kind"] = "failed".into();
-                    v
-                }),
+                AgentEvent::Failed(f.clone()),
             )
         }
     };
     if let Err(e) = r {
-        tracing::warn!("cannot publish the deploy result: {e}");
+        tracing::warn!(
+            "cannot publish the deploy result: {}",
+            crate::error::Chain(&e)
+        );
     }
-    if let Ok(v) = v {
-        report(&v);
-    }
+    report(&event);
 }
 
 impl From<tokio::task::JoinError> for AgentError {
@@ -619,13 +660,13 @@ pub async fn run(
     if let Some(o) = &outcome {
         announce(bus, o, &report).await;
     }
-    report(&json!({
-        "kind": "ready", "agent": config.name,
-        "watch": format!("{}:{}", config.repository, config.tag),
-        "running": state.current.as_ref().map(|c| c.reference.clone()),
-        "pid": state.current.as_ref().map(|c| c.pid),
-        "listen": config.listen.map(|a| a.to_string()),
-    }));
+    report(&AgentEvent::Ready {
+        agent: config.name.clone(),
+        watch: format!("{}:{}", config.repository, config.tag),
+        running: state.current.as_ref().map(|c| c.reference.clone()),
+        pid: state.current.as_ref().map(|c| c.pid),
+        listen: config.listen.map(|a| a.to_string()),
+    });
 
     let subject = subjects::image_published(&config.repository);
     bus.kiln_stream().await?;
@@ -643,7 +684,11 @@ pub async fn run(
         let msg: ImagePublished = match crate::bus::decode(&m.payload) {
             Ok(v) => v,
             Err(e) => {
-                tracing::warn!("ignoring a message on {}: {e}", m.subject);
+                tracing::warn!(
+                    "ignoring a message on {}: {}",
+                    m.subject,
+                    crate::error::Chain(&e)
+                );
                 continue;
             }
         };
@@ -770,6 +815,36 @@ pub fn current_vm(state_dir: &Path) -> Result<Option<VmRecord>, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_print_as_objects_with_their_kind() {
+        let ready = AgentEvent::Ready {
+            agent: "hv-07".into(),
+            watch: "127.0.0.1:5000/team/web:production".into(),
+            running: None,
+            pid: None,
+            listen: Some("127.0.0.1:8080".into()),
+        };
+        let v = serde_json::to_value(&ready).unwrap();
+        assert_eq!(v["kind"], "ready");
+        assert_eq!(v["agent"], "hv-07");
+        assert!(v["running"].is_null() && v.get("running").is_some(), "{v}");
+        let failed = AgentEvent::Failed(DeployFailed {
+            v: VERSION,
+            agent: "hv-07".into(),
+            build: None,
+            application: "web".into(),
+            reference: "r".into(),
+            error: ErrorInfo::new(ErrorKind::Verification, "unsigned"),
+            rolled_back: false,
+            running: None,
+            time: EventTime::now(),
+        });
+        let v = serde_json::to_value(&failed).unwrap();
+        assert_eq!(v["kind"], "failed");
+        assert_eq!(v["error"]["message"], "unsigned");
+        assert_eq!(v["reference"], "r");
+    }
 
     fn msg(reference: &str, tags: &[&str]) -> ImagePublished {
         ImagePublished {

@@ -83,11 +83,10 @@ pub fn start(
         .arg(&req.image)
         .arg(&overlay)
         .output()
-        .map_err(|e| {
-            AgentError::Qemu(format!(
-                "running qemu-img (Debian package qemu-utils) to create {}: {e}",
-                overlay.display()
-            ))
+        .map_err(|source| AgentError::Io {
+            what: "run qemu-img (Debian package qemu-utils) to create",
+            path: overlay.clone(),
+            source,
         })?;
     if !out.status.success() {
         return Err(AgentError::Qemu(format!(
@@ -122,7 +121,11 @@ pub fn start(
         .args(service_args(&vm))
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| AgentError::Qemu(format!("starting {}: {e}", qemu.display())))?;
+        .map_err(|source| AgentError::Io {
+            what: "start",
+            path: qemu.clone(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(AgentError::Qemu(format!(
             "{} did not start the VM ({}): {}",

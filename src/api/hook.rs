@@ -214,7 +214,13 @@ impl HookConfig {
         match found {
             Some(r) => GitMirror::with_home(r, &self.home)
                 .map(|s| s.url().to_string())
-                .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())),
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        crate::error::chain_text(&e),
+                    )
+                }),
             None if self.repos.is_empty() => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
@@ -267,7 +273,7 @@ impl From<WatchError> for ApiError {
             ) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        ApiError::new(status, kind, e.to_string())
+        ApiError::new(status, kind, crate::error::chain_text(&e))
     }
 }
 

@@ -92,7 +92,11 @@ impl ApiError {
 
 impl From<BusError> for ApiError {
     fn from(e: BusError) -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bus", e.to_string())
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus",
+            crate::error::chain_text(&e),
+        )
     }
 }
 
@@ -257,8 +261,12 @@ pub fn parse_request(body: &[u8]) -> Result<BuildRequest, ApiError> {
         ));
     }
     // The bus's own checks, so both accept exactly the same messages.
-    let req = crate::bus::decode::<BuildRequest>(body)
-        .map_err(|e| ApiError::invalid(None, format!("invalid build request: {e}")))?;
+    let req = crate::bus::decode::<BuildRequest>(body).map_err(|e| {
+        ApiError::invalid(
+            None,
+            format!("invalid build request: {}", crate::error::Chain(&e)),
+        )
+    })?;
     req.check().map_err(|e| {
         ApiError::invalid(Some(e.field.clone()), format!("invalid build request: {e}"))
     })?;
@@ -392,7 +400,9 @@ async fn events(
                 match follow.next().await {
                     None => return None,
                     Some(Err(e)) => {
-                        let event = Event::default().event("error").data(e.to_string());
+                        let event = Event::default()
+                            .event("error")
+                            .data(crate::error::chain_text(&e));
                         return Some((Ok::<Event, Infallible>(event), (follow, true, slot)));
                     }
                     Some(Ok(recorded)) => {
@@ -494,7 +504,7 @@ pub enum TokenOrigin {
 /// Why no token could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("API token file {path}: {source}")]
+    #[error("cannot read the API token file {path}")]
     Io {
         path: PathBuf,
         #[source]

@@ -27,7 +27,7 @@ pub const CHUNK_SIZE: usize = 960 * 1024;
 pub enum BlobError {
     #[error(transparent)]
     Bus(#[from] BusError),
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -53,7 +53,7 @@ pub enum BlobError {
         "stage key {key:?} has characters a KV key cannot hold (allowed: letters, digits, `-_/.` and `:`)"
     )]
     BadKey { key: String },
-    #[error("stage outputs under {key} in {STAGE_BUCKET} are not JSON: {source}")]
+    #[error("stage outputs under {key} in {STAGE_BUCKET} are not JSON")]
     BadOutputs {
         key: String,
         #[source]

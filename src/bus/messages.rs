@@ -18,12 +18,12 @@ pub const VERSION: u32 = 1;
 /// Why a payload could not be read as a message.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    /// Not JSON, a wrong type, or a missing required field (serde names the field).
-    #[error("invalid {what} message: {source}")]
+    /// Not JSON, a wrong type, or a missing required field. serde's text (which names the
+    /// field) is the reason, part of this message: it has no cause of its own.
+    #[error("invalid {what} message: {error}")]
     Json {
         what: &'static str,
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error(
         "unsupported {what} message version v={found}: this kiln reads v={VERSION}; upgrade kiln or publish v={VERSION}"
@@ -41,9 +41,9 @@ pub trait Message: Serialize + DeserializeOwned {
 
 /// Parse a message: JSON, required fields present, `v` = 1. Unknown fields are ignored.
 pub fn decode<M: Message>(payload: &[u8]) -> Result<M, DecodeError> {
-    let msg: M = serde_json::from_slice(payload).map_err(|source| DecodeError::Json {
+    let msg: M = serde_json::from_slice(payload).map_err(|error| DecodeError::Json {
         what: M::NAME,
-        source,
+        error,
     })?;
     if msg.version() != VERSION {
         return Err(DecodeError::Version {
@@ -459,7 +459,7 @@ impl ErrorInfo {
         let chain = error_chain(e);
         let mut info = ErrorInfo::new(kind, &chain.join(": "));
         if chain.len() > 1 {
-            info.detail = Some(chain.join("\ncaused by: "));
+            info.detail = Some(chain.join("\n  caused by: "));
         }
         info
     }
@@ -475,19 +475,9 @@ impl ErrorInfo {
     }
 }
 
-/// An error's message and those of its causes, each said once: a cause whose text the error
-/// before it already shows is left out.
+/// An error's message and those of its causes, each said once ([`crate::error::chain`]).
 pub fn error_chain(e: &dyn std::error::Error) -> Vec<String> {
-    let mut out: Vec<String> = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.last().is_some_and(|last| last.contains(&text)) && !text.is_empty() {
-            out.push(text);
-        }
-        source = s.source();
-    }
-    out
+    crate::error::chain(e)
 }
 
 /// `kiln.build.<id>.<stage>.started`

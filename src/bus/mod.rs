@@ -45,7 +45,7 @@ pub enum BusError {
         "cannot connect to NATS at {url}: {message} (is the server running and the URL right? `kiln` starts a private one when no --nats URL is given)"
     )]
     Connect { url: String, message: String },
-    #[error("cannot read NATS credentials file {path}: {source}")]
+    #[error("cannot read NATS credentials file {path}")]
     Credentials {
         path: PathBuf,
         #[source]
@@ -53,7 +53,7 @@ pub enum BusError {
     },
     #[error("NATS: cannot {what}: {message}")]
     Nats { what: String, message: String },
-    #[error("invalid build request: {0}")]
+    #[error("invalid build request")]
     Request(#[from] RequestError),
     #[error(
         "NATS inbox prefix {prefix:?} is not a subject: give dot-separated tokens without spaces or wildcards, e.g. `_INBOX.ci` (--nats-inbox-prefix, $KILN_NATS_INBOX_PREFIX)"
@@ -63,7 +63,7 @@ pub enum BusError {
         "the NATS server refused to let this user publish to {subject} ({message}): see docs/nats-roles.md for what each kiln role may publish, and check --nats-user"
     )]
     Refused { subject: String, message: String },
-    #[error("message on {subject} (stream sequence {sequence}): {source}")]
+    #[error("message on {subject} (stream sequence {sequence})")]
     Decode {
         subject: String,
         sequence: u64,
@@ -739,7 +739,7 @@ impl Bus {}
 
 fn record(subject: &str, sequence: u64, payload: &[u8]) -> RecordedEvent {
     let event = match subjects::parse_stage_subject(subject) {
-        Some(s) => StageEvent::decode(s.kind, payload).map_err(|e| e.to_string()),
+        Some(s) => StageEvent::decode(s.kind, payload).map_err(|e| crate::error::chain_text(&e)),
         None => Err(format!("{subject} is not a stage event subject")),
     };
     RecordedEvent {

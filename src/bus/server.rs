@@ -15,7 +15,7 @@ pub enum ServerError {
         "nats-server not found (looked on PATH, in /usr/sbin and /usr/bin, or at KILN_NATS_SERVER): install the Debian package `nats-server` (apt-get install nats-server), pass a NATS URL with --nats, or build without NATS with --no-bus"
     )]
     NotInstalled,
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}")]
     Io {
         what: String,
         #[source]

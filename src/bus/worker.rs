@@ -340,7 +340,7 @@ impl Worker {
                     tokio::select! {
                         r = &mut handled => {
                             if let Err(e) = r {
-                                tracing::warn!(stage = %self.stage, "{e}");
+                                tracing::warn!(stage = %self.stage, "{}", crate::error::Chain(&e));
                             }
                         }
                         _ = &mut shutdown => {
@@ -361,7 +361,7 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(stage = %self.stage, "{e}; retrying in 1 s");
+                    tracing::warn!(stage = %self.stage, "{}; retrying in 1 s", crate::error::Chain(&e));
                     tokio::select! {
                         _ = &mut shutdown => return Ok(()),
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -46,21 +46,21 @@ pub struct DiskReport {
 pub enum DiskError {
     #[error(transparent)]
     Layout(#[from] LayoutError),
-    #[error("partition table: {0}")]
+    #[error("partition table")]
     Gpt(#[from] GptError),
-    #[error("partition `{partition}` (ext4): {source}")]
+    #[error("partition `{partition}` (ext4)")]
     Ext4 {
         partition: String,
         #[source]
         source: Ext4Error,
     },
-    #[error("partition `{partition}` (FAT32): {source}")]
+    #[error("partition `{partition}` (FAT32)")]
     Fat {
         partition: String,
         #[source]
         source: FatError,
     },
-    #[error("partition `{partition}` (swap): {source}")]
+    #[error("partition `{partition}` (swap)")]
     Swap {
         partition: String,
         #[source]

@@ -62,20 +62,20 @@ pub enum Ext4Error {
         name: String,
         reason: String,
     },
-    #[error("ext4: {path}: reading content: {source}")]
+    #[error("ext4: {path}: reading content")]
     Read {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("ext4: writing {len} bytes at offset {offset} of the partition: {source}")]
+    #[error("ext4: writing {len} bytes at offset {offset} of the partition")]
     Write {
         offset: u64,
         len: usize,
         #[source]
         source: io::Error,
     },
-    #[error("ext4: invalid tree: {0}")]
+    #[error("ext4: invalid tree")]
     Tree(#[from] TreeError),
 }
 

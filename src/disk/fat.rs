@@ -144,15 +144,15 @@ pub enum FatError {
     },
     #[error("volume label {label:?}: {reason}")]
     BadLabel { label: String, reason: &'static str },
-    #[error("{0}")]
+    #[error(transparent)]
     Tree(#[from] TreeError),
-    #[error("{path}: reading content: {source}")]
+    #[error("{path}: reading content")]
     Read {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("writing the FAT32 filesystem at byte {offset} of the partition: {source}")]
+    #[error("writing the FAT32 filesystem at byte {offset} of the partition")]
     Write {
         offset: u64,
         #[source]

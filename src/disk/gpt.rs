@@ -131,9 +131,9 @@ pub enum GptError {
         "partition {name:?}: GUID {guid} is nil or used by another partition; every partition needs a unique non-zero GUID"
     )]
     BadGuid { name: String, guid: String },
-    #[error("building the protective MBR failed: {0}")]
+    #[error("building the protective MBR failed")]
     Mbr(#[source] ::gpt::mbr::MBRError),
-    #[error("building the GPT structures failed: {0}")]
+    #[error("building the GPT structures failed")]
     Table(#[source] ::gpt::GptError),
     #[error(
         "writing the partition table ({len} bytes at offset {offset}) to the disk image failed"

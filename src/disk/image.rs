@@ -119,7 +119,7 @@ pub struct ImageReport {
 pub enum ImageError {
     #[error("invalid options for disk image {path}: {reason}")]
     Options { path: PathBuf, reason: String },
-    #[error("cannot {what} for disk image {path}: {source}")]
+    #[error("cannot {what} for disk image {path}")]
     Io {
         what: String,
         path: PathBuf,

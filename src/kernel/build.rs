@@ -88,7 +88,7 @@ pub enum KernelBuildError {
         log: PathBuf,
         tail: String,
     },
-    #[error("{what} ({path}): {source}")]
+    #[error("{what} ({path})")]
     Io {
         what: String,
         path: PathBuf,

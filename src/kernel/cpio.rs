@@ -15,7 +15,7 @@ const MAX_FIELD: u64 = u32::MAX as u64;
 
 #[derive(Debug, Error)]
 pub enum CpioError {
-    #[error("cpio: writing /{path}: {source}")]
+    #[error("cpio: writing /{path}")]
     Io {
         path: String,
         #[source]

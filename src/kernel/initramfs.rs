@@ -56,16 +56,23 @@ pub enum InitramfsError {
          (allowed: letters, digits, . _ - + / ,)"
     )]
     UnsafeName { what: &'static str, value: String },
+    /// minijinja's alternate form shows the template line; it is the whole report, not a source.
     #[error("initramfs: rendering the /init template: {0:#}")]
-    Template(#[from] minijinja::Error),
-    #[error("initramfs: {0}")]
+    Template(minijinja::Error),
+    #[error(transparent)]
     Kernel(#[from] KernelError),
-    #[error("initramfs: {0}")]
+    #[error(transparent)]
     Tree(#[from] TreeError),
-    #[error("initramfs: {0}")]
+    #[error(transparent)]
     Cpio(#[from] CpioError),
-    #[error("initramfs: compressing: {0}")]
+    #[error("initramfs: compressing")]
     Compress(#[source] io::Error),
+}
+
+impl From<minijinja::Error> for InitramfsError {
+    fn from(e: minijinja::Error) -> Self {
+        InitramfsError::Template(e)
+    }
 }
 
 /// Everything an initramfs is made from.

@@ -49,7 +49,7 @@ pub enum KernelError {
         dependency: String,
         version: String,
     },
-    #[error("reading {path} from the kernel package: {source}")]
+    #[error("reading {path} from the kernel package")]
     Io {
         path: String,
         #[source]

@@ -19,7 +19,7 @@ const MAX_MODULE: u64 = 256 << 20;
 pub enum ModuleError {
     #[error("kernel module {path}: {what}")]
     Malformed { path: String, what: String },
-    #[error("kernel module {path}: reading: {source}")]
+    #[error("kernel module {path}: reading")]
     Io {
         path: String,
         #[source]

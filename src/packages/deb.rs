@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 pub enum DebError {
     #[error("{path}: not a Debian package: {reason}")]
     Format { path: PathBuf, reason: String },
-    #[error("{path}: reading {member}: {source}")]
+    #[error("{path}: reading {member}")]
     Io {
         path: PathBuf,
         member: String,
@@ -40,7 +40,7 @@ pub enum DebError {
         limit: u64,
         basis: String,
     },
-    #[error("{path}: data.tar: {source}")]
+    #[error("{path}: data.tar")]
     Tree {
         path: PathBuf,
         #[source]

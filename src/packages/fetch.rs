@@ -398,16 +398,7 @@ fn short_reason(e: &reqwest::Error) -> String {
 
 /// An error and its causes on one line (reqwest's top-level message alone says little).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
+    crate::error::chain_text(e)
 }
 
 fn human_size(size: Option<u64>) -> String {

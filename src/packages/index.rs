@@ -54,7 +54,7 @@ pub fn parse_stanzas(text: &str) -> Result<Vec<Stanza>, SyntaxError> {
 pub enum StanzaError {
     #[error(transparent)]
     Syntax(#[from] SyntaxError),
-    #[error("reading: {0}")]
+    #[error("reading")]
     Io(#[from] io::Error),
 }
 

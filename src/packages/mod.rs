@@ -110,9 +110,9 @@ pub enum PackagesError {
     },
     #[error("{what}: malformed index: {reason}")]
     BadIndex { what: String, reason: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Resolve(#[from] ResolveError),
-    #[error("cache {path}: {source}; check that $KILN_HOME is writable and has space")]
+    #[error("cache {path} (check that $KILN_HOME is writable and has space)")]
     Cache {
         path: PathBuf,
         #[source]
@@ -487,7 +487,7 @@ impl Archive {
         }
         read.map_err(|e| PackagesError::BadIndex {
             what: what.clone(),
-            reason: e.to_string(),
+            reason: crate::error::chain_text(&e),
         })?;
         tracing::debug!(index = %what, packages = index.len() - before, "index loaded");
         Ok(())
@@ -684,7 +684,10 @@ fn load_release(
                 return Ok((bytes, release));
             }
             Err(e) if opts.fetch.offline => return Err(e),
-            Err(e) => tracing::warn!("cached InRelease rejected, fetching again: {e}"),
+            Err(e) => tracing::warn!(
+                "cached InRelease rejected, fetching again: {}",
+                crate::error::Chain(&e)
+            ),
         }
     }
     let bytes = fetcher.get_bytes(&url, &format!("InRelease of {}", opts.suite), MAX_INRELEASE)?;

@@ -97,8 +97,10 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Deliver(StageError::Io { what, source })
 }
 
-/// What a build tells its caller about a stage as it runs (for progress bars and logs).
-#[derive(Debug, Clone, PartialEq)]
+/// What a build tells its caller about a stage as it runs (for progress bars and logs; as JSON
+/// an object tagged by `kind`: started, progress, completed).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum StageNote {
     Started,
     Progress(ProgressUpdate),

@@ -246,7 +246,10 @@ pub async fn build_over_bus(
             .filter_map(|b| b.serial_log_blob.as_ref())
         {
             if let Err(e) = blobs.get_blob(d).await {
-                tracing::warn!("the serial log {d} is not in the object store: {e}");
+                tracing::warn!(
+                    "the serial log {d} is not in the object store: {}",
+                    crate::error::Chain(&e)
+                );
             }
         }
     }

@@ -297,7 +297,12 @@ async fn record_state(
     blocking(move || {
         c.handoff_records()
             .put(STATE_RECORD, &key, &record)
-            .map_err(|e| transient(format!("recording the state handed on: {e}")))
+            .map_err(|e| {
+                transient(format!(
+                    "recording the state handed on: {}",
+                    crate::error::Chain(&e)
+                ))
+            })
     })
     .await
 }
@@ -527,7 +532,7 @@ async fn publish_failed(
     failed.fit(ctx.bus.max_message_size());
     let msg = StageEvent::Failed(failed);
     if let Err(e) = publish_reliably(&ctx.bus, &msg).await {
-        tracing::warn!(%stage, build, "cannot publish failed: {e}");
+        tracing::warn!(%stage, build, "cannot publish failed: {}", crate::error::Chain(&e));
     }
 }
 
@@ -576,11 +581,14 @@ fn read_input(stage: bus::Stage, d: &Delivery) -> Result<Input, (String, Box<Err
             Err(e) => {
                 let v = serde_json::from_slice::<Value>(d.payload()).ok();
                 let id = refused_id(v.as_ref().and_then(|v| v["id"].as_str()));
-                return Err((id, invalid(&e)));
+                return Err((id, invalid(&crate::error::Chain(&e))));
             }
         };
         if let Err(e) = request.check() {
-            return Err((refused_id(request.id.as_deref()), invalid(&e)));
+            return Err((
+                refused_id(request.id.as_deref()),
+                invalid(&crate::error::Chain(&e)),
+            ));
         }
         let id = request.id.clone().unwrap_or_else(|| assigned_id(d));
         request.id = Some(id.clone());
@@ -592,7 +600,7 @@ fn read_input(stage: bus::Stage, d: &Delivery) -> Result<Input, (String, Box<Err
             let id = bus::subjects::parse_stage_subject(d.subject())
                 .map(|s| s.build)
                 .unwrap_or_else(|| format!("invalid-{}", d.stream_sequence()));
-            return Err((id, invalid(&e)));
+            return Err((id, invalid(&crate::error::Chain(&e))));
         }
     };
     let expected = stage.previous();
@@ -653,9 +661,12 @@ async fn claim_build_id(ctx: &Arc<Ctx>, id: &str, d: &Delivery) -> Result<(), Fa
         match records.get(BUILD_ID_RECORD, &key) {
             Some(other) => Some(other),
             None => {
-                records
-                    .put(BUILD_ID_RECORD, &key, &mine)
-                    .map_err(|e| transient(format!("recording the build id: {e}")))?;
+                records.put(BUILD_ID_RECORD, &key, &mine).map_err(|e| {
+                    transient(format!(
+                        "recording the build id: {}",
+                        crate::error::Chain(&e)
+                    ))
+                })?;
                 None
             }
         }

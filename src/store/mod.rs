@@ -93,7 +93,7 @@ pub enum StoreError {
     Reference(#[from] ReferenceError),
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}")]
     Io {
         what: String,
         path: PathBuf,
@@ -309,7 +309,8 @@ impl StoreOptions {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// What `publish` did (`kiln publish --json` prints it whole).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PublishReport {
     /// `host/repo:tag@sha256:…`
     pub reference: String,
@@ -335,7 +336,27 @@ pub enum SignatureCheck {
     Missing,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+impl std::fmt::Display for SignatureCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SignatureCheck::Verified { key } => write!(f, "signature verified (key {key})"),
+            SignatureCheck::Unchecked { key } => {
+                write!(f, "signed by {key}, not checked (no --trust)")
+            }
+            SignatureCheck::Missing => f.write_str("unsigned"),
+        }
+    }
+}
+
+/// As its one-line text, as `kiln pull --json` has always printed it.
+impl serde::Serialize for SignatureCheck {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What `pull` did (`kiln pull --json` prints it whole, with the output file).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PullReport {
     pub reference: String,
     pub manifest_digest: Digest256,
@@ -352,8 +373,8 @@ pub struct PullReport {
     pub seconds: f64,
 }
 
-/// One tagged image, as `images()` lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One tagged image, as `images()` lists it (and `kiln images --json` prints it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ImageInfo {
     pub repository: String,
     pub tag: String,

@@ -161,13 +161,7 @@ fn http_err(method: &str, url: &str, e: &reqwest::Error, stall: Duration) -> Sto
             kept: String::new(),
         };
     }
-    let mut reason = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
-        src = s.source();
-    }
+    let reason = crate::error::chain_text(e);
     StoreError::Http {
         method: method.to_string(),
         url: redact(url).into_owned(),

@@ -20,7 +20,7 @@ pub const PAYLOAD_TYPE: &str = "dev.kiln.signature.v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot {what} key file {path}: {source}")]
+    #[error("cannot {what} key file {path}")]
     Io {
         what: &'static str,
         path: PathBuf,

@@ -28,8 +28,9 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(4);
 /// code, so this is all slack for a loaded host.
 pub const PROTECTED_MODE_GRACE: Duration = Duration::from_millis(500);
 
-/// The accelerator QEMU runs the guest with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// The accelerator QEMU runs the guest with (serialized as its `-accel` value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// Hardware virtualization through `/dev/kvm`.
     Kvm,

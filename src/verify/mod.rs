@@ -76,14 +76,14 @@ pub enum VerifyError {
     ProfileInvalid { source_name: String, reason: String },
     #[error("the profile asks for KVM, but {detail}; set accel = \"auto\" or \"tcg\"")]
     KvmUnusable { detail: String },
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("starting {binary}: {source}")]
+    #[error("starting {binary}")]
     Spawn {
         binary: PathBuf,
         #[source]
@@ -233,22 +233,28 @@ impl BootSpec {
     }
 }
 
-/// What a successful boot measured. Times count from starting QEMU.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a successful boot measured. Times count from starting QEMU (in seconds as JSON: `kiln
+/// boot --json` prints it whole).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct BootReport {
     pub profile: String,
     pub accel: Accel,
     /// Why this accelerator (the probe's finding, or who chose it).
     pub accel_detail: String,
     /// The first byte on the serial console (firmware or kernel).
+    #[serde(serialize_with = "optional_seconds")]
     pub time_to_first_output: Option<Duration>,
     /// The first complete line.
+    #[serde(serialize_with = "optional_seconds")]
     pub time_to_first_line: Option<Duration>,
     /// The kernel's banner line (`Linux version …`); `None` if it was not printed (e.g. `quiet`).
+    #[serde(serialize_with = "optional_seconds")]
     pub time_to_kernel: Option<Duration>,
     /// The marker line.
+    #[serde(serialize_with = "seconds")]
     pub time_to_marker: Duration,
     /// Until QEMU was gone (the guest powered off, or QEMU was killed after the grace time).
+    #[serde(serialize_with = "seconds")]
     pub total: Duration,
     /// The line that contained the marker.
     pub marker_line: String,
@@ -257,6 +263,17 @@ pub struct BootReport {
     /// QEMU's process id (gone by the time the report exists).
     pub qemu_pid: u32,
     pub serial_log: PathBuf,
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+fn optional_seconds<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => seconds(d, s),
+        None => s.serialize_none(),
+    }
 }
 
 impl fmt::Display for BootReport {

@@ -533,7 +533,7 @@ fn open_archive(env: &StageEnv, loaded: &Loaded) -> Result<Arc<OpenedArchive>, S
 }
 
 /// How far a running stage got: what it is doing and, when known, the fraction done.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ProgressUpdate {
     /// Done so far, 0.0–1.0, when known.
     pub fraction: Option<f64>,

@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod net;
 pub mod packages;
 pub mod pipeline;
+pub mod readahead;
 pub mod recipe;
 pub mod rootfs;
 pub mod source;

@@ -10,10 +10,11 @@
 
 use crate::bounded::LimitReader;
 use crate::home::BlobStore;
+use crate::readahead::read_ahead;
 use crate::tree::{EntryKind, Tree, TreeError, TreePath};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 /// Why a .deb could not be read.
@@ -168,12 +169,76 @@ impl<R: Read> Read for MemberReader<'_, R> {
     }
 }
 
+/// An `.xz` reader that decodes the blocks of a stream on up to four threads (dpkg-deb and
+/// Debian's archive write multi-block streams: a kernel package's data is 5 blocks) and, as
+/// `xz -d` does, reads concatenated streams and the zero padding between them.
+struct XzStreams<R: BufRead> {
+    decoder: Option<liblzma::bufread::XzDecoder<R>>,
+}
+
+impl<R: BufRead> XzStreams<R> {
+    fn new(inner: R) -> io::Result<Self> {
+        Ok(XzStreams {
+            decoder: Some(liblzma::bufread::XzDecoder::new_stream(
+                inner,
+                Self::stream()?,
+            )),
+        })
+    }
+
+    fn stream() -> io::Result<liblzma::stream::Stream> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        liblzma::stream::MtStreamBuilder::new()
+            .threads(threads as u32)
+            // Above this the decoder falls back to one thread; there is no hard stop (the
+            // callers bound what comes out).
+            .memlimit_threading(256 << 20)
+            .memlimit_stop(u64::MAX)
+            .decoder()
+            .map_err(|e| io::Error::other(format!("xz decoder: {e}")))
+    }
+}
+
+impl<R: BufRead> Read for XzStreams<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let Some(decoder) = self.decoder.as_mut() else {
+                return Ok(0);
+            };
+            let n = decoder.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            // The end of a stream: padding and another stream may follow.
+            let Some(decoder) = self.decoder.take() else {
+                return Ok(0);
+            };
+            let mut inner = decoder.into_inner();
+            loop {
+                let available = inner.fill_buf()?;
+                if available.is_empty() {
+                    return Ok(0);
+                }
+                let zeros = available.iter().take_while(|b| **b == 0).count();
+                if zeros == 0 {
+                    break;
+                }
+                inner.consume(zeros);
+            }
+            self.decoder = Some(liblzma::bufread::XzDecoder::new_stream(
+                inner,
+                Self::stream()?,
+            ));
+        }
+    }
+}
+
 /// A decompressing reader chosen by the member name's suffix (`data.tar.xz`, …).
 pub fn decompressor<'a>(name: &str, inner: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
     let ext = name.rsplit_once(".tar").map(|(_, e)| e).unwrap_or("?");
     Ok(match ext {
         "" => Box::new(inner),
-        ".xz" => Box::new(liblzma::read::XzDecoder::new_multi_decoder(inner)),
+        ".xz" => Box::new(XzStreams::new(BufReader::with_capacity(1 << 16, inner))?),
         ".lzma" => {
             let stream = liblzma::stream::Stream::new_lzma_decoder(u64::MAX)
                 .map_err(|e| io::Error::other(format!("lzma decoder: {e}")))?;
@@ -317,7 +382,7 @@ pub fn read_into_tree(
 /// [`read_into_tree`] from any stream; `path` is only used in messages.
 pub fn read_deb(
     path: &Path,
-    reader: impl Read,
+    reader: impl Read + Send,
     limits: &DebLimits,
     tree: &mut Tree,
     store: &BlobStore,
@@ -389,18 +454,25 @@ pub fn read_deb(
             saw_control = true;
         } else if member.name.starts_with("data.tar") {
             let data = ar.data(&member);
-            let tar = decompressor(&member.name, data).map_err(io_err(&member.name))?;
-            let mut tar = LimitReader::new(tar, limits.data_bytes);
-            // Thousands of files (a kernel's modules): one sync for all of them below, not one
-            // per file.
-            let read = pkg_tree.extend_from_tar(&mut tar, &mut |r: &mut dyn Read, _len| {
-                let (digest, len) = store.put_unsynced(r)?;
-                Ok(crate::tree::Content::Host {
-                    path: store.path(&digest),
-                    len,
-                })
-            });
-            if tar.exceeded() {
+            let name = member.name.clone();
+            // Decompression on a second thread while this one hashes and stores the files.
+            let (read, exceeded) = read_ahead(
+                move || decompressor(&name, data),
+                |tar| {
+                    let mut tar = LimitReader::new(tar, limits.data_bytes);
+                    // Thousands of files (a kernel's modules): one sync for all of them below,
+                    // not one per file.
+                    let read = pkg_tree.extend_from_tar(&mut tar, &mut |r: &mut dyn Read, _len| {
+                        let (digest, len) = store.put_unsynced(r)?;
+                        Ok(crate::tree::Content::Host {
+                            path: store.path(&digest),
+                            len,
+                        })
+                    });
+                    (read, tar.exceeded())
+                },
+            );
+            if exceeded {
                 return Err(too_large(
                     &member.name,
                     limits.data_bytes,
@@ -547,6 +619,50 @@ fn read_control(reader: impl Read, info: &mut DebInfo) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::tree::{Content, Entry};
+
+    /// `data` as one .xz stream of blocks of `block` bytes.
+    fn xz(data: &[u8], block: u64) -> Vec<u8> {
+        use std::io::Write;
+        let stream = liblzma::stream::MtStreamBuilder::new()
+            .threads(2)
+            .block_size(block)
+            .preset(1)
+            .encoder()
+            .unwrap();
+        let mut enc = liblzma::write::XzEncoder::new_stream(Vec::new(), stream);
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn xz_reads_multi_block_and_concatenated_streams_with_padding() {
+        let one: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let two = b"the second stream".to_vec();
+        let mut packed = xz(&one, 1 << 20);
+        packed.extend_from_slice(&[0; 8]);
+        packed.extend(xz(&two, 0));
+        let mut out = Vec::new();
+        decompressor("data.tar.xz", &packed[..])
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out.len(), one.len() + two.len());
+        assert!(out[..one.len()] == one[..] && out[one.len()..] == two[..]);
+        // A broken stream is an error, not a short read.
+        packed[100] ^= 0xff;
+        let mut out = Vec::new();
+        let res = decompressor("data.tar.xz", &packed[..])
+            .unwrap()
+            .read_to_end(&mut out);
+        assert!(res.is_err(), "read {} bytes", out.len());
+        // So is trailing data that is not a stream.
+        let mut tail = xz(&two, 0);
+        tail.extend_from_slice(b"junk");
+        let res = decompressor("data.tar.xz", &tail[..])
+            .unwrap()
+            .read_to_end(&mut Vec::new());
+        assert!(res.is_err());
+    }
 
     fn ar(members: &[(&str, &[u8])]) -> Vec<u8> {
         let mut out = AR_MAGIC.to_vec();

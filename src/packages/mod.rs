@@ -579,13 +579,19 @@ impl Archive {
             move |source| PackagesError::Cache { path, source }
         };
         let file = fs::File::open(packed).map_err(cache_err(packed))?;
-        let reader = deb::decompressor(&format!("x.tar{ext}"), BufReader::new(file))
-            .map_err(cache_err(packed))?;
-        // The signed size of the uncompressed index bounds the decompression (a byte more and
-        // the digest could not match anyway).
-        let mut reader = crate::bounded::LimitReader::new(reader, plain.size);
+        let name = format!("x.tar{ext}");
+        // Decompressed on a second thread while this one hashes and stores. The signed size of
+        // the uncompressed index bounds the decompression (a byte more and the digest could not
+        // match anyway).
+        let stored = crate::readahead::read_ahead(
+            move || deb::decompressor(&name, BufReader::new(file)),
+            |reader| {
+                let mut reader = crate::bounded::LimitReader::new(reader, plain.size);
+                self.store.put(&mut reader)
+            },
+        );
         let expected = digest_of_hex(&plain.sha256);
-        let (digest, len) = match self.store.put(&mut reader) {
+        let (digest, len) = match stored {
             Ok(v) => v,
             Err(e) => {
                 // A corrupt compressed blob: drop it so the next run downloads it again.

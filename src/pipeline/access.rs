@@ -37,6 +37,12 @@ pub enum AccessError {
         path: String,
         roots: String,
     },
+    #[error("{what} {path} does not exist (under the recipe root {root})")]
+    NotFound {
+        what: &'static str,
+        path: String,
+        root: String,
+    },
     #[error("this worker reads no recipe files (it has no recipe roots); refused {what} {path}")]
     NoRoots { what: &'static str, path: String },
     #[error("git repository {url} is not on this worker's allow-list ({allowed})")]
@@ -57,6 +63,10 @@ impl AccessError {
                 "send the recipe inline or from git, or start the worker with --recipes DIR \
                  for a directory of recipes it may read"
             }
+            AccessError::NotFound { .. } => {
+                "check the path: a relative one is taken relative to the project (kiln build) or \
+                 to each recipe root (kiln up, kiln worker)"
+            }
             AccessError::GitNotAllowed { .. } => {
                 "start the worker with --allow-git URL for each repository it may build"
             }
@@ -65,6 +75,22 @@ impl AccessError {
             }
         }
     }
+}
+
+/// `path` with `.` and `..` taken out by name alone (no links followed): where it claims to be.
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// What requests may reach on this worker.
@@ -127,19 +153,37 @@ impl RecipeAccess {
             path: shown.clone(),
             roots: self.roots_text(),
         };
+        // A path that names a place inside a root (before links are followed) but is not there
+        // is said to be missing; anything else that does not resolve is outside, so that the
+        // error says nothing about files outside the roots.
+        let missing = |candidate: &Path, e: std::io::Error| {
+            let lexical = lexical(candidate);
+            match self.roots.iter().find(|r| lexical.starts_with(r)) {
+                Some(root) if e.kind() == std::io::ErrorKind::NotFound => AccessError::NotFound {
+                    what,
+                    path: shown.clone(),
+                    root: root.display().to_string(),
+                },
+                _ => outside(),
+            }
+        };
         if !path.is_absolute() {
-            return self
-                .roots
-                .iter()
-                .find_map(|r| {
-                    r.join(path)
-                        .canonicalize()
-                        .ok()
-                        .filter(|real| real.starts_with(r))
-                })
-                .ok_or_else(outside);
+            let mut first_missing = None;
+            for r in &self.roots {
+                match r.join(path).canonicalize() {
+                    Ok(real) if real.starts_with(r) => return Ok(real),
+                    Ok(_) => {}
+                    Err(e) => {
+                        let err = missing(&r.join(path), e);
+                        if first_missing.is_none() && matches!(err, AccessError::NotFound { .. }) {
+                            first_missing = Some(err);
+                        }
+                    }
+                }
+            }
+            return Err(first_missing.unwrap_or_else(outside));
         }
-        let real = path.canonicalize().map_err(|_| outside())?;
+        let real = path.canonicalize().map_err(|e| missing(path, e))?;
         if self.roots.iter().any(|r| real.starts_with(r)) {
             Ok(real)
         } else {
@@ -227,12 +271,31 @@ mod tests {
             root.join("../secret.yaml"),
             root.join("link.yaml"),
             PathBuf::from("../secret.yaml"),
-            PathBuf::from("recipes/ok.yaml"),
             PathBuf::from("/etc/passwd"),
         ] {
             let e = access.check_path("recipe", &bad).unwrap_err().to_string();
             assert!(e.contains("outside this worker's recipe roots"), "{e}");
             assert!(!e.contains("hunter2"), "{e}");
+        }
+        // A missing file inside a root is said to be missing; outside, it is only outside.
+        for missing in [
+            root.join("nope.yaml"),
+            root.join("sub/../nope.yaml"),
+            PathBuf::from("nope.yaml"),
+            // Relative to the root, not to the current directory.
+            PathBuf::from("recipes/ok.yaml"),
+        ] {
+            let e = access.check_path("recipe", &missing).unwrap_err();
+            assert!(matches!(e, AccessError::NotFound { .. }), "{e}");
+            assert!(e.to_string().contains("does not exist"), "{e}");
+        }
+        for outside in [
+            dir.path().join("nope.yaml"),
+            root.join("../nope.yaml"),
+            PathBuf::from("../nope.yaml"),
+        ] {
+            let e = access.check_path("recipe", &outside).unwrap_err();
+            assert!(matches!(e, AccessError::OutsideRoots { .. }), "{e}");
         }
         let none = RecipeAccess::default();
         let e = none

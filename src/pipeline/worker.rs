@@ -142,14 +142,6 @@ fn stage_failure(e: &StageError) -> Failure {
             info.help = Some(access.help().to_string());
             info
         }
-        StageError::NoRecipe(path) => {
-            let mut info = ErrorInfo::from_error(kind, e);
-            info.file = Some(crate::recipe::diag::one_line(
-                &path.display().to_string(),
-                1000,
-            ));
-            info
-        }
         StageError::NotVerified { .. } => {
             let mut info = ErrorInfo::from_error(kind, e);
             info.help = Some("build it again; the verify stage must boot this image".into());

@@ -699,9 +699,16 @@ pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Stag
     move |source| StageError::Io { what, source }
 }
 
-/// Refused by the host's [`RecipeAccess`].
+/// Refused by the host's [`RecipeAccess`] (a recipe inside the roots that is not there: missing).
 pub(crate) fn refused(e: AccessError) -> StageError {
-    StageError::Refused(e)
+    match e {
+        AccessError::NotFound {
+            what: "recipe",
+            path,
+            ..
+        } => StageError::NoRecipe(PathBuf::from(path)),
+        e => StageError::Refused(e),
+    }
 }
 
 /// The `.deb` of a package in the local store, downloaded (and verified) if missing.

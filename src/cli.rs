@@ -343,6 +343,36 @@ pub struct NatsAuth {
     /// --nats-user, else `_INBOX`); the server must let this user subscribe to `PREFIX.>`.
     #[arg(long, env = "KILN_NATS_INBOX_PREFIX", value_name = "PREFIX")]
     pub nats_inbox_prefix: Option<String>,
+    /// PEM file of the CA that signed the NATS servers' certificates (a private CA); implies
+    /// TLS.
+    #[arg(long, env = "KILN_NATS_TLS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (with --nats-tls-key).
+    #[arg(
+        long,
+        env = "KILN_NATS_TLS_CERT",
+        value_name = "FILE",
+        requires = "nats_tls_key"
+    )]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of --nats-tls-cert.
+    #[arg(
+        long,
+        env = "KILN_NATS_TLS_KEY",
+        value_name = "FILE",
+        requires = "nats_tls_cert"
+    )]
+    pub nats_tls_key: Option<PathBuf>,
+}
+
+/// How many copies the NATS cluster keeps of what kiln creates.
+#[derive(Debug, Args)]
+pub struct ReplicaOpts {
+    /// Replicas of the KILN stream, the stage consumers, the kiln-stages KV bucket and the
+    /// kiln-blobs object store (1 to 5). Default: the NATS cluster's size up to 3 (1 for a
+    /// single server). Existing streams are scaled up to it, never down.
+    #[arg(long, env = "KILN_REPLICAS", value_name = "N", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: Option<u8>,
 }
 
 #[derive(Debug, Args)]
@@ -470,7 +500,8 @@ pub struct DiskArgs {
 /// How to reach NATS.
 #[derive(Debug, Args)]
 pub struct NatsOpts {
-    /// NATS server URL.
+    /// NATS server URL, or several separated by commas (seeds of a cluster: kiln connects to
+    /// whichever answers), e.g. `tls://n1:4222,tls://n2:4222`.
     #[arg(
         long = "nats",
         env = "KILN_NATS_URL",
@@ -484,6 +515,13 @@ pub struct NatsOpts {
 impl NatsOpts {
     fn connect_options(&self) -> crate::bus::ConnectOptions {
         self.auth.connect_options(&self.url)
+    }
+
+    /// [`NatsOpts::connect_options`] for a process that creates streams and buckets.
+    fn creating(&self, replicas: &ReplicaOpts) -> crate::bus::ConnectOptions {
+        let mut o = self.connect_options();
+        o.replicas = replicas.replicas.map(usize::from);
+        o
     }
 }
 
@@ -507,6 +545,11 @@ impl NatsAuth {
             _ => Auth::None,
         };
         o.inbox_prefix = self.nats_inbox_prefix.clone();
+        o.tls = crate::bus::TlsFiles {
+            ca: self.nats_tls_ca.clone(),
+            cert: self.nats_tls_cert.clone(),
+            key: self.nats_tls_key.clone(),
+        };
         o
     }
 }
@@ -568,6 +611,8 @@ fn parse_read_timeout(s: &str) -> Result<f64, String> {
 pub struct UpArgs {
     #[command(flatten)]
     pub nats: NatsOpts,
+    #[command(flatten)]
+    pub replicas: ReplicaOpts,
     #[command(flatten)]
     pub retry: RetryOpts,
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
@@ -723,6 +768,8 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub nats: NatsOpts,
     #[command(flatten)]
+    pub replicas: ReplicaOpts,
+    #[command(flatten)]
     pub retry: RetryOpts,
     /// Comma-separated stages to run (default: all).
     #[arg(long, value_delimiter = ',', value_parser = parse_stage)]
@@ -777,6 +824,8 @@ pub struct SubmitArgs {
 pub struct AgentArgs {
     #[command(flatten)]
     pub nats: NatsOpts,
+    #[command(flatten)]
+    pub replicas: ReplicaOpts,
     /// This host's name in subjects and messages (kiln.deploy.<NAME>.completed).
     #[arg(long, value_name = "HOST")]
     pub name: String,
@@ -826,6 +875,10 @@ pub struct StatusArgs {
     /// How many builds to list, newest first.
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
+    /// Show the NATS cluster instead: the replicas and the leader of the KILN stream, the
+    /// kiln-stages KV bucket and the kiln-blobs object store.
+    #[arg(long, conflicts_with = "build")]
+    pub cluster: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -1773,6 +1826,7 @@ async fn shutdown_signal() {
 
 fn run_workers(
     nats: &NatsOpts,
+    replicas: &ReplicaOpts,
     retry: &RetryOpts,
     stages: Vec<crate::bus::Stage>,
     mut config: crate::pipeline::worker::WorkerConfig,
@@ -1787,7 +1841,7 @@ fn run_workers(
     config.policy = retry.policy();
     let rt = runtime()?;
     let done = rt.block_on(async {
-        let bus = crate::bus::Bus::connect(&nats.connect_options()).await?;
+        let bus = crate::bus::Bus::connect(&nats.creating(replicas)).await?;
         let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
         tracing::info!(
             "worker {} running stages {} against {}",
@@ -1955,7 +2009,14 @@ fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
         args.profiles.clone(),
         &args.publish,
     )?;
-    run_workers(&args.nats, &args.retry, Vec::new(), config, api)
+    run_workers(
+        &args.nats,
+        &args.replicas,
+        &args.retry,
+        Vec::new(),
+        config,
+        api,
+    )
 }
 
 fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
@@ -1966,7 +2027,14 @@ fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
         args.profiles.clone(),
         &args.publish,
     )?;
-    run_workers(&args.nats, &args.retry, args.stages, config, None)
+    run_workers(
+        &args.nats,
+        &args.replicas,
+        &args.retry,
+        args.stages,
+        config,
+        None,
+    )
 }
 
 /// The configuration of this process's workers from their flags.
@@ -2226,7 +2294,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
         let _ = out.flush();
     });
     runtime()?.block_on(async {
-        let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
+        let bus = crate::bus::Bus::connect(&args.nats.creating(&args.replicas)).await?;
         crate::agent::run(&bus, config, report, shutdown_signal()).await?;
         Ok(0)
     })
@@ -2238,6 +2306,22 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
         let mut out = std::io::stdout().lock();
+        if args.cluster {
+            let report = bus.cluster_report().await;
+            if args.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                for line in report.lines() {
+                    writeln!(out, "{line}")?;
+                }
+            }
+            // A stream without a leader is what the operator asked about: say it by the exit.
+            let healthy = report
+                .streams
+                .iter()
+                .all(|s| s.error.is_none() && s.leader.is_some());
+            return Ok(if healthy { 0 } else { EXIT_FAILURE });
+        }
         let Some(build) = &args.build else {
             // Recent builds, newest first, from the stream only.
             let messages = bus.stored_messages("kiln.build.>").await?;

@@ -66,22 +66,29 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Blo
     move |source| BlobError::Io { what, path, source }
 }
 
-/// Create the blob bucket if missing (idempotent).
+/// Create the blob bucket if missing, with [`Bus::replicas`] replicas, or scale its stream up
+/// to them (idempotent; never scales down).
 pub(crate) async fn ensure_object_store(bus: &Bus) -> Result<object_store::ObjectStore, BusError> {
     let js = bus.jetstream();
     if let Ok(store) = js.get_object_store(BLOB_BUCKET).await {
+        bus.scale_up(&format!("OBJ_{BLOB_BUCKET}")).await?;
         return Ok(store);
     }
     js.create_object_store(object_store::Config {
         bucket: BLOB_BUCKET.to_string(),
         description: Some("kiln content-addressed blobs (name = sha256:<hex>)".into()),
         storage: stream::StorageType::File,
+        num_replicas: bus.replicas(),
         ..Default::default()
     })
     .await
-    .map_err(nats_err(format!(
-        "create object store bucket {BLOB_BUCKET}"
-    )))
+    .map_err(|e| {
+        bus.unavailable(
+            &format!("OBJ_{BLOB_BUCKET}"),
+            format!("create object store bucket {BLOB_BUCKET}"),
+            e,
+        )
+    })
 }
 
 /// sha256 of the file at `path`, streamed.
@@ -351,7 +358,7 @@ fn kv_stream_config() -> stream::Config {
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
-        num_replicas: 1,
+        // Set by `Bus::ensure_stream` (the cluster's size, never lowered).
         ..Default::default()
     }
 }

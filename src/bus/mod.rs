@@ -8,6 +8,7 @@
 //! `docs/messages.md` for the subjects and the stream/consumer setup.
 
 pub mod blobs;
+pub mod cluster;
 pub mod messages;
 pub mod server;
 pub mod status;
@@ -15,6 +16,7 @@ pub mod subjects;
 pub mod worker;
 
 pub use blobs::{BLOB_BUCKET, BlobError, Blobs, STAGE_BUCKET, StageOutputs};
+pub use cluster::{ClusterReport, TlsFiles};
 pub use messages::{
     BuildRequest, CacheStatus, DecodeError, DeployCompleted, DeployFailed, ErrorInfo, ErrorKind,
     EventTime, GitSource, ImagePublished, Message, RecipeSource, RequestError, StageCompleted,
@@ -45,6 +47,36 @@ pub enum BusError {
         "cannot connect to NATS at {url}: {message} (is the server running and the URL right? `kiln` starts a private one when no --nats URL is given)"
     )]
     Connect { url: String, message: String },
+    #[error(
+        "the TLS certificate of the NATS server at {url} does not verify: {message} (give the CA that signed the servers' certificates with --nats-tls-ca, and check that the certificate names the host in the URL)"
+    )]
+    Certificate { url: String, message: String },
+    #[error(
+        "NATS URL {url:?} is not valid: {message} (give one URL or several separated by commas, e.g. nats://n1:4222,nats://n2:4222; schemes nats:// or tls://)"
+    )]
+    BadUrl { url: String, message: String },
+    #[error("cannot read the NATS TLS {what} {path}")]
+    TlsFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--nats-tls-cert and --nats-tls-key go together: give both, or neither")]
+    TlsPair,
+    #[error(
+        "no JetStream quorum for stream {stream}: cannot {what} ({message}); the stream has no leader, so a majority of the NATS cluster's nodes that hold it are down or cut off (connected to {server}; see `kiln status --cluster` and the nats-server logs; kiln continues once the nodes are back)"
+    )]
+    NoQuorum {
+        stream: String,
+        server: String,
+        what: String,
+        message: String,
+    },
+    #[error(
+        "cannot {what}: the NATS server {server} does not run JetStream (start it with `-js` or a `jetstream {{}}` block in its configuration)"
+    )]
+    NoJetStream { server: String, what: String },
     #[error("cannot read NATS credentials file {path}")]
     Credentials {
         path: PathBuf,
@@ -100,9 +132,16 @@ pub enum Auth {
 /// Where and how to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {
-    /// One URL or several separated by commas, e.g. `nats://127.0.0.1:4222`.
+    /// One URL or several separated by commas, e.g. `nats://127.0.0.1:4222` or
+    /// `tls://n1:4222,tls://n2:4222` (see [`cluster::server_addrs`]).
     pub url: String,
     pub auth: Auth,
+    /// A private CA and a client certificate for TLS (`tls://` URLs or a server that requires
+    /// TLS).
+    pub tls: TlsFiles,
+    /// Replicas of the streams and buckets this connection creates; `None`: the cluster's size
+    /// up to 3 ([`cluster::default_replicas`]).
+    pub replicas: Option<usize>,
     /// Client name shown in the server's connection list.
     pub name: String,
     /// Prefix of the reply subjects (inboxes) this client subscribes to; `None`: see
@@ -115,6 +154,8 @@ impl ConnectOptions {
         ConnectOptions {
             url: url.into(),
             auth: Auth::None,
+            tls: TlsFiles::default(),
+            replicas: None,
             name: "kiln".to_string(),
             inbox_prefix: None,
         }
@@ -187,6 +228,8 @@ pub struct Bus {
     /// The server's `Permissions Violation …` errors for this connection, so that a refused
     /// publish fails at once instead of waiting for an ack that never comes.
     refusals: tokio::sync::broadcast::Sender<String>,
+    /// Replicas of what this connection creates, when given ([`Bus::replicas`]).
+    replicas: Option<usize>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -207,8 +250,11 @@ pub struct RecordedEvent {
 }
 
 impl Bus {
-    /// Connect. The client reconnects by itself when the server restarts.
+    /// Connect to the first of the listed servers that answers. The client reconnects by
+    /// itself when the server restarts, to it or to another server of the cluster.
     pub async fn connect(opts: &ConnectOptions) -> Result<Bus, BusError> {
+        let servers = cluster::server_addrs(&opts.url)?;
+        opts.tls.check()?;
         let base = match &opts.auth {
             Auth::None => async_nats::ConnectOptions::new(),
             Auth::UserPassword { user, password } => {
@@ -226,20 +272,31 @@ impl Bus {
         let url = opts.url.clone();
         let (refusals, _) = tokio::sync::broadcast::channel(64);
         let sender = refusals.clone();
-        let client = base
+        let tls = opts.tls.any() || servers.iter().any(|s| s.tls_required());
+        let client = opts
+            .tls
+            .apply(base)
+            .require_tls(tls)
             .name(&opts.name)
             .custom_inbox_prefix(inbox_prefix)
             .event_callback(move |event| log_event(url.clone(), sender.clone(), event))
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
-            .connect(opts.url.as_str())
+            .connect(servers)
             .await
-            .map_err(|e| BusError::Connect {
-                url: crate::net::redact(&opts.url).into_owned(),
-                message: crate::net::redact(&e.to_string()).into_owned(),
+            .map_err(|e| {
+                let url = crate::net::redact(&opts.url).into_owned();
+                let message = crate::net::redact(&crate::error::chain_text(&e)).into_owned();
+                if message.contains("certificate") || e.kind() == async_nats::ConnectErrorKind::Tls
+                {
+                    BusError::Certificate { url, message }
+                } else {
+                    BusError::Connect { url, message }
+                }
             })?;
         let mut bus = Self::from_client(client);
         bus.refusals = refusals;
+        bus.replicas = opts.replicas;
         Ok(bus)
     }
 
@@ -262,6 +319,7 @@ impl Bus {
             client,
             js,
             refusals: tokio::sync::broadcast::channel(1).0,
+            replicas: None,
         }
     }
 
@@ -306,32 +364,80 @@ impl Bus {
         }
     }
 
-    /// Create (or bring up to date) a stream. Creating with an identical configuration is a
-    /// no-op on the server; a changed one is applied as an update.
+    /// Create (or bring up to date) a stream, with [`Bus::replicas`] replicas. An existing
+    /// stream is updated to `config`, except that its replicas are only ever raised
+    /// ([`cluster::merged_replicas`]): NATS then copies what it holds to the new peers, and a
+    /// count an operator raised by hand stays. (An update with `num_replicas` unset, as kiln
+    /// sent before, asks for one replica: it scaled a hand-raised stream back down.)
     pub(crate) async fn ensure_stream(
         &self,
         config: stream::Config,
     ) -> Result<stream::Stream, BusError> {
+        use async_nats::jetstream::ErrorCode;
+        use async_nats::jetstream::context::GetStreamErrorKind;
         let name = config.name.clone();
-        let created = match self.js.create_stream(config.clone()).await {
-            Ok(s) => return Ok(s),
-            Err(e) => e,
+        let existing = match self.js.get_stream(&name).await {
+            Ok(mut s) => Some(
+                s.info()
+                    .await
+                    .map_err(|e| self.unavailable(&name, format!("read stream {name}"), e))?
+                    .config
+                    .clone(),
+            ),
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                None
+            }
+            Err(e) => return Err(self.unavailable(&name, format!("look up stream {name}"), e)),
         };
-        // The stream exists already: made before, or by another process at the same moment
-        // (the loser of that race hears "name in use" or, on 2.9, "subjects overlap").
-        if self.js.get_stream(&name).await.is_err() {
-            return Err(nats_err(format!(
-                "create stream {name} (does the server run with JetStream, `-js`?)"
-            ))(created));
+        if existing.is_none() {
+            let created = match self
+                .js
+                .create_stream(self.with_replicas(config.clone(), None))
+                .await
+            {
+                Ok(s) => return Ok(s),
+                Err(e) => e,
+            };
+            // Made by another process at the same moment (the loser of that race hears "name
+            // in use" or, on 2.9, "subjects overlap"): update it like an existing one.
+            if self.js.get_stream(&name).await.is_err() {
+                return Err(self.unavailable(&name, format!("create stream {name}"), created));
+            }
+        }
+        let current = match existing {
+            Some(c) => c,
+            None => self
+                .js
+                .get_stream(&name)
+                .await
+                .map_err(|e| self.unavailable(&name, format!("look up stream {name}"), e))?
+                .cached_info()
+                .config
+                .clone(),
+        };
+        let wanted = self.with_replicas(config, Some(&current));
+        let replicas = wanted.num_replicas;
+        let scaling = replicas > current.num_replicas.max(1);
+        if scaling {
+            tracing::info!(
+                "scaling stream {name} from {} to {replicas} replicas",
+                current.num_replicas.max(1),
+            );
         }
         self.js
-            .update_stream(config)
+            .update_stream(wanted)
             .await
-            .map_err(nats_err(format!("update stream {name}")))?;
+            .map_err(|e| self.unavailable(&name, format!("update stream {name}"), e))?;
+        if scaling {
+            self.settle(&name, replicas).await?;
+        }
         self.js
             .get_stream(&name)
             .await
-            .map_err(nats_err(format!("open stream {name}")))
+            .map_err(|e| self.unavailable(&name, format!("open stream {name}"), e))
     }
 
     /// Create the `KILN` stream if it is missing, or bring its configuration up to date
@@ -364,9 +470,13 @@ impl Bus {
                     other => other,
                 })
             }
-            Err(e) => Err(nats_err(format!(
-                "look up stream {STREAM} (does the server run with JetStream, `-js`, and may this NATS user read it?)"
-            ))(e)),
+            Err(e) => Err(match self.unavailable(STREAM, format!("look up stream {STREAM}"), e) {
+                BusError::Nats { what, message } => BusError::Nats {
+                    what: format!("{what} (may this NATS user read it?)"),
+                    message,
+                },
+                other => other,
+            }),
         }
     }
 

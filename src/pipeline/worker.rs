@@ -377,6 +377,14 @@ pub async fn run_workers(
     for stage in stages {
         workers.push(bus::Worker::new(bus, *stage, config.policy.clone()).await?);
     }
+    tracing::info!(
+        "worker {} ready: stream {}, stage consumers, {} and {} set up (asking for {} replica(s))",
+        config.name,
+        bus::STREAM,
+        bus::STAGE_BUCKET,
+        bus::BLOB_BUCKET,
+        bus.replicas()
+    );
     let (tx, rx) = tokio::sync::watch::channel(false);
     let runs = workers.iter().map(|w| {
         let ctx = ctx.clone();

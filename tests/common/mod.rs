@@ -4,12 +4,14 @@
 //! packages unpacked into a Tree (downloads cached in /var/tmp/kiln-test-debs so reruns do not
 //! download). By concern: [`process`] (running commands, the child-process guard [`Running`],
 //! [`free_port`], [`curl`]), [`hash`] (sha256), [`files`] ([`copy_dir`], [`walk`]), [`git`]
-//! ([`commit_all`]), [`registry`], [`nats_roles`], [`verify_support`].
+//! ([`commit_all`]), [`registry`], [`nats_roles`], [`cluster`] (a JetStream cluster of nodes that
+//! can be killed and restarted, optionally with TLS), [`verify_support`].
 //!
 //! Each test binary compiles this module on its own and uses a part of it, hence
 //! `allow(dead_code)`.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod files;
 pub mod git;
 pub mod hash;

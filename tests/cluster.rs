@@ -1,0 +1,309 @@
+//! kiln on a three-node NATS JetStream cluster (the Debian `nats-server`, started by the test on
+//! loopback ports; see tests/common/cluster.rs), with the servers' own monitoring endpoint
+//! (`/jsz`) as the oracle for replicas and leaders:
+//! - `kiln up` gives the stream, the KV bucket and the object store three replicas without a
+//!   flag, scales an existing one-replica stream up without losing its messages, and a worker
+//!   asking for fewer does not scale them down;
+//! - TLS with a private CA and client certificates made by openssl: a build runs over `tls://`,
+//!   a client trusting another CA is told which server's certificate does not verify and why;
+//! - the node leading the `KILN` stream, then the one leading the object store, SIGKILLed while
+//!   builds run: every build completes once per stage with the image a build without the fault
+//!   makes, and the restarted nodes catch up;
+//! - two of three nodes down: `kiln submit`, `kiln status` and a starting worker say "no
+//!   JetStream quorum", nothing stored is lost, and builds go on when a node returns.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::cluster::Cluster;
+use common::{Running, json_lines, kiln, shared_home};
+
+const OBJ: &str = "OBJ_kiln-blobs";
+const KV: &str = "KV_kiln-stages";
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Wait until `log` (a kiln process's stderr) contains `needle`.
+fn wait_for_log(p: &Running, needle: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !p.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} after {limit:?}:\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `kiln up` (workers, no API) against `urls`, with extra arguments.
+fn up(home: &Path, urls: &str, extra: &[std::ffi::OsString], log: &Path) -> Running {
+    let mut c = kiln(home);
+    c.args(["up", "--nats", urls, "--listen", "none"])
+        .args(common::recipe_roots())
+        .args(["--ack-wait", "3", "--max-deliver", "20"])
+        .args(extra);
+    Running::spawn(c, log)
+}
+
+/// A build parameter no earlier run used, so rootfs, kernel and disk really run.
+fn unique_hostname(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("hostname=k-{tag}-{nanos:x}")
+}
+
+#[test]
+fn kiln_up_makes_everything_r3_scales_r1_up_and_never_down() {
+    let cluster = Cluster::start(3);
+    let rt = common::rt();
+
+    // An R1 KILN stream made before, as an older kiln made it, with messages in it.
+    let payloads: Vec<String> = (0..5).map(|i| format!("kept {i}")).collect();
+    rt.block_on(async {
+        let client = async_nats::connect(cluster.url(0)).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "KILN".into(),
+            subjects: vec!["kiln.>".into()],
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for p in &payloads {
+            js.publish("kiln.test.kept", p.clone().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    assert_eq!(cluster.replicas("KILN"), Some(1));
+
+    // `kiln up` with no --replicas and the whole list of nodes.
+    let home = tempfile::tempdir().unwrap();
+    let log = home.path().join("up.log");
+    let up = up(home.path(), &cluster.urls(), &[], &log);
+    wait_for_log(&up, "ready", Duration::from_secs(60));
+    for name in ["KILN", KV, OBJ] {
+        // Every node holds a copy, and the leader sees both followers current.
+        cluster.wait_for_stream(name, Duration::from_secs(30), "3 current replicas", |d| {
+            d.len() == 3
+                && d.iter().all(|(_, s)| s["config"]["num_replicas"] == 3)
+                && d.iter().any(|(i, s)| {
+                    s["cluster"]["leader"] == cluster.nodes[*i].name.as_str()
+                        && s["cluster"]["replicas"]
+                            .as_array()
+                            .is_some_and(|r| r.len() == 2 && r.iter().all(|p| p["current"] == true))
+                })
+        });
+    }
+    // Nothing stored was lost by scaling up: the messages, read back from the servers.
+    assert_eq!(cluster.messages("KILN"), Some(5));
+    rt.block_on(async {
+        let client = async_nats::connect(cluster.url(2)).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream("KILN").await.unwrap();
+        for (i, p) in payloads.iter().enumerate() {
+            let m = stream.get_raw_message(i as u64 + 1).await.unwrap();
+            assert_eq!(m.payload, p.as_bytes(), "message {}", i + 1);
+        }
+    });
+    // The stage consumers followed the stream to three replicas.
+    let consumers: Vec<serde_json::Value> = cluster
+        .jsz(0, "consumers=true&config=true")
+        .unwrap()["account_details"][0]["stream_detail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == "KILN")
+        .flat_map(|s| s["consumer_detail"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(consumers.len(), 7, "{consumers:#?}");
+    for c in &consumers {
+        assert_eq!(
+            c["cluster"]["replicas"].as_array().map(Vec::len),
+            Some(2),
+            "{c:#}"
+        );
+    }
+
+    // `kiln status --cluster` shows the same: three replicas and a leader for each.
+    let o = kiln(home.path())
+        .args(["status", "--cluster", "--json", "--nats", &cluster.urls()])
+        .output()
+        .unwrap();
+    let report = common::json_report(&o);
+    let streams = report["streams"].as_array().unwrap();
+    assert_eq!(streams.len(), 3, "{report:#}");
+    for s in streams {
+        let name = s["stream"].as_str().unwrap();
+        assert_eq!(s["replicas"], 3, "{s:#}");
+        let leader = cluster.leader(name).map(|i| cluster.nodes[i].name.clone());
+        assert_eq!(s["leader"].as_str(), leader.as_deref(), "{s:#}");
+    }
+    let o = kiln(home.path())
+        .args(["status", "--cluster", "--nats", &cluster.url(1)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("KILN             R3 leader n"),
+        "{}",
+        text(&o)
+    );
+
+    // A worker asking for one replica (as an operator's old setting, or a single-node habit)
+    // leaves what has more alone, at start and while it runs.
+    let wlog = home.path().join("worker.log");
+    let worker = Running::spawn(
+        {
+            let mut c = kiln(home.path());
+            c.args(["worker", "--replicas", "1", "--stages", "source"])
+                .args(["--nats", &cluster.url(2)]);
+            c
+        },
+        &wlog,
+    );
+    wait_for_log(&worker, "ready", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    for name in ["KILN", KV, OBJ] {
+        assert_eq!(cluster.replicas(name), Some(3), "{name}\n{}", worker.log());
+    }
+    assert!(!up.log().contains("ERROR"), "{}", up.log());
+}
+
+#[test]
+fn no_quorum_is_said_clearly_and_builds_resume_when_a_node_returns() {
+    let mut cluster = Cluster::start(3);
+    let home = shared_home();
+    let log = home.path().join("up.log");
+    let up = up(home.path(), &cluster.urls(), &[], &log);
+    wait_for_log(&up, "ready", Duration::from_secs(60));
+    cluster.wait_for_stream("KILN", Duration::from_secs(30), "3 replicas", |d| {
+        d.len() == 3
+    });
+    // A build before the fault: its history must survive.
+    let before = format!("q-before-{}", std::process::id());
+    let o = kiln(home.path())
+        .args([
+            "submit",
+            "recipes/minimal.yaml",
+            "--no-verify",
+            "--follow",
+            "--json",
+        ])
+        .args(["--id", &before, "--nats", &cluster.urls()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}\n{}", text(&o), up.log());
+
+    // Two of three nodes down: the third is up but no stream has a quorum.
+    let survivor = 2;
+    cluster.kill9(0);
+    cluster.kill9(1);
+    let url = cluster.url(survivor);
+    let started = Instant::now();
+    let o = kiln(home.path())
+        .args([
+            "submit",
+            "recipes/minimal.yaml",
+            "--no-verify",
+            "--nats",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let said = text(&o);
+    eprintln!(
+        "submit without quorum: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(!o.status.success(), "{said}");
+    assert!(
+        said.contains("no JetStream quorum for stream KILN"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("panicked") && !said.contains("-js"),
+        "{said}"
+    );
+    let o = kiln(home.path())
+        .args(["status", "--nats", &url])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("no JetStream quorum for stream KILN"),
+        "{}",
+        text(&o)
+    );
+    let o = kiln(home.path())
+        .args(["status", "--cluster", "--nats", &url])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    // A worker that starts now says so and exits.
+    let o = kiln(home.path())
+        .args(["worker", "--stages", "source", "--nats", &url])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("no JetStream quorum for stream"),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains("panicked"), "{}", text(&o));
+
+    // One node back: a quorum again. The running `kiln up` goes on by itself.
+    cluster.start_node(0);
+    cluster.wait_for_meta_leader(Duration::from_secs(60));
+    cluster.wait_for_stream("KILN", Duration::from_secs(60), "a leader", |_| true);
+    let o = kiln(home.path())
+        .args(["status", &before, "--json", "--nats", &cluster.urls()])
+        .output()
+        .unwrap();
+    let status = common::json_report(&o);
+    assert!(
+        status["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == "completed"),
+        "{status:#}"
+    );
+    let o = kiln(home.path())
+        .args([
+            "submit",
+            "recipes/minimal.yaml",
+            "--no-verify",
+            "--follow",
+            "--json",
+        ])
+        .args(["--set", &unique_hostname("q"), "--nats", &cluster.urls()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}\n{}\n{}",
+        text(&o),
+        up.log(),
+        cluster.logs()
+    );
+    let events = json_lines(&o);
+    assert_eq!(events.last().unwrap()["stage"], "publish", "{}", text(&o));
+    drop(up);
+}

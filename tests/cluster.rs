@@ -272,6 +272,25 @@ fn no_quorum_is_said_clearly_and_builds_resume_when_a_node_returns() {
     cluster.start_node(0);
     cluster.wait_for_meta_leader(Duration::from_secs(60));
     cluster.wait_for_stream("KILN", Duration::from_secs(60), "a leader", |_| true);
+    // `kiln status --cluster` exits 0 once every stream of kiln's has a leader again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = kiln(home.path())
+            .args(["status", "--cluster", "--nats", &cluster.urls()])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}
+{}",
+            text(&o),
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let o = kiln(home.path())
         .args(["status", &before, "--json", "--nats", &cluster.urls()])
         .output()

@@ -326,3 +326,85 @@ fn no_quorum_is_said_clearly_and_builds_resume_when_a_node_returns() {
     assert_eq!(events.last().unwrap()["stage"], "publish", "{}", text(&o));
     drop(up);
 }
+
+#[test]
+fn a_build_runs_over_tls_and_a_wrong_ca_is_named() {
+    let cluster = Cluster::start_tls(3);
+    let certs = cluster.certs.as_ref().unwrap();
+    let home = shared_home();
+    let log = home.path().join("up.log");
+    let up = up(home.path(), &cluster.urls(), &certs.client_args(), &log);
+    wait_for_log(&up, "ready", Duration::from_secs(60));
+
+    // Through the environment this time, as a CI job would set it.
+    let o = kiln(home.path())
+        .args([
+            "submit",
+            "recipes/minimal.yaml",
+            "--no-verify",
+            "--follow",
+            "--json",
+        ])
+        .args(["--set", &unique_hostname("tls")])
+        .env("KILN_NATS_URL", cluster.urls())
+        .env("KILN_NATS_TLS_CA", &certs.ca)
+        .env("KILN_NATS_TLS_CERT", &certs.client_cert)
+        .env("KILN_NATS_TLS_KEY", &certs.client_key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}\n{}", text(&o), up.log());
+    let events = json_lines(&o);
+    let done: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "completed")
+        .map(|e| e["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        done,
+        [
+            "source", "render", "rootfs", "kernel", "disk", "verify", "publish"
+        ],
+        "{}",
+        text(&o)
+    );
+    // The servers saw TLS clients only: a plain connection is refused by the server itself.
+    let plain = format!("nats://127.0.0.1:{}", cluster.nodes[0].port);
+    let o = kiln(home.path())
+        .args(["status", "--nats", &plain])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+
+    // A client that trusts another CA: the error names the server and the certificate problem.
+    let url = cluster.url(1);
+    let o = kiln(home.path())
+        .args(["status", "--nats", &url, "--nats-tls-ca"])
+        .arg(&certs.other_ca)
+        .arg("--nats-tls-cert")
+        .arg(&certs.client_cert)
+        .arg("--nats-tls-key")
+        .arg(&certs.client_key)
+        .output()
+        .unwrap();
+    let said = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{said}");
+    assert!(said.contains(&url), "{said}");
+    assert!(
+        said.contains("certificate") && said.contains("does not verify"),
+        "{said}"
+    );
+    assert!(said.to_lowercase().contains("unknownissuer"), "{said}");
+    eprintln!("wrong CA: {said}");
+    // No client certificate, right CA: the server refuses the handshake.
+    let o = kiln(home.path())
+        .args(["status", "--nats", &url, "--nats-tls-ca"])
+        .arg(&certs.ca)
+        .output()
+        .unwrap();
+    let said = text(&o);
+    assert!(!o.status.success(), "{said}");
+    assert!(
+        said.contains("refused this client's TLS certificate"),
+        "{said}"
+    );
+}

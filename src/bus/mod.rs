@@ -52,6 +52,10 @@ pub enum BusError {
     )]
     Certificate { url: String, message: String },
     #[error(
+        "the NATS server at {url} refused this client's TLS certificate: {message} (the servers verify clients: give --nats-tls-cert and --nats-tls-key, a certificate signed by a CA the servers trust)"
+    )]
+    ClientCertificate { url: String, message: String },
+    #[error(
         "NATS URL {url:?} is not valid: {message} (give one URL or several separated by commas, e.g. nats://n1:4222,nats://n2:4222; schemes nats:// or tls://)"
     )]
     BadUrl { url: String, message: String },
@@ -287,7 +291,11 @@ impl Bus {
             .map_err(|e| {
                 let url = crate::net::redact(&opts.url).into_owned();
                 let message = crate::net::redact(&crate::error::chain_text(&e)).into_owned();
-                if message.contains("certificate") || e.kind() == async_nats::ConnectErrorKind::Tls
+                if message.contains("received fatal alert") {
+                    // The server's alert: it did not take this client's certificate (or none).
+                    BusError::ClientCertificate { url, message }
+                } else if message.contains("certificate")
+                    || e.kind() == async_nats::ConnectErrorKind::Tls
                 {
                     BusError::Certificate { url, message }
                 } else {

@@ -1458,7 +1458,7 @@ fn build(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
     } else {
         let target = match &args.nats {
             None => BusTarget::Private,
-            Some(url) => BusTarget::Remote(args.auth.connect_options(url)),
+            Some(url) => BusTarget::Remote(Box::new(args.auth.connect_options(url))),
         };
         let rt = runtime()?;
         let observe = |e: &crate::bus::StageEvent| display.event(e);

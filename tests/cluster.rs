@@ -408,3 +408,183 @@ fn a_build_runs_over_tls_and_a_wrong_ca_is_named() {
         "{said}"
     );
 }
+
+/// Every stage event of `build`, read from the stream (None while it cannot be read).
+fn events(urls: &str, build: &str) -> Option<Vec<kiln::bus::StageEvent>> {
+    common::rt().block_on(async {
+        let bus = tokio::time::timeout(Duration::from_secs(5), kiln::bus::Bus::connect_url(urls))
+            .await
+            .ok()?
+            .ok()?;
+        let events = tokio::time::timeout(Duration::from_secs(20), bus.build_events(build))
+            .await
+            .ok()?
+            .ok()?;
+        Some(events.into_iter().filter_map(|e| e.event.ok()).collect())
+    })
+}
+
+fn count(events: &[kiln::bus::StageEvent], kind: &str, stage: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e.kind().name() == kind && e.stage().name() == stage)
+        .count()
+}
+
+/// The object `name` of the `kiln-blobs` object store, read with the NATS client (not kiln).
+fn object(url: &str, name: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    common::rt().block_on(async {
+        let client = async_nats::connect(url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let store = js.get_object_store("kiln-blobs").await.unwrap();
+        let mut object = store.get(name).await.unwrap();
+        let mut bytes = Vec::new();
+        object.read_to_end(&mut bytes).await.unwrap();
+        bytes
+    })
+}
+
+#[test]
+fn stream_and_object_store_leaders_killed_mid_builds_lose_nothing() {
+    let mut cluster = Cluster::start(3);
+    let urls = cluster.urls();
+    let home = shared_home();
+    let log = home.path().join("up.log");
+    let up = up(home.path(), &urls, &[], &log);
+    wait_for_log(&up, "ready", Duration::from_secs(60));
+    for name in ["KILN", OBJ] {
+        cluster.wait_for_stream(name, Duration::from_secs(30), "3 replicas", |d| {
+            d.len() == 3
+        });
+    }
+
+    // Three builds with parameters no run used before, so every stage really runs.
+    let tag = format!("{:x}", std::process::id());
+    let sets: Vec<String> = (0..3)
+        .map(|i| unique_hostname(&format!("f{i}-{tag}")))
+        .collect();
+    let ids: Vec<String> = (0..3).map(|i| format!("fault-{tag}-{i}")).collect();
+    for (id, set) in ids.iter().zip(&sets) {
+        let o = kiln(home.path())
+            .args(["submit", "recipes/minimal.yaml", "--no-verify", "--id", id])
+            .args(["--set", set, "--nats", &urls])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let logs = |cluster: &Cluster| format!("{}\n{}", up.log(), cluster.logs());
+    let completed_stages = || -> usize {
+        ids.iter()
+            .filter_map(|id| events(&urls, id))
+            .map(|ev| ev.iter().filter(|e| e.kind().name() == "completed").count())
+            .sum()
+    };
+    let wait_progress = |cluster: &Cluster, past: usize, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let n = completed_stages();
+            if n >= past {
+                return n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {n} < {past}\n{}",
+                logs(cluster)
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+
+    // The first build is under way: kill the node leading KILN.
+    wait_progress(&cluster, 3, "first stages");
+    let leader = cluster.leader("KILN").unwrap();
+    eprintln!("SIGKILL {} (leads KILN)", cluster.nodes[leader].name);
+    cluster.kill9(leader);
+    let at_kill = completed_stages();
+    // Builds go on without it: more stages complete.
+    wait_progress(&cluster, at_kill + 3, "progress without the KILN leader");
+    cluster.start_node(leader);
+    cluster.wait_for_meta_leader(Duration::from_secs(60));
+
+    // Then the node leading the object store's stream.
+    let obj_leader = cluster.leader(OBJ).unwrap();
+    eprintln!("SIGKILL {} (leads {OBJ})", cluster.nodes[obj_leader].name);
+    cluster.kill9(obj_leader);
+    let total = 7 * ids.len();
+    let at_kill = completed_stages();
+    assert!(at_kill < total, "the builds ended before the second fault");
+    wait_progress(&cluster, total, "every stage of every build");
+    cluster.start_node(obj_leader);
+    cluster.wait_for_meta_leader(Duration::from_secs(60));
+
+    // Each stage completed once per build, none failed.
+    let mut images = Vec::new();
+    for id in &ids {
+        let ev = events(&urls, id).unwrap();
+        for stage in kiln::bus::Stage::ALL {
+            assert_eq!(
+                count(&ev, "completed", stage.name()),
+                1,
+                "{id} {stage:?}: {ev:#?}"
+            );
+            assert_eq!(
+                count(&ev, "failed", stage.name()),
+                0,
+                "{id} {stage:?}: {ev:#?}"
+            );
+        }
+        let disk = ev
+            .iter()
+            .find_map(|e| match e {
+                kiln::bus::StageEvent::Completed(c) if c.stage.name() == "disk" => Some(c),
+                _ => None,
+            })
+            .unwrap();
+        images.push(disk.outputs["disk"]["image"].as_str().unwrap().to_string());
+    }
+
+    // The restarted nodes caught up: their copies of each stream hold what the leader holds.
+    for name in ["KILN", KV, OBJ] {
+        cluster.wait_for_stream(name, Duration::from_secs(60), "copies equal", |d| {
+            d.len() == 3
+                && d.windows(2)
+                    .all(|w| w[0].1["state"]["last_seq"] == w[1].1["state"]["last_seq"])
+        });
+    }
+
+    // The first image is the one a build without any fault makes: `kiln build` on its own
+    // private server, with a home of its own, the same recipe and parameters.
+    let reference_home = shared_home();
+    let out = reference_home.path().join("out");
+    let o = kiln(reference_home.path())
+        .args([
+            "build",
+            "recipes/minimal.yaml",
+            "--no-verify",
+            "--set",
+            &sets[0],
+            "-o",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let file = common::walk(&out)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        .expect("a qcow2 image from kiln build");
+    let reference = common::sha256(&file);
+    // Every image, as the object store holds it, hashes to the digest its build announced.
+    for (i, image) in images.iter().enumerate() {
+        let bytes = object(&cluster.url(i % 3), image);
+        let digest = format!("sha256:{}", common::sha256_bytes(&bytes));
+        assert_eq!(&digest, image, "build {}", ids[i]);
+    }
+    assert_eq!(
+        images[0],
+        format!("sha256:{reference}"),
+        "{}",
+        logs(&cluster)
+    );
+}

@@ -364,7 +364,7 @@ impl Bus {
             Ok(mut s) => s
                 .info()
                 .await
-                .map(|i| i.clone())
+                .cloned()
                 .map_err(|e| self.unavailable(name, format!("read stream {name}"), e)),
             Err(e) => Err(self.unavailable(name, format!("look up stream {name}"), e)),
         };

@@ -680,7 +680,7 @@ impl Bus {
         const PATIENCE: Duration = Duration::from_secs(3);
         let mut attempt = 1;
         loop {
-            let config = self.reader_config(filter, deliver.clone());
+            let config = self.reader_config(filter, deliver);
             let error = match tokio::time::timeout(PATIENCE, stream.create_consumer(config)).await {
                 Ok(Ok(c)) => return Ok(c),
                 Ok(Err(e)) => e.to_string(),

@@ -28,7 +28,7 @@ pub enum BusTarget {
     /// A private server started for this build, with every stage worker in this process.
     Private,
     /// A server whose workers run elsewhere.
-    Remote(ConnectOptions),
+    Remote(Box<ConnectOptions>),
 }
 
 /// Why a build through NATS did not deliver an image.
@@ -151,7 +151,7 @@ pub async fn build_over_bus(
         BusTarget::Remote(_) => None,
     };
     let connect = match (target, &server) {
-        (BusTarget::Remote(c), _) => c.clone(),
+        (BusTarget::Remote(c), _) => (**c).clone(),
         (BusTarget::Private, Some(s)) => ConnectOptions::new(s.url()),
         (BusTarget::Private, None) => return Err(BusBuildError::Server(ServerError::NotInstalled)),
     };

@@ -534,13 +534,7 @@ fn stream_and_object_store_leaders_killed_mid_builds_lose_nothing() {
                 "{id} {stage:?}: {ev:#?}"
             );
         }
-        let disk = ev
-            .iter()
-            .find_map(|e| match e {
-                kiln::bus::StageEvent::Completed(c) if c.stage.name() == "disk" => Some(c),
-                _ => None,
-            })
-            .unwrap();
+        let disk = completed(&ev, "disk");
         images.push(disk.outputs["disk"]["image"].as_str().unwrap().to_string());
     }
 
@@ -553,28 +547,8 @@ fn stream_and_object_store_leaders_killed_mid_builds_lose_nothing() {
         });
     }
 
-    // The first image is the one a build without any fault makes: `kiln build` on its own
-    // private server, with a home of its own, the same recipe and parameters.
-    let reference_home = shared_home();
-    let out = reference_home.path().join("out");
-    let o = kiln(reference_home.path())
-        .args([
-            "build",
-            "recipes/minimal.yaml",
-            "--no-verify",
-            "--set",
-            &sets[0],
-            "-o",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let file = common::walk(&out)
-        .into_iter()
-        .find(|p| p.extension().is_some_and(|e| e == "qcow2"))
-        .expect("a qcow2 image from kiln build");
-    let reference = common::sha256(&file);
+    // The first image is the one a build without any fault makes.
+    let reference = reference_image(&sets[0]);
     // Every image, as the object store holds it, hashes to the digest its build announced.
     for (i, image) in images.iter().enumerate() {
         let bytes = object(&cluster.url(i % 3), image);
@@ -587,4 +561,121 @@ fn stream_and_object_store_leaders_killed_mid_builds_lose_nothing() {
         "{}",
         logs(&cluster)
     );
+}
+
+/// The `completed` event of `stage` in `events`.
+fn completed<'a>(
+    events: &'a [kiln::bus::StageEvent],
+    stage: &str,
+) -> &'a kiln::bus::StageCompleted {
+    events
+        .iter()
+        .find_map(|e| match e {
+            kiln::bus::StageEvent::Completed(c) if c.stage.name() == stage => Some(c),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no completed {stage}: {events:#?}"))
+}
+
+/// The qcow2 image `kiln build --no-verify` makes of recipes/minimal.yaml with `set`, on its
+/// own private server and home: what a build without a cluster gives.
+fn reference_image(set: &str) -> String {
+    let home = shared_home();
+    let out = home.path().join("out");
+    let o = kiln(home.path())
+        .args([
+            "build",
+            "recipes/minimal.yaml",
+            "--no-verify",
+            "--set",
+            set,
+            "-o",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let file = common::walk(&out)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        .expect("a qcow2 image from kiln build");
+    common::sha256_digest(&file)
+}
+
+#[test]
+fn workers_on_two_hosts_in_network_namespaces_share_only_nats() {
+    use common::netns::Netns;
+    let host_a = Netns::new(0);
+    let host_b = Netns::new(1);
+    // The cluster's client ports listen on this side of A's pair; B reaches them through its
+    // default route. Routes and monitoring stay on loopback, which the namespaces cannot see.
+    let cluster = Cluster::start_with(3, false, &host_a.host_ip);
+    let urls = cluster.urls();
+    // The namespaces cannot reach the Debian mirror: a worker here fetches packages (rootfs,
+    // kernel); the two hosts run the rest, each with an empty home of its own.
+    let home = shared_home();
+    let home_a = tempfile::tempdir().unwrap();
+    let home_b = tempfile::tempdir().unwrap();
+    let spawn = |mut c: std::process::Command, stages: &str, log: &Path| {
+        c.args(["worker", "--nats", &urls, "--stages", stages])
+            .args(common::recipe_roots());
+        Running::spawn(c, log)
+    };
+    let a = spawn(
+        host_a.kiln(home_a.path()),
+        "source,render",
+        &home_a.path().join("a.log"),
+    );
+    let b = spawn(
+        host_b.kiln(home_b.path()),
+        "disk,verify,publish",
+        &home_b.path().join("b.log"),
+    );
+    let here = spawn(
+        kiln(home.path()),
+        "rootfs,kernel",
+        &home.path().join("here.log"),
+    );
+    for w in [&a, &b, &here] {
+        wait_for_log(w, "ready", Duration::from_secs(60));
+    }
+
+    let set = unique_hostname("ns");
+    let o = kiln(home.path())
+        .args([
+            "submit",
+            "recipes/minimal.yaml",
+            "--no-verify",
+            "--follow",
+            "--json",
+        ])
+        .args(["--set", &set, "--nats", &urls])
+        .output()
+        .unwrap();
+    let logs = || format!("A:\n{}\nB:\n{}\nhere:\n{}", a.log(), b.log(), here.log());
+    assert!(o.status.success(), "{}\n{}", text(&o), logs());
+    let id = json_lines(&o)[0]["build"].as_str().unwrap().to_string();
+    let ev = events(&urls, &id).unwrap();
+    // Each stage ran where it was sent: the worker field ends with the process id.
+    for (stages, worker) in [
+        (&["source", "render"][..], &a),
+        (&["rootfs", "kernel"][..], &here),
+        (&["disk", "verify", "publish"][..], &b),
+    ] {
+        for stage in stages {
+            let c = completed(&ev, stage);
+            assert!(
+                c.worker.ends_with(&format!("/{}", worker.pid())),
+                "{stage} ran on {}",
+                c.worker
+            );
+        }
+    }
+    // B built the disk from blobs it fetched through NATS alone, and made the image a build
+    // without a cluster makes.
+    let image = completed(&ev, "disk").outputs["disk"]["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(image, reference_image(&set), "{}", logs());
 }

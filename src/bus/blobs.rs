@@ -69,6 +69,10 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Blo
 /// Create the blob bucket if missing, with [`Bus::replicas`] replicas, or scale its stream up
 /// to them (idempotent; never scales down).
 pub(crate) async fn ensure_object_store(bus: &Bus) -> Result<object_store::ObjectStore, BusError> {
+    bus.patiently(|| ensure_object_store_once(bus)).await
+}
+
+async fn ensure_object_store_once(bus: &Bus) -> Result<object_store::ObjectStore, BusError> {
     let js = bus.jetstream();
     if let Ok(store) = js.get_object_store(BLOB_BUCKET).await {
         bus.scale_up(&format!("OBJ_{BLOB_BUCKET}")).await?;

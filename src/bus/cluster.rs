@@ -328,6 +328,44 @@ impl Bus {
         }
     }
 
+    /// Whether the cluster's JetStream metadata leader answers: a reply to `$JS.API.INFO` that
+    /// is not an error. (async-nats cannot parse 2.9's account info, so only its `error` field
+    /// is looked at.) While it answers, a stream that does not is electing its leader, e.g.
+    /// right after another worker created it; without it the cluster has no quorum at all.
+    pub(crate) async fn meta_answers(&self) -> bool {
+        let request = self.client().request("$JS.API.INFO", bytes::Bytes::new());
+        match tokio::time::timeout(std::time::Duration::from_secs(3), request).await {
+            Ok(Ok(reply)) => !String::from_utf8_lossy(&reply.payload).contains("\"error\""),
+            _ => false,
+        }
+    }
+
+    /// Run `setup` (creating or updating a stream or bucket) and, when it fails for want of a
+    /// quorum while the cluster's metadata leader answers ([`Bus::meta_answers`]), run it again,
+    /// up to four times: streams that workers on several hosts create at the same moment take
+    /// a few seconds to elect their leaders. Without a metadata leader the error is returned
+    /// at once.
+    pub(crate) async fn patiently<T, F, Fut>(&self, setup: F) -> Result<T, BusError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, BusError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match setup().await {
+                Err(e @ BusError::NoQuorum { .. }) if attempt < 4 && self.meta_answers().await => {
+                    tracing::info!(
+                        "{}; the cluster's metadata leader answers, so trying again",
+                        crate::error::chain_text(&e)
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Where each of kiln's streams is kept (`kiln status --cluster`).
     pub async fn cluster_report(&self) -> ClusterReport {
         let info = self.client().server_info();

@@ -381,6 +381,11 @@ impl Bus {
         &self,
         config: stream::Config,
     ) -> Result<stream::Stream, BusError> {
+        self.patiently(|| self.ensure_stream_once(config.clone()))
+            .await
+    }
+
+    async fn ensure_stream_once(&self, config: stream::Config) -> Result<stream::Stream, BusError> {
         use async_nats::jetstream::ErrorCode;
         use async_nats::jetstream::context::GetStreamErrorKind;
         let name = config.name.clone();
@@ -435,10 +440,21 @@ impl Bus {
                 current.num_replicas.max(1),
             );
         }
-        self.js
-            .update_stream(wanted)
-            .await
-            .map_err(|e| self.unavailable(&name, format!("update stream {name}"), e))?;
+        let what = format!("update stream {name}");
+        if let Err(e) = self.js.update_stream(wanted.clone()).await {
+            // A stream another worker created a moment ago, or one just scaled, answers only
+            // once it has elected its leader: wait for that, then update once more.
+            let error = self.unavailable(&name, what.clone(), &e);
+            if !matches!(error, BusError::NoQuorum { .. }) {
+                return Err(error);
+            }
+            tracing::debug!("{what}: {e}; waiting for the stream's leader");
+            self.settle(&name, current.num_replicas.max(1)).await?;
+            self.js
+                .update_stream(wanted)
+                .await
+                .map_err(|e| self.unavailable(&name, what, e))?;
+        }
         if scaling {
             self.settle(&name, replicas).await?;
         }

@@ -5,7 +5,8 @@
 //! download). By concern: [`process`] (running commands, the child-process guard [`Running`],
 //! [`free_port`], [`curl`]), [`hash`] (sha256), [`files`] ([`copy_dir`], [`walk`]), [`git`]
 //! ([`commit_all`]), [`registry`], [`nats_roles`], [`cluster`] (a JetStream cluster of nodes that
-//! can be killed and restarted, optionally with TLS), [`verify_support`].
+//! can be killed and restarted, optionally with TLS), [`netns`] (a separate host in a network
+//! namespace), [`verify_support`].
 //!
 //! Each test binary compiles this module on its own and uses a part of it, hence
 //! `allow(dead_code)`.
@@ -16,6 +17,7 @@ pub mod files;
 pub mod git;
 pub mod hash;
 pub mod nats_roles;
+pub mod netns;
 pub mod process;
 pub mod registry;
 pub mod verify_support;

@@ -10,7 +10,13 @@
 //!   builds run: every build completes once per stage with the image a build without the fault
 //!   makes, and the restarted nodes catch up;
 //! - two of three nodes down: `kiln submit`, `kiln status` and a starting worker say "no
-//!   JetStream quorum", nothing stored is lost, and builds go on when a node returns.
+//!   JetStream quorum", nothing stored is lost, and builds go on when a node returns;
+//! - two `kiln worker`s as separate hosts, each in a network namespace of its own with an empty
+//!   `$KILN_HOME`, sharing only NATS, build one image with the digest a build without a cluster
+//!   gives.
+//!
+//! Builds use recipes/minimal.yaml without the boot check (`--no-verify`): the point here is the
+//! cluster, and QEMU under TCG would add minutes.
 
 use std::path::Path;
 use std::process::Output;

@@ -274,6 +274,13 @@ fn no_quorum_is_said_clearly_and_builds_resume_when_a_node_returns() {
     );
     assert!(!text(&o).contains("panicked"), "{}", text(&o));
 
+    // The running workers say what they lack too.
+    wait_for_log(
+        &up,
+        "no JetStream quorum for stream KILN",
+        Duration::from_secs(30),
+    );
+
     // One node back: a quorum again. The running `kiln up` goes on by itself.
     cluster.start_node(0);
     cluster.wait_for_meta_leader(Duration::from_secs(60));

@@ -18,6 +18,9 @@ pub const MAX_REPLICAS: usize = 3;
 /// date before kiln says it has no quorum.
 pub const SETTLE_TIME: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How often workers check that the `KILN` stream answers ([`Bus::watch_stream`]).
+pub const QUORUM_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Environment variable and flag of the replica count (`kiln up`, `kiln worker`, `kiln agent`).
 pub const REPLICAS_ENV: &str = "KILN_REPLICAS";
 
@@ -366,6 +369,46 @@ impl Bus {
         }
     }
 
+    /// Watch, every [`QUORUM_CHECK`], that stream `name` answers, and log when it stops (as
+    /// [`BusError::NoQuorum`] or whatever the cause is) and when it answers again. A worker's
+    /// pulls cannot tell a stream without a leader from an idle one (both just bring no
+    /// message), so without this a worker would wait in silence. Runs until dropped.
+    pub async fn watch_stream(&self, name: &str) -> std::convert::Infallible {
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(QUORUM_CHECK).await;
+            let answer = async {
+                let mut s = self
+                    .jetstream()
+                    .get_stream(name)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let info = s.info().await.map_err(|e| e.to_string())?;
+                // A follower answers too, naming no leader.
+                match &info.cluster {
+                    Some(c) if c.leader.is_none() => Err("no leader elected".to_string()),
+                    _ => Ok(()),
+                }
+            };
+            let result = match tokio::time::timeout(QUORUM_CHECK, answer).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("timed out after {} s", QUORUM_CHECK.as_secs())),
+            };
+            match (result, failing) {
+                (Err(e), false) => {
+                    let error = self.unavailable(name, format!("read stream {name}"), e);
+                    tracing::warn!("{}", crate::error::chain_text(&error));
+                    failing = true;
+                }
+                (Ok(()), true) => {
+                    tracing::info!("stream {name} answers again");
+                    failing = false;
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Where each of kiln's streams is kept (`kiln status --cluster`).
     pub async fn cluster_report(&self) -> ClusterReport {
         let info = self.client().server_info();
@@ -477,6 +520,7 @@ pub fn is_unavailable(message: &str) -> bool {
         || m.contains("jetstream not in clustered mode")
         || m.contains("no suitable peers")
         || m.contains("insufficient resources")
+        || m.contains("no leader")
 }
 
 #[cfg(test)]

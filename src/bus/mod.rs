@@ -445,7 +445,8 @@ impl Bus {
             // A stream another worker created a moment ago, or one just scaled, answers only
             // once it has elected its leader: wait for that, then update once more.
             let error = self.unavailable(&name, what.clone(), &e);
-            if !matches!(error, BusError::NoQuorum { .. }) {
+            // Without a metadata leader the whole cluster lacks a quorum: say so at once.
+            if !matches!(error, BusError::NoQuorum { .. }) || !self.meta_answers().await {
                 return Err(error);
             }
             tracing::debug!("{what}: {e}; waiting for the stream's leader");

@@ -361,7 +361,17 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(stage = %self.stage, "{}; retrying in 1 s", crate::error::Chain(&e));
+                    let text = crate::error::chain_text(&e);
+                    if super::cluster::is_unavailable(&text) {
+                        tracing::warn!(
+                            stage = %self.stage,
+                            "{text}: no JetStream quorum for stream {} or its consumer {}? (a majority of the NATS cluster's nodes that hold them must be up: see `kiln status --cluster`); retrying in 1 s",
+                            super::STREAM,
+                            self.stage.consumer_name()
+                        );
+                    } else {
+                        tracing::warn!(stage = %self.stage, "{text}; retrying in 1 s");
+                    }
                     tokio::select! {
                         _ = &mut shutdown => return Ok(()),
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}

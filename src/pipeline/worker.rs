@@ -400,8 +400,11 @@ pub async fn run_workers(
     });
     let all = futures::future::join_all(runs);
     tokio::pin!(all);
+    let watch = bus.watch_stream(bus::STREAM);
+    tokio::pin!(watch);
     let results = tokio::select! {
         r = &mut all => r,
+        never = &mut watch => match never {},
         _ = shutdown => {
             let _ = tx.send(true);
             all.await

@@ -95,6 +95,19 @@ fn bucket_missing(e: &impl std::fmt::Display) -> bool {
         .any(|m| text.contains(m))
 }
 
+/// Whether an operation on the bucket backed by `stream` failed because the bucket is gone: the
+/// error says so, or (a direct get to a missing stream only times out) the server says the
+/// stream does not exist.
+async fn bucket_gone(bus: &Bus, stream: &str, e: &impl std::fmt::Display) -> bool {
+    if bucket_missing(e) {
+        return true;
+    }
+    match bus.jetstream().get_stream(stream).await {
+        Ok(_) => false,
+        Err(e) => bucket_missing(&e),
+    }
+}
+
 /// sha256 of the file at `path`, streamed.
 fn hash_path(path: &Path) -> Result<Digest256, BlobError> {
     let mut f = std::fs::File::open(path).map_err(io_err("open", path))?;
@@ -129,6 +142,9 @@ struct Seen {
     verified: std::collections::HashMap<Digest256, (u64, std::time::SystemTime)>,
     /// Blobs the bucket is known to hold (objects are content-addressed and never rewritten).
     remote: std::collections::HashSet<Digest256>,
+    /// When the bucket that [`Seen::remote`] describes was created: a bucket deleted and made
+    /// again holds none of them.
+    bucket_created: Option<i128>,
 }
 
 /// Length and mtime of a file, to tell whether it changed since it was hashed.
@@ -170,7 +186,41 @@ impl Blobs {
         tracing::warn!("the {BLOB_BUCKET} object store bucket is gone: creating it again");
         let store = ensure_object_store(&self.bus).await?;
         *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = store;
-        self.seen().remote.clear();
+        let mut seen = self.seen();
+        seen.remote.clear();
+        seen.bucket_created = None;
+        Ok(())
+    }
+
+    /// Whether `e`, from an operation on the bucket, means the bucket is gone.
+    async fn gone(&self, e: &impl std::fmt::Display) -> bool {
+        bucket_gone(&self.bus, &format!("OBJ_{BLOB_BUCKET}"), e).await
+    }
+
+    /// Make sure what this process remembers the bucket holds is still true: the bucket is
+    /// there (made again when it is gone) and is the one it was (not deleted and made again
+    /// since, by this or another host). One request; a worker calls it before it uploads a
+    /// stage's outputs.
+    pub async fn revalidate(&self) -> Result<(), BlobError> {
+        let name = format!("OBJ_{BLOB_BUCKET}");
+        let created = match self.bus.jetstream().get_stream(&name).await {
+            Ok(stream) => stream.cached_info().created.unix_timestamp_nanos(),
+            Err(e) if bucket_missing(&e) => {
+                self.recreate().await?;
+                return Ok(());
+            }
+            Err(e) => return Err(nats_err(format!("read stream {name}"))(e).into()),
+        };
+        let mut seen = self.seen();
+        if seen.bucket_created != Some(created) {
+            if seen.bucket_created.is_some() {
+                tracing::warn!(
+                    "the {BLOB_BUCKET} bucket was made again: its blobs are uploaded again"
+                );
+            }
+            seen.remote.clear();
+            seen.bucket_created = Some(created);
+        }
         Ok(())
     }
 
@@ -209,7 +259,7 @@ impl Blobs {
         };
         let mut file = open().await?;
         let info = match self.remote().put(meta(), &mut file).await {
-            Err(e) if bucket_missing(&e) => {
+            Err(e) if self.gone(&e).await => {
                 self.recreate().await?;
                 let mut file = open().await?;
                 self.remote().put(meta(), &mut file).await
@@ -292,7 +342,7 @@ impl Blobs {
                     digest: digest.clone(),
                 });
             }
-            Err(e) if bucket_missing(&e) => {
+            Err(e) if self.gone(&e).await => {
                 // A new, empty bucket cannot hold it either.
                 self.recreate().await?;
                 return Err(BlobError::NotFound {
@@ -355,12 +405,14 @@ impl Blobs {
             return true;
         }
         match self.remote().info(digest.as_str()).await {
+            // A deleted object keeps its info, marked deleted.
+            Ok(info) if info.deleted => false,
             Ok(_) => {
                 self.seen().remote.insert(digest.clone());
                 true
             }
             Err(e) => {
-                if bucket_missing(&e)
+                if self.gone(&e).await
                     && let Err(e) = self.recreate().await
                 {
                     tracing::warn!("{}", crate::error::Chain(&e));
@@ -470,11 +522,16 @@ impl StageOutputs {
         Ok(())
     }
 
+    /// Whether `e`, from an operation on the bucket, means the bucket is gone.
+    async fn gone(&self, e: &impl std::fmt::Display) -> bool {
+        bucket_gone(&self.bus, &format!("KV_{STAGE_BUCKET}"), e).await
+    }
+
     /// Forget a stage key's outputs (their blobs are lost).
     pub async fn remove(&self, key: &str) -> Result<(), BlobError> {
         let k = kv_key(key)?;
         match self.kv().delete(&k).await {
-            Err(e) if bucket_missing(&e) => {
+            Err(e) if self.gone(&e).await => {
                 // A new, empty bucket holds no record to forget.
                 self.recreate().await?;
                 Ok(())
@@ -489,7 +546,7 @@ impl StageOutputs {
     pub async fn get(&self, key: &str) -> Result<Option<serde_json::Value>, BlobError> {
         let k = kv_key(key)?;
         let got = match self.kv().get(&k).await {
-            Err(e) if bucket_missing(&e) => {
+            Err(e) if self.gone(&e).await => {
                 self.recreate().await?;
                 Ok(None)
             }
@@ -515,7 +572,7 @@ impl StageOutputs {
         })?;
         let bytes: bytes::Bytes = bytes.into();
         match self.kv().put(&k, bytes.clone()).await {
-            Err(e) if bucket_missing(&e) => {
+            Err(e) if self.gone(&e).await => {
                 self.recreate().await?;
                 self.kv().put(&k, bytes).await
             }

@@ -998,6 +998,8 @@ async fn fetch(ctx: &Arc<Ctx>, needs: &[Need]) -> Result<(), Attempt> {
 /// already; one that is neither is lost).
 async fn upload(ctx: &Arc<Ctx>, produced: &[Need]) -> Result<(), Attempt> {
     let failed = |e: &BlobError| blob_failure(&ctx.config.home, e).into();
+    // What this process remembers the bucket holds is trusted only while it is the same bucket.
+    ctx.blobs.revalidate().await.map_err(|e| failed(&e))?;
     for need in produced {
         if let Need::Tree(m) | Need::KernelOf(m) = need {
             // Its manifest must be here to list its files.

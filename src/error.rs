@@ -41,11 +41,17 @@ pub fn chain_text(e: &dyn Error) -> String {
 pub fn is_no_space(e: &(dyn Error + 'static)) -> bool {
     let mut next: Option<&(dyn Error + 'static)> = Some(e);
     while let Some(err) = next {
+        // A wrapped error (tempfile's "… at path …") keeps the kind, not the OS error number.
         if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(
+            && (matches!(
                 io.raw_os_error(),
                 Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)
-            )
+            ) || matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::QuotaExceeded
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+            ))
         {
             return true;
         }
@@ -94,6 +100,11 @@ mod tests {
             source: std::io::Error::from_raw_os_error(libc::ENOSPC),
         };
         assert!(is_no_space(&Repeats(full)));
+        let wrapped = Outer {
+            path: "/x",
+            source: std::io::Error::new(std::io::ErrorKind::StorageFull, "at path /x/.tmp"),
+        };
+        assert!(is_no_space(&wrapped));
         let missing = Outer {
             path: "/x",
             source: std::io::Error::from_raw_os_error(libc::ENOENT),

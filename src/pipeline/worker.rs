@@ -460,7 +460,13 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
                 publish_failed(&ctx, &refused, stage, info, &d, started).await;
                 return Ok(Outcome::Final);
             }
-            Err(e) => return Err(e),
+            Err(Failure::Retry(info)) => {
+                // The last attempt says why, or whoever follows the build waits for ever.
+                if d.is_last_attempt() {
+                    publish_failed(&ctx, &build, stage, info.clone(), &d, started).await;
+                }
+                return Err(Failure::Retry(info));
+            }
         }
     }
     if let Some(prev) = &prev {

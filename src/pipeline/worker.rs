@@ -7,9 +7,11 @@
 //! trigger, not a proof). Before a stage runs, the worker makes every blob it needs local through
 //! the `kiln-blobs` object store; after it runs, it uploads every blob the stage produced, then
 //! publishes `completed`, so the next stage may run on another host. Stage records live in the
-//! local records and in the `kiln-stages` KV bucket. Input errors (a recipe, a refused request, an
-//! image that does not boot) give one `failed` message and no retry; other errors are retried,
-//! and the last attempt publishes `failed`.
+//! local records and in the `kiln-stages` KV bucket, written only once every blob they name is
+//! uploaded; a blob that is lost (nowhere, or damaged here) is fetched again or made again by
+//! the stage that produced it (see `pipeline::recovery`). Input errors (a recipe, a refused
+//! request, an image that does not boot) and a full disk give one `failed` message and no retry;
+//! other errors are retried, and the last attempt publishes `failed`.
 
 use super::access::RecipeAccess;
 use super::records::{HeldRecords, LocalRecords, MemoryRecords, StageRecords, stage_key};

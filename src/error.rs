@@ -36,6 +36,30 @@ pub fn chain_text(e: &dyn Error) -> String {
     chain(e).join(": ")
 }
 
+/// Whether an error or one of its causes is a file system that is full, over quota or
+/// read-only (ENOSPC, EDQUOT, EROFS): an operational error that a retry cannot mend.
+pub fn is_no_space(e: &(dyn Error + 'static)) -> bool {
+    let mut next: Option<&(dyn Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        // A wrapped error (tempfile's "… at path …") keeps the kind, not the OS error number.
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && (matches!(
+                io.raw_os_error(),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)
+            ) || matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::QuotaExceeded
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+            ))
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +91,24 @@ mod tests {
             source: io(),
         });
         assert_eq!(chain(&e), ["building: reading /x", "no such file"]);
+    }
+
+    #[test]
+    fn a_full_disk_is_found_among_the_causes() {
+        let full = Outer {
+            path: "/x",
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(is_no_space(&Repeats(full)));
+        let wrapped = Outer {
+            path: "/x",
+            source: std::io::Error::new(std::io::ErrorKind::StorageFull, "at path /x/.tmp"),
+        };
+        assert!(is_no_space(&wrapped));
+        let missing = Outer {
+            path: "/x",
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        assert!(!is_no_space(&missing));
     }
 }

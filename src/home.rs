@@ -156,10 +156,46 @@ impl BlobStore {
         })
     }
 
+    /// Hash a blob now (no memoized stamp): for bytes about to be booted, signed, pushed,
+    /// uploaded or delivered. A blob whose bytes no longer match its digest is removed (so that
+    /// it is fetched or made again) and reported as [`BlobState::Corrupt`].
+    pub fn check(&self, digest: &Digest256) -> io::Result<BlobState> {
+        let path = self.path(digest);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BlobState::Missing),
+            Err(e) => return Err(e),
+        };
+        let (actual, _) = hash_file(&mut file)?;
+        if &actual == digest {
+            return Ok(BlobState::Intact);
+        }
+        tracing::warn!(
+            "blob {} hashes to {actual}, not {digest}: removing the corrupt copy",
+            path.display()
+        );
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        Ok(BlobState::Corrupt(actual))
+    }
+
     /// Open a blob, checking that it is present.
     pub fn open(&self, digest: &Digest256) -> io::Result<File> {
         File::open(self.path(digest))
     }
+}
+
+/// What [`BlobStore::check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobState {
+    /// Present, and its bytes hash to its digest.
+    Intact,
+    /// Not in the store.
+    Missing,
+    /// Its bytes hashed to this other digest; the file was removed.
+    Corrupt(Digest256),
 }
 
 /// Write `bytes` to `path` atomically (temp file in the same directory, fsync, rename), as an
@@ -271,6 +307,27 @@ mod tests {
             store.put_file(&image).is_err(),
             "a missing file is an error"
         );
+    }
+
+    #[test]
+    fn check_removes_a_blob_whose_bytes_changed() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path());
+        let (d, _) = store.put_bytes(b"disk bytes").unwrap();
+        assert_eq!(store.check(&d).unwrap(), BlobState::Intact);
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(store.path(&d))
+            .unwrap();
+        f.write_all_at(b"D", 0).unwrap();
+        drop(f);
+        assert_eq!(
+            store.check(&d).unwrap(),
+            BlobState::Corrupt(Digest256::of(b"Disk bytes"))
+        );
+        assert!(!store.contains(&d), "the corrupt copy is gone");
+        assert_eq!(store.check(&d).unwrap(), BlobState::Missing);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //!
 //! Every blob fetched from the bucket is written to a temp file, its sha256 checked, and only then
 //! renamed into the local store; a local blob is re-hashed before it is trusted, so a corrupted
-//! file is replaced rather than used.
+//! file is replaced rather than used, and hashed again right before it is uploaded.
+//!
+//! A bucket deleted while workers run (the object store, or the KV bucket's stream) is created
+//! again by the first operation that finds it gone, and the operation retried once.
 
 use super::{Bus, BusError, nats_err};
 use crate::digest::{Digest256, hash_file};
@@ -95,6 +98,27 @@ async fn ensure_object_store_once(bus: &Bus) -> Result<object_store::ObjectStore
     })
 }
 
+/// Whether a NATS error says the bucket (its stream) is not there: deleted, or never made.
+fn bucket_missing(e: &impl std::fmt::Display) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    ["stream not found", "bucket not found", "no responders"]
+        .iter()
+        .any(|m| text.contains(m))
+}
+
+/// Whether an operation on the bucket backed by `stream` failed because the bucket is gone: the
+/// error says so, or (a direct get to a missing stream only times out) the server says the
+/// stream does not exist.
+async fn bucket_gone(bus: &Bus, stream: &str, e: &impl std::fmt::Display) -> bool {
+    if bucket_missing(e) {
+        return true;
+    }
+    match bus.jetstream().get_stream(stream).await {
+        Ok(_) => false,
+        Err(e) => bucket_missing(&e),
+    }
+}
+
 /// sha256 of the file at `path`, streamed.
 fn hash_path(path: &Path) -> Result<Digest256, BlobError> {
     let mut f = std::fs::File::open(path).map_err(io_err("open", path))?;
@@ -114,7 +138,9 @@ impl From<tokio::task::JoinError> for BlobError {
 /// The blob bucket with a local store in front of it.
 #[derive(Clone)]
 pub struct Blobs {
-    remote: object_store::ObjectStore,
+    bus: Bus,
+    /// Replaced when the bucket was deleted and made again.
+    remote: std::sync::Arc<std::sync::Mutex<object_store::ObjectStore>>,
     local: BlobStore,
     seen: std::sync::Arc<std::sync::Mutex<Seen>>,
 }
@@ -127,6 +153,9 @@ struct Seen {
     verified: std::collections::HashMap<Digest256, (u64, std::time::SystemTime)>,
     /// Blobs the bucket is known to hold (objects are content-addressed and never rewritten).
     remote: std::collections::HashSet<Digest256>,
+    /// When the bucket that [`Seen::remote`] describes was created: a bucket deleted and made
+    /// again holds none of them.
+    bucket_created: Option<i128>,
 }
 
 /// Length and mtime of a file, to tell whether it changed since it was hashed.
@@ -147,10 +176,63 @@ impl Blobs {
     /// Open (creating if needed) the bucket, with `local` as this host's store.
     pub async fn open(bus: &Bus, local: BlobStore) -> Result<Blobs, BlobError> {
         Ok(Blobs {
-            remote: ensure_object_store(bus).await?,
+            bus: bus.clone(),
+            remote: std::sync::Arc::new(std::sync::Mutex::new(ensure_object_store(bus).await?)),
             local,
             seen: Default::default(),
         })
+    }
+
+    /// The bucket as last opened.
+    fn remote(&self) -> object_store::ObjectStore {
+        self.remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The bucket is gone (deleted while workers run): make it again. What this process knew
+    /// the bucket held is forgotten.
+    async fn recreate(&self) -> Result<(), BusError> {
+        tracing::warn!("the {BLOB_BUCKET} object store bucket is gone: creating it again");
+        let store = ensure_object_store(&self.bus).await?;
+        *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = store;
+        let mut seen = self.seen();
+        seen.remote.clear();
+        seen.bucket_created = None;
+        Ok(())
+    }
+
+    /// Whether `e`, from an operation on the bucket, means the bucket is gone.
+    async fn gone(&self, e: &impl std::fmt::Display) -> bool {
+        bucket_gone(&self.bus, &format!("OBJ_{BLOB_BUCKET}"), e).await
+    }
+
+    /// Make sure what this process remembers the bucket holds is still true: the bucket is
+    /// there (made again when it is gone) and is the one it was (not deleted and made again
+    /// since, by this or another host). One request; a worker calls it before it uploads a
+    /// stage's outputs.
+    pub async fn revalidate(&self) -> Result<(), BlobError> {
+        let name = format!("OBJ_{BLOB_BUCKET}");
+        let created = match self.bus.jetstream().get_stream(&name).await {
+            Ok(stream) => stream.cached_info().created.unix_timestamp_nanos(),
+            Err(e) if bucket_missing(&e) => {
+                self.recreate().await?;
+                return Ok(());
+            }
+            Err(e) => return Err(nats_err(format!("read stream {name}"))(e).into()),
+        };
+        let mut seen = self.seen();
+        if seen.bucket_created != Some(created) {
+            if seen.bucket_created.is_some() {
+                tracing::warn!(
+                    "the {BLOB_BUCKET} bucket was made again: its blobs are uploaded again"
+                );
+            }
+            seen.remote.clear();
+            seen.bucket_created = Some(created);
+        }
+        Ok(())
     }
 
     pub fn local(&self) -> &BlobStore {
@@ -170,19 +252,32 @@ impl Blobs {
             return Ok(digest);
         }
         // Upload from the source file, not the store copy: a damaged store file must not spread.
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(io_err("open", path))?;
-        let meta = object_store::ObjectMetadata {
+        self.upload(path, digest).await
+    }
+
+    /// Upload the file at `path`, whose content hashed to `digest`, to the bucket (made again
+    /// when it is gone), and check the digest the server computed.
+    async fn upload(&self, path: &Path, digest: Digest256) -> Result<Digest256, BlobError> {
+        let meta = || object_store::ObjectMetadata {
             name: digest.to_string(),
             chunk_size: Some(CHUNK_SIZE),
             ..Default::default()
         };
-        let info = self
-            .remote
-            .put(meta, &mut file)
-            .await
-            .map_err(|e| nats_err(format!("upload {digest} to {BLOB_BUCKET}"))(e))?;
+        let open = || async {
+            tokio::fs::File::open(path)
+                .await
+                .map_err(io_err("open", path))
+        };
+        let mut file = open().await?;
+        let info = match self.remote().put(meta(), &mut file).await {
+            Err(e) if self.gone(&e).await => {
+                self.recreate().await?;
+                let mut file = open().await?;
+                self.remote().put(meta(), &mut file).await
+            }
+            r => r,
+        }
+        .map_err(|e| nats_err(format!("upload {digest} to {BLOB_BUCKET}"))(e))?;
         // The object store records `SHA-256=<base64url>`; it must match what we hashed.
         let expected = format!(
             "SHA-256={}",
@@ -191,7 +286,7 @@ impl Blobs {
         if let Some(got) = info.digest
             && got != expected
         {
-            let _ = self.remote.delete(digest.as_str()).await;
+            let _ = self.remote().delete(digest.as_str()).await;
             return Err(BlobError::Changed {
                 path: path.to_path_buf(),
                 before: digest,
@@ -206,20 +301,25 @@ impl Blobs {
         self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Make sure the local store holds a blob already stored locally is also in the bucket.
+    /// Make sure a blob stored locally is also in the bucket. Its bytes are hashed right before
+    /// the upload (no memoized hash): a damaged copy is removed, not uploaded, and reported as
+    /// [`BlobError::NotFound`] (it must be fetched or made again).
     pub async fn publish_local(&self, digest: &Digest256) -> Result<(), BlobError> {
         if self.remote_has(digest).await {
             return Ok(());
         }
         let path = self.local.path(digest);
-        let got = self.put_blob(&path).await?;
-        if &got != digest {
-            return Err(BlobError::Changed {
-                path,
-                before: digest.clone(),
-                after: got.to_string(),
+        let local = self.local.clone();
+        let d = digest.clone();
+        let state = blocking(move || local.check(&d).map_err(io_err("hash", &path))).await?;
+        if state != crate::home::BlobState::Intact {
+            self.seen().verified.remove(digest);
+            return Err(BlobError::NotFound {
+                digest: digest.clone(),
             });
         }
+        let path = self.local.path(digest);
+        self.upload(&path, digest.clone()).await?;
         Ok(())
     }
 
@@ -246,9 +346,16 @@ impl Blobs {
             );
             let _ = std::fs::remove_file(&dest);
         }
-        let mut object = match self.remote.get(digest.as_str()).await {
+        let mut object = match self.remote().get(digest.as_str()).await {
             Ok(o) => o,
             Err(e) if e.kind() == object_store::GetErrorKind::NotFound => {
+                return Err(BlobError::NotFound {
+                    digest: digest.clone(),
+                });
+            }
+            Err(e) if self.gone(&e).await => {
+                // A new, empty bucket cannot hold it either.
+                self.recreate().await?;
                 return Err(BlobError::NotFound {
                     digest: digest.clone(),
                 });
@@ -308,11 +415,22 @@ impl Blobs {
         if self.seen().remote.contains(digest) {
             return true;
         }
-        let has = self.remote.info(digest.as_str()).await.is_ok();
-        if has {
-            self.seen().remote.insert(digest.clone());
+        match self.remote().info(digest.as_str()).await {
+            // A deleted object keeps its info, marked deleted.
+            Ok(info) if info.deleted => false,
+            Ok(_) => {
+                self.seen().remote.insert(digest.clone());
+                true
+            }
+            Err(e) => {
+                if self.gone(&e).await
+                    && let Err(e) = self.recreate().await
+                {
+                    tracing::warn!("{}", crate::error::Chain(&e));
+                }
+                false
+            }
         }
-        has
     }
 }
 
@@ -341,7 +459,9 @@ fn base64_url(bytes: &[u8]) -> String {
 /// The `kiln-stages` KV bucket: stage key → outputs JSON.
 #[derive(Clone)]
 pub struct StageOutputs {
-    kv: kv::Store,
+    bus: Bus,
+    /// Replaced when the bucket was deleted and made again.
+    kv: std::sync::Arc<std::sync::Mutex<kv::Store>>,
 }
 
 impl std::fmt::Debug for StageOutputs {
@@ -387,24 +507,63 @@ fn kv_key(key: &str) -> Result<String, BlobError> {
 impl StageOutputs {
     /// Open (creating if needed) the bucket.
     pub async fn open(bus: &Bus) -> Result<StageOutputs, BusError> {
+        Ok(StageOutputs {
+            bus: bus.clone(),
+            kv: std::sync::Arc::new(std::sync::Mutex::new(Self::ensure(bus).await?)),
+        })
+    }
+
+    async fn ensure(bus: &Bus) -> Result<kv::Store, BusError> {
         bus.ensure_stream(kv_stream_config()).await?;
-        let kv = bus
-            .jetstream()
+        bus.jetstream()
             .get_key_value(STAGE_BUCKET)
             .await
-            .map_err(nats_err(format!("open KV bucket {STAGE_BUCKET}")))?;
-        Ok(StageOutputs { kv })
+            .map_err(nats_err(format!("open KV bucket {STAGE_BUCKET}")))
+    }
+
+    fn kv(&self) -> kv::Store {
+        self.kv.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The bucket is gone (deleted while workers run): make it again.
+    async fn recreate(&self) -> Result<(), BusError> {
+        tracing::warn!("the {STAGE_BUCKET} KV bucket is gone: creating it again");
+        let kv = Self::ensure(&self.bus).await?;
+        *self.kv.lock().unwrap_or_else(|e| e.into_inner()) = kv;
+        Ok(())
+    }
+
+    /// Whether `e`, from an operation on the bucket, means the bucket is gone.
+    async fn gone(&self, e: &impl std::fmt::Display) -> bool {
+        bucket_gone(&self.bus, &format!("KV_{STAGE_BUCKET}"), e).await
+    }
+
+    /// Forget a stage key's outputs (their blobs are lost).
+    pub async fn remove(&self, key: &str) -> Result<(), BlobError> {
+        let k = kv_key(key)?;
+        match self.kv().delete(&k).await {
+            Err(e) if self.gone(&e).await => {
+                // A new, empty bucket holds no record to forget.
+                self.recreate().await?;
+                Ok(())
+            }
+            r => r,
+        }
+        .map_err(nats_err(format!("delete {key} from {STAGE_BUCKET}")))?;
+        Ok(())
     }
 
     /// The outputs recorded for a stage key.
     pub async fn get(&self, key: &str) -> Result<Option<serde_json::Value>, BlobError> {
         let k = kv_key(key)?;
-        let Some(bytes) = self
-            .kv
-            .get(k)
-            .await
-            .map_err(nats_err(format!("read {key} from {STAGE_BUCKET}")))?
-        else {
+        let got = match self.kv().get(&k).await {
+            Err(e) if self.gone(&e).await => {
+                self.recreate().await?;
+                Ok(None)
+            }
+            r => r,
+        };
+        let Some(bytes) = got.map_err(nats_err(format!("read {key} from {STAGE_BUCKET}")))? else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
@@ -422,10 +581,15 @@ impl StageOutputs {
             key: key.to_string(),
             source,
         })?;
-        self.kv
-            .put(k, bytes.into())
-            .await
-            .map_err(nats_err(format!("write {key} to {STAGE_BUCKET}")))?;
+        let bytes: bytes::Bytes = bytes.into();
+        match self.kv().put(&k, bytes.clone()).await {
+            Err(e) if self.gone(&e).await => {
+                self.recreate().await?;
+                self.kv().put(&k, bytes).await
+            }
+            r => r,
+        }
+        .map_err(nats_err(format!("write {key} to {STAGE_BUCKET}")))?;
         Ok(())
     }
 }

@@ -410,6 +410,9 @@ pub enum ErrorKind {
     InvalidMessage,
     /// The boot check failed.
     Verification,
+    /// The worker's disk is full, over quota or read-only (the message names the path): not
+    /// retried; free space and submit again.
+    NoSpace,
     /// A kind this version of kiln does not know.
     #[serde(other)]
     Other,

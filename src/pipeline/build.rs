@@ -4,14 +4,15 @@
 //! download, no disk write, no boot.
 
 use super::bus_build::{caller_access, request_for};
-use super::records::LocalRecords;
+use super::records::{LocalRecords, StageRecords};
+use super::recovery::{MAX_RECOVERIES, remake, run_stage};
 use super::stages::{
-    BootSummary, Handover, ProgressUpdate, StageEnv, StageError, StageReport, io as stage_io,
-    run_one,
+    BootSummary, Handover, ProgressSink, ProgressUpdate, StageEnv, StageError, StageReport,
+    io as stage_io,
 };
 use crate::bus::{self, CacheStatus};
 use crate::digest::Digest256;
-use crate::home::{BlobStore, write_atomic};
+use crate::home::{BlobState, BlobStore, write_atomic};
 use crate::packages::ArchiveOptions;
 use crate::recipe::LoadOptions;
 use crate::tree::Content;
@@ -78,6 +79,18 @@ pub enum BuildError {
     },
     #[error("delivering the image")]
     Deliver(#[source] StageError),
+    /// The file system under `$KILN_HOME` is full (or over quota, or read-only).
+    #[error(
+        "no space left on device under {}{}: free space there (or point KILN_HOME elsewhere) and build again",
+        home.display(),
+        stage.map(|s| format!(" (the {s} stage)")).unwrap_or_default()
+    )]
+    NoSpace {
+        home: PathBuf,
+        stage: Option<bus::Stage>,
+        #[source]
+        source: Box<StageError>,
+    },
 }
 
 impl BuildError {
@@ -88,6 +101,7 @@ impl BuildError {
             BuildError::Stage { source, .. } | BuildError::Deliver(source) => {
                 source.is_input_error()
             }
+            BuildError::NoSpace { .. } => false,
         }
     }
 }
@@ -128,10 +142,8 @@ pub fn build(
     for stage in bus::Stage::ALL {
         observe(stage, StageNote::Started);
         let sink = |update: ProgressUpdate| observe(stage, StageNote::Progress(update));
-        let ran = run_one(&env, &records, stage, &mut h, &sink).map_err(|e| match e {
-            StageError::Recipe(d) => BuildError::Recipe(d),
-            source => BuildError::Stage { stage, source },
-        })?;
+        let ran = run_stage(&env, &records, stage, &mut h, &sink)
+            .map_err(|e| stage_error(&opts.home, stage, e))?;
         observe(
             stage,
             StageNote::Completed {
@@ -141,7 +153,56 @@ pub fn build(
         );
     }
     h.mirror_requests = env.requests();
-    deliver(opts, &env.blobs, &h, started)
+    let sink = |update: ProgressUpdate| observe(bus::Stage::Publish, StageNote::Progress(update));
+    deliver_recovering(opts, &env, &records, &h, started, &sink)
+}
+
+/// A stage's error as the build's: a recipe diagnostic as it is, a full disk named as such.
+fn stage_error(home: &Path, stage: bus::Stage, source: StageError) -> BuildError {
+    match source {
+        StageError::Recipe(d) => BuildError::Recipe(d),
+        source if source.is_no_space() => BuildError::NoSpace {
+            home: home.to_path_buf(),
+            stage: Some(stage),
+            source: Box::new(source),
+        },
+        source => BuildError::Stage { stage, source },
+    }
+}
+
+/// [`deliver`], and when the image blob is missing or damaged, the stage that made it run again
+/// (its records forgotten) and the delivery retried: the image delivered is always the one
+/// whose digest the build reports.
+pub fn deliver_recovering(
+    opts: &BuildOptions,
+    env: &StageEnv,
+    records: &dyn StageRecords,
+    h: &Handover,
+    started: Instant,
+    progress: &dyn ProgressSink,
+) -> Result<BuildReport, BuildError> {
+    let mut recoveries = 0;
+    loop {
+        match deliver(opts, &env.blobs, h, started) {
+            Err(BuildError::Deliver(StageError::Lost { digest, corrupt }))
+                if recoveries < MAX_RECOVERIES =>
+            {
+                recoveries += 1;
+                remake(env, records, h, &digest, corrupt, progress).map_err(|e| {
+                    if e.is_no_space() {
+                        BuildError::NoSpace {
+                            home: opts.home.clone(),
+                            stage: None,
+                            source: Box::new(e),
+                        }
+                    } else {
+                        BuildError::Deliver(e)
+                    }
+                })?;
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Deliver a finished build to `opts.out_dir`: the image from `blobs` (only once it booted),
@@ -167,6 +228,19 @@ pub fn deliver(
         None => format!("{}.{}", recipe.name, disk.format),
     };
     let image_path = opts.out_dir.join(file_name);
+    // The bytes delivered are checked against the digest the report gives now.
+    match blobs
+        .check(&disk.image)
+        .map_err(io(format!("checking the image blob {}", disk.image)))?
+    {
+        BlobState::Intact => {}
+        state => {
+            return Err(BuildError::Deliver(StageError::Lost {
+                digest: disk.image.clone(),
+                corrupt: matches!(state, BlobState::Corrupt(_)),
+            }));
+        }
+    }
     copy_sparse(&blobs.path(&disk.image), &image_path).map_err(BuildError::Deliver)?;
     let mut boots = state.boots.clone();
     for (i, boot) in boots.iter_mut().enumerate() {

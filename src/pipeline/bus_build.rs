@@ -10,8 +10,9 @@
 //! `kiln-blobs` object store. Either way the same stage code runs.
 
 use super::access::{RecipeAccess, is_forbidden_env};
-use super::build::{BuildError, BuildOptions, BuildReport, deliver};
-use super::stages::{Handover, StageError};
+use super::build::{BuildError, BuildOptions, BuildReport, deliver, deliver_recovering};
+use super::records::LocalRecords;
+use super::stages::{Handover, NoProgress, StageEnv, StageError};
 use super::worker::{WorkerConfig, WorkerError, run_workers};
 use crate::bus::{
     self, BlobError, Blobs, BuildRequest, Bus, BusError, ConnectOptions, ErrorInfo, ErrorKind,
@@ -253,7 +254,31 @@ pub async fn build_over_bus(
             }
         }
     }
-    let report = deliver(opts, &local, &state, started)?;
+    let report = if private {
+        // This host's workers made the image here: a damaged or missing blob is made again by
+        // the stage that produced it, as `kiln build --no-bus` does.
+        let mut env = StageEnv::new(
+            opts.home.clone(),
+            opts.archive.clone(),
+            opts.profiles_dir.clone(),
+        );
+        env.access = caller_access(&state.request).map_err(deliver_err)?;
+        env.limits = opts.load.limits.clone();
+        let records = LocalRecords::new(&opts.home);
+        let (opts, state) = (opts.clone(), state.clone());
+        tokio::task::spawn_blocking(move || {
+            deliver_recovering(&opts, &env, &records, &state, started, &NoProgress)
+        })
+        .await
+        .map_err(|e| {
+            BusBuildError::Deliver(BuildError::Deliver(StageError::Io {
+                what: "delivering the image".into(),
+                source: std::io::Error::other(e),
+            }))
+        })??
+    } else {
+        deliver(opts, &local, &state, started)?
+    };
     if let Some(server) = server {
         // Close the connection before the server goes, so the client does not warn about a
         // server it can no longer reach.

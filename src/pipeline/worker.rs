@@ -7,12 +7,15 @@
 //! trigger, not a proof). Before a stage runs, the worker makes every blob it needs local through
 //! the `kiln-blobs` object store; after it runs, it uploads every blob the stage produced, then
 //! publishes `completed`, so the next stage may run on another host. Stage records live in the
-//! local records and in the `kiln-stages` KV bucket. Input errors (a recipe, a refused request, an
-//! image that does not boot) give one `failed` message and no retry; other errors are retried,
-//! and the last attempt publishes `failed`.
+//! local records and in the `kiln-stages` KV bucket, written only once every blob they name is
+//! uploaded; a blob that is lost (nowhere, or damaged here) is fetched again or made again by
+//! the stage that produced it (see `pipeline::recovery`). Input errors (a recipe, a refused
+//! request, an image that does not boot) and a full disk give one `failed` message and no retry;
+//! other errors are retried, and the last attempt publishes `failed`.
 
 use super::access::RecipeAccess;
-use super::records::{LocalRecords, MemoryRecords, StageRecords, stage_key};
+use super::records::{HeldRecords, LocalRecords, MemoryRecords, StageRecords, stage_key};
+use super::recovery::{MAX_RECOVERIES, forget_stage, lost_note, producer_of};
 use super::stages::{
     Handover, Need, ProgressSink, ProgressUpdate, PublishTarget, StageEnv, StageError, needs,
     produced, run_one,
@@ -128,8 +131,34 @@ pub fn diagnostic_info(d: &Diagnostic) -> ErrorInfo {
     info
 }
 
+/// A full (or over-quota, or read-only) disk under `home`: reported at once, not retried.
+fn no_space_info(home: &std::path::Path, e: &(dyn std::error::Error + 'static)) -> ErrorInfo {
+    let mut info = ErrorInfo::new(
+        ErrorKind::NoSpace,
+        &format!(
+            "no space left on device under {}: {}",
+            home.display(),
+            crate::error::Chain(e)
+        ),
+    );
+    info.help = Some(format!(
+        "free space under {} (or give the worker another KILN_HOME) and submit the build again",
+        home.display()
+    ));
+    info
+}
+
+/// A blob transfer's error: a full disk is final, anything else retried.
+fn blob_failure(home: &std::path::Path, e: &BlobError) -> Failure {
+    if crate::error::is_no_space(e) {
+        Failure::Input(no_space_info(home, e))
+    } else {
+        transient(crate::error::Chain(e))
+    }
+}
+
 /// A stage's error as a `failed` message's error: input errors are final, the rest retried.
-fn stage_failure(e: &StageError) -> Failure {
+fn stage_failure(home: &std::path::Path, e: &StageError) -> Failure {
     let kind = e.kind();
     let info = match e {
         StageError::Recipe(d) => {
@@ -147,6 +176,7 @@ fn stage_failure(e: &StageError) -> Failure {
             info.help = Some("build it again; the verify stage must boot this image".into());
             info
         }
+        _ if kind == ErrorKind::NoSpace => no_space_info(home, e),
         _ => ErrorInfo::from_error(kind, e),
     };
     if kind == ErrorKind::Transient {
@@ -223,6 +253,13 @@ impl StageRecords for SharedRecords {
         self.local.put(stage, key, outputs)?;
         self.rt
             .block_on(self.kv.put(&format!("{stage}/{key}"), outputs))
+            .map_err(std::io::Error::other)
+    }
+
+    fn remove(&self, stage: &str, key: &Digest256) -> std::io::Result<()> {
+        self.local.remove(stage, key)?;
+        self.rt
+            .block_on(self.kv.remove(&format!("{stage}/{key}")))
             .map_err(std::io::Error::other)
     }
 }
@@ -436,7 +473,13 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
                 publish_failed(&ctx, &refused, stage, info, &d, started).await;
                 return Ok(Outcome::Final);
             }
-            Err(e) => return Err(e),
+            Err(Failure::Retry(info)) => {
+                // The last attempt says why, or whoever follows the build waits for ever.
+                if d.is_last_attempt() {
+                    publish_failed(&ctx, &build, stage, info.clone(), &d, started).await;
+                }
+                return Err(Failure::Retry(info));
+            }
         }
     }
     if let Some(prev) = &prev {
@@ -717,16 +760,155 @@ pub fn assigned_build_id(published_ms: u64, sequence: u64) -> String {
 
 type StageResult = (Handover, Value, CacheStatus);
 
-/// Run `stage` on this worker: blobs in, [`run_one`], blobs out, and the image announcement of
-/// the publish stage (before `completed`, so whoever sees the build end finds it announced).
+/// Why one attempt at a stage did not complete.
+enum Attempt {
+    Failed(Box<Failure>),
+    /// A blob is missing everywhere or damaged here (see [`StageError::Lost`]).
+    Lost {
+        digest: Digest256,
+        corrupt: bool,
+    },
+    /// The stage's own records named lost blobs and were forgotten: run it again.
+    Again,
+}
+
+impl From<Failure> for Attempt {
+    fn from(f: Failure) -> Attempt {
+        Attempt::Failed(Box::new(f))
+    }
+}
+
+impl From<tokio::task::JoinError> for Attempt {
+    fn from(e: tokio::task::JoinError) -> Attempt {
+        Failure::from(e).into()
+    }
+}
+
+/// Run `stage` on this worker: blobs in, [`run_one`], blobs out, its records (held back until
+/// then) written, and the image announcement of the publish stage (before `completed`, so
+/// whoever sees the build end finds it announced). A blob that is lost (missing here and in the
+/// object store, or damaged) is fetched again, or made again by the stage of this build that
+/// produced it, and the stage retried; a record whose blobs are nowhere is a miss, not a
+/// failure.
 async fn run(
     ctx: &Arc<Ctx>,
     stage: bus::Stage,
     h: Handover,
     build_id: &str,
 ) -> Result<StageResult, Failure> {
+    let mut recoveries = 0;
+    loop {
+        let lost = match attempt(ctx, stage, h.clone(), build_id).await {
+            Ok(done) => return Ok(done),
+            Err(Attempt::Failed(f)) => return Err(*f),
+            Err(Attempt::Again) => None,
+            Err(Attempt::Lost { digest, corrupt }) => Some((digest, corrupt)),
+        };
+        if recoveries >= MAX_RECOVERIES {
+            let what = match &lost {
+                Some((digest, corrupt)) => StageError::Lost {
+                    digest: digest.clone(),
+                    corrupt: *corrupt,
+                }
+                .to_string(),
+                None => format!("the {stage} stage's outputs are lost"),
+            };
+            return Err(transient(format!(
+                "{what}, again after {recoveries} recoveries"
+            )));
+        }
+        recoveries += 1;
+        if let Some((digest, corrupt)) = lost {
+            recover(ctx, stage, &h, build_id, &digest, corrupt).await?;
+        }
+    }
+}
+
+/// Bring back a lost blob: from the object store when it is there, else by running the stage
+/// of this build that produced it again, its records forgotten.
+async fn recover(
+    ctx: &Arc<Ctx>,
+    stage: bus::Stage,
+    h: &Handover,
+    build_id: &str,
+    digest: &Digest256,
+    corrupt: bool,
+) -> Result<(), Failure> {
+    if !ctx.config.local_blobs {
+        match ctx.blobs.get_blob(digest).await {
+            Ok(_) => {
+                let why = if corrupt {
+                    "was damaged here"
+                } else {
+                    "was missing here"
+                };
+                note(
+                    ctx,
+                    build_id,
+                    stage,
+                    format!("blob {digest} {why}: fetched it again from the object store"),
+                )
+                .await;
+                return Ok(());
+            }
+            Err(BlobError::NotFound { .. }) => {}
+            Err(e) => return Err(blob_failure(&ctx.config.home, &e)),
+        }
+    }
+    let c = ctx.clone();
+    let (hc, d) = (h.clone(), digest.clone());
+    let producer = blocking(move || Ok::<_, Failure>(producer_of(&c.env, &hc, &d))).await?;
+    let Some(producer) = producer else {
+        return Err(transient(format!(
+            "{}, and no stage of this build produced it",
+            StageError::Lost {
+                digest: digest.clone(),
+                corrupt
+            }
+        )));
+    };
+    note(ctx, build_id, stage, lost_note(digest, corrupt, producer)).await;
+    let c = ctx.clone();
+    let hc = h.clone();
+    blocking(move || {
+        forget_stage(&c.records(), &hc, producer).map_err(|e| {
+            transient(format!(
+                "forgetting the {producer} stage's records: {}",
+                crate::error::Chain(&e)
+            ))
+        })
+    })
+    .await?;
+    // The stages are reproducible: the producer makes the same blob again (and uploads it).
+    Box::pin(run(ctx, producer, h.clone(), build_id)).await?;
+    Ok(())
+}
+
+/// Say on the build's events what a worker does about a lost blob (a `progress` message).
+async fn note(ctx: &Ctx, build: &str, stage: bus::Stage, message: String) {
+    tracing::warn!(%stage, build, "{message}");
+    let msg = StageEvent::Progress(StageProgress {
+        v: VERSION,
+        build: build.to_string(),
+        stage,
+        worker: ctx.config.name.clone(),
+        time: EventTime::now(),
+        fraction: None,
+        message: Some(message),
+    });
+    if let Err(e) = ctx.bus.publish_event(&msg).await {
+        tracing::debug!(%stage, build, "cannot publish progress: {e}");
+    }
+}
+
+/// One attempt at `stage`.
+async fn attempt(
+    ctx: &Arc<Ctx>,
+    stage: bus::Stage,
+    h: Handover,
+    build_id: &str,
+) -> Result<StageResult, Attempt> {
     fetch(ctx, &needs(&ctx.env, stage, &h)).await?;
-    let records = ctx.records();
     // A counter of its own, so this build's mirror requests are counted alone.
     let env = ctx.env.counting();
     let sink = BusProgress {
@@ -737,17 +919,62 @@ async fn run(
         worker: ctx.config.name.clone(),
         last: Mutex::new(None),
     };
-    let (h, ran) = blocking(move || {
+    let c = ctx.clone();
+    let (h, ran, held) = blocking(move || {
         let mut h = h;
-        let ran =
-            run_one(&env, records.as_ref(), stage, &mut h, &sink).map_err(|e| stage_failure(&e))?;
+        // Held back until every blob the stage made is stored where the records say.
+        let held = HeldRecords::new(c.records());
+        let ran = match run_one(&env, &held, stage, &mut h, &sink) {
+            Ok(ran) => ran,
+            Err(StageError::Lost { digest, corrupt }) => {
+                return Err(Attempt::Lost { digest, corrupt });
+            }
+            Err(e) => return Err(stage_failure(&c.config.home, &e).into()),
+        };
         h.mirror_requests += env.requests();
-        Ok::<_, Failure>((h, ran))
+        Ok::<_, Attempt>((h, ran, held))
     })
     .await?;
-    if !ctx.config.local_blobs {
-        upload(ctx, &produced(stage, &h)).await?;
+    if !ctx.config.local_blobs
+        && let Err(lost) = upload(ctx, &produced(stage, &h)).await
+    {
+        if let Attempt::Lost { digest, .. } = &lost {
+            // What this stage found recorded names a blob that is nowhere: forget those records
+            // (held ones are dropped) so that the stage runs again, a miss.
+            drop(held);
+            let text = format!(
+                "the {stage} stage's record names blob {digest}, which is neither here nor in the \
+                 object store: forgetting the record and running the stage again"
+            );
+            note(ctx, build_id, stage, text).await;
+            let c = ctx.clone();
+            blocking(move || {
+                forget_stage(&c.records(), &h, stage).map_err(|e| {
+                    transient(format!(
+                        "forgetting the {stage} stage's records: {}",
+                        crate::error::Chain(&e)
+                    ))
+                })
+            })
+            .await?;
+            return Err(Attempt::Again);
+        }
+        return Err(lost);
     }
+    let home = ctx.config.home.clone();
+    blocking(move || {
+        held.commit().map_err(|e| {
+            if crate::error::is_no_space(&e) {
+                Failure::Input(no_space_info(&home, &e))
+            } else {
+                transient(format!(
+                    "recording the {stage} stage's results: {}",
+                    crate::error::Chain(&e)
+                ))
+            }
+        })
+    })
+    .await?;
     if let Some(message) = &ran.announce {
         ctx.bus.publish_image(message).await.map_err(transient)?;
     }
@@ -756,48 +983,77 @@ async fn run(
 
 /// Make what a stage needs local (from the object store when needed). A worker sharing this
 /// host's `$KILN_HOME` only checks that the blobs are here.
-async fn fetch(ctx: &Arc<Ctx>, needs: &[Need]) -> Result<(), Failure> {
+async fn fetch(ctx: &Arc<Ctx>, needs: &[Need]) -> Result<(), Attempt> {
+    let lost = |digest: &Digest256| Attempt::Lost {
+        digest: digest.clone(),
+        corrupt: false,
+    };
     if ctx.config.local_blobs {
         return match needs
             .iter()
             .find(|n| !ctx.blobs.local().contains(n.digest()))
         {
-            Some(n) => Err(transient(format!(
-                "blob {} is not in the local store {}",
-                n.digest(),
-                ctx.config.home.display()
-            ))),
+            Some(n) => Err(lost(n.digest())),
             None => Ok(()),
         };
     }
+    let get = |d: Digest256| async move {
+        match ctx.blobs.get_blob(&d).await {
+            Ok(_) => Ok(()),
+            Err(BlobError::NotFound { digest }) => Err(lost(&digest)),
+            Err(e) => Err(blob_failure(&ctx.config.home, &e).into()),
+        }
+    };
     for need in needs {
-        ctx.blobs.get_blob(need.digest()).await.map_err(transient)?;
+        get(need.digest().clone()).await?;
         for d in files_of(ctx, need).await? {
-            ctx.blobs.get_blob(&d).await.map_err(transient)?;
+            get(d).await?;
         }
     }
     Ok(())
 }
 
 /// Put what a stage produced in the object store (a blob that is not local must be there
-/// already).
-async fn upload(ctx: &Arc<Ctx>, produced: &[Need]) -> Result<(), Failure> {
+/// already; one that is neither is lost).
+async fn upload(ctx: &Arc<Ctx>, produced: &[Need]) -> Result<(), Attempt> {
+    let failed = |e: &BlobError| blob_failure(&ctx.config.home, e).into();
+    // What this process remembers the bucket holds is trusted only while it is the same bucket.
+    ctx.blobs.revalidate().await.map_err(|e| failed(&e))?;
     for need in produced {
         if let Need::Tree(m) | Need::KernelOf(m) = need {
             // Its manifest must be here to list its files.
-            ctx.blobs.get_blob(m).await.map_err(transient)?;
+            match ctx.blobs.get_blob(m).await {
+                Ok(_) => {}
+                Err(BlobError::NotFound { digest }) => {
+                    return Err(Attempt::Lost {
+                        digest,
+                        corrupt: false,
+                    });
+                }
+                Err(e) => return Err(failed(&e)),
+            }
         }
         let mut digests = vec![need.digest().clone()];
         digests.extend(files_of(ctx, need).await?);
         for d in &digests {
             if ctx.blobs.local().contains(d) {
-                ctx.blobs.publish_local(d).await.map_err(transient)?;
+                match ctx.blobs.publish_local(d).await {
+                    Ok(()) => {}
+                    Err(BlobError::NotFound { digest }) => {
+                        return Err(Attempt::Lost {
+                            digest,
+                            corrupt: true,
+                        });
+                    }
+                    Err(e) => return Err(failed(&e)),
+                }
             } else if matches!(need, Need::IfHere(_)) {
                 continue;
             } else if !ctx.blobs.remote_has(d).await {
-                return Err(transient(format!(
-                    "blob {d} is neither local nor in the object store"
-                )));
+                return Err(Attempt::Lost {
+                    digest: d.clone(),
+                    corrupt: false,
+                });
             }
         }
     }
@@ -805,13 +1061,18 @@ async fn upload(ctx: &Arc<Ctx>, produced: &[Need]) -> Result<(), Failure> {
 }
 
 /// The files a manifest names (none for a single blob). Its blob must be local.
-async fn files_of(ctx: &Arc<Ctx>, need: &Need) -> Result<Vec<Digest256>, Failure> {
+async fn files_of(ctx: &Arc<Ctx>, need: &Need) -> Result<Vec<Digest256>, Attempt> {
     if let Need::Blob(_) | Need::IfHere(_) = need {
         return Ok(Vec::new());
     }
     let blobs = ctx.env.blobs.clone();
     let need = need.clone();
-    blocking(move || need.files(&blobs).map_err(|e| stage_failure(&e))).await
+    let home = ctx.config.home.clone();
+    blocking(move || {
+        need.files(&blobs)
+            .map_err(|e| Attempt::from(stage_failure(&home, &e)))
+    })
+    .await
 }
 
 impl From<tokio::task::JoinError> for Failure {
@@ -874,16 +1135,31 @@ mod tests {
             (info.file.as_deref(), info.line, info.column),
             (Some("/r/bad.yaml"), Some(3), Some(1))
         );
+        let home = std::path::Path::new("/h");
         assert!(matches!(
-            stage_failure(&StageError::Unsupported("kernel.build".into())),
+            stage_failure(home, &StageError::Unsupported("kernel.build".into())),
             Failure::Input(ErrorInfo {
                 kind: ErrorKind::Recipe,
                 ..
             })
         ));
         assert!(matches!(
-            stage_failure(&StageError::Missing("packages")),
+            stage_failure(home, &StageError::Missing("packages")),
             Failure::Retry(_)
         ));
+        let full = StageError::Io {
+            what: "storing the image".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        match stage_failure(home, &full) {
+            Failure::Input(info) => {
+                assert_eq!(info.kind, ErrorKind::NoSpace);
+                assert!(
+                    info.message
+                        .starts_with("no space left on device under /h: storing")
+                );
+            }
+            other => panic!("a full disk must not be retried: {other}"),
+        }
     }
 }

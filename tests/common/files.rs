@@ -1,4 +1,5 @@
-//! Directory trees on the host: copying and listing them.
+//! Files on the host: copying and listing directory trees, damaging a file the way a bad disk
+//! does ([`flip_byte`]), and a small file system to fill ([`Tmpfs`]).
 
 use std::path::{Path, PathBuf};
 
@@ -31,4 +32,66 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Flip every bit of the byte at `offset` of the file at `path` in place, keeping its size and
+/// its modification time (as a bad disk sector would: nothing that looks at metadata notices).
+pub fn flip_byte(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let meta = f.metadata().unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset).unwrap();
+    f.sync_all().unwrap();
+    f.set_modified(meta.modified().unwrap()).unwrap();
+    let after = std::fs::metadata(path).unwrap();
+    assert_eq!(
+        (after.len(), after.modified().unwrap()),
+        (meta.len(), meta.modified().unwrap())
+    );
+}
+
+/// A tmpfs of a given size mounted on a temp dir (root only), unmounted when dropped.
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        super::run(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path()),
+        );
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Change its size (`mount -o remount,size=…`): space freed, or taken away.
+    pub fn resize(&self, size: &str) {
+        super::run(
+            std::process::Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(self.dir.path()),
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
 }

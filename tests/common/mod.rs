@@ -24,7 +24,7 @@ pub mod verify_support;
 
 // Each test binary uses some of these.
 #[allow(unused_imports)]
-pub use files::{copy_dir, walk};
+pub use files::{Tmpfs, copy_dir, flip_byte, walk};
 #[allow(unused_imports)]
 pub use git::commit_all;
 #[allow(unused_imports)]
@@ -213,6 +213,36 @@ pub fn shared_home() -> tempfile::TempDir {
     for sub in ["blobs", "debian", "kernel"] {
         std::fs::create_dir_all(shared.join(sub)).expect("shared cache dir");
         std::os::unix::fs::symlink(shared.join(sub), dir.path().join(sub)).expect("symlink");
+    }
+    dir
+}
+
+/// Like [`shared_home`], but its blob store is a directory of its own in which every shared
+/// blob is a symlink: what the builds write (images, Trees) lands here, not in the shared cache,
+/// so a test may damage or remove a blob without touching other tests. Under `parent` when
+/// given (a tmpfs, say), else in a temp dir.
+pub fn own_blobs_home(parent: Option<&Path>) -> tempfile::TempDir {
+    let dir = match parent {
+        Some(p) => tempfile::tempdir_in(p),
+        None => tempfile::tempdir(),
+    }
+    .expect("temp dir");
+    let shared = Path::new(SHARED_HOME);
+    for sub in ["debian", "kernel"] {
+        std::fs::create_dir_all(shared.join(sub)).expect("shared cache dir");
+        std::os::unix::fs::symlink(shared.join(sub), dir.path().join(sub)).expect("symlink");
+    }
+    let blobs = dir.path().join("blobs").join("sha256");
+    std::fs::create_dir_all(&blobs).expect("blob dir");
+    let from = shared.join("blobs").join("sha256");
+    std::fs::create_dir_all(&from).expect("shared blob dir");
+    for e in std::fs::read_dir(&from).expect("shared blobs").flatten() {
+        let name = e.file_name();
+        // Only finished blobs (no temp files of a running test).
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        std::os::unix::fs::symlink(e.path(), blobs.join(&name)).expect("symlink a blob");
     }
     dir
 }

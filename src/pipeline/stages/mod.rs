@@ -639,6 +639,14 @@ pub enum StageError {
         #[source]
         source: std::io::Error,
     },
+    /// A blob the stage needs is not here, or its bytes no longer match its digest (the damaged
+    /// copy was removed): the runner fetches it again or runs the stage that made it again.
+    #[error(
+        "blob {digest} {}",
+        if *.corrupt { "no longer matches its digest (the damaged copy was removed)" }
+        else { "is missing from the blob store" }
+    )]
+    Lost { digest: Digest256, corrupt: bool },
 }
 
 impl StageError {
@@ -646,6 +654,9 @@ impl StageError {
     pub fn kind(&self) -> bus::ErrorKind {
         use crate::source::SourceError as S;
         use bus::ErrorKind as K;
+        if self.is_no_space() {
+            return K::NoSpace;
+        }
         let input = match self {
             StageError::Refused(_) | StageError::NotVerified { .. } => return K::InvalidMessage,
             StageError::Verify(_) | StageError::SystemState(_) => return K::Verification,
@@ -678,6 +689,12 @@ impl StageError {
         if input { K::Recipe } else { K::Transient }
     }
 
+    /// The file system kiln writes to is full, over quota or read-only (ENOSPC, EDQUOT, EROFS
+    /// anywhere in the error's causes): an operator must free space, a retry cannot help.
+    pub fn is_no_space(&self) -> bool {
+        crate::error::is_no_space(self)
+    }
+
     /// Whether the user's input is at fault (a retry cannot help, exit code 2) rather than the
     /// environment.
     pub fn is_input_error(&self) -> bool {
@@ -697,6 +714,27 @@ pub fn out_of_resources(message: &str) -> bool {
 pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StageError {
     let what = what.into();
     move |source| StageError::Io { what, source }
+}
+
+/// Check a blob's bytes against its digest now, before they are booted, signed, pushed or
+/// delivered (a damaged copy is removed): [`StageError::Lost`] when it is missing or damaged.
+pub(crate) fn intact(env: &StageEnv, digest: &Digest256) -> Result<(), StageError> {
+    use crate::home::BlobState;
+    match env
+        .blobs
+        .check(digest)
+        .map_err(io(format!("checking blob {digest}")))?
+    {
+        BlobState::Intact => Ok(()),
+        BlobState::Missing => Err(StageError::Lost {
+            digest: digest.clone(),
+            corrupt: false,
+        }),
+        BlobState::Corrupt(_) => Err(StageError::Lost {
+            digest: digest.clone(),
+            corrupt: true,
+        }),
+    }
 }
 
 /// Refused by the host's [`RecipeAccess`] (a recipe inside the roots that is not there: missing).

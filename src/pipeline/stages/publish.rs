@@ -82,7 +82,10 @@ impl StageWork for PublishStage {
         let id = h.request.id.clone().unwrap_or_default();
         let disk = if publishes(run.env, build) {
             check_verified(run.records, build)?;
-            run.env.blobs.path(&build.disk()?.image)
+            // The bytes to sign and push are checked against their digest now.
+            let image = &build.disk()?.image;
+            super::intact(run.env, image)?;
+            run.env.blobs.path(image)
         } else {
             PathBuf::new()
         };

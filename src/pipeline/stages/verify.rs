@@ -4,8 +4,8 @@
 //! marker ([`VERIFIED`]): the publish stage signs nothing else.
 
 use super::{
-    Artifacts, DiskOut, Handover, Need, Partitions, StageEnv, StageError, StageRun, StageWork, io,
-    kernel_cmdline, with_ticker,
+    Artifacts, DiskOut, Handover, Need, Partitions, StageEnv, StageError, StageRun, StageWork,
+    intact, io, kernel_cmdline, with_ticker,
 };
 use crate::bus;
 use crate::digest::Digest256;
@@ -197,6 +197,12 @@ fn boot(
         vmlinuz: &kernel_out.vmlinuz,
     };
     let summary = run.step("verify", 1, &key, |run| {
+        // What boots is checked against its digest now: a memoized hash is not enough.
+        intact(env, &disk_out.image)?;
+        intact(env, &kernel_out.vmlinuz)?;
+        if let Some(initrd) = &kernel_out.initrd {
+            intact(env, initrd)?;
+        }
         let log = default_serial_log(env, disk_out, profile);
         let tick = |elapsed: Duration| {
             let line = last_line(&log, 100).unwrap_or_default();

@@ -323,13 +323,13 @@ async fn progress_acks_keep_a_slow_message() {
         .await
         .unwrap();
     let done = StageEvent::Completed(StageCompleted {
-        v: 1,
+        v: kiln::bus::COMPLETED_VERSION,
         build: "slow".into(),
         stage: Stage::Source,
         worker: "t".into(),
         time: EventTime::now(),
         outputs: serde_json::json!({}),
-        state: serde_json::Value::Null,
+        state_digest: format!("sha256:{}", "0".repeat(64)),
         cache: CacheStatus::Miss,
         duration_ms: 1,
     });
@@ -591,13 +591,13 @@ async fn build_events_are_one_builds_history_in_order() {
             message: Some("cloning".into()),
         }),
         StageEvent::Completed(StageCompleted {
-            v: 1,
+            v: kiln::bus::COMPLETED_VERSION,
             build: "a".into(),
             stage: Stage::Source,
             worker: "w1".into(),
             time: EventTime::now(),
             outputs: serde_json::json!({"recipe": "sha256:00"}),
-            state: serde_json::json!({"k": 1}),
+            state_digest: format!("sha256:{}", "0".repeat(64)),
             cache: CacheStatus::Hit,
             duration_ms: 3,
         }),

@@ -385,6 +385,19 @@ impl StageOutputs {
         Ok(StageOutputs { kv })
     }
 
+    /// Open the bucket without creating it, for readers that may not create streams (submitters
+    /// reading a build's final state).
+    pub async fn open_existing(bus: &Bus) -> Result<StageOutputs, BusError> {
+        let kv = bus
+            .jetstream()
+            .get_key_value(STAGE_BUCKET)
+            .await
+            .map_err(nats_err(format!(
+                "open KV bucket {STAGE_BUCKET} (do the workers run? they create it)"
+            )))?;
+        Ok(StageOutputs { kv })
+    }
+
     /// The outputs recorded for a stage key.
     pub async fn get(&self, key: &str) -> Result<Option<serde_json::Value>, BlobError> {
         let k = kv_key(key)?;

@@ -8,6 +8,7 @@
 //! `docs/messages.md` for the subjects and the stream/consumer setup.
 
 pub mod blobs;
+pub mod index;
 pub mod messages;
 pub mod server;
 pub mod status;
@@ -15,11 +16,12 @@ pub mod subjects;
 pub mod worker;
 
 pub use blobs::{BLOB_BUCKET, BlobError, Blobs, STAGE_BUCKET, StageOutputs};
+pub use index::{BUILD_BUCKET, BuildIndex, BuildPhase, BuildSummary};
 pub use messages::{
-    BuildRequest, CacheStatus, DecodeError, DeployCompleted, DeployFailed, ErrorInfo, ErrorKind,
-    EventTime, GitSource, ImagePublished, Message, RecipeSource, RequestError, StageCompleted,
-    StageEvent, StageFailed, StageProgress, StageStarted, VERSION, decode, encode,
-    is_valid_build_id, new_build_id,
+    BuildRequest, COMPLETED_VERSION, CacheStatus, DecodeError, DeployCompleted, DeployFailed,
+    ErrorInfo, ErrorKind, EventTime, GitSource, ImagePublished, Message, RecipeSource,
+    RequestError, StageCompleted, StageEvent, StageFailed, StageProgress, StageStarted, VERSION,
+    decode, encode, is_valid_build_id, new_build_id,
 };
 pub use server::{PrivateServer, ServerError};
 pub use subjects::{DeployKind, EventKind, Stage};
@@ -403,7 +405,8 @@ impl Bus {
             )))
     }
 
-    /// The stream, every stage's consumer, the blob bucket and the stage KV bucket.
+    /// The stream, every stage's consumer, the blob bucket, the stage KV bucket and the build
+    /// index.
     pub async fn setup(&self, policy: &RetryPolicy) -> Result<(), BusError> {
         self.ensure_kiln_stream().await?;
         for stage in Stage::ALL {
@@ -411,6 +414,7 @@ impl Bus {
         }
         blobs::ensure_object_store(self).await?;
         StageOutputs::open(self).await?;
+        BuildIndex::open(self).await?;
         Ok(())
     }
 

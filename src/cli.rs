@@ -2240,10 +2240,8 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
         let mut out = std::io::stdout().lock();
         let Some(build) = &args.build else {
             // Recent builds, newest first, from the build index (O(limit), whatever the history).
-            let builds = match crate::bus::BuildIndex::open_existing(&bus).await? {
-                Some(index) => index.recent(args.limit).await?,
-                None => Vec::new(),
-            };
+            let index = crate::bus::BuildIndex::open_existing(&bus).await?;
+            let builds = crate::bus::index::recent(&bus, index.as_ref(), args.limit).await?;
             if args.json {
                 let doc = serde_json::json!({ "builds": builds });
                 writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;

@@ -375,10 +375,9 @@ async fn list(
     uri: http::Uri,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let limit = list_limit(uri.query())?;
-    let builds = match crate::bus::BuildIndex::open_existing(&state.0.bus).await? {
-        Some(index) => index.recent(limit).await?,
-        None => Vec::new(),
-    };
+    let bus = &state.0.bus;
+    let index = crate::bus::BuildIndex::open_existing(bus).await?;
+    let builds = crate::bus::index::recent(bus, index.as_ref(), limit).await?;
     Ok(axum::Json(json!({ "builds": builds })))
 }
 

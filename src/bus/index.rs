@@ -2,18 +2,17 @@
 //! requester, state, current stage, times, image digest and reference, error), kept current by
 //! the stage workers as they publish the build's events ([`BuildSummary::apply`]).
 //!
-//! Listing the most recent builds ([`BuildIndex::recent`]) reads the tail of the bucket's
-//! backing stream with direct gets: the bucket keeps one message per build, so the builds
-//! updated last are at the end of the stream, and the walk back stops as soon as no build it has
-//! not read can be newer than the `limit` it has. It costs O(limit), not O(history). Entries
-//! expire with the `KILN` stream's history ([`super::RETENTION`]).
+//! Listing the most recent builds ([`BuildIndex::recent`]) reads the last `limit` build requests
+//! back from the end of the `KILN` stream with direct gets (the stream keeps them in request
+//! order; a request without an id maps to the id the source stage assigns it), then each
+//! build's summary from the bucket by key: O(limit), not O(history). Entries expire with the
+//! `KILN` stream's history ([`super::RETENTION`]).
 
 use super::messages::{BuildRequest, ErrorInfo, RecipeSource, StageEvent};
 use super::subjects::Stage;
 use super::{Bus, BusError, RETENTION, nats_err};
 use async_nats::jetstream::{kv, stream};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 
 /// KV bucket of build summaries, key = build id.
 pub const BUILD_BUCKET: &str = "kiln-builds";
@@ -195,7 +194,6 @@ fn is_key(id: &str) -> bool {
 #[derive(Clone)]
 pub struct BuildIndex {
     kv: kv::Store,
-    stream: stream::Stream,
 }
 
 impl std::fmt::Debug for BuildIndex {
@@ -228,8 +226,8 @@ impl BuildIndex {
                 "open KV bucket {BUILD_BUCKET} (may this NATS user read it? see docs/nats-roles.md)"
             )
         };
-        let stream = match js.get_stream(format!("KV_{BUILD_BUCKET}")).await {
-            Ok(s) => s,
+        match js.get_stream(format!("KV_{BUILD_BUCKET}")).await {
+            Ok(_) => {}
             Err(e)
                 if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
                     if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
@@ -237,12 +235,12 @@ impl BuildIndex {
                 return Ok(None);
             }
             Err(e) => return Err(nats_err(what())(e)),
-        };
+        }
         let kv = js
             .get_key_value(BUILD_BUCKET)
             .await
             .map_err(nats_err(what()))?;
-        Ok(Some(BuildIndex { kv, stream }))
+        Ok(Some(BuildIndex { kv }))
     }
 
     /// The summary of one build, if indexed.
@@ -312,76 +310,100 @@ impl BuildIndex {
             message: format!("{last} ({UPDATE_TRIES} tries)"),
         })
     }
+}
 
-    /// The `limit` most recently requested builds, newest first, read from the tail of the
-    /// bucket's stream. Builds requested long ago but still updated recently are read on the
-    /// way; the walk back stops when every build it has not read was last updated (hence
-    /// requested) before the `limit`-th newest it has.
-    pub async fn recent(&self, limit: usize) -> Result<Vec<BuildSummary>, BusError> {
-        let what = || format!("list builds from {BUILD_BUCKET}");
-        if limit == 0 {
-            return Ok(Vec::new());
+/// The `limit` most recently requested builds, newest first: the last `limit` requests in
+/// the `KILN` stream (read back from its end, window by window, with direct gets that the
+/// server answers from its subject index), each with its summary from the index; a request
+/// that no worker has taken yet (or every request, without an `index`: no worker ever ran) is
+/// `queued`. The cost follows `limit`, not the history.
+pub async fn recent(
+    bus: &Bus,
+    index: Option<&BuildIndex>,
+    limit: usize,
+) -> Result<Vec<BuildSummary>, BusError> {
+    let requests = last_requests(bus, limit).await?;
+    let mut out: Vec<BuildSummary> = Vec::with_capacity(requests.len());
+    for (sequence, published_ms, payload) in requests {
+        let request = super::decode::<BuildRequest>(&payload).ok();
+        let id = match &request {
+            Some(r) => match &r.id {
+                Some(id) if super::is_valid_build_id(id) => id.clone(),
+                Some(_) => super::refused_build_id(sequence),
+                None => super::assigned_build_id(published_ms, sequence),
+            },
+            None => super::refused_build_id(sequence),
+        };
+        if out.iter().any(|b| b.id == id) {
+            continue; // a second request for a taken id: the build is listed once
         }
-        let mut stream = self.stream.clone();
-        let state = stream.info().await.map_err(nats_err(what()))?.state.clone();
-        if state.messages == 0 {
-            return Ok(Vec::new());
-        }
-        let filter = format!("$KV.{BUILD_BUCKET}.>");
-        let mut seen: HashMap<String, BuildSummary> = HashMap::new();
-        let mut hi = state.last_sequence;
-        let mut window = (limit as u64).saturating_mul(4).max(64);
-        loop {
-            let lo = hi.saturating_sub(window - 1).max(state.first_sequence);
-            // The store time of the oldest entry read: every entry not read is older.
-            let mut floor_ms: Option<u64> = None;
-            let mut seq = lo;
-            while seq <= hi {
-                let m = match stream
-                    .direct_get_next_for_subject(filter.clone(), Some(seq))
-                    .await
-                {
-                    Ok(m) => m,
-                    Err(e)
-                        if e.kind()
-                            == async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
-                    {
-                        break;
-                    }
-                    Err(e) => return Err(nats_err(what())(e)),
-                };
-                if m.sequence > hi {
-                    break;
+        let indexed = match index {
+            Some(index) => index.get(&id).await?,
+            None => None,
+        };
+        let summary = match indexed {
+            Some(s) => s,
+            None => {
+                let mut s = BuildSummary::new(&id, published_ms);
+                if let Some(r) = &request {
+                    s.apply_request(r, published_ms);
                 }
-                seq = m.sequence + 1;
-                let at = (m.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-                floor_ms.get_or_insert(at);
-                let deleted = m
-                    .headers
-                    .get("KV-Operation")
-                    .is_some_and(|op| op.as_str() != "PUT");
-                if deleted {
-                    continue;
-                }
-                if let Ok(s) = serde_json::from_slice::<BuildSummary>(&m.payload) {
-                    seen.insert(s.id.clone(), s);
-                }
+                s
             }
-            if lo <= state.first_sequence {
+        };
+        out.push(summary);
+    }
+    Ok(out)
+}
+
+/// The last `limit` messages on `kiln.build.requested` in the `KILN` stream, newest first, as
+/// (stream sequence, stored time in Unix milliseconds, payload). Reads windows of stream
+/// sequences back from the end, each twice as wide as the one before, until it has `limit`.
+async fn last_requests(bus: &Bus, limit: usize) -> Result<Vec<(u64, u64, bytes::Bytes)>, BusError> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let what = || format!("list the last build requests of stream {}", super::STREAM);
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut stream = bus.kiln_stream().await?;
+    let state = stream.info().await.map_err(nats_err(what()))?.state.clone();
+    if state.messages == 0 {
+        return Ok(Vec::new());
+    }
+    let mut found: Vec<(u64, u64, bytes::Bytes)> = Vec::new();
+    let mut hi = state.last_sequence;
+    // A build is some 16 messages; start with room for `limit` builds and then some.
+    let mut window = (limit as u64).saturating_mul(32).max(256);
+    loop {
+        let lo = hi.saturating_sub(window - 1).max(state.first_sequence);
+        let mut batch = Vec::new();
+        let mut seq = lo;
+        while seq <= hi {
+            let m = match stream
+                .direct_get_next_for_subject(super::subjects::BUILD_REQUESTED, Some(seq))
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(nats_err(what())(e)),
+            };
+            if m.sequence > hi {
                 break;
             }
-            if let Some(floor) = floor_ms {
-                let mut requested: Vec<u64> = seen.values().map(|s| s.requested_ms).collect();
-                requested.sort_unstable_by(|a, b| b.cmp(a));
-                if requested.len() >= limit && requested[limit - 1] > floor {
-                    break;
-                }
-            }
-            hi = lo - 1;
-            window = window.saturating_mul(2);
+            seq = m.sequence + 1;
+            let at = (m.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            batch.push((m.sequence, at, m.payload));
         }
-        Ok(newest_first(seen.into_values().collect(), limit))
+        // Newest first: this window's, latest first, after the newer windows'.
+        found.extend(batch.into_iter().rev());
+        if found.len() >= limit || lo <= state.first_sequence {
+            break;
+        }
+        hi = lo - 1;
+        window = window.saturating_mul(2);
     }
+    found.truncate(limit);
+    Ok(found)
 }
 
 #[cfg(test)]

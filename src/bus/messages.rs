@@ -118,6 +118,20 @@ pub fn new_build_id() -> String {
     format!("{stamp}-{}", hex::encode(random))
 }
 
+/// The id the source stage gives a request without one, from the request's publication time
+/// (Unix milliseconds) and stream sequence: every delivery of the request, and the build index,
+/// find the same id.
+pub fn assigned_build_id(published_ms: u64, sequence: u64) -> String {
+    let stamp = crate::time::basic_stamp(i64::try_from(published_ms).unwrap_or(i64::MAX));
+    format!("{stamp}-{sequence:08x}")
+}
+
+/// The id under which a request that cannot be used (unreadable, or with an invalid id) is
+/// reported: `invalid-<stream sequence>`.
+pub fn refused_build_id(sequence: u64) -> String {
+    format!("invalid-{sequence}")
+}
+
 /// Where the recipe of a build comes from. Exactly one of `path`, `inline` (with `name`) or
 /// `git` is given.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]

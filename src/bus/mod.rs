@@ -21,7 +21,7 @@ pub use messages::{
     BuildRequest, COMPLETED_VERSION, CacheStatus, DecodeError, DeployCompleted, DeployFailed,
     ErrorInfo, ErrorKind, EventTime, GitSource, ImagePublished, Message, RecipeSource,
     RequestError, StageCompleted, StageEvent, StageFailed, StageProgress, StageStarted, VERSION,
-    decode, encode, is_valid_build_id, new_build_id,
+    assigned_build_id, decode, encode, is_valid_build_id, new_build_id, refused_build_id,
 };
 pub use server::{PrivateServer, ServerError};
 pub use subjects::{DeployKind, EventKind, Stage};

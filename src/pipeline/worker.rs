@@ -643,7 +643,7 @@ fn read_input(stage: bus::Stage, d: &Delivery) -> Result<Input, (String, Box<Err
 
 /// The id under which a request that cannot be used is reported: `invalid-<stream sequence>`.
 fn refused_build_id(d: &Delivery) -> String {
-    format!("invalid-{}", d.stream_sequence())
+    bus::refused_build_id(d.stream_sequence())
 }
 
 /// The records of which request took a build id: a second request with an id already taken
@@ -706,17 +706,10 @@ fn assigned_id(d: &Delivery) -> String {
     match d.message().info() {
         Ok(info) => {
             let ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-            assigned_build_id(ms, d.stream_sequence())
+            bus::assigned_build_id(ms, d.stream_sequence())
         }
         Err(_) => bus::new_build_id(),
     }
-}
-
-/// The id the source stage gives a request without one, from the request's publication time
-/// (Unix milliseconds) and stream sequence.
-pub fn assigned_build_id(published_ms: u64, sequence: u64) -> String {
-    let stamp = crate::time::basic_stamp(i64::try_from(published_ms).unwrap_or(i64::MAX));
-    format!("{stamp}-{sequence:08x}")
 }
 
 type StageResult = (Handover, Value, CacheStatus);

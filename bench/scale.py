@@ -24,8 +24,11 @@ Prints a small table, then the whole result as JSON on the last line.
 Needs: nats-server (2.9+), a build of kiln (release recommended: --kiln target/release/kiln),
 and for throughput QEMU and the Debian mirror (the warm-up build).
 
+With --baseline OLD_KILN, the same `kiln status --limit 20` of another kiln binary (one from
+before the build index reads the whole stream) is timed on the same data, for comparison.
+
 Usage: bench/scale.py [--kiln PATH] [--sizes 100,1000,10000] [--runs N] [--builds N]
-                      [--home DIR] [--no-throughput] [--keep]
+                      [--home DIR] [--baseline OLD_KILN] [--no-throughput] [--keep]
 """
 
 import argparse
@@ -182,6 +185,7 @@ def fill(nats, start, count, t0_ms):
 
 
 def time_status(kiln, url, env, runs, expect):
+    """Median, min and max wall time of `kiln status --limit 20`; with `expect`, checks the ids."""
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -191,7 +195,7 @@ def time_status(kiln, url, env, runs, expect):
         if p.returncode != 0:
             die(f"kiln status failed: {p.stderr}")
         got = [b["id"] for b in json.loads(p.stdout)["builds"]]
-        if got != expect:
+        if expect is not None and got != expect:
             die(f"kiln status listed {got[:3]}..., expected {expect[:3]}...")
     return statistics.median(times), min(times), max(times)
 
@@ -223,12 +227,35 @@ def wait_stream(nats, name, timeout=60):
     die(f"stream {name} did not appear")
 
 
-def throughput(kiln, url, port, work, home, builds, recipe):
+def start_server(work, name):
+    """A nats-server with JetStream in `work`/`name` on a free port; (process, port, client)."""
+    server_bin = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    port = free_port()
+    server = subprocess.Popen([server_bin, "-js", "-a", "127.0.0.1", "-p", str(port),
+                               "-sd", os.path.join(work, name)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            return server, port, Nats(port)
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    die("nats-server did not start")
+
+
+def count_subjects(nats, filt):
+    """How many subjects of the `KILN` stream match `filt` (the server's own count per subject)."""
+    return len(nats.stream_info("KILN", filt)["state"].get("subjects") or {})
+
+
+def throughput(kiln, work, home, builds, recipe):
+    """A fresh server (the synthetic history must not reach a worker), one kiln up."""
+    server, port, nats = start_server(work, "js-throughput")
+    url = f"nats://127.0.0.1:{port}"
     log = os.path.join(work, "up-throughput.log")
     up = start_up(kiln, url, home, log)
-    nats = Nats(port)
     try:
-        wait_stream(nats, "KV_kiln-builds")
+        wait_stream(nats, "KV_kiln-stages")
         # Warm the cache: one build of the recipe through the same kiln up.
         t0 = time.perf_counter()
         p = subprocess.run([kiln, "submit", recipe, "--profile", "direct", "--follow", "--json",
@@ -238,8 +265,7 @@ def throughput(kiln, url, port, work, home, builds, recipe):
             die(f"warm-up build failed: {p.stderr}\n{open(log).read()[-3000:]}")
         warm_s = time.perf_counter() - t0
         hwm_before = vm_hwm_kib(up.pid)
-        done_before = nats.stream_info("KILN", "kiln.build.*.publish.completed")["state"]
-        done_before = done_before.get("num_subjects", 0)
+        done_before = count_subjects(nats, "kiln.build.*.publish.completed")
         path = os.path.join(REPO, recipe)
         t0 = time.perf_counter()
         for i in range(builds):
@@ -250,10 +276,8 @@ def throughput(kiln, url, port, work, home, builds, recipe):
         peak = hwm_before or 0
         deadline = time.time() + 3600
         while True:
-            st = nats.stream_info("KILN", "kiln.build.*.publish.completed")["state"]
-            failed = nats.stream_info("KILN", "kiln.build.*.*.failed")["state"].get(
-                "num_subjects", 0)
-            done = st.get("num_subjects", 0) - done_before
+            done = count_subjects(nats, "kiln.build.*.publish.completed") - done_before
+            failed = count_subjects(nats, "kiln.build.*.*.failed")
             peak = max(peak, vm_hwm_kib(up.pid) or 0)
             if done + failed >= builds:
                 break
@@ -272,6 +296,8 @@ def throughput(kiln, url, port, work, home, builds, recipe):
             up.wait(timeout=30)
         except subprocess.TimeoutExpired:
             up.kill()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def main():
@@ -284,29 +310,19 @@ def main():
     ap.add_argument("--recipe", default="recipes/minimal.yaml")
     ap.add_argument("--home", help="$KILN_HOME for the throughput run (default: a temp dir)")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--baseline", help="another kiln binary (e.g. one built before the build "
+                    "index) whose `kiln status --limit 20` is timed on the same data")
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
     kiln = os.path.abspath(a.kiln)
     if not os.access(kiln, os.X_OK):
         die(f"{kiln} is not executable (cargo build --release, or --kiln PATH)")
-    server_bin = shutil.which("nats-server") or "/usr/sbin/nats-server"
     sizes = [int(s) for s in a.sizes.split(",")]
     work = tempfile.mkdtemp(prefix="kiln-scale-")
-    port = free_port()
-    server = subprocess.Popen([server_bin, "-js", "-a", "127.0.0.1", "-p", str(port),
-                               "-sd", os.path.join(work, "js")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port, nats = start_server(work, "js")
     url = f"nats://127.0.0.1:{port}"
     result = {"kiln": kiln, "status": [], "throughput": None}
     try:
-        for _ in range(100):
-            try:
-                nats = Nats(port)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            die("nats-server did not start")
         # Stream and buckets, made by kiln itself; then no worker runs.
         home = os.path.join(work, "home-fill")
         up = start_up(kiln, url, home, os.path.join(work, "up-fill.log"))
@@ -322,13 +338,18 @@ def main():
             kiln_state = nats.stream_info("KILN")["state"]
             expect = list(reversed(ids[-20:]))
             med, lo, hi = time_status(kiln, url, env, a.runs, expect)
-            result["status"].append({
+            row = {
                 "builds": size, "median_ms": round(med * 1000, 1), "min_ms": round(lo * 1000, 1),
                 "max_ms": round(hi * 1000, 1), "stream_messages": kiln_state["messages"],
-                "stream_bytes": kiln_state["bytes"], "fill_s": round(fill_s, 1)})
+                "stream_bytes": kiln_state["bytes"], "fill_s": round(fill_s, 1)}
+            if a.baseline:
+                bmed, _, _ = time_status(os.path.abspath(a.baseline), url, env,
+                                         max(3, a.runs // 3), None)
+                row["baseline_median_ms"] = round(bmed * 1000, 1)
+            result["status"].append(row)
         if not a.no_throughput:
             thome = a.home or os.path.join(work, "home-throughput")
-            result["throughput"] = throughput(kiln, url, port, work, thome, a.builds, a.recipe)
+            result["throughput"] = throughput(kiln, work, thome, a.builds, a.recipe)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -336,11 +357,12 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"{'builds':>8} {'status --limit 20 (median)':>27} {'min':>8} {'max':>8} "
-          f"{'stream msgs':>12} {'stream MiB':>11}")
+          f"{'stream msgs':>12} {'stream MiB':>11} {'baseline (median)':>18}")
     for r in result["status"]:
+        base = f"{r['baseline_median_ms']:>15.1f} ms" if "baseline_median_ms" in r else ""
         print(f"{r['builds']:>8} {r['median_ms']:>24.1f} ms {r['min_ms']:>5.1f} ms "
               f"{r['max_ms']:>5.1f} ms {r['stream_messages']:>12} "
-              f"{r['stream_bytes'] / 2**20:>11.1f}")
+              f"{r['stream_bytes'] / 2**20:>11.1f} {base}")
     s = result["status"]
     if len(s) >= 2:
         ratio = s[-1]["median_ms"] / s[0]["median_ms"]

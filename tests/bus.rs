@@ -715,7 +715,7 @@ async fn recent_builds_come_from_the_last_requests_and_the_index() {
         for stage in Stage::ALL {
             bus.publish_event(&started(&id, stage)).await.unwrap();
         }
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let event = started(&id, Stage::Render);
             index.update(&id, 1, |s| s.apply(&event, 2)).await.unwrap();
         }
@@ -744,7 +744,7 @@ async fn recent_builds_come_from_the_last_requests_and_the_index() {
     assert_eq!(list[0].recipe.as_deref(), Some("x.yaml (inline)"));
     for b in &list[1..] {
         let n: u64 = b.id[1..].parse().unwrap();
-        let want = if n % 2 == 0 {
+        let want = if n.is_multiple_of(2) {
             (BuildPhase::Running, Some(Stage::Render))
         } else {
             (BuildPhase::Queued, None)

@@ -13,6 +13,7 @@ use super::subjects::Stage;
 use super::{Bus, BusError, RETENTION, nats_err};
 use async_nats::jetstream::{kv, stream};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// KV bucket of build summaries, key = build id.
 pub const BUILD_BUCKET: &str = "kiln-builds";
@@ -52,7 +53,7 @@ pub struct BuildSummary {
     #[serde(default)]
     pub requester: Option<String>,
     pub state: BuildPhase,
-    /// The stage running now, or the last one that ran.
+    /// The stage running now (or next to run), or, for an ended build, the one it ended at.
     #[serde(default)]
     pub stage: Option<Stage>,
     /// When it was requested (the request's stream time; else when it was first seen), Unix
@@ -109,15 +110,27 @@ impl BuildSummary {
         self.requested_ms = self.requested_ms.min(requested_ms);
     }
 
-    /// Take in one of the build's events, published at `at_ms`. A failed build stays failed.
+    /// Take in one of the build's events, published at `at_ms`. After a stage's `completed` the
+    /// build's stage is the next one (running, or about to). An ended build stays as it ended,
+    /// and an event of a stage the build is already past (a redelivery) changes only the time.
     pub fn apply(&mut self, event: &StageEvent, at_ms: u64) {
         self.updated_ms = self.updated_ms.max(at_ms);
-        if self.state == BuildPhase::Failed {
+        if matches!(self.state, BuildPhase::Failed | BuildPhase::Completed) {
             return;
         }
-        self.stage = Some(event.stage());
+        let place = |s: Stage| Stage::ALL.iter().position(|x| *x == s).unwrap_or(0);
+        let reaches = match event {
+            StageEvent::Completed(c) => c.stage.next().map(place).unwrap_or(Stage::ALL.len()),
+            e => place(e.stage()),
+        };
+        if !matches!(event, StageEvent::Failed(_))
+            && self.stage.is_some_and(|current| reaches < place(current))
+        {
+            return;
+        }
         match event {
             StageEvent::Failed(f) => {
+                self.stage = Some(f.stage);
                 self.state = BuildPhase::Failed;
                 self.error = Some(f.error.clone());
             }
@@ -126,13 +139,18 @@ impl BuildSummary {
                     self.image = Some(image.to_string());
                 }
                 if c.stage == Stage::Publish {
+                    self.stage = Some(Stage::Publish);
                     self.state = BuildPhase::Completed;
                     self.reference = find_str(&c.outputs, "reference", 2);
                 } else {
+                    self.stage = c.stage.next();
                     self.state = BuildPhase::Running;
                 }
             }
-            _ => self.state = BuildPhase::Running,
+            e => {
+                self.stage = Some(e.stage());
+                self.state = BuildPhase::Running;
+            }
         }
     }
 }
@@ -194,7 +212,13 @@ fn is_key(id: &str) -> bool {
 #[derive(Clone)]
 pub struct BuildIndex {
     kv: kv::Store,
+    /// The summaries this process wrote last, with their revisions: the next update of the same
+    /// build (usually by this process: `kiln up` runs every stage) needs no read first.
+    written: std::sync::Arc<std::sync::Mutex<HashMap<String, (u64, BuildSummary)>>>,
 }
+
+/// How many builds' last written summaries [`BuildIndex`] remembers.
+const REMEMBERED: usize = 4096;
 
 impl std::fmt::Debug for BuildIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,7 +264,10 @@ impl BuildIndex {
             .get_key_value(BUILD_BUCKET)
             .await
             .map_err(nats_err(what()))?;
-        Ok(Some(BuildIndex { kv }))
+        Ok(Some(BuildIndex {
+            kv,
+            written: Default::default(),
+        }))
     }
 
     /// The summary of one build, if indexed.
@@ -272,16 +299,15 @@ impl BuildIndex {
         }
         let what = || format!("write {id} to {BUILD_BUCKET}");
         let mut last = String::new();
-        for _ in 0..UPDATE_TRIES {
-            let entry = self.kv.entry(id).await.map_err(nats_err(what()))?;
-            let (mut summary, revision) = match &entry {
-                Some(e) if e.operation == kv::Operation::Put => (
-                    serde_json::from_slice(&e.value)
-                        .unwrap_or_else(|_| BuildSummary::new(id, at_ms)),
-                    Some(e.revision),
-                ),
-                Some(e) => (BuildSummary::new(id, at_ms), Some(e.revision)),
-                None => (BuildSummary::new(id, at_ms), None),
+        let remembered = self.remembered(id);
+        for attempt in 0..UPDATE_TRIES {
+            let entry = match (&remembered, attempt) {
+                (Some((revision, summary)), 0) => Some((summary.clone(), Some(*revision))),
+                _ => None,
+            };
+            let (mut summary, revision) = match entry {
+                Some(known) => known,
+                None => self.read(id, at_ms).await.map_err(nats_err(what()))?,
             };
             change(&mut summary);
             let bytes = serde_json::to_vec(&summary).unwrap_or_default();
@@ -290,17 +316,18 @@ impl BuildIndex {
                     .kv
                     .update(id, bytes.into(), r)
                     .await
-                    .map(|_| ())
                     .map_err(|e| e.to_string()),
                 None => self
                     .kv
                     .create(id, bytes.into())
                     .await
-                    .map(|_| ())
                     .map_err(|e| e.to_string()),
             };
             match written {
-                Ok(()) => return Ok(()),
+                Ok(revision) => {
+                    self.remember(id, revision, summary);
+                    return Ok(());
+                }
                 // Another worker wrote it first: read it again and reapply.
                 Err(e) => last = e,
             }
@@ -309,6 +336,40 @@ impl BuildIndex {
             what: what(),
             message: format!("{last} ({UPDATE_TRIES} tries)"),
         })
+    }
+
+    /// The summary of `id` as stored, and its revision (`None`: no entry yet).
+    async fn read(
+        &self,
+        id: &str,
+        at_ms: u64,
+    ) -> Result<(BuildSummary, Option<u64>), kv::EntryError> {
+        let entry = self.kv.entry(id).await?;
+        Ok(match &entry {
+            Some(e) if e.operation == kv::Operation::Put => (
+                serde_json::from_slice(&e.value).unwrap_or_else(|_| BuildSummary::new(id, at_ms)),
+                Some(e.revision),
+            ),
+            Some(e) => (BuildSummary::new(id, at_ms), Some(e.revision)),
+            None => (BuildSummary::new(id, at_ms), None),
+        })
+    }
+
+    fn remembered(&self, id: &str) -> Option<(u64, BuildSummary)> {
+        let map = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(id).cloned()
+    }
+
+    fn remember(&self, id: &str, revision: u64, summary: BuildSummary) {
+        let mut map = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= REMEMBERED {
+            map.clear();
+        }
+        if matches!(summary.state, BuildPhase::Completed | BuildPhase::Failed) {
+            map.remove(id);
+        } else {
+            map.insert(id.to_string(), (revision, summary));
+        }
     }
 }
 
@@ -467,6 +528,16 @@ mod tests {
             6_000,
         );
         assert_eq!(s.image.as_deref(), Some(image.as_str()));
+        assert_eq!(
+            (s.state, s.stage),
+            (BuildPhase::Running, Some(Stage::Verify))
+        );
+        // A redelivered earlier stage does not move the build back.
+        s.apply(
+            &completed("b1", Stage::Rootfs, serde_json::json!({})),
+            6_500,
+        );
+        assert_eq!(s.stage, Some(Stage::Verify));
         s.apply(
             &completed(
                 "b1",

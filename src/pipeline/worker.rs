@@ -442,8 +442,12 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
         attempt: Some(d.attempt()),
     });
     let _ = ctx.bus.publish_event(&started_event).await;
-    let request = (stage == bus::Stage::Source).then(|| (&state.request, published_ms(&d)));
-    index_event(&ctx, &started_event, request).await;
+    // The index learns of a build when its source stage starts; after that, from each stage's
+    // `completed` (which makes the next stage the build's current one) and `failed`.
+    if stage == bus::Stage::Source {
+        let request = Some((&state.request, published_ms(&d)));
+        index_event(&ctx, &started_event, request).await;
+    }
     match run(&ctx, stage, state, &build).await {
         Ok((state, outputs, cache)) => {
             let digest = record_state(&ctx, &build, stage, state).await?;

@@ -1,6 +1,7 @@
 //! Blobs and stage outputs shared across hosts: the JetStream object store bucket `kiln-blobs`
 //! (content-addressed, object name = `sha256:<hex>`) in front of which sits the local
-//! [`BlobStore`], and the KV bucket `kiln-stages` (stage key → outputs JSON).
+//! [`BlobStore`], and the KV bucket `kiln-stages` (stage key → outputs JSON; also the states stages
+//! hand on, `state/<digest>`, see `pipeline::handoff`, and the build-id claims).
 //!
 //! Every blob fetched from the bucket is written to a temp file, its sha256 checked, and only then
 //! renamed into the local store; a local blob is re-hashed before it is trusted, so a corrupted

@@ -1,9 +1,9 @@
 //! The message bus: NATS subjects, message schemas, the `KILN` stream and its per-stage durable
-//! consumers, the worker loop helper, the blob object store and stage-output KV bucket, and a
-//! private `nats-server` for single-process use.
+//! consumers, the worker loop helper, the blob object store and stage-output KV bucket, the
+//! build index bucket ([`index`]), and a private `nats-server` for single-process use.
 //!
 //! Everything here works against NATS 2.9 (Debian 12's `nats-server` 2.9.10) and later servers:
-//! async-nats is built without the `server_2_10+` features, and the KV bucket's backing stream is
+//! async-nats is built without the `server_2_10+` features, and the KV buckets' backing streams are
 //! created by hand because `create_key_value` cannot parse 2.9's account info. See
 //! `docs/messages.md` for the subjects and the stream/consumer setup.
 

@@ -1,7 +1,8 @@
 //! Blobs and stage outputs shared across hosts: the JetStream object store bucket `kiln-blobs`
 //! (content-addressed, object name = `sha256:<hex>`) in front of which sits the local
-//! [`BlobStore`], and the KV bucket `kiln-stages` (stage key → outputs JSON; also the states stages
-//! hand on, `state/<digest>`, see `pipeline::handoff`, and the build-id claims).
+//! [`BlobStore`], the KV bucket `kiln-stages` (stage key → outputs JSON, and the build-id claims),
+//! and the KV bucket `kiln-states` (the states stages hand on, `state/<digest>`, see
+//! `pipeline::handoff`), which expires with the stream's history.
 //!
 //! Every blob fetched from the bucket is written to a temp file, its sha256 checked, and only then
 //! renamed into the local store; a local blob is re-hashed before it is trusted, so a corrupted
@@ -20,6 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const BLOB_BUCKET: &str = "kiln-blobs";
 /// KV bucket of stage key → outputs.
 pub const STAGE_BUCKET: &str = "kiln-stages";
+/// KV bucket of the states stages hand on (`state/<digest>`), kept as long as the `KILN` stream
+/// keeps the messages that name them ([`super::RETENTION`]).
+pub const STATE_BUCKET: &str = "kiln-states";
 /// Object chunk size: below the server's default 1 MiB max_payload (headers need room too).
 pub const CHUNK_SIZE: usize = 960 * 1024;
 
@@ -54,8 +58,9 @@ pub enum BlobError {
         "stage key {key:?} has characters a KV key cannot hold (allowed: letters, digits, `-_/.` and `:`)"
     )]
     BadKey { key: String },
-    #[error("stage outputs under {key} in {STAGE_BUCKET} are not JSON")]
+    #[error("the record under {key} in {bucket} is not JSON")]
     BadOutputs {
+        bucket: &'static str,
         key: String,
         #[source]
         source: serde_json::Error,
@@ -328,10 +333,11 @@ fn base64_url(bytes: &[u8]) -> String {
     out
 }
 
-/// The `kiln-stages` KV bucket: stage key → outputs JSON.
+/// A KV bucket of JSON records: `kiln-stages` (stage key → outputs JSON) or `kiln-states`.
 #[derive(Clone)]
 pub struct StageOutputs {
     kv: kv::Store,
+    bucket: &'static str,
 }
 
 impl std::fmt::Debug for StageOutputs {
@@ -340,13 +346,22 @@ impl std::fmt::Debug for StageOutputs {
     }
 }
 
-/// The KV backing stream, created by hand: `create_key_value` fails against NATS 2.9.
-fn kv_stream_config() -> stream::Config {
+/// The KV backing stream of `bucket`, created by hand: `create_key_value` fails against NATS 2.9.
+fn kv_stream_config(bucket: &'static str) -> stream::Config {
+    let (description, max_age) = if bucket == STATE_BUCKET {
+        (
+            "kiln states handed on: state/<digest> -> state",
+            super::RETENTION,
+        )
+    } else {
+        ("kiln stage key -> outputs", std::time::Duration::ZERO)
+    };
     stream::Config {
-        name: format!("KV_{STAGE_BUCKET}"),
-        description: Some("kiln stage key -> outputs".into()),
-        subjects: vec![format!("$KV.{STAGE_BUCKET}.>")],
+        name: format!("KV_{bucket}"),
+        description: Some(description.into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
+        max_age,
         storage: stream::StorageType::File,
         allow_rollup: true,
         deny_delete: true,
@@ -375,28 +390,33 @@ fn kv_key(key: &str) -> Result<String, BlobError> {
 }
 
 impl StageOutputs {
-    /// Open (creating if needed) the bucket.
+    /// Open (creating if needed) the `kiln-stages` bucket.
     pub async fn open(bus: &Bus) -> Result<StageOutputs, BusError> {
-        bus.ensure_stream(kv_stream_config()).await?;
-        let kv = bus
-            .jetstream()
-            .get_key_value(STAGE_BUCKET)
-            .await
-            .map_err(nats_err(format!("open KV bucket {STAGE_BUCKET}")))?;
-        Ok(StageOutputs { kv })
+        Self::open_bucket(bus, STAGE_BUCKET).await
     }
 
-    /// Open the bucket without creating it, for readers that may not create streams (submitters
-    /// reading a build's final state).
-    pub async fn open_existing(bus: &Bus) -> Result<StageOutputs, BusError> {
+    /// Open (creating if needed) `bucket` ([`STAGE_BUCKET`] or [`STATE_BUCKET`]).
+    pub async fn open_bucket(bus: &Bus, bucket: &'static str) -> Result<StageOutputs, BusError> {
+        bus.ensure_stream(kv_stream_config(bucket)).await?;
         let kv = bus
             .jetstream()
-            .get_key_value(STAGE_BUCKET)
+            .get_key_value(bucket)
+            .await
+            .map_err(nats_err(format!("open KV bucket {bucket}")))?;
+        Ok(StageOutputs { kv, bucket })
+    }
+
+    /// Open `bucket` without creating it, for readers that may not create streams (submitters
+    /// reading a build's final state).
+    pub async fn open_existing(bus: &Bus, bucket: &'static str) -> Result<StageOutputs, BusError> {
+        let kv = bus
+            .jetstream()
+            .get_key_value(bucket)
             .await
             .map_err(nats_err(format!(
-                "open KV bucket {STAGE_BUCKET} (do the workers run? they create it)"
+                "open KV bucket {bucket} (do the workers run? they create it)"
             )))?;
-        Ok(StageOutputs { kv })
+        Ok(StageOutputs { kv, bucket })
     }
 
     /// The outputs recorded for a stage key.
@@ -406,13 +426,14 @@ impl StageOutputs {
             .kv
             .get(k)
             .await
-            .map_err(nats_err(format!("read {key} from {STAGE_BUCKET}")))?
+            .map_err(nats_err(format!("read {key} from {}", self.bucket)))?
         else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|source| BlobError::BadOutputs {
+                bucket: self.bucket,
                 key: key.to_string(),
                 source,
             })
@@ -422,13 +443,14 @@ impl StageOutputs {
     pub async fn put(&self, key: &str, outputs: &serde_json::Value) -> Result<(), BlobError> {
         let k = kv_key(key)?;
         let bytes = serde_json::to_vec(outputs).map_err(|source| BlobError::BadOutputs {
+            bucket: self.bucket,
             key: key.to_string(),
             source,
         })?;
         self.kv
             .put(k, bytes.into())
             .await
-            .map_err(nats_err(format!("write {key} to {STAGE_BUCKET}")))?;
+            .map_err(nats_err(format!("write {key} to {}", self.bucket)))?;
         Ok(())
     }
 }

@@ -553,7 +553,7 @@ pub struct StageCompleted {
     pub outputs: serde_json::Value,
     /// `sha256:<hex>` naming the build state accumulated so far (what later stages need): the
     /// worker that published this message recorded that state under this digest, for this build
-    /// and stage, in the `kiln-stages` KV bucket (key `state/sha256=<hex>`). The next stage
+    /// and stage, in the `kiln-states` KV bucket (key `state/sha256=<hex>`). The next stage
     /// loads it from there and refuses a digest no worker recorded.
     pub state_digest: String,
     pub cache: CacheStatus,

@@ -15,7 +15,7 @@ pub mod status;
 pub mod subjects;
 pub mod worker;
 
-pub use blobs::{BLOB_BUCKET, BlobError, Blobs, STAGE_BUCKET, StageOutputs};
+pub use blobs::{BLOB_BUCKET, BlobError, Blobs, STAGE_BUCKET, STATE_BUCKET, StageOutputs};
 pub use index::{BUILD_BUCKET, BuildIndex, BuildPhase, BuildSummary};
 pub use messages::{
     BuildRequest, COMPLETED_VERSION, CacheStatus, DecodeError, DeployCompleted, DeployFailed,
@@ -414,6 +414,7 @@ impl Bus {
         }
         blobs::ensure_object_store(self).await?;
         StageOutputs::open(self).await?;
+        StageOutputs::open_bucket(self, STATE_BUCKET).await?;
         BuildIndex::open(self).await?;
         Ok(())
     }

@@ -238,13 +238,16 @@ pub async fn build_over_bus(
         message,
     };
     // The final state, from the records its digest names: this process's memory for a private
-    // bus, the shared `kiln-stages` bucket for a remote one.
+    // bus, the shared `kiln-states` bucket for a remote one.
     let publish = bus::Stage::Publish;
     let state = if private {
         handoff::load_state(&handoff, &id, publish, &digest)
     } else {
         let key = handoff::record_key(&digest).unwrap_or_default();
-        let record = StageOutputs::open_existing(&bus).await?.get(&key).await?;
+        let record = StageOutputs::open_existing(&bus, bus::STATE_BUCKET)
+            .await?
+            .get(&key)
+            .await?;
         handoff::state_from_record(record, &id, publish, &digest)
     }
     .map_err(|e| bad(crate::error::chain_text(&e)))?;

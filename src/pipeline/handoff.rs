@@ -1,7 +1,7 @@
 //! The states stages hand on. A stage's `completed` message names the accumulated [`Handover`]
 //! by digest (`state_digest`) instead of carrying it: the worker that publishes the message first
 //! records the state under that digest, with the build and stage it belongs to, in the hand-over
-//! records — the `kiln-stages` KV bucket, or this process's memory for `kiln build`'s private
+//! records — the `kiln-states` KV bucket, or this process's memory for `kiln build`'s private
 //! bus. The next stage (and `kiln build`, for its report) loads the state by digest and refuses a
 //! digest that no worker recorded for that build and stage, or a record whose state does not hash
 //! to it: the message is a trigger, not a proof.
@@ -99,7 +99,7 @@ pub fn load_state(
 }
 
 /// The KV key of the record of the state named `digest` (`state/sha256:<hex>`), for readers
-/// that read the `kiln-stages` bucket themselves; `None` for a digest that is not one.
+/// that read the `kiln-states` bucket themselves; `None` for a digest that is not one.
 pub fn record_key(digest: &str) -> Option<String> {
     Digest256::parse(digest).map(|d| format!("{STATE_RECORD}/{d}"))
 }

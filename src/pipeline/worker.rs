@@ -7,7 +7,7 @@
 //! recorded that exact state for that build and stage (the message is a trigger, not a proof). Before a stage runs, the worker makes every blob it needs local through
 //! the `kiln-blobs` object store; after it runs, it uploads every blob the stage produced, then
 //! publishes `completed`, so the next stage may run on another host. Stage records live in the
-//! local records and in the `kiln-stages` KV bucket. Input errors (a recipe, a refused request, an
+//! local records and in the `kiln-stages` KV bucket, handed-on states in `kiln-states`. Input errors (a recipe, a refused request, an
 //! image that does not boot) give one `failed` message and no retry; other errors are retried,
 //! and the last attempt publishes `failed`.
 
@@ -200,12 +200,35 @@ impl ProgressSink for BusProgress {
     }
 }
 
-/// Stage records in the local stage cache and the shared KV bucket (get: local, else KV; put:
-/// both). Used from blocking code: KV calls run on `rt`.
-struct SharedRecords {
-    local: LocalRecords,
+/// Records in one shared KV bucket. Used from blocking code: KV calls run on `rt`.
+struct BucketRecords {
     kv: StageOutputs,
     rt: tokio::runtime::Handle,
+}
+
+impl StageRecords for BucketRecords {
+    fn get(&self, stage: &str, key: &Digest256) -> Option<Value> {
+        match self.rt.block_on(self.kv.get(&format!("{stage}/{key}"))) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(stage, "reading the shared record: {e}");
+                None
+            }
+        }
+    }
+
+    fn put(&self, stage: &str, key: &Digest256, outputs: &Value) -> std::io::Result<()> {
+        self.rt
+            .block_on(self.kv.put(&format!("{stage}/{key}"), outputs))
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// Stage records in the local stage cache and the shared KV bucket (get: local, else KV; put:
+/// both).
+struct SharedRecords {
+    local: LocalRecords,
+    shared: BucketRecords,
 }
 
 impl StageRecords for SharedRecords {
@@ -213,22 +236,14 @@ impl StageRecords for SharedRecords {
         if let Some(v) = self.local.get(stage, key) {
             return Some(v);
         }
-        let v = match self.rt.block_on(self.kv.get(&format!("{stage}/{key}"))) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(stage, "reading the shared stage record: {e}");
-                None
-            }
-        }?;
+        let v = self.shared.get(stage, key)?;
         let _ = self.local.put(stage, key, &v);
         Some(v)
     }
 
     fn put(&self, stage: &str, key: &Digest256, outputs: &Value) -> std::io::Result<()> {
         self.local.put(stage, key, outputs)?;
-        self.rt
-            .block_on(self.kv.put(&format!("{stage}/{key}"), outputs))
-            .map_err(std::io::Error::other)
+        self.shared.put(stage, key, outputs)
     }
 }
 
@@ -239,6 +254,8 @@ struct Ctx {
     index: BuildIndex,
     blobs: Blobs,
     kv: StageOutputs,
+    /// The `kiln-states` bucket: the states stages hand on.
+    states: StageOutputs,
     env: StageEnv,
     config: WorkerConfig,
     /// The hand-over records of a private bus (see [`Ctx::handoff_records`]).
@@ -246,13 +263,17 @@ struct Ctx {
 }
 
 impl Ctx {
-    /// Where the records of what stages hand on (states, build-id claims) live: with the stream
-    /// they are about — the shared bucket, or this process for a private bus.
+    /// Where the records of what stages hand on (states; a private bus's build-id claims) live:
+    /// with the stream they are about — the shared `kiln-states` bucket (never a worker's local
+    /// cache, which outlives the stream), or this process for a private bus. Blocking.
     fn handoff_records(&self) -> Box<dyn StageRecords + Send> {
         if self.config.local_blobs {
             Box::new(self.memory.clone())
         } else {
-            self.records()
+            Box::new(BucketRecords {
+                kv: self.states.clone(),
+                rt: tokio::runtime::Handle::current(),
+            })
         }
     }
 
@@ -266,8 +287,10 @@ impl Ctx {
         } else {
             Box::new(SharedRecords {
                 local: LocalRecords::new(&self.config.home),
-                kv: self.kv.clone(),
-                rt: tokio::runtime::Handle::current(),
+                shared: BucketRecords {
+                    kv: self.kv.clone(),
+                    rt: tokio::runtime::Handle::current(),
+                },
             })
         }
     }
@@ -359,6 +382,7 @@ pub async fn run_workers(
         index: BuildIndex::open(bus).await?,
         blobs: Blobs::open(bus, env.blobs.clone()).await?,
         kv: StageOutputs::open(bus).await?,
+        states: StageOutputs::open_bucket(bus, bus::STATE_BUCKET).await?,
         env,
         config: config.clone(),
         memory: config.handoff.clone(),

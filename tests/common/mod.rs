@@ -104,13 +104,13 @@ pub fn rt() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// The state a stage handed on, as the worker recorded it in the `kiln-stages` KV bucket under
+/// The state a stage handed on, as the worker recorded it in the `kiln-states` KV bucket under
 /// the digest its `completed` message names (the message carries only the digest).
 pub fn handed_on_state(url: &str, completed: &kiln::bus::StageCompleted) -> serde_json::Value {
     rt().block_on(async {
         let bus = kiln::bus::Bus::connect_url(url).await.unwrap();
         let key = kiln::pipeline::handoff::record_key(&completed.state_digest).unwrap();
-        let record = kiln::bus::StageOutputs::open_existing(&bus)
+        let record = kiln::bus::StageOutputs::open_existing(&bus, kiln::bus::STATE_BUCKET)
             .await
             .unwrap()
             .get(&key)

@@ -4,12 +4,15 @@
 //!
 //! Every `completed` message names the accumulated [`Handover`] by digest; the state itself is
 //! in the hand-over records ([`super::handoff`]), and a worker uses it only when a worker
-//! recorded that exact state for that build and stage (the message is a trigger, not a proof). Before a stage runs, the worker makes every blob it needs local through
-//! the `kiln-blobs` object store; after it runs, it uploads every blob the stage produced, then
-//! publishes `completed`, so the next stage may run on another host. Stage records live in the
-//! local records and in the `kiln-stages` KV bucket, handed-on states in `kiln-states`. Input errors (a recipe, a refused request, an
-//! image that does not boot) give one `failed` message and no retry; other errors are retried,
-//! and the last attempt publishes `failed`.
+//! recorded that exact state for that build and stage (the message is a trigger, not a proof).
+//! Before a stage runs, the worker makes every blob it needs local through the `kiln-blobs`
+//! object store; after it runs, it uploads every blob the stage produced, then publishes
+//! `completed`, so the next stage may run on another host. Stage records live in the local
+//! records and in the `kiln-stages` KV bucket, handed-on states in `kiln-states`. Every event a
+//! worker publishes that moves a build on updates its summary in the build index
+//! (`kiln-builds`). Input errors (a recipe, a refused request, an image that does not boot) give
+//! one `failed` message and no retry; other errors are retried, and the last attempt publishes
+//! `failed`.
 
 use super::access::RecipeAccess;
 use super::handoff;
@@ -316,17 +319,22 @@ async fn record_state(
 /// A digest that no worker recorded for that build and stage is refused (a forged or altered
 /// message): an input error, not retried.
 async fn load_state(ctx: &Arc<Ctx>, prev: &Previous) -> Result<Handover, Failure> {
-    let c = ctx.clone();
     let (build, stage, digest) = (prev.build.clone(), prev.stage, prev.digest.clone());
-    let loaded = blocking(move || {
-        Ok::<_, Failure>(handoff::load_state(
-            c.handoff_records().as_ref(),
-            &build,
-            stage,
-            &digest,
-        ))
-    })
-    .await?;
+    let loaded = if ctx.config.local_blobs {
+        handoff::load_state(&ctx.memory, &build, stage, &digest)
+    } else {
+        // Read the bucket here rather than through `StageRecords`, so that a bucket that cannot
+        // be reached is retried, not taken for a state nobody recorded.
+        let record = match handoff::record_key(&digest) {
+            Some(key) => ctx
+                .states
+                .get(&key)
+                .await
+                .map_err(|e| transient(crate::error::Chain(&e)))?,
+            None => None,
+        };
+        handoff::state_from_record(record, &build, stage, &digest)
+    };
     loaded.map_err(|e| {
         if !e.is_refusal() {
             return transient(crate::error::Chain(&e));

@@ -27,12 +27,55 @@ impl RawNats {
             reader,
             next_sid: 1,
         };
-        raw.send(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"name\":\"raw-test\"}\r\n");
+        raw.send(b"CONNECT {\"verbose\":false,\"pedantic\":true,\"name\":\"raw-test\"}\r\n");
         raw
     }
 
-    fn send(&mut self, bytes: &[u8]) {
+    /// Send protocol bytes as they are (`SUB …\r\n`).
+    pub fn send(&mut self, bytes: &[u8]) {
         self.sock.write_all(bytes).unwrap();
+    }
+
+    /// Publish `payload` on `subject` asking for replies on `reply`.
+    pub fn publish_with_reply(&mut self, subject: &str, reply: &str, payload: &[u8]) {
+        self.send(format!("PUB {subject} {reply} {}\r\n", payload.len()).as_bytes());
+        self.send(payload);
+        self.send(b"\r\n");
+    }
+
+    /// The next message (subject, payload), answering PINGs; `None` when nothing came within the
+    /// read timeout (5 s).
+    pub fn next(&mut self) -> Option<(String, Vec<u8>)> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => panic!("server closed the connection"),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None;
+                }
+                Err(e) => panic!("{e}"),
+            }
+            assert!(!line.starts_with("-ERR"), "{line}");
+            if line.starts_with("PING") {
+                self.send(b"PONG\r\n");
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("MSG ") {
+                let parts: Vec<&str> = rest.split_whitespace().collect();
+                let len: usize = parts.last().unwrap().parse().unwrap();
+                let mut payload = vec![0u8; len + 2];
+                self.reader.read_exact(&mut payload).unwrap();
+                payload.truncate(len);
+                return Some((parts[0].to_string(), payload));
+            }
+        }
     }
 
     /// Publish `payload` on `subject` and return the payload of the one reply.
@@ -41,27 +84,13 @@ impl RawNats {
         self.next_sid += 1;
         let inbox = format!("_INBOX.raw.{sid}");
         self.send(format!("SUB {inbox} {sid}\r\nUNSUB {sid} 1\r\n").as_bytes());
-        self.send(format!("PUB {subject} {inbox} {}\r\n", payload.len()).as_bytes());
-        self.send(payload);
-        self.send(b"\r\n");
-        let mut line = String::new();
+        self.publish_with_reply(subject, &inbox, payload);
         loop {
-            line.clear();
-            assert!(self.reader.read_line(&mut line).unwrap() > 0, "closed");
-            assert!(!line.starts_with("-ERR"), "{line}");
-            if line.starts_with("PING") {
-                self.send(b"PONG\r\n");
-                continue;
+            match self.next() {
+                Some((s, reply)) if s == inbox => return reply,
+                Some(_) => continue,
+                None => panic!("no reply to {subject} within the read timeout"),
             }
-            let Some(rest) = line.strip_prefix("MSG ") else {
-                continue;
-            };
-            let parts: Vec<&str> = rest.split_whitespace().collect();
-            let len: usize = parts.last().unwrap().parse().unwrap();
-            let mut body = vec![0u8; len + 2];
-            self.reader.read_exact(&mut body).unwrap();
-            body.truncate(len);
-            return body;
         }
     }
 

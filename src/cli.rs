@@ -2302,7 +2302,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
 
 fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
     use crate::bus::status::{BuildState, BuildStatus};
-    use crate::pipeline::events::{BuildPhase, age_text, summarise_builds};
+    use crate::pipeline::events::{BuildPhase, age_text};
     runtime()?.block_on(async {
         let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
         let mut out = std::io::stdout().lock();
@@ -2323,18 +2323,15 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
             return Ok(if healthy { 0 } else { EXIT_FAILURE });
         }
         let Some(build) = &args.build else {
-            // Recent builds, newest first, from the stream only.
-            let messages = bus.stored_messages("kiln.build.>").await?;
-            let builds = summarise_builds(&messages, args.limit);
+            // Recent builds, newest first, from the build index (O(limit), whatever the history).
+            let index = crate::bus::BuildIndex::open_existing(&bus).await?;
+            let builds = crate::bus::index::recent(&bus, index.as_ref(), args.limit).await?;
             if args.json {
                 let doc = serde_json::json!({ "builds": builds });
                 writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
                 return Ok(0);
             }
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
+            let now = crate::time::now_ms();
             writeln!(
                 out,
                 "{:<26} {:<9} {:<8} {:>5} {:<14} RECIPE",

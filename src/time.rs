@@ -73,6 +73,14 @@ pub enum Precision {
 }
 
 /// RFC 3339 UTC time of `unix_ms` milliseconds since the epoch, to `precision`.
+/// Now, in Unix milliseconds (0 before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 pub fn rfc3339(unix_ms: i64, precision: Precision) -> String {
     let c = Civil::from_epoch(unix_ms.div_euclid(1000));
     let date = format!(

@@ -433,6 +433,67 @@ fn api_builds_reports_and_streams_and_refuses_what_it_must() {
         ids,
         "a replay gives the same events"
     );
+
+    // Recent builds from the build index: a build that fails at render is listed first, with
+    // its error, then the completed one with its image; `limit` bounds the list.
+    let bad_recipe = serde_json::json!({
+        "v": 1,
+        "recipe": { "inline": "name: bad\nversion: \"1\"\nkernal: x\n", "name": "bad.yaml" },
+        "requester": "api-test-2",
+    });
+    let r = http
+        .post(format!("{base}/v1/builds"))
+        .bearer_auth(TOKEN)
+        .json_body(&bad_recipe)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let bad_id = r.json_value()["build"].as_str().unwrap().to_string();
+    assert_eq!(wait_for_end(&http, &base, &bad_id, &up)["state"], "failed");
+    let r = http.get(format!("{base}/v1/builds")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let list: serde_json::Value = r.json_value();
+    let builds = list["builds"].as_array().unwrap();
+    assert_eq!(builds.len(), 2, "{list}");
+    assert_eq!(
+        (&builds[0]["id"], &builds[0]["state"], &builds[0]["stage"]),
+        (&bad_id.as_str().into(), &"failed".into(), &"render".into()),
+        "{list}"
+    );
+    assert_eq!(builds[0]["error"]["kind"], "recipe", "{list}");
+    assert_eq!(builds[0]["recipe"], "bad.yaml (inline)", "{list}");
+    assert_eq!(builds[0]["requester"], "api-test-2", "{list}");
+    assert_eq!(
+        (&builds[1]["id"], &builds[1]["state"], &builds[1]["stage"]),
+        (&id.as_str().into(), &"completed".into(), &"publish".into()),
+        "{list}"
+    );
+    assert!(
+        builds[1]["image"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:") && d.len() == 71),
+        "{list}"
+    );
+    let r = http
+        .get(format!("{base}/v1/builds?limit=1"))
+        .send()
+        .unwrap();
+    let one: serde_json::Value = r.json_value();
+    assert_eq!(one["builds"].as_array().unwrap()[..], builds[..1], "{one}");
+    let r = http
+        .get(format!("{base}/v1/builds?limit=0"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json_value()["error"]["field"], "limit");
+    // `kiln status --json` lists the same.
+    let o = kiln(home.path())
+        .args(["status", "--json", "--nats", &nats])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let cli: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(cli, list);
     drop(up);
 }
 

@@ -323,13 +323,13 @@ async fn progress_acks_keep_a_slow_message() {
         .await
         .unwrap();
     let done = StageEvent::Completed(StageCompleted {
-        v: 1,
+        v: kiln::bus::COMPLETED_VERSION,
         build: "slow".into(),
         stage: Stage::Source,
         worker: "t".into(),
         time: EventTime::now(),
         outputs: serde_json::json!({}),
-        state: serde_json::Value::Null,
+        state_digest: format!("sha256:{}", "0".repeat(64)),
         cache: CacheStatus::Miss,
         duration_ms: 1,
     });
@@ -591,13 +591,13 @@ async fn build_events_are_one_builds_history_in_order() {
             message: Some("cloning".into()),
         }),
         StageEvent::Completed(StageCompleted {
-            v: 1,
+            v: kiln::bus::COMPLETED_VERSION,
             build: "a".into(),
             stage: Stage::Source,
             worker: "w1".into(),
             time: EventTime::now(),
             outputs: serde_json::json!({"recipe": "sha256:00"}),
-            state: serde_json::json!({"k": 1}),
+            state_digest: format!("sha256:{}", "0".repeat(64)),
             cache: CacheStatus::Hit,
             duration_ms: 3,
         }),
@@ -699,4 +699,75 @@ async fn connection_errors_say_where() {
     assert!(Bus::connect(&opts).await.is_err());
     opts.auth = Auth::Token("t0ken".into());
     Bus::connect(&opts).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recent_builds_come_from_the_last_requests_and_the_index() {
+    let server = PrivateServer::start().unwrap();
+    let bus = connect(&server).await;
+    bus.ensure_kiln_stream().await.unwrap();
+    let index = BuildIndex::open(&bus).await.unwrap();
+    // 300 builds, each followed by events of its own (so requests are sparse in the stream);
+    // the even ones were taken by a worker and indexed, the odd ones are still queued.
+    for i in 0..300u64 {
+        let id = format!("b{i:03}");
+        bus.publish_request(&request(&id)).await.unwrap();
+        for stage in Stage::ALL {
+            bus.publish_event(&started(&id, stage)).await.unwrap();
+        }
+        if i.is_multiple_of(2) {
+            let event = started(&id, Stage::Render);
+            index.update(&id, 1, |s| s.apply(&event, 2)).await.unwrap();
+        }
+    }
+    // A request without an id is listed under the id its source stage will assign it.
+    let anonymous = BuildRequest::new(
+        RecipeSource::Inline {
+            inline: "name: x\n".into(),
+            name: "x.yaml".into(),
+        },
+        "ci",
+    );
+    let seq = bus.publish_request(&anonymous).await.unwrap();
+    let stored = bus.jetstream().get_stream(STREAM).await.unwrap();
+    let at = stored.direct_get(seq).await.unwrap().time;
+    let assigned = assigned_build_id((at.unix_timestamp_nanos() / 1_000_000) as u64, seq);
+
+    let list = kiln::bus::index::recent(&bus, Some(&index), 20)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = list.iter().map(|b| b.id.as_str()).collect();
+    let mut want = vec![assigned.clone()];
+    want.extend((281..300).rev().map(|i| format!("b{i:03}")));
+    assert_eq!(ids, want);
+    assert_eq!(list[0].state, BuildPhase::Queued);
+    assert_eq!(list[0].recipe.as_deref(), Some("x.yaml (inline)"));
+    for b in &list[1..] {
+        let n: u64 = b.id[1..].parse().unwrap();
+        let want = if n.is_multiple_of(2) {
+            (BuildPhase::Running, Some(Stage::Render))
+        } else {
+            (BuildPhase::Queued, None)
+        };
+        assert_eq!((b.state, b.stage), want, "{b:?}");
+    }
+    // Every build when the limit is larger than the history; none for 0; and without an index
+    // (no worker ever ran) every request is queued.
+    let all = kiln::bus::index::recent(&bus, Some(&index), 1000)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 301);
+    assert_eq!(all.last().unwrap().id, "b000");
+    assert!(
+        kiln::bus::index::recent(&bus, Some(&index), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let bare = kiln::bus::index::recent(&bus, None, 5).await.unwrap();
+    assert!(
+        bare.iter().all(|b| b.state == BuildPhase::Queued),
+        "{bare:?}"
+    );
+    assert_eq!(bare[1].id, "b299");
 }

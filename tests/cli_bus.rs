@@ -342,6 +342,8 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
     // hits now) and the image comes through the object store.
     let client_home = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
+    let mut raw = common::raw_nats::RawNats::connect(server.port());
+    let before = raw.last_sequence("KILN");
     let o = kiln(client_home.path())
         .args([
             "build",
@@ -372,6 +374,29 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
         .as_str()
         .unwrap()
         .to_string();
+    // Small messages: everything this cached build put in the stream, as the server itself
+    // answers (STREAM.MSG.GET), is at most 10 KB of payload (it was ~70 KB while every
+    // `completed` carried the whole state).
+    let stored = raw.messages_after("KILN", before);
+    let prefix = format!("kiln.build.{remote_build}.");
+    let mine: Vec<&(String, usize)> = stored
+        .iter()
+        .filter(|(s, _)| s.starts_with(&prefix) || s == "kiln.build.requested")
+        .collect();
+    let total: usize = mine.iter().map(|(_, n)| n).sum();
+    eprintln!(
+        "cached build {remote_build}: {} messages, {total} bytes of payload: {mine:?}",
+        mine.len()
+    );
+    assert_eq!(mine.len(), stored.len(), "{stored:?}");
+    assert!(
+        mine.iter()
+            .filter(|(s, _)| s.ends_with(".completed"))
+            .count()
+            == 7,
+        "{mine:?}"
+    );
+    assert!(total <= 10 * 1024, "{total} bytes: {mine:?}");
 
     // A bad recipe through the same server fails at render.
     let dir = tempfile::tempdir().unwrap();
@@ -385,7 +410,7 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
 
-    // Recent builds, newest first, from the stream.
+    // Recent builds, newest first, from the build index.
     let o = kiln(client_home.path())
         .args(["status", "--json", "--nats", &url])
         .output()
@@ -399,6 +424,12 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
     assert_eq!(builds[0]["error"]["line"], 3, "{list}");
     assert_eq!(builds[1]["id"], remote_build.as_str());
     assert_eq!(builds[1]["state"], "completed");
+    assert_eq!(builds[1]["image"], report["image_digest"], "{list}");
+    assert!(
+        builds[0]["requested_ms"].as_u64() >= builds[1]["requested_ms"].as_u64()
+            && builds[1]["requested_ms"].as_u64() >= builds[2]["requested_ms"].as_u64(),
+        "{list}"
+    );
     assert_eq!(builds[2]["id"], id.as_str());
     assert_eq!(builds[2]["stage"], "publish");
     assert!(
@@ -415,4 +446,10 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
     assert!(text.starts_with("BUILD"), "{text}");
     assert!(text.contains("failed") && text.contains(":3:1"), "{text}");
     assert!(!text.contains(&id), "{text}");
+    let o = kiln(client_home.path())
+        .args(["status", "--limit", "2", "--json", "--nats", &url])
+        .output()
+        .unwrap();
+    let two: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(two["builds"].as_array().unwrap()[..], builds[..2], "{two}");
 }

@@ -360,7 +360,8 @@ fn worker_killed_mid_disk_stage_is_replaced_and_the_build_completes_once() {
 
     // The verify stage booted exactly that image to its marker.
     let verify = completed(&events, "verify");
-    let state_image = verify.state["build"]["disk"]["image"].as_str().unwrap();
+    let verify_state = common::handed_on_state(&url, verify);
+    let state_image = verify_state["build"]["disk"]["image"].as_str().unwrap();
     assert_eq!(state_image, image);
     let marker = verify.outputs["verify.direct"]["marker_line"]
         .as_str()
@@ -408,7 +409,7 @@ fn worker_killed_mid_disk_stage_is_replaced_and_the_build_completes_once() {
     for e in &events {
         if let StageEvent::Completed(c) = e {
             referenced.extend(digests_in(&c.outputs.to_string()));
-            referenced.extend(digests_in(&c.state.to_string()));
+            referenced.extend(digests_in(&common::handed_on_state(&url, c).to_string()));
         }
     }
     let manifest = completed(&events, "rootfs").outputs["rootfs"]["manifest"]

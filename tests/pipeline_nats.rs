@@ -3,7 +3,6 @@
 //! through `/var/tmp/kiln-test-cache`) and real QEMU boots.
 
 use kiln::bus::PrivateServer;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -165,64 +164,6 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
     assert_eq!((failed, render_started), (1, 1), "{raw:?}");
 }
 
-/// A plain NATS text-protocol connection: no kiln code, no client library.
-struct Raw {
-    sock: std::net::TcpStream,
-    reader: BufReader<std::net::TcpStream>,
-}
-
-impl Raw {
-    fn connect(port: u16) -> Raw {
-        let sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut reader = BufReader::new(sock.try_clone().unwrap());
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        assert!(line.starts_with("INFO "), "{line}");
-        let mut raw = Raw { sock, reader };
-        raw.send(b"CONNECT {\"verbose\":false,\"pedantic\":true,\"name\":\"raw-test\"}\r\n");
-        raw
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.sock.write_all(bytes).unwrap();
-    }
-
-    /// The next message (subject, payload), answering PINGs; None on timeout.
-    fn next(&mut self) -> Option<(String, Vec<u8>)> {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match self.reader.read_line(&mut line) {
-                Ok(0) => panic!("server closed the connection"),
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return None;
-                }
-                Err(e) => panic!("{e}"),
-            }
-            assert!(!line.starts_with("-ERR"), "{line}");
-            if line.starts_with("PING") {
-                self.send(b"PONG\r\n");
-                continue;
-            }
-            if let Some(rest) = line.strip_prefix("MSG ") {
-                let parts: Vec<&str> = rest.split_whitespace().collect();
-                let len: usize = parts.last().unwrap().parse().unwrap();
-                let mut payload = vec![0u8; len + 2];
-                self.reader.read_exact(&mut payload).unwrap();
-                payload.truncate(len);
-                return Some((parts[0].to_string(), payload));
-            }
-        }
-    }
-}
-
 /// Every message subject of a build in the stream, in order.
 fn history(url: &str, build: &str) -> Vec<String> {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -235,14 +176,6 @@ fn history(url: &str, build: &str) -> Vec<String> {
             .map(|e| e.subject)
             .collect()
     })
-}
-
-impl Raw {
-    fn publish_with_reply(&mut self, subject: &str, reply: &str, payload: &[u8]) {
-        self.send(format!("PUB {subject} {reply} {}\r\n", payload.len()).as_bytes());
-        self.send(payload);
-        self.send(b"\r\n");
-    }
 }
 
 #[test]
@@ -281,7 +214,7 @@ fn two_workers_on_separate_homes_build_a_raw_request_through_the_object_store() 
     };
 
     // Subscribe, then publish the request exactly as docs/messages.md shows it.
-    let mut raw = Raw::connect(server.port());
+    let mut raw = common::raw_nats::RawNats::connect(server.port());
     raw.send(b"SUB kiln.build.> 1\r\n");
     // Make sure the workers have set up the stream before the request is published.
     std::thread::sleep(Duration::from_secs(3));

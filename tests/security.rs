@@ -389,21 +389,20 @@ fn forged_stage_events_are_refused_and_nothing_is_signed() {
     let index = || std::fs::read_to_string(layout.join("index.json")).unwrap();
     let published = index();
 
-    // Forgeries of verify.completed: another build's boots with a disk that never booted; the
-    // same state under another build id; a state whose recipe was changed.
+    // Forgeries of verify.completed: a state digest that no worker recorded (a state whose disk
+    // never booted, or whose recipe was changed, has another digest); the real state's digest
+    // replayed under another build id; a digest that is not one.
     let mut never_booted = verified.clone();
-    never_booted["state"]["build"]["disk"]["image"] = format!("sha256:{}", "ab".repeat(32)).into();
-    let mut other_recipe = verified.clone();
-    other_recipe["state"]["build"]["loaded"]["recipe"]["publish"]["repository"] =
-        "kiln/evil".into();
+    never_booted["state_digest"] = format!("sha256:{}", "ab".repeat(32)).into();
+    let mut not_a_digest = verified.clone();
+    not_a_digest["state_digest"] = "../../etc/passwd".into();
     let forgeries = [
         ("forged-disk", never_booted),
         ("forged-replay", verified.clone()),
-        ("forged-recipe", other_recipe),
+        ("forged-digest", not_a_digest),
     ];
     for (forged, mut msg) in forgeries {
         msg["build"] = forged.into();
-        msg["state"]["request"]["id"] = forged.into();
         msg["worker"] = "attacker".into();
         publish(
             &url,

@@ -2,6 +2,9 @@
 //!
 //! - `POST /v1/builds`: a `kiln.build.requested` body (docs/messages.md), validated like the bus
 //!   validates it, published; 202 with the build id and where to watch it.
+//! - `GET /v1/builds?limit=N`: the most recently requested builds, newest first (default 20, at
+//!   most [`LIST_MAX`]), from the build index ([`crate::bus::index`]), as `kiln status --json`
+//!   prints them.
 //! - `GET /v1/builds/{id}`: the build's status read back from the stream ([`BuildStatus`]).
 //! - `GET /v1/builds/{id}/events`: server-sent events, the build's events so far then live ones,
 //!   ending after its final event.
@@ -39,6 +42,11 @@ pub use serve::{ClientAddr, Limits};
 
 /// The address `kiln up` listens on unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// The most builds `GET /v1/builds` lists at once.
+pub const LIST_MAX: usize = 1000;
+/// How many builds `GET /v1/builds` lists without `limit`.
+const LIST_DEFAULT: usize = 20;
+
 /// How many build ids submitted through this server are remembered as `queued` before their
 /// first event arrives.
 const REMEMBERED: usize = 4096;
@@ -209,7 +217,7 @@ pub fn router(bus: Bus, config: ApiConfig) -> Router {
         followers: Arc::new(serve::Followers::default()),
     }));
     Router::new()
-        .route("/v1/builds", post(submit))
+        .route("/v1/builds", post(submit).get(list))
         .route("/v1/builds/{id}", get(status))
         .route("/v1/builds/{id}/events", get(events))
         .route("/v1/hooks/git", post(git_hook))
@@ -217,7 +225,7 @@ pub fn router(bus: Bus, config: ApiConfig) -> Router {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route; see docs/api.md (POST /v1/builds, GET /v1/builds/{id}, GET /v1/builds/{id}/events, POST /v1/hooks/git)",
+                "no such route; see docs/api.md (POST /v1/builds, GET /v1/builds, GET /v1/builds/{id}, GET /v1/builds/{id}/events, POST /v1/hooks/git)",
             )
         })
         .with_state(state)
@@ -342,6 +350,35 @@ async fn submit(
     state.remember(&id);
     tracing::info!("api: build {id} requested by {}", req.requester);
     Ok((StatusCode::ACCEPTED, axum::Json(build_links(&headers, &id))).into_response())
+}
+
+/// `limit` of a `GET /v1/builds` query string (`limit=N`; other parameters are ignored).
+fn list_limit(query: Option<&str>) -> Result<usize, ApiError> {
+    let Some(value) = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|p| p.strip_prefix("limit="))
+    else {
+        return Ok(LIST_DEFAULT);
+    };
+    match value.parse::<usize>() {
+        Ok(n) if (1..=LIST_MAX).contains(&n) => Ok(n),
+        _ => Err(ApiError::invalid(
+            Some("limit".into()),
+            format!("limit must be a number from 1 to {LIST_MAX}"),
+        )),
+    }
+}
+
+async fn list(
+    State(state): State<AppState>,
+    uri: http::Uri,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let limit = list_limit(uri.query())?;
+    let bus = &state.0.bus;
+    let index = crate::bus::BuildIndex::open_existing(bus).await?;
+    let builds = crate::bus::index::recent(bus, index.as_ref(), limit).await?;
+    Ok(axum::Json(json!({ "builds": builds })))
 }
 
 async fn status(

@@ -1,6 +1,8 @@
 //! Blobs and stage outputs shared across hosts: the JetStream object store bucket `kiln-blobs`
 //! (content-addressed, object name = `sha256:<hex>`) in front of which sits the local
-//! [`BlobStore`], and the KV bucket `kiln-stages` (stage key → outputs JSON).
+//! [`BlobStore`], the KV bucket `kiln-stages` (stage key → outputs JSON, and the build-id claims),
+//! and the KV bucket `kiln-states` (the states stages hand on, `state/<digest>`, see
+//! `pipeline::handoff`), which expires with the stream's history.
 //!
 //! Every blob fetched from the bucket is written to a temp file, its sha256 checked, and only then
 //! renamed into the local store; a local blob is re-hashed before it is trusted, so a corrupted
@@ -22,6 +24,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const BLOB_BUCKET: &str = "kiln-blobs";
 /// KV bucket of stage key → outputs.
 pub const STAGE_BUCKET: &str = "kiln-stages";
+/// KV bucket of the states stages hand on (`state/<digest>`), kept as long as the `KILN` stream
+/// keeps the messages that name them ([`super::RETENTION`]).
+pub const STATE_BUCKET: &str = "kiln-states";
 /// Object chunk size: below the server's default 1 MiB max_payload (headers need room too).
 pub const CHUNK_SIZE: usize = 960 * 1024;
 
@@ -56,8 +61,9 @@ pub enum BlobError {
         "stage key {key:?} has characters a KV key cannot hold (allowed: letters, digits, `-_/.` and `:`)"
     )]
     BadKey { key: String },
-    #[error("stage outputs under {key} in {STAGE_BUCKET} are not JSON")]
+    #[error("the record under {key} in {bucket} is not JSON")]
     BadOutputs {
+        bucket: &'static str,
         key: String,
         #[source]
         source: serde_json::Error,
@@ -456,12 +462,13 @@ fn base64_url(bytes: &[u8]) -> String {
     out
 }
 
-/// The `kiln-stages` KV bucket: stage key → outputs JSON.
+/// A KV bucket of JSON records: `kiln-stages` (stage key → outputs JSON) or `kiln-states`.
 #[derive(Clone)]
 pub struct StageOutputs {
     bus: Bus,
     /// Replaced when the bucket was deleted and made again.
     kv: std::sync::Arc<std::sync::Mutex<kv::Store>>,
+    bucket: &'static str,
 }
 
 impl std::fmt::Debug for StageOutputs {
@@ -470,13 +477,22 @@ impl std::fmt::Debug for StageOutputs {
     }
 }
 
-/// The KV backing stream, created by hand: `create_key_value` fails against NATS 2.9.
-fn kv_stream_config() -> stream::Config {
+/// The KV backing stream of `bucket`, created by hand: `create_key_value` fails against NATS 2.9.
+fn kv_stream_config(bucket: &'static str) -> stream::Config {
+    let (description, max_age) = if bucket == STATE_BUCKET {
+        (
+            "kiln states handed on: state/<digest> -> state",
+            super::RETENTION,
+        )
+    } else {
+        ("kiln stage key -> outputs", std::time::Duration::ZERO)
+    };
     stream::Config {
-        name: format!("KV_{STAGE_BUCKET}"),
-        description: Some("kiln stage key -> outputs".into()),
-        subjects: vec![format!("$KV.{STAGE_BUCKET}.>")],
+        name: format!("KV_{bucket}"),
+        description: Some(description.into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
+        max_age,
         storage: stream::StorageType::File,
         allow_rollup: true,
         deny_delete: true,
@@ -505,20 +521,44 @@ fn kv_key(key: &str) -> Result<String, BlobError> {
 }
 
 impl StageOutputs {
-    /// Open (creating if needed) the bucket.
+    /// Open (creating if needed) the `kiln-stages` bucket.
     pub async fn open(bus: &Bus) -> Result<StageOutputs, BusError> {
-        Ok(StageOutputs {
-            bus: bus.clone(),
-            kv: std::sync::Arc::new(std::sync::Mutex::new(Self::ensure(bus).await?)),
-        })
+        Self::open_bucket(bus, STAGE_BUCKET).await
     }
 
-    async fn ensure(bus: &Bus) -> Result<kv::Store, BusError> {
-        bus.ensure_stream(kv_stream_config()).await?;
-        bus.jetstream()
-            .get_key_value(STAGE_BUCKET)
+    /// Open (creating if needed) `bucket` ([`STAGE_BUCKET`] or [`STATE_BUCKET`]).
+    pub async fn open_bucket(bus: &Bus, bucket: &'static str) -> Result<StageOutputs, BusError> {
+        let kv = Self::ensure(bus, bucket).await?;
+        Ok(Self::with_store(bus, kv, bucket))
+    }
+
+    /// Open `bucket` without creating it, for readers that may not create streams (submitters
+    /// reading a build's final state).
+    pub async fn open_existing(bus: &Bus, bucket: &'static str) -> Result<StageOutputs, BusError> {
+        let kv = bus
+            .jetstream()
+            .get_key_value(bucket)
             .await
-            .map_err(nats_err(format!("open KV bucket {STAGE_BUCKET}")))
+            .map_err(nats_err(format!(
+                "open KV bucket {bucket} (do the workers run? they create it)"
+            )))?;
+        Ok(Self::with_store(bus, kv, bucket))
+    }
+
+    fn with_store(bus: &Bus, kv: kv::Store, bucket: &'static str) -> StageOutputs {
+        StageOutputs {
+            bus: bus.clone(),
+            kv: std::sync::Arc::new(std::sync::Mutex::new(kv)),
+            bucket,
+        }
+    }
+
+    async fn ensure(bus: &Bus, bucket: &'static str) -> Result<kv::Store, BusError> {
+        bus.ensure_stream(kv_stream_config(bucket)).await?;
+        bus.jetstream()
+            .get_key_value(bucket)
+            .await
+            .map_err(nats_err(format!("open KV bucket {bucket}")))
     }
 
     fn kv(&self) -> kv::Store {
@@ -527,18 +567,18 @@ impl StageOutputs {
 
     /// The bucket is gone (deleted while workers run): make it again.
     async fn recreate(&self) -> Result<(), BusError> {
-        tracing::warn!("the {STAGE_BUCKET} KV bucket is gone: creating it again");
-        let kv = Self::ensure(&self.bus).await?;
+        tracing::warn!("the {} KV bucket is gone: creating it again", self.bucket);
+        let kv = Self::ensure(&self.bus, self.bucket).await?;
         *self.kv.lock().unwrap_or_else(|e| e.into_inner()) = kv;
         Ok(())
     }
 
     /// Whether `e`, from an operation on the bucket, means the bucket is gone.
     async fn gone(&self, e: &impl std::fmt::Display) -> bool {
-        bucket_gone(&self.bus, &format!("KV_{STAGE_BUCKET}"), e).await
+        bucket_gone(&self.bus, &format!("KV_{}", self.bucket), e).await
     }
 
-    /// Forget a stage key's outputs (their blobs are lost).
+    /// Forget a key's record (a stage record whose blobs are lost).
     pub async fn remove(&self, key: &str) -> Result<(), BlobError> {
         let k = kv_key(key)?;
         match self.kv().delete(&k).await {
@@ -549,11 +589,11 @@ impl StageOutputs {
             }
             r => r,
         }
-        .map_err(nats_err(format!("delete {key} from {STAGE_BUCKET}")))?;
+        .map_err(nats_err(format!("delete {key} from {}", self.bucket)))?;
         Ok(())
     }
 
-    /// The outputs recorded for a stage key.
+    /// The record under a key.
     pub async fn get(&self, key: &str) -> Result<Option<serde_json::Value>, BlobError> {
         let k = kv_key(key)?;
         let got = match self.kv().get(&k).await {
@@ -563,21 +603,23 @@ impl StageOutputs {
             }
             r => r,
         };
-        let Some(bytes) = got.map_err(nats_err(format!("read {key} from {STAGE_BUCKET}")))? else {
+        let Some(bytes) = got.map_err(nats_err(format!("read {key} from {}", self.bucket)))? else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|source| BlobError::BadOutputs {
+                bucket: self.bucket,
                 key: key.to_string(),
                 source,
             })
     }
 
-    /// Record a stage key's outputs.
+    /// Record a key's JSON.
     pub async fn put(&self, key: &str, outputs: &serde_json::Value) -> Result<(), BlobError> {
         let k = kv_key(key)?;
         let bytes = serde_json::to_vec(outputs).map_err(|source| BlobError::BadOutputs {
+            bucket: self.bucket,
             key: key.to_string(),
             source,
         })?;
@@ -589,7 +631,7 @@ impl StageOutputs {
             }
             r => r,
         }
-        .map_err(nats_err(format!("write {key} to {STAGE_BUCKET}")))?;
+        .map_err(nats_err(format!("write {key} to {}", self.bucket)))?;
         Ok(())
     }
 }

@@ -1,7 +1,10 @@
-//! The message schemas: one type per subject, JSON with `"v": 1`.
+//! The message schemas: one type per subject, JSON with a `"v"` version: 1, except
+//! `stage-completed`, which is v2 since it names the handed-on state by digest instead of
+//! carrying it ([`StageCompleted::state_digest`]).
 //!
 //! Unknown fields are ignored (a newer publisher may add some); a missing required field is an
-//! error that names the field; a `v` other than 1 is rejected. [`decode`] does all three checks.
+//! error that names the field; a `v` other than the type's [`Message::VERSION`] is rejected.
+//! [`decode`] does all three checks.
 //! `docs/messages.md` shows an example of each message and `docs/schemas/*.json` holds the JSON
 //! Schemas generated from these types by [`json_schemas`].
 
@@ -12,8 +15,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// The message format version every message carries as `"v"`.
+/// The message format version every message but `stage-completed` carries as `"v"`.
 pub const VERSION: u32 = 1;
+/// The version of `stage-completed`: v2 dropped `state` (the whole handed-on state) for
+/// `state_digest`.
+pub const COMPLETED_VERSION: u32 = 2;
 
 /// Why a payload could not be read as a message.
 #[derive(Debug, thiserror::Error)]
@@ -26,29 +32,37 @@ pub enum DecodeError {
         error: serde_json::Error,
     },
     #[error(
-        "unsupported {what} message version v={found}: this kiln reads v={VERSION}; upgrade kiln or publish v={VERSION}"
+        "unsupported {what} message version v={found}: this kiln reads v={expected}; upgrade kiln or publish v={expected}"
     )]
-    Version { what: &'static str, found: u32 },
+    Version {
+        what: &'static str,
+        found: u32,
+        expected: u32,
+    },
 }
 
 /// Implemented by every message type.
 pub trait Message: Serialize + DeserializeOwned {
     /// Short name, used in errors and as the schema file name (`docs/schemas/<NAME>.json`).
     const NAME: &'static str;
+    /// The `"v"` this kiln reads and writes for this message.
+    const VERSION: u32 = VERSION;
     /// The message's `"v"`.
     fn version(&self) -> u32;
 }
 
-/// Parse a message: JSON, required fields present, `v` = 1. Unknown fields are ignored.
+/// Parse a message: JSON, required fields present, `v` = the type's version. Unknown fields are
+/// ignored.
 pub fn decode<M: Message>(payload: &[u8]) -> Result<M, DecodeError> {
     let msg: M = serde_json::from_slice(payload).map_err(|error| DecodeError::Json {
         what: M::NAME,
         error,
     })?;
-    if msg.version() != VERSION {
+    if msg.version() != M::VERSION {
         return Err(DecodeError::Version {
             what: M::NAME,
             found: msg.version(),
+            expected: M::VERSION,
         });
     }
     Ok(msg)
@@ -102,6 +116,20 @@ pub fn new_build_id() -> String {
         random = mix.to_le_bytes();
     }
     format!("{stamp}-{}", hex::encode(random))
+}
+
+/// The id the source stage gives a request without one, from the request's publication time
+/// (Unix milliseconds) and stream sequence: every delivery of the request, and the build index,
+/// find the same id.
+pub fn assigned_build_id(published_ms: u64, sequence: u64) -> String {
+    let stamp = crate::time::basic_stamp(i64::try_from(published_ms).unwrap_or(i64::MAX));
+    format!("{stamp}-{sequence:08x}")
+}
+
+/// The id under which a request that cannot be used (unreadable, or with an invalid id) is
+/// reported: `invalid-<stream sequence>`.
+pub fn refused_build_id(sequence: u64) -> String {
+    format!("invalid-{sequence}")
 }
 
 /// Where the recipe of a build comes from. Exactly one of `path`, `inline` (with `name`) or
@@ -514,9 +542,11 @@ pub struct StageProgress {
     pub message: Option<String>,
 }
 
-/// `kiln.build.<id>.<stage>.completed`: triggers the next stage.
+/// `kiln.build.<id>.<stage>.completed`: triggers the next stage. Version 2
+/// ([`COMPLETED_VERSION`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StageCompleted {
+    /// Message format version: 2.
     pub v: u32,
     pub build: String,
     pub stage: Stage,
@@ -524,9 +554,11 @@ pub struct StageCompleted {
     pub time: EventTime,
     /// Content digests of what the stage produced (a JSON object, stage-specific).
     pub outputs: serde_json::Value,
-    /// Build state accumulated so far that later stages need (stage-specific JSON).
-    #[serde(default)]
-    pub state: serde_json::Value,
+    /// `sha256:<hex>` naming the build state accumulated so far (what later stages need): the
+    /// worker that published this message recorded that state under this digest, for this build
+    /// and stage, in the `kiln-states` KV bucket (key `state/sha256=<hex>`). The next stage
+    /// loads it from there and refuses a digest no worker recorded.
+    pub state_digest: String,
     pub cache: CacheStatus,
     pub duration_ms: u64,
 }
@@ -675,7 +707,13 @@ macro_rules! message {
 }
 message!(StageStarted, "stage-started");
 message!(StageProgress, "stage-progress");
-message!(StageCompleted, "stage-completed");
+impl Message for StageCompleted {
+    const NAME: &'static str = "stage-completed";
+    const VERSION: u32 = COMPLETED_VERSION;
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
 message!(StageFailed, "stage-failed");
 message!(ImagePublished, "image-published");
 message!(DeployCompleted, "deploy-completed");

@@ -1,27 +1,29 @@
 //! The message bus: NATS subjects, message schemas, the `KILN` stream and its per-stage durable
-//! consumers, the worker loop helper, the blob object store and stage-output KV bucket, and a
-//! private `nats-server` for single-process use.
+//! consumers, the worker loop helper, the blob object store and stage-output KV bucket, the
+//! build index bucket ([`index`]), and a private `nats-server` for single-process use.
 //!
 //! Everything here works against NATS 2.9 (Debian 12's `nats-server` 2.9.10) and later servers:
-//! async-nats is built without the `server_2_10+` features, and the KV bucket's backing stream is
+//! async-nats is built without the `server_2_10+` features, and the KV buckets' backing streams are
 //! created by hand because `create_key_value` cannot parse 2.9's account info. See
 //! `docs/messages.md` for the subjects and the stream/consumer setup.
 
 pub mod blobs;
 pub mod cluster;
+pub mod index;
 pub mod messages;
 pub mod server;
 pub mod status;
 pub mod subjects;
 pub mod worker;
 
-pub use blobs::{BLOB_BUCKET, BlobError, Blobs, STAGE_BUCKET, StageOutputs};
+pub use blobs::{BLOB_BUCKET, BlobError, Blobs, STAGE_BUCKET, STATE_BUCKET, StageOutputs};
 pub use cluster::{ClusterReport, TlsFiles};
+pub use index::{BUILD_BUCKET, BuildIndex, BuildPhase, BuildSummary};
 pub use messages::{
-    BuildRequest, CacheStatus, DecodeError, DeployCompleted, DeployFailed, ErrorInfo, ErrorKind,
-    EventTime, GitSource, ImagePublished, Message, RecipeSource, RequestError, StageCompleted,
-    StageEvent, StageFailed, StageProgress, StageStarted, VERSION, decode, encode,
-    is_valid_build_id, new_build_id,
+    BuildRequest, COMPLETED_VERSION, CacheStatus, DecodeError, DeployCompleted, DeployFailed,
+    ErrorInfo, ErrorKind, EventTime, GitSource, ImagePublished, Message, RecipeSource,
+    RequestError, StageCompleted, StageEvent, StageFailed, StageProgress, StageStarted, VERSION,
+    assigned_build_id, decode, encode, is_valid_build_id, new_build_id, refused_build_id,
 };
 pub use server::{PrivateServer, ServerError};
 pub use subjects::{DeployKind, EventKind, Stage};
@@ -538,7 +540,8 @@ impl Bus {
             )))
     }
 
-    /// The stream, every stage's consumer, the blob bucket and the stage KV bucket.
+    /// The stream, every stage's consumer, the blob bucket, the stage KV bucket and the build
+    /// index.
     pub async fn setup(&self, policy: &RetryPolicy) -> Result<(), BusError> {
         self.ensure_kiln_stream().await?;
         for stage in Stage::ALL {
@@ -546,6 +549,8 @@ impl Bus {
         }
         blobs::ensure_object_store(self).await?;
         StageOutputs::open(self).await?;
+        StageOutputs::open_bucket(self, STATE_BUCKET).await?;
+        BuildIndex::open(self).await?;
         Ok(())
     }
 

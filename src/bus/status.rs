@@ -301,13 +301,13 @@ mod tests {
 
     fn completed(stage: Stage, outputs: serde_json::Value) -> StageEvent {
         StageEvent::Completed(StageCompleted {
-            v: VERSION,
+            v: crate::bus::COMPLETED_VERSION,
             build: "b".into(),
             stage,
             worker: "h/2".into(),
             time: EventTime::UnixMs(2000),
             outputs,
-            state: serde_json::Value::Null,
+            state_digest: format!("sha256:{}", "0".repeat(64)),
             cache: CacheStatus::Hit,
             duration_ms: 5,
         })

@@ -11,12 +11,13 @@
 
 use super::access::{RecipeAccess, is_forbidden_env};
 use super::build::{BuildError, BuildOptions, BuildReport, deliver, deliver_recovering};
-use super::records::LocalRecords;
-use super::stages::{Handover, NoProgress, StageEnv, StageError};
+use super::handoff;
+use super::records::{LocalRecords, MemoryRecords};
+use super::stages::{NoProgress, StageEnv, StageError};
 use super::worker::{WorkerConfig, WorkerError, run_workers};
 use crate::bus::{
     self, BlobError, Blobs, BuildRequest, Bus, BusError, ConnectOptions, ErrorInfo, ErrorKind,
-    PrivateServer, RecipeSource, RetryPolicy, ServerError, StageEvent,
+    PrivateServer, RecipeSource, RetryPolicy, ServerError, StageEvent, StageOutputs,
 };
 use crate::home::BlobStore;
 use futures::StreamExt;
@@ -58,7 +59,7 @@ pub enum BusBuildError {
     StreamEnded(String),
     #[error("the stage workers of this process stopped before build {0} ended")]
     WorkersStopped(String),
-    #[error("build {build}: the verify stage's completed message cannot be read: {message}")]
+    #[error("build {build}: the final state of the build cannot be read: {message}")]
     BadState { build: String, message: String },
 }
 
@@ -171,6 +172,7 @@ pub async fn build_over_bus(
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let private = server.is_some();
+    let handoff = MemoryRecords::default();
     let config = WorkerConfig {
         home: opts.home.clone(),
         archive: opts.archive.clone(),
@@ -179,6 +181,7 @@ pub async fn build_over_bus(
         local_blobs: true,
         access: caller_access(&req).map_err(deliver_err)?,
         limits: opts.load.limits.clone(),
+        handoff: handoff.clone(),
         ..WorkerConfig::from_env()
     };
     let workers = async {
@@ -205,7 +208,9 @@ pub async fn build_over_bus(
                         error: Box::new(f.error),
                     });
                 }
-                StageEvent::Completed(c) if c.stage == bus::Stage::Publish => return Ok(c.state),
+                StageEvent::Completed(c) if c.stage == bus::Stage::Publish => {
+                    return Ok(c.state_digest);
+                }
                 _ => {}
             }
         }
@@ -227,12 +232,25 @@ pub async fn build_over_bus(
         // The last stage acks its message; nothing else is running.
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut workers).await;
     }
-    let state = outcome?;
+    let digest = outcome?;
     let bad = |message: String| BusBuildError::BadState {
         build: id.clone(),
         message,
     };
-    let state: Handover = serde_json::from_value(state).map_err(|e| bad(e.to_string()))?;
+    // The final state, from the records its digest names: this process's memory for a private
+    // bus, the shared `kiln-states` bucket for a remote one.
+    let publish = bus::Stage::Publish;
+    let state = if private {
+        handoff::load_state(&handoff, &id, publish, &digest)
+    } else {
+        let key = handoff::record_key(&digest).unwrap_or_default();
+        let record = StageOutputs::open_existing(&bus, bus::STATE_BUCKET)
+            .await?
+            .get(&key)
+            .await?;
+        handoff::state_from_record(record, &id, publish, &digest)
+    }
+    .map_err(|e| bad(crate::error::chain_text(&e)))?;
     let build = state
         .build
         .as_ref()

@@ -8,6 +8,7 @@ pub mod access;
 pub mod build;
 pub mod bus_build;
 pub mod events;
+pub mod handoff;
 pub mod records;
 pub mod recovery;
 pub mod stages;

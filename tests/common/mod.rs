@@ -4,9 +4,9 @@
 //! packages unpacked into a Tree (downloads cached in /var/tmp/kiln-test-debs so reruns do not
 //! download). By concern: [`process`] (running commands, the child-process guard [`Running`],
 //! [`free_port`], [`curl`]), [`hash`] (sha256), [`files`] ([`copy_dir`], [`walk`]), [`git`]
-//! ([`commit_all`]), [`registry`], [`nats_roles`], [`cluster`] (a JetStream cluster of nodes that
-//! can be killed and restarted, optionally with TLS), [`netns`] (a separate host in a network
-//! namespace), [`verify_support`].
+//! ([`commit_all`]), [`registry`], [`nats_roles`], [`raw_nats`] (the server asked in its own
+//! protocol), [`cluster`] (a JetStream cluster of nodes that can be killed and restarted,
+//! optionally with TLS), [`netns`] (a separate host in a network namespace), [`verify_support`].
 //!
 //! Each test binary compiles this module on its own and uses a part of it, hence
 //! `allow(dead_code)`.
@@ -19,6 +19,7 @@ pub mod hash;
 pub mod nats_roles;
 pub mod netns;
 pub mod process;
+pub mod raw_nats;
 pub mod registry;
 pub mod verify_support;
 
@@ -104,6 +105,24 @@ pub fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime")
+}
+
+/// The state a stage handed on, as the worker recorded it in the `kiln-states` KV bucket under
+/// the digest its `completed` message names (the message carries only the digest).
+pub fn handed_on_state(url: &str, completed: &kiln::bus::StageCompleted) -> serde_json::Value {
+    rt().block_on(async {
+        let bus = kiln::bus::Bus::connect_url(url).await.unwrap();
+        let key = kiln::pipeline::handoff::record_key(&completed.state_digest).unwrap();
+        let record = kiln::bus::StageOutputs::open_existing(&bus, kiln::bus::STATE_BUCKET)
+            .await
+            .unwrap()
+            .get(&key)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no state recorded under {key}"));
+        assert_eq!(record["build"], completed.build.as_str(), "{record}");
+        record["state"].clone()
+    })
 }
 
 pub const DEB_CACHE: &str = "/var/tmp/kiln-test-debs";

@@ -108,6 +108,7 @@ impl BlobStore {
         let digest = Digest256::from_sha256(&hasher.finalize());
         let dest = self.path(&digest);
         if dest.is_file() {
+            touch(&dest);
             return Ok((digest, len));
         }
         if sync {
@@ -125,6 +126,7 @@ impl BlobStore {
         let (digest, len) = hash_file(&mut file)?;
         let dest = self.path(&digest);
         if dest.is_file() {
+            touch(&dest);
             fs::remove_file(path)?;
             return Ok((digest, len));
         }
@@ -159,6 +161,15 @@ impl BlobStore {
     /// Open a blob, checking that it is present.
     pub fn open(&self, digest: &Digest256) -> io::Result<File> {
         File::open(self.path(digest))
+    }
+}
+
+/// Set a file's modification time to now: a blob or record written again, or used, is recent
+/// for collections (`gc`), which keep what running builds use and remove the least recently used
+/// first. Best effort: a file that cannot be touched is only collected earlier.
+pub fn touch(path: &Path) {
+    if let Ok(f) = File::options().append(true).open(path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
     }
 }
 
@@ -204,7 +215,7 @@ fn temp_owner(name: &str) -> Option<u32> {
 
 /// True unless the process surely no longer exists (without `/proc`, every process counts as
 /// alive, so nothing is removed).
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     let proc = Path::new("/proc");
     !proc.join("self").exists() || proc.join(pid.to_string()).exists()
 }

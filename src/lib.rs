@@ -13,6 +13,7 @@ pub mod disk;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod gc;
 pub mod home;
 pub mod kernel;
 pub mod manifest;

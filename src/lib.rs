@@ -17,6 +17,7 @@ pub mod gc;
 pub mod home;
 pub mod kernel;
 pub mod manifest;
+pub mod metrics;
 pub mod net;
 pub mod packages;
 pub mod pipeline;

@@ -23,6 +23,9 @@ use crate::bus::{
     StageOutputs, StageProgress, StageStarted, VERSION,
 };
 use crate::digest::Digest256;
+use crate::gc::Refs;
+use crate::gc::lease::Lease;
+use crate::metrics;
 use crate::packages::ArchiveOptions;
 use crate::recipe::Diagnostic;
 use crate::task::blocking;
@@ -55,6 +58,8 @@ pub struct WorkerConfig {
     pub access: RecipeAccess,
     /// Bounds on loading a recipe (template fuel, time, output, file sizes).
     pub limits: crate::recipe::limits::Limits,
+    /// Collect this worker's `$KILN_HOME` when it grows past this many bytes (after a stage).
+    pub cache_max: Option<u64>,
 }
 
 impl WorkerConfig {
@@ -71,6 +76,7 @@ impl WorkerConfig {
             publish: None,
             access: RecipeAccess::default(),
             limits: Default::default(),
+            cache_max: None,
         }
     }
 }
@@ -236,6 +242,11 @@ struct Ctx {
     config: WorkerConfig,
     /// The hand-over records of a private bus (see [`Ctx::handoff_records`]).
     memory: MemoryRecords,
+    /// What this process's builds use, for collections.
+    lease: Arc<Lease>,
+    /// The `--cache-max` collection: running, and when the cache was last measured.
+    collecting: Arc<std::sync::atomic::AtomicBool>,
+    measured: Mutex<Option<Instant>>,
 }
 
 impl Ctx {
@@ -372,6 +383,9 @@ pub async fn run_workers(
         env,
         config: config.clone(),
         memory: MemoryRecords::default(),
+        lease: Arc::new(Lease::new(&config.home)),
+        collecting: Default::default(),
+        measured: Mutex::new(None),
     });
     let mut workers = Vec::new();
     for stage in stages {
@@ -450,10 +464,87 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
             attempt: Some(d.attempt()),
         }))
         .await;
-    match run(&ctx, stage, state, &build).await {
+    let pinned = serde_json::to_value(&state)
+        .map(|v| Refs::of(&v))
+        .unwrap_or_default();
+    ctx.lease.stage_started(&build, pinned.clone());
+    let result = run(&ctx, stage, state, &build).await;
+    let outcome = finish(&ctx, stage, build.clone(), &d, started, result).await;
+    match &outcome {
+        Ok(Outcome::Done) if stage != bus::Stage::Publish => {}
+        // Retried later (here or elsewhere): what it started with stays pinned meanwhile.
+        Err(_) => ctx.lease.stage_ended(&build, pinned),
+        _ => ctx.lease.build_ended(&build),
+    }
+    collect_if_full(&ctx);
+    outcome
+}
+
+/// How often a worker with `--cache-max` measures its cache (after a stage).
+const CACHE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// With `--cache-max`: after a stage, when the cache grew past it, collect it (in the
+/// background, one collection at a time) down to 90% of it, so the next stages do not collect
+/// again at once. What running builds use stays (their leases).
+fn collect_if_full(ctx: &Arc<Ctx>) {
+    use std::sync::atomic::Ordering;
+    let Some(max) = ctx.config.cache_max else {
+        return;
+    };
+    {
+        let mut measured = ctx.measured.lock().unwrap_or_else(|e| e.into_inner());
+        if measured.is_some_and(|t| t.elapsed() < CACHE_CHECK_INTERVAL) {
+            return;
+        }
+        *measured = Some(Instant::now());
+    }
+    if ctx.collecting.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let collecting = ctx.collecting.clone();
+    let home = ctx.config.home.clone();
+    tokio::task::spawn_blocking(move || {
+        let bytes = crate::gc::cache_bytes(&home);
+        if bytes > max {
+            let policy = crate::gc::Policy {
+                keep: None,
+                max_size: Some(max / 10 * 9),
+                dry_run: false,
+            };
+            match crate::gc::collect(&home, &policy, &|_| {}) {
+                Ok(r) => tracing::info!(
+                    "cache {} over --cache-max {}: collected {}, now {}",
+                    crate::gc::human_bytes(bytes),
+                    crate::gc::human_bytes(max),
+                    crate::gc::human_bytes(r.freed_bytes()),
+                    crate::gc::human_bytes(r.after_bytes)
+                ),
+                Err(e) => tracing::warn!(
+                    "cannot collect the cache in {}: {}",
+                    home.display(),
+                    crate::error::Chain(&e)
+                ),
+            }
+        }
+        collecting.store(false, Ordering::SeqCst);
+    });
+}
+
+/// Publish what became of a stage run: `completed`, or `failed` (now, or on the last attempt).
+async fn finish(
+    ctx: &Arc<Ctx>,
+    stage: bus::Stage,
+    build: String,
+    d: &Delivery,
+    started: Instant,
+    result: Result<StageResult, Failure>,
+) -> Result<Outcome, Failure> {
+    let m = metrics::global();
+    match result {
         Ok((state, outputs, cache)) => {
             let state = serde_json::to_value(&state).map_err(transient)?;
-            record_state(&ctx, &build, stage, &state).await?;
+            ctx.lease.stage_ended(&build, Refs::of(&state));
+            record_state(ctx, &build, stage, &state).await?;
             let done = StageEvent::Completed(StageCompleted {
                 v: VERSION,
                 build,
@@ -466,16 +557,25 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
                 duration_ms: started.elapsed().as_millis() as u64,
             });
             publish_reliably(&ctx.bus, &done).await.map_err(transient)?;
+            let cache_name = match cache {
+                CacheStatus::Hit => "hit",
+                _ => "miss",
+            };
+            m.stage_completed(stage.name(), started.elapsed().as_secs_f64(), cache_name);
+            if stage == bus::Stage::Publish {
+                m.build_ended("succeeded");
+            }
             Ok(Outcome::Done)
         }
         Err(Failure::Input(info)) => {
-            publish_failed(&ctx, &build, stage, info, &d, started).await;
+            publish_failed(ctx, &build, stage, info, d, started).await;
             Ok(Outcome::Final)
         }
         Err(Failure::Retry(info)) => {
             if d.is_last_attempt() {
-                publish_failed(&ctx, &build, stage, info.clone(), &d, started).await;
+                publish_failed(ctx, &build, stage, info.clone(), d, started).await;
             } else {
+                m.retry(stage.name(), &error_kind_name(&info));
                 // Say at once why the stage is retrying: `kiln status` and `kiln logs` show it.
                 let note = StageEvent::Progress(StageProgress {
                     v: VERSION,
@@ -487,10 +587,7 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
                     message: Some(format!(
                         "attempt {} failed ({}), retrying: {}",
                         d.attempt(),
-                        serde_json::to_value(info.kind)
-                            .ok()
-                            .and_then(|k| k.as_str().map(str::to_string))
-                            .unwrap_or_default(),
+                        error_kind_name(&info),
                         info.message
                     )),
                 });
@@ -501,6 +598,14 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
             Err(Failure::Retry(info))
         }
     }
+}
+
+/// An error kind as its messages spell it (`transient`, `recipe`, …).
+fn error_kind_name(info: &ErrorInfo) -> String {
+    serde_json::to_value(info.kind)
+        .ok()
+        .and_then(|k| k.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 async fn publish_failed(
@@ -522,6 +627,9 @@ async fn publish_failed(
         duration_ms: Some(started.elapsed().as_millis() as u64),
     };
     failed.fit(ctx.bus.max_message_size());
+    let m = metrics::global();
+    m.failure(stage.name(), &error_kind_name(&failed.error));
+    m.build_ended("failed");
     let msg = StageEvent::Failed(failed);
     if let Err(e) = publish_reliably(&ctx.bus, &msg).await {
         tracing::warn!(%stage, build, "cannot publish failed: {}", crate::error::Chain(&e));
@@ -714,26 +822,45 @@ async fn run(
     h: Handover,
     build_id: &str,
 ) -> Result<StageResult, Failure> {
-    fetch(ctx, &needs(&ctx.env, stage, &h)).await?;
-    let records = ctx.records();
-    // A counter of its own, so this build's mirror requests are counted alone.
-    let env = ctx.env.counting();
-    let sink = BusProgress {
-        bus: ctx.bus.clone(),
-        rt: tokio::runtime::Handle::current(),
-        build: build_id.to_string(),
-        stage,
-        worker: ctx.config.name.clone(),
-        last: Mutex::new(None),
+    let needed = needs(&ctx.env, stage, &h);
+    let mut again = false;
+    let (h, ran) = loop {
+        fetch(ctx, &needed).await?;
+        let records = ctx.records();
+        // A counter of its own, so this build's mirror requests are counted alone.
+        let env = ctx.env.counting();
+        let sink = BusProgress {
+            bus: ctx.bus.clone(),
+            rt: tokio::runtime::Handle::current(),
+            build: build_id.to_string(),
+            stage,
+            worker: ctx.config.name.clone(),
+            last: Mutex::new(None),
+        };
+        let mut h = h.clone();
+        let ran = blocking(move || {
+            let ran = run_one(&env, records.as_ref(), stage, &mut h, &sink)
+                .map_err(|e| stage_failure(&e))?;
+            h.mirror_requests += env.requests();
+            Ok::<_, Failure>((h, ran))
+        })
+        .await;
+        match ran {
+            // A blob it needed vanished while it ran (a collection): fetch it and run again.
+            Err(Failure::Retry(info))
+                if !again && !ctx.config.local_blobs && vanished(ctx, &needed).await =>
+            {
+                tracing::warn!(
+                    %stage,
+                    build = build_id,
+                    "a blob the stage needs left the local store while it ran ({}): fetching it again",
+                    info.message
+                );
+                again = true;
+            }
+            ran => break ran?,
+        }
     };
-    let (h, ran) = blocking(move || {
-        let mut h = h;
-        let ran =
-            run_one(&env, records.as_ref(), stage, &mut h, &sink).map_err(|e| stage_failure(&e))?;
-        h.mirror_requests += env.requests();
-        Ok::<_, Failure>((h, ran))
-    })
-    .await?;
     if !ctx.config.local_blobs {
         upload(ctx, &produced(stage, &h)).await?;
     }
@@ -766,6 +893,26 @@ async fn fetch(ctx: &Arc<Ctx>, needs: &[Need]) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Whether a blob of `needed` (or a file its manifest lists) is not in the local store.
+async fn vanished(ctx: &Arc<Ctx>, needed: &[Need]) -> bool {
+    let blobs = ctx.env.blobs.clone();
+    let needed = needed.to_vec();
+    blocking(move || {
+        Ok::<_, Failure>(
+            needed
+                .iter()
+                .filter(|n| !matches!(n, Need::IfHere(_)))
+                .any(|n| {
+                    !blobs.contains(n.digest())
+                        || n.files(&blobs)
+                            .map_or(true, |files| files.iter().any(|d| !blobs.contains(d)))
+                }),
+        )
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Put what a stage produced in the object store (a blob that is not local must be there

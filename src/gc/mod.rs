@@ -400,7 +400,7 @@ pub fn collect(home: &Path, policy: &Policy, progress: Progress<'_>) -> Result<R
     let mut done = 0usize;
     for (d, b) in &blobs {
         done += 1;
-        if done % 5000 == 0 {
+        if done.is_multiple_of(5000) {
             progress(&format!("blobs: {done}/{} looked at", blobs.len()));
         }
         let path = store.path(d);
@@ -529,7 +529,7 @@ fn scan_records(home: &Path, progress: Progress<'_>) -> Result<Vec<Record>, GcEr
                 mtime: mtime(&m),
                 refs,
             });
-            if out.len() % 10_000 == 0 {
+            if out.len().is_multiple_of(10_000) {
                 progress(&format!("{} stage records read", out.len()));
             }
         }

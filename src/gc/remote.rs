@@ -56,7 +56,7 @@ pub async fn collect_remote(
     progress(&format!("{} objects in the object store", objects.len()));
     let mut records = kv.entries().await?;
     progress(&format!("{} records in the KV bucket", records.len()));
-    records.sort_by(|a, b| b.1.cmp(&a.1));
+    records.sort_by_key(|r| std::cmp::Reverse(r.1));
 
     let mut manifests: HashMap<Digest256, Vec<Digest256>> = HashMap::new();
     let mut live: HashSet<Digest256> = HashSet::new();
@@ -128,7 +128,7 @@ pub async fn collect_remote(
     let mut done = 0usize;
     for (d, (size, modified)) in &objects {
         done += 1;
-        if done % 1000 == 0 {
+        if done.is_multiple_of(1000) {
             progress(&format!("objects: {done}/{} looked at", objects.len()));
         }
         if live.contains(d) || young(*modified) {

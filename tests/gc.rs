@@ -363,5 +363,71 @@ fn gc_while_builds_run_fails_no_build_and_keeps_the_cache_under_budget() {
         sample(&text, "kiln_object_store_bytes").is_some_and(|b| b > 1e6),
         "{text}"
     );
+
+    // The shared buckets, collected with nothing kept: the object store and the stage records
+    // are empty (asked of the server here, not of kiln), and the next build is a clean miss that
+    // gives the same image.
+    let o = kiln(home.path())
+        .args([
+            "gc",
+            "--keep-days",
+            "0",
+            "--min-age",
+            "0",
+            "--json",
+            "--nats",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        r["remote"]["kinds"][0]["removed"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+    let (objects, records) = common::rt().block_on(async {
+        let client = async_nats::connect(&url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        // Chunks are stored under $O.<bucket>.C.<nuid>; a deleted object leaves only a small
+        // deletion marker under $O.<bucket>.M.<name>.
+        let obj = js.get_stream("OBJ_kiln-blobs").await.unwrap();
+        let mut chunks = obj.info_with_subjects("$O.kiln-blobs.C.>").await.unwrap();
+        let mut objects = 0;
+        while let Some(s) = futures::StreamExt::next(&mut chunks).await {
+            objects += s.unwrap().1;
+        }
+        let kv = js.get_key_value("kiln-stages").await.unwrap();
+        let mut keys = kv.keys().await.unwrap();
+        let mut stage_records = 0;
+        while let Some(k) = futures::StreamExt::next(&mut keys).await {
+            let k = k.unwrap();
+            if !k.starts_with("state/") && !k.starts_with("build-id/") {
+                stage_records += 1;
+            }
+        }
+        (objects, stage_records)
+    });
+    assert_eq!(
+        (objects, records),
+        (0, 0),
+        "object store bytes, stage records left"
+    );
+    let o = kiln(home.path())
+        .args(["gc", "--keep-days", "0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    common::link_shared_blobs(home.path());
+    let fresh = submit(hosts[1]).wait_with_output().unwrap();
+    assert_eq!(image_of(&fresh), images[1]);
+    let misses: Vec<String> = json_lines(&fresh)
+        .iter()
+        .filter(|e| e["kind"] == "completed" && e["cache"] == "miss")
+        .map(|e| e["stage"].as_str().unwrap().to_string())
+        .collect();
+    for stage in ["rootfs", "kernel", "disk", "verify"] {
+        assert!(misses.iter().any(|s| s == stage), "{stage} hit: {misses:?}");
+    }
     drop(up);
 }

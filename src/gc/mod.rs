@@ -231,6 +231,9 @@ struct Record {
     bytes: u64,
     mtime: SystemTime,
     refs: Refs,
+    /// A cached InRelease: it keeps the package indexes it names like a record, but is never
+    /// removed itself (it is tiny, and the archive client decides when it is stale).
+    release: bool,
 }
 
 /// A cache directory that is kept or removed whole (a kernel build, an unpacked kernel source,
@@ -280,7 +283,10 @@ pub fn collect(home: &Path, policy: &Policy, progress: Progress<'_>) -> Result<R
     let blobs = scan_blobs(home)?;
     progress(&format!("{} blobs", blobs.len()));
     let records = scan_records(home, progress)?;
-    progress(&format!("{} stage records", records.len()));
+    progress(&format!(
+        "{} stage records",
+        records.iter().filter(|r| !r.release).count()
+    ));
     let others = scan_others(home);
     let in_use = lease::read_all(home);
 
@@ -382,6 +388,9 @@ pub fn collect(home: &Path, policy: &Policy, progress: Progress<'_>) -> Result<R
         ..Default::default()
     };
     for (i, r) in records.iter().enumerate() {
+        if r.release {
+            continue;
+        }
         if keep_record[i] {
             rec_report.kept += 1;
             rec_report.kept_bytes += r.bytes;
@@ -497,9 +506,40 @@ fn scan_blobs(home: &Path) -> Result<HashMap<Digest256, Blob>, GcError> {
     Ok(out)
 }
 
+/// The cached InRelease files (`$KILN_HOME/debian/<mirror_suite>/InRelease`) as records of
+/// the package indexes they name by sha256 (an index is stored as a blob under that digest).
+fn release_records(home: &Path) -> Vec<Record> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(home.join("debian")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let path = e.path().join("InRelease");
+        let (Ok(text), Ok(m)) = (std::fs::read_to_string(&path), std::fs::metadata(&path)) else {
+            continue;
+        };
+        let blobs = text
+            .split_whitespace()
+            .filter(|w| w.len() == 64)
+            .filter_map(|w| Digest256::parse(&format!("sha256:{w}")))
+            .collect();
+        out.push(Record {
+            path,
+            bytes: 0,
+            mtime: mtime(&m),
+            refs: Refs {
+                blobs,
+                manifests: BTreeSet::new(),
+            },
+            release: true,
+        });
+    }
+    out
+}
+
 fn scan_records(home: &Path, progress: Progress<'_>) -> Result<Vec<Record>, GcError> {
     let root = home.join("stages");
-    let mut out = Vec::new();
+    let mut out = release_records(home);
     let steps = match std::fs::read_dir(&root) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
@@ -528,6 +568,7 @@ fn scan_records(home: &Path, progress: Progress<'_>) -> Result<Vec<Record>, GcEr
                 bytes: allocated(&m),
                 mtime: mtime(&m),
                 refs,
+                release: false,
             });
             if out.len().is_multiple_of(10_000) {
                 progress(&format!("{} stage records read", out.len()));
@@ -721,6 +762,30 @@ mod tests {
         drop(lease);
         collect(home.path(), &policy, &|_| {}).unwrap();
         assert!(!store.contains(&new_img) && !store.contains(&fresh));
+    }
+
+    #[test]
+    fn a_cached_inrelease_keeps_the_package_indexes_it_names() {
+        let home = tempfile::tempdir().unwrap();
+        let store = crate::home::BlobStore::new(home.path());
+        let (index, _) = store.put_bytes(b"Package: busybox\n").unwrap();
+        let (other, _) = store.put_bytes(b"not an index").unwrap();
+        let release = home.path().join("debian/mirror_bookworm/InRelease");
+        std::fs::create_dir_all(release.parent().unwrap()).unwrap();
+        std::fs::write(
+            &release,
+            format!("SHA256:\n {} 17 main/binary-amd64/Packages\n", index.hex()),
+        )
+        .unwrap();
+        let policy = Policy {
+            keep: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        };
+        collect(home.path(), &policy, &|_| {}).unwrap();
+        assert!(store.contains(&index) && !store.contains(&other));
+        age(&release, 7200);
+        collect(home.path(), &policy, &|_| {}).unwrap();
+        assert!(!store.contains(&index) && release.exists());
     }
 
     fn walk_files(dir: &Path) -> Vec<PathBuf> {

@@ -2339,7 +2339,8 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
 }
 
 fn gc(args: GcArgs, quiet: bool) -> anyhow::Result<i32> {
-    use crate::gc::{Policy, collect, human_bytes, remote::collect_remote, render_table};
+    use crate::gc::remote::{collect_remote, published_refs};
+    use crate::gc::{Policy, collect, human_bytes, render_table};
     let keep = match args.keep_days {
         Some(d) if !(d >= 0.0 && d.is_finite()) => {
             return Err(BadInput::Message(format!(
@@ -2358,10 +2359,11 @@ fn gc(args: GcArgs, quiet: bool) -> anyhow::Result<i32> {
         ))
         .into());
     }
-    let policy = Policy {
+    let mut policy = Policy {
         keep,
         max_size: args.max_size,
         dry_run: args.dry_run,
+        pinned: Default::default(),
     };
     let home = crate::home::kiln_home();
     // Progress on stderr, at most every two seconds.
@@ -2373,16 +2375,22 @@ fn gc(args: GcArgs, quiet: bool) -> anyhow::Result<i32> {
             *last = std::time::Instant::now();
         }
     };
-    let local = collect(&home, &policy, &progress)?;
-    let remote = match &args.nats {
+    // With NATS: what published images reference is kept here and in the buckets.
+    let rt = runtime()?;
+    let bus = match &args.nats {
         Some(url) => {
-            let rt = runtime()?;
-            Some(rt.block_on(async {
-                let bus = crate::bus::Bus::connect(&args.auth.connect_options(url)).await?;
-                let min_age = std::time::Duration::from_secs_f64(args.min_age * 60.0);
-                let blobs = crate::home::BlobStore::new(&home);
-                anyhow::Ok(collect_remote(&bus, blobs, &policy, min_age, &progress).await?)
-            })?)
+            let bus = rt.block_on(crate::bus::Bus::connect(&args.auth.connect_options(url)))?;
+            policy.pinned = rt.block_on(published_refs(&bus))?;
+            Some(bus)
+        }
+        None => None,
+    };
+    let local = collect(&home, &policy, &progress)?;
+    let remote = match &bus {
+        Some(bus) => {
+            let min_age = std::time::Duration::from_secs_f64(args.min_age * 60.0);
+            let blobs = crate::home::BlobStore::new(&home);
+            Some(rt.block_on(collect_remote(bus, blobs, &policy, min_age, &progress))?)
         }
         None => None,
     };

@@ -97,6 +97,8 @@ pub struct Policy {
     pub max_size: Option<u64>,
     /// Say what would go; remove nothing.
     pub dry_run: bool,
+    /// Blobs kept whatever their records' age (the images of published builds).
+    pub pinned: Refs,
 }
 
 /// The blobs a record (or a build's hand-over) names: plain blobs, and Tree manifests, which name
@@ -288,7 +290,8 @@ pub fn collect(home: &Path, policy: &Policy, progress: Progress<'_>) -> Result<R
         records.iter().filter(|r| !r.release).count()
     ));
     let others = scan_others(home);
-    let in_use = lease::read_all(home);
+    let mut in_use = lease::read_all(home);
+    in_use.refs.extend(&policy.pinned);
 
     let mut manifests: HashMap<Digest256, Vec<Digest256>> = HashMap::new();
     let store = crate::home::BlobStore::new(home);
@@ -734,7 +737,7 @@ mod tests {
         let policy = Policy {
             keep: None,
             max_size: Some(60_000 + 8192),
-            dry_run: false,
+            ..Default::default()
         };
         let r = collect(home.path(), &policy, &|_| {}).unwrap();
         assert!(rec("disk", "new").exists() && store.contains(&new_img));

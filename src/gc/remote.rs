@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// A failure talking to the buckets.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
-    #[error("opening the {} bucket", crate::bus::STAGE_BUCKET)]
+    #[error("reading kiln's buckets and stream")]
     Open(#[source] crate::bus::BusError),
     #[error("the buckets")]
     Blob(#[from] BlobError),
@@ -27,6 +27,33 @@ pub struct RemoteReport {
     pub kinds: Vec<KindReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+}
+
+/// The blobs published images still reference: the disk image of every build that a
+/// `kiln.image.published.>` message in the `KILN` stream announces (as long as the stream keeps
+/// those messages).
+pub async fn published_refs(bus: &Bus) -> Result<Refs, RemoteError> {
+    use crate::bus::{ImagePublished, Stage, StageEvent};
+    let announced = bus
+        .stored_messages("kiln.image.published.>")
+        .await
+        .map_err(RemoteError::Open)?;
+    let builds: std::collections::BTreeSet<String> = announced
+        .iter()
+        .filter_map(|m| crate::bus::decode::<ImagePublished>(&m.payload).ok())
+        .map(|p| p.build)
+        .collect();
+    let mut refs = Refs::default();
+    for build in builds {
+        for e in bus.build_events(&build).await.map_err(RemoteError::Open)? {
+            if let Ok(StageEvent::Completed(c)) = &e.event
+                && c.stage == Stage::Disk
+            {
+                refs.extend(&Refs::of(&c.outputs));
+            }
+        }
+    }
+    Ok(refs)
 }
 
 /// Manifests larger than this are not read (none is near it: a Debian base's is a few MiB).
@@ -59,7 +86,7 @@ pub async fn collect_remote(
     records.sort_by_key(|r| std::cmp::Reverse(r.1));
 
     let mut manifests: HashMap<Digest256, Vec<Digest256>> = HashMap::new();
-    let mut live: HashSet<Digest256> = HashSet::new();
+    let mut live: HashSet<Digest256> = policy.pinned.blobs.iter().cloned().collect();
     let mut total = 0u64;
     let mut keep = vec![false; records.len()];
     // Young records first (a build may be using them), then the most recent that fit.

@@ -509,7 +509,7 @@ fn collect_if_full(ctx: &Arc<Ctx>) {
             let policy = crate::gc::Policy {
                 keep: None,
                 max_size: Some(max / 10 * 9),
-                dry_run: false,
+                ..Default::default()
             };
             match crate::gc::collect(&home, &policy, &|_| {}) {
                 Ok(r) => tracing::info!(

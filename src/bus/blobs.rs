@@ -336,6 +336,23 @@ impl Blobs {
         Some(bytes)
     }
 
+    /// Ask the bucket whether it has the blob now (not what this process remembers: a collection
+    /// may have removed it since). When it does not, the files of `listed` (a manifest's) are
+    /// forgotten too, so they are asked about again.
+    pub async fn remote_has_now(&self, digest: &Digest256, listed: &[Digest256]) -> bool {
+        let has = self.remote.info(digest.as_str()).await.is_ok();
+        let mut seen = self.seen();
+        if has {
+            seen.remote.insert(digest.clone());
+        } else {
+            seen.remote.remove(digest);
+            for d in listed {
+                seen.remote.remove(d);
+            }
+        }
+        has
+    }
+
     /// True when the bucket has the blob (asked once per process: objects are never rewritten).
     pub async fn remote_has(&self, digest: &Digest256) -> bool {
         if self.seen().remote.contains(digest) {

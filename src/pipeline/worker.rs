@@ -923,8 +923,12 @@ async fn upload(ctx: &Arc<Ctx>, produced: &[Need]) -> Result<(), Failure> {
             // Its manifest must be here to list its files.
             ctx.blobs.get_blob(m).await.map_err(transient)?;
         }
+        let files = files_of(ctx, need).await?;
+        // What this process remembers the bucket holds may have been collected since (`kiln gc
+        // --nats`): the blob itself is asked about now, and when it went, its files are too.
+        ctx.blobs.remote_has_now(need.digest(), &files).await;
         let mut digests = vec![need.digest().clone()];
-        digests.extend(files_of(ctx, need).await?);
+        digests.extend(files);
         for d in &digests {
             if ctx.blobs.local().contains(d) {
                 ctx.blobs.publish_local(d).await.map_err(transient)?;

@@ -333,6 +333,12 @@ fn gc_while_builds_run_fails_no_build_and_keeps_the_cache_under_budget() {
         .filter(|l| l.starts_with("kiln_stage_retries_total"))
         .collect();
     eprintln!("stages that refetched a collected blob: {refetched}; retries: {retries:?}");
+    // The worker collected its own cache too (--cache-max), after stages.
+    assert!(
+        up.log().contains("over --cache-max"),
+        "no --cache-max collection in the worker log:\n{}",
+        up.log()
+    );
     let succeeded = sample(&text, "kiln_builds_total{state=\"succeeded\"}").unwrap_or(0.0);
     assert!(succeeded >= 4.0, "{text}");
     for stage in [

@@ -392,8 +392,54 @@ fn gc_while_builds_run_fails_no_build_and_keeps_the_cache_under_budget() {
         r["remote"]["kinds"][0]["removed"].as_u64().unwrap() > 0,
         "{r}"
     );
-    let (objects, records) = common::rt().block_on(async {
+    let (objects, records) = bucket_contents(&url);
+    assert_eq!(
+        (objects, records),
+        (0, 0),
+        "object chunks, stage records left"
+    );
+    let o = kiln(home.path())
+        .args(["gc", "--keep-days", "0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    common::link_shared_blobs(home.path());
+    let fresh = submit(hosts[1]).wait_with_output().unwrap();
+    assert_eq!(image_of(&fresh), images[1]);
+    let misses: Vec<String> = json_lines(&fresh)
+        .iter()
+        .filter(|e| e["kind"] == "completed" && e["cache"] == "miss")
+        .map(|e| e["stage"].as_str().unwrap().to_string())
+        .collect();
+    for stage in ["rootfs", "kernel", "disk", "verify"] {
+        assert!(misses.iter().any(|s| s == stage), "{stage} hit: {misses:?}");
+    }
+    // The worker uploaded what it made again, though it had seen those objects in the bucket
+    // before they were collected: another host could take the next stage.
+    let (objects, records) = bucket_contents(&url);
+    assert!(
+        objects > 0 && records > 0,
+        "{objects} chunks, {records} records"
+    );
+    let image_there = common::rt().block_on(async {
         let client = async_nats::connect(&url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let store = js.get_object_store("kiln-blobs").await.unwrap();
+        // A deleted object's metadata stays, marked deleted.
+        store.info(&images[1]).await.is_ok_and(|i| !i.deleted)
+    });
+    assert!(
+        image_there,
+        "image {} is not in the object store",
+        images[1]
+    );
+    drop(up);
+}
+
+/// Chunks in the object store and stage records in the KV bucket, asked of the server.
+fn bucket_contents(url: &str) -> (usize, usize) {
+    common::rt().block_on(async {
+        let client = async_nats::connect(url).await.unwrap();
         let js = async_nats::jetstream::new(client);
         // Chunks are stored under $O.<bucket>.C.<nuid>; a deleted object leaves only a small
         // deletion marker under $O.<bucket>.M.<name>.
@@ -413,27 +459,5 @@ fn gc_while_builds_run_fails_no_build_and_keeps_the_cache_under_budget() {
             }
         }
         (objects, stage_records)
-    });
-    assert_eq!(
-        (objects, records),
-        (0, 0),
-        "object store bytes, stage records left"
-    );
-    let o = kiln(home.path())
-        .args(["gc", "--keep-days", "0"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", show(&o));
-    common::link_shared_blobs(home.path());
-    let fresh = submit(hosts[1]).wait_with_output().unwrap();
-    assert_eq!(image_of(&fresh), images[1]);
-    let misses: Vec<String> = json_lines(&fresh)
-        .iter()
-        .filter(|e| e["kind"] == "completed" && e["cache"] == "miss")
-        .map(|e| e["stage"].as_str().unwrap().to_string())
-        .collect();
-    for stage in ["rootfs", "kernel", "disk", "verify"] {
-        assert!(misses.iter().any(|s| s == stage), "{stage} hit: {misses:?}");
-    }
-    drop(up);
+    })
 }

@@ -327,7 +327,7 @@ impl Blobs {
     /// An object's bytes, when it has at most `max` of them (a manifest); None otherwise.
     pub async fn read_remote(&self, digest: &Digest256, max: u64) -> Option<Vec<u8>> {
         let info = self.remote.info(digest.as_str()).await.ok()?;
-        if info.size as u64 > max {
+        if info.deleted || info.size as u64 > max {
             return None;
         }
         let mut object = self.remote.get(digest.as_str()).await.ok()?;
@@ -340,7 +340,11 @@ impl Blobs {
     /// may have removed it since). When it does not, the files of `listed` (a manifest's) are
     /// forgotten too, so they are asked about again.
     pub async fn remote_has_now(&self, digest: &Digest256, listed: &[Digest256]) -> bool {
-        let has = self.remote.info(digest.as_str()).await.is_ok();
+        let has = self
+            .remote
+            .info(digest.as_str())
+            .await
+            .is_ok_and(|i| !i.deleted);
         let mut seen = self.seen();
         if has {
             seen.remote.insert(digest.clone());
@@ -358,7 +362,11 @@ impl Blobs {
         if self.seen().remote.contains(digest) {
             return true;
         }
-        let has = self.remote.info(digest.as_str()).await.is_ok();
+        let has = self
+            .remote
+            .info(digest.as_str())
+            .await
+            .is_ok_and(|i| !i.deleted);
         if has {
             self.seen().remote.insert(digest.clone());
         }

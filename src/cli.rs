@@ -203,6 +203,22 @@ pub enum Command {
                             progress, or the error with file:line:column and help. Exit 1 when the \
                             build failed.")]
     Logs(LogsArgs),
+    /// Remove what kiln cached and no retained build needs ($KILN_HOME; with --nats, the shared
+    /// buckets too).
+    #[command(
+        after_help = "Examples:\n  kiln gc --keep-days 14\n  kiln gc --max-size 20G --dry-run\n  \
+                            kiln gc --keep-days 7 --max-size 500G --nats nats://nats.example.com:4222 --json\n\n\
+                            A stage record is kept while it was used within --keep-days (default 30 when \
+                            neither flag is given) and, with --max-size, while it is among the most recently \
+                            used that fit. Blobs (stage outputs, packages, Debian bases) are kept while a kept \
+                            record names them; records go before the blobs they name, so a later build is a \
+                            miss, never a broken hit. Kernel builds and partial downloads go by age and size. \
+                            Builds running on this host (workers of this $KILN_HOME) keep what they use. With \
+                            --nats, the kiln-stages KV bucket and the kiln-blobs object store are collected \
+                            by the same rules; nothing there younger than --min-age goes (builds on other hosts \
+                            may be using it). Sizes: 500M, 2G, 10GiB (powers of 1024)."
+    )]
+    Gc(GcArgs),
     /// Print the JSON Schema of recipes (the one in recipes/schema.json).
     #[command(after_help = "Example:\n  kiln schema > recipes/schema.json")]
     Schema,
@@ -641,6 +657,10 @@ pub struct UpArgs {
     /// Check hook payload signatures (X-Hub-Signature-256) against the secret in this file.
     #[arg(long, value_name = "FILE")]
     pub hook_secret_file: Option<PathBuf>,
+    /// Collect this worker's $KILN_HOME when it grows past SIZE (e.g. 20G), after a stage;
+    /// what running builds use stays.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    pub cache_max: Option<u64>,
     #[command(flatten)]
     pub access: AccessOpts,
     #[command(flatten)]
@@ -774,6 +794,10 @@ pub struct WorkerArgs {
     /// Comma-separated stages to run (default: all).
     #[arg(long, value_delimiter = ',', value_parser = parse_stage)]
     pub stages: Vec<crate::bus::Stage>,
+    /// Collect this worker's $KILN_HOME when it grows past SIZE (e.g. 20G), after a stage;
+    /// what running builds use stays.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    pub cache_max: Option<u64>,
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).
     #[arg(long, value_name = "DIR")]
     pub profiles: Option<PathBuf>,
@@ -845,6 +869,9 @@ pub struct AgentArgs {
     /// Stable TCP address forwarded to the running VM's health port (switched at each swap).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics on `GET /metrics` at this address (`PORT` alone: 127.0.0.1:PORT).
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
     /// QEMU machine profile (a UEFI one: the image's own boot loader starts it).
     #[arg(long, default_value = "uefi")]
     pub profile: String,
@@ -866,6 +893,39 @@ pub struct AgentArgs {
     /// Print every result as a JSON line on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Keep stage records used within this many days (0: only what running builds use).
+    #[arg(long, value_name = "N")]
+    pub keep_days: Option<f64>,
+    /// Keep at most this much, the most recently used first (e.g. 500M, 2G, 10GiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    pub max_size: Option<u64>,
+    /// Say what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Also collect the kiln-stages KV bucket and the kiln-blobs object store on this server.
+    #[arg(long = "nats", value_name = "URL")]
+    pub nats: Option<String>,
+    /// With --nats: nothing in the buckets younger than this many minutes is removed.
+    #[arg(
+        long,
+        value_name = "MINUTES",
+        default_value_t = 60.0,
+        requires = "nats"
+    )]
+    pub min_age: f64,
+    #[command(flatten)]
+    pub auth: NatsAuth,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::gc::parse_size(s)
 }
 
 #[derive(Debug, Args)]
@@ -989,6 +1049,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Status(args) => nats_status(args),
         Command::Logs(args) => nats_logs(args),
         Command::Agent(args) => agent(args),
+        Command::Gc(args) => gc(args, quiet),
         Command::Schema => {
             let text = serde_json::to_string_pretty(&recipe::schema::json_schema())?;
             println!("{text}");
@@ -2002,13 +2063,14 @@ impl BadInput {
 
 fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
     let api = api_setup(&args)?;
-    let config = worker_config(
+    let mut config = worker_config(
         &args.access,
         &args.limits,
         &args.hook_repos,
         args.profiles.clone(),
         &args.publish,
     )?;
+    config.cache_max = args.cache_max;
     run_workers(
         &args.nats,
         &args.replicas,
@@ -2020,13 +2082,14 @@ fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
 }
 
 fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
-    let config = worker_config(
+    let mut config = worker_config(
         &args.access,
         &args.limits,
         &[],
         args.profiles.clone(),
         &args.publish,
     )?;
+    config.cache_max = args.cache_max;
     run_workers(
         &args.nats,
         &args.replicas,
@@ -2238,6 +2301,46 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
     })
 }
 
+/// `IP:PORT`, or a port alone on loopback.
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.trim().parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.trim().parse().map_err(|_| {
+        format!("{s:?} is not an address: give IP:PORT (e.g. 127.0.0.1:9464) or a port")
+    })
+}
+
+/// Serve `GET /metrics` (this process's metrics only) on `addr` until the process ends.
+async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        BadInput::Message(format!(
+            "cannot listen on {addr} for --metrics: {e} (is the port taken?)"
+        ))
+    })?;
+    let router = axum::Router::new().route(
+        "/metrics",
+        get(|| async {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    crate::metrics::CONTENT_TYPE,
+                )],
+                crate::metrics::global().render(&[]),
+            )
+        }),
+    );
+    tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+    tokio::spawn(crate::api::serve(
+        listener,
+        router,
+        crate::api::Limits::default(),
+        std::future::pending(),
+    ));
+    Ok(())
+}
+
 fn agent(args: AgentArgs) -> anyhow::Result<i32> {
     use crate::agent::{AgentConfig, AgentEvent, parse_watch};
     let (repository, tag) = parse_watch(&args.watch).map_err(BadInput::error)?;
@@ -2294,10 +2397,109 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
         let _ = out.flush();
     });
     runtime()?.block_on(async {
+        if let Some(addr) = args.metrics {
+            serve_metrics(addr).await?;
+        }
         let bus = crate::bus::Bus::connect(&args.nats.creating(&args.replicas)).await?;
         crate::agent::run(&bus, config, report, shutdown_signal()).await?;
         Ok(0)
     })
+}
+
+fn gc(args: GcArgs, quiet: bool) -> anyhow::Result<i32> {
+    use crate::gc::remote::{collect_remote, published_refs};
+    use crate::gc::{Policy, collect, human_bytes, render_table};
+    let keep = match args.keep_days {
+        Some(d) if !(d >= 0.0 && d.is_finite()) => {
+            return Err(BadInput::Message(format!(
+                "--keep-days {d} must be a number of days, 0 or more"
+            ))
+            .into());
+        }
+        Some(d) => Some(std::time::Duration::from_secs_f64(d * 86_400.0)),
+        None if args.max_size.is_none() => Some(std::time::Duration::from_secs(30 * 86_400)),
+        None => None,
+    };
+    if !(args.min_age >= 0.0 && args.min_age.is_finite()) {
+        return Err(BadInput::Message(format!(
+            "--min-age {} must be a number of minutes, 0 or more",
+            args.min_age
+        ))
+        .into());
+    }
+    let mut policy = Policy {
+        keep,
+        max_size: args.max_size,
+        dry_run: args.dry_run,
+        pinned: Default::default(),
+    };
+    let home = crate::home::kiln_home();
+    // Progress on stderr, at most every two seconds.
+    let last = std::sync::Mutex::new(std::time::Instant::now());
+    let progress = |text: &str| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if !quiet && last.elapsed() >= std::time::Duration::from_secs(2) {
+            eprintln!("kiln gc: {text}");
+            *last = std::time::Instant::now();
+        }
+    };
+    // With NATS: what published images reference is kept here and in the buckets.
+    let rt = runtime()?;
+    let bus = match &args.nats {
+        Some(url) => {
+            let bus = rt.block_on(crate::bus::Bus::connect(&args.auth.connect_options(url)))?;
+            policy.pinned = rt.block_on(published_refs(&bus))?;
+            Some(bus)
+        }
+        None => None,
+    };
+    let local = collect(&home, &policy, &progress)?;
+    let remote = match &bus {
+        Some(bus) => {
+            let min_age = std::time::Duration::from_secs_f64(args.min_age * 60.0);
+            let blobs = crate::home::BlobStore::new(&home);
+            Some(rt.block_on(collect_remote(bus, blobs, &policy, min_age, &progress))?)
+        }
+        None => None,
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let doc = serde_json::json!({ "local": local, "remote": remote });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    } else {
+        let title = format!("{}:", local.home.display());
+        write!(out, "{}", render_table(&title, &local.kinds, args.dry_run))?;
+        let verb = if args.dry_run { "would free" } else { "freed" };
+        writeln!(
+            out,
+            "  {verb} {}: {} -> {}",
+            human_bytes(local.freed_bytes()),
+            human_bytes(local.before_bytes),
+            human_bytes(local.after_bytes)
+        )?;
+        if let Some(r) = &remote {
+            let title = format!(
+                "NATS buckets ({}):",
+                redact(args.nats.as_deref().unwrap_or(""))
+            );
+            write!(out, "{}", render_table(&title, &r.kinds, args.dry_run))?;
+            writeln!(
+                out,
+                "  object store: {} -> {}",
+                human_bytes(r.before_bytes),
+                human_bytes(r.after_bytes)
+            )?;
+        }
+    }
+    let errors: Vec<&String> = local
+        .errors
+        .iter()
+        .chain(remote.iter().flat_map(|r| r.errors.iter()))
+        .collect();
+    for e in &errors {
+        eprintln!("kiln gc: {e}");
+    }
+    Ok(if errors.is_empty() { 0 } else { 1 })
 }
 
 fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {

@@ -108,6 +108,7 @@ impl BlobStore {
         let digest = Digest256::from_sha256(&hasher.finalize());
         let dest = self.path(&digest);
         if dest.is_file() {
+            touch(&dest);
             return Ok((digest, len));
         }
         if sync {
@@ -125,6 +126,7 @@ impl BlobStore {
         let (digest, len) = hash_file(&mut file)?;
         let dest = self.path(&digest);
         if dest.is_file() {
+            touch(&dest);
             fs::remove_file(path)?;
             return Ok((digest, len));
         }
@@ -198,6 +200,15 @@ pub enum BlobState {
     Corrupt(Digest256),
 }
 
+/// Set a file's modification time to now: a blob or record written again, or used, is recent
+/// for collections (`gc`), which keep what running builds use and remove the least recently used
+/// first. Best effort: a file that cannot be touched is only collected earlier.
+pub fn touch(path: &Path) {
+    if let Ok(f) = File::options().append(true).open(path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
 /// Write `bytes` to `path` atomically (temp file in the same directory, fsync, rename), as an
 /// ordinary 0644 file (not the temp file's 0600): nothing written this way is a secret.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -240,7 +251,7 @@ fn temp_owner(name: &str) -> Option<u32> {
 
 /// True unless the process surely no longer exists (without `/proc`, every process counts as
 /// alive, so nothing is removed).
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     let proc = Path::new("/proc");
     !proc.join("self").exists() || proc.join(pid.to_string()).exists()
 }

@@ -13,9 +13,11 @@ pub mod disk;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod gc;
 pub mod home;
 pub mod kernel;
 pub mod manifest;
+pub mod metrics;
 pub mod net;
 pub mod packages;
 pub mod pipeline;

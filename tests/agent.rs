@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 mod common;
+use common::metrics::{checked_metrics, sample};
 use common::registry::start_registry;
 use common::{Running, curl, free_port, json_lines, kiln, rt, sha256_digest, shared_home};
 
@@ -322,6 +323,7 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     let state = work.path().join("agent-state");
     let _reaper = VmReaper(state.clone());
     let listen = free_port();
+    let metrics_port = free_port();
     let agent_log = work.path().join("agent.log");
     let agent_cmd = || {
         let mut c = kiln(home.path());
@@ -335,6 +337,8 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
             &format!("{repository}:latest"),
             "--listen",
             &format!("127.0.0.1:{listen}"),
+            "--metrics",
+            &metrics_port.to_string(),
             "--json",
             "--trust",
         ])
@@ -400,6 +404,31 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     assert!(why.contains("app-broken"), "{why}");
     assert_eq!(qemus_in(&state), vec![v2_pid]);
     assert!(page(listen).contains("kiln-app release 2"));
+
+    // The agent's /metrics (promtool-checked): two deployments, one failed and rolled back, and
+    // v2 running.
+    let text = checked_metrics(&format!("http://127.0.0.1:{metrics_port}/metrics"));
+    let count = |series: &str| sample(&text, series).unwrap_or(0.0);
+    assert_eq!(
+        count("kiln_agent_deployments_total{agent=\"hv-test\",result=\"completed\"}"),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        count("kiln_agent_deployments_total{agent=\"hv-test\",result=\"failed\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        count("kiln_agent_rollbacks_total{agent=\"hv-test\"}"),
+        1.0,
+        "{text}"
+    );
+    let v2_digest = v2_ref.rsplit_once('@').unwrap().1;
+    let info = format!(
+        "kiln_agent_image_info{{agent=\"hv-test\",reference=\"{v2_ref}\",digest=\"{v2_digest}\"}}"
+    );
+    assert_eq!(sample(&text, &info), Some(1.0), "{text}");
 
     // --- Signed by a key the agent does not trust: refused, nothing booted.
     let publish = |file: &Path, k: &Path, recipe: &str| -> serde_json::Value {

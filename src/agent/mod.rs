@@ -592,7 +592,32 @@ fn recover(
     }))
 }
 
+/// The digest of a `repo:tag@sha256:…` reference (the whole text when it has none).
+fn reference_digest(reference: &str) -> &str {
+    reference
+        .rsplit_once('@')
+        .map_or(reference, |(_, digest)| digest)
+}
+
+/// Count a deploy's outcome in this process's metrics.
+fn count(outcome: &Deployed) {
+    let m = crate::metrics::global();
+    match outcome {
+        Deployed::Completed(c) => {
+            m.deployment(&c.agent, "completed", false);
+            m.running_image(&c.agent, &c.reference, reference_digest(&c.reference));
+        }
+        Deployed::Failed(f) => {
+            m.deployment(&f.agent, "failed", f.rolled_back);
+            if let Some(r) = &f.running {
+                m.running_image(&f.agent, r, reference_digest(r));
+            }
+        }
+    }
+}
+
 async fn announce(bus: &Bus, outcome: &Deployed, report: &Report) {
+    count(outcome);
     let (r, event) = match outcome {
         Deployed::Completed(c) => (
             bus.publish_deploy_completed(c).await,
@@ -659,6 +684,13 @@ pub async fn run(
     state = st;
     if let Some(o) = &outcome {
         announce(bus, o, &report).await;
+    }
+    if let Some(c) = &state.current {
+        crate::metrics::global().running_image(
+            &config.name,
+            &c.reference,
+            reference_digest(&c.reference),
+        );
     }
     report(&AgentEvent::Ready {
         agent: config.name.clone(),

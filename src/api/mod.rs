@@ -11,6 +11,8 @@
 //! - `POST /v1/hooks/git`: a push (generic, GitHub or Gitea payload) → builds of the recipes
 //!   whose inputs changed, through the watcher ([`hook`]).
 //!
+//! - `GET /metrics`: Prometheus metrics of this process ([`crate::metrics`]).
+//!
 //! Every POST needs `Authorization: Bearer <token>` (compared in constant time); GETs only read.
 //! Errors are JSON `{"error": {"kind", "message", "field"?}}`. `kiln up` binds to loopback unless
 //! told otherwise. Connections, request read times, bodies and live event followers are
@@ -221,11 +223,12 @@ pub fn router(bus: Bus, config: ApiConfig) -> Router {
         .route("/v1/builds/{id}", get(status))
         .route("/v1/builds/{id}/events", get(events))
         .route("/v1/hooks/git", post(git_hook))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route; see docs/api.md (POST /v1/builds, GET /v1/builds, GET /v1/builds/{id}, GET /v1/builds/{id}/events, POST /v1/hooks/git)",
+                "no such route; see docs/api.md (POST /v1/builds, GET /v1/builds, GET /v1/builds/{id}, GET /v1/builds/{id}/events, POST /v1/hooks/git, GET /metrics)",
             )
         })
         .with_state(state)
@@ -379,6 +382,32 @@ async fn list(
     let index = crate::bus::BuildIndex::open_existing(bus).await?;
     let builds = crate::bus::index::recent(bus, index.as_ref(), limit).await?;
     Ok(axum::Json(json!({ "builds": builds })))
+}
+
+/// How long a measured cache size is reused by scrapes (walking a large cache takes a while).
+const CACHE_SIZE_REUSE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `GET /metrics`: this process's metrics and the queue, object store and cache gauges.
+async fn metrics(State(state): State<AppState>) -> Response {
+    static MEASURED: Mutex<Option<(std::time::Instant, u64)>> = Mutex::new(None);
+    let memo = *MEASURED.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = match memo {
+        Some((t, bytes)) if t.elapsed() < CACHE_SIZE_REUSE => Some(bytes),
+        _ => {
+            let home = state.0.hook.home.clone();
+            let bytes = tokio::task::spawn_blocking(move || crate::gc::cache_bytes(&home))
+                .await
+                .ok();
+            if let Some(b) = bytes {
+                *MEASURED.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((std::time::Instant::now(), b));
+            }
+            bytes
+        }
+    };
+    let gauges = crate::metrics::bus_gauges(&state.0.bus, cache).await;
+    let body = crate::metrics::global().render(&gauges);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 async fn status(

@@ -416,6 +416,71 @@ impl Blobs {
         Ok(dest)
     }
 
+    /// Every object in the bucket: its name, size and modification time (Unix seconds). For
+    /// collections.
+    pub async fn remote_objects(&self) -> Result<Vec<(String, u64, i64)>, BlobError> {
+        use futures::StreamExt;
+        let mut list = self
+            .remote()
+            .list()
+            .await
+            .map_err(nats_err(format!("list the objects of {BLOB_BUCKET}")))?;
+        let mut out = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(nats_err(format!("list the objects of {BLOB_BUCKET}")))?;
+            if !info.deleted {
+                let modified = info.modified.map_or(0, |t| t.unix_timestamp());
+                out.push((info.name, info.size as u64, modified));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove an object from the bucket (its chunks too).
+    pub async fn remove_remote(&self, name: &str) -> Result<(), BlobError> {
+        self.remote()
+            .delete(name)
+            .await
+            .map_err(nats_err(format!("delete {name} from {BLOB_BUCKET}")))?;
+        if let Some(d) = Digest256::parse(name) {
+            self.seen().remote.remove(&d);
+        }
+        Ok(())
+    }
+
+    /// An object's bytes, when it has at most `max` of them (a manifest); None otherwise.
+    pub async fn read_remote(&self, digest: &Digest256, max: u64) -> Option<Vec<u8>> {
+        let info = self.remote().info(digest.as_str()).await.ok()?;
+        if info.deleted || info.size as u64 > max {
+            return None;
+        }
+        let mut object = self.remote().get(digest.as_str()).await.ok()?;
+        let mut bytes = Vec::with_capacity(info.size);
+        object.read_to_end(&mut bytes).await.ok()?;
+        Some(bytes)
+    }
+
+    /// Ask the bucket whether it has the blob now (not what this process remembers: a collection
+    /// may have removed it since). When it does not, the files of `listed` (a manifest's) are
+    /// forgotten too, so they are asked about again.
+    pub async fn remote_has_now(&self, digest: &Digest256, listed: &[Digest256]) -> bool {
+        let has = self
+            .remote()
+            .info(digest.as_str())
+            .await
+            .is_ok_and(|i| !i.deleted);
+        let mut seen = self.seen();
+        if has {
+            seen.remote.insert(digest.clone());
+        } else {
+            seen.remote.remove(digest);
+            for d in listed {
+                seen.remote.remove(d);
+            }
+        }
+        has
+    }
+
     /// True when the bucket has the blob (asked once per process: objects are never rewritten).
     pub async fn remote_has(&self, digest: &Digest256) -> bool {
         if self.seen().remote.contains(digest) {
@@ -581,7 +646,7 @@ impl StageOutputs {
     /// Forget a key's record (a stage record whose blobs are lost).
     pub async fn remove(&self, key: &str) -> Result<(), BlobError> {
         let k = kv_key(key)?;
-        match self.kv().delete(&k).await {
+        match self.kv().purge(&k).await {
             Err(e) if self.gone(&e).await => {
                 // A new, empty bucket holds no record to forget.
                 self.recreate().await?;
@@ -613,6 +678,28 @@ impl StageOutputs {
                 key: key.to_string(),
                 source,
             })
+    }
+
+    /// Every record: its key (as [`StageOutputs::get`] takes it), when it was written (Unix
+    /// seconds) and its JSON (null when not JSON). For collections.
+    pub async fn entries(&self) -> Result<Vec<(String, i64, serde_json::Value)>, BlobError> {
+        use futures::StreamExt;
+        let what = || format!("list the records of {}", self.bucket);
+        let kv = self.kv();
+        let mut keys = kv.keys().await.map_err(nats_err(what()))?;
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            names.push(k.map_err(nats_err(what()))?);
+        }
+        let mut out = Vec::new();
+        for k in names {
+            let Some(entry) = kv.entry(k.clone()).await.map_err(nats_err(what()))? else {
+                continue;
+            };
+            let value = serde_json::from_slice(&entry.value).unwrap_or(serde_json::Value::Null);
+            out.push((k.replace('=', ":"), entry.created.unix_timestamp(), value));
+        }
+        Ok(out)
     }
 
     /// Record a key's JSON.

@@ -147,9 +147,14 @@ impl LocalRecords {
 
 impl StageRecords for LocalRecords {
     fn get(&self, step: &str, key: &Digest256) -> Option<Value> {
-        let bytes = std::fs::read(self.path(step, key)).ok()?;
+        let path = self.path(step, key);
+        let bytes = std::fs::read(&path).ok()?;
         match serde_json::from_slice(&bytes) {
-            Ok(v) => Some(v),
+            Ok(v) => {
+                // A hit is a use: collections remove the least recently used records first.
+                crate::home::touch(&path);
+                Some(v)
+            }
             Err(e) => {
                 tracing::warn!(step, key = %key, "ignoring unreadable stage record: {e}");
                 None

@@ -30,6 +30,9 @@ use crate::bus::{
     StageEvent, StageFailed, StageOutputs, StageProgress, StageStarted, VERSION,
 };
 use crate::digest::Digest256;
+use crate::gc::Refs;
+use crate::gc::lease::Lease;
+use crate::metrics;
 use crate::packages::ArchiveOptions;
 use crate::recipe::Diagnostic;
 use crate::task::blocking;
@@ -65,6 +68,8 @@ pub struct WorkerConfig {
     /// Where a private bus (`local_blobs`) keeps the states stages hand on: this process's
     /// memory, shared with whoever reads the build's final state (`kiln build`).
     pub handoff: MemoryRecords,
+    /// Collect this worker's `$KILN_HOME` when it grows past this many bytes (after a stage).
+    pub cache_max: Option<u64>,
 }
 
 impl WorkerConfig {
@@ -82,6 +87,7 @@ impl WorkerConfig {
             access: RecipeAccess::default(),
             limits: Default::default(),
             handoff: MemoryRecords::default(),
+            cache_max: None,
         }
     }
 }
@@ -304,6 +310,11 @@ struct Ctx {
     config: WorkerConfig,
     /// The hand-over records of a private bus (see [`Ctx::handoff_records`]).
     memory: MemoryRecords,
+    /// What this process's builds use, for collections.
+    lease: Arc<Lease>,
+    /// The `--cache-max` collection: running, and when the cache was last measured.
+    collecting: Arc<std::sync::atomic::AtomicBool>,
+    measured: Mutex<Option<Instant>>,
 }
 
 impl Ctx {
@@ -435,6 +446,9 @@ pub async fn run_workers(
         env,
         config: config.clone(),
         memory: config.handoff.clone(),
+        lease: Arc::new(Lease::new(&config.home)),
+        collecting: Default::default(),
+        measured: Mutex::new(None),
     });
     let mut workers = Vec::new();
     for stage in stages {
@@ -538,9 +552,87 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
         let request = Some((&state.request, published_ms(&d)));
         index_event(&ctx, &started_event, request).await;
     }
-    match run(&ctx, stage, state, &build).await {
+    let pinned = serde_json::to_value(&state)
+        .map(|v| Refs::of(&v))
+        .unwrap_or_default();
+    ctx.lease.stage_started(&build, pinned.clone());
+    let result = run(&ctx, stage, state, &build).await;
+    let outcome = finish(&ctx, stage, build.clone(), &d, started, result).await;
+    match &outcome {
+        Ok(Outcome::Done) if stage != bus::Stage::Publish => {}
+        // Retried later (here or elsewhere): what it started with stays pinned meanwhile.
+        Err(_) => ctx.lease.stage_ended(&build, pinned),
+        _ => ctx.lease.build_ended(&build),
+    }
+    collect_if_full(&ctx);
+    outcome
+}
+
+/// How often a worker with `--cache-max` measures its cache (after a stage).
+const CACHE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// With `--cache-max`: after a stage, when the cache grew past it, collect it (in the
+/// background, one collection at a time) down to 90% of it, so the next stages do not collect
+/// again at once. What running builds use stays (their leases).
+fn collect_if_full(ctx: &Arc<Ctx>) {
+    use std::sync::atomic::Ordering;
+    let Some(max) = ctx.config.cache_max else {
+        return;
+    };
+    {
+        let mut measured = ctx.measured.lock().unwrap_or_else(|e| e.into_inner());
+        if measured.is_some_and(|t| t.elapsed() < CACHE_CHECK_INTERVAL) {
+            return;
+        }
+        *measured = Some(Instant::now());
+    }
+    if ctx.collecting.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let collecting = ctx.collecting.clone();
+    let home = ctx.config.home.clone();
+    tokio::task::spawn_blocking(move || {
+        let bytes = crate::gc::cache_bytes(&home);
+        if bytes > max {
+            let policy = crate::gc::Policy {
+                keep: None,
+                max_size: Some(max / 10 * 9),
+                ..Default::default()
+            };
+            match crate::gc::collect(&home, &policy, &|_| {}) {
+                Ok(r) => tracing::info!(
+                    "cache {} over --cache-max {}: collected {}, now {}",
+                    crate::gc::human_bytes(bytes),
+                    crate::gc::human_bytes(max),
+                    crate::gc::human_bytes(r.freed_bytes()),
+                    crate::gc::human_bytes(r.after_bytes)
+                ),
+                Err(e) => tracing::warn!(
+                    "cannot collect the cache in {}: {}",
+                    home.display(),
+                    crate::error::Chain(&e)
+                ),
+            }
+        }
+        collecting.store(false, Ordering::SeqCst);
+    });
+}
+
+/// Publish what became of a stage run: `completed`, or `failed` (now, or on the last attempt).
+async fn finish(
+    ctx: &Arc<Ctx>,
+    stage: bus::Stage,
+    build: String,
+    d: &Delivery,
+    started: Instant,
+    result: Result<StageResult, Failure>,
+) -> Result<Outcome, Failure> {
+    let m = metrics::global();
+    match result {
         Ok((state, outputs, cache)) => {
-            let digest = record_state(&ctx, &build, stage, state).await?;
+            let value = serde_json::to_value(&state).map_err(transient)?;
+            ctx.lease.stage_ended(&build, Refs::of(&value));
+            let digest = record_state(ctx, &build, stage, state).await?;
             let done = StageEvent::Completed(StageCompleted {
                 v: COMPLETED_VERSION,
                 build,
@@ -553,17 +645,26 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
                 duration_ms: started.elapsed().as_millis() as u64,
             });
             publish_reliably(&ctx.bus, &done).await.map_err(transient)?;
-            index_event(&ctx, &done, None).await;
+            index_event(ctx, &done, None).await;
+            let cache_name = match cache {
+                CacheStatus::Hit => "hit",
+                _ => "miss",
+            };
+            m.stage_completed(stage.name(), started.elapsed().as_secs_f64(), cache_name);
+            if stage == bus::Stage::Publish {
+                m.build_ended("succeeded");
+            }
             Ok(Outcome::Done)
         }
         Err(Failure::Input(info)) => {
-            publish_failed(&ctx, &build, stage, info, &d, started).await;
+            publish_failed(ctx, &build, stage, info, d, started).await;
             Ok(Outcome::Final)
         }
         Err(Failure::Retry(info)) => {
             if d.is_last_attempt() {
-                publish_failed(&ctx, &build, stage, info.clone(), &d, started).await;
+                publish_failed(ctx, &build, stage, info.clone(), d, started).await;
             } else {
+                m.retry(stage.name(), &error_kind_name(&info));
                 // Say at once why the stage is retrying: `kiln status` and `kiln logs` show it.
                 let note = StageEvent::Progress(StageProgress {
                     v: VERSION,
@@ -575,10 +676,7 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
                     message: Some(format!(
                         "attempt {} failed ({}), retrying: {}",
                         d.attempt(),
-                        serde_json::to_value(info.kind)
-                            .ok()
-                            .and_then(|k| k.as_str().map(str::to_string))
-                            .unwrap_or_default(),
+                        error_kind_name(&info),
                         info.message
                     )),
                 });
@@ -589,6 +687,14 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
             Err(Failure::Retry(info))
         }
     }
+}
+
+/// An error kind as its messages spell it (`transient`, `recipe`, …).
+fn error_kind_name(info: &ErrorInfo) -> String {
+    serde_json::to_value(info.kind)
+        .ok()
+        .and_then(|k| k.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 async fn publish_failed(
@@ -610,6 +716,9 @@ async fn publish_failed(
         duration_ms: Some(started.elapsed().as_millis() as u64),
     };
     failed.fit(ctx.bus.max_message_size());
+    let m = metrics::global();
+    m.failure(stage.name(), &error_kind_name(&failed.error));
+    m.build_ended("failed");
     let msg = StageEvent::Failed(failed);
     if let Err(e) = publish_reliably(&ctx.bus, &msg).await {
         tracing::warn!(%stage, build, "cannot publish failed: {}", crate::error::Chain(&e));
@@ -1081,8 +1190,12 @@ async fn upload(ctx: &Arc<Ctx>, produced: &[Need]) -> Result<(), Attempt> {
                 Err(e) => return Err(failed(&e)),
             }
         }
+        let files = files_of(ctx, need).await?;
+        // What this process remembers the bucket holds may have been collected since (`kiln gc
+        // --nats`): the blob itself is asked about now, and when it went, its files are too.
+        ctx.blobs.remote_has_now(need.digest(), &files).await;
         let mut digests = vec![need.digest().clone()];
-        digests.extend(files_of(ctx, need).await?);
+        digests.extend(files);
         for d in &digests {
             if ctx.blobs.local().contains(d) {
                 match ctx.blobs.publish_local(d).await {

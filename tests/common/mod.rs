@@ -3,7 +3,7 @@
 //! KILN_HOMEs sharing downloads between runs, a tokio runtime ([`rt`]), and real Debian
 //! packages unpacked into a Tree (downloads cached in /var/tmp/kiln-test-debs so reruns do not
 //! download). By concern: [`process`] (running commands, the child-process guard [`Running`],
-//! [`free_port`], [`curl`]), [`hash`] (sha256), [`files`] ([`copy_dir`], [`walk`]), [`git`]
+//! [`free_port`], [`curl`]), [`hash`] (sha256), [`files`] ([`copy_dir`], [`walk`]), [`metrics`] (promtool), [`git`]
 //! ([`commit_all`]), [`registry`], [`nats_roles`], [`raw_nats`] (the server asked in its own
 //! protocol), [`cluster`] (a JetStream cluster of nodes that can be killed and restarted,
 //! optionally with TLS), [`netns`] (a separate host in a network namespace), [`verify_support`].
@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod files;
 pub mod git;
 pub mod hash;
+pub mod metrics;
 pub mod nats_roles;
 pub mod netns;
 pub mod process;
@@ -276,4 +277,54 @@ pub fn shared_debian_home() -> tempfile::TempDir {
     std::os::unix::fs::symlink(&shared, dir.path().join("stages").join("debian-base"))
         .expect("symlink");
     dir
+}
+
+/// A fresh KILN_HOME for tests that collect their cache (`kiln gc`): its blobs are hard links
+/// to the shared cache's (so downloads are not repeated, and removing them here leaves the
+/// shared cache whole), its InRelease copies are shared, and nothing else is.
+pub fn seeded_home() -> tempfile::TempDir {
+    let shared = Path::new(SHARED_HOME);
+    std::fs::create_dir_all(shared.join("blobs").join("sha256")).expect("shared cache dir");
+    std::fs::create_dir_all(shared.join("debian")).expect("shared cache dir");
+    // On the shared cache's file system, so the blobs can be linked.
+    let dir = tempfile::tempdir_in(shared.parent().unwrap_or(shared)).expect("temp dir");
+    link_shared_blobs(dir.path());
+    std::os::unix::fs::symlink(shared.join("debian"), dir.path().join("debian")).expect("symlink");
+    dir
+}
+
+/// Bytes on disk (allocated blocks) of the files under `dir`, links not followed.
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// Hard-link every blob of the shared cache into `home`'s blob store (those it lacks).
+pub fn link_shared_blobs(home: &Path) {
+    let blobs = home.join("blobs").join("sha256");
+    std::fs::create_dir_all(&blobs).expect("blob dir");
+    let shared = Path::new(SHARED_HOME).join("blobs").join("sha256");
+    for e in std::fs::read_dir(shared).expect("shared blobs").flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with('.') {
+            let _ = std::fs::hard_link(e.path(), blobs.join(&name));
+        }
+    }
 }

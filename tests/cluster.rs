@@ -103,7 +103,7 @@ fn kiln_up_makes_everything_r3_scales_r1_up_and_never_down() {
     let log = home.path().join("up.log");
     let up = up(home.path(), &cluster.urls(), &[], &log);
     wait_for_log(&up, "ready", Duration::from_secs(60));
-    for name in ["KILN", KV, OBJ] {
+    for name in ["KILN", KV, "KV_kiln-states", "KV_kiln-builds", OBJ] {
         // Every node holds a copy, and the leader sees both followers current.
         cluster.wait_for_stream(name, Duration::from_secs(30), "3 current replicas", |d| {
             d.len() == 3
@@ -153,7 +153,7 @@ fn kiln_up_makes_everything_r3_scales_r1_up_and_never_down() {
         .unwrap();
     let report = common::json_report(&o);
     let streams = report["streams"].as_array().unwrap();
-    assert_eq!(streams.len(), 3, "{report:#}");
+    assert_eq!(streams.len(), 5, "{report:#}");
     for s in streams {
         let name = s["stream"].as_str().unwrap();
         assert_eq!(s["replicas"], 3, "{s:#}");

@@ -5,7 +5,7 @@
 //! ([`ClusterReport`], `kiln status --cluster`), and what to say when JetStream cannot answer
 //! ([`Bus::unavailable`]: no quorum, no JetStream, a node unreachable).
 
-use super::{BLOB_BUCKET, Bus, BusError, STAGE_BUCKET, STREAM};
+use super::{BLOB_BUCKET, BUILD_BUCKET, Bus, BusError, STAGE_BUCKET, STATE_BUCKET, STREAM};
 use async_nats::ServerAddr;
 use async_nats::jetstream::stream;
 use std::path::{Path, PathBuf};
@@ -24,12 +24,14 @@ pub const QUORUM_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 /// Environment variable and flag of the replica count (`kiln up`, `kiln worker`, `kiln agent`).
 pub const REPLICAS_ENV: &str = "KILN_REPLICAS";
 
-/// The streams kiln creates, by what they hold: the event stream, the stage-record KV bucket's
-/// stream and the blob object store's stream.
-pub fn kiln_streams() -> [(&'static str, String); 3] {
+/// The streams kiln creates, by what they hold: the event stream, the KV buckets' streams (stage
+/// records, handed-on states, the build index) and the blob object store's stream.
+pub fn kiln_streams() -> [(&'static str, String); 5] {
     [
         ("events", STREAM.to_string()),
         ("stage records", format!("KV_{STAGE_BUCKET}")),
+        ("states", format!("KV_{STATE_BUCKET}")),
+        ("build index", format!("KV_{BUILD_BUCKET}")),
         ("blobs", format!("OBJ_{BLOB_BUCKET}")),
     ]
 }
@@ -142,7 +144,7 @@ pub fn merged_replicas(existing: usize, wanted: usize) -> usize {
 /// Where one of kiln's streams is kept: its replicas and which node leads it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StreamPlacement {
-    /// What the stream holds (`events`, `stage records`, `blobs`).
+    /// What the stream holds (`events`, `stage records`, `states`, `build index`, `blobs`).
     pub role: &'static str,
     pub stream: String,
     /// Configured replicas; `None` when the stream could not be read.

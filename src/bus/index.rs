@@ -192,7 +192,7 @@ fn index_stream_config() -> stream::Config {
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
-        num_replicas: 1,
+        // Set by `Bus::ensure_stream` (the cluster's size, never lowered).
         ..Default::default()
     }
 }

@@ -21,7 +21,7 @@ const RECORDED: [&str; 4] = ["rootfs", "kernel", "disk", "verify"];
 
 /// (stage, cache) of every recorded stage in a report, and of every recorded step of it.
 fn recorded(report: &serde_json::Value) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = stages(report)
+    let mut out: Vec<(String, String)> = common::stage_caches(report)
         .into_iter()
         .filter(|(s, _)| RECORDED.contains(&s.as_str()))
         .collect();
@@ -38,20 +38,6 @@ fn recorded(report: &serde_json::Value) -> Vec<(String, String)> {
         }
     }
     out
-}
-
-fn stages(report: &serde_json::Value) -> Vec<(String, String)> {
-    report["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["stage"].as_str().unwrap().to_string(),
-                s["cache"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -109,7 +95,7 @@ fn minimal_builds_boots_both_ways_and_rebuilds_from_cache() {
     report_file.push(".report.json");
     assert!(Path::new(&report_file).is_file());
     assert!(
-        stages(&report)
+        common::stage_caches(&report)
             .iter()
             .any(|(s, c)| s == "disk" && c == "miss")
     );
@@ -156,12 +142,17 @@ fn minimal_builds_boots_both_ways_and_rebuilds_from_cache() {
             .unwrap(),
     );
     assert!(
-        stages(&fresh).iter().all(|(_, c)| c == "miss"),
+        common::stage_caches(&fresh)
+            .iter()
+            .all(|(_, c)| c == "miss"),
         "{:?}",
-        stages(&fresh)
+        common::stage_caches(&fresh)
     );
     // Every stage, in the order of the bus, in process as on the bus.
-    let plan: Vec<String> = stages(&fresh).into_iter().map(|(s, _)| s).collect();
+    let plan: Vec<String> = common::stage_caches(&fresh)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
     assert_eq!(
         plan,
         [

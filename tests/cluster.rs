@@ -61,15 +61,6 @@ fn up(home: &Path, urls: &str, extra: &[std::ffi::OsString], log: &Path) -> Runn
     Running::spawn(c, log)
 }
 
-/// A build parameter no earlier run used, so rootfs, kernel and disk really run.
-fn unique_hostname(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("hostname=k-{tag}-{nanos:x}")
-}
-
 #[test]
 fn kiln_up_makes_everything_r3_scales_r1_up_and_never_down() {
     let cluster = Cluster::start(3);
@@ -325,7 +316,12 @@ fn no_quorum_is_said_clearly_and_builds_resume_when_a_node_returns() {
             "--follow",
             "--json",
         ])
-        .args(["--set", &unique_hostname("q"), "--nats", &cluster.urls()])
+        .args([
+            "--set",
+            &common::unique_hostname("q"),
+            "--nats",
+            &cluster.urls(),
+        ])
         .output()
         .unwrap();
     assert!(
@@ -358,7 +354,7 @@ fn a_build_runs_over_tls_and_a_wrong_ca_is_named() {
             "--follow",
             "--json",
         ])
-        .args(["--set", &unique_hostname("tls")])
+        .args(["--set", &common::unique_hostname("tls")])
         .env("KILN_NATS_URL", cluster.urls())
         .env("KILN_NATS_TLS_CA", &certs.ca)
         .env("KILN_NATS_TLS_CERT", &certs.client_cert)
@@ -475,7 +471,7 @@ fn stream_and_object_store_leaders_killed_mid_builds_lose_nothing() {
     // Three builds with parameters no run used before, so every stage really runs.
     let tag = format!("{:x}", std::process::id());
     let sets: Vec<String> = (0..3)
-        .map(|i| unique_hostname(&format!("f{i}-{tag}")))
+        .map(|i| common::unique_hostname(&format!("f{i}-{tag}")))
         .collect();
     let ids: Vec<String> = (0..3).map(|i| format!("fault-{tag}-{i}")).collect();
     for (id, set) in ids.iter().zip(&sets) {
@@ -648,7 +644,7 @@ fn workers_on_two_hosts_in_network_namespaces_share_only_nats() {
         wait_for_log(w, "ready", Duration::from_secs(60));
     }
 
-    let set = unique_hostname("ns");
+    let set = common::unique_hostname("ns");
     let o = kiln(home.path())
         .args([
             "submit",

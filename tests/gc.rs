@@ -123,20 +123,6 @@ fn build(home: &Path, out: &Path) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).expect("JSON report")
 }
 
-fn caches(report: &serde_json::Value) -> Vec<(String, String)> {
-    report["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["stage"].as_str().unwrap().to_string(),
-                s["cache"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn gc_keeps_what_retained_records_name_and_a_collected_build_is_a_clean_miss() {
     let home = seeded_home();
@@ -183,9 +169,11 @@ fn gc_keeps_what_retained_records_name_and_a_collected_build_is_a_clean_miss() {
     let second = build(home.path(), out2.path());
     assert_eq!(sha256(Path::new(second["image"].as_str().unwrap())), digest);
     assert!(
-        caches(&second).iter().any(|(_, c)| c == "hit"),
+        common::stage_caches(&second)
+            .iter()
+            .any(|(_, c)| c == "hit"),
         "{:?}",
-        caches(&second)
+        common::stage_caches(&second)
     );
 
     // Keep nothing: every record and blob goes; the next build is a clean miss everywhere a
@@ -213,7 +201,7 @@ fn gc_keeps_what_retained_records_name_and_a_collected_build_is_a_clean_miss() {
     let out3 = tempfile::tempdir().unwrap();
     let third = build(home.path(), out3.path());
     assert_eq!(sha256(Path::new(third["image"].as_str().unwrap())), digest);
-    for (stage, cache) in caches(&third) {
+    for (stage, cache) in common::stage_caches(&third) {
         if ["rootfs", "kernel", "disk", "verify"].contains(&stage.as_str()) {
             assert_eq!(cache, "miss", "{stage}");
         }

@@ -23,16 +23,6 @@ use common::{
     Running, Tmpfs, flip_byte, json_lines, json_report, kiln, own_blobs_home, sha256_digest, walk,
 };
 
-/// A build parameter no earlier run used, so that rootfs, kernel and disk really run and the
-/// image is this test's own.
-fn unique_hostname(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("hostname=kiln-{tag}-{nanos:x}")
-}
-
 fn show(o: &Output, log: &str) -> String {
     format!(
         "stdout:\n{}\nstderr:\n{}\nworker log:\n{log}",
@@ -152,7 +142,7 @@ fn step_record_key(report: &serde_json::Value, step: &str) -> String {
 #[test]
 fn a_corrupted_image_in_kiln_home_is_noticed_and_the_right_image_delivered() {
     let home = own_blobs_home(None);
-    let set = unique_hostname("flip");
+    let set = common::unique_hostname("flip");
     let build = |out: &str, no_bus: bool| {
         let mut c = kiln(home.path());
         c.args(["build", "recipes/minimal.yaml", "--profile", "direct"])
@@ -205,7 +195,7 @@ fn a_flipped_byte_under_a_running_worker_is_noticed_by_verify_and_publish() {
     let worker = own_blobs_home(None);
     let client = tempfile::tempdir().unwrap();
     let up = up(worker.path(), &url, &["--publish-to", &host], client.path());
-    let set = unique_hostname("served");
+    let set = common::unique_hostname("served");
     let out = |n: &str| client.path().join(n);
     let args = |verify: bool| {
         let mut a = vec!["--set", &set];
@@ -313,7 +303,7 @@ fn a_shared_record_whose_image_is_gone_everywhere_is_a_clean_miss() {
     let server = PrivateServer::start().unwrap();
     let url = server.url();
     let nats = Nats::connect(&url);
-    let set = unique_hostname("gone");
+    let set = common::unique_hostname("gone");
     let args = ["--no-verify", "--set", &set];
 
     let first = own_blobs_home(None);
@@ -379,7 +369,7 @@ fn buckets_deleted_while_a_worker_runs_are_made_again() {
     let home = own_blobs_home(None);
     let logs = tempfile::tempdir().unwrap();
     let up = up(home.path(), &url, &[], logs.path());
-    let set = unique_hostname("buckets");
+    let set = common::unique_hostname("buckets");
     let args = ["--no-verify", "--set", &set];
     let client = tempfile::tempdir().unwrap();
     let o = build_over(
@@ -458,7 +448,7 @@ fn temp_entries(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn a_full_disk_is_reported_at_once_and_leaves_nothing_half_written() {
-    let set = unique_hostname("full");
+    let set = common::unique_hostname("full");
     // What the image must be: the same build on a disk with room.
     let roomy = own_blobs_home(None);
     let o = kiln(roomy.path())

@@ -28,15 +28,6 @@ fn worker(home: &Path, url: &str, stages: &str, log: &Path) -> Running {
     Running::spawn(c, log)
 }
 
-/// A build parameter no earlier run used, so rootfs, kernel and disk really run.
-fn unique_hostname(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("hostname=kiln-{tag}-{nanos:x}")
-}
-
 fn submit_args(id: &str, set: &str) -> Vec<String> {
     [
         "submit",
@@ -269,7 +260,7 @@ fn worker_killed_mid_disk_stage_is_replaced_and_the_build_completes_once() {
     };
 
     let build = format!("fault-kill-{}", std::process::id());
-    let set = unique_hostname("kill");
+    let set = common::unique_hostname("kill");
     let o: Output = kiln(main_home.path())
         .args(submit_args(&build, &set))
         .args(["--nats", &url])
@@ -467,8 +458,8 @@ fn server_restart_mid_build(signal: libc::c_int, tag: &str) {
 
     // Three builds, each followed by its own `kiln submit --follow`. Two share their
     // parameters (the second is mostly cache hits), one is unique.
-    let shared = unique_hostname(tag);
-    let params = [shared.clone(), unique_hostname(tag), shared];
+    let shared = common::unique_hostname(tag);
+    let params = [shared.clone(), common::unique_hostname(tag), shared];
     let mut followers = Vec::new();
     let mut ids = Vec::new();
     for (i, set) in params.iter().enumerate() {

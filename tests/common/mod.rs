@@ -91,6 +91,31 @@ pub fn json_report(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).expect("JSON report")
 }
 
+/// Each stage of a build report (`kiln build --json`) with its cache result (`hit`, `miss`, …).
+pub fn stage_caches(report: &serde_json::Value) -> Vec<(String, String)> {
+    report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["stage"].as_str().unwrap().to_string(),
+                s["cache"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A `--set hostname=…` parameter no earlier run used, so that rootfs, kernel and disk really
+/// run and the image is the test's own.
+pub fn unique_hostname(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("hostname=k-{tag}-{nanos:x}")
+}
+
 /// The JSON values a `kiln ... --json` printed on stdout, one per line; panics naming a line that
 /// is not JSON.
 pub fn json_lines(o: &std::process::Output) -> Vec<serde_json::Value> {

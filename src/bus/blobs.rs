@@ -544,14 +544,30 @@ impl std::fmt::Debug for StageOutputs {
 
 /// The KV backing stream of `bucket`, created by hand: `create_key_value` fails against NATS 2.9.
 fn kv_stream_config(bucket: &'static str) -> stream::Config {
-    let (description, max_age) = if bucket == STATE_BUCKET {
-        (
+    if bucket == STATE_BUCKET {
+        kv_bucket_stream(
+            bucket,
             "kiln states handed on: state/<digest> -> state",
             super::RETENTION,
         )
     } else {
-        ("kiln stage key -> outputs", std::time::Duration::ZERO)
-    };
+        kv_bucket_stream(
+            bucket,
+            "kiln stage key -> outputs",
+            std::time::Duration::ZERO,
+        )
+    }
+}
+
+/// The backing stream of a KV bucket as NATS lays one out (one value per key, rollups,
+/// direct gets), created by hand because `create_key_value` fails against NATS 2.9. `max_age`
+/// zero keeps values for ever. Its replicas are set by `Bus::ensure_stream` (the cluster's size,
+/// never lowered).
+pub(crate) fn kv_bucket_stream(
+    bucket: &str,
+    description: &str,
+    max_age: std::time::Duration,
+) -> stream::Config {
     stream::Config {
         name: format!("KV_{bucket}"),
         description: Some(description.into()),
@@ -563,7 +579,6 @@ fn kv_stream_config(bucket: &'static str) -> stream::Config {
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
-        // Set by `Bus::ensure_stream` (the cluster's size, never lowered).
         ..Default::default()
     }
 }

@@ -181,20 +181,11 @@ pub fn newest_first(mut summaries: Vec<BuildSummary>, limit: usize) -> Vec<Build
 /// The KV backing stream, created by hand: `create_key_value` fails against NATS 2.9. The one
 /// place the bucket's configuration (replicas included) is decided.
 fn index_stream_config() -> stream::Config {
-    stream::Config {
-        name: format!("KV_{BUILD_BUCKET}"),
-        description: Some("kiln build index: build id -> summary".into()),
-        subjects: vec![format!("$KV.{BUILD_BUCKET}.>")],
-        max_messages_per_subject: 1,
-        max_age: RETENTION,
-        storage: stream::StorageType::File,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        // Set by `Bus::ensure_stream` (the cluster's size, never lowered).
-        ..Default::default()
-    }
+    super::blobs::kv_bucket_stream(
+        BUILD_BUCKET,
+        "kiln build index: build id -> summary",
+        RETENTION,
+    )
 }
 
 /// True when `id` can be a key of the bucket (build ids always can; an id taken from a foreign

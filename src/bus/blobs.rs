@@ -545,11 +545,17 @@ impl std::fmt::Debug for StageOutputs {
 /// The KV backing stream of `bucket`, created by hand: `create_key_value` fails against NATS 2.9.
 fn kv_stream_config(bucket: &'static str) -> stream::Config {
     if bucket == STATE_BUCKET {
-        kv_bucket_stream(
-            bucket,
-            "kiln states handed on: state/<digest> -> state",
-            super::RETENTION,
-        )
+        // Read through the stream's leader, never a replica: a worker reads a state moments
+        // after the stage before it wrote it, and a replica that has not applied that write yet
+        // would have the `completed` message refused as naming a state nobody recorded.
+        stream::Config {
+            allow_direct: false,
+            ..kv_bucket_stream(
+                bucket,
+                "kiln states handed on: state/<digest> -> state",
+                super::RETENTION,
+            )
+        }
     } else {
         kv_bucket_stream(
             bucket,

@@ -476,6 +476,17 @@ impl Bus {
         out
     }
 
+    /// [`BusError::NoQuorum`] for stream `name`, whose info a replica answered with no leader
+    /// named (NATS lets a replica answer for a leaderless stream; what it holds may be behind).
+    pub(crate) fn no_leader(&self, name: &str, what: &str) -> BusError {
+        BusError::NoQuorum {
+            stream: name.to_string(),
+            server: self.client().server_info().server_name,
+            what: what.to_string(),
+            message: "a replica answered, naming no leader".into(),
+        }
+    }
+
     /// The error for a JetStream request about `stream` that failed with `error`, naming the
     /// real cause: a server without JetStream, a stream that does not exist, or — when the
     /// request timed out, found no responder, or the server said "JetStream system temporarily

@@ -418,7 +418,12 @@ async fn last_requests(bus: &Bus, limit: usize) -> Result<Vec<(u64, u64, bytes::
         return Ok(Vec::new());
     }
     let mut stream = bus.kiln_stream().await?;
-    let state = stream.info().await.map_err(nats_err(what()))?.state.clone();
+    let info = stream.info().await.map_err(nats_err(what()))?;
+    // Without a leader, a replica answers for the stream: what it says may be behind.
+    if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) {
+        return Err(bus.no_leader(super::STREAM, &what()));
+    }
+    let state = info.state.clone();
     if state.messages == 0 {
         return Ok(Vec::new());
     }

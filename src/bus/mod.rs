@@ -650,6 +650,26 @@ impl Bus {
         }
     }
 
+    /// Whether `build`'s `stage` already ended: the stream holds its `completed` or `failed`
+    /// event. A worker asks before running a redelivered message again, because the stream
+    /// drops a repeated event only within its duplicate window (two minutes), and a message
+    /// whose ack was lost in a leader change may come back later than that.
+    pub async fn stage_ended(&self, build: &str, stage: Stage) -> Result<bool, BusError> {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        let stream = self.kiln_stream().await?;
+        for kind in [EventKind::Completed, EventKind::Failed] {
+            let subject = subjects::stage_event(build, stage, kind);
+            match stream.direct_get_last_for_subject(&subject).await {
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(self.unavailable(STREAM, format!("look up {subject}"), e));
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// Publish `kiln.image.published.<repository>`.
     pub async fn publish_image(&self, msg: &ImagePublished) -> Result<u64, BusError> {
         self.publish_raw(msg.subject(), encode(msg)).await

@@ -503,6 +503,18 @@ async fn handle(ctx: Arc<Ctx>, stage: bus::Stage, d: Delivery) -> Result<Outcome
             return Ok(Outcome::Final);
         }
     };
+    // A message redelivered after its stage ended (the ack was lost, e.g. in a leader change):
+    // the build has moved on, and running the stage again would hand its state on twice.
+    if d.attempt() > 1 {
+        match ctx.bus.stage_ended(&build, stage).await {
+            Ok(true) => {
+                tracing::info!(%stage, build, "already ended; redelivery acknowledged");
+                return Ok(Outcome::Done);
+            }
+            Ok(false) => {}
+            Err(e) => return Err(transient(crate::error::Chain(&e))),
+        }
+    }
     if stage == bus::Stage::Source {
         match claim_build_id(&ctx, &build, &d).await {
             Ok(()) => {}

@@ -156,7 +156,31 @@ impl Cluster {
 
     /// `n` nodes whose client port listens on `host` (routes and monitoring stay on
     /// loopback).
+    ///
+    /// Free ports are chosen before the nodes bind them, so another process may take one in
+    /// between; a node that then cannot bind is not a failure of the test: the cluster is made
+    /// again on fresh ports (up to three times).
     pub fn start_with(n: usize, tls: bool, host: &str) -> Cluster {
+        let mut attempt = 1;
+        loop {
+            let mut cluster = Self::configure(n, tls, host);
+            let started: Result<(), String> = (0..n).try_for_each(|i| cluster.try_start_node(i));
+            match started {
+                Ok(()) => {
+                    cluster.wait_for_meta_leader(Duration::from_secs(30));
+                    return cluster;
+                }
+                Err(e) if attempt < 3 && e.contains("address already in use") => {
+                    eprintln!("cluster start, attempt {attempt}: a port was taken; again: {e}");
+                    attempt += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// The nodes' configuration files on fresh free ports, none started.
+    fn configure(n: usize, tls: bool, host: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let certs = tls.then(|| Certs::make(dir.path()));
         let ports: Vec<(u16, u16, u16)> = (0..n)
@@ -203,17 +227,12 @@ impl Cluster {
                 process: None,
             });
         }
-        let mut cluster = Cluster {
+        Cluster {
             nodes,
             certs,
             host: host.to_string(),
             dir,
-        };
-        for i in 0..n {
-            cluster.start_node(i);
         }
-        cluster.wait_for_meta_leader(Duration::from_secs(30));
-        cluster
     }
 
     /// The client URL of node `i`.
@@ -232,6 +251,13 @@ impl Cluster {
 
     /// Start node `i` (again), on its ports and store.
     pub fn start_node(&mut self, i: usize) {
+        if let Err(e) = self.try_start_node(i) {
+            panic!("{e}");
+        }
+    }
+
+    /// Start node `i`, or say (with its logs) why it exited or did not listen in time.
+    fn try_start_node(&mut self, i: usize) -> Result<(), String> {
         let node = &mut self.nodes[i];
         assert!(node.process.is_none(), "{} runs already", node.name);
         // Append: a restart keeps the log of the run before it.
@@ -242,17 +268,20 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", node.monitor_port)).is_err() {
             if let Ok(Some(status)) = running.child.try_wait() {
-                panic!(
+                return Err(format!(
                     "{} exited ({status}): {}\n{}",
                     node.name,
                     running.log(),
                     std::fs::read_to_string(&node.log).unwrap_or_default()
-                );
+                ));
             }
-            assert!(Instant::now() < deadline, "{} did not start", node.name);
+            if Instant::now() > deadline {
+                return Err(format!("{} did not start", node.name));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         node.process = Some(running);
+        Ok(())
     }
 
     /// SIGKILL node `i`.

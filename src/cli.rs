@@ -837,6 +837,10 @@ pub struct SubmitArgs {
     /// Print events until the build ends; exit 1 when a stage fails.
     #[arg(long)]
     pub follow: bool,
+    /// With --follow: give up following after this many seconds (exit 1; the build itself goes
+    /// on, `kiln status ID` shows it). Default: follow until the build ends.
+    #[arg(long, value_name = "SECONDS", requires = "follow", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: Option<u64>,
     /// Print JSON (one object per line).
     #[arg(long)]
     pub json: bool,
@@ -2283,21 +2287,33 @@ fn nats_submit(args: SubmitArgs) -> anyhow::Result<i32> {
         if !args.follow {
             return Ok(0);
         }
-        let events = bus.follow(&id, true).await?;
-        tokio::pin!(events);
-        while let Some(ev) = events.next().await {
-            let ev = ev?;
-            let Ok(event) = ev.event else { continue };
-            print_event(&event, args.json)?;
-            if ends_build(&event) {
-                return Ok(if matches!(event, StageEvent::Failed(_)) {
-                    EXIT_FAILURE
-                } else {
-                    0
-                });
+        let follow = async {
+            let events = bus.follow(&id, true).await?;
+            tokio::pin!(events);
+            while let Some(ev) = events.next().await {
+                let ev = ev?;
+                let Ok(event) = ev.event else { continue };
+                print_event(&event, args.json)?;
+                if ends_build(&event) {
+                    return Ok(if matches!(event, StageEvent::Failed(_)) {
+                        EXIT_FAILURE
+                    } else {
+                        0
+                    });
+                }
             }
+            anyhow::bail!("the event stream of build {id} ended")
+        };
+        let Some(seconds) = args.timeout else {
+            return follow.await;
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(seconds), follow).await {
+            Ok(code) => code,
+            Err(_) => anyhow::bail!(
+                "build {id} did not end within --timeout {seconds} s; it goes on without this \
+                 command: `kiln status {id}` shows where it is, `kiln logs {id} --follow` follows it"
+            ),
         }
-        anyhow::bail!("the event stream of build {id} ended")
     })
 }
 

@@ -132,6 +132,8 @@ fn submit(home: &Path, url: &str, sets: &[&str], log: &Path) -> Vec<serde_json::
         "submit",
         "recipes/app.yaml",
         "--follow",
+        "--timeout",
+        "600",
         "--json",
         "--nats",
         url,

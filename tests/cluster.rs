@@ -9,6 +9,11 @@
 //! - the node leading the `KILN` stream, then the one leading the object store, SIGKILLed while
 //!   builds run: every build completes once per stage with the image a build without the fault
 //!   makes, and the restarted nodes catch up;
+//! - the node leading the object store SIGKILLed while the disk stage uploads its image, with a
+//!   second worker host (own `$KILN_HOME`) ready: the build completes once per stage, every
+//!   record in `kiln-stages` names only blobs the object store holds (asked with the NATS
+//!   client), and a later build with the same inputs gives the image a build without a cluster
+//!   gives;
 //! - two of three nodes down: `kiln submit`, `kiln status` and a starting worker say "no
 //!   JetStream quorum", nothing stored is lost, and builds go on when a node returns;
 //! - two `kiln worker`s as separate hosts, each in a network namespace of its own with an empty
@@ -208,6 +213,8 @@ fn no_quorum_is_said_clearly_and_builds_resume_when_a_node_returns() {
             "recipes/minimal.yaml",
             "--no-verify",
             "--follow",
+            "--timeout",
+            "600",
             "--json",
         ])
         .args(["--id", &before, "--nats", &cluster.urls()])
@@ -336,6 +343,8 @@ fn no_quorum_is_said_clearly_and_builds_resume_when_a_node_returns() {
             "recipes/minimal.yaml",
             "--no-verify",
             "--follow",
+            "--timeout",
+            "600",
             "--json",
         ])
         .args([
@@ -374,6 +383,8 @@ fn a_build_runs_over_tls_and_a_wrong_ca_is_named() {
             "recipes/minimal.yaml",
             "--no-verify",
             "--follow",
+            "--timeout",
+            "600",
             "--json",
         ])
         .args(["--set", &common::unique_hostname("tls")])
@@ -673,6 +684,8 @@ fn workers_on_two_hosts_in_network_namespaces_share_only_nats() {
             "recipes/minimal.yaml",
             "--no-verify",
             "--follow",
+            "--timeout",
+            "600",
             "--json",
         ])
         .args(["--set", &set, "--nats", &urls])
@@ -704,4 +717,189 @@ fn workers_on_two_hosts_in_network_namespaces_share_only_nats() {
         .unwrap()
         .to_string();
     assert_eq!(image, reference_image(&set), "{}", logs());
+}
+
+/// How many messages node `i` holds of stream `name` (its own copy, as its `/jsz` says).
+fn messages_on(cluster: &Cluster, i: usize, name: &str) -> Option<u64> {
+    let j = cluster.jsz(i, "streams=true")?;
+    j["account_details"]
+        .as_array()?
+        .iter()
+        .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+        .find(|s| s["name"] == name)
+        .and_then(|s| s["state"]["messages"].as_u64())
+}
+
+#[test]
+fn object_store_node_killed_during_an_upload_leaves_no_record_without_its_blobs() {
+    use common::jetstream::Nats;
+    let mut cluster = Cluster::start(3);
+    let urls = cluster.urls();
+    // Two worker hosts, each with a `$KILN_HOME` of its own: `kiln up` and a `kiln worker`.
+    let home_a = common::own_blobs_home(None);
+    let home_b = common::own_blobs_home(None);
+    let up = up(home_a.path(), &urls, &[], &home_a.path().join("up.log"));
+    wait_for_log(&up, "ready", Duration::from_secs(60));
+    let worker = Running::spawn(
+        {
+            let mut c = kiln(home_b.path());
+            c.args(["worker", "--nats", &urls])
+                .args(common::recipe_roots())
+                .args(["--ack-wait", "3", "--max-deliver", "20"]);
+            c
+        },
+        &home_b.path().join("worker.log"),
+    );
+    wait_for_log(&worker, "ready", Duration::from_secs(60));
+    cluster.wait_for_stream(OBJ, Duration::from_secs(30), "3 replicas", |d| d.len() == 3);
+    let logs = |cluster: &Cluster| {
+        format!(
+            "kiln up:\n{}\nkiln worker:\n{}\n{}",
+            up.log(),
+            worker.log(),
+            cluster.logs()
+        )
+    };
+
+    // Parameters no run used before: the disk stage really runs and uploads its image.
+    let tag = format!("{:x}", std::process::id());
+    let set = common::unique_hostname(&format!("upload-{tag}"));
+    let submit = |id: &str| {
+        let o = kiln(home_a.path())
+            .args(["submit", "recipes/minimal.yaml", "--no-verify", "--id", id])
+            .args(["--set", &set, "--nats", &urls])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    let first = format!("upload-{tag}-1");
+    submit(&first);
+
+    // Once the disk stage has started, the first chunk of its image reaching the object store's
+    // leader is the moment to kill that node: the upload is under way.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let disk_started = || events(&urls, &first).is_some_and(|ev| count(&ev, "started", "disk") > 0);
+    while !disk_started() {
+        assert!(
+            Instant::now() < deadline,
+            "no disk stage\n{}",
+            logs(&cluster)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let leader = cluster.leader(OBJ).unwrap();
+    let before = messages_on(&cluster, leader, OBJ).unwrap();
+    loop {
+        let now = messages_on(&cluster, leader, OBJ).unwrap_or(before);
+        if now > before {
+            eprintln!(
+                "SIGKILL {} (leads {OBJ}) with {} chunks of the upload stored",
+                cluster.nodes[leader].name,
+                now - before
+            );
+            break;
+        }
+        let ev = events(&urls, &first).unwrap_or_default();
+        assert_eq!(
+            count(&ev, "completed", "disk"),
+            0,
+            "the upload ended before it was seen"
+        );
+        assert!(Instant::now() < deadline, "no upload\n{}", logs(&cluster));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.kill9(leader);
+
+    // The build completes on the two nodes left; each stage once.
+    let wait_done = |cluster: &Cluster, id: &str| -> Vec<kiln::bus::StageEvent> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let Some(ev) = events(&urls, id)
+                && (count(&ev, "completed", "publish") > 0
+                    || ev.iter().any(|e| e.kind().name() == "failed"))
+            {
+                return ev;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} did not end\n{}",
+                logs(cluster)
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let ev = wait_done(&cluster, &first);
+    for stage in kiln::bus::Stage::ALL {
+        assert_eq!(
+            count(&ev, "completed", stage.name()),
+            1,
+            "{stage:?}: {ev:#?}"
+        );
+        assert_eq!(count(&ev, "failed", stage.name()), 0, "{stage:?}: {ev:#?}");
+    }
+    let image = completed(&ev, "disk").outputs["disk"]["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster.start_node(leader);
+    cluster.wait_for_meta_leader(Duration::from_secs(60));
+    cluster.wait_for_stream(OBJ, Duration::from_secs(60), "copies equal", |d| {
+        d.len() == 3
+            && d.windows(2)
+                .all(|w| w[0].1["state"]["last_seq"] == w[1].1["state"]["last_seq"])
+    });
+
+    // Every shared record names only blobs the object store holds (asked with the NATS client).
+    let nats = Nats::connect(&cluster.url(leader));
+    let records = nats.stage_records();
+    assert!(!records.is_empty());
+    let mut checked = 0;
+    for (key, value) in &records {
+        for digest in digests_in(value) {
+            assert!(
+                nats.has_object(&digest),
+                "record {key} names {digest}, which the object store does not hold: {value:#}"
+            );
+            checked += 1;
+        }
+    }
+    eprintln!("{} records name {checked} blobs, all held", records.len());
+    assert!(nats.has_object(&image));
+
+    // A later build with the same inputs, on whichever host: the same image, held and whole.
+    let second = format!("upload-{tag}-2");
+    submit(&second);
+    let ev = wait_done(&cluster, &second);
+    for stage in kiln::bus::Stage::ALL {
+        assert_eq!(
+            count(&ev, "completed", stage.name()),
+            1,
+            "{stage:?}: {ev:#?}"
+        );
+    }
+    let again = completed(&ev, "disk").outputs["disk"]["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(again, image, "{}", logs(&cluster));
+    let bytes = object(&cluster.url(leader), &image);
+    assert_eq!(format!("sha256:{}", common::sha256_bytes(&bytes)), image);
+    // And it is the image a build without a cluster makes.
+    assert_eq!(image, reference_image(&set), "{}", logs(&cluster));
+}
+
+/// Every `sha256:<hex>` string in a JSON value.
+fn digests_in(v: &serde_json::Value) -> Vec<String> {
+    match v {
+        serde_json::Value::String(s)
+            if s.len() == 71
+                && s.starts_with("sha256:")
+                && s[7..].bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            vec![s.clone()]
+        }
+        serde_json::Value::Array(a) => a.iter().flat_map(digests_in).collect(),
+        serde_json::Value::Object(m) => m.values().flat_map(digests_in).collect(),
+        _ => Vec::new(),
+    }
 }

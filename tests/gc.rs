@@ -265,7 +265,7 @@ fn gc_while_builds_run_fails_no_build_and_keeps_the_cache_under_budget() {
         let mut c = kiln(home.path());
         c.args(["submit", "recipes/minimal.yaml", "--profile", "direct"])
             .args(["--set", &format!("hostname={hostname}")])
-            .args(["--follow", "--json", "--nats", &url])
+            .args(["--follow", "--timeout", "600", "--json", "--nats", &url])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         c.spawn().unwrap()

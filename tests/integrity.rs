@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod common;
+use common::jetstream::Nats;
 use common::registry::start_registry;
 use common::{
     Running, Tmpfs, flip_byte, json_lines, json_report, kiln, own_blobs_home, sha256_digest, walk,
@@ -67,61 +68,6 @@ fn build_over(client: &Path, url: &str, recipe: &str, args: &[&str], out: &Path)
         .args(args)
         .output()
         .unwrap()
-}
-
-/// What a NATS client (not kiln) sees of kiln's buckets.
-struct Nats {
-    rt: tokio::runtime::Runtime,
-    js: async_nats::jetstream::Context,
-}
-
-impl Nats {
-    fn connect(url: &str) -> Nats {
-        let rt = common::rt();
-        let js = rt.block_on(async {
-            async_nats::jetstream::new(async_nats::connect(url).await.unwrap())
-        });
-        Nats { rt, js }
-    }
-
-    fn has_object(&self, digest: &str) -> bool {
-        self.rt.block_on(async {
-            let store = self.js.get_object_store("kiln-blobs").await.unwrap();
-            // A deleted object keeps its info, marked deleted.
-            store.info(digest).await.is_ok_and(|i| !i.deleted)
-        })
-    }
-
-    fn delete_object(&self, digest: &str) {
-        self.rt.block_on(async {
-            let store = self.js.get_object_store("kiln-blobs").await.unwrap();
-            store.delete(digest).await.unwrap();
-        })
-    }
-
-    /// The keys of the `kiln-stages` KV bucket.
-    fn stage_keys(&self) -> Vec<String> {
-        use futures::StreamExt;
-        self.rt.block_on(async {
-            let kv = self.js.get_key_value("kiln-stages").await.unwrap();
-            let mut keys = kv.keys().await.unwrap();
-            let mut out = Vec::new();
-            while let Some(k) = keys.next().await {
-                out.push(k.unwrap());
-            }
-            out
-        })
-    }
-
-    fn stream_exists(&self, name: &str) -> bool {
-        self.rt
-            .block_on(async { self.js.get_stream(name).await.is_ok() })
-    }
-
-    fn delete_stream(&self, name: &str) {
-        self.rt
-            .block_on(async { self.js.delete_stream(name).await.unwrap() });
-    }
 }
 
 /// The KV key of a stage step's record, from a build report's `stages[].steps[]`.
@@ -499,6 +445,8 @@ fn a_full_disk_is_reported_at_once_and_leaves_nothing_half_written() {
             "recipes/minimal.yaml",
             "--no-verify",
             "--follow",
+            "--timeout",
+            "600",
             "--json",
         ])
         .args(["--nats", &url, "--set", &set])

@@ -91,6 +91,8 @@ fn every_role_does_its_part_of_a_build_and_the_server_refuses_nothing() {
             "--profile",
             "direct",
             "--follow",
+            "--timeout",
+            "600",
             "--json",
             "--nats",
             &url,

@@ -466,7 +466,7 @@ fn server_restart_mid_build(signal: libc::c_int, tag: &str) {
         let id = format!("fault-{tag}-{}-{i}", std::process::id());
         let mut c = kiln(home_a.path());
         c.args(submit_args(&id, set))
-            .args(["--follow", "--nats", &url])
+            .args(["--follow", "--timeout", "600", "--nats", &url])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         followers.push(c.spawn().unwrap());

@@ -39,7 +39,15 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "name: bad\nversion: \"1\"\nkernal:\n  package: x\n").unwrap();
     let o = kiln(home.path())
-        .args(["submit", "--follow", "--json", "--nats", &url])
+        .args([
+            "submit",
+            "--follow",
+            "--timeout",
+            "600",
+            "--json",
+            "--nats",
+            &url,
+        ])
         .arg(&bad)
         .output()
         .unwrap();
@@ -69,6 +77,8 @@ fn kiln_up_builds_a_submitted_recipe_and_refuses_a_bad_one_once() {
             "--profile",
             "direct",
             "--follow",
+            "--timeout",
+            "600",
             "--json",
             "--nats",
             &url,
@@ -277,4 +287,59 @@ fn two_workers_on_separate_homes_build_a_raw_request_through_the_object_store() 
     assert!(!boots.is_empty(), "{verify}");
     drop(a);
     drop(b);
+}
+
+/// With no worker running, `kiln submit --follow --timeout` gives up following on time, says that
+/// the build goes on and how to find it, and the request stays on the stream for workers to come.
+#[test]
+fn submit_follow_gives_up_after_its_timeout_and_says_the_build_goes_on() {
+    let server = PrivateServer::start().unwrap();
+    let url = server.url();
+    let home = shared_home();
+    let started = Instant::now();
+    let o = kiln(home.path())
+        .args([
+            "submit",
+            "recipes/minimal.yaml",
+            "--id",
+            "20261206T000000Z-0000aaaa",
+        ])
+        .args(["--follow", "--timeout", "2", "--nats", &url])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("build 20261206T000000Z-0000aaaa did not end within --timeout 2 s")
+            && stderr.contains("kiln status 20261206T000000Z-0000aaaa"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(30), "gave up after {took:?}");
+
+    // The request was stored: `kiln status` lists it as waiting.
+    let o = kiln(home.path())
+        .args(["status", "--json", "--nats", &url])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("20261206T000000Z-0000aaaa"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
+    // --timeout without --follow is refused by the parser.
+    let o = kiln(home.path())
+        .args([
+            "submit",
+            "recipes/minimal.yaml",
+            "--timeout",
+            "5",
+            "--nats",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--follow"));
 }

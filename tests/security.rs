@@ -367,6 +367,8 @@ fn forged_stage_events_are_refused_and_nothing_is_signed() {
             "release=security",
             "--json",
             "--follow",
+            "--timeout",
+            "600",
             "--nats",
             &url,
         ])

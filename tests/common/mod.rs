@@ -4,7 +4,7 @@
 //! packages unpacked into a Tree (downloads cached in /var/tmp/kiln-test-debs so reruns do not
 //! download). By concern: [`process`] (running commands, the child-process guard [`Running`],
 //! [`free_port`], [`curl`]), [`hash`] (sha256), [`files`] ([`copy_dir`], [`walk`]), [`metrics`] (promtool), [`git`]
-//! ([`commit_all`]), [`registry`], [`nats_roles`], [`raw_nats`] (the server asked in its own
+//! ([`commit_all`]), [`jetstream`] (kiln's buckets as a NATS client sees them), [`registry`], [`nats_roles`], [`raw_nats`] (the server asked in its own
 //! protocol), [`cluster`] (a JetStream cluster of nodes that can be killed and restarted,
 //! optionally with TLS), [`netns`] (a separate host in a network namespace), [`verify_support`].
 //!
@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod files;
 pub mod git;
 pub mod hash;
+pub mod jetstream;
 pub mod metrics;
 pub mod nats_roles;
 pub mod netns;

@@ -73,21 +73,36 @@ pub enum Command {
                             runs guests, else TCG."
     )]
     Boot(BootArgs),
-    /// Write an ed25519 signing key (FILE, mode 0600) and its public key (FILE.pub).
+    /// Write a signing key (FILE, PKCS#8 PEM, mode 0600) and its public key (FILE.pub).
     #[command(
-        after_help = "Example:\n  kiln keygen -o keys/images.key   # writes keys/images.key and keys/images.key.pub"
+        after_help = "Examples:\n  kiln keygen -o keys/images.key                  # ECDSA P-256: keys/images.key and keys/images.key.pub\n  \
+                      kiln keygen -o keys/images.key --type ed25519\n\n\
+                      FILE.pub is what `kiln pull --trust`, `kiln agent --trust`, `cosign verify --key` and a \
+                      containers-policy.json sigstoreSigned entry (keyPath) take."
     )]
     Keygen {
         /// Where the secret key goes; the public key goes to FILE.pub.
         #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
+        /// Key type: ecdsa-p256 (cosign's default) or ed25519.
+        #[arg(long = "type", value_enum, default_value_t = crate::store::KeyType::EcdsaP256)]
+        key_type: crate::store::KeyType,
     },
+    /// Sign an image already in a registry or layout, in cosign's format: to add a key, or to
+    /// replace a signature in kiln's old format.
+    #[command(
+        after_help = "Example:\n  kiln sign localhost:5000/images/minimal:1.0.0 --key keys/images.key\n\n\
+                      The manifest is fetched and its digest checked, then signed; signatures already there \
+                      (other keys) are kept. Check with `kiln pull --trust KEY.pub` or `cosign verify --key KEY.pub`."
+    )]
+    Sign(SignArgs),
     /// Push a disk image to an OCI registry (or an OCI layout directory), signed.
     #[command(
         after_help = "Examples:\n  kiln publish out/minimal-1.0.0.qcow2 --to localhost:5000/images/minimal:1.0.0 --key images.key\n  \
                             kiln publish disk.raw --to oci:/srv/images:latest\n\n\
-                            The signature is an OCI artifact whose subject is the image manifest, also tagged \
-                            sha256-<manifest hex>.sig. Registry credentials: KILN_REGISTRY_USER and \
+                            The signature is cosign's: a simple signing payload in the manifest tagged \
+                            sha256-<manifest hex>.sig, whose subject is the image (a referrer where the \
+                            registry has the API); `cosign verify --key KEY.pub` checks it. Registry credentials: KILN_REGISTRY_USER and \
                             KILN_REGISTRY_PASSWORD."
     )]
     Publish(PublishArgs),
@@ -452,6 +467,20 @@ pub struct PublishArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SignArgs {
+    /// `host:port/repository:tag`, `…@sha256:…` or `oci:/dir:tag`.
+    pub reference: String,
+    /// Signing key (`kiln keygen`).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Use plain http for a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct PullArgs {
     /// `host:port/repository:tag`, `…@sha256:…` or `oci:/dir:tag`.
     pub reference: String,
@@ -752,7 +781,7 @@ pub struct PublishOpts {
     /// without it the publish stage completes as skipped.
     #[arg(long, value_name = "REGISTRY|oci:DIR")]
     pub publish_to: Option<String>,
-    /// ed25519 signing key (`kiln keygen`) for published images.
+    /// Signing key (`kiln keygen`: ECDSA P-256 or Ed25519) for published images.
     #[arg(long, value_name = "FILE", requires = "publish_to")]
     pub key: Option<PathBuf>,
     /// Registry user (password from $KILN_REGISTRY_PASSWORD; default: $KILN_REGISTRY_USER).
@@ -1038,7 +1067,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Build(args) => build(args, quiet),
         Command::Boot(args) => boot(args),
         Command::Disk(args) => disk(args),
-        Command::Keygen { output } => keygen(&output),
+        Command::Keygen { output, key_type } => keygen(&output, key_type),
+        Command::Sign(args) => sign(args),
         Command::Publish(args) => publish(args),
         Command::Pull(args) => pull(args),
         Command::Images {
@@ -1718,11 +1748,11 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
     EXIT_FAILURE
 }
 
-fn keygen(output: &std::path::Path) -> anyhow::Result<i32> {
-    match crate::store::keygen_files(output) {
+fn keygen(output: &std::path::Path, kind: crate::store::KeyType) -> anyhow::Result<i32> {
+    match crate::store::keygen_files(output, kind) {
         Ok(key) => {
             println!(
-                "secret key {} (keep it private), public key {}.pub, key id {}",
+                "{kind} secret key {} (keep it private), public key {}.pub, key id {}",
                 output.display(),
                 output.display(),
                 crate::store::sign::key_id(&key)
@@ -1731,6 +1761,29 @@ fn keygen(output: &std::path::Path) -> anyhow::Result<i32> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn sign(args: SignArgs) -> anyhow::Result<i32> {
+    let key = crate::store::load_signing_key(&args.key).map_err(BadInput::error)?;
+    let opts = crate::store::StoreOptions {
+        insecure: args.insecure,
+        credentials: None,
+        ..Default::default()
+    };
+    let epoch = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let r = crate::store::sign_image(&args.reference, &key, epoch, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{} signed with {} key {} (signature manifest {})",
+            r.reference, r.key_type, r.key, r.signature_digest
+        );
+    }
+    Ok(0)
 }
 
 fn publish(args: PublishArgs) -> anyhow::Result<i32> {

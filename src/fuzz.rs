@@ -301,7 +301,7 @@ pub fn oci(data: &[u8]) {
     }
     let _ = serde_json::from_slice::<OciIndex>(data);
     let _ = serde_json::from_slice::<ImageConfig>(data);
-    let _ = serde_json::from_slice::<sign::SignaturePayload>(data);
+    let _ = serde_json::from_slice::<sign::SimpleSigning>(data);
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };

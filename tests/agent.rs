@@ -456,7 +456,7 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     let refused = agent.next("failed", Duration::from_secs(60));
     let why = refused["error"]["message"].as_str().unwrap();
     assert!(why.contains("nothing was booted"), "{why}");
-    assert!(why.contains("not the trusted key"), "{why}");
+    assert!(why.contains("by the trusted key"), "{why}");
     assert_eq!(refused["rolled_back"], false);
     assert_eq!(refused["running"].as_str().unwrap(), v2_ref);
     assert_eq!(qemus_in(&state), vec![v2_pid]);

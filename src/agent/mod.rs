@@ -740,6 +740,7 @@ pub async fn run(
         let (st, outcome) = {
             let config = config.clone();
             let backend = backend.clone();
+            let trust = trust.clone();
             blocking::<_, AgentError>(move || {
                 let mut st = state;
                 let o = deploy(&config, &trust, &mut st, &msg, received, &backend)?;

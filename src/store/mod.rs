@@ -58,7 +58,9 @@ use layout::OciLayout;
 pub use reference::{Location, Reference, ReferenceError};
 use registry::{Credentials, FetchedManifest, OCI_MANIFEST, Registry};
 use sha2::{Digest, Sha256};
-pub use sign::{KeyError, SigningKey, VerifyingKey, keygen, load_signing_key, load_verifying_key};
+pub use sign::{
+    KeyError, KeyType, SigningKey, VerifyingKey, keygen, load_signing_key, load_verifying_key,
+};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -66,11 +68,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub const ARTIFACT_DISK: &str = "application/vnd.kiln.disk.v1";
-pub const ARTIFACT_SIGNATURE: &str = "application/vnd.kiln.signature.v1";
+/// `artifactType` of the signature manifest (cosign's, when it stores signatures as referrers).
+pub const ARTIFACT_SIGNATURE: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
+/// `artifactType` of kiln's signatures before they took cosign's format (refused, with help).
+pub const ARTIFACT_OLD_SIGNATURE: &str = "application/vnd.kiln.signature.v1";
+/// Media type of a signature layer: the simple signing payload.
+pub const MEDIA_SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+/// Config of a signature manifest: an (empty) image config, as cosign writes it.
+pub const MEDIA_IMAGE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MEDIA_CONFIG: &str = "application/vnd.kiln.image.config.v1+json";
 pub const MEDIA_DISK_QCOW2: &str = "application/vnd.kiln.disk.qcow2";
 pub const MEDIA_DISK_RAW: &str = "application/vnd.kiln.disk.raw";
-pub const MEDIA_SIGNATURE_PAYLOAD: &str = "application/vnd.kiln.signature.payload.v1+json";
 pub const MEDIA_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 pub const ANN_CREATED: &str = "org.opencontainers.image.created";
 pub const ANN_TITLE: &str = "org.opencontainers.image.title";
@@ -80,8 +88,10 @@ pub const ANN_GIT_COMMIT: &str = "dev.kiln.git.commit";
 pub const ANN_BOOT_REPORT: &str = "dev.kiln.boot.report";
 /// How agents run the image: the recipe's `deploy` section and the verify marker (short JSON).
 pub const ANN_DEPLOY: &str = "dev.kiln.deploy";
-pub const ANN_SIGNATURE: &str = "dev.kiln.signature";
-pub const ANN_SIGNATURE_KEY: &str = "dev.kiln.signature.key";
+/// The base64 signature of a simple signing layer.
+pub const ANN_COSIGN_SIGNATURE: &str = "dev.cosignproject.cosign/signature";
+/// Most signatures one `.sig` manifest may carry before kiln refuses to read it.
+const MAX_SIGNATURES: usize = 64;
 /// Upload chunk size.
 pub const CHUNK: usize = 16 << 20;
 /// Largest signature payload kiln reads.
@@ -171,17 +181,21 @@ pub enum StoreError {
         digest: Digest256,
     },
     #[error(
-        "{reference} is signed by key {signed_by}, which is not the trusted key {trusted}; refusing it"
+        "{reference} (manifest {digest}) has {count} signature(s), none of them a valid one by the \
+         trusted key {trusted} (signed with another key, or altered); refusing it"
     )]
-    UntrustedKey {
+    BadSignature {
         reference: String,
-        signed_by: Digest256,
+        digest: Digest256,
+        count: usize,
         trusted: Digest256,
     },
     #[error(
-        "signature on {reference} by key {key} does not verify (payload or signature altered); refusing it"
+        "{reference} is signed in kiln's old signature format (dev.kiln.signature.v1), which is no \
+         longer accepted: signatures are now cosign's; re-sign the image with `kiln sign \
+         {reference} --key KEY` (the old ed25519 key files still work)"
     )]
-    BadSignature { reference: String, key: Digest256 },
+    OldSignatureFormat { reference: String },
     #[error(
         "signature on {reference} is for manifest {signed}, but the registry served {actual} (the manifest changed after signing); refusing it"
     )]
@@ -329,9 +343,11 @@ pub struct PublishReport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SignatureCheck {
     /// Verified with the trusted key (its id).
-    Verified { key: Digest256 },
+    Verified { key: Digest256, key_type: KeyType },
     /// Signed, but no trusted key was given to check it.
-    Unchecked { key: Digest256 },
+    Unchecked { signatures: usize },
+    /// Signed only in kiln's old format, which is no longer accepted.
+    OldFormat,
     /// No signature (only allowed without a trusted key).
     Missing,
 }
@@ -339,10 +355,15 @@ pub enum SignatureCheck {
 impl std::fmt::Display for SignatureCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SignatureCheck::Verified { key } => write!(f, "signature verified (key {key})"),
-            SignatureCheck::Unchecked { key } => {
-                write!(f, "signed by {key}, not checked (no --trust)")
+            SignatureCheck::Verified { key, key_type } => {
+                write!(f, "signature verified ({key_type} key {key})")
             }
+            SignatureCheck::Unchecked { signatures } => {
+                write!(f, "{signatures} signature(s), not checked (no --trust)")
+            }
+            SignatureCheck::OldFormat => f.write_str(
+                "signed only in kiln's old format, no longer accepted (re-sign with `kiln sign`)",
+            ),
             SignatureCheck::Missing => f.write_str("unsigned"),
         }
     }
@@ -570,8 +591,8 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 /// Make a new signing key: `path` (secret, 0600) and `path.pub`. See [`sign`].
-pub fn keygen_files(path: &Path) -> Result<VerifyingKey, StoreError> {
-    Ok(keygen(path)?)
+pub fn keygen_files(path: &Path, kind: KeyType) -> Result<VerifyingKey, StoreError> {
+    Ok(keygen(path, kind)?)
 }
 
 /// Publish a disk image file under `reference` (`host:port/repo:tag` or `oci:/dir:tag`), plus
@@ -698,22 +719,13 @@ pub fn publish(
     }
     let signature_digest = match key {
         None => None,
-        Some(key) => {
-            let sig_manifest = signature_manifest(
-                &target,
-                key,
-                &manifest_digest,
-                manifest_bytes.len() as u64,
-                signed_repository(&r),
-                tags.clone(),
-                created,
-            )?;
-            Some(target.put_manifest(
-                &signature_tag(&manifest_digest),
-                &sig_manifest,
-                ARTIFACT_SIGNATURE,
-            )?)
-        }
+        Some(key) => Some(put_signature(
+            &target,
+            &r,
+            key,
+            &manifest_descriptor(&manifest_bytes),
+            meta.source_date_epoch,
+        )?),
     };
     Ok(PublishReport {
         reference: r.with_digest(&manifest_digest),
@@ -727,61 +739,157 @@ pub fn publish(
     })
 }
 
-/// Build and upload the blobs of a signature artifact for a manifest; returns the signature
-/// manifest bytes (not yet stored under a tag).
-fn signature_manifest(
+/// The descriptor of an image manifest, as a signature's `subject`.
+fn manifest_descriptor(bytes: &[u8]) -> Descriptor {
+    Descriptor {
+        media_type: OCI_MANIFEST.into(),
+        digest: Digest256::of(bytes),
+        size: bytes.len() as u64,
+        artifact_type: Some(ARTIFACT_DISK.into()),
+        annotations: BTreeMap::new(),
+    }
+}
+
+/// The identity a signature names: `host[:port]/repository` in a registry (as cosign writes
+/// it), the directory of a layout.
+fn docker_reference(r: &Reference) -> String {
+    match &r.location {
+        Location::Registry { host, repository } => format!("{host}/{repository}"),
+        Location::Layout { dir } => dir.display().to_string(),
+    }
+}
+
+/// The repository part of a signed identity: what follows the host in a registry's
+/// `host/path` (one registry reached by two names is one repository), a layout's directory.
+fn repository_of(identity: &str) -> &str {
+    match identity.split_once('/') {
+        Some((host, path)) if !identity.starts_with('/') && !host.is_empty() => path,
+        _ => identity,
+    }
+}
+
+/// Sign `subject` with `key` and store the signature as cosign does: a layer of media type
+/// [`MEDIA_SIMPLE_SIGNING`] holding the payload, its base64 signature in the
+/// [`ANN_COSIGN_SIGNATURE`] annotation, in the manifest tagged `sha256-<hex>.sig`. Signatures
+/// already there in that format (other keys) are kept; one in kiln's old format is replaced.
+/// The manifest names the image as its `subject`, so a registry with the referrers API lists
+/// it too. Returns the signature manifest's digest.
+fn put_signature(
     target: &Target,
+    r: &Reference,
     key: &SigningKey,
-    manifest_digest: &Digest256,
-    manifest_size: u64,
-    repository: String,
-    tags: Vec<String>,
-    created: String,
-) -> Result<Vec<u8>, StoreError> {
-    let payload = to_json(&sign::SignaturePayload {
-        kind: sign::PAYLOAD_TYPE.into(),
-        manifest_digest: manifest_digest.clone(),
-        repository,
-        tags,
-        created: created.clone(),
-    })?;
-    let signature = sign::sign(key, &payload);
+    subject: &Descriptor,
+    timestamp: u64,
+) -> Result<Digest256, StoreError> {
+    let payload = to_json(&sign::SimpleSigning::new(
+        docker_reference(r),
+        subject.digest.clone(),
+        timestamp,
+    ))?;
+    let signature = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(key.sign(&payload))
+    };
     let payload_digest = target.put_small_blob(&payload)?;
-    let empty = target.put_small_blob(b"{}")?;
+    let layer = Descriptor {
+        media_type: MEDIA_SIMPLE_SIGNING.into(),
+        digest: payload_digest,
+        size: payload.len() as u64,
+        artifact_type: None,
+        annotations: BTreeMap::from([(ANN_COSIGN_SIGNATURE.to_string(), signature)]),
+    };
+    let tag = signature_tag(&subject.digest);
+    let mut layers: Vec<Descriptor> = match fetch_manifest(target, r, &tag) {
+        Ok((_, _, m)) if m.artifact_type.as_deref() != Some(ARTIFACT_OLD_SIGNATURE) => m
+            .layers
+            .into_iter()
+            .filter(|l| l.media_type == MEDIA_SIMPLE_SIGNING)
+            .collect(),
+        Ok(_) | Err(StoreError::NotFound { .. }) => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    if !layers.contains(&layer) {
+        layers.push(layer);
+    }
+    if layers.len() > MAX_SIGNATURES {
+        return Err(StoreError::Usage {
+            what: format!("sign {r}"),
+            reason: format!(
+                "{tag} already holds {} signatures; at most {MAX_SIGNATURES}",
+                layers.len() - 1
+            ),
+        });
+    }
+    // cosign's config: an empty image config whose layers are the signatures.
+    let config = to_json(&serde_json::json!({
+        "architecture": "",
+        "config": {},
+        "created": "0001-01-01T00:00:00Z",
+        "history": [{"created": "0001-01-01T00:00:00Z"}],
+        "os": "",
+        "rootfs": {
+            "diff_ids": layers.iter().map(|l| l.digest.to_string()).collect::<Vec<_>>(),
+            "type": "layers",
+        },
+    }))?;
+    let config_digest = target.put_small_blob(&config)?;
     let m = OciManifest {
         schema_version: 2,
         media_type: Some(OCI_MANIFEST.into()),
         artifact_type: Some(ARTIFACT_SIGNATURE.into()),
         config: Descriptor {
-            media_type: MEDIA_EMPTY.into(),
-            digest: empty,
-            size: 2,
+            media_type: MEDIA_IMAGE_CONFIG.into(),
+            digest: config_digest,
+            size: config.len() as u64,
             artifact_type: None,
             annotations: BTreeMap::new(),
         },
-        layers: vec![Descriptor {
-            media_type: MEDIA_SIGNATURE_PAYLOAD.into(),
-            digest: payload_digest,
-            size: payload.len() as u64,
-            artifact_type: None,
-            annotations: BTreeMap::from([
-                (ANN_SIGNATURE.to_string(), hex::encode(signature.to_bytes())),
-                (
-                    ANN_SIGNATURE_KEY.to_string(),
-                    sign::key_id(&key.verifying_key()).to_string(),
-                ),
-            ]),
-        }],
-        subject: Some(Descriptor {
-            media_type: OCI_MANIFEST.into(),
-            digest: manifest_digest.clone(),
-            size: manifest_size,
-            artifact_type: Some(ARTIFACT_DISK.into()),
-            annotations: BTreeMap::new(),
-        }),
-        annotations: BTreeMap::from([(ANN_CREATED.to_string(), created)]),
+        layers,
+        subject: Some(subject.clone()),
+        annotations: BTreeMap::new(),
     };
-    to_json(&m)
+    target.put_manifest(&tag, &to_json(&m)?, ARTIFACT_SIGNATURE)
+}
+
+/// What [`sign_image`] did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SignReport {
+    /// The image, by digest.
+    pub reference: String,
+    pub manifest_digest: Digest256,
+    /// The `sha256-<hex>.sig` manifest now holding the signature.
+    pub signature_digest: Digest256,
+    pub key: Digest256,
+    pub key_type: KeyType,
+}
+
+/// Sign an image already in the store (`kiln sign`): to add a key's signature, or to replace a
+/// signature in kiln's old format. The manifest is fetched and checked against its digest
+/// first; `timestamp` goes into the payload's `optional` part.
+pub fn sign_image(
+    reference: &str,
+    key: &SigningKey,
+    timestamp: u64,
+    opts: &StoreOptions,
+) -> Result<SignReport, StoreError> {
+    let r = Reference::parse(reference)?;
+    let target = Target::open(&r, opts, false)?;
+    let (bytes, digest, m) = fetch_manifest(&target, &r, &r.manifest_ref())?;
+    if m.artifact_type.as_deref() != Some(ARTIFACT_DISK) {
+        return Err(StoreError::NotKilnImage {
+            reference: r.to_string(),
+            reason: format!("artifactType {:?}", m.artifact_type),
+        });
+    }
+    let signature_digest =
+        put_signature(&target, &r, key, &manifest_descriptor(&bytes), timestamp)?;
+    Ok(SignReport {
+        reference: r.with_digest(&digest),
+        manifest_digest: digest,
+        signature_digest,
+        key: sign::key_id(&key.verifying_key()),
+        key_type: key.key_type(),
+    })
 }
 
 /// Fetch and check a manifest: its bytes must hash to the digest asked for (if any) and to the
@@ -833,7 +941,8 @@ fn fetch_manifest(
     Ok((bytes, digest, m))
 }
 
-/// The signature manifests for an image manifest: via the referrers API, else the `.sig` tag.
+/// The signature manifests for an image manifest: those the referrers API lists, and the
+/// `.sig` tag (kiln's old format included, so that it can be named).
 fn find_signatures(
     target: &Target,
     r: &Reference,
@@ -845,15 +954,19 @@ fn find_signatures(
     {
         refs.extend(list.into_iter().map(|d| d.digest.to_string()));
     }
-    let tag = signature_tag(digest);
-    if !refs.iter().any(|x| x == &tag) {
-        refs.push(tag);
-    }
-    let mut out = Vec::new();
+    refs.push(signature_tag(digest));
+    let mut out: Vec<OciManifest> = Vec::new();
     for reference in refs {
         match fetch_manifest(target, r, &reference) {
             Ok((_, _, m)) => {
-                if m.artifact_type.as_deref() == Some(ARTIFACT_SIGNATURE) {
+                let kind = m.artifact_type.as_deref();
+                if (kind == Some(ARTIFACT_SIGNATURE)
+                    || kind == Some(ARTIFACT_OLD_SIGNATURE)
+                    || m.layers
+                        .iter()
+                        .any(|l| l.media_type == MEDIA_SIMPLE_SIGNING))
+                    && !out.contains(&m)
+                {
                     out.push(m);
                 }
             }
@@ -864,18 +977,9 @@ fn find_signatures(
     Ok(out)
 }
 
-/// The repository a signature names: the repository path in a registry (the host is left out,
-/// so one registry reached by two names is one repository), the directory of a layout.
-fn signed_repository(r: &Reference) -> String {
-    match &r.location {
-        Location::Registry { repository, .. } => repository.clone(),
-        Location::Layout { dir } => dir.display().to_string(),
-    }
-}
-
 /// Check an image's signatures against `trust`: a signature counts when the trusted key made
-/// it, over this manifest, for this repository (or one in `signed_for`). Without a key: report
-/// what is there.
+/// it over its payload, the payload names this manifest, and it names this repository (or
+/// one in `signed_for`). Without a key: report how many signatures are there.
 fn check_signature(
     target: &Target,
     r: &Reference,
@@ -883,85 +987,106 @@ fn check_signature(
     trust: Option<&VerifyingKey>,
     signed_for: &[String],
 ) -> Result<SignatureCheck, StoreError> {
-    let sigs = find_signatures(target, r, digest)?;
-    let trusted = trust.map(sign::key_id);
+    use base64::Engine as _;
+    let manifests = find_signatures(target, r, digest)?;
+    let malformed = |reason: String| StoreError::Malformed {
+        what: format!("signature for {digest}"),
+        reference: r.to_string(),
+        reason,
+    };
+    let layers: Vec<&Descriptor> = manifests
+        .iter()
+        .flat_map(|m| &m.layers)
+        .filter(|l| l.media_type == MEDIA_SIMPLE_SIGNING)
+        .collect();
+    if layers.len() > MAX_SIGNATURES {
+        return Err(malformed(format!(
+            "{} signatures; at most {MAX_SIGNATURES} are read",
+            layers.len()
+        )));
+    }
+    let old_format = manifests
+        .iter()
+        .any(|m| m.artifact_type.as_deref() == Some(ARTIFACT_OLD_SIGNATURE));
+    let Some(trust) = trust else {
+        return Ok(match layers.len() {
+            0 if old_format => SignatureCheck::OldFormat,
+            0 => SignatureCheck::Missing,
+            n => SignatureCheck::Unchecked { signatures: n },
+        });
+    };
+    let key = sign::key_id(trust);
     let mut first_error: Option<StoreError> = None;
-    let mut seen_key: Option<Digest256> = None;
-    for m in &sigs {
-        let Some(layer) = m.layers.first() else {
-            continue;
-        };
-        let malformed = |reason: &str| StoreError::Malformed {
-            what: format!("signature for {digest}"),
-            reference: r.to_string(),
-            reason: reason.to_string(),
-        };
-        let key = layer
+    for layer in &layers {
+        let Some(signature) = layer
             .annotations
-            .get(ANN_SIGNATURE_KEY)
-            .and_then(|k| Digest256::parse(k))
-            .ok_or_else(|| malformed("no dev.kiln.signature.key annotation"))?;
-        seen_key.get_or_insert(key.clone());
-        let (Some(trust), Some(trusted)) = (trust, &trusted) else {
+            .get(ANN_COSIGN_SIGNATURE)
+            .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+        else {
+            first_error.get_or_insert(malformed(format!(
+                "layer {} has no base64 {ANN_COSIGN_SIGNATURE} annotation",
+                layer.digest
+            )));
             continue;
         };
-        if &key != trusted {
-            first_error.get_or_insert(StoreError::UntrustedKey {
-                reference: r.to_string(),
-                signed_by: key,
-                trusted: trusted.clone(),
-            });
-            continue;
-        }
-        let sig_bytes = layer
-            .annotations
-            .get(ANN_SIGNATURE)
-            .and_then(|s| hex::decode(s).ok())
-            .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
-            .ok_or_else(|| malformed("dev.kiln.signature is not 128 hex digits"))?;
         let payload = target.small_blob(layer, "signature payload")?;
-        if !sign::verify(trust, &payload, &sign::Signature::from_bytes(&sig_bytes)) {
-            first_error.get_or_insert(StoreError::BadSignature {
-                reference: r.to_string(),
-                key,
-            });
+        if !trust.verify(&payload, &signature) {
             continue;
         }
-        let p: sign::SignaturePayload =
-            serde_json::from_slice(&payload).map_err(|e| malformed(&e.to_string()))?;
-        if p.kind != sign::PAYLOAD_TYPE {
-            return Err(malformed(&format!("payload type {:?}", p.kind)));
+        // Signed by the trusted key: from here on, what it says is what the key holder meant.
+        let p: sign::SimpleSigning = serde_json::from_slice(&payload)
+            .map_err(|e| malformed(format!("payload {}: {e}", layer.digest)))?;
+        if p.critical.kind != sign::PAYLOAD_TYPE {
+            return Err(malformed(format!("payload type {:?}", p.critical.kind)));
         }
-        if &p.manifest_digest != digest {
+        if &p.critical.image.docker_manifest_digest != digest {
             first_error.get_or_insert(StoreError::ManifestChanged {
                 reference: r.to_string(),
-                signed: p.manifest_digest,
+                signed: p.critical.image.docker_manifest_digest,
                 actual: digest.clone(),
             });
             continue;
         }
-        let here = signed_repository(r);
-        if p.repository != here && !signed_for.contains(&p.repository) {
+        let signed = p.critical.identity.docker_reference;
+        let here = docker_reference(r);
+        let accepted = repository_of(&signed) == repository_of(&here)
+            || signed_for
+                .iter()
+                .any(|s| s == &signed || s.as_str() == repository_of(&signed));
+        if !accepted {
             first_error.get_or_insert(StoreError::OtherRepository {
                 reference: r.to_string(),
-                signed_for: p.repository,
+                signed_for: signed,
                 here,
             });
             continue;
         }
-        return Ok(SignatureCheck::Verified { key });
+        return Ok(SignatureCheck::Verified {
+            key,
+            key_type: trust.key_type(),
+        });
     }
     if let Some(e) = first_error {
         return Err(e);
     }
-    match (trust, seen_key) {
-        (Some(_), _) => Err(StoreError::Unsigned {
-            reference: r.to_string(),
-            digest: digest.clone(),
-        }),
-        (None, Some(key)) => Ok(SignatureCheck::Unchecked { key }),
-        (None, None) => Ok(SignatureCheck::Missing),
+    if layers.is_empty() {
+        return Err(if old_format {
+            StoreError::OldSignatureFormat {
+                reference: r.to_string(),
+            }
+        } else {
+            StoreError::Unsigned {
+                reference: r.to_string(),
+                digest: digest.clone(),
+            }
+        });
     }
+    Err(StoreError::BadSignature {
+        reference: r.to_string(),
+        digest: digest.clone(),
+        count: layers.len(),
+        trusted: key,
+    })
 }
 
 /// `OUT.partial`.
@@ -1003,9 +1128,14 @@ pub fn pull(
         SignatureCheck::Missing => {
             tracing::warn!(reference = %r, "image is not signed; only digests were checked")
         }
-        SignatureCheck::Unchecked { key } => tracing::warn!(
-            reference = %r, key = %key,
+        SignatureCheck::Unchecked { signatures } => tracing::warn!(
+            reference = %r, signatures,
             "image is signed but no trusted key was given; signature not checked"
+        ),
+        SignatureCheck::OldFormat => tracing::warn!(
+            reference = %r,
+            "image is signed only in kiln's old format, which `kiln pull --trust` and agents \
+             refuse; re-sign it with `kiln sign`"
         ),
         SignatureCheck::Verified { .. } => {}
     }

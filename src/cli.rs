@@ -96,6 +96,21 @@ pub enum Command {
                       (other keys) are kept. Check with `kiln pull --trust KEY.pub` or `cosign verify --key KEY.pub`."
     )]
     Sign(SignArgs),
+    /// Check an image's signature, SBOM and provenance with a public key; exit 1 when a
+    /// requirement fails.
+    #[command(
+        after_help = "Examples:\n  kiln verify localhost:5000/kiln/app:latest --key keys/images.key.pub\n  \
+                      kiln verify localhost:5000/kiln/app@sha256:… --key keys/images.key.pub --require signature,sbom --json\n\n\
+                      Everything is looked at and reported; --require (default: all three) says what must be \
+                      verified for exit 0. The same attestations are what `cosign verify-attestation --key KEY.pub \
+                      --type spdxjson|slsaprovenance1` checks."
+    )]
+    Verify(VerifyArgs),
+    /// Print an image's SBOM (SPDX 2.3 JSON), from its attestation, checked with the key.
+    #[command(
+        after_help = "Example:\n  kiln sbom localhost:5000/kiln/app:latest --key keys/images.key.pub > app.spdx.json"
+    )]
+    Sbom(SbomArgs),
     /// Push a disk image to an OCI registry (or an OCI layout directory), signed.
     #[command(
         after_help = "Examples:\n  kiln publish out/minimal-1.0.0.qcow2 --to localhost:5000/images/minimal:1.0.0 --key images.key\n  \
@@ -478,6 +493,38 @@ pub struct SignArgs {
     pub insecure: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// `host:port/repository:tag`, `…@sha256:…` or `oci:/dir:tag`.
+    pub reference: String,
+    /// Public key (`kiln keygen`'s FILE.pub) the signature and attestations must verify with.
+    #[arg(long, value_name = "KEYFILE")]
+    pub key: PathBuf,
+    /// What must verify (comma-separated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = crate::store::Requirement::ALL)]
+    pub require: Vec<crate::store::Requirement>,
+    /// Also accept signatures made for this repository (repeatable).
+    #[arg(long, value_name = "REPO")]
+    pub signed_for: Vec<String>,
+    /// Use plain http for a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SbomArgs {
+    /// `host:port/repository:tag`, `…@sha256:…` or `oci:/dir:tag`.
+    pub reference: String,
+    /// Public key the SBOM attestation must be signed with.
+    #[arg(long, value_name = "KEYFILE")]
+    pub key: PathBuf,
+    /// Use plain http for a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -1069,6 +1116,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Disk(args) => disk(args),
         Command::Keygen { output, key_type } => keygen(&output, key_type),
         Command::Sign(args) => sign(args),
+        Command::Verify(args) => verify_image(args),
+        Command::Sbom(args) => sbom(args),
         Command::Publish(args) => publish(args),
         Command::Pull(args) => pull(args),
         Command::Images {
@@ -1760,6 +1809,74 @@ fn keygen(output: &std::path::Path, kind: crate::store::KeyType) -> anyhow::Resu
             Ok(0)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+fn verify_image(args: VerifyArgs) -> anyhow::Result<i32> {
+    let key = crate::store::load_verifying_key(&args.key).map_err(BadInput::error)?;
+    let opts = crate::store::StoreOptions {
+        insecure: args.insecure,
+        credentials: None,
+        signed_for: args.signed_for.clone(),
+        ..Default::default()
+    };
+    let report = crate::store::verify_image(&args.reference, &key, &args.require, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{} (key {})", report.reference, report.key);
+        for c in &report.checks {
+            let mark = match (c.status, c.required) {
+                ("verified", _) => "ok  ",
+                (_, true) => "FAIL",
+                (_, false) => "--  ",
+            };
+            println!("  {mark} {:<10} {:<10} {}", c.what, c.status, c.detail);
+        }
+    }
+    if report.ok {
+        Ok(0)
+    } else {
+        let failed: Vec<String> = report
+            .checks
+            .iter()
+            .filter(|c| c.required && c.status != "verified")
+            .map(|c| format!("{} {}", c.what, c.status))
+            .collect();
+        anyhow::bail!(
+            "{} does not meet --require: {}",
+            report.reference,
+            failed.join(", ")
+        )
+    }
+}
+
+fn sbom(args: SbomArgs) -> anyhow::Result<i32> {
+    use crate::store::Requirement;
+    let key = crate::store::load_verifying_key(&args.key).map_err(BadInput::error)?;
+    let opts = crate::store::StoreOptions {
+        insecure: args.insecure,
+        credentials: None,
+        ..Default::default()
+    };
+    let report = crate::store::verify_image(&args.reference, &key, &[Requirement::Sbom], &opts)?;
+    match report.sbom {
+        Some(doc) => {
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            Ok(0)
+        }
+        None => {
+            let why = report
+                .checks
+                .iter()
+                .find(|c| c.what == Requirement::Sbom)
+                .map(|c| c.detail.clone())
+                .unwrap_or_default();
+            anyhow::bail!(
+                "no SBOM of {} verifies with the key: {why}",
+                report.reference
+            )
+        }
     }
 }
 

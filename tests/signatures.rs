@@ -7,6 +7,12 @@
 //!   (`kiln sign`), which then makes it verify with cosign; a second key's signature is added
 //!   beside the first, and the same key and image give the same signature bytes.
 //!
+//! - a build published by `kiln up --publish-to --key` carries an SPDX SBOM and a SLSA provenance
+//!   attestation: `cosign verify-attestation` accepts them with the project key (not another),
+//!   the SPDX project's `pyspdxtools` validates the document, whose packages are the ones the
+//!   build fetched, Python's `cryptography` checks each DSSE envelope, and `kiln verify` and
+//!   `kiln sbom` agree; an envelope changed in the registry is refused by kiln and cosign.
+//!
 //! (Debian 12's skopeo is built with sigstore support disabled, so it cannot be the oracle.)
 
 mod common;
@@ -254,39 +260,7 @@ fn an_old_format_signature_is_named_and_kiln_sign_replaces_it() {
         "{{\"type\":\"dev.kiln.signature.v1\",\"manifest_digest\":\"{digest}\",\
          \"repository\":\"kiln/legacy\",\"tags\":[\"v1\"],\"created\":\"1970-01-01T00:00:00Z\"}}"
     );
-    let put_blob = |bytes: &[u8]| -> String {
-        let file = w("blob");
-        std::fs::write(&file, bytes).unwrap();
-        let d = format!("sha256:{}", common::sha256_bytes(bytes));
-        let loc = curl(&[
-            "-s",
-            "-X",
-            "POST",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%header{location}",
-            &format!("http://{host}/v2/kiln/legacy/blobs/uploads/"),
-        ]);
-        let loc = String::from_utf8(loc).unwrap();
-        let loc = if loc.starts_with('/') {
-            format!("http://{host}{loc}")
-        } else {
-            loc
-        };
-        let sep = if loc.contains('?') { '&' } else { '?' };
-        curl(&[
-            "-s",
-            "-X",
-            "PUT",
-            "-H",
-            "Content-Type: application/octet-stream",
-            "--data-binary",
-            &format!("@{}", file.display()),
-            &format!("{loc}{sep}digest={d}"),
-        ]);
-        d
-    };
+    let put_blob = |bytes: &[u8]| push_blob(&host, "kiln/legacy", bytes, &w("blob"));
     let payload_digest = put_blob(payload.as_bytes());
     let empty = put_blob(b"{}");
     let old = serde_json::json!({
@@ -365,4 +339,365 @@ fn an_old_format_signature_is_named_and_kiln_sign_replaces_it() {
     ]);
     let sig: serde_json::Value = serde_json::from_slice(&sig).unwrap();
     assert_eq!(sig["layers"].as_array().unwrap().len(), 2, "{sig}");
+}
+
+/// `cosign verify-attestation --key PUB --type TYPE REF`: the statements it accepted.
+fn cosign_attestations(public: &Path, kind: &str, reference: &str, home: &Path) -> Output {
+    Command::new("cosign")
+        .args([
+            "verify-attestation",
+            "--insecure-ignore-tlog",
+            "--allow-http-registry",
+        ])
+        .args(["--type", kind, "--key"])
+        .arg(public)
+        .arg(reference)
+        .env("HOME", home)
+        .env("TUF_ROOT", home.join("tuf"))
+        .env("HTTPS_PROXY", "http://127.0.0.1:9")
+        .env("HTTP_PROXY", "http://127.0.0.1:9")
+        .env("NO_PROXY", "127.0.0.1")
+        .output()
+        .unwrap()
+}
+
+/// The in-toto Statements in cosign's output (one DSSE envelope per line).
+fn statements(o: &Output) -> Vec<serde_json::Value> {
+    use base64::Engine as _;
+    common::json_lines(o)
+        .iter()
+        .map(|env| {
+            let payload = base64::engine::general_purpose::STANDARD
+                .decode(env["payload"].as_str().unwrap())
+                .unwrap();
+            serde_json::from_slice(&payload).unwrap()
+        })
+        .collect()
+}
+
+/// A DSSE check that is not kiln's: Python's `cryptography` verifies the envelope's signature
+/// over the pre-authentication encoding with the public key file.
+const DSSE_CHECK: &str = r#"
+import base64, json, sys
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+env = json.load(open(sys.argv[1]))
+key = serialization.load_pem_public_key(open(sys.argv[2], "rb").read())
+payload = base64.b64decode(env["payload"])
+t = env["payloadType"].encode()
+pae = b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+for s in env["signatures"]:
+    key.verify(base64.b64decode(s["sig"]), pae, ec.ECDSA(hashes.SHA256()))
+print(json.loads(payload)["predicateType"])
+"#;
+
+#[test]
+fn a_published_build_carries_an_sbom_and_provenance_that_cosign_and_spdx_tools_check() {
+    use common::{Running, json_lines, shared_home};
+    use std::process::Stdio;
+    let home = shared_home();
+    let work = tempfile::tempdir().unwrap();
+    let w = |name: &str| work.path().join(name);
+    let cosign_home = w("cosign-home");
+    std::fs::create_dir(&cosign_home).unwrap();
+    let reg = start_registry(None);
+    let host = format!("127.0.0.1:{}", reg.port);
+    let server = kiln::bus::PrivateServer::start().unwrap();
+    let url = server.url();
+    for name in ["images", "other"] {
+        let o = output(
+            common::kiln(home.path())
+                .args(["keygen", "-o"])
+                .arg(w(&format!("{name}.key"))),
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let public = w("images.key.pub");
+    let up_log = w("up.log");
+    let _up = {
+        let mut c = common::kiln(home.path());
+        c.args(["up", "--nats", &url, "--publish-to", &host, "--key"])
+            .arg(w("images.key"))
+            .args(common::recipe_roots())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&up_log).unwrap());
+        Running::new(c.spawn().unwrap())
+    };
+    let o = output(common::kiln(home.path()).args([
+        "submit",
+        "recipes/app.yaml",
+        "--profile",
+        "direct",
+        "--set",
+        "release=attested",
+        "--follow",
+        "--timeout",
+        "600",
+        "--json",
+        "--nats",
+        &url,
+    ]));
+    let log = || std::fs::read_to_string(&up_log).unwrap_or_default();
+    assert!(o.status.success(), "{}\n{}", text(&o), log());
+    let events = json_lines(&o);
+    let published = &events.last().unwrap()["outputs"];
+    let manifest = published["manifest"].as_str().unwrap().to_string();
+    assert!(published["attestations"].as_str().is_some(), "{published}");
+    let by_digest = format!("{host}/kiln/app@{manifest}");
+    // What the rootfs stage fetched: the packages the SBOM must list.
+    let rootfs = events
+        .iter()
+        .find(|e| e["kind"] == "completed" && e["stage"] == "rootfs")
+        .unwrap();
+    let mut fetched: Vec<String> = ["kernel", "busybox", "systemd_boot"]
+        .iter()
+        .map(|k| {
+            rootfs["outputs"]["packages"][k]["name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    fetched.sort();
+    assert_eq!(published["sbom_packages"], fetched.len(), "{published}");
+
+    // cosign checks both attestations with the project key and reads them.
+    let o = cosign_attestations(&public, "spdxjson", &by_digest, &cosign_home);
+    assert!(
+        o.status.success(),
+        "cosign verify-attestation spdxjson: {}",
+        text(&o)
+    );
+    let spdx = statements(&o);
+    assert_eq!(spdx.len(), 1, "{spdx:?}");
+    assert_eq!(
+        spdx[0]["subject"][0]["digest"]["sha256"],
+        manifest.trim_start_matches("sha256:")
+    );
+    let doc = &spdx[0]["predicate"];
+    let mut listed: Vec<String> = doc["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["SPDXID"] != "SPDXRef-Image")
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, fetched);
+    for p in doc["packages"].as_array().unwrap().iter().skip(1) {
+        let purl = p["externalRefs"][0]["referenceLocator"].as_str().unwrap();
+        assert!(
+            purl.starts_with(&format!("pkg:deb/debian/{}@", p["name"].as_str().unwrap())),
+            "{purl}"
+        );
+        assert!(purl.contains("arch=amd64"), "{purl}");
+        assert!(
+            p["sourceInfo"].as_str().unwrap().contains("source package"),
+            "{p}"
+        );
+        let sha = rootfs["outputs"]["packages"]
+            .as_object()
+            .unwrap()
+            .values()
+            .find(|v| v["name"] == p["name"])
+            .unwrap()["sha256"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string();
+        assert_eq!(p["checksums"][0]["checksumValue"], sha.as_str(), "{p}");
+    }
+    let o = cosign_attestations(&public, "slsaprovenance1", &by_digest, &cosign_home);
+    assert!(
+        o.status.success(),
+        "cosign verify-attestation slsaprovenance1: {}",
+        text(&o)
+    );
+    let provenance = &statements(&o)[0]["predicate"];
+    assert_eq!(
+        provenance["runDetails"]["metadata"]["invocationId"],
+        events[0]["build"]
+    );
+    let deps = provenance["buildDefinition"]["resolvedDependencies"].to_string();
+    for name in &fetched {
+        assert!(deps.contains(name.as_str()), "{name} not in {deps}");
+    }
+    // Another key: cosign refuses.
+    let o = cosign_attestations(&w("other.key.pub"), "spdxjson", &by_digest, &cosign_home);
+    assert!(!o.status.success(), "{}", text(&o));
+
+    // The SPDX project's own validator accepts the document.
+    let spdx_file = w("app.spdx.json");
+    std::fs::write(&spdx_file, serde_json::to_vec_pretty(doc).unwrap()).unwrap();
+    let o = output(
+        Command::new("/var/tmp/kiln-test-tools/bin/pyspdxtools")
+            .arg("-i")
+            .arg(&spdx_file),
+    );
+    assert!(
+        o.status.success(),
+        "pyspdxtools (.ci/setup installs it): {}",
+        text(&o)
+    );
+
+    // The envelopes as stored, checked by Python's cryptography.
+    let hex = manifest.trim_start_matches("sha256:");
+    let att: serde_json::Value = serde_json::from_slice(&curl(&[
+        "-H",
+        ACCEPT_OCI,
+        &format!("http://{host}/v2/kiln/app/manifests/sha256-{hex}.att"),
+    ]))
+    .unwrap();
+    assert_eq!(att["subject"]["digest"], manifest.as_str(), "{att}");
+    let mut types = Vec::new();
+    for (i, layer) in att["layers"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(layer["mediaType"], "application/vnd.dsse.envelope.v1+json");
+        let envelope = curl(&[&format!(
+            "http://{host}/v2/kiln/app/blobs/{}",
+            layer["digest"].as_str().unwrap()
+        )]);
+        let file = w(&format!("envelope-{i}.json"));
+        std::fs::write(&file, &envelope).unwrap();
+        let o = output(
+            Command::new("python3")
+                .args(["-c", DSSE_CHECK])
+                .arg(&file)
+                .arg(&public),
+        );
+        assert!(o.status.success(), "DSSE check: {}", text(&o));
+        types.push(String::from_utf8_lossy(&o.stdout).trim().to_string());
+    }
+    types.sort();
+    assert_eq!(
+        types,
+        [
+            "https://slsa.dev/provenance/v1",
+            "https://spdx.dev/Document"
+        ]
+    );
+
+    // kiln verify and kiln sbom.
+    let o = output(
+        common::kiln(home.path())
+            .args(["verify", &by_digest, "--json", "--key"])
+            .arg(&public),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    for c in report["checks"].as_array().unwrap() {
+        assert_eq!(c["status"], "verified", "{report}");
+    }
+    let o = output(
+        common::kiln(home.path())
+            .args(["sbom", &by_digest, "--key"])
+            .arg(&public),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let printed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(&printed, doc);
+    let o = output(
+        common::kiln(home.path())
+            .args(["verify", &by_digest, "--key"])
+            .arg(w("other.key.pub")),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("does not meet --require"),
+        "{}",
+        text(&o)
+    );
+
+    // One byte of the SBOM envelope's signature changed in the registry: kiln verify and cosign
+    // refuse it; the provenance still verifies.
+    let sbom_layer = att["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|l| l["annotations"]["predicateType"] == "https://spdx.dev/Document")
+        .unwrap();
+    let mut envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w(&format!("envelope-{sbom_layer}.json"))).unwrap())
+            .unwrap();
+    let sig = envelope["signatures"][0]["sig"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mid = sig.len() / 2;
+    let flipped = if &sig[mid..=mid] == "A" { "B" } else { "A" };
+    envelope["signatures"][0]["sig"] =
+        format!("{}{flipped}{}", &sig[..mid], &sig[mid + 1..]).into();
+    let bytes = serde_json::to_vec(&envelope).unwrap();
+    let digest = push_blob(&host, "kiln/app", &bytes, &w("blob"));
+    let mut att2 = att.clone();
+    att2["layers"][sbom_layer]["digest"] = digest.into();
+    att2["layers"][sbom_layer]["size"] = bytes.len().into();
+    let att_file = w("att.json");
+    std::fs::write(&att_file, serde_json::to_vec(&att2).unwrap()).unwrap();
+    curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/vnd.oci.image.manifest.v1+json",
+        "--data-binary",
+        &format!("@{}", att_file.display()),
+        &format!("http://{host}/v2/kiln/app/manifests/sha256-{hex}.att"),
+    ]);
+    let o = output(
+        common::kiln(home.path())
+            .args(["verify", &by_digest, "--json", "--key"])
+            .arg(&public),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let status = |what: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["what"] == what)
+            .unwrap()["status"]
+            .clone()
+    };
+    assert_eq!(status("sbom"), "unverified", "{report}");
+    assert_eq!(status("provenance"), "verified", "{report}");
+    assert_eq!(status("signature"), "verified", "{report}");
+    let o = cosign_attestations(&public, "spdxjson", &by_digest, &cosign_home);
+    assert!(
+        !o.status.success(),
+        "cosign accepted a changed envelope: {}",
+        text(&o)
+    );
+}
+
+/// Upload `bytes` as a blob of `repo` (monolithic POST + PUT); its digest.
+fn push_blob(host: &str, repo: &str, bytes: &[u8], scratch: &Path) -> String {
+    std::fs::write(scratch, bytes).unwrap();
+    let d = format!("sha256:{}", common::sha256_bytes(bytes));
+    let loc = curl(&[
+        "-X",
+        "POST",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%header{location}",
+        &format!("http://{host}/v2/{repo}/blobs/uploads/"),
+    ]);
+    let loc = String::from_utf8(loc).unwrap();
+    let loc = if loc.starts_with('/') {
+        format!("http://{host}{loc}")
+    } else {
+        loc
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/octet-stream",
+        "--data-binary",
+        &format!("@{}", scratch.display()),
+        &format!("{loc}{sep}digest={d}"),
+    ]);
+    d
 }

@@ -298,9 +298,10 @@ enum Field {
     Provides,
     Filename,
     Priority,
+    Source,
 }
 
-const FIELDS: usize = 9;
+const FIELDS: usize = 10;
 
 /// One binary package of a `Packages` index: only the fields kiln uses, packed into one string
 /// (a full bookworm index holds 63 000 of these, so each costs one allocation, not ten).
@@ -352,6 +353,7 @@ impl PackageEntry {
             stanza.get("Provides").unwrap_or(""),
             need("Filename")?,
             stanza.get("Priority").unwrap_or(""),
+            stanza.get("Source").unwrap_or(""),
         ];
         let mut text = String::with_capacity(values.iter().map(|v| v.len()).sum());
         let mut ends = [0u32; FIELDS];
@@ -421,6 +423,12 @@ impl PackageEntry {
 
     pub fn priority(&self) -> Option<&str> {
         self.optional(Field::Priority)
+    }
+
+    /// `Source`: the source package, with its version in parentheses when it differs from the
+    /// binary's (`linux-signed-amd64 (6.1.158+1)`); absent when it has the binary's name.
+    pub fn source(&self) -> Option<&str> {
+        self.optional(Field::Source)
     }
 
     pub fn size(&self) -> u64 {

@@ -282,6 +282,10 @@ pub struct PackageRef {
     /// `Installed-Size` from the signed index (KiB): bounds what reading the .deb may unpack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installed_size: Option<u64>,
+    /// `Source` from the signed index, when the source package is named otherwise or has
+    /// another version (see [`PackageRef::source_package`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl PackageRef {
@@ -296,6 +300,25 @@ impl PackageRef {
             essential: e.essential(),
             priority: e.priority().map(str::to_string),
             installed_size: e.installed_size(),
+            source: e.source().map(str::to_string),
+        }
+    }
+
+    /// The source package's name and version: from `Source: name (version)`, `Source: name`
+    /// (the binary's version), or the binary's own name and version.
+    pub fn source_package(&self) -> (String, String) {
+        match self.source.as_deref().map(str::trim) {
+            Some(s) => match s.split_once(' ') {
+                Some((name, v)) => (
+                    name.to_string(),
+                    v.trim()
+                        .trim_start_matches('(')
+                        .trim_end_matches(')')
+                        .to_string(),
+                ),
+                None => (s.to_string(), self.version.clone()),
+            },
+            None => (self.name.clone(), self.version.clone()),
         }
     }
 

@@ -15,24 +15,21 @@
 //!
 //! It is PUT under every tag. The manifest bytes are deterministic: same inputs, same digest.
 //!
-//! # Signatures
+//! # Signatures and attestations
 //!
-//! The signer writes a payload, compact JSON
-//! `{"type":"dev.kiln.signature.v1","manifest_digest":"sha256:…","repository":"…","tags":[…],"created":"…"}`,
-//! and signs its exact bytes with ed25519 (keys: see [`sign`]). The signature is an OCI artifact:
-//! a manifest with `artifactType: application/vnd.kiln.signature.v1`, the empty config
-//! (`application/vnd.oci.empty.v1+json`, `{}`), one layer = the payload
-//! (`application/vnd.kiln.signature.payload.v1+json`) annotated with `dev.kiln.signature` (hex of
-//! the 64 signature bytes) and `dev.kiln.signature.key` (`sha256:` of the 32 public key bytes),
-//! and `subject` = the image manifest. Registries with the OCI 1.1 referrers API list it under
-//! the image; because distribution 2.8 (Debian's `docker-registry`) has none, it is also tagged
-//! `sha256-<manifest hex>.sig` in the same repository (cosign's tag scheme). Pull asks the
-//! referrers API first and falls back to that tag.
+//! Both are stored as cosign stores them (docs/signatures.md has every field). A signature signs
+//! cosign's simple signing payload naming the manifest digest and the repository (keys and
+//! payload: see [`sign`]); it is a layer of the manifest tagged `sha256-<manifest hex>.sig`.
+//! Attestations (SBOM, provenance; see [`attest`]) are in-toto Statements in DSSE envelopes, one
+//! layer each of the manifest tagged `sha256-<manifest hex>.att`. Both manifests name the image
+//! as their `subject`, so registries with the OCI 1.1 referrers API list them under the image;
+//! distribution 2.8 (Debian's `docker-registry`) has none, and the tags serve. Pull asks the
+//! referrers API first and also reads the tag.
 //!
-//! Pull with a trusted key refuses: no signature, a signature by another key, a signature that
-//! does not verify, a signature over another manifest (the tag was moved), and any blob or
-//! manifest whose bytes do not hash to their digest. Without a key it checks digests only and
-//! warns.
+//! Pull with a trusted key refuses: no signature, no valid signature by that key, a signature
+//! over another manifest (the tag was moved) or for another repository, a signature in kiln's
+//! old format (with the way out, `kiln sign`), and any blob or manifest whose bytes do not hash
+//! to their digest. Without a key it checks digests only and warns.
 //!
 //! # Measured against distribution 2.8.2 (Debian `docker-registry`)
 //!
@@ -46,6 +43,7 @@
 //! Credentials: `StoreOptions::credentials`, else `KILN_REGISTRY_USER` and
 //! `KILN_REGISTRY_PASSWORD` from the environment.
 
+pub mod attest;
 pub mod layout;
 pub mod reference;
 pub mod registry;
@@ -196,6 +194,24 @@ pub enum StoreError {
          {reference} --key KEY` (the old ed25519 key files still work)"
     )]
     OldSignatureFormat { reference: String },
+    #[error(
+        "the {predicate_type} attestation on {reference} is signed by the trusted key but is about \
+         {subjects:?}, not manifest {digest}; refusing it"
+    )]
+    AttestationSubject {
+        reference: String,
+        predicate_type: String,
+        digest: Digest256,
+        subjects: Vec<String>,
+    },
+    #[error(
+        "{reference} has two different {predicate_type} attestations signed by the trusted key; \
+         refusing both (remove one from the sha256-<hex>.att manifest, or publish again)"
+    )]
+    ConflictingAttestations {
+        reference: String,
+        predicate_type: String,
+    },
     #[error(
         "signature on {reference} is for manifest {signed}, but the registry served {actual} (the manifest changed after signing); refusing it"
     )]
@@ -548,10 +564,20 @@ impl Target {
 
     /// Read a small blob whole and check its digest.
     fn small_blob(&self, d: &Descriptor, what: &str) -> Result<Vec<u8>, StoreError> {
-        if d.size > MAX_SMALL_BLOB {
+        self.small_blob_within(d, what, MAX_SMALL_BLOB)
+    }
+
+    /// Read a blob of at most `max` bytes whole and check its digest.
+    fn small_blob_within(
+        &self,
+        d: &Descriptor,
+        what: &str,
+        max: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        if d.size > max {
             return Err(StoreError::SizeMismatch {
                 what: format!("{what} {} (too large)", d.digest),
-                expected: MAX_SMALL_BLOB,
+                expected: max,
                 actual: d.size,
             });
         }
@@ -559,7 +585,7 @@ impl Target {
         let mut bytes = Vec::new();
         fetched
             .body
-            .take(MAX_SMALL_BLOB + 1)
+            .take(max + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| self.read_error(what, &d.digest, &e))?;
         let actual = Digest256::of(&bytes);
@@ -874,13 +900,7 @@ pub fn sign_image(
 ) -> Result<SignReport, StoreError> {
     let r = Reference::parse(reference)?;
     let target = Target::open(&r, opts, false)?;
-    let (bytes, digest, m) = fetch_manifest(&target, &r, &r.manifest_ref())?;
-    if m.artifact_type.as_deref() != Some(ARTIFACT_DISK) {
-        return Err(StoreError::NotKilnImage {
-            reference: r.to_string(),
-            reason: format!("artifactType {:?}", m.artifact_type),
-        });
-    }
+    let (bytes, digest, _) = fetch_image(&target, &r)?;
     let signature_digest =
         put_signature(&target, &r, key, &manifest_descriptor(&bytes), timestamp)?;
     Ok(SignReport {
@@ -890,6 +910,211 @@ pub fn sign_image(
         key: sign::key_id(&key.verifying_key()),
         key_type: key.key_type(),
     })
+}
+
+/// The kiln image manifest `reference` names, fetched and checked: its bytes, digest, and the
+/// reference parsed.
+fn fetch_image(
+    target: &Target,
+    r: &Reference,
+) -> Result<(Vec<u8>, Digest256, OciManifest), StoreError> {
+    let (bytes, digest, m) = fetch_manifest(target, r, &r.manifest_ref())?;
+    if m.artifact_type.as_deref() != Some(ARTIFACT_DISK) {
+        return Err(StoreError::NotKilnImage {
+            reference: r.to_string(),
+            reason: format!("artifactType {:?}", m.artifact_type),
+        });
+    }
+    Ok((bytes, digest, m))
+}
+
+/// Attach `statements` (their subject: the image's manifest) to the image `reference`, each
+/// in a DSSE envelope signed with `key`, in the `sha256-<hex>.att` manifest. Returns that
+/// manifest's digest.
+pub fn attach(
+    reference: &str,
+    key: &SigningKey,
+    statements: &[attest::Statement],
+    opts: &StoreOptions,
+) -> Result<Digest256, StoreError> {
+    let r = Reference::parse(reference)?;
+    let target = Target::open(&r, opts, false)?;
+    let (bytes, digest, _) = fetch_image(&target, &r)?;
+    if let Some(st) = statements.iter().find(|s| !s.names(&digest)) {
+        return Err(StoreError::Usage {
+            what: format!("attach a {} attestation to {r}", st.predicate_type),
+            reason: format!("its statement is not about manifest {digest}"),
+        });
+    }
+    attest::put_attestations(&target, &r, key, &manifest_descriptor(&bytes), statements)
+}
+
+/// The name a Statement gives the image published at `reference`: its repository, as the
+/// signature's `docker-reference`.
+pub fn subject_name(reference: &str) -> Result<String, StoreError> {
+    Ok(docker_reference(&Reference::parse(reference)?))
+}
+
+/// What `kiln verify` can require of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Requirement {
+    /// A signature by the trusted key (cosign's format).
+    Signature,
+    /// An SPDX SBOM attestation signed by the trusted key.
+    Sbom,
+    /// A SLSA provenance v1 attestation signed by the trusted key.
+    Provenance,
+}
+
+impl Requirement {
+    pub const ALL: [Requirement; 3] = [
+        Requirement::Signature,
+        Requirement::Sbom,
+        Requirement::Provenance,
+    ];
+
+    fn predicate_type(self) -> Option<&'static str> {
+        match self {
+            Requirement::Signature => None,
+            Requirement::Sbom => Some(attest::PREDICATE_SPDX),
+            Requirement::Provenance => Some(attest::PREDICATE_SLSA_V1),
+        }
+    }
+}
+
+impl std::fmt::Display for Requirement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Requirement::Signature => "signature",
+            Requirement::Sbom => "sbom",
+            Requirement::Provenance => "provenance",
+        })
+    }
+}
+
+/// One thing `kiln verify` looked at.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub what: Requirement,
+    /// `verified`, `missing`, `unverified` (there, but not validly signed by the key) or
+    /// `refused` (signed, but wrong: another manifest, another repository, a conflict).
+    pub status: &'static str,
+    /// What was found, or why it failed.
+    pub detail: String,
+    pub required: bool,
+}
+
+/// What `kiln verify` found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    pub reference: String,
+    pub manifest_digest: Digest256,
+    pub key: Digest256,
+    pub checks: Vec<Check>,
+    /// Every required check verified.
+    pub ok: bool,
+    /// The verified SBOM document (for `kiln sbom`), not printed with the report.
+    #[serde(skip)]
+    pub sbom: Option<serde_json::Value>,
+}
+
+/// Check the image `reference` with `key`: its signature, and its SBOM and provenance
+/// attestations. Everything is looked at; `require` says what must hold for `ok`.
+pub fn verify_image(
+    reference: &str,
+    key: &VerifyingKey,
+    require: &[Requirement],
+    opts: &StoreOptions,
+) -> Result<VerifyReport, StoreError> {
+    let r = Reference::parse(reference)?;
+    let target = Target::open(&r, opts, false)?;
+    let (_, digest, _) = fetch_image(&target, &r)?;
+    let mut checks = Vec::new();
+    let mut sbom = None;
+    for what in Requirement::ALL {
+        let (status, detail) = match what.predicate_type() {
+            None => match check_signature(&target, &r, &digest, Some(key), &opts.signed_for) {
+                Ok(s) => ("verified", s.to_string()),
+                Err(StoreError::Unsigned { .. }) => ("missing", "no signature".to_string()),
+                Err(e @ StoreError::BadSignature { .. }) => ("unverified", e.to_string()),
+                Err(
+                    e @ (StoreError::ManifestChanged { .. }
+                    | StoreError::OtherRepository { .. }
+                    | StoreError::OldSignatureFormat { .. }),
+                ) => ("refused", e.to_string()),
+                Err(e) => return Err(e),
+            },
+            Some(predicate_type) => {
+                match attest::attested(&target, &r, &digest, key, predicate_type) {
+                    Ok(attest::Attested::One(st)) => {
+                        let detail = summary(what, &st.predicate);
+                        if what == Requirement::Sbom {
+                            sbom = Some(st.predicate);
+                        }
+                        ("verified", detail)
+                    }
+                    Ok(attest::Attested::Missing) => {
+                        ("missing", format!("no {predicate_type} attestation"))
+                    }
+                    Ok(attest::Attested::Unverified { layers }) => (
+                        "unverified",
+                        format!(
+                            "{layers} {predicate_type} attestation(s), none validly signed by the                              trusted key"
+                        ),
+                    ),
+                    Err(
+                        e @ (StoreError::AttestationSubject { .. }
+                        | StoreError::ConflictingAttestations { .. }
+                        | StoreError::Malformed { .. }),
+                    ) => ("refused", e.to_string()),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        checks.push(Check {
+            what,
+            status,
+            detail,
+            required: require.contains(&what),
+        });
+    }
+    let ok = checks.iter().all(|c| !c.required || c.status == "verified");
+    Ok(VerifyReport {
+        reference: r.with_digest(&digest),
+        manifest_digest: digest,
+        key: sign::key_id(key),
+        checks,
+        ok,
+        sbom,
+    })
+}
+
+/// One line about a verified predicate.
+fn summary(what: Requirement, predicate: &serde_json::Value) -> String {
+    match what {
+        Requirement::Sbom => {
+            let packages = predicate["packages"].as_array().map_or(0, Vec::len);
+            format!(
+                "SPDX {}: {} package(s) besides the image",
+                predicate["spdxVersion"].as_str().unwrap_or("?"),
+                packages.saturating_sub(1)
+            )
+        }
+        Requirement::Provenance => format!(
+            "built by {} ({}), {} resolved dependencies",
+            predicate["runDetails"]["builder"]["id"]
+                .as_str()
+                .unwrap_or("?"),
+            predicate["buildDefinition"]["buildType"]
+                .as_str()
+                .unwrap_or("?"),
+            predicate["buildDefinition"]["resolvedDependencies"]
+                .as_array()
+                .map_or(0, Vec::len)
+        ),
+        Requirement::Signature => String::new(),
+    }
 }
 
 /// Fetch and check a manifest: its bytes must hash to the digest asked for (if any) and to the

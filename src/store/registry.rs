@@ -740,7 +740,8 @@ impl Registry {
         digest: &Digest256,
         artifact_type: &str,
     ) -> Result<Option<Vec<super::Descriptor>>, StoreError> {
-        let url = format!("/v2/{repo}/referrers/{digest}?artifactType={artifact_type}");
+        let filter = artifact_type.replace('+', "%2B");
+        let url = format!("/v2/{repo}/referrers/{digest}?artifactType={filter}");
         let r = self.send("GET", &url, &|rb| rb.header(header::ACCEPT, OCI_INDEX))?;
         if !r.status().is_success() {
             return Ok(None);

@@ -9,7 +9,10 @@
 //! layout the directory is the repository. Without `publish:` in the recipe, or without a target
 //! on the worker, the stage completes with `{"skipped": "<why>"}` in its outputs.
 //!
-//! Redelivery is cheap and harmless: the manifest bytes and the ed25519 signature are
+//! With a signing key it also attaches, as signed in-toto attestations (`sha256-<hex>.att`), the
+//! image's SBOM (SPDX 2.3, [`crate::sbom`]) and its SLSA provenance ([`crate::provenance`]).
+//!
+//! Redelivery is cheap and harmless: the manifest bytes, the signature and the attestations are
 //! deterministic (same disk, recipe and SOURCE_DATE_EPOCH → same digests), and the store skips
 //! a blob the registry already has, so a second run pushes no disk bytes (`uploaded: 0`).
 
@@ -18,6 +21,7 @@ use super::{Artifacts, Handover, Need, StageEnv, StageError, StageRun, StageWork
 use crate::bus::{self, CacheStatus, EventTime, ImagePublished, VERSION};
 use crate::digest::Digest256;
 use crate::pipeline::records::StageRecords;
+use crate::store::attest::{self, Statement};
 use crate::store::{self, PublishMeta, StoreError, StoreOptions};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -59,6 +63,14 @@ pub struct Pushed {
     /// Bytes uploaded (0 when the registry had the disk already).
     pub uploaded: u64,
     pub seconds: f64,
+    /// The `sha256-<hex>.att` manifest holding the signed SBOM and provenance (when signed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attestations: Option<Digest256>,
+    /// Packages the SBOM lists (`None`: no SBOM, see `sbom_skipped`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sbom_packages: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sbom_skipped: Option<String>,
     /// The announcement for the agents.
     #[serde(skip)]
     pub message: Box<ImagePublished>,
@@ -89,13 +101,20 @@ impl StageWork for PublishStage {
         } else {
             PathBuf::new()
         };
-        let out = publish_build(
-            &id,
-            build,
-            h.commit.as_deref(),
-            &disk,
-            run.env.publish.as_ref(),
-        )?;
+        let suite = build
+            .loaded
+            .recipe
+            .rootfs
+            .suite
+            .clone()
+            .unwrap_or_else(|| run.env.archive.suite.clone());
+        let origin = Origin {
+            request: &h.request,
+            commit: h.commit.as_deref(),
+            mirror: &run.env.archive.mirror,
+            suite: &suite,
+        };
+        let out = publish_build(&id, build, &origin, &disk, run.env.publish.as_ref())?;
         // A redelivered message pushes nothing: the registry had it all.
         if let PublishOut::Pushed(p) = &out
             && p.uploaded == 0
@@ -210,11 +229,74 @@ fn meta(build: &Artifacts, commit: Option<&str>, extra_tags: Vec<String>) -> Pub
     }
 }
 
-/// Push the build's verified disk (its blob must be local) to `target` and sign it. Blocking.
+/// Where a build came from: what its provenance names.
+pub struct Origin<'a> {
+    pub request: &'a bus::BuildRequest,
+    /// The git commit of a git recipe.
+    pub commit: Option<&'a str>,
+    /// The Debian mirror and suite its packages came from.
+    pub mirror: &'a str,
+    pub suite: &'a str,
+}
+
+/// The in-toto Statements published with an image: its SBOM (busybox images: every package
+/// kiln fetched; Debian images are not listed yet, and the reason is returned instead) and its
+/// provenance.
+fn statements(
+    build: &Artifacts,
+    origin: &Origin<'_>,
+    name: &str,
+    manifest: &Digest256,
+) -> Result<(Vec<Statement>, Result<usize, String>), StageError> {
+    let disk = build.disk()?;
+    let recipe = &build.loaded.recipe;
+    let mut out = Vec::new();
+    let sbom = if build.is_debian() {
+        Err(
+            "Debian images are not listed yet: their packages come from mmdebstrap, not from \
+             kiln's resolver"
+                .to_string(),
+        )
+    } else {
+        let packages = build.packages()?.fetched(false);
+        let count = packages.len();
+        let doc = crate::sbom::spdx(&crate::sbom::SbomInput {
+            name: &recipe.name,
+            version: recipe.version.as_deref().unwrap_or(""),
+            image: &disk.image,
+            source_date_epoch: build.loaded.source_date_epoch,
+            mirror: origin.mirror,
+            suite: origin.suite,
+            packages,
+        });
+        out.push(Statement::new(name, manifest, attest::PREDICATE_SPDX, doc));
+        Ok(count)
+    };
+    let host = crate::pipeline::worker::default_worker_name();
+    let builder = host.split('/').next().unwrap_or("localhost");
+    let provenance = crate::provenance::slsa(&crate::provenance::ProvenanceInput {
+        request: origin.request,
+        commit: origin.commit,
+        build,
+        mirror: origin.mirror,
+        suite: origin.suite,
+        builder,
+    });
+    out.push(Statement::new(
+        name,
+        manifest,
+        attest::PREDICATE_SLSA_V1,
+        provenance,
+    ));
+    Ok((out, sbom))
+}
+
+/// Push the build's verified disk (its blob must be local) to `target`, sign it and attach its
+/// signed SBOM and provenance. Blocking.
 pub fn publish_build(
     build_id: &str,
     build: &Artifacts,
-    commit: Option<&str>,
+    origin: &Origin<'_>,
     disk_path: &std::path::Path,
     target: Option<&PublishTarget>,
 ) -> Result<PublishOut, StageError> {
@@ -244,8 +326,17 @@ pub fn publish_build(
         Some(path) => Some(store::load_signing_key(path).map_err(StageError::SigningKey)?),
         None => None,
     };
-    let meta = meta(build, commit, tags[1..].to_vec());
+    let meta = meta(build, origin.commit, tags[1..].to_vec());
     let report = store::publish(disk_path, &reference, &meta, key.as_ref(), &target.store)?;
+    let (attestations, sbom) = match &key {
+        Some(key) => {
+            let name = store::subject_name(&reference)?;
+            let (list, sbom) = statements(build, origin, &name, &report.manifest_digest)?;
+            let att = store::attach(&report.reference, key, &list, &target.store)?;
+            (Some(att), sbom)
+        }
+        None => (None, Err("the image is not signed (no --key)".to_string())),
+    };
     let verification = json!({ "boots": serde_json::from_str::<Value>(meta.boot_report.as_deref().unwrap_or("{}")).ok().and_then(|v| v.get("boots").cloned()) });
     let message = ImagePublished {
         v: VERSION,
@@ -267,6 +358,9 @@ pub fn publish_build(
         bytes: report.bytes,
         uploaded: report.uploaded,
         seconds: report.seconds,
+        attestations,
+        sbom_packages: sbom.as_ref().ok().copied(),
+        sbom_skipped: sbom.err(),
         message: Box::new(message),
     }))
 }

@@ -154,7 +154,8 @@ fn packages(run: &mut StageRun<'_>, loaded: &Loaded) -> Result<ChosenPackages, S
         mirror: &archive.options().mirror,
         release: archive.release_digest(),
     };
-    let chosen: ChosenPackages = run.step("packages", 1, &key, |_| {
+    // Version 2: package references carry their source package (for the SBOM).
+    let chosen: ChosenPackages = run.step("packages", 2, &key, |_| {
         Ok(ChosenPackages {
             kernel: versioned_package(&archive, &kernel)?,
             busybox: one_package(&archive, "busybox-static")?,

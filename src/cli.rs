@@ -502,8 +502,13 @@ pub struct VerifyArgs {
     /// Public key (`kiln keygen`'s FILE.pub) the signature and attestations must verify with.
     #[arg(long, value_name = "KEYFILE")]
     pub key: PathBuf,
-    /// What must verify (comma-separated; default: all).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = crate::store::Requirement::ALL)]
+    /// Public key of a verifier (`$KILN_HOME/verifier.key.pub` of the workers that boot images,
+    /// or their --verifier-key) whose boot attestation counts (repeatable).
+    #[arg(long, value_name = "KEYFILE")]
+    pub verifier_key: Vec<PathBuf>,
+    /// What must verify (comma-separated): signature, sbom, provenance, boot. Default: all, but
+    /// boot only when a --verifier-key is given.
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub require: Vec<crate::store::Requirement>,
     /// Also accept signatures made for this repository (repeatable).
     #[arg(long, value_name = "REPO")]
@@ -837,6 +842,11 @@ pub struct PublishOpts {
     /// Plain http for a registry that is not on loopback.
     #[arg(long, requires = "publish_to")]
     pub insecure: bool,
+    /// The key the verify stage signs its boot attestations with (default:
+    /// `$KILN_HOME/verifier.key`, made on first start). Agents trust its `.pub` with
+    /// `--trust-verifier`.
+    #[arg(long, value_name = "FILE")]
+    pub verifier_key: Option<PathBuf>,
 }
 
 impl PublishOpts {
@@ -939,6 +949,16 @@ pub struct AgentArgs {
     /// Public key (`kiln keygen`'s FILE.pub) images must be signed with.
     #[arg(long, value_name = "KEYFILE")]
     pub trust: PathBuf,
+    /// Public key of a verifier whose boot attestation counts (repeatable): the
+    /// `verifier.key.pub` in the `$KILN_HOME` of the workers that boot images (or their
+    /// --verifier-key's).
+    #[arg(long, value_name = "KEYFILE")]
+    pub trust_verifier: Vec<PathBuf>,
+    /// What an image must carry (comma-separated: signature, boot, sbom, provenance). The
+    /// signature is always checked; a boot attestation by a --trust-verifier key is required by
+    /// default, so an image published outside the pipeline does not run unless this says so.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [crate::store::Requirement::Signature, crate::store::Requirement::Boot])]
+    pub require: Vec<crate::store::Requirement>,
     /// Also run images whose signature was made for this repository (repeatable); by default
     /// only signatures made for the watched repository count.
     #[arg(long, value_name = "REPO")]
@@ -1820,7 +1840,20 @@ fn verify_image(args: VerifyArgs) -> anyhow::Result<i32> {
         signed_for: args.signed_for.clone(),
         ..Default::default()
     };
-    let report = crate::store::verify_image(&args.reference, &key, &args.require, &opts)?;
+    let verifiers = args
+        .verifier_key
+        .iter()
+        .map(|p| crate::store::load_verifying_key(p).map_err(BadInput::error))
+        .collect::<Result<Vec<_>, _>>()?;
+    let require: Vec<crate::store::Requirement> = if !args.require.is_empty() {
+        args.require.clone()
+    } else {
+        crate::store::Requirement::ALL
+            .into_iter()
+            .filter(|r| *r != crate::store::Requirement::Boot || !verifiers.is_empty())
+            .collect()
+    };
+    let report = crate::store::verify_image(&args.reference, &key, &verifiers, &require, &opts)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -1859,7 +1892,8 @@ fn sbom(args: SbomArgs) -> anyhow::Result<i32> {
         credentials: None,
         ..Default::default()
     };
-    let report = crate::store::verify_image(&args.reference, &key, &[Requirement::Sbom], &opts)?;
+    let report =
+        crate::store::verify_image(&args.reference, &key, &[], &[Requirement::Sbom], &opts)?;
     match report.sbom {
         Some(doc) => {
             println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -2287,7 +2321,36 @@ fn worker_config(
     config.limits = limits.limits();
     config.profiles_dir = profiles;
     config.publish = publish.target();
+    config.verifier = Some(verifier_key(publish.verifier_key.as_deref(), &config.home)?);
     Ok(config)
+}
+
+/// The verify stage's signing key: the file given, else `$KILN_HOME/verifier.key`, made (ECDSA
+/// P-256) when absent.
+fn verifier_key(
+    given: Option<&std::path::Path>,
+    home: &std::path::Path,
+) -> Result<crate::store::SigningKey, BadInput> {
+    use crate::store::{KeyType, keygen, load_signing_key};
+    let path = match given {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = home.join("verifier.key");
+            if !p.exists() {
+                std::fs::create_dir_all(home).map_err(|e| {
+                    BadInput::Message(format!("cannot create {}: {e}", home.display()))
+                })?;
+                keygen(&p, KeyType::EcdsaP256).map_err(BadInput::error)?;
+                tracing::info!(
+                    "made the verifier key {} (agents trust {}.pub with --trust-verifier)",
+                    p.display(),
+                    p.display()
+                );
+            }
+            p
+        }
+    };
+    load_signing_key(&path).map_err(BadInput::error)
 }
 
 fn watch(args: WatchArgs) -> anyhow::Result<i32> {
@@ -2533,11 +2596,27 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
     if let Err(e) = crate::store::load_verifying_key(&args.trust) {
         return Err(anyhow::Error::new(BadInput::error(e)).context("--trust"));
     }
+    for path in &args.trust_verifier {
+        if let Err(e) = crate::store::load_verifying_key(path) {
+            return Err(anyhow::Error::new(BadInput::error(e)).context("--trust-verifier"));
+        }
+    }
+    if args.require.contains(&crate::store::Requirement::Boot) && args.trust_verifier.is_empty() {
+        return Err(BadInput::Message(
+            "a boot attestation is required (--require includes boot, the default) but no \
+             --trust-verifier KEYFILE is given: give the verifier.key.pub of the workers that \
+             boot images, or --require signature to run images that carry none"
+                .into(),
+        )
+        .into());
+    }
     let config = AgentConfig {
         name: args.name.clone(),
         repository,
         tag,
         trust: args.trust.clone(),
+        trust_verifiers: args.trust_verifier.clone(),
+        require: args.require.clone(),
         state_dir: std::path::absolute(&args.state_dir)?,
         profile: args.profile.clone(),
         profiles_dir: args.profiles.clone(),

@@ -5,8 +5,9 @@
 //!
 //! One test walks the whole life of an application so the VM boots stay few: a build publishes
 //! v1 → the agent deploys it → v2 is built and swapped in → v3 (verified, but its application
-//! never comes up) is rolled back → an image signed by another key and an image changed after
-//! signing are refused without booting → the agent is killed and restarted and re-adopts the
+//! never comes up) is rolled back → an image signed by another key, and one signed with the
+//! trusted key but published outside the pipeline (no boot attestation), are refused without
+//! booting (the changed-after-signing disk is refused by `kiln pull`) → the agent is killed and restarted and re-adopts the
 //! running VM.
 
 use kiln::bus::{Bus, EventTime, ImagePublished, PrivateServer};
@@ -345,6 +346,9 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
             "--trust",
         ])
         .arg(&trust)
+        // The verify stage of `kiln up` signs its boot attestations with this key.
+        .arg("--trust-verifier")
+        .arg(home.path().join("verifier.key.pub"))
         .arg("--state-dir")
         .arg(&state);
         c
@@ -487,11 +491,13 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
         "{}",
         show(&o, &up_log)
     );
+    // Signed with the trusted key but published outside the pipeline: no boot attestation, so
+    // the agent refuses it before fetching the disk, and says which requirement failed.
     announce(&url, &repository, &tampered, "tampered-build");
     let refused = agent.next("failed", Duration::from_secs(60));
     let why = refused["error"]["message"].as_str().unwrap();
     assert!(why.contains("nothing was booted"), "{why}");
-    assert!(why.contains("expected digest"), "{why}");
+    assert!(why.contains("required boot is missing"), "{why}");
     assert_eq!(qemus_in(&state), vec![v2_pid]);
     assert!(page(listen).contains("kiln-app release 2"));
 

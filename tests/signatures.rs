@@ -8,10 +8,13 @@
 //!   beside the first, and the same key and image give the same signature bytes.
 //!
 //! - a build published by `kiln up --publish-to --key` carries an SPDX SBOM and a SLSA provenance
-//!   attestation: `cosign verify-attestation` accepts them with the project key (not another),
-//!   the SPDX project's `pyspdxtools` validates the document, whose packages are the ones the
-//!   build fetched, Python's `cryptography` checks each DSSE envelope, and `kiln verify` and
-//!   `kiln sbom` agree; an envelope changed in the registry is refused by kiln and cosign.
+//!   attestation, and the verify stage's boot attestation: `cosign verify-attestation` accepts
+//!   the first two with the project key (not another), the SPDX project's `pyspdxtools`
+//!   validates the document, whose packages are the ones the build fetched, Python's
+//!   `cryptography` checks each DSSE envelope (the boot one with the verifier key), and `kiln
+//!   verify` and `kiln sbom` agree; an envelope changed in the registry is refused by kiln and
+//!   cosign. (cosign cannot check the boot attestation: its subject is the disk, which is all the
+//!   verify stage knows, and cosign wants the manifest's digest.)
 //!
 //! (Debian 12's skopeo is built with sigstore support disabled, so it cannot be the oracle.)
 
@@ -21,6 +24,7 @@ use common::{curl, kiln_no_home as kiln, output};
 use std::path::Path;
 use std::process::{Command, Output};
 
+const BOOT: &str = "https://kiln.invalid/attestation/boot/v1";
 const ACCEPT_OCI: &str = "Accept: application/vnd.oci.image.manifest.v1+json";
 
 fn text(o: &Output) -> String {
@@ -392,7 +396,7 @@ print(json.loads(payload)["predicateType"])
 "#;
 
 #[test]
-fn a_published_build_carries_an_sbom_and_provenance_that_cosign_and_spdx_tools_check() {
+fn a_published_build_carries_an_sbom_provenance_and_boot_attestation_that_others_check() {
     use common::{Running, json_lines, shared_home};
     use std::process::Stdio;
     let home = shared_home();
@@ -549,9 +553,13 @@ fn a_published_build_carries_an_sbom_and_provenance_that_cosign_and_spdx_tools_c
     ]))
     .unwrap();
     assert_eq!(att["subject"]["digest"], manifest.as_str(), "{att}");
+    // The boot attestation is the verify stage's, signed with the verifier key of kiln up's home.
+    let verifier = home.path().join("verifier.key.pub");
     let mut types = Vec::new();
     for (i, layer) in att["layers"].as_array().unwrap().iter().enumerate() {
         assert_eq!(layer["mediaType"], "application/vnd.dsse.envelope.v1+json");
+        let kind = layer["annotations"]["predicateType"].as_str().unwrap();
+        let signer = if kind == BOOT { &verifier } else { &public };
         let envelope = curl(&[&format!(
             "http://{host}/v2/kiln/app/blobs/{}",
             layer["digest"].as_str().unwrap()
@@ -562,15 +570,16 @@ fn a_published_build_carries_an_sbom_and_provenance_that_cosign_and_spdx_tools_c
             Command::new("python3")
                 .args(["-c", DSSE_CHECK])
                 .arg(&file)
-                .arg(&public),
+                .arg(signer),
         );
-        assert!(o.status.success(), "DSSE check: {}", text(&o));
+        assert!(o.status.success(), "DSSE check of {kind}: {}", text(&o));
         types.push(String::from_utf8_lossy(&o.stdout).trim().to_string());
     }
     types.sort();
     assert_eq!(
         types,
         [
+            BOOT,
             "https://slsa.dev/provenance/v1",
             "https://spdx.dev/Document"
         ]
@@ -585,9 +594,38 @@ fn a_published_build_carries_an_sbom_and_provenance_that_cosign_and_spdx_tools_c
     assert!(o.status.success(), "{}", text(&o));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["ok"], true, "{report}");
+    // Without a verifier key the boot attestation is not required, and cannot be checked.
+    for c in report["checks"].as_array().unwrap() {
+        let expected = if c["what"] == "boot" {
+            "unverified"
+        } else {
+            "verified"
+        };
+        assert_eq!(c["status"], expected, "{report}");
+    }
+    let o = output(
+        common::kiln(home.path())
+            .args(["verify", &by_digest, "--json", "--key"])
+            .arg(&public)
+            .arg("--verifier-key")
+            .arg(&verifier),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for c in report["checks"].as_array().unwrap() {
         assert_eq!(c["status"], "verified", "{report}");
+        assert_eq!(c["required"], true, "{report}");
     }
+    assert!(report.to_string().contains("booted to"), "{report}");
+    // The project key is not a verifier key: the boot attestation does not verify with it.
+    let o = output(
+        common::kiln(home.path())
+            .args(["verify", &by_digest, "--require", "boot", "--key"])
+            .arg(&public)
+            .arg("--verifier-key")
+            .arg(&public),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let o = output(
         common::kiln(home.path())
             .args(["sbom", &by_digest, "--key"])

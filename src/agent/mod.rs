@@ -81,6 +81,10 @@ pub struct AgentConfig {
     pub tag: String,
     /// The public key images must be signed with.
     pub trust: PathBuf,
+    /// Public keys of the verifiers whose boot attestations count.
+    pub trust_verifiers: Vec<PathBuf>,
+    /// What an image must carry besides its signature (always checked): boot, sbom, provenance.
+    pub require: Vec<store::Requirement>,
     pub state_dir: PathBuf,
     /// QEMU machine profile (UEFI) and the directory to find it in.
     pub profile: String,
@@ -278,6 +282,7 @@ fn pull_reference(msg: &ImagePublished) -> String {
 fn deploy(
     config: &AgentConfig,
     trust: &VerifyingKey,
+    verifiers: &[VerifyingKey],
     state: &mut AgentState,
     msg: &ImagePublished,
     received: Instant,
@@ -309,6 +314,48 @@ fn deploy(
     }
     let image = images.join(format!("{hex}.img"));
     let pull_ref = pull_reference(msg);
+    // What the image must carry besides its signature (a boot attestation by a trusted
+    // verifier, by default), checked before a byte of the disk is fetched.
+    if config
+        .require
+        .iter()
+        .any(|r| *r != store::Requirement::Signature)
+    {
+        let refused = match store::verify_image(
+            &pull_ref,
+            trust,
+            verifiers,
+            &config.require,
+            &config.store,
+        ) {
+            Ok(report) if report.ok => None,
+            Ok(report) => Some((
+                ErrorKind::Verification,
+                report
+                    .checks
+                    .iter()
+                    .filter(|c| c.required && c.status != "verified")
+                    .map(|c| format!("required {} is {}: {}", c.what, c.status, c.detail))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )),
+            Err(e @ (StoreError::Http { .. } | StoreError::Io { .. })) => {
+                Some((ErrorKind::Transient, crate::error::Chain(&e).to_string()))
+            }
+            Err(e) => Some((ErrorKind::Verification, crate::error::Chain(&e).to_string())),
+        };
+        if let Some((kind, why)) = refused {
+            return Ok(failed(
+                config,
+                msg,
+                &default_app,
+                kind,
+                format!("refused {pull_ref}, nothing was booted: {why}"),
+                state,
+                false,
+            ));
+        }
+    }
     let report = match store::pull(&pull_ref, &image, Some(trust), &config.store) {
         Ok(r) => r,
         Err(e) => {
@@ -654,6 +701,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let trust = store::load_verifying_key(&config.trust)?;
+    let verifiers = config
+        .trust_verifiers
+        .iter()
+        .map(|p| store::load_verifying_key(p))
+        .collect::<Result<Vec<_>, _>>()?;
     std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::Io {
         what: "create the state directory",
         path: config.state_dir.clone(),
@@ -741,9 +793,12 @@ pub async fn run(
             let config = config.clone();
             let backend = backend.clone();
             let trust = trust.clone();
+            let verifiers = verifiers.clone();
             blocking::<_, AgentError>(move || {
                 let mut st = state;
-                let o = deploy(&config, &trust, &mut st, &msg, received, &backend)?;
+                let o = deploy(
+                    &config, &trust, &verifiers, &mut st, &msg, received, &backend,
+                )?;
                 // Deployed or rolled back: `deploy` marked the digest handled. Refused without
                 // booting: only this message is, so a restart does not act on it again.
                 if st.last_handled.as_deref() != Some(msg.digest.as_str()) {
@@ -922,6 +977,8 @@ mod tests {
             repository: "r".into(),
             tag: "t".into(),
             trust: "k.pub".into(),
+            trust_verifiers: Vec::new(),
+            require: vec![store::Requirement::Signature],
             state_dir: "/s".into(),
             profile: "uefi".into(),
             profiles_dir: None,

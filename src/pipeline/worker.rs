@@ -60,6 +60,8 @@ pub struct WorkerConfig {
     pub local_blobs: bool,
     /// Where the publish stage pushes images (none: it completes as skipped).
     pub publish: Option<PublishTarget>,
+    /// The verify stage's key for boot attestations (none: it signs none).
+    pub verifier: Option<crate::store::SigningKey>,
     /// What build requests may reach on this worker (recipe roots, git repositories,
     /// environment variables): nothing by default.
     pub access: RecipeAccess,
@@ -84,6 +86,7 @@ impl WorkerConfig {
             policy: RetryPolicy::default(),
             local_blobs: false,
             publish: None,
+            verifier: None,
             access: RecipeAccess::default(),
             limits: Default::default(),
             handoff: MemoryRecords::default(),
@@ -437,6 +440,7 @@ pub async fn run_workers(
     env.access = config.access.clone();
     env.limits = config.limits.clone();
     env.publish = config.publish.clone();
+    env.verifier = config.verifier.clone();
     let ctx = Arc::new(Ctx {
         bus: bus.clone(),
         index: BuildIndex::open(bus).await?,

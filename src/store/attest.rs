@@ -28,6 +28,11 @@ pub const STATEMENT_V1: &str = "https://in-toto.io/Statement/v1";
 pub const PREDICATE_SPDX: &str = "https://spdx.dev/Document";
 /// Predicate type of SLSA provenance v1 (`--type slsaprovenance1`).
 pub const PREDICATE_SLSA_V1: &str = "https://slsa.dev/provenance/v1";
+/// Predicate type of kiln's boot attestation (docs/attestations.md): the verify stage's record,
+/// signed with its verifier key, of each boot of a disk that reached the recipe's marker. Its
+/// subject is the disk (the image's layer), which the verify stage knows; the manifest is made
+/// later, by the publish stage.
+pub const PREDICATE_BOOT: &str = "https://kiln.invalid/attestation/boot/v1";
 /// Largest envelope kiln reads (an SBOM of a few thousand packages fits many times over).
 pub const MAX_ENVELOPE: u64 = 16 << 20;
 /// Most attestation layers one image may carry before kiln refuses to read them.
@@ -140,28 +145,47 @@ impl Statement {
     }
 }
 
-/// Sign `statements` with `key` and store them with the image `subject`: each a layer of the
-/// `.att` manifest. Layers already there with another predicate type are kept (the verify
-/// stage's, another key's); one of the same type is replaced. Returns the manifest's digest.
+/// An envelope sealed elsewhere (the verify stage's boot attestation), stored as it is.
+#[derive(Debug, Clone)]
+pub struct Sealed {
+    pub predicate_type: String,
+    /// The envelope's JSON bytes.
+    pub envelope: Vec<u8>,
+}
+
+/// Sign `statements` with `key` and store them, and the `sealed` envelopes as they are, with the
+/// image `subject`: each a layer of the `.att` manifest. Layers already there with another
+/// predicate type are kept (another key's); one of the same type is replaced. Returns the
+/// manifest's digest.
 pub(super) fn put_attestations(
     target: &Target,
     r: &Reference,
     key: &SigningKey,
     subject: &Descriptor,
     statements: &[Statement],
+    sealed: &[Sealed],
 ) -> Result<Digest256, StoreError> {
-    let mut new_layers = Vec::new();
+    let mut envelopes: Vec<(String, Vec<u8>)> = Vec::new();
     for st in statements {
         let envelope = to_json(&Envelope::seal(key, PAYLOAD_IN_TOTO, &to_json(st)?))?;
+        envelopes.push((st.predicate_type.clone(), envelope));
+    }
+    envelopes.extend(
+        sealed
+            .iter()
+            .map(|s| (s.predicate_type.clone(), s.envelope.clone())),
+    );
+    let mut new_layers = Vec::new();
+    for (predicate_type, envelope) in &envelopes {
         new_layers.push(Descriptor {
             media_type: MEDIA_DSSE.into(),
-            digest: target.put_small_blob(&envelope)?,
+            digest: target.put_small_blob(envelope)?,
             size: envelope.len() as u64,
             artifact_type: None,
             // cosign requires its signature annotation on every layer, empty for an envelope
             // (the signature is inside).
             annotations: BTreeMap::from([
-                (ANN_PREDICATE_TYPE.to_string(), st.predicate_type.clone()),
+                (ANN_PREDICATE_TYPE.to_string(), predicate_type.clone()),
                 (super::ANN_COSIGN_SIGNATURE.to_string(), String::new()),
             ]),
         });
@@ -224,14 +248,16 @@ pub enum Attested {
     Missing,
 }
 
-/// The attestations of `predicate_type` on the manifest `digest`, checked with `key`. A
-/// Statement signed by the key about another manifest, two that disagree, or a malformed
-/// envelope are refused with the reason.
+/// The attestations of `predicate_type` on the manifest `digest`, checked with `keys` (one
+/// must have signed it), about `subject` (the manifest, or for a boot attestation the disk). A
+/// Statement signed by a key about something else, two that disagree, or a malformed envelope
+/// are refused with the reason.
 pub(super) fn attested(
     target: &Target,
     r: &Reference,
     digest: &Digest256,
-    key: &VerifyingKey,
+    subject: &Digest256,
+    keys: &[VerifyingKey],
     predicate_type: &str,
 ) -> Result<Attested, StoreError> {
     let malformed = |reason: String| StoreError::Malformed {
@@ -257,7 +283,7 @@ pub(super) fn attested(
                 envelope.payload_type
             )));
         }
-        let Some(payload) = envelope.open(key) else {
+        let Some(payload) = keys.iter().find_map(|k| envelope.open(k)) else {
             continue;
         };
         let st: Statement = serde_json::from_slice(&payload)
@@ -268,11 +294,11 @@ pub(super) fn attested(
                 st.predicate_type
             )));
         }
-        if !st.names(digest) {
+        if !st.names(subject) {
             return Err(StoreError::AttestationSubject {
                 reference: r.to_string(),
                 predicate_type: predicate_type.into(),
-                digest: digest.clone(),
+                digest: subject.clone(),
                 subjects: st
                     .subject
                     .iter()

@@ -195,8 +195,8 @@ pub enum StoreError {
     )]
     OldSignatureFormat { reference: String },
     #[error(
-        "the {predicate_type} attestation on {reference} is signed by the trusted key but is about \
-         {subjects:?}, not manifest {digest}; refusing it"
+        "the {predicate_type} attestation on {reference} is signed by a trusted key but is about \
+         {subjects:?}, not {digest}; refusing it"
     )]
     AttestationSubject {
         reference: String,
@@ -929,12 +929,13 @@ fn fetch_image(
 }
 
 /// Attach `statements` (their subject: the image's manifest) to the image `reference`, each
-/// in a DSSE envelope signed with `key`, in the `sha256-<hex>.att` manifest. Returns that
-/// manifest's digest.
+/// in a DSSE envelope signed with `key`, and envelopes `sealed` elsewhere as they are, in the
+/// `sha256-<hex>.att` manifest. Returns that manifest's digest.
 pub fn attach(
     reference: &str,
     key: &SigningKey,
     statements: &[attest::Statement],
+    sealed: &[attest::Sealed],
     opts: &StoreOptions,
 ) -> Result<Digest256, StoreError> {
     let r = Reference::parse(reference)?;
@@ -946,7 +947,14 @@ pub fn attach(
             reason: format!("its statement is not about manifest {digest}"),
         });
     }
-    attest::put_attestations(&target, &r, key, &manifest_descriptor(&bytes), statements)
+    attest::put_attestations(
+        &target,
+        &r,
+        key,
+        &manifest_descriptor(&bytes),
+        statements,
+        sealed,
+    )
 }
 
 /// The name a Statement gives the image published at `reference`: its repository, as the
@@ -965,13 +973,17 @@ pub enum Requirement {
     Sbom,
     /// A SLSA provenance v1 attestation signed by the trusted key.
     Provenance,
+    /// A boot attestation of the image's disk, every boot passed, signed by a trusted verifier
+    /// key.
+    Boot,
 }
 
 impl Requirement {
-    pub const ALL: [Requirement; 3] = [
+    pub const ALL: [Requirement; 4] = [
         Requirement::Signature,
         Requirement::Sbom,
         Requirement::Provenance,
+        Requirement::Boot,
     ];
 
     fn predicate_type(self) -> Option<&'static str> {
@@ -979,6 +991,7 @@ impl Requirement {
             Requirement::Signature => None,
             Requirement::Sbom => Some(attest::PREDICATE_SPDX),
             Requirement::Provenance => Some(attest::PREDICATE_SLSA_V1),
+            Requirement::Boot => Some(attest::PREDICATE_BOOT),
         }
     }
 }
@@ -989,6 +1002,7 @@ impl std::fmt::Display for Requirement {
             Requirement::Signature => "signature",
             Requirement::Sbom => "sbom",
             Requirement::Provenance => "provenance",
+            Requirement::Boot => "boot",
         })
     }
 }
@@ -1020,16 +1034,19 @@ pub struct VerifyReport {
 }
 
 /// Check the image `reference` with `key`: its signature, and its SBOM and provenance
-/// attestations. Everything is looked at; `require` says what must hold for `ok`.
+/// attestations; and with `verifiers` its boot attestation. Everything is looked at; `require`
+/// says what must hold for `ok`.
 pub fn verify_image(
     reference: &str,
     key: &VerifyingKey,
+    verifiers: &[VerifyingKey],
     require: &[Requirement],
     opts: &StoreOptions,
 ) -> Result<VerifyReport, StoreError> {
     let r = Reference::parse(reference)?;
     let target = Target::open(&r, opts, false)?;
-    let (_, digest, _) = fetch_image(&target, &r)?;
+    let (_, digest, m) = fetch_image(&target, &r)?;
+    let disk = m.layers.first().map(|l| l.digest.clone());
     let mut checks = Vec::new();
     let mut sbom = None;
     for what in Requirement::ALL {
@@ -1045,8 +1062,22 @@ pub fn verify_image(
                 ) => ("refused", e.to_string()),
                 Err(e) => return Err(e),
             },
+            Some(_) if what == Requirement::Boot && verifiers.is_empty() => (
+                "unverified",
+                "no verifier key given to check boot attestations with".to_string(),
+            ),
             Some(predicate_type) => {
-                match attest::attested(&target, &r, &digest, key, predicate_type) {
+                let (subject, keys) = match what {
+                    Requirement::Boot => (disk.as_ref().unwrap_or(&digest), verifiers),
+                    _ => (&digest, std::slice::from_ref(key)),
+                };
+                match attest::attested(&target, &r, &digest, subject, keys, predicate_type) {
+                    Ok(attest::Attested::One(st)) if what == Requirement::Boot => {
+                        match boot_failure(&st.predicate) {
+                            None => ("verified", summary(what, &st.predicate)),
+                            Some(why) => ("refused", why),
+                        }
+                    }
                     Ok(attest::Attested::One(st)) => {
                         let detail = summary(what, &st.predicate);
                         if what == Requirement::Sbom {
@@ -1113,8 +1144,45 @@ fn summary(what: Requirement, predicate: &serde_json::Value) -> String {
                 .as_array()
                 .map_or(0, Vec::len)
         ),
+        Requirement::Boot => {
+            let boots: Vec<String> = predicate["boots"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    format!(
+                        "{} ({}, {:.1} s to the marker)",
+                        b["profile"].as_str().unwrap_or("?"),
+                        b["accelerator"].as_str().unwrap_or("?"),
+                        b["timeToMarker"].as_f64().unwrap_or(0.0)
+                    )
+                })
+                .collect();
+            format!(
+                "booted to {:?} by {}: {}",
+                predicate["marker"].as_str().unwrap_or(""),
+                predicate["verifier"]["id"].as_str().unwrap_or("?"),
+                boots.join(", ")
+            )
+        }
         Requirement::Signature => String::new(),
     }
+}
+
+/// Why a signed boot attestation does not vouch for the image: no boot, or one that did not
+/// pass, or no marker.
+fn boot_failure(predicate: &serde_json::Value) -> Option<String> {
+    let boots = predicate["boots"].as_array().filter(|b| !b.is_empty());
+    let Some(boots) = boots else {
+        return Some("the boot attestation lists no boot".into());
+    };
+    if predicate["marker"].as_str().is_none_or(str::is_empty) {
+        return Some("the boot attestation names no marker".into());
+    }
+    boots
+        .iter()
+        .find(|b| b["result"] != "passed")
+        .map(|b| format!("the {} boot did not pass", b["profile"]))
 }
 
 /// Fetch and check a manifest: its bytes must hash to the digest asked for (if any) and to the

@@ -303,6 +303,10 @@ pub struct Artifacts {
     pub disk: Option<DiskOut>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub boots: Vec<BootSummary>,
+    /// The verify stage's signed boot attestation (a DSSE envelope blob), when its worker has a
+    /// verifier key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_attestation: Option<Digest256>,
 }
 
 impl Artifacts {
@@ -314,6 +318,7 @@ impl Artifacts {
             kernel: None,
             disk: None,
             boots: Vec::new(),
+            boot_attestation: None,
         }
     }
 
@@ -427,6 +432,8 @@ pub struct StageEnv {
     pub limits: crate::recipe::limits::Limits,
     /// Where the publish stage pushes images (none: it completes as skipped).
     pub publish: Option<PublishTarget>,
+    /// The key the verify stage signs its boot attestations with (none: it signs none).
+    pub verifier: Option<crate::store::SigningKey>,
     /// Requests made to the Debian mirror by the stages run in this environment.
     pub mirror_requests: Arc<AtomicU64>,
     /// Archives opened by the stages run in this environment (see [`open_archive`]).
@@ -443,6 +450,7 @@ impl StageEnv {
             access: RecipeAccess::default(),
             limits: Default::default(),
             publish: None,
+            verifier: None,
             mirror_requests: Default::default(),
             archives: Default::default(),
         }

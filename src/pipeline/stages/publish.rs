@@ -82,9 +82,13 @@ impl StageWork for PublishStage {
 
     fn needs(env: &StageEnv, h: &Handover) -> Vec<Need> {
         match &h.build {
-            Some(b) if publishes(env, b) => {
-                b.disk.iter().map(|d| Need::Blob(d.image.clone())).collect()
-            }
+            Some(b) if publishes(env, b) => b
+                .disk
+                .iter()
+                .map(|d| d.image.clone())
+                .chain(b.boot_attestation.clone())
+                .map(Need::Blob)
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -108,11 +112,23 @@ impl StageWork for PublishStage {
             .suite
             .clone()
             .unwrap_or_else(|| run.env.archive.suite.clone());
+        // The verify stage's signed boot attestation, as it is.
+        let boot_attestation = match build.boot_attestation.as_ref() {
+            Some(d) if publishes(run.env, build) => {
+                let path = run.env.blobs.path(d);
+                Some(std::fs::read(&path).map_err(super::io(format!(
+                    "reading the boot attestation {}",
+                    path.display()
+                )))?)
+            }
+            _ => None,
+        };
         let origin = Origin {
             request: &h.request,
             commit: h.commit.as_deref(),
             mirror: &run.env.archive.mirror,
             suite: &suite,
+            boot_attestation,
         };
         let out = publish_build(&id, build, &origin, &disk, run.env.publish.as_ref())?;
         // A redelivered message pushes nothing: the registry had it all.
@@ -237,6 +253,8 @@ pub struct Origin<'a> {
     /// The Debian mirror and suite its packages came from.
     pub mirror: &'a str,
     pub suite: &'a str,
+    /// The verify stage's boot attestation (a DSSE envelope's bytes), attached as it is.
+    pub boot_attestation: Option<Vec<u8>>,
 }
 
 /// The in-toto Statements published with an image: its SBOM (busybox images: every package
@@ -332,7 +350,15 @@ pub fn publish_build(
         Some(key) => {
             let name = store::subject_name(&reference)?;
             let (list, sbom) = statements(build, origin, &name, &report.manifest_digest)?;
-            let att = store::attach(&report.reference, key, &list, &target.store)?;
+            let sealed: Vec<attest::Sealed> = origin
+                .boot_attestation
+                .iter()
+                .map(|envelope| attest::Sealed {
+                    predicate_type: attest::PREDICATE_BOOT.into(),
+                    envelope: envelope.clone(),
+                })
+                .collect();
+            let att = store::attach(&report.reference, key, &list, &sealed, &target.store)?;
             (Some(att), sbom)
         }
         None => (None, Err("the image is not signed (no --key)".to_string())),

@@ -35,17 +35,21 @@ pub struct BootSummary {
     pub marker_line: String,
 }
 
-/// The boots of the verify stage, in the order of the profiles; its message carries each under
-/// `verify.<profile>`.
+/// The boots of the verify stage, in the order of the profiles, and its signed boot
+/// attestation; its message carries each boot under `verify.<profile>`, the attestation under
+/// `attestation`.
 #[derive(Debug, Clone, Default)]
-pub struct VerifyOut(pub Vec<BootSummary>);
+pub struct VerifyOut(pub Vec<BootSummary>, pub Option<Digest256>);
 
 impl Serialize for VerifyOut {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut map = s.serialize_map(Some(self.0.len()))?;
+        let mut map = s.serialize_map(Some(self.0.len() + 1))?;
         for boot in &self.0 {
             map.serialize_entry(&format!("verify.{}", boot.profile), boot)?;
+        }
+        if let Some(a) = &self.1 {
+            map.serialize_entry("attestation", a)?;
         }
         map.end()
     }
@@ -114,8 +118,16 @@ impl StageWork for VerifyStage {
     fn run(run: &mut StageRun<'_>, h: &Handover) -> Result<VerifyOut, StageError> {
         let build = h.artifacts()?;
         let mut out = VerifyOut::default();
+        let mut machines = Vec::new();
         for profile in profiles(&h.request, &build.loaded) {
-            out.0.push(boot(run, build, &profile)?);
+            let (summary, machine) = boot(run, build, &profile)?;
+            out.0.push(summary);
+            machines.push(machine);
+        }
+        if let Some(key) = &run.env.verifier
+            && !out.0.is_empty()
+        {
+            out.1 = Some(attest_boots(run.env, key, build, &out.0, &machines)?);
         }
         Ok(out)
     }
@@ -123,14 +135,18 @@ impl StageWork for VerifyStage {
     fn apply(h: &mut Handover, out: &VerifyOut) {
         if let Some(b) = &mut h.build {
             b.boots.extend(out.0.iter().cloned());
+            b.boot_attestation = out.1.clone();
         }
     }
 
     fn produced(h: &Handover) -> Vec<Need> {
-        h.build
+        let Some(b) = &h.build else {
+            return Vec::new();
+        };
+        b.boots
             .iter()
-            .flat_map(|b| b.boots.iter())
             .filter_map(|b| b.serial_log_blob.clone())
+            .chain(b.boot_attestation.clone())
             .map(Need::IfHere)
             .collect()
     }
@@ -174,12 +190,82 @@ pub(super) fn probe_ahead(
     }
 }
 
-/// One boot under `profile` (a recorded step), and its [`VERIFIED`] record.
+/// Sign what the boots proved, with the verifier key, as an in-toto Statement about the disk
+/// (predicate [`attest::PREDICATE_BOOT`], docs/attestations.md) in a DSSE envelope; the
+/// envelope is stored as a blob, for the publish stage to attach to the image.
+fn attest_boots(
+    env: &StageEnv,
+    key: &crate::store::SigningKey,
+    build: &Artifacts,
+    boots: &[BootSummary],
+    machines: &[verify::profile::Profile],
+) -> Result<Digest256, StageError> {
+    use crate::store::attest::{self, Envelope, Statement};
+    let disk = build.disk()?;
+    let kernel = build.kernel()?;
+    let mut list = Vec::new();
+    for (b, m) in boots.iter().zip(machines) {
+        let mut firmware = Vec::new();
+        if let Some(f) = &m.firmware {
+            for path in [&f.code, &f.vars] {
+                let digest = std::fs::File::open(path)
+                    .and_then(|mut file| crate::digest::hash_file(&mut file))
+                    .map_err(io(format!("reading the firmware {}", path.display())))?
+                    .0;
+                firmware.push(serde_json::json!({
+                    "path": path.display().to_string(), "sha256": digest.hex(),
+                }));
+            }
+        }
+        list.push(serde_json::json!({
+            "profile": b.profile,
+            "machine": m.machine,
+            "boot": key_part(&m.boot),
+            "accelerator": b.accel,
+            "firmware": firmware,
+            "kernelCommandLine": kernel_cmdline(&build.loaded, kernel),
+            "timeToMarker": b.time_to_marker,
+            "markerLine": b.marker_line,
+            "serialLog": b.serial_log_blob.as_ref().map(|d| serde_json::json!({"sha256": d.hex()})),
+            "result": "passed",
+        }));
+    }
+    let host = crate::pipeline::worker::default_worker_name();
+    let predicate = serde_json::json!({
+        "image": { "sha256": disk.image.hex(), "format": disk.format },
+        "recipe": { "name": build.loaded.recipe.name, "inputs": build.loaded.inputs },
+        "kernel": { "version": kernel.version, "sha256": kernel.vmlinuz.hex() },
+        "marker": build.loaded.recipe.verify.expect,
+        "boots": list,
+        "verifier": {
+            "id": format!("urn:kiln:verifier:{}", host.split('/').next().unwrap_or("localhost")),
+            "kiln": env!("CARGO_PKG_VERSION"),
+        },
+    });
+    let statement = Statement::new("disk", &disk.image, attest::PREDICATE_BOOT, predicate);
+    let bytes = serde_json::to_vec(&statement).map_err(|e| StageError::Record {
+        what: "the boot attestation".into(),
+        source: std::io::Error::other(e),
+    })?;
+    let envelope = Envelope::seal(key, attest::PAYLOAD_IN_TOTO, &bytes);
+    let bytes = serde_json::to_vec(&envelope).map_err(|e| StageError::Record {
+        what: "the boot attestation".into(),
+        source: std::io::Error::other(e),
+    })?;
+    let (digest, _) = env
+        .blobs
+        .put_bytes(&bytes)
+        .map_err(io("storing the boot attestation"))?;
+    Ok(digest)
+}
+
+/// One boot under `profile` (a recorded step), and its [`VERIFIED`] record; the summary and the
+/// machine profile it booted.
 fn boot(
     run: &mut StageRun<'_>,
     build: &Artifacts,
     profile: &str,
-) -> Result<BootSummary, StageError> {
+) -> Result<(BootSummary, verify::profile::Profile), StageError> {
     let env = run.env;
     let kernel_out = build.kernel()?;
     let disk_out = build.disk()?;
@@ -249,7 +335,7 @@ fn boot(
                 source,
             })?;
     }
-    Ok(summary)
+    Ok((summary, machine))
 }
 
 /// The last non-empty line of a (growing) text file, printable characters only, at most

@@ -155,6 +155,8 @@ def main():
         agent = subprocess.Popen(
             [kiln, "agent", "--nats", f"nats://127.0.0.1:{nats_port}", "--name", "bench",
              "--watch", f"{repo}:latest", "--trust", key + ".pub", "--state-dir", state,
+             # Published with kiln publish, outside the pipeline: no boot attestation.
+             "--require", "signature",
              "--listen", f"127.0.0.1:{listen}", "--json",
              # `kiln publish` does not know the recipe, so its images carry no deploy settings.
              "--health-port", "8080", "--health-serial", "app-ready"],

@@ -1864,7 +1864,12 @@ fn verify_image(args: VerifyArgs) -> anyhow::Result<i32> {
                 (_, true) => "FAIL",
                 (_, false) => "--  ",
             };
-            println!("  {mark} {:<10} {:<10} {}", c.what, c.status, c.detail);
+            println!(
+                "  {mark} {:<10} {:<10} {}",
+                c.what.to_string(),
+                c.status,
+                c.detail
+            );
         }
     }
     if report.ok {

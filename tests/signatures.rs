@@ -617,6 +617,25 @@ fn a_published_build_carries_an_sbom_provenance_and_boot_attestation_that_others
         assert_eq!(c["required"], true, "{report}");
     }
     assert!(report.to_string().contains("booted to"), "{report}");
+    // The same as text: one line per check.
+    let o = output(
+        common::kiln(home.path())
+            .args(["verify", &by_digest, "--key"])
+            .arg(&public)
+            .arg("--verifier-key")
+            .arg(&verifier),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let said = String::from_utf8_lossy(&o.stdout);
+    eprintln!("kiln verify:\n{said}");
+    for what in ["signature", "sbom", "provenance", "boot"] {
+        assert!(
+            said.lines()
+                .any(|l| l.trim_start().starts_with("ok")
+                    && l.split_whitespace().nth(1) == Some(what)),
+            "{said}"
+        );
+    }
     // The project key is not a verifier key: the boot attestation does not verify with it.
     let o = output(
         common::kiln(home.path())

@@ -1052,7 +1052,11 @@ pub fn verify_image(
     for what in Requirement::ALL {
         let (status, detail) = match what.predicate_type() {
             None => match check_signature(&target, &r, &digest, Some(key), &opts.signed_for) {
-                Ok(s) => ("verified", s.to_string()),
+                Ok(SignatureCheck::Verified { key_type, .. }) => (
+                    "verified",
+                    format!("cosign signature by the {key_type} key"),
+                ),
+                Ok(s) => ("unverified", s.to_string()),
                 Err(StoreError::Unsigned { .. }) => ("missing", "no signature".to_string()),
                 Err(e @ StoreError::BadSignature { .. }) => ("unverified", e.to_string()),
                 Err(

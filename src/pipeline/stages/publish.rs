@@ -66,6 +66,8 @@ pub struct Pushed {
     /// The `sha256-<hex>.att` manifest holding the signed SBOM and provenance (when signed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attestations: Option<Digest256>,
+    /// Seconds spent making, signing and pushing the attestations (`seconds` is the image's).
+    pub attestation_seconds: f64,
     /// Packages the SBOM lists (`None`: no SBOM, see `sbom_skipped`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sbom_packages: Option<usize>,
@@ -346,6 +348,7 @@ pub fn publish_build(
     };
     let meta = meta(build, origin.commit, tags[1..].to_vec());
     let report = store::publish(disk_path, &reference, &meta, key.as_ref(), &target.store)?;
+    let attested = std::time::Instant::now();
     let (attestations, sbom) = match &key {
         Some(key) => {
             let name = store::subject_name(&reference)?;
@@ -385,6 +388,7 @@ pub fn publish_build(
         uploaded: report.uploaded,
         seconds: report.seconds,
         attestations,
+        attestation_seconds: attested.elapsed().as_secs_f64(),
         sbom_packages: sbom.as_ref().ok().copied(),
         sbom_skipped: sbom.err(),
         message: Box::new(message),

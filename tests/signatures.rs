@@ -238,7 +238,7 @@ fn cosign_verifies_what_kiln_signs_and_refuses_what_it_must() {
 }
 
 #[test]
-fn an_old_format_signature_is_named_and_kiln_sign_replaces_it() {
+fn an_old_format_signature_is_named_and_replaced_and_wrong_attestations_are_refused() {
     let reg = start_registry(None);
     let host = format!("127.0.0.1:{}", reg.port);
     let work = tempfile::tempdir().unwrap();
@@ -343,6 +343,82 @@ fn an_old_format_signature_is_named_and_kiln_sign_replaces_it() {
     ]);
     let sig: serde_json::Value = serde_json::from_slice(&sig).unwrap();
     assert_eq!(sig["layers"].as_array().unwrap().len(), 2, "{sig}");
+
+    // Attestations that are signed by the key but wrong are refused, naming what is wrong.
+    use kiln::store::attest::{Envelope, PAYLOAD_IN_TOTO, PREDICATE_SPDX, Statement};
+    let key = kiln::store::load_signing_key(&w("ecdsa.key")).unwrap();
+    let manifest = kiln::digest::Digest256::parse(&digest).unwrap();
+    let name = kiln::store::subject_name(&format!("{repo}:v1")).unwrap();
+    let doc = |n: u32| serde_json::json!({"spdxVersion": "SPDX-2.3", "packages": [], "n": n});
+    let statement = |about: &kiln::digest::Digest256, n: u32| {
+        Statement::new(&name, about, PREDICATE_SPDX, doc(n))
+    };
+    let opts = kiln::store::StoreOptions::default();
+    kiln::store::attach(
+        &format!("{repo}:v1"),
+        &key,
+        &[statement(&manifest, 1)],
+        &[],
+        &opts,
+    )
+    .unwrap();
+    let verify_sbom = || {
+        output(
+            kiln()
+                .args([
+                    "verify",
+                    &format!("{repo}@{digest}"),
+                    "--require",
+                    "sbom",
+                    "--key",
+                ])
+                .arg(w("ecdsa.key.pub")),
+        )
+    };
+    let o = verify_sbom();
+    assert!(o.status.success(), "{}", text(&o));
+    // A second, different SBOM beside the first, as a registry or a second publisher could add.
+    let att_url = format!("http://{host}/v2/kiln/legacy/manifests/sha256-{hex}.att");
+    let att: serde_json::Value =
+        serde_json::from_slice(&curl(&["-H", ACCEPT_OCI, &att_url])).unwrap();
+    let add_layer = |st: &Statement| {
+        let envelope = Envelope::seal(&key, PAYLOAD_IN_TOTO, &serde_json::to_vec(st).unwrap());
+        let bytes = serde_json::to_vec(&envelope).unwrap();
+        let d = push_blob(&host, "kiln/legacy", &bytes, &w("blob"));
+        let mut m = att.clone();
+        let mut layer = m["layers"][0].clone();
+        layer["digest"] = d.into();
+        layer["size"] = bytes.len().into();
+        m["layers"].as_array_mut().unwrap().push(layer);
+        std::fs::write(w("att.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/vnd.oci.image.manifest.v1+json",
+            "--data-binary",
+            &format!("@{}", w("att.json").display()),
+            &att_url,
+        ]);
+    };
+    add_layer(&statement(&manifest, 2));
+    let o = verify_sbom();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("two different"),
+        "{}",
+        text(&o)
+    );
+    // A signed SBOM about another image: refused, naming the digest it is about.
+    let other = kiln::digest::Digest256::of(b"another image");
+    add_layer(&statement(&other, 1));
+    let o = verify_sbom();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(other.hex()),
+        "{}",
+        text(&o)
+    );
 }
 
 /// `cosign verify-attestation --key PUB --type TYPE REF`: the statements it accepted.

@@ -36,23 +36,29 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// `cosign verify --key PUB REF` with no transparency log, plain http to the loopback registry,
-/// and no way out: any address but loopback would go to a proxy that is not there.
+/// `cosign SUBCOMMAND` with no transparency log, plain http to the loopback registry, its state
+/// in `home`, and no way out: any address but loopback would go to a proxy that is not there.
+fn cosign(subcommand: &str, home: &Path) -> Command {
+    let mut c = Command::new("cosign");
+    c.args([
+        subcommand,
+        "--insecure-ignore-tlog",
+        "--allow-http-registry",
+    ])
+    .env("HOME", home)
+    .env("TUF_ROOT", home.join("tuf"))
+    .env("HTTPS_PROXY", "http://127.0.0.1:9")
+    .env("HTTP_PROXY", "http://127.0.0.1:9")
+    .env("NO_PROXY", "127.0.0.1");
+    c
+}
+
+/// `cosign verify --key PUB REF`.
 fn cosign_verify(public: &Path, reference: &str, home: &Path) -> Output {
-    Command::new("cosign")
-        .args([
-            "verify",
-            "--insecure-ignore-tlog",
-            "--allow-http-registry",
-            "--key",
-        ])
+    cosign("verify", home)
+        .arg("--key")
         .arg(public)
         .arg(reference)
-        .env("HOME", home)
-        .env("TUF_ROOT", home.join("tuf"))
-        .env("HTTPS_PROXY", "http://127.0.0.1:9")
-        .env("HTTP_PROXY", "http://127.0.0.1:9")
-        .env("NO_PROXY", "127.0.0.1")
         .output()
         .expect("cosign (Debian package cosign, from trixie) must be installed")
 }
@@ -421,24 +427,14 @@ fn an_old_format_signature_is_named_and_replaced_and_wrong_attestations_are_refu
     );
 }
 
-/// `cosign verify-attestation --key PUB --type TYPE REF`: the statements it accepted.
+/// `cosign verify-attestation --key PUB --type TYPE REF`.
 fn cosign_attestations(public: &Path, kind: &str, reference: &str, home: &Path) -> Output {
-    Command::new("cosign")
-        .args([
-            "verify-attestation",
-            "--insecure-ignore-tlog",
-            "--allow-http-registry",
-        ])
+    cosign("verify-attestation", home)
         .args(["--type", kind, "--key"])
         .arg(public)
         .arg(reference)
-        .env("HOME", home)
-        .env("TUF_ROOT", home.join("tuf"))
-        .env("HTTPS_PROXY", "http://127.0.0.1:9")
-        .env("HTTP_PROXY", "http://127.0.0.1:9")
-        .env("NO_PROXY", "127.0.0.1")
         .output()
-        .unwrap()
+        .expect("cosign (Debian package cosign, from trixie) must be installed")
 }
 
 /// The in-toto Statements in cosign's output (one DSSE envelope per line).

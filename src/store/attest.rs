@@ -7,11 +7,10 @@
 //! reads the same layout.
 
 use super::{
-    Descriptor, MEDIA_IMAGE_CONFIG, OciManifest, Reference, StoreError, Target, fetch_manifest,
+    Descriptor, Reference, StoreError, Target, attached_manifests, cosign_manifest, fetch_manifest,
     to_json,
 };
 use crate::digest::Digest256;
-use crate::store::registry::OCI_MANIFEST;
 use crate::store::sign::{SigningKey, VerifyingKey};
 use base64::Engine as _;
 use std::collections::BTreeMap;
@@ -208,32 +207,7 @@ pub(super) fn put_attestations(
     let mut layers = kept;
     layers.extend(new_layers);
     layers.truncate(MAX_ATTESTATIONS);
-    let config = to_json(&serde_json::json!({
-        "architecture": "",
-        "config": {},
-        "created": "0001-01-01T00:00:00Z",
-        "history": [{"created": "0001-01-01T00:00:00Z"}],
-        "os": "",
-        "rootfs": {
-            "diff_ids": layers.iter().map(|l| l.digest.to_string()).collect::<Vec<_>>(),
-            "type": "layers",
-        },
-    }))?;
-    let m = OciManifest {
-        schema_version: 2,
-        media_type: Some(OCI_MANIFEST.into()),
-        artifact_type: Some(MEDIA_DSSE.into()),
-        config: Descriptor {
-            media_type: MEDIA_IMAGE_CONFIG.into(),
-            digest: target.put_small_blob(&config)?,
-            size: config.len() as u64,
-            artifact_type: None,
-            annotations: BTreeMap::new(),
-        },
-        layers,
-        subject: Some(subject.clone()),
-        annotations: BTreeMap::new(),
-    };
+    let m = cosign_manifest(target, MEDIA_DSSE, layers, subject)?;
     target.put_manifest(&tag, &to_json(&m)?, MEDIA_DSSE)
 }
 
@@ -331,25 +305,12 @@ fn attestation_layers(
     r: &Reference,
     digest: &Digest256,
 ) -> Result<Vec<Descriptor>, StoreError> {
-    let mut refs: Vec<String> = Vec::new();
-    if let Target::Registry { reg, repo } = target
-        && let Some(list) = reg.referrers(repo, digest, MEDIA_DSSE)?
-    {
-        refs.extend(list.into_iter().map(|d| d.digest.to_string()));
-    }
-    refs.push(attestation_tag(digest));
     let mut layers: Vec<Descriptor> = Vec::new();
-    for reference in refs {
-        match fetch_manifest(target, r, &reference) {
-            Ok((_, _, m)) => {
-                for l in m.layers.into_iter().filter(|l| l.media_type == MEDIA_DSSE) {
-                    if !layers.contains(&l) {
-                        layers.push(l);
-                    }
-                }
+    for m in attached_manifests(target, r, digest, MEDIA_DSSE, &attestation_tag(digest))? {
+        for l in m.layers.into_iter().filter(|l| l.media_type == MEDIA_DSSE) {
+            if !layers.contains(&l) {
+                layers.push(l);
             }
-            Err(StoreError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
         }
     }
     if layers.len() > MAX_ATTESTATIONS {

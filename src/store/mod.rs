@@ -846,7 +846,19 @@ fn put_signature(
             ),
         });
     }
-    // cosign's config: an empty image config whose layers are the signatures.
+    let m = cosign_manifest(target, ARTIFACT_SIGNATURE, layers, subject)?;
+    target.put_manifest(&tag, &to_json(&m)?, ARTIFACT_SIGNATURE)
+}
+
+/// A manifest as cosign writes its `.sig` and `.att` manifests: an empty image config whose
+/// `rootfs.diff_ids` are the layers (its blob uploaded here), the layers, and the image as
+/// `subject` (for registries with the referrers API).
+fn cosign_manifest(
+    target: &Target,
+    artifact_type: &str,
+    layers: Vec<Descriptor>,
+    subject: &Descriptor,
+) -> Result<OciManifest, StoreError> {
     let config = to_json(&serde_json::json!({
         "architecture": "",
         "config": {},
@@ -858,14 +870,13 @@ fn put_signature(
             "type": "layers",
         },
     }))?;
-    let config_digest = target.put_small_blob(&config)?;
-    let m = OciManifest {
+    Ok(OciManifest {
         schema_version: 2,
         media_type: Some(OCI_MANIFEST.into()),
-        artifact_type: Some(ARTIFACT_SIGNATURE.into()),
+        artifact_type: Some(artifact_type.into()),
         config: Descriptor {
             media_type: MEDIA_IMAGE_CONFIG.into(),
-            digest: config_digest,
+            digest: target.put_small_blob(&config)?,
             size: config.len() as u64,
             artifact_type: None,
             annotations: BTreeMap::new(),
@@ -873,8 +884,7 @@ fn put_signature(
         layers,
         subject: Some(subject.clone()),
         annotations: BTreeMap::new(),
-    };
-    target.put_manifest(&tag, &to_json(&m)?, ARTIFACT_SIGNATURE)
+    })
 }
 
 /// What [`sign_image`] did.
@@ -1238,39 +1248,55 @@ fn fetch_manifest(
     Ok((bytes, digest, m))
 }
 
-/// The signature manifests for an image manifest: those the referrers API lists, and the
-/// `.sig` tag (kiln's old format included, so that it can be named).
+/// The manifests attached to the image manifest `digest`: those the referrers API lists with
+/// `artifact_type` (where the registry has it), and the one tagged `tag`; each once.
+fn attached_manifests(
+    target: &Target,
+    r: &Reference,
+    digest: &Digest256,
+    artifact_type: &str,
+    tag: &str,
+) -> Result<Vec<OciManifest>, StoreError> {
+    let mut refs: Vec<String> = Vec::new();
+    if let Target::Registry { reg, repo } = target
+        && let Some(list) = reg.referrers(repo, digest, artifact_type)?
+    {
+        refs.extend(list.into_iter().map(|d| d.digest.to_string()));
+    }
+    refs.push(tag.to_string());
+    let mut out: Vec<OciManifest> = Vec::new();
+    for reference in refs {
+        match fetch_manifest(target, r, &reference) {
+            Ok((_, _, m)) if !out.contains(&m) => out.push(m),
+            Ok(_) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// The signature manifests for an image manifest (kiln's old format included, so that it can
+/// be named).
 fn find_signatures(
     target: &Target,
     r: &Reference,
     digest: &Digest256,
 ) -> Result<Vec<OciManifest>, StoreError> {
-    let mut refs: Vec<String> = Vec::new();
-    if let Target::Registry { reg, repo } = target
-        && let Some(list) = reg.referrers(repo, digest, ARTIFACT_SIGNATURE)?
-    {
-        refs.extend(list.into_iter().map(|d| d.digest.to_string()));
-    }
-    refs.push(signature_tag(digest));
-    let mut out: Vec<OciManifest> = Vec::new();
-    for reference in refs {
-        match fetch_manifest(target, r, &reference) {
-            Ok((_, _, m)) => {
-                let kind = m.artifact_type.as_deref();
-                if (kind == Some(ARTIFACT_SIGNATURE)
-                    || kind == Some(ARTIFACT_OLD_SIGNATURE)
-                    || m.layers
-                        .iter()
-                        .any(|l| l.media_type == MEDIA_SIMPLE_SIGNING))
-                    && !out.contains(&m)
-                {
-                    out.push(m);
-                }
-            }
-            Err(StoreError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let mut out = attached_manifests(
+        target,
+        r,
+        digest,
+        ARTIFACT_SIGNATURE,
+        &signature_tag(digest),
+    )?;
+    out.retain(|m| {
+        let kind = m.artifact_type.as_deref();
+        kind == Some(ARTIFACT_SIGNATURE)
+            || kind == Some(ARTIFACT_OLD_SIGNATURE)
+            || m.layers
+                .iter()
+                .any(|l| l.media_type == MEDIA_SIMPLE_SIGNING)
+    });
     Ok(out)
 }
 

@@ -573,7 +573,7 @@ fn workers_on_two_homes_build_a_debian_image_through_the_object_store() {
     };
     let o = kiln(home_a.path())
         .args(["submit", "recipes/debian-bookworm.yaml", "--no-verify"])
-        .args(["--follow", "--json", "--nats", &url])
+        .args(["--follow", "--timeout", "1200", "--json", "--nats", &url])
         .output()
         .unwrap();
     assert!(

@@ -602,6 +602,38 @@ fn a_published_build_carries_an_sbom_provenance_and_boot_attestation_that_others
     let o = cosign_attestations(&w("other.key.pub"), "spdxjson", &by_digest, &cosign_home);
     assert!(!o.status.success(), "{}", text(&o));
 
+    // The same document as a plain attachment (cosign's `.sbom` tag, a referrer elsewhere).
+    let sbom: serde_json::Value = serde_json::from_slice(&curl(&[
+        "-H",
+        ACCEPT_OCI,
+        &format!(
+            "http://{host}/v2/kiln/app/manifests/sha256-{}.sbom",
+            manifest.trim_start_matches("sha256:")
+        ),
+    ]))
+    .unwrap();
+    assert_eq!(sbom["artifactType"], "application/spdx+json", "{sbom}");
+    assert_eq!(sbom["subject"]["digest"], manifest.as_str(), "{sbom}");
+    let plain: serde_json::Value = serde_json::from_slice(&curl(&[&format!(
+        "http://{host}/v2/kiln/app/blobs/{}",
+        sbom["layers"][0]["digest"].as_str().unwrap()
+    )]))
+    .unwrap();
+    assert_eq!(&plain, doc);
+
+    // `kiln images` lists the image, not what is attached to it.
+    let o =
+        output(common::kiln(home.path()).args(["images", &format!("{host}/kiln/app"), "--json"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tags: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["tag"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags, ["latest"], "{listed}");
+
     // The SPDX project's own validator accepts the document.
     let spdx_file = w("app.spdx.json");
     std::fs::write(&spdx_file, serde_json::to_vec_pretty(doc).unwrap()).unwrap();

@@ -437,9 +437,15 @@ pub fn signature_tag(manifest: &Digest256) -> String {
     format!("sha256-{}.sig", manifest.hex())
 }
 
-fn is_signature_tag(tag: &str) -> bool {
+/// A tag of something attached to an image (`sha256-<hex>.sig`, `.att`, `.sbom`), not an
+/// image: `kiln images` leaves them out.
+fn is_attached_tag(tag: &str) -> bool {
     tag.strip_prefix("sha256-")
-        .and_then(|t| t.strip_suffix(".sig"))
+        .and_then(|t| {
+            t.strip_suffix(".sig")
+                .or_else(|| t.strip_suffix(".att"))
+                .or_else(|| t.strip_suffix(".sbom"))
+        })
         .is_some_and(|h| h.len() == 64)
 }
 
@@ -965,6 +971,51 @@ pub fn attach(
         statements,
         sealed,
     )
+}
+
+/// Media type (and `artifactType`) of a plain SPDX JSON document attached to an image.
+pub const MEDIA_SPDX: &str = "application/spdx+json";
+
+/// The tag a plain SBOM is stored under: `sha256-<hex>.sbom` (cosign's `attach sbom` scheme).
+pub fn sbom_tag(manifest: &Digest256) -> String {
+    format!("sha256-{}.sbom", manifest.hex())
+}
+
+/// Attach `spdx` (an SPDX JSON document) to the image `reference` as a plain artifact: one
+/// [`MEDIA_SPDX`] layer, the image as `subject` (a referrer where the registry has the API),
+/// tagged `sha256-<hex>.sbom`. Unsigned: the signed copy is the SBOM attestation. Returns the
+/// manifest's digest.
+pub fn attach_sbom(
+    reference: &str,
+    spdx: &[u8],
+    opts: &StoreOptions,
+) -> Result<Digest256, StoreError> {
+    let r = Reference::parse(reference)?;
+    let target = Target::open(&r, opts, false)?;
+    let (bytes, digest, _) = fetch_image(&target, &r)?;
+    let empty = target.put_small_blob(b"{}")?;
+    let m = OciManifest {
+        schema_version: 2,
+        media_type: Some(OCI_MANIFEST.into()),
+        artifact_type: Some(MEDIA_SPDX.into()),
+        config: Descriptor {
+            media_type: MEDIA_EMPTY.into(),
+            digest: empty,
+            size: 2,
+            artifact_type: None,
+            annotations: BTreeMap::new(),
+        },
+        layers: vec![Descriptor {
+            media_type: MEDIA_SPDX.into(),
+            digest: target.put_small_blob(spdx)?,
+            size: spdx.len() as u64,
+            artifact_type: None,
+            annotations: BTreeMap::new(),
+        }],
+        subject: Some(manifest_descriptor(&bytes)),
+        annotations: BTreeMap::new(),
+    };
+    target.put_manifest(&sbom_tag(&digest), &to_json(&m)?, MEDIA_SPDX)
 }
 
 /// The name a Statement gives the image published at `reference`: its repository, as the
@@ -1763,7 +1814,7 @@ pub fn images(target: &str, opts: &StoreOptions) -> Result<Vec<ImageInfo>, Store
         let t = Target::open(&r, opts, false)?;
         let tags = t.tags()?;
         let repository = name.unwrap_or_else(|| r.to_string());
-        for tag in tags.iter().filter(|t| !is_signature_tag(t)) {
+        for tag in tags.iter().filter(|t| !is_attached_tag(t)) {
             let Some(FetchedManifest { bytes, .. }) = t.get_manifest(tag)? else {
                 continue;
             };
@@ -1801,8 +1852,11 @@ mod tests {
     fn signature_tags() {
         let d = Digest256::of(b"x");
         let t = signature_tag(&d);
-        assert!(is_signature_tag(&t));
-        assert!(!is_signature_tag("latest"));
+        assert!(is_attached_tag(&t));
+        assert!(is_attached_tag(&attest::attestation_tag(&d)));
+        assert!(is_attached_tag(&sbom_tag(&d)));
+        assert!(!is_attached_tag("latest"));
+        assert!(!is_attached_tag("sha256-abc.att"));
         assert!(reference::valid_tag(&t));
     }
 }

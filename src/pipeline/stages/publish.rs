@@ -362,6 +362,17 @@ pub fn publish_build(
                 })
                 .collect();
             let att = store::attach(&report.reference, key, &list, &sealed, &target.store)?;
+            // The SBOM also as a plain document, for tools that look for one.
+            if let Some(doc) = list
+                .iter()
+                .find(|s| s.predicate_type == attest::PREDICATE_SPDX)
+            {
+                let bytes = serde_json::to_vec(&doc.predicate).map_err(|e| StageError::Record {
+                    what: "the SBOM".into(),
+                    source: std::io::Error::other(e),
+                })?;
+                store::attach_sbom(&report.reference, &bytes, &target.store)?;
+            }
             (Some(att), sbom)
         }
         None => (None, Err("the image is not signed (no --key)".to_string())),

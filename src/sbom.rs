@@ -1,12 +1,88 @@
 //! The software bill of materials of an image: an SPDX 2.3 JSON document listing the image
-//! (its disk digest) and every Debian package kiln put in it — name, version, architecture,
-//! source package and version, the `.deb`'s SHA-256 from the signed index, where it was
-//! downloaded, and a `pkg:deb/debian/…` purl. Made from kiln's own resolver (the packages a
-//! build fetched), so it says what went in, not what a scanner guesses. Pure: no I/O.
+//! (its disk digest) and every Debian package in it — name, version, architecture, source
+//! package and version, the `.deb`'s SHA-256 from the signed index, where it was downloaded,
+//! and a `pkg:deb/debian/…` purl. Busybox images list the packages kiln's own resolver fetched;
+//! Debian images the packages their `/var/lib/dpkg/status` says are installed, each matched in
+//! the verified index. Pure: no I/O.
 
 use crate::digest::Digest256;
 use crate::packages::PackageRef;
 use serde_json::{Value, json};
+
+/// Where dpkg records what is installed.
+pub const DPKG_STATUS: &str = "/var/lib/dpkg/status";
+
+/// One package the document lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SbomPackage {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    pub source: String,
+    pub source_version: String,
+    /// The `.deb`'s SHA-256 and path below the mirror, from the signed index (when found there).
+    pub deb: Option<(Digest256, String)>,
+}
+
+impl SbomPackage {
+    /// A package kiln resolved and fetched itself.
+    pub fn fetched(p: &PackageRef) -> SbomPackage {
+        let (source, source_version) = p.source_package();
+        SbomPackage {
+            name: p.name.clone(),
+            version: p.version.clone(),
+            architecture: p.architecture.clone(),
+            source,
+            source_version,
+            deb: Some((p.sha256.clone(), p.filename.clone())),
+        }
+    }
+}
+
+/// The packages dpkg's status file says are installed (`Status: install ok installed`), with
+/// their source package (`Source: name (version)`, `Source: name`, or none: the binary's own).
+pub fn parse_dpkg_status(text: &str) -> Vec<SbomPackage> {
+    let mut out = Vec::new();
+    for stanza in text.split("\n\n") {
+        let field = |name: &str| {
+            stanza.lines().find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .map(|v| v.trim().to_string())
+            })
+        };
+        let (Some(name), Some(version), Some(status)) =
+            (field("Package"), field("Version"), field("Status"))
+        else {
+            continue;
+        };
+        if status != "install ok installed" {
+            continue;
+        }
+        let (source, source_version) = match field("Source") {
+            Some(s) => match s.split_once(' ') {
+                Some((n, v)) => (
+                    n.to_string(),
+                    v.trim()
+                        .trim_start_matches('(')
+                        .trim_end_matches(')')
+                        .to_string(),
+                ),
+                None => (s, version.clone()),
+            },
+            None => (name.clone(), version.clone()),
+        };
+        out.push(SbomPackage {
+            architecture: field("Architecture").unwrap_or_default(),
+            name,
+            version,
+            source,
+            source_version,
+            deb: None,
+        });
+    }
+    out
+}
 
 /// What the document describes.
 pub struct SbomInput<'a> {
@@ -20,10 +96,10 @@ pub struct SbomInput<'a> {
     /// The Debian mirror the packages came from, and the suite.
     pub mirror: &'a str,
     pub suite: &'a str,
-    pub packages: Vec<&'a PackageRef>,
+    pub packages: Vec<SbomPackage>,
 }
 
-/// The SPDX id of a package: `SPDXRef-deb-<name>`, with characters SPDX ids may not hold
+/// The SPDX id of a package: `SPDXRef-deb-<name>-<arch>`, with characters SPDX ids may not hold
 /// (anything but letters, digits, `.` and `-`) as `-`.
 fn spdx_id(name: &str) -> String {
     let clean: String = name
@@ -53,7 +129,7 @@ fn purl_encode(s: &str) -> String {
 }
 
 /// `pkg:deb/debian/<name>@<version>?arch=<arch>&distro=<suite>`.
-pub fn purl(p: &PackageRef, suite: &str) -> String {
+pub fn purl(p: &SbomPackage, suite: &str) -> String {
     format!(
         "pkg:deb/debian/{}@{}?arch={}&distro={}",
         purl_encode(&p.name),
@@ -87,21 +163,22 @@ pub fn spdx(input: &SbomInput<'_>) -> Value {
         "relationshipType": "DESCRIBES",
         "relatedSpdxElement": "SPDXRef-Image",
     })];
-    let mut sorted = input.packages.clone();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    sorted.dedup_by(|a, b| a.name == b.name);
-    for p in sorted {
-        let (source, source_version) = p.source_package();
-        let id = spdx_id(&p.name);
-        packages.push(json!({
+    let mut sorted: Vec<&SbomPackage> = input.packages.iter().collect();
+    sorted.sort_by(|a, b| (&a.name, &a.architecture).cmp(&(&b.name, &b.architecture)));
+    sorted.dedup_by(|a, b| a.name == b.name && a.architecture == b.architecture);
+    for p in &sorted {
+        let id = spdx_id(&format!("{}-{}", p.name, p.architecture));
+        let mut package = json!({
             "SPDXID": id,
             "name": p.name,
             "versionInfo": p.version,
-            "downloadLocation": format!("{}/{}", input.mirror.trim_end_matches('/'), p.filename),
+            "downloadLocation": "NOASSERTION",
             "filesAnalyzed": false,
             "primaryPackagePurpose": "LIBRARY",
-            "checksums": [{"algorithm": "SHA256", "checksumValue": p.sha256.hex()}],
-            "sourceInfo": format!("built from Debian source package {source} {source_version}"),
+            "sourceInfo": format!(
+                "built from Debian source package {} {}",
+                p.source, p.source_version
+            ),
             "supplier": "Organization: Debian",
             "licenseConcluded": "NOASSERTION",
             "licenseDeclared": "NOASSERTION",
@@ -111,7 +188,13 @@ pub fn spdx(input: &SbomInput<'_>) -> Value {
                 "referenceType": "purl",
                 "referenceLocator": purl(p, input.suite),
             }],
-        }));
+        });
+        if let Some((sha256, filename)) = &p.deb {
+            package["downloadLocation"] =
+                format!("{}/{filename}", input.mirror.trim_end_matches('/')).into();
+            package["checksums"] = json!([{"algorithm": "SHA256", "checksumValue": sha256.hex()}]);
+        }
+        packages.push(package);
         relationships.push(json!({
             "spdxElementId": "SPDXRef-Image",
             "relationshipType": "CONTAINS",
@@ -167,7 +250,7 @@ mod tests {
             source_date_epoch: 1_700_000_000,
             mirror: "http://deb.debian.org/debian/",
             suite: "bookworm",
-            packages: vec![&b, &a],
+            packages: vec![SbomPackage::fetched(&b), SbomPackage::fetched(&a)],
         });
         let p = &doc["packages"];
         assert_eq!(p.as_array().unwrap().len(), 3);
@@ -191,5 +274,31 @@ mod tests {
         assert_eq!(doc["creationInfo"]["created"], "2023-11-14T22:13:20Z");
         assert_eq!(doc["relationships"].as_array().unwrap().len(), 3);
         assert_eq!(spdx_id("g++_x"), "SPDXRef-deb-g---x");
+    }
+
+    #[test]
+    fn dpkg_status_lists_installed_packages_with_their_sources() {
+        let text = "Package: libc6\nStatus: install ok installed\nArchitecture: amd64\n\
+                    Source: glibc\nVersion: 2.36-9\n\n\
+                    Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n\
+                    Package: libssl3\nStatus: install ok installed\nArchitecture: amd64\n\
+                    Source: openssl (3.0.1-1)\nVersion: 3.0.1-1+b1\n\n\
+                    Package: bash\nStatus: install ok installed\nArchitecture: amd64\n\
+                    Version: 5.2-2\nDescription: x\n more\n";
+        let p = parse_dpkg_status(text);
+        let names: Vec<&str> = p.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["libc6", "libssl3", "bash"]);
+        assert_eq!(
+            (p[0].source.as_str(), p[0].source_version.as_str()),
+            ("glibc", "2.36-9")
+        );
+        assert_eq!(
+            (p[1].source.as_str(), p[1].source_version.as_str()),
+            ("openssl", "3.0.1-1")
+        );
+        assert_eq!(
+            (p[2].source.as_str(), p[2].source_version.as_str()),
+            ("bash", "5.2-2")
+        );
     }
 }

@@ -560,6 +560,16 @@ fn stream_and_object_store_leaders_killed_mid_builds_lose_nothing() {
     cluster.start_node(obj_leader);
     cluster.wait_for_meta_leader(Duration::from_secs(60));
 
+    // The restarted nodes caught up: their copies of each stream hold what the leader holds.
+    // (Checked before the events are read: a reader's consumer may sit on a restarted node.)
+    for name in ["KILN", KV, OBJ] {
+        cluster.wait_for_stream(name, Duration::from_secs(60), "copies equal", |d| {
+            d.len() == 3
+                && d.windows(2)
+                    .all(|w| w[0].1["state"]["last_seq"] == w[1].1["state"]["last_seq"])
+        });
+    }
+
     // Each stage completed once per build, none failed.
     let mut images = Vec::new();
     for id in &ids {
@@ -578,15 +588,6 @@ fn stream_and_object_store_leaders_killed_mid_builds_lose_nothing() {
         }
         let disk = completed(&ev, "disk");
         images.push(disk.outputs["disk"]["image"].as_str().unwrap().to_string());
-    }
-
-    // The restarted nodes caught up: their copies of each stream hold what the leader holds.
-    for name in ["KILN", KV, OBJ] {
-        cluster.wait_for_stream(name, Duration::from_secs(60), "copies equal", |d| {
-            d.len() == 3
-                && d.windows(2)
-                    .all(|w| w[0].1["state"]["last_seq"] == w[1].1["state"]["last_seq"])
-        });
     }
 
     // The first image is the one a build without any fault makes.

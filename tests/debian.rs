@@ -638,3 +638,174 @@ fn workers_on_two_homes_build_a_debian_image_through_the_object_store() {
     drop(a);
     drop(b);
 }
+
+/// A Debian image published by `kiln up --publish-to --key` carries an SBOM of every installed
+/// package: the same (name, version, architecture) list that `dpkg-query` reads from the image's
+/// own status file (the root partition mounted by the kernel), each with its source package and
+/// the `.deb`'s SHA-256 from the verified index; the SPDX project's `pyspdxtools` validates it.
+#[test]
+fn a_published_debian_image_lists_what_dpkg_query_reads_from_it() {
+    use kiln::bus::{BuildRequest, Bus, RecipeSource};
+    let _guard = serial();
+    let home = common::shared_debian_home();
+    let work = tempfile::tempdir().unwrap();
+    let reg = common::registry::start_registry(None);
+    let host = format!("127.0.0.1:{}", reg.port);
+    let server = kiln::bus::PrivateServer::start().unwrap();
+    let url = server.url();
+    let key = work.path().join("images.key");
+    let o = kiln(home.path())
+        .args(["keygen", "-o"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let recipe = recipe_copy(|t| t + "\npublish:\n  repository: kiln/debian\n  tags: [latest]\n");
+    let log = work.path().join("up.log");
+    let _up = {
+        let mut c = kiln(home.path());
+        c.args([
+            "up",
+            "--nats",
+            &url,
+            "--listen",
+            "none",
+            "--publish-to",
+            &host,
+            "--key",
+        ])
+        .arg(&key)
+        .args(common::recipe_roots());
+        common::Running::spawn(c, &log)
+    };
+    // The request names the project's templates, as `kiln build --templates` would.
+    let mut req = BuildRequest::new(
+        RecipeSource::Path {
+            path: recipe.path().join("recipe.yaml"),
+        },
+        "debian-sbom-test",
+    );
+    let id = format!("debian-sbom-{}", std::process::id());
+    req.id = Some(id.clone());
+    req.templates = Some(root().join("templates"));
+    common::rt().block_on(async {
+        let bus = Bus::connect_url(&url).await.unwrap();
+        // kiln up makes the stream when it starts.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while bus.kiln_stream().await.is_err() {
+            assert!(Instant::now() < deadline, "kiln up made no KILN stream");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bus.publish_request(&req).await.unwrap();
+    });
+    let o = kiln(home.path())
+        .args(["logs", "-f", &id, "--json", "--nats", &url])
+        .output()
+        .unwrap();
+    let events = common::json_lines(&o);
+    let last = events.last().cloned().unwrap_or_default();
+    assert_eq!(
+        (last["kind"].as_str(), last["stage"].as_str()),
+        (Some("completed"), Some("publish")),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let out = &last["outputs"];
+    let reference = out["reference"].as_str().unwrap();
+
+    let o = kiln(home.path())
+        .args(["sbom", reference, "--key"])
+        .arg(work.path().join("images.key.pub"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let spdx_file = work.path().join("debian.spdx.json");
+    std::fs::write(&spdx_file, &o.stdout).unwrap();
+    let v = Command::new("/var/tmp/kiln-test-tools/bin/pyspdxtools")
+        .arg("-i")
+        .arg(&spdx_file)
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "pyspdxtools: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let packages: Vec<&serde_json::Value> = doc["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["SPDXID"] != "SPDXRef-Image")
+        .collect();
+    let mut listed: Vec<String> = packages
+        .iter()
+        .map(|p| {
+            let purl = p["externalRefs"][0]["referenceLocator"].as_str().unwrap();
+            let arch = purl
+                .split("arch=")
+                .nth(1)
+                .unwrap()
+                .split('&')
+                .next()
+                .unwrap();
+            format!(
+                "{} {} {arch}",
+                p["name"].as_str().unwrap(),
+                p["versionInfo"].as_str().unwrap()
+            )
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(out["sbom_packages"], listed.len(), "{out}");
+    let with_sha = packages
+        .iter()
+        .filter(|p| p["checksums"][0]["checksumValue"].is_string())
+        .count();
+    assert_eq!(
+        with_sha,
+        packages.len(),
+        "every installed package is in the index it came from"
+    );
+    assert!(
+        packages.iter().any(|p| p["name"] == "libc6"
+            && p["sourceInfo"]
+                .as_str()
+                .unwrap()
+                .contains("source package glibc")),
+        "{doc}"
+    );
+
+    // The oracle: dpkg-query on the status file of the pulled image's root file system.
+    let image = work.path().join("pulled.qcow2");
+    let o = kiln(home.path())
+        .args(["pull", reference, "-o"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mounted = Mounted::root_of(&image);
+    let q = Command::new("dpkg-query")
+        .arg(format!(
+            "--admindir={}",
+            mounted.dir.path().join("var/lib/dpkg").display()
+        ))
+        .args([
+            "-W",
+            "-f",
+            "${db:Status-Abbrev}|${Package} ${Version} ${Architecture}\n",
+        ])
+        .output()
+        .unwrap();
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let mut installed: Vec<String> = String::from_utf8_lossy(&q.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("ii |"))
+        .map(str::to_string)
+        .collect();
+    installed.sort();
+    assert!(installed.len() > 50, "{installed:?}");
+    assert_eq!(listed, installed);
+}

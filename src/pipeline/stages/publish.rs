@@ -89,6 +89,7 @@ impl StageWork for PublishStage {
                 .iter()
                 .map(|d| d.image.clone())
                 .chain(b.boot_attestation.clone())
+                .chain(b.rootfs.as_ref().and_then(|r| r.dpkg_status.clone()))
                 .map(Need::Blob)
                 .collect(),
             _ => Vec::new(),
@@ -132,7 +133,7 @@ impl StageWork for PublishStage {
             suite: &suite,
             boot_attestation,
         };
-        let out = publish_build(&id, build, &origin, &disk, run.env.publish.as_ref())?;
+        let out = publish_build(run.env, &id, build, &origin, &disk)?;
         // A redelivered message pushes nothing: the registry had it all.
         if let PublishOut::Pushed(p) = &out
             && p.uploaded == 0
@@ -259,10 +260,38 @@ pub struct Origin<'a> {
     pub boot_attestation: Option<Vec<u8>>,
 }
 
-/// The in-toto Statements published with an image: its SBOM (busybox images: every package
-/// kiln fetched; Debian images are not listed yet, and the reason is returned instead) and its
-/// provenance.
+/// A Debian image's installed packages: its dpkg status file, each package matched (name,
+/// version, architecture) in the verified index for its `.deb`'s SHA-256. `Err`: why there is
+/// no list.
+fn installed_packages(
+    env: &StageEnv,
+    build: &Artifacts,
+) -> Result<Vec<crate::sbom::SbomPackage>, String> {
+    let status = build
+        .rootfs
+        .as_ref()
+        .and_then(|r| r.dpkg_status.as_ref())
+        .ok_or("the image has no /var/lib/dpkg/status")?;
+    let path = env.blobs.path(status);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the dpkg status {}: {e}", path.display()))?;
+    let mut packages = crate::sbom::parse_dpkg_status(&text);
+    let archive = super::open_archive(env, &build.loaded).map_err(|e| e.to_string())?;
+    let index = archive.index().map_err(|e| e.to_string())?;
+    for p in &mut packages {
+        p.deb = index
+            .versions_of(&p.name)
+            .map(|(_, e)| e)
+            .find(|e| e.version_str() == p.version && e.architecture() == p.architecture)
+            .map(|e| (Digest256::from_sha256(e.sha256()), e.filename().to_string()));
+    }
+    Ok(packages)
+}
+
+/// The in-toto Statements published with an image: its SBOM (`Err`: why there is none) and
+/// its provenance.
 fn statements(
+    env: &StageEnv,
     build: &Artifacts,
     origin: &Origin<'_>,
     name: &str,
@@ -271,14 +300,20 @@ fn statements(
     let disk = build.disk()?;
     let recipe = &build.loaded.recipe;
     let mut out = Vec::new();
-    let sbom = if build.is_debian() {
-        Err(
-            "Debian images are not listed yet: their packages come from mmdebstrap, not from \
-             kiln's resolver"
-                .to_string(),
-        )
+    let packages = if build.is_debian() {
+        installed_packages(env, build)
     } else {
-        let packages = build.packages()?.fetched(false);
+        build
+            .packages()
+            .map(|p| {
+                p.fetched(false)
+                    .into_iter()
+                    .map(crate::sbom::SbomPackage::fetched)
+                    .collect()
+            })
+            .map_err(|e| e.to_string())
+    };
+    let sbom = packages.map(|packages| {
         let count = packages.len();
         let doc = crate::sbom::spdx(&crate::sbom::SbomInput {
             name: &recipe.name,
@@ -290,8 +325,8 @@ fn statements(
             packages,
         });
         out.push(Statement::new(name, manifest, attest::PREDICATE_SPDX, doc));
-        Ok(count)
-    };
+        count
+    });
     let host = crate::pipeline::worker::default_worker_name();
     let builder = host.split('/').next().unwrap_or("localhost");
     let provenance = crate::provenance::slsa(&crate::provenance::ProvenanceInput {
@@ -314,12 +349,13 @@ fn statements(
 /// Push the build's verified disk (its blob must be local) to `target`, sign it and attach its
 /// signed SBOM and provenance. Blocking.
 pub fn publish_build(
+    env: &StageEnv,
     build_id: &str,
     build: &Artifacts,
     origin: &Origin<'_>,
     disk_path: &std::path::Path,
-    target: Option<&PublishTarget>,
 ) -> Result<PublishOut, StageError> {
+    let target = env.publish.as_ref();
     let recipe = &build.loaded.recipe;
     let skipped = |why: String| Ok(PublishOut::Skipped { skipped: why });
     let Some(publish) = recipe.publish.as_ref().filter(|p| !p.repository.is_empty()) else {
@@ -352,7 +388,7 @@ pub fn publish_build(
     let (attestations, sbom) = match &key {
         Some(key) => {
             let name = store::subject_name(&reference)?;
-            let (list, sbom) = statements(build, origin, &name, &report.manifest_digest)?;
+            let (list, sbom) = statements(env, build, origin, &name, &report.manifest_digest)?;
             let sealed: Vec<attest::Sealed> = origin
                 .boot_attestation
                 .iter()

@@ -4,7 +4,7 @@
 
 use super::{
     Artifacts, Handover, Need, Partitions, StageEnv, StageError, StageRun, StageWork, load_tree,
-    mib, open_archive, read_pkg, store_tree,
+    mib, open_archive, read_manifest, read_pkg, store_tree,
 };
 use crate::bus;
 use crate::digest::Digest256;
@@ -44,6 +44,9 @@ pub struct RootfsOut {
     /// `rootfs.base: debian`: the manifest of the mmdebstrap base the image was made from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<Digest256>,
+    /// The blob of the image's `/var/lib/dpkg/status` (Debian images): what the SBOM lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpkg_status: Option<Digest256>,
 }
 
 /// The Debian base step's outputs.
@@ -110,7 +113,8 @@ impl StageWork for RootfsStage {
             inputs: &loaded.inputs,
             root: ids.root.to_string(),
         };
-        let rootfs = run.step("rootfs", 1, &key, |run| {
+        // Version 2: records the dpkg status file's blob (for the SBOM of Debian images).
+        let rootfs = run.step("rootfs", 2, &key, |run| {
             rootfs(run.env, loaded, &packages, base_manifest.as_ref())
         })?;
         Ok(RootfsStageOut {
@@ -254,9 +258,21 @@ fn rootfs(
         }
     };
     let digest = store_tree(&env.blobs, &tree)?;
+    let dpkg_status = match base {
+        Some(_) => read_manifest(&env.blobs, &digest, "the image's manifest")?
+            .entries
+            .into_iter()
+            .find(|e| e.path == crate::sbom::DPKG_STATUS)
+            .and_then(|e| match e.kind {
+                crate::manifest::ManifestKind::File { digest, .. } => Some(digest),
+                _ => None,
+            }),
+        None => None,
+    };
     Ok(RootfsOut {
         manifest: digest,
         base: base.cloned(),
+        dpkg_status,
     })
 }
 

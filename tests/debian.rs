@@ -688,6 +688,8 @@ fn a_published_debian_image_lists_what_dpkg_query_reads_from_it() {
     let id = format!("debian-sbom-{}", std::process::id());
     req.id = Some(id.clone());
     req.templates = Some(root().join("templates"));
+    // Booted directly (kernel and initramfs from the build): the UEFI path is the other tests'.
+    req.profiles = vec!["direct".into()];
     common::rt().block_on(async {
         let bus = Bus::connect_url(&url).await.unwrap();
         // kiln up makes the stream when it starts.

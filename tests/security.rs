@@ -376,7 +376,8 @@ fn forged_stage_events_are_refused_and_nothing_is_signed() {
         .unwrap();
     assert!(
         o.status.success(),
-        "{}{}",
+        "{}{}{}",
+        String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr),
         std::fs::read_to_string(&log).unwrap_or_default()
     );

@@ -68,6 +68,12 @@ impl Reference {
     /// or `:`, or `localhost`): kiln has no default registry.
     pub fn parse(text: &str) -> Result<Reference, ReferenceError> {
         if let Some(rest) = text.strip_prefix("oci:") {
+            // A digest ends it (`@sha256:…`, as `with_digest` writes), when what follows the
+            // last '@' is one: a directory may hold '@' itself.
+            let (rest, digest) = match rest.rsplit_once('@') {
+                Some((n, d)) if Digest256::parse(d).is_some() => (n, Digest256::parse(d)),
+                _ => (rest, None),
+            };
             // The tag is after the last ':' if that ':' comes after the last '/'.
             let (dir, tag) = match rest.rfind(':') {
                 Some(i) if i > rest.rfind('/').map_or(0, |s| s) => {
@@ -86,7 +92,7 @@ impl Reference {
             return Ok(Reference {
                 location: Location::Layout { dir: dir.into() },
                 tag,
-                digest: None,
+                digest,
             });
         }
         let (name_tag, digest) = match text.split_once('@') {
@@ -226,6 +232,21 @@ mod tests {
         let r = Reference::parse("oci:/tmp/lay").unwrap();
         assert_eq!(r.tag, None);
         assert_eq!(r.tag_or_latest(), "latest");
+        // A layout pinned to a digest reads back as written.
+        let digest = Digest256::parse(&d).unwrap();
+        for (text, tag) in [("oci:/tmp/lay:t1", Some("t1")), ("oci:/tmp/a@b/lay", None)] {
+            let pinned = Reference::parse(text).unwrap().with_digest(&digest);
+            let r = Reference::parse(&pinned).unwrap();
+            assert_eq!(r.tag.as_deref(), tag, "{pinned}");
+            assert_eq!(r.digest.as_ref(), Some(&digest), "{pinned}");
+            assert_eq!(r.manifest_ref(), d);
+        }
+        assert_eq!(
+            Reference::parse("oci:/tmp/a@b/lay").unwrap().location,
+            Location::Layout {
+                dir: "/tmp/a@b/lay".into()
+            }
+        );
     }
 
     #[test]

@@ -391,6 +391,29 @@ fn forged_stage_events_are_refused_and_nothing_is_signed() {
     let verified = completed(&events, "verify");
     let index = || std::fs::read_to_string(layout.join("index.json")).unwrap();
     let published = index();
+    // The layout holds the signature and the three attestations too: kiln verify checks them.
+    let o = kiln(home.path())
+        .args([
+            "verify",
+            &format!("oci:{}:latest", layout.display()),
+            "--json",
+            "--key",
+        ])
+        .arg(work.path().join("images.key.pub"))
+        .arg("--verifier-key")
+        .arg(home.path().join("verifier.key.pub"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for c in report["checks"].as_array().unwrap() {
+        assert_eq!(c["status"], "verified", "{report}");
+    }
 
     // Forgeries of verify.completed: a state digest that no worker recorded (a state whose disk
     // never booted, or whose recipe was changed, has another digest); the real state's digest

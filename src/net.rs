@@ -1,7 +1,8 @@
 //! What kiln's network clients (the Debian mirror, the OCI registry, git over HTTP, NATS) share
 //! about untrusted peers: how long a peer may stay silent ([`stall_timeout`]), how to tell that
-//! it did ([`is_stall`]), and the one function that takes credentials out of URLs before a URL is
-//! logged or put into an error message ([`redact`]).
+//! it did ([`is_stall`]), the one function that takes credentials out of URLs before a URL is
+//! logged or put into an error message ([`redact`]), and the one percent-encoder
+//! ([`percent_encode`]).
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -139,6 +140,20 @@ fn redact_query(path_and_query: &str) -> Cow<'_, str> {
 fn is_secret_param(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     SECRET_PARAMS.iter().any(|s| name.contains(s))
+}
+
+/// Percent-encode everything but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`): a URL
+/// path segment, a purl component.
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -115,27 +115,14 @@ fn spdx_id(name: &str) -> String {
     format!("SPDXRef-deb-{clean}")
 }
 
-/// Percent-encode a purl component: everything but unreserved characters.
-fn purl_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// `pkg:deb/debian/<name>@<version>?arch=<arch>&distro=<suite>`.
 pub fn purl(p: &SbomPackage, suite: &str) -> String {
     format!(
         "pkg:deb/debian/{}@{}?arch={}&distro={}",
-        purl_encode(&p.name),
-        purl_encode(&p.version),
-        purl_encode(&p.architecture),
-        purl_encode(suite)
+        crate::net::percent_encode(&p.name),
+        crate::net::percent_encode(&p.version),
+        crate::net::percent_encode(&p.architecture),
+        crate::net::percent_encode(suite)
     )
 }
 
@@ -208,7 +195,7 @@ pub fn spdx(input: &SbomInput<'_>) -> Value {
         "name": if input.version.is_empty() { input.name.to_string() } else { format!("{}-{}", input.name, input.version) },
         "documentNamespace": format!(
             "https://spdx.kiln.invalid/{}/{}",
-            purl_encode(input.name),
+            crate::net::percent_encode(input.name),
             input.image.hex()
         ),
         "creationInfo": {

@@ -333,10 +333,7 @@ fn refuses_untrusted_unsigned_changed_and_forged() {
         .unwrap()
         .to_string();
     // One base64 digit in the middle of the signature changed.
-    let mid = s.len() / 2;
-    let flipped = if &s[mid..=mid] == "A" { "B" } else { "A" };
-    sig_json["layers"][0]["annotations"][ann] =
-        serde_json::Value::String(format!("{}{flipped}{}", &s[..mid], &s[mid + 1..]));
+    sig_json["layers"][0]["annotations"][ann] = common::change_base64_digit(&s).into();
     std::fs::write(&sig_path, serde_json::to_vec(&sig_json).unwrap()).unwrap();
     put(&store::signature_tag(&good.manifest_digest), &sig_path);
     let e = store::pull(&format!("{repo}:v1"), &out, Some(&vk), &opts()).unwrap_err();

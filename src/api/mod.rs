@@ -298,19 +298,6 @@ fn field_of(path: &str, message: &str) -> Option<String> {
     }
 }
 
-/// Percent-encode a build id for a URL path segment.
-fn path_segment(id: &str) -> String {
-    let mut out = String::new();
-    for b in id.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// `status_url` and `events_url` of a build: absolute when the request named its host.
 fn build_links(headers: &HeaderMap, id: &str) -> serde_json::Value {
     let base = headers
@@ -322,7 +309,7 @@ fn build_links(headers: &HeaderMap, id: &str) -> serde_json::Value {
         })
         .map(|h| format!("http://{h}"))
         .unwrap_or_default();
-    let status = format!("{base}/v1/builds/{}", path_segment(id));
+    let status = format!("{base}/v1/builds/{}", crate::net::percent_encode(id));
     json!({ "build": id, "status_url": status, "events_url": format!("{status}/events") })
 }
 
@@ -687,9 +674,9 @@ mod tests {
 
     #[test]
     fn ids_are_encoded_in_links() {
-        assert_eq!(path_segment("a b/c"), "a%20b%2Fc");
+        assert_eq!(crate::net::percent_encode("a b/c"), "a%20b%2Fc");
         assert_eq!(
-            path_segment("20261126T022407Z-9f3a01c2"),
+            crate::net::percent_encode("20261126T022407Z-9f3a01c2"),
             "20261126T022407Z-9f3a01c2"
         );
     }

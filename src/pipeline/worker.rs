@@ -97,10 +97,15 @@ impl WorkerConfig {
 
 /// `<hostname>/<pid>`.
 pub fn default_worker_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    format!("{}/{}", host_name(), std::process::id())
+}
+
+/// This host's name (`localhost` when it cannot be read): what attestations name as the builder
+/// and the verifier.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
-    format!("{host}/{}", std::process::id())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -34,6 +34,14 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `text` (base64) with the digit in its middle changed (`A` ↔ another): the same length and
+/// alphabet, other bytes once decoded.
+pub fn change_base64_digit(text: &str) -> String {
+    let mid = text.len() / 2;
+    let other = if &text[mid..=mid] == "A" { "B" } else { "A" };
+    format!("{}{other}{}", &text[..mid], &text[mid + 1..])
+}
+
 /// Flip every bit of the byte at `offset` of the file at `path` in place, keeping its size and
 /// its modification time (as a bad disk sector would: nothing that looks at metadata notices).
 pub fn flip_byte(path: &Path, offset: u64) {

@@ -327,15 +327,14 @@ fn statements(
         out.push(Statement::new(name, manifest, attest::PREDICATE_SPDX, doc));
         count
     });
-    let host = crate::pipeline::worker::default_worker_name();
-    let builder = host.split('/').next().unwrap_or("localhost");
+    let builder = crate::pipeline::worker::host_name();
     let provenance = crate::provenance::slsa(&crate::provenance::ProvenanceInput {
         request: origin.request,
         commit: origin.commit,
         build,
         mirror: origin.mirror,
         suite: origin.suite,
-        builder,
+        builder: &builder,
     });
     out.push(Statement::new(
         name,

@@ -230,7 +230,6 @@ fn attest_boots(
             "result": "passed",
         }));
     }
-    let host = crate::pipeline::worker::default_worker_name();
     let predicate = serde_json::json!({
         "image": { "sha256": disk.image.hex(), "format": disk.format },
         "recipe": { "name": build.loaded.recipe.name, "inputs": build.loaded.inputs },
@@ -238,7 +237,7 @@ fn attest_boots(
         "marker": build.loaded.recipe.verify.expect,
         "boots": list,
         "verifier": {
-            "id": format!("urn:kiln:verifier:{}", host.split('/').next().unwrap_or("localhost")),
+            "id": format!("urn:kiln:verifier:{}", crate::pipeline::worker::host_name()),
             "kiln": env!("CARGO_PKG_VERSION"),
         },
     });

@@ -5,7 +5,7 @@ use crate::net::redact;
 use crate::recipe::{self, Diagnostic, LoadOptions};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Exit code for an operational failure: a download, a boot, the network, the disk.
 pub const EXIT_FAILURE: i32 = 1;
@@ -106,9 +106,11 @@ pub enum Command {
                       --type spdxjson|slsaprovenance1` checks."
     )]
     Verify(VerifyArgs),
-    /// Print an image's SBOM (SPDX 2.3 JSON), from its attestation, checked with the key.
+    /// Print an image's SBOM (SPDX 2.3 JSON): a published image's from its attestation, checked
+    /// with the key; a built image file's from beside it, checked against the file's digest.
     #[command(
-        after_help = "Example:\n  kiln sbom localhost:5000/kiln/app:latest --key keys/images.key.pub > app.spdx.json"
+        after_help = "Examples:\n  kiln sbom localhost:5000/kiln/app:latest --key keys/images.key.pub > app.spdx.json\n  \
+                      kiln sbom out/app-1.0.raw"
     )]
     Sbom(SbomArgs),
     /// Push a disk image to an OCI registry (or an OCI layout directory), signed.
@@ -522,11 +524,13 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 pub struct SbomArgs {
-    /// `host:port/repository:tag`, `…@sha256:…` or `oci:/dir:tag`.
+    /// `host:port/repository:tag`, `…@sha256:…`, `oci:/dir:tag`, or an image file that `kiln
+    /// build` delivered (its SBOM is beside it, as IMAGE.spdx.json).
+    #[arg(value_name = "REF|IMAGE")]
     pub reference: String,
-    /// Public key the SBOM attestation must be signed with.
+    /// Public key the SBOM attestation must be signed with (for a reference).
     #[arg(long, value_name = "KEYFILE")]
-    pub key: PathBuf,
+    pub key: Option<PathBuf>,
     /// Use plain http for a registry that is not on loopback.
     #[arg(long)]
     pub insecure: bool,
@@ -1891,7 +1895,21 @@ fn verify_image(args: VerifyArgs) -> anyhow::Result<i32> {
 
 fn sbom(args: SbomArgs) -> anyhow::Result<i32> {
     use crate::store::Requirement;
-    let key = crate::store::load_verifying_key(&args.key).map_err(BadInput::error)?;
+    let image = Path::new(&args.reference);
+    if image.is_file() {
+        let doc = local_sbom(image).map_err(BadInput::Message)?;
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(0);
+    }
+    let Some(key) = &args.key else {
+        return Err(BadInput::Message(format!(
+            "{} is not a file here, so it is read as a registry reference, and the SBOM of a \
+             published image is read from its signed attestation: give --key KEYFILE.pub",
+            args.reference
+        ))
+        .into());
+    };
+    let key = crate::store::load_verifying_key(key).map_err(BadInput::error)?;
     let opts = crate::store::StoreOptions {
         insecure: args.insecure,
         credentials: None,
@@ -1917,6 +1935,63 @@ fn sbom(args: SbomArgs) -> anyhow::Result<i32> {
             )
         }
     }
+}
+
+/// Largest SBOM file read beside an image.
+const MAX_LOCAL_SBOM: u64 = 64 << 20;
+
+/// The SBOM `kiln build` wrote beside `image`, refused unless it describes this very file.
+fn local_sbom(image: &Path) -> Result<serde_json::Value, String> {
+    use std::io::Read;
+    let mut name = image.as_os_str().to_os_string();
+    name.push(".spdx.json");
+    let path = PathBuf::from(name);
+    let file = std::fs::File::open(&path).map_err(|e| {
+        format!(
+            "{} has no SBOM beside it ({}: {e}); kiln build writes one next to the image it \
+             delivers; for a published image give its reference and --key",
+            image.display(),
+            path.display()
+        )
+    })?;
+    let mut bytes = Vec::new();
+    file.take(MAX_LOCAL_SBOM + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_LOCAL_SBOM {
+        return Err(format!(
+            "{} is larger than {} MiB: not an SBOM kiln wrote",
+            path.display(),
+            MAX_LOCAL_SBOM >> 20
+        ));
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    let described = doc["packages"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["SPDXID"] == "SPDXRef-Image"))
+        .and_then(|p| p["checksums"].as_array())
+        .and_then(|c| c.iter().find(|c| c["algorithm"] == "SHA256"))
+        .and_then(|c| c["checksumValue"].as_str())
+        .ok_or_else(|| {
+            format!(
+                "{} names no image (no SPDXRef-Image package with a SHA256)",
+                path.display()
+            )
+        })?;
+    let mut f =
+        std::fs::File::open(image).map_err(|e| format!("reading {}: {e}", image.display()))?;
+    let (actual, _) = crate::digest::hash_file(&mut f)
+        .map_err(|e| format!("reading {}: {e}", image.display()))?;
+    if actual.hex() != described {
+        return Err(format!(
+            "{} describes the image sha256:{described}, but {} is {actual}: it is another \
+             build's SBOM, or the image changed after kiln build delivered it",
+            path.display(),
+            image.display()
+        ));
+    }
+    Ok(doc)
 }
 
 fn sign(args: SignArgs) -> anyhow::Result<i32> {

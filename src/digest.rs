@@ -1,5 +1,5 @@
 //! Content digests: the `sha256:<hex>` [`Digest256`] that names blobs, layers and records, and
-//! whole-file hashing ([`hash_file`]).
+//! whole-file hashing ([`hash_file`]); the SHA-1 that SPDX requires of files ([`sha1_hex`]).
 
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -45,6 +45,12 @@ impl std::fmt::Display for Digest256 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Hex SHA-1 of a byte slice: only where a format demands one (SPDX files), never to name
+/// content.
+pub fn sha1_hex(bytes: &[u8]) -> String {
+    hex::encode(sha1::Sha1::digest(bytes))
 }
 
 /// SHA256 and length of a whole file.

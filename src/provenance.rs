@@ -1,6 +1,6 @@
 //! How an image was made, as a SLSA provenance v1 predicate: the recipe and the request's
 //! parameters (external), kiln's version, the mirror and SOURCE_DATE_EPOCH (internal), every
-//! resolved input with its digest — the recipe's inputs digest, each template, each `.deb` by
+//! resolved input with its digest — the recipe's inputs digest, the signed `InRelease`, each template, each `.deb` by
 //! its SHA-256 from the signed index, the Debian base, a kernel built from source — and the
 //! builder (`urn:kiln:builder:<host>`). docs/provenance.md describes the build type. Pure: no
 //! I/O.
@@ -58,6 +58,17 @@ pub fn slsa(input: &ProvenanceInput<'_>) -> Value {
         }));
     }
     if let Some(p) = &build.packages {
+        if let Some(release) = &p.release {
+            deps.push(json!({
+                "name": format!("InRelease of Debian {} (OpenPGP-verified)", input.suite),
+                "uri": format!(
+                    "{}/dists/{}/InRelease",
+                    input.mirror.trim_end_matches('/'),
+                    input.suite
+                ),
+                "digest": sha256(release),
+            }));
+        }
         for deb in p.fetched(build.is_debian()) {
             deps.push(json!({
                 "name": deb.name,

@@ -3,7 +3,9 @@
 //! package and version, the `.deb`'s SHA-256 from the signed index, where it was downloaded,
 //! and a `pkg:deb/debian/…` purl. Busybox images list the packages kiln's own resolver fetched;
 //! Debian images the packages their `/var/lib/dpkg/status` says are installed, each matched in
-//! the verified index. Pure: no I/O.
+//! the verified index. Besides the packages, the files kiln itself wrote into the root (its
+//! init, units, accounts, fstab, the recipe's files) are listed as SPDX files with their SHA-1
+//! and SHA-256. Pure: no I/O.
 
 use crate::digest::Digest256;
 use crate::packages::PackageRef;
@@ -84,6 +86,53 @@ pub fn parse_dpkg_status(text: &str) -> Vec<SbomPackage> {
     out
 }
 
+/// A file kiln wrote into the image's root itself (no package holds it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GeneratedFile {
+    /// Absolute path in the image.
+    pub path: String,
+    pub sha256: Digest256,
+    /// Hex SHA-1: SPDX 2.3 requires one for every file.
+    pub sha1: String,
+}
+
+/// The regular files of `image` that kiln generated: those not in `base` with the same content
+/// (a Debian image's mmdebstrap base) and not at a path in `packaged` (a busybox image's
+/// `/bin/busybox`). Path order.
+pub fn generated_paths<'a>(
+    image: &'a crate::manifest::Manifest,
+    base: Option<&crate::manifest::Manifest>,
+    packaged: &[&str],
+) -> Vec<(&'a str, &'a Digest256)> {
+    use crate::manifest::ManifestKind;
+    let from_base: std::collections::HashMap<&str, &Digest256> = base
+        .map(|b| {
+            b.entries
+                .iter()
+                .filter_map(|e| match &e.kind {
+                    ManifestKind::File { digest, .. } => Some((e.path.as_str(), digest)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out: Vec<(&str, &Digest256)> = image
+        .entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            ManifestKind::File { digest, .. }
+                if from_base.get(e.path.as_str()) != Some(&digest)
+                    && !packaged.contains(&e.path.as_str()) =>
+            {
+                Some((e.path.as_str(), digest))
+            }
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// What the document describes.
 pub struct SbomInput<'a> {
     /// The recipe's name and version.
@@ -97,6 +146,18 @@ pub struct SbomInput<'a> {
     pub mirror: &'a str,
     pub suite: &'a str,
     pub packages: Vec<SbomPackage>,
+    /// The files kiln wrote itself.
+    pub generated: &'a [GeneratedFile],
+}
+
+/// The SPDX id of the package of kiln's own files.
+const GENERATED_ID: &str = "SPDXRef-kiln-generated";
+
+/// SPDX's package verification code: the SHA-1 of the files' sorted SHA-1s (hex) joined.
+fn verification_code(files: &[GeneratedFile]) -> String {
+    let mut sums: Vec<&str> = files.iter().map(|f| f.sha1.as_str()).collect();
+    sums.sort_unstable();
+    crate::digest::sha1_hex(sums.concat().as_bytes())
 }
 
 /// The SPDX id of a package: `SPDXRef-deb-<name>-<arch>`, with characters SPDX ids may not hold
@@ -188,7 +249,51 @@ pub fn spdx(input: &SbomInput<'_>) -> Value {
             "relatedSpdxElement": id,
         }));
     }
-    json!({
+    // kiln's own files: a package of their own whose files were analysed (SPDX lets a package
+    // that was not analysed, like the image, contain no files).
+    let mut files = Vec::new();
+    if !input.generated.is_empty() {
+        let mut ids = Vec::new();
+        for (i, f) in input.generated.iter().enumerate() {
+            let id = format!("SPDXRef-File-{}", i + 1);
+            files.push(json!({
+                "SPDXID": id,
+                "fileName": format!(".{}", f.path),
+                "checksums": [
+                    {"algorithm": "SHA1", "checksumValue": f.sha1},
+                    {"algorithm": "SHA256", "checksumValue": f.sha256.hex()},
+                ],
+                "licenseConcluded": "NOASSERTION",
+                "copyrightText": "NOASSERTION",
+            }));
+            relationships.push(json!({
+                "spdxElementId": GENERATED_ID,
+                "relationshipType": "CONTAINS",
+                "relatedSpdxElement": id,
+            }));
+            ids.push(id);
+        }
+        packages.push(json!({
+            "SPDXID": GENERATED_ID,
+            "name": "kiln-generated-files",
+            "versionInfo": if input.version.is_empty() { "NOASSERTION" } else { input.version },
+            "downloadLocation": "NOASSERTION",
+            "filesAnalyzed": true,
+            "packageVerificationCode": {"packageVerificationCodeValue": verification_code(input.generated)},
+            "hasFiles": ids,
+            "comment": "the files kiln wrote into the root itself: init, units, accounts, fstab, the recipe's files",
+            "supplier": format!("Tool: kiln-{}", env!("CARGO_PKG_VERSION")),
+            "licenseConcluded": "NOASSERTION",
+            "licenseDeclared": "NOASSERTION",
+            "copyrightText": "NOASSERTION",
+        }));
+        relationships.push(json!({
+            "spdxElementId": "SPDXRef-Image",
+            "relationshipType": "CONTAINS",
+            "relatedSpdxElement": GENERATED_ID,
+        }));
+    }
+    let mut doc = json!({
         "spdxVersion": "SPDX-2.3",
         "dataLicense": "CC0-1.0",
         "SPDXID": "SPDXRef-DOCUMENT",
@@ -204,7 +309,11 @@ pub fn spdx(input: &SbomInput<'_>) -> Value {
         },
         "packages": packages,
         "relationships": relationships,
-    })
+    });
+    if !files.is_empty() {
+        doc["files"] = files.into();
+    }
+    doc
 }
 
 #[cfg(test)]
@@ -238,9 +347,14 @@ mod tests {
             mirror: "http://deb.debian.org/debian/",
             suite: "bookworm",
             packages: vec![SbomPackage::fetched(&b), SbomPackage::fetched(&a)],
+            generated: &[GeneratedFile {
+                path: "/sbin/init".into(),
+                sha256: Digest256::of(b"init"),
+                sha1: "00".repeat(20),
+            }],
         });
         let p = &doc["packages"];
-        assert_eq!(p.as_array().unwrap().len(), 3);
+        assert_eq!(p.as_array().unwrap().len(), 4);
         assert_eq!(p[1]["name"], "busybox-static");
         assert_eq!(
             p[1]["externalRefs"][0]["referenceLocator"],
@@ -259,8 +373,50 @@ mod tests {
             "http://deb.debian.org/debian/pool/main/x/busybox-static.deb"
         );
         assert_eq!(doc["creationInfo"]["created"], "2023-11-14T22:13:20Z");
-        assert_eq!(doc["relationships"].as_array().unwrap().len(), 3);
+        assert_eq!(doc["relationships"].as_array().unwrap().len(), 5);
+        assert_eq!(p[3]["hasFiles"][0], "SPDXRef-File-1");
+        assert_eq!(
+            p[3]["packageVerificationCode"]["packageVerificationCodeValue"],
+            crate::digest::sha1_hex("00".repeat(20).as_bytes())
+        );
+        assert_eq!(doc["files"][0]["fileName"], "./sbin/init");
+        assert_eq!(doc["files"][0]["checksums"][0]["algorithm"], "SHA1");
         assert_eq!(spdx_id("g++_x"), "SPDXRef-deb-g---x");
+    }
+
+    #[test]
+    fn generated_files_are_those_neither_base_nor_package_has() {
+        use crate::manifest::{Manifest, ManifestEntry, ManifestKind};
+        let file = |path: &str, content: &[u8]| ManifestEntry {
+            path: path.into(),
+            kind: ManifestKind::File {
+                digest: Digest256::of(content),
+                len: content.len() as u64,
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            xattrs: Default::default(),
+        };
+        let base = Manifest {
+            v: 1,
+            entries: vec![file("/etc/passwd", b"root"), file("/usr/bin/ls", b"ls")],
+        };
+        let image = Manifest {
+            v: 1,
+            entries: vec![
+                file("/usr/bin/ls", b"ls"),
+                file("/etc/passwd", b"root\napp"),
+                file("/bin/busybox", b"bb"),
+                file("/etc/fstab", b"/"),
+            ],
+        };
+        let paths: Vec<&str> = generated_paths(&image, Some(&base), &["/bin/busybox"])
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(paths, ["/etc/fstab", "/etc/passwd"]);
     }
 
     #[test]

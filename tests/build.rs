@@ -40,6 +40,90 @@ fn recorded(report: &serde_json::Value) -> Vec<(String, String)> {
     out
 }
 
+/// The SBOM `kiln build` writes beside the image: `kiln sbom IMAGE` prints it, the SPDX
+/// project's validator accepts it, it lists the packages the report lists, and the files kiln
+/// generated hash to what debugfs reads from the image's root. A changed image is refused.
+fn sbom_beside_the_image(home: &Path, image: &Path, report: &serde_json::Value) {
+    assert_eq!(
+        report["sbom"].as_str().map(PathBuf::from),
+        Some(PathBuf::from(format!("{}.spdx.json", image.display())))
+    );
+    let o = kiln(home).arg("sbom").arg(image).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let o = Command::new("/var/tmp/kiln-test-tools/bin/pyspdxtools")
+        .arg("-i")
+        .arg(report["sbom"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "pyspdxtools: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut listed: Vec<(String, String)> = doc["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["SPDXID"].as_str().unwrap().starts_with("SPDXRef-deb-"))
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["checksums"][0]["checksumValue"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    let mut expected: Vec<(String, String)> = report["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["sha256"].as_str().unwrap()["sha256:".len()..].to_string(),
+            )
+        })
+        .collect();
+    listed.sort();
+    expected.sort();
+    assert_eq!(listed, expected);
+    // kiln's generated files, as the image holds them.
+    let files = doc["files"].as_array().expect("generated files");
+    let paths: Vec<&str> = files
+        .iter()
+        .map(|f| f["fileName"].as_str().unwrap().trim_start_matches('.'))
+        .collect();
+    assert!(paths.contains(&"/sbin/init"), "{paths:?}");
+    assert!(paths.contains(&"/etc/fstab"), "{paths:?}");
+    assert!(!paths.contains(&"/bin/busybox"), "{paths:?}");
+    for (f, content) in files.iter().zip(common::root_files(image, &paths)) {
+        let content = content.unwrap_or_else(|| panic!("debugfs found no {f}"));
+        assert_eq!(
+            f["checksums"][1]["checksumValue"],
+            common::sha256_bytes(&content),
+            "{f}"
+        );
+        assert_eq!(f["checksums"][0]["algorithm"], "SHA1", "{f}");
+    }
+    // Another image under the same name: refused, naming both digests.
+    let other = image.with_extension("changed");
+    std::fs::copy(image, &other).unwrap();
+    std::fs::copy(
+        report["sbom"].as_str().unwrap(),
+        format!("{}.spdx.json", other.display()),
+    )
+    .unwrap();
+    common::flip_byte(&other, 0);
+    let o = kiln(home).arg("sbom").arg(&other).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("another build's SBOM"), "{err}");
+}
+
 #[test]
 fn minimal_builds_boots_both_ways_and_rebuilds_from_cache() {
     let home = home();
@@ -94,6 +178,7 @@ fn minimal_builds_boots_both_ways_and_rebuilds_from_cache() {
     let mut report_file = image.as_os_str().to_os_string();
     report_file.push(".report.json");
     assert!(Path::new(&report_file).is_file());
+    sbom_beside_the_image(home.path(), &image, &report);
     assert!(
         common::stage_caches(&report)
             .iter()

@@ -740,7 +740,7 @@ fn a_published_debian_image_lists_what_dpkg_query_reads_from_it() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|p| p["SPDXID"] != "SPDXRef-Image")
+        .filter(|p| p["SPDXID"].as_str().unwrap().starts_with("SPDXRef-deb-"))
         .collect();
     let mut listed: Vec<String> = packages
         .iter()
@@ -810,4 +810,23 @@ fn a_published_debian_image_lists_what_dpkg_query_reads_from_it() {
     installed.sort();
     assert!(installed.len() > 50, "{installed:?}");
     assert_eq!(listed, installed);
+    // The files kiln wrote (accounts, fstab, hostname, the recipe's units) hash to what the
+    // mounted image holds.
+    let files = doc["files"].as_array().expect("generated files");
+    let paths: Vec<&str> = files
+        .iter()
+        .map(|f| f["fileName"].as_str().unwrap().trim_start_matches('.'))
+        .collect();
+    for want in ["/etc/fstab", "/etc/hostname"] {
+        assert!(paths.contains(&want), "{want} not in {paths:?}");
+    }
+    assert!(!paths.contains(&"/usr/bin/dpkg"), "{paths:?}");
+    for (f, path) in files.iter().zip(&paths) {
+        let on_disk = mounted.dir.path().join(path.trim_start_matches('/'));
+        assert_eq!(
+            f["checksums"][1]["checksumValue"],
+            common::sha256(&on_disk),
+            "{f}"
+        );
+    }
 }

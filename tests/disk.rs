@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::{kiln_no_home as kiln, output, run, sha256};
+use common::{extract_partition, kiln_no_home as kiln, output, run, sha256};
 
 /// A root tree with every entry type a host directory can hold, and an ESP tree.
 fn make_trees(base: &Path) -> (PathBuf, PathBuf) {
@@ -64,21 +64,6 @@ fn disk(root: &Path, esp: &Path, out: &Path, extra: &[&str]) -> Output {
             .arg("-o")
             .arg(out),
     )
-}
-
-/// Copy partition `n` (1-based) out of a raw disk using sfdisk's table.
-fn extract_partition(raw: &Path, n: usize, dest: &Path) {
-    let json = run(Command::new("sfdisk").arg("--json").arg(raw));
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let p = &v["partitiontable"]["partitions"][n - 1];
-    let start = p["start"].as_u64().unwrap();
-    let size = p["size"].as_u64().unwrap();
-    run(Command::new("dd")
-        .arg(format!("if={}", raw.display()))
-        .arg(format!("of={}", dest.display()))
-        .args(["bs=512", "status=none", "conv=sparse"])
-        .arg(format!("skip={start}"))
-        .arg(format!("count={size}")));
 }
 
 #[test]

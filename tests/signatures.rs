@@ -555,12 +555,17 @@ fn a_published_build_carries_an_sbom_provenance_and_boot_attestation_that_others
         .as_array()
         .unwrap()
         .iter()
-        .filter(|p| p["SPDXID"] != "SPDXRef-Image")
+        .filter(|p| p["SPDXID"].as_str().unwrap().starts_with("SPDXRef-deb-"))
         .map(|p| p["name"].as_str().unwrap().to_string())
         .collect();
     listed.sort();
     assert_eq!(listed, fetched);
-    for p in doc["packages"].as_array().unwrap().iter().skip(1) {
+    for p in doc["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["SPDXID"].as_str().unwrap().starts_with("SPDXRef-deb-"))
+    {
         let purl = p["externalRefs"][0]["referenceLocator"].as_str().unwrap();
         assert!(
             purl.starts_with(&format!("pkg:deb/debian/{}@", p["name"].as_str().unwrap())),
@@ -598,6 +603,24 @@ fn a_published_build_carries_an_sbom_provenance_and_boot_attestation_that_others
     for name in &fetched {
         assert!(deps.contains(name.as_str()), "{name} not in {deps}");
     }
+    // The signed InRelease the packages were chosen from: the bytes kiln verified and cached.
+    let release = provenance["buildDefinition"]["resolvedDependencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"].as_str().unwrap().starts_with("InRelease"))
+        .unwrap_or_else(|| panic!("no InRelease in {deps}"));
+    let uri = release["uri"].as_str().unwrap();
+    assert!(uri.ends_with("/dists/bookworm/InRelease"), "{uri}");
+    let cached: Vec<String> = common::walk(&home.path().join("debian"))
+        .into_iter()
+        .filter(|p| p.ends_with("InRelease"))
+        .map(|p| common::sha256(&p))
+        .collect();
+    assert!(
+        cached.iter().any(|c| release["digest"]["sha256"] == c.as_str()),
+        "{release} is none of the cached InRelease files {cached:?}"
+    );
     // Another key: cosign refuses.
     let o = cosign_attestations(&w("other.key.pub"), "spdxjson", &by_digest, &cosign_home);
     assert!(!o.status.success(), "{}", text(&o));
@@ -826,6 +849,56 @@ fn a_published_build_carries_an_sbom_provenance_and_boot_attestation_that_others
         "cosign accepted a changed envelope: {}",
         text(&o)
     );
+
+    // A truncated envelope, and one whose descriptor claims more than kiln reads (16 MiB):
+    // refused with the reason, and the other checks stand.
+    let original = std::fs::read(w(&format!("envelope-{sbom_layer}.json"))).unwrap();
+    let truncated = &original[..original.len() / 2];
+    let digest = push_blob(&host, "kiln/app", truncated, &w("blob"));
+    let oversized = att["layers"][sbom_layer]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (digest, size, said) in [
+        (digest.as_str(), truncated.len(), "EOF while parsing"),
+        (oversized.as_str(), 17 << 20, "too large"),
+    ] {
+        let mut changed = att.clone();
+        changed["layers"][sbom_layer]["digest"] = digest.into();
+        changed["layers"][sbom_layer]["size"] = size.into();
+        std::fs::write(&att_file, serde_json::to_vec(&changed).unwrap()).unwrap();
+        curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/vnd.oci.image.manifest.v1+json",
+            "--data-binary",
+            &format!("@{}", att_file.display()),
+            &format!("http://{host}/v2/kiln/app/manifests/sha256-{hex}.att"),
+        ]);
+        let o = output(
+            common::kiln(home.path())
+                .args(["verify", &by_digest, "--json", "--key"])
+                .arg(&public),
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let sbom = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["what"] == "sbom")
+            .unwrap();
+        assert_eq!(sbom["status"], "refused", "{report}");
+        assert!(sbom["detail"].as_str().unwrap().contains(said), "{report}");
+        let provenance = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["what"] == "provenance")
+            .unwrap();
+        assert_eq!(provenance["status"], "verified", "{report}");
+    }
 }
 
 /// Upload `bytes` as a blob of `repo` (monolithic POST + PUT); its digest.

@@ -7,8 +7,8 @@ use super::bus_build::{caller_access, request_for};
 use super::records::{LocalRecords, StageRecords};
 use super::recovery::{MAX_RECOVERIES, remake, run_stage};
 use super::stages::{
-    BootSummary, Handover, ProgressSink, ProgressUpdate, StageEnv, StageError, StageReport,
-    io as stage_io,
+    Artifacts, BootSummary, Handover, ProgressSink, ProgressUpdate, StageEnv, StageError,
+    StageReport, io as stage_io,
 };
 use crate::bus::{self, CacheStatus};
 use crate::digest::Digest256;
@@ -55,6 +55,10 @@ pub struct BuildReport {
     pub stages: Vec<StageReport>,
     /// One boot per profile (empty with `--no-verify`).
     pub boots: Vec<BootSummary>,
+    /// The image's SBOM (SPDX 2.3 JSON) beside it: `<image>.spdx.json`, what `kiln sbom IMAGE`
+    /// prints. `None` for a build delivered from another host's workers (its SBOM is published
+    /// with the image).
+    pub sbom: Option<PathBuf>,
     /// Requests made to the Debian mirror during this build (0 on a warm cache).
     pub mirror_requests: u64,
     pub seconds: f64,
@@ -183,7 +187,7 @@ pub fn deliver_recovering(
 ) -> Result<BuildReport, BuildError> {
     let mut recoveries = 0;
     loop {
-        match deliver(opts, &env.blobs, h, started) {
+        match deliver(opts, &env.blobs, Some(env), h, started) {
             Err(BuildError::Deliver(StageError::Lost { digest, corrupt }))
                 if recoveries < MAX_RECOVERIES =>
             {
@@ -206,11 +210,12 @@ pub fn deliver_recovering(
 }
 
 /// Deliver a finished build to `opts.out_dir`: the image from `blobs` (only once it booted),
-/// its serial logs and the JSON report with every stage's report. Shared by the in-process and
-/// the NATS paths.
+/// its serial logs, its SBOM (when `env`, the stages' environment, is this host's) and the JSON
+/// report with every stage's report. Shared by the in-process and the NATS paths.
 pub fn deliver(
     opts: &BuildOptions,
     blobs: &BlobStore,
+    env: Option<&StageEnv>,
     h: &Handover,
     started: Instant,
 ) -> Result<BuildReport, BuildError> {
@@ -265,6 +270,7 @@ pub fn deliver(
             boot.serial_log = Some(dest);
         }
     }
+    let sbom = env.and_then(|env| write_sbom(env, state, &image_path));
     let report = BuildReport {
         name: recipe.name.clone(),
         version: recipe.version.clone(),
@@ -287,6 +293,7 @@ pub fn deliver(
             .collect(),
         stages: h.reports.clone(),
         boots,
+        sbom,
         mirror_requests: h.mirror_requests,
         seconds: started.elapsed().as_secs_f64(),
     };
@@ -296,6 +303,27 @@ pub fn deliver(
     report_path.push(".report.json");
     write_atomic(Path::new(&report_path), &json).map_err(io("writing the report"))?;
     Ok(report)
+}
+
+/// Write the build's SBOM beside the image (temp + rename); `None`, with a warning, when it
+/// cannot be made.
+fn write_sbom(env: &StageEnv, build: &Artifacts, image: &Path) -> Option<PathBuf> {
+    use crate::pipeline::stages::publish::{sbom_document, suite_of};
+    let mut name = image.as_os_str().to_os_string();
+    name.push(".spdx.json");
+    let path = PathBuf::from(name);
+    let made = sbom_document(env, build, &env.archive.mirror, &suite_of(env, build))
+        .and_then(|(doc, _)| serde_json::to_vec_pretty(&doc).map_err(|e| e.to_string()))
+        .and_then(|bytes| {
+            write_atomic(&path, &bytes).map_err(|e| format!("writing {}: {e}", path.display()))
+        });
+    match made {
+        Ok(()) => Some(path),
+        Err(reason) => {
+            tracing::warn!("no SBOM beside the image: {reason}");
+            None
+        }
+    }
 }
 
 /// Copy a file keeping its holes (temp file + rename).

@@ -295,7 +295,7 @@ pub async fn build_over_bus(
             }))
         })??
     } else {
-        deliver(opts, &local, &state, started)?
+        deliver(opts, &local, None, &state, started)?
     };
     if let Some(server) = server {
         // Close the connection before the server goes, so the client does not warn about a

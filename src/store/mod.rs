@@ -1156,13 +1156,17 @@ pub fn verify_image(
                     Ok(attest::Attested::Unverified { layers }) => (
                         "unverified",
                         format!(
-                            "{layers} {predicate_type} attestation(s), none validly signed by the                              trusted key"
+                            "{layers} {predicate_type} attestation(s), none validly signed by \
+                             the trusted key"
                         ),
                     ),
+                    // A registry that serves a bad envelope fails this check, not the others.
                     Err(
                         e @ (StoreError::AttestationSubject { .. }
                         | StoreError::ConflictingAttestations { .. }
-                        | StoreError::Malformed { .. }),
+                        | StoreError::Malformed { .. }
+                        | StoreError::SizeMismatch { .. }
+                        | StoreError::DigestMismatch { .. }),
                     ) => ("refused", e.to_string()),
                     Err(e) => return Err(e),
                 }
@@ -1190,11 +1194,20 @@ pub fn verify_image(
 fn summary(what: Requirement, predicate: &serde_json::Value) -> String {
     match what {
         Requirement::Sbom => {
-            let packages = predicate["packages"].as_array().map_or(0, Vec::len);
+            let packages = predicate["packages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| {
+                    p["SPDXID"]
+                        .as_str()
+                        .is_some_and(|id| id.starts_with("SPDXRef-deb-"))
+                })
+                .count();
+            let files = predicate["files"].as_array().map_or(0, Vec::len);
             format!(
-                "SPDX {}: {} package(s) besides the image",
+                "SPDX {}: {packages} Debian package(s), {files} file(s) kiln wrote",
                 predicate["spdxVersion"].as_str().unwrap_or("?"),
-                packages.saturating_sub(1)
             )
         }
         Requirement::Provenance => format!(

@@ -1,5 +1,6 @@
 //! Files on the host: copying and listing directory trees, damaging a file the way a bad disk
-//! does ([`flip_byte`]), and a small file system to fill ([`Tmpfs`]).
+//! does ([`flip_byte`]), a small file system to fill ([`Tmpfs`]), and reading a disk image with
+//! the standard tools ([`extract_partition`], [`root_file`]).
 
 use std::path::{Path, PathBuf};
 
@@ -102,4 +103,58 @@ impl Drop for Tmpfs {
             .arg(self.dir.path())
             .status();
     }
+}
+
+/// Copy partition `n` (1-based) out of a raw disk using sfdisk's table.
+pub fn extract_partition(raw: &Path, n: usize, dest: &Path) {
+    let json = super::run(std::process::Command::new("sfdisk").arg("--json").arg(raw));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let p = &v["partitiontable"]["partitions"][n - 1];
+    let start = p["start"].as_u64().unwrap();
+    let size = p["size"].as_u64().unwrap();
+    super::run(
+        std::process::Command::new("dd")
+            .arg(format!("if={}", raw.display()))
+            .arg(format!("of={}", dest.display()))
+            .args(["bs=512", "status=none", "conv=sparse"])
+            .arg(format!("skip={start}"))
+            .arg(format!("count={size}")),
+    );
+}
+
+/// Files read out of the root partition (GPT name `root`) of a raw or qcow2 disk image, by
+/// qemu-img, sfdisk and debugfs; `None` for a path that is not a regular file there.
+pub fn root_files(image: &Path, paths: &[&str]) -> Vec<Option<Vec<u8>>> {
+    let work = tempfile::tempdir().unwrap();
+    let raw = work.path().join("disk.raw");
+    super::run(
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(image)
+            .arg(&raw),
+    );
+    let json = super::run(std::process::Command::new("sfdisk").arg("--json").arg(&raw));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let n = v["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|p| p["name"] == "root")
+        .expect("a partition named root");
+    let part = work.path().join("root.img");
+    extract_partition(&raw, n + 1, &part);
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let out = work.path().join(format!("file-{i}"));
+            let _ = std::process::Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("dump {path} {}", out.display()))
+                .arg(&part)
+                .output()
+                .unwrap();
+            std::fs::read(&out).ok()
+        })
+        .collect()
 }

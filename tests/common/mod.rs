@@ -27,7 +27,9 @@ pub mod verify_support;
 
 // Each test binary uses some of these.
 #[allow(unused_imports)]
-pub use files::{Tmpfs, change_base64_digit, copy_dir, flip_byte, walk};
+pub use files::{
+    Tmpfs, change_base64_digit, copy_dir, extract_partition, flip_byte, root_files, walk,
+};
 #[allow(unused_imports)]
 pub use git::commit_all;
 #[allow(unused_imports)]

@@ -108,13 +108,7 @@ impl StageWork for PublishStage {
         } else {
             PathBuf::new()
         };
-        let suite = build
-            .loaded
-            .recipe
-            .rootfs
-            .suite
-            .clone()
-            .unwrap_or_else(|| run.env.archive.suite.clone());
+        let suite = suite_of(run.env, build);
         // The verify stage's signed boot attestation, as it is.
         let boot_attestation = match build.boot_attestation.as_ref() {
             Some(d) if publishes(run.env, build) => {
@@ -288,6 +282,56 @@ fn installed_packages(
     Ok(packages)
 }
 
+/// The Debian suite a build's packages came from.
+pub fn suite_of(env: &StageEnv, build: &Artifacts) -> String {
+    build
+        .loaded
+        .recipe
+        .rootfs
+        .suite
+        .clone()
+        .unwrap_or_else(|| env.archive.suite.clone())
+}
+
+/// The build's SBOM (SPDX 2.3) and how many packages it lists. `Err`: why there is none.
+/// Published with the image, and written beside the image `kiln build` delivers.
+pub fn sbom_document(
+    env: &StageEnv,
+    build: &Artifacts,
+    mirror: &str,
+    suite: &str,
+) -> Result<(serde_json::Value, usize), String> {
+    let disk = build.disk().map_err(|e| e.to_string())?;
+    let recipe = &build.loaded.recipe;
+    let packages = if build.is_debian() {
+        installed_packages(env, build)?
+    } else {
+        build
+            .packages()
+            .map_err(|e| e.to_string())?
+            .fetched(false)
+            .into_iter()
+            .map(crate::sbom::SbomPackage::fetched)
+            .collect()
+    };
+    let count = packages.len();
+    let doc = crate::sbom::spdx(&crate::sbom::SbomInput {
+        name: &recipe.name,
+        version: recipe.version.as_deref().unwrap_or(""),
+        image: &disk.image,
+        source_date_epoch: build.loaded.source_date_epoch,
+        mirror,
+        suite,
+        packages,
+        generated: build
+            .rootfs
+            .as_ref()
+            .map(|r| r.generated.as_slice())
+            .unwrap_or_default(),
+    });
+    Ok((doc, count))
+}
+
 /// The in-toto Statements published with an image: its SBOM (`Err`: why there is none) and
 /// its provenance.
 fn statements(
@@ -297,33 +341,8 @@ fn statements(
     name: &str,
     manifest: &Digest256,
 ) -> Result<(Vec<Statement>, Result<usize, String>), StageError> {
-    let disk = build.disk()?;
-    let recipe = &build.loaded.recipe;
     let mut out = Vec::new();
-    let packages = if build.is_debian() {
-        installed_packages(env, build)
-    } else {
-        build
-            .packages()
-            .map(|p| {
-                p.fetched(false)
-                    .into_iter()
-                    .map(crate::sbom::SbomPackage::fetched)
-                    .collect()
-            })
-            .map_err(|e| e.to_string())
-    };
-    let sbom = packages.map(|packages| {
-        let count = packages.len();
-        let doc = crate::sbom::spdx(&crate::sbom::SbomInput {
-            name: &recipe.name,
-            version: recipe.version.as_deref().unwrap_or(""),
-            image: &disk.image,
-            source_date_epoch: build.loaded.source_date_epoch,
-            mirror: origin.mirror,
-            suite: origin.suite,
-            packages,
-        });
+    let sbom = sbom_document(env, build, origin.mirror, origin.suite).map(|(doc, count)| {
         out.push(Statement::new(name, manifest, attest::PREDICATE_SPDX, doc));
         count
     });

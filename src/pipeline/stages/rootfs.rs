@@ -24,6 +24,9 @@ pub struct ChosenPackages {
     pub kernel: PackageRef,
     pub busybox: PackageRef,
     pub systemd_boot: PackageRef,
+    /// The SHA-256 of the verified `InRelease` they were chosen from (the provenance names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<Digest256>,
 }
 
 impl ChosenPackages {
@@ -47,6 +50,10 @@ pub struct RootfsOut {
     /// The blob of the image's `/var/lib/dpkg/status` (Debian images): what the SBOM lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpkg_status: Option<Digest256>,
+    /// The files kiln wrote into the root itself (init, units, accounts, the recipe's files):
+    /// the SBOM lists them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generated: Vec<crate::sbom::GeneratedFile>,
 }
 
 /// The Debian base step's outputs.
@@ -113,8 +120,9 @@ impl StageWork for RootfsStage {
             inputs: &loaded.inputs,
             root: ids.root.to_string(),
         };
-        // Version 2: records the dpkg status file's blob (for the SBOM of Debian images).
-        let rootfs = run.step("rootfs", 2, &key, |run| {
+        // Version 2 recorded the dpkg status file's blob, version 3 the generated files (for
+        // the SBOM).
+        let rootfs = run.step("rootfs", 3, &key, |run| {
             rootfs(run.env, loaded, &packages, base_manifest.as_ref())
         })?;
         Ok(RootfsStageOut {
@@ -159,13 +167,16 @@ fn packages(run: &mut StageRun<'_>, loaded: &Loaded) -> Result<ChosenPackages, S
         release: archive.release_digest(),
     };
     // Version 2: package references carry their source package (for the SBOM).
-    let chosen: ChosenPackages = run.step("packages", 2, &key, |_| {
+    let mut chosen: ChosenPackages = run.step("packages", 2, &key, |_| {
         Ok(ChosenPackages {
             kernel: versioned_package(&archive, &kernel)?,
             busybox: one_package(&archive, "busybox-static")?,
             systemd_boot: one_package(&archive, "systemd-boot-efi")?,
+            release: None,
         })
     })?;
+    // The release is in the step's key: a recorded choice was made from this very InRelease.
+    chosen.release = Some(archive.release_digest().clone());
     let all =
         chosen.fetched(loaded.recipe.rootfs.base == crate::recipe::schema::RootfsBase::Debian);
     let total: u64 = all.iter().map(|p| p.size).sum();
@@ -258,21 +269,42 @@ fn rootfs(
         }
     };
     let digest = store_tree(&env.blobs, &tree)?;
+    let manifest = read_manifest(&env.blobs, &digest, "the image's manifest")?;
     let dpkg_status = match base {
-        Some(_) => read_manifest(&env.blobs, &digest, "the image's manifest")?
+        Some(_) => manifest
             .entries
-            .into_iter()
+            .iter()
             .find(|e| e.path == crate::sbom::DPKG_STATUS)
-            .and_then(|e| match e.kind {
-                crate::manifest::ManifestKind::File { digest, .. } => Some(digest),
+            .and_then(|e| match &e.kind {
+                crate::manifest::ManifestKind::File { digest, .. } => Some(digest.clone()),
                 _ => None,
             }),
         None => None,
     };
+    let base_manifest = match base {
+        Some(b) => Some(read_manifest(&env.blobs, b, "the Debian base manifest")?),
+        None => None,
+    };
+    let mut generated = Vec::new();
+    for (path, sha256) in
+        crate::sbom::generated_paths(&manifest, base_manifest.as_ref(), &["/bin/busybox"])
+    {
+        let blob = env.blobs.path(sha256);
+        let bytes = std::fs::read(&blob).map_err(super::io(format!(
+            "reading {path} ({}) for the SBOM",
+            blob.display()
+        )))?;
+        generated.push(crate::sbom::GeneratedFile {
+            path: path.to_string(),
+            sha256: sha256.clone(),
+            sha1: crate::digest::sha1_hex(&bytes),
+        });
+    }
     Ok(RootfsOut {
         manifest: digest,
         base: base.cloned(),
         dpkg_status,
+        generated,
     })
 }
 

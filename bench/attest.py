@@ -16,6 +16,8 @@ Measured:
               whole processes, median of --verify-runs runs each.
 
 Usage: bench/attest.py [--builds N] [--verify-runs N] [--kiln PATH] [--work DIR] [--keep]
+                       [--recipe FILE --vary PARAM]
+The Debian example: --recipe recipes/debian-bookworm.yaml --vary hostname --builds 1
 (KILN_HOME defaults to the tests' shared cache /var/tmp/kiln-test-cache so packages are reused.)
 """
 
@@ -68,6 +70,11 @@ def main():
     ap.add_argument("--kiln", default=None)
     ap.add_argument("--work", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--recipe", default="recipes/app.yaml",
+                    help="recipe to build (recipes/debian-bookworm.yaml for the Debian example)")
+    ap.add_argument("--vary", default="release",
+                    help="parameter set to a new value per build so each disk is new "
+                         "(hostname for the Debian example)")
     args = ap.parse_args()
     kiln = args.kiln or next(
         (p for p in [os.path.join(REPO, "target/release/kiln"), os.path.join(REPO, "target/debug/kiln")]
@@ -104,8 +111,8 @@ def main():
         ref = None
         for i in range(args.builds):
             r = subprocess.run(
-                [kiln, "submit", "recipes/app.yaml", "--profile", "direct", "--set",
-                 f"release=bench-{stamp}-{i}", "--follow", "--timeout", "900", "--json",
+                [kiln, "submit", args.recipe, "--profile", "direct", "--set",
+                 f"{args.vary}=bench-{stamp}-{i}", "--follow", "--timeout", "1800", "--json",
                  "--nats", url],
                 env=env, cwd=REPO, capture_output=True, text=True)
             if r.returncode != 0:

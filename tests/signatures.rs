@@ -16,7 +16,9 @@
 //!   cosign. (cosign cannot check the boot attestation: its subject is the disk, which is all the
 //!   verify stage knows, and cosign wants the manifest's digest.)
 //!
-//! (Debian 12's skopeo is built with sigstore support disabled, so it cannot be the oracle.)
+//! - containers/image's `sigstoreSigned` policy, in skopeo, accepts kiln's images with both key
+//!   types and refuses another key, an unsigned image and a moved tag. Debian 12's skopeo is built
+//!   with sigstore disabled, so this is Debian 13's, in a small root `.ci/setup` makes.
 
 mod common;
 use common::registry::start_registry;
@@ -76,6 +78,57 @@ fn publish(image: &Path, reference: &str, key: Option<&Path>) -> String {
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v["manifest_digest"].as_str().unwrap().to_string()
+}
+
+/// The Debian 13 root holding skopeo (see `.ci/setup`).
+const SKOPEO_ROOT: &str = "/var/tmp/kiln-test-tools/skopeo-trixie";
+
+/// `skopeo copy docker://REFERENCE dir:…` inside [`SKOPEO_ROOT`], with a policy that accepts the
+/// registry's images only when signed (cosign's format, `use-sigstore-attachments`) by `public`.
+fn skopeo_copy(public: &Path, reference: &str) -> Output {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let root = Path::new(SKOPEO_ROOT);
+    assert!(
+        root.join("usr/bin/skopeo").is_file(),
+        "{SKOPEO_ROOT}/usr/bin/skopeo: .ci/setup makes it"
+    );
+    let inner = format!(
+        "/kiln-test/{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    let dir = root.join(inner.trim_start_matches('/'));
+    std::fs::create_dir_all(dir.join("registries.d")).unwrap();
+    std::fs::copy(public, dir.join("key.pub")).unwrap();
+    let host = reference.split('/').next().unwrap();
+    let policy = serde_json::json!({
+        "default": [{"type": "reject"}],
+        "transports": {"docker": {host: [{
+            "type": "sigstoreSigned",
+            "keyPath": format!("{inner}/key.pub"),
+            "signedIdentity": {"type": "matchRepository"},
+        }]}},
+    });
+    std::fs::write(dir.join("policy.json"), policy.to_string()).unwrap();
+    std::fs::write(
+        dir.join("registries.d/default.yaml"),
+        format!("docker:\n  {host}:\n    use-sigstore-attachments: true\n"),
+    )
+    .unwrap();
+    let o = output(
+        Command::new("chroot")
+            .arg(root)
+            .args(["skopeo", "--policy"])
+            .arg(format!("{inner}/policy.json"))
+            .arg("--registries.d")
+            .arg(format!("{inner}/registries.d"))
+            .args(["copy", "--src-tls-verify=false"])
+            .arg(format!("docker://{reference}"))
+            .arg(format!("dir:{inner}/copy")),
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    o
 }
 
 fn pull(reference: &str, out: &Path, trust: &Path) -> Output {
@@ -147,6 +200,20 @@ fn cosign_verifies_what_kiln_signs_and_refuses_what_it_must() {
         // By tag too.
         let o = cosign_verify(&public(name), &format!("{repo}:v1"), &cosign_home);
         assert!(o.status.success(), "{}", text(&o));
+        // skopeo's sigstoreSigned policy accepts it with this key, not with another.
+        let o = skopeo_copy(&public(name), &format!("{repo}:v1"));
+        assert!(o.status.success(), "skopeo copy ({name}): {}", text(&o));
+        let o = skopeo_copy(&public("other"), &format!("{repo}:v1"));
+        assert!(
+            !o.status.success(),
+            "skopeo accepted another key: {}",
+            text(&o)
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("signature verification failed"),
+            "{}",
+            text(&o)
+        );
         // Another key: refused by cosign and by kiln.
         let o = cosign_verify(&public("other"), &by_digest, &cosign_home);
         assert!(
@@ -199,6 +266,12 @@ fn cosign_verifies_what_kiln_signs_and_refuses_what_it_must() {
     let digest = publish(&unsigned, &format!("{repo}:v1"), None);
     let o = cosign_verify(&public("ecdsa"), &format!("{repo}@{digest}"), &cosign_home);
     assert!(!o.status.success(), "{}", text(&o));
+    let o = skopeo_copy(&public("ecdsa"), &format!("{repo}:v1"));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Source image rejected"),
+        "skopeo accepted an unsigned image: {}",
+        text(&o)
+    );
     let o = pull(&format!("{repo}:v1"), &w("u.raw"), &public("ecdsa"));
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
@@ -232,6 +305,12 @@ fn cosign_verifies_what_kiln_signs_and_refuses_what_it_must() {
     assert!(
         !o.status.success(),
         "cosign accepted a moved tag: {}",
+        text(&o)
+    );
+    let o = skopeo_copy(&public("ecdsa"), &format!("{repo}:v1"));
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("Source image rejected"),
+        "skopeo accepted a moved tag: {}",
         text(&o)
     );
     let o = pull(&format!("{repo}:v1"), &w("m.raw"), &public("ecdsa"));
@@ -618,7 +697,9 @@ fn a_published_build_carries_an_sbom_provenance_and_boot_attestation_that_others
         .map(|p| common::sha256(&p))
         .collect();
     assert!(
-        cached.iter().any(|c| release["digest"]["sha256"] == c.as_str()),
+        cached
+            .iter()
+            .any(|c| release["digest"]["sha256"] == c.as_str()),
         "{release} is none of the cached InRelease files {cached:?}"
     );
     // Another key: cosign refuses.

@@ -16,6 +16,10 @@ pub const SYSTEMD_BOOT_EFI: &str = "usr/lib/systemd/boot/efi/systemd-bootx64.efi
 /// variables, as on a fresh OVMF).
 pub const REMOVABLE_BOOT_PATH: &str = "EFI/BOOT/BOOTX64.EFI";
 
+/// Where systemd-boot finds the Secure Boot variables it enrolls: with `secure-boot-enroll force`
+/// it enrolls only the set named `auto`, on its own.
+pub const ENROLL_DIR: &str = "loader/keys/auto";
+
 const LOADER_CONF_TEMPLATE: &str = include_str!("../templates/loader.conf.j2");
 const ENTRY_CONF_TEMPLATE: &str = include_str!("../templates/entry.conf.j2");
 
@@ -100,29 +104,7 @@ impl BootEntry {
     }
 
     fn check(&self) -> Result<(), BootError> {
-        let bad = |reason| BootError::BadName {
-            name: self.name.clone(),
-            reason,
-        };
-        if self.name.is_empty() {
-            return Err(bad("empty"));
-        }
-        if self.name.len() > 64 {
-            return Err(bad("longer than 64 characters"));
-        }
-        if self.name.starts_with('.') {
-            return Err(bad("starts with `.`"));
-        }
-        if !self
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
-        {
-            return Err(bad("has a character outside the allowed set"));
-        }
-        if self.name.eq_ignore_ascii_case("loader") || self.name.eq_ignore_ascii_case("efi") {
-            return Err(bad("collides with the ESP's loader/ or EFI/ directory"));
-        }
+        check_name(&self.name)?;
         let one_line = |field, text: &str| {
             if text.contains(['\n', '\r', '\0']) {
                 Err(BootError::BadField {
@@ -145,6 +127,33 @@ impl BootEntry {
     }
 }
 
+/// An entry name must be a plain file name on FAT, and not the ESP's own directories.
+fn check_name(name: &str) -> Result<(), BootError> {
+    let bad = |reason| BootError::BadName {
+        name: name.to_string(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(bad("empty"));
+    }
+    if name.len() > 64 {
+        return Err(bad("longer than 64 characters"));
+    }
+    if name.starts_with('.') {
+        return Err(bad("starts with `.`"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+    {
+        return Err(bad("has a character outside the allowed set"));
+    }
+    if name.eq_ignore_ascii_case("loader") || name.eq_ignore_ascii_case("efi") {
+        return Err(bad("collides with the ESP's loader/ or EFI/ directory"));
+    }
+    Ok(())
+}
+
 /// Options for the boot loader.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoaderOptions {
@@ -152,6 +161,9 @@ pub struct LoaderOptions {
     pub timeout_secs: u32,
     /// The mtime of every entry in the ESP tree.
     pub epoch: i64,
+    /// Secure Boot variables for systemd-boot to enroll in setup mode: (name, `.auth` bytes)
+    /// for `loader/keys/auto/<name>.auth`; `secure-boot-enroll force` in loader.conf.
+    pub enroll: Vec<(String, Vec<u8>)>,
 }
 
 impl LoaderOptions {
@@ -159,6 +171,7 @@ impl LoaderOptions {
         LoaderOptions {
             timeout_secs: 0,
             epoch,
+            enroll: Vec::new(),
         }
     }
 }
@@ -203,14 +216,16 @@ fn render(
         .map_err(err)
 }
 
-/// `loader/loader.conf` for `default` (an entry name).
+/// `loader/loader.conf` whose default is the entry id `default` (`<name>.conf` for a Type #1
+/// entry, `<name>.efi` for a unified kernel image).
 pub fn render_loader_conf(default: &str, opts: &LoaderOptions) -> Result<String, BootError> {
     render(
         &template_env()?,
         "loader.conf.j2",
         minijinja::context! {
             timeout => opts.timeout_secs,
-            default => format!("{default}.conf"),
+            default => default,
+            enroll => !opts.enroll.is_empty(),
         },
     )
 }
@@ -266,7 +281,7 @@ pub fn esp_tree(
     add_file(
         &mut tree,
         "loader/loader.conf",
-        Content::inline(render_loader_conf(&first.name, opts)?),
+        Content::inline(render_loader_conf(&format!("{}.conf", first.name), opts)?),
     )?;
     for entry in entries {
         tree.insert(TreePath::new(&entry.name)?, Entry::dir(0o755).mtime(epoch))?;
@@ -286,12 +301,66 @@ pub fn esp_tree(
     Ok(tree)
 }
 
+/// The ESP content for a unified kernel image: systemd-boot at [`REMOVABLE_BOOT_PATH`],
+/// `loader/loader.conf` defaulting to the image, and the image at `EFI/Linux/<name>.efi`, where
+/// systemd-boot finds it as a Type #2 entry (title and version from its `.osrel`).
+pub fn uki_esp_tree(
+    systemd_boot: &Content,
+    name: &str,
+    uki: Content,
+    opts: &LoaderOptions,
+) -> Result<Tree, BootError> {
+    check_name(name)?;
+    let mut tree = Tree::new();
+    let epoch = opts.epoch;
+    for dir in ["EFI", "EFI/BOOT", crate::uki::ESP_DIR, "loader"] {
+        tree.insert(TreePath::new(dir)?, Entry::dir(0o755).mtime(epoch))?;
+    }
+    let file = |content: Content| Entry::file(content, 0o644).mtime(epoch);
+    tree.insert(
+        TreePath::new(REMOVABLE_BOOT_PATH)?,
+        file(systemd_boot.clone()),
+    )?;
+    tree.insert(
+        TreePath::new("loader/loader.conf")?,
+        file(Content::inline(render_loader_conf(
+            &format!("{name}.efi"),
+            opts,
+        )?)),
+    )?;
+    tree.insert(
+        TreePath::new(&format!("{}/{name}.efi", crate::uki::ESP_DIR))?,
+        file(uki),
+    )?;
+    if !opts.enroll.is_empty() {
+        for dir in ["loader/keys", ENROLL_DIR] {
+            tree.insert(TreePath::new(dir)?, Entry::dir(0o755).mtime(epoch))?;
+        }
+        for (var, bytes) in &opts.enroll {
+            tree.insert(
+                TreePath::new(&format!("{ENROLL_DIR}/{var}.auth"))?,
+                file(Content::inline(bytes.clone())),
+            )?;
+        }
+    }
+    if let Some(root) = tree.get_mut(&TreePath::root()) {
+        root.mtime = epoch;
+    }
+    Ok(tree)
+}
+
 /// systemd-boot's EFI binary from a tree holding the `systemd-boot-efi` package
 /// ([`SYSTEMD_BOOT_EFI`]), following a hard link if the package tree has one.
 pub fn systemd_boot_from(package: &Tree) -> Result<Content, BootError> {
-    let path = TreePath::new(SYSTEMD_BOOT_EFI)?;
+    package_file(package, SYSTEMD_BOOT_EFI)
+}
+
+/// A non-empty file of the `systemd-boot-efi` package tree (systemd-boot, the stub), following
+/// a hard link if the package tree has one.
+pub fn package_file(package: &Tree, file: &str) -> Result<Content, BootError> {
+    let path = TreePath::new(file)?;
     let missing = |reason: String| BootError::SystemdBootMissing {
-        path: SYSTEMD_BOOT_EFI.to_string(),
+        path: file.to_string(),
         reason,
     };
     let entry = package
@@ -331,7 +400,7 @@ mod tests {
 
     #[test]
     fn renders_loader_and_entry() {
-        let loader = render_loader_conf("kiln", &LoaderOptions::new(0)).unwrap();
+        let loader = render_loader_conf("kiln.conf", &LoaderOptions::new(0)).unwrap();
         assert_eq!(
             loader,
             "# systemd-boot configuration, written by kiln (src/boot.rs).\n\

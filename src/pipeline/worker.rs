@@ -62,6 +62,9 @@ pub struct WorkerConfig {
     pub publish: Option<PublishTarget>,
     /// The verify stage's key for boot attestations (none: it signs none).
     pub verifier: Option<crate::store::SigningKey>,
+    /// The disk stage's Secure Boot key (its certificate at `<key>.crt`); default
+    /// `$KILN_HOME/secureboot.key`, made when a recipe first asks for Secure Boot.
+    pub secure_boot_key: Option<std::path::PathBuf>,
     /// What build requests may reach on this worker (recipe roots, git repositories,
     /// environment variables): nothing by default.
     pub access: RecipeAccess,
@@ -87,6 +90,7 @@ impl WorkerConfig {
             local_blobs: false,
             publish: None,
             verifier: None,
+            secure_boot_key: None,
             access: RecipeAccess::default(),
             limits: Default::default(),
             handoff: MemoryRecords::default(),
@@ -446,6 +450,7 @@ pub async fn run_workers(
     env.limits = config.limits.clone();
     env.publish = config.publish.clone();
     env.verifier = config.verifier.clone();
+    env.secure_boot_key = config.secure_boot_key.clone();
     let ctx = Arc::new(Ctx {
         bus: bus.clone(),
         index: BuildIndex::open(bus).await?,

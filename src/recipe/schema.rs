@@ -368,6 +368,17 @@ pub struct Boot {
     /// systemd-boot menu timeout in seconds (default 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u32>,
+    /// Boot a unified kernel image: systemd-stub with the kernel, initramfs, command line and
+    /// os-release in one EFI binary at `EFI/Linux/<name>.efi`, which systemd-boot lists as a
+    /// Type #2 entry (no Type #1 entry then). Needs `loader: systemd-boot`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub uki: bool,
+    /// Sign systemd-boot and the unified kernel image for UEFI Secure Boot with the worker's
+    /// Secure Boot key (`--secure-boot-key`, default `$KILN_HOME/secureboot.key`), and put the
+    /// key's PK, KEK and db variables on the ESP (`loader/keys/auto/`), which systemd-boot enrolls
+    /// into firmware in setup mode. Needs `uki: true`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub secure_boot: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

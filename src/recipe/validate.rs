@@ -246,6 +246,23 @@ fn check_disk(recipe: &Recipe, out: &mut Vec<Problem>) {
             "add a partition with `type: esp` (e.g. size 256M), or set `boot.loader: none`",
         ));
     }
+    if recipe.boot.secure_boot && !recipe.boot.uki {
+        out.push(problem(
+            "boot.secure_boot",
+            "boot.secure_boot signs a unified kernel image, and boot.uki is not set: a kernel \
+             and initramfs as separate files would not be covered by the signature",
+            "add `uki: true` under `boot:`",
+        ));
+    }
+    if recipe.boot.uki && loader != Loader::SystemdBoot {
+        out.push(problem(
+            "boot.uki",
+            "boot.uki needs boot.loader systemd-boot, which finds the unified kernel image on \
+             the ESP",
+            "set `boot.loader: systemd-boot` (the default) and give the disk an ESP, or drop \
+             `boot.uki`",
+        ));
+    }
     if let Some(Size::Bytes(total)) = disk_size {
         let needed = explicit.saturating_add(DISK_OVERHEAD);
         if needed > total {

@@ -129,6 +129,18 @@ pub enum VerifyError {
         after: Duration,
         console: Box<Console>,
     },
+    #[error(
+        "the firmware refused to start the image after {:.2} s: {line} — a boot loader or \
+         unified kernel image not signed by a key in the firmware's db (or changed after \
+         signing); QEMU was killed{}",
+        after.as_secs_f64(),
+        console
+    )]
+    Refused {
+        line: String,
+        after: Duration,
+        console: Box<Console>,
+    },
 }
 
 impl VerifyError {
@@ -137,7 +149,8 @@ impl VerifyError {
         match self {
             VerifyError::Timeout { console, .. }
             | VerifyError::Exited { console, .. }
-            | VerifyError::Panic { console, .. } => Some(console),
+            | VerifyError::Panic { console, .. }
+            | VerifyError::Refused { console, .. } => Some(console),
             _ => None,
         }
     }
@@ -258,6 +271,9 @@ pub struct BootReport {
     pub total: Duration,
     /// The line that contained the marker.
     pub marker_line: String,
+    /// What the kernel said about UEFI Secure Boot (`Secure boot enabled`), when it said it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secure_boot: Option<String>,
     /// Whether the guest ended QEMU by itself (power off) after the marker.
     pub powered_off: bool,
     /// QEMU's process id (gone by the time the report exists).
@@ -519,7 +535,7 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
     let deadline = started + spec.timeout;
     let mut grace_deadline = None;
     let mut eof = false;
-    while !eof && seen.panic.is_none() {
+    while !eof && seen.panic.is_none() && seen.refused.is_none() {
         let until = grace_deadline.unwrap_or(deadline);
         let now = Instant::now();
         if now >= until {
@@ -577,9 +593,21 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
             time_to_marker,
             total,
             marker_line,
+            secure_boot: seen.secure_boot.clone(),
             powered_off: exited.is_some(),
             qemu_pid: pid,
             serial_log: spec.serial_log.clone(),
+        });
+    }
+    if let Some((after, line)) = seen.refused.clone() {
+        process.kill().map_err(|e| io_err("stopping QEMU", e))?;
+        return Err(VerifyError::Refused {
+            line,
+            after,
+            console: Box::new(Console {
+                log: spec.serial_log.clone(),
+                tail: watcher.tail(),
+            }),
         });
     }
     if let Some((after, line)) = seen.panic.clone() {
@@ -716,6 +744,8 @@ struct Seen {
     kernel: Option<Duration>,
     marker: Option<(Duration, String)>,
     panic: Option<(Duration, String)>,
+    secure_boot: Option<String>,
+    refused: Option<(Duration, String)>,
 }
 
 impl Seen {
@@ -733,6 +763,13 @@ impl Seen {
                     self.panic.get_or_insert((at, line));
                 }
                 Event::Panic(_) => {}
+                Event::SecureBoot(state) => {
+                    self.secure_boot.get_or_insert(state);
+                }
+                Event::Refused(line) if self.marker.is_none() => {
+                    self.refused.get_or_insert((at, line));
+                }
+                Event::Refused(_) => {}
             }
         }
     }

@@ -16,6 +16,10 @@ pub const PROFILES_ENV: &str = "KILN_QEMU_PROFILES";
 const BUILTIN: &[(&str, &str)] = &[
     ("direct", include_str!("../../qemu/direct.toml")),
     ("uefi", include_str!("../../qemu/uefi.toml")),
+    (
+        "uefi-secureboot",
+        include_str!("../../qemu/uefi-secureboot.toml"),
+    ),
 ];
 
 /// How the machine boots.
@@ -77,6 +81,10 @@ pub struct Profile {
     pub append: String,
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// Let the guest reboot instead of ending the boot there (`uefi-secureboot`: systemd-boot
+    /// enrolls the Secure Boot keys, then resets the machine).
+    #[serde(default)]
+    pub reboot: bool,
     /// Required for `boot = "uefi"`, refused for `boot = "direct"`.
     #[serde(default)]
     pub firmware: Option<Firmware>,

@@ -79,8 +79,12 @@ pub(crate) fn qemu_args(
     }
     push(&["-m", &profile.memory_mib.to_string()]);
     push(&["-smp", &profile.cpus.to_string()]);
-    // The serial port is QEMU's stdout, which kiln reads; a guest reboot ends QEMU.
-    push(&["-serial", "stdio", "-no-reboot"]);
+    // The serial port is QEMU's stdout, which kiln reads; a guest reboot ends QEMU unless the
+    // profile expects one.
+    push(&["-serial", "stdio"]);
+    if !profile.reboot {
+        push(&["-no-reboot"]);
+    }
     match profile.boot {
         BootMethod::Direct => {
             if let Some(kernel) = &spec.kernel {

@@ -13,6 +13,14 @@ pub const KERNEL_BANNER: &str = "Linux version ";
 /// A panicking kernel prints this.
 pub const PANIC_TEXT: &str = "Kernel panic - not syncing";
 
+/// The kernel's line about UEFI Secure Boot starts here (`secureboot: Secure boot enabled`);
+/// kiln's busybox init repeats it on a quiet console.
+pub const SECURE_BOOT_TEXT: &str = "secureboot: ";
+
+/// What UEFI firmware and systemd-boot print when a signature check refuses an image (EFI status
+/// texts, compared ignoring case).
+const REFUSED_TEXTS: [&str; 2] = ["access denied", "security violation"];
+
 /// Something the watcher noticed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -26,6 +34,10 @@ pub enum Event {
     Marker(String),
     /// A kernel panic line.
     Panic(String),
+    /// The kernel's Secure Boot state (`Secure boot enabled`, `disabled`, …).
+    SecureBoot(String),
+    /// The firmware or boot loader refused to start an image (a signature check failed).
+    Refused(String),
 }
 
 /// Splits serial output into lines and watches them.
@@ -113,6 +125,14 @@ impl SerialWatcher {
         if line.contains(PANIC_TEXT) {
             events.push(Event::Panic(line.clone()));
         }
+        if let Some(at) = line.find(SECURE_BOOT_TEXT) {
+            let state = line[at + SECURE_BOOT_TEXT.len()..].trim().to_string();
+            events.push(Event::SecureBoot(state));
+        }
+        let lower = line.to_ascii_lowercase();
+        if REFUSED_TEXTS.iter().any(|t| lower.contains(t)) {
+            events.push(Event::Refused(line.clone()));
+        }
         if self.tail.len() == TAIL_LINES {
             self.tail.pop_front();
         }
@@ -186,6 +206,25 @@ mod tests {
         assert_eq!(
             w.tail(),
             "firmware\n[    0.0] Linux version 6.1\npartial\nREADY now\nKernel panic - not syncing: oops"
+        );
+    }
+
+    #[test]
+    fn secure_boot_state_and_refusals() {
+        let mut w = SerialWatcher::new("READY");
+        let ev = w.feed(
+            b"BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0): Access Denied\n\
+              kiln: secureboot: Secure boot enabled\n",
+        );
+        assert_eq!(
+            ev[2..],
+            [
+                Event::Refused(
+                    "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0): Access Denied"
+                        .into()
+                ),
+                Event::SecureBoot("Secure boot enabled".into())
+            ]
         );
     }
 

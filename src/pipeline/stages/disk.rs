@@ -7,7 +7,9 @@ use super::{
     Artifacts, Handover, Need, Partitions, StageEnv, StageError, StageRun, StageWork, io,
     kernel_cmdline, load_tree, mib, read_pkg, with_ticker,
 };
-use crate::boot::{BootEntry, LoaderOptions, esp_tree, systemd_boot_from};
+use crate::boot::{
+    BootEntry, LoaderOptions, esp_tree, package_file, systemd_boot_from, uki_esp_tree,
+};
 use crate::bus;
 use crate::digest::Digest256;
 use crate::disk::build::{DiskSpec, PartitionInput, build_disk};
@@ -51,6 +53,9 @@ struct DiskKey<'a> {
     initrd: &'a Option<Digest256>,
     name: &'a str,
     rootfs: &'a Digest256,
+    /// The Secure Boot certificate's digest, when the recipe signs for Secure Boot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secure_boot: Option<Digest256>,
     seed: &'a str,
     systemd_boot: &'a Digest256,
     version: &'a Option<String>,
@@ -75,6 +80,11 @@ impl StageWork for DiskStage {
         let build = h.artifacts()?;
         let recipe = &build.loaded.recipe;
         let kernel = build.kernel()?;
+        let secure_boot = if recipe.boot.secure_boot {
+            Some(super::secure_boot_key(run.env)?)
+        } else {
+            None
+        };
         let key = DiskKey {
             boot: key_part(&recipe.boot),
             description: &recipe.description,
@@ -83,12 +93,15 @@ impl StageWork for DiskStage {
             initrd: &kernel.initrd,
             name: &recipe.name,
             rootfs: &build.rootfs()?.manifest,
+            secure_boot: secure_boot.as_ref().map(|k| k.fingerprint()),
             seed: &build.loaded.inputs,
             systemd_boot: &build.packages()?.systemd_boot.sha256,
             version: &recipe.version,
             vmlinuz: &kernel.vmlinuz,
         };
-        let disk = run.step("disk", 1, &key, |run| disk(run, build))?;
+        let disk = run.step("disk", 1, &key, |run| {
+            disk(run, build, secure_boot.as_ref())
+        })?;
         Ok(DiskStageOut { disk })
     }
 
@@ -115,7 +128,72 @@ fn blob_content(blobs: &BlobStore, digest: &Digest256) -> Result<Content, StageE
     Ok(Content::Host { path, len })
 }
 
-fn disk(run: &StageRun<'_>, build: &Artifacts) -> Result<DiskOut, StageError> {
+/// The whole content of `c` in memory.
+fn read_all(c: &Content, what: &str) -> Result<Vec<u8>, StageError> {
+    let mut out = Vec::with_capacity(usize::try_from(c.len()).unwrap_or(0));
+    std::io::Read::read_to_end(
+        &mut c.open().map_err(io(format!("reading {what}")))?,
+        &mut out,
+    )
+    .map_err(io(format!("reading {what}")))?;
+    Ok(out)
+}
+
+/// The image's os-release (`/etc/os-release`, else `/usr/lib/os-release`), or one made from the
+/// recipe for an image without one.
+fn os_release(root: &Tree, build: &Artifacts) -> Result<String, StageError> {
+    for path in ["/etc/os-release", "/usr/lib/os-release"] {
+        let Ok(p) = crate::tree::TreePath::new(path) else {
+            continue;
+        };
+        let Ok(target) = root.resolve_link(&p) else {
+            continue;
+        };
+        if let Some(crate::tree::EntryKind::File(c)) = root.get(target).map(|e| &e.kind) {
+            return Ok(String::from_utf8_lossy(&read_all(c, path)?).into_owned());
+        }
+    }
+    let r = &build.loaded.recipe;
+    Ok(crate::uki::os_release(
+        &r.name,
+        r.description.as_deref(),
+        r.version.as_deref(),
+    ))
+}
+
+/// systemd-stub with the entry's kernel, initrd and command line and the image's os-release.
+fn unified_kernel_image(
+    stub: &Content,
+    entry: &BootEntry,
+    root: &Tree,
+    kernel: &super::kernel::KernelOut,
+    build: &Artifacts,
+) -> Result<Vec<u8>, StageError> {
+    let stub = read_all(stub, crate::uki::STUB_PATH)?;
+    let vmlinuz = read_all(&entry.kernel, "the kernel")?;
+    let initrd = match &entry.initrd {
+        Some(c) => Some(read_all(c, "the initramfs")?),
+        None => None,
+    };
+    let os_release = os_release(root, build)?;
+    let cmdline = entry.options();
+    Ok(crate::uki::assemble(
+        &stub,
+        &crate::uki::UkiParts {
+            kernel: &vmlinuz,
+            initrd: initrd.as_deref(),
+            cmdline: &cmdline,
+            os_release: &os_release,
+            uname: Some(&kernel.version),
+        },
+    )?)
+}
+
+fn disk(
+    run: &StageRun<'_>,
+    build: &Artifacts,
+    secure_boot: Option<&crate::secureboot::SecureBootKey>,
+) -> Result<DiskOut, StageError> {
     let env = run.env;
     let pk = build.packages()?;
     let rootfs_out = build.rootfs()?;
@@ -127,7 +205,8 @@ fn disk(run: &StageRun<'_>, build: &Artifacts) -> Result<DiskOut, StageError> {
     let ids = Partitions::of(loaded);
     let loader = recipe.boot.loader.unwrap_or(Loader::SystemdBoot);
     let mut esp = if loader == Loader::SystemdBoot && ids.esp.is_some() {
-        let sdboot = systemd_boot_from(&read_pkg(env, loaded, &pk.systemd_boot)?)?;
+        let package = read_pkg(env, loaded, &pk.systemd_boot)?;
+        let sdboot = systemd_boot_from(&package)?;
         let entry = BootEntry {
             name: recipe.name.clone(),
             title: recipe
@@ -147,7 +226,31 @@ fn disk(run: &StageRun<'_>, build: &Artifacts) -> Result<DiskOut, StageError> {
         if let Some(t) = recipe.boot.timeout {
             loader_opts.timeout_secs = t;
         }
-        Some(esp_tree(&sdboot, &[entry], &loader_opts)?)
+        if recipe.boot.uki {
+            let stub = package_file(&package, crate::uki::STUB_PATH)?;
+            let mut uki = unified_kernel_image(&stub, &entry, &root_tree, kernel_out, build)?;
+            let mut sdboot = sdboot;
+            if let Some(key) = secure_boot {
+                // Signed in-process (deterministic); the firmware enrolls the key from the ESP.
+                uki = key.sign_pe(&uki, "the unified kernel image")?;
+                let loader = read_all(&sdboot, crate::boot::SYSTEMD_BOOT_EFI)?;
+                sdboot = Content::inline(key.sign_pe(&loader, "systemd-boot")?);
+                for var in ["PK", "KEK", "db"] {
+                    loader_opts.enroll.push((
+                        var.to_string(),
+                        key.auth_variable(var, loaded.source_date_epoch)?,
+                    ));
+                }
+            }
+            Some(uki_esp_tree(
+                &sdboot,
+                &recipe.name,
+                Content::inline(uki),
+                &loader_opts,
+            )?)
+        } else {
+            Some(esp_tree(&sdboot, &[entry], &loader_opts)?)
+        }
     } else {
         None
     };
@@ -285,6 +388,7 @@ mod tests {
             initrd: &initrd,
             name: &r.name,
             rootfs: &d,
+            secure_boot: None,
             seed: &loaded.inputs,
             systemd_boot: &d,
             version: &r.version,

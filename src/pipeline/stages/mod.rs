@@ -434,6 +434,9 @@ pub struct StageEnv {
     pub publish: Option<PublishTarget>,
     /// The key the verify stage signs its boot attestations with (none: it signs none).
     pub verifier: Option<crate::store::SigningKey>,
+    /// The Secure Boot key the disk stage signs boot loaders and kernels with (see
+    /// [`secure_boot_key`]); `None`: `$KILN_HOME/secureboot.key`.
+    pub secure_boot_key: Option<PathBuf>,
     /// Requests made to the Debian mirror by the stages run in this environment.
     pub mirror_requests: Arc<AtomicU64>,
     /// Archives opened by the stages run in this environment (see [`open_archive`]).
@@ -451,6 +454,7 @@ impl StageEnv {
             limits: Default::default(),
             publish: None,
             verifier: None,
+            secure_boot_key: None,
             mirror_requests: Default::default(),
             archives: Default::default(),
         }
@@ -616,6 +620,10 @@ pub enum StageError {
     Initramfs(#[from] crate::kernel::initramfs::InitramfsError),
     #[error("the boot loader")]
     Boot(#[from] crate::boot::BootError),
+    #[error("making the unified kernel image")]
+    Uki(#[from] crate::pe::PeError),
+    #[error("Secure Boot")]
+    SecureBoot(#[from] crate::secureboot::SecureBootError),
     #[error("writing the disk")]
     Disk(#[from] crate::disk::build::DiskError),
     #[error("a Tree manifest")]
@@ -823,6 +831,38 @@ fn kernel_cmdline(loaded: &Loaded, kernel: &KernelOut) -> String {
         return base;
     }
     format!("{} rootwait rootfstype=ext4 rw", base.trim())
+}
+
+/// The Secure Boot key of this environment: the file it names, else `$KILN_HOME/secureboot.key`,
+/// made (with its certificate) the first time a recipe asks for Secure Boot.
+pub fn secure_boot_key(env: &StageEnv) -> Result<crate::secureboot::SecureBootKey, StageError> {
+    use crate::secureboot::{SecureBootError, SecureBootKey, cert_path_of, keygen};
+    let path = match &env.secure_boot_key {
+        Some(p) => p.clone(),
+        None => {
+            let p = env.home.join("secureboot.key");
+            if !p.exists() {
+                std::fs::create_dir_all(&env.home)
+                    .map_err(io(format!("creating {}", env.home.display())))?;
+                let name = format!(
+                    "kiln Secure Boot key ({})",
+                    crate::pipeline::worker::host_name()
+                );
+                match keygen(&p, &name) {
+                    Ok(_) => tracing::info!(
+                        "made the Secure Boot key {} (certificate {})",
+                        p.display(),
+                        cert_path_of(&p).display()
+                    ),
+                    // Another worker of this home made it first.
+                    Err(SecureBootError::Exists { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            p
+        }
+    };
+    Ok(SecureBootKey::load(&path, &cert_path_of(&path))?)
 }
 
 /// Write a Tree's manifest into the blob store.

@@ -506,6 +506,7 @@ mod tests {
             time_to_marker: 1.0,
             total: 1.0,
             marker_line: "marker-1".into(),
+            secure_boot: None,
         });
         let records = LocalRecords::new(dir.path());
         let refused = check_verified(&records, &build).unwrap_err();

@@ -33,6 +33,9 @@ pub struct BootSummary {
     pub time_to_marker: f64,
     pub total: f64,
     pub marker_line: String,
+    /// What the kernel said about UEFI Secure Boot (`Secure boot enabled`), when it said it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_boot: Option<String>,
 }
 
 /// The boots of the verify stage, in the order of the profiles, and its signed boot
@@ -226,6 +229,7 @@ fn attest_boots(
             "kernelCommandLine": kernel_cmdline(&build.loaded, kernel),
             "timeToMarker": b.time_to_marker,
             "markerLine": b.marker_line,
+            "secureBoot": b.secure_boot,
             "serialLog": b.serial_log_blob.as_ref().map(|d| serde_json::json!({"sha256": d.hex()})),
             "result": "passed",
         }));
@@ -408,6 +412,7 @@ fn verify_boot(
         time_to_marker: report.time_to_marker.as_secs_f64(),
         total: report.total.as_secs_f64(),
         marker_line: report.marker_line.clone(),
+        secure_boot: report.secure_boot.clone(),
     })
 }
 

@@ -1329,6 +1329,7 @@ fn disk(args: DiskArgs) -> anyhow::Result<i32> {
         seed: args.seed.clone(),
         epoch: args.epoch,
         partitions,
+        verity: None,
     };
     let started = std::time::Instant::now();
     // What does not fit the disk or its filesystems is the trees' or the sizes' fault.

@@ -37,4 +37,5 @@ pub mod time;
 pub mod tree;
 pub mod uki;
 pub mod verify;
+pub mod verity;
 pub mod watch;

@@ -313,6 +313,7 @@ fn hard_link_to_a_missing_path_is_refused_before_writing() {
                 label: None,
                 tree: Some(tree),
             }],
+            verity: None,
         };
         let err = build_disk(&spec, &out).unwrap_err();
         let text = format!("{err} {:?}", std::error::Error::source(&err));
@@ -320,4 +321,161 @@ fn hard_link_to_a_missing_path_is_refused_before_writing() {
         assert!(!out.exists());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
+}
+
+/// A root with a dm-verity hash tree, written by kiln in the same build as the ext4:
+/// `veritysetup verify` (cryptsetup) accepts the pair with kiln's root hash and refuses it after
+/// one byte of a file changed; the partitions carry the Discoverable Partitions types and the
+/// halves of the root hash as their UUIDs; e2fsck accepts the root; the same spec gives the
+/// same bytes.
+#[test]
+fn a_verity_root_is_what_veritysetup_verifies() {
+    use kiln::disk::build::{DiskSpec, PartitionInput, VeritySpec, build_disk};
+    use kiln::disk::gpt::PartitionKind;
+    use kiln::disk::image::{ImageFormat, ImageOptions};
+    use kiln::disk::layout::{Filesystem, Size};
+    use kiln::tree::{Content, Entry, Tree};
+    use kiln::verity::VerityParams;
+
+    let dir = tempfile::tempdir().unwrap();
+    let build = |name: &str, format: ImageFormat| {
+        let mut root = Tree::new();
+        for i in 0..200 {
+            root.add(
+                &format!("/f{i}"),
+                Entry::file(Content::inline(format!("file {i}\n").repeat(300)), 0o644),
+            )
+            .unwrap();
+        }
+        let mut esp = Tree::new();
+        esp.add("/hash", Entry::file(Content::inline("placeholder"), 0o644))
+            .unwrap();
+        let part = |name: &str, kind, filesystem, tree| PartitionInput {
+            name: name.into(),
+            kind,
+            filesystem,
+            size: Size::Auto,
+            label: None,
+            tree,
+        };
+        let spec = DiskSpec {
+            size: Size::Auto,
+            image: ImageOptions {
+                format,
+                ..ImageOptions::default()
+            },
+            seed: "verity-test".into(),
+            epoch: 1_700_000_000,
+            partitions: vec![
+                part("esp", PartitionKind::Esp, Filesystem::Fat32, Some(esp)),
+                part(
+                    "root",
+                    PartitionKind::RootX86_64,
+                    Filesystem::Ext4,
+                    Some(root),
+                ),
+                part(
+                    "root-verity",
+                    PartitionKind::RootVerityX86_64,
+                    Filesystem::None,
+                    None,
+                ),
+            ],
+            verity: Some(VeritySpec {
+                data: "root".into(),
+                hash: "root-verity".into(),
+                params: VerityParams {
+                    salt: [0x5a; 32],
+                    uuid: [0x11; 16],
+                },
+                // The ESP learns the root hash, as a UKI's command line does.
+                remake: Some((
+                    "esp".into(),
+                    Box::new(|hash: &str| {
+                        let mut t = Tree::new();
+                        t.add(
+                            "/hash",
+                            Entry::file(Content::inline(hash.to_string()), 0o644),
+                        )
+                        .map_err(|e| e.to_string())?;
+                        Ok(t)
+                    }),
+                )),
+            }),
+        };
+        let out = dir.path().join(name);
+        let report = build_disk(&spec, &out).unwrap();
+        (out, report.root_hash.unwrap())
+    };
+    let (raw, hash) = build("v.raw", ImageFormat::Raw);
+    let (qcow2, hash2) = build("v.qcow2", ImageFormat::Qcow2);
+    assert_eq!(hash, hash2);
+    let (again, _) = build("again.raw", ImageFormat::Raw);
+    assert_eq!(sha256(&raw), sha256(&again));
+    let converted = dir.path().join("converted.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&qcow2)
+        .arg(&converted));
+    assert_eq!(sha256(&converted), sha256(&raw));
+
+    let p = |n: usize| dir.path().join(format!("p{n}.img"));
+    for n in 1..=3 {
+        extract_partition(&raw, n, &p(n));
+    }
+    let o = output(
+        Command::new("veritysetup")
+            .arg("verify")
+            .arg(p(2))
+            .arg(p(3))
+            .arg(&hash),
+    );
+    assert!(
+        o.status.success(),
+        "veritysetup: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let dump = run(Command::new("veritysetup").arg("dump").arg(p(3)));
+    assert!(dump.contains("Hash type:       \t1"), "{dump}");
+    assert!(dump.contains("sha256"), "{dump}");
+    let o = output(Command::new("e2fsck").arg("-fn").arg(p(2)));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    // The ESP was made again with the root hash.
+    let esp_hash = run(Command::new("mtype").arg("-i").arg(p(1)).arg("::hash"));
+    assert_eq!(esp_hash.trim(), hash);
+    // Types and UUIDs as Discoverable Partitions say.
+    let json = run(Command::new("sfdisk").arg("--json").arg(&raw));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let parts = v["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(parts[2]["type"], "2C7357ED-EBD2-46D9-AEC3-23D8A1C2E9E7");
+    let uuid = |i: usize| {
+        parts[i]["uuid"]
+            .as_str()
+            .unwrap()
+            .replace('-', "")
+            .to_lowercase()
+    };
+    assert_eq!(format!("{}{}", uuid(1), uuid(2)), hash);
+    // One byte of a file changed: veritysetup finds it.
+    let o = output(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg("blocks /f7")
+            .arg(p(2)),
+    );
+    let block: u64 = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    common::flip_byte(&p(2), block * 4096 + 10);
+    let o = output(
+        Command::new("veritysetup")
+            .arg("verify")
+            .arg(p(2))
+            .arg(p(3))
+            .arg(&hash),
+    );
+    assert!(!o.status.success(), "veritysetup accepted a changed root");
 }

@@ -38,6 +38,8 @@ pub enum PartitionKind {
     Esp,
     /// Root file system for x86-64.
     RootX86_64,
+    /// The dm-verity hash tree of the x86-64 root (Discoverable Partitions).
+    RootVerityX86_64,
     /// Generic Linux data.
     LinuxData,
     /// Swap.
@@ -55,6 +57,9 @@ impl PartitionKind {
         match self {
             PartitionKind::Esp => uuid::uuid!("c12a7328-f81f-11d2-ba4b-00a0c93ec93b"),
             PartitionKind::RootX86_64 => uuid::uuid!("4f68bce3-e8cd-4db1-96e7-fbcaf984b709"),
+            PartitionKind::RootVerityX86_64 => {
+                uuid::uuid!("2c7357ed-ebd2-46d9-aec3-23d8a1c2e9e7")
+            }
             PartitionKind::LinuxData => uuid::uuid!("0fc63daf-8483-4772-8e79-3d69d8477de4"),
             PartitionKind::Swap => uuid::uuid!("0657fd6d-a4ab-43c4-84e5-0933c84b4f4f"),
         }
@@ -65,6 +70,7 @@ impl PartitionKind {
         match self {
             PartitionKind::Esp => "esp",
             PartitionKind::RootX86_64 => "root-x86-64",
+            PartitionKind::RootVerityX86_64 => "root-x86-64-verity",
             PartitionKind::LinuxData => "linux-data",
             PartitionKind::Swap => "swap",
         }

@@ -306,6 +306,7 @@ fn disk(
         seed: loaded.inputs.clone(),
         epoch: loaded.source_date_epoch,
         partitions: inputs,
+        verity: None,
     };
     let tmp_dir = env.home.join("tmp");
     std::fs::create_dir_all(&tmp_dir).map_err(io("creating the cache's tmp dir"))?;

@@ -67,7 +67,7 @@ pub fn hash_tree(
     params: &VerityParams,
     mut read_block: impl FnMut(u64, &mut [u8]) -> io::Result<bool>,
 ) -> io::Result<HashTree> {
-    if data_bytes == 0 || data_bytes % BLOCK != 0 {
+    if data_bytes == 0 || !data_bytes.is_multiple_of(BLOCK) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("verity data of {data_bytes} bytes is not a whole number of 4 KiB blocks"),

@@ -5,7 +5,10 @@
 //! sections, `openssl x509` on the certificate, OVMF itself (the kernel says "Secure boot
 //! enabled"), and images that must not boot — a UKI signed with another key (`sbsign`), one
 //! without a signature (`sbattach --remove`) and one whose `.cmdline` changed after signing: the
-//! firmware refuses each and kiln reports it in the console's words.
+//! firmware refuses each and kiln reports it in the console's words. The root is mounted through
+//! dm-verity: `veritysetup verify` accepts the root and hash partitions with the root hash from
+//! the UKI's command line, and one byte changed in a file the boot reads fails the boot with
+//! dm-verity's error, while the same change in an image without verity boots.
 
 mod common;
 use common::{extract_partition, kiln, output, run};
@@ -25,8 +28,12 @@ fn text(o: &std::process::Output) -> String {
 
 /// `kiln build RECIPE --profile PROFILE... --json -o OUT` in `home`: the report.
 fn build(home: &Path, out: &Path, profiles: &[&str]) -> serde_json::Value {
+    build_recipe(home, RECIPE, out, profiles)
+}
+
+fn build_recipe(home: &Path, recipe: &str, out: &Path, profiles: &[&str]) -> serde_json::Value {
     let mut c = kiln(home);
-    c.args(["build", RECIPE, "--json"]);
+    c.args(["build", recipe, "--json"]);
     for p in profiles {
         c.args(["--profile", p]);
     }
@@ -80,6 +87,24 @@ fn with_uki(raw: &Path, esp: &Path, uki: &Path, name: &str, dir: &Path) -> PathB
     disk
 }
 
+/// A copy of `raw` (to `dest`) with one byte of `file`'s content changed in partition `n`,
+/// whose extracted copy `part` debugfs reads the file's first block from.
+fn changed_file(raw: &Path, part: &Path, n: usize, file: &str, dest: &Path) -> PathBuf {
+    let blocks = run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("blocks {file}"))
+        .arg(part));
+    let block: u64 = blocks.split_whitespace().next().unwrap().parse().unwrap();
+    let json = run(Command::new("sfdisk").arg("--json").arg(raw));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let start = v["partitiontable"]["partitions"][n - 1]["start"]
+        .as_u64()
+        .unwrap();
+    std::fs::copy(raw, dest).unwrap();
+    common::flip_byte(dest, start * 512 + block * 4096);
+    dest.to_path_buf()
+}
+
 /// `kiln boot DISK --profile uefi-secureboot`: must fail with the firmware's refusal.
 fn refused(home: &Path, disk: &Path, marker: &str) -> String {
     let o = output(kiln(home).arg("boot").arg(disk).args([
@@ -120,6 +145,10 @@ fn a_signed_uki_boots_under_secure_boot_and_nothing_else_does() {
     );
     // Direct boot takes the kernel and initramfs from the build, as before.
     assert_eq!(boots[1]["profile"], "direct");
+    // Both mounted the root through dm-verity, with the root hash the build reports.
+    let root_hash = boots[0]["verity_root_hash"].as_str().unwrap().to_string();
+    assert_eq!(root_hash.len(), 64, "{report}");
+    assert_eq!(boots[1]["verity_root_hash"], root_hash.as_str());
     let marker = boots[0]["marker_line"].as_str().unwrap().to_string();
 
     // The oracles: sbverify with kiln's certificate (and not another), objdump, openssl.
@@ -188,6 +217,32 @@ fn a_signed_uki_boots_under_secure_boot_and_nothing_else_does() {
         names.len() - 1,
         "the kernel is the last section: {names:?}"
     );
+    // The root hash on the UKI's command line (objcopy reads the section) is what veritysetup
+    // verifies the root and hash partitions with.
+    let cmdline_file = w("cmdline");
+    run(Command::new("objcopy")
+        .arg(format!(
+            "--dump-section=.cmdline={}",
+            cmdline_file.display()
+        ))
+        .arg(&uki)
+        .arg(w("uki-copy.efi")));
+    let cmdline = std::fs::read_to_string(&cmdline_file).unwrap();
+    assert!(
+        cmdline.contains(&format!("roothash={root_hash}")),
+        "{cmdline}"
+    );
+    let (p2, p3) = (w("p2.img"), w("p3.img"));
+    extract_partition(&raw, 2, &p2);
+    extract_partition(&raw, 3, &p3);
+    let o = output(
+        Command::new("veritysetup")
+            .arg("verify")
+            .arg(&p2)
+            .arg(&p3)
+            .arg(&root_hash),
+    );
+    assert!(o.status.success(), "veritysetup verify: {}", text(&o));
     // No Type #1 entry: systemd-boot finds the UKI itself.
     let listing = run(Command::new("mdir")
         .args(["-/", "-b", "-i"])
@@ -225,6 +280,57 @@ fn a_signed_uki_boots_under_secure_boot_and_nothing_else_does() {
     std::fs::write(&changed, &bytes).unwrap();
     let disk = with_uki(&raw, &esp, &changed, "changed", work.path());
     refused(home.path(), &disk, &marker);
+
+    // One byte of /etc/hostname (read at every boot) changed in the root: dm-verity refuses it.
+    let changed_root = changed_file(&raw, &p2, 2, "/etc/hostname", &w("changed-root.raw"));
+    let o = output(kiln(home.path()).arg("boot").arg(&changed_root).args([
+        "--profile",
+        "uefi-secureboot",
+        "--timeout",
+        "120",
+        "--expect",
+        &marker,
+    ]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("dm-verity refused a block of the root (/dev/mapper/root)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("device-mapper: verity: 254:") && err.contains("is corrupted"),
+        "{err}"
+    );
+    // The same change in an image without dm-verity boots.
+    let plain = build_recipe(
+        home.path(),
+        "recipes/minimal.yaml",
+        &w("plain"),
+        &["direct"],
+    );
+    let plain_image = PathBuf::from(plain["image"].as_str().unwrap());
+    let plain_dir = w("plain-work");
+    std::fs::create_dir(&plain_dir).unwrap();
+    let (plain_raw, _) = raw_and_esp(&plain_image, &plain_dir);
+    let plain_root = plain_dir.join("p2.img");
+    extract_partition(&plain_raw, 2, &plain_root);
+    let changed_plain = changed_file(
+        &plain_raw,
+        &plain_root,
+        2,
+        "/etc/hostname",
+        &w("changed-plain.raw"),
+    );
+    let plain_marker = plain["boots"][0]["marker_line"].as_str().unwrap();
+    let o = output(kiln(home.path()).arg("boot").arg(&changed_plain).args([
+        "--profile",
+        "uefi",
+        "--timeout",
+        "120",
+        "--expect",
+        plain_marker,
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
 
     // Same inputs and the same key in another cache: the same bytes.
     let again = common::shared_home();

@@ -97,6 +97,9 @@ pub struct InitramfsSpec<'a> {
     pub epoch: i64,
     /// `/init` template text; `None` uses [`DEFAULT_INIT_TEMPLATE`].
     pub init_template: Option<&'a str>,
+    /// The unpacked packages of `dmsetup` and its libraries: with them, the initramfs mounts a
+    /// root given by `roothash=` through dm-verity (and loads the dm-verity modules).
+    pub verity_tools: Vec<&'a Tree>,
 }
 
 impl<'a> InitramfsSpec<'a> {
@@ -117,6 +120,7 @@ impl<'a> InitramfsSpec<'a> {
             compression: Compression::Zstd,
             epoch: 0,
             init_template: None,
+            verity_tools: Vec::new(),
         }
     }
 }
@@ -138,6 +142,8 @@ struct InitContext {
     rootfstype: String,
     timeout: u32,
     fail_delay: u32,
+    /// dmsetup is here: a `roothash=` root is set up through dm-verity.
+    verity: bool,
 }
 
 /// The uncompressed initramfs as a Tree, with the module closure it loads.
@@ -152,11 +158,14 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
     {
         return Err(InitramfsError::BadFsType(spec.rootfstype.clone()));
     }
-    let requested: Vec<String> = if spec.modules.is_empty() {
+    let mut requested: Vec<String> = if spec.modules.is_empty() {
         ROOT_DISK_MODULES.iter().map(|s| s.to_string()).collect()
     } else {
         spec.modules.clone()
     };
+    if !spec.verity_tools.is_empty() && !requested.iter().any(|m| m == "dm-verity") {
+        requested.push("dm-verity".into());
+    }
     let closure = spec.kernel.closure(&requested)?;
     check_safe("kernel version", &spec.kernel.version)?;
 
@@ -187,6 +196,10 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
         tree.add(&format!("bin/{applet}"), Entry::symlink("busybox"))?;
     }
 
+    for package in &spec.verity_tools {
+        add_runtime_files(&mut tree, package)?;
+    }
+
     let mod_base = format!("lib/modules/{}", spec.kernel.version);
     let mut init_modules = Vec::new();
     for module in &closure.modules {
@@ -210,6 +223,7 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
         rootfstype: spec.rootfstype.clone(),
         timeout: spec.timeout_secs,
         fail_delay: spec.fail_delay_secs,
+        verity: !spec.verity_tools.is_empty(),
     };
     let init = render_init(
         spec.init_template.unwrap_or(DEFAULT_INIT_TEMPLATE),
@@ -217,6 +231,54 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
     )?;
     tree.add("init", Entry::file(Content::inline(init), 0o755))?;
     Ok((tree, closure))
+}
+
+/// Where Debian's packages put shared libraries and the dynamic loader.
+const LIB_DIRS: [&str; 3] = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64"];
+
+/// From an unpacked package: `sbin/dmsetup` and the shared libraries (and the loader) directly
+/// in [`LIB_DIRS`], files and symlinks as they are; documentation, udev rules and everything in
+/// subdirectories stay out.
+fn add_runtime_files(tree: &mut Tree, package: &Tree) -> Result<(), InitramfsError> {
+    for (path, entry) in package.iter() {
+        let p = path.as_str().trim_start_matches('/');
+        let wanted = p == "sbin/dmsetup"
+            || LIB_DIRS.iter().any(|dir| {
+                p.strip_prefix(dir)
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .is_some_and(|name| !name.contains('/') && name.contains(".so"))
+            });
+        if !wanted || tree.get(path).is_some() {
+            continue;
+        }
+        let entry = match &entry.kind {
+            EntryKind::File(_) | EntryKind::Symlink { .. } => entry.clone(),
+            EntryKind::HardLink { .. } => {
+                let owner = package.resolve_link(path)?;
+                match package.get(owner) {
+                    Some(e) => e.clone(),
+                    None => continue,
+                }
+            }
+            _ => continue,
+        };
+        if let Some(parent) = path.parent() {
+            let mut dirs = Vec::new();
+            let mut at = Some(parent);
+            while let Some(d) = at {
+                if d.is_root() || tree.get(&d).is_some() {
+                    break;
+                }
+                at = d.parent();
+                dirs.push(d);
+            }
+            for d in dirs.into_iter().rev() {
+                tree.insert(d, Entry::dir(0o755))?;
+            }
+        }
+        tree.insert(path.clone(), entry)?;
+    }
+    Ok(())
 }
 
 /// Names that go into the shell script unquoted-safe: nothing a shell would interpret.

@@ -283,6 +283,13 @@ pub struct Disk {
     /// Partitions in disk order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub partitions: Vec<Partition>,
+    /// Protect the root with dm-verity: kiln adds a `root-verity` partition after the root
+    /// (Discoverable Partitions type `root-x86-64-verity`) holding the hash tree it computes
+    /// while writing the ext4, puts `roothash=<hex>` on the kernel command line (inside the
+    /// unified kernel image, where Secure Boot covers it), and the initramfs mounts the root
+    /// read-only through dm-verity: a changed block fails to read.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub verity: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

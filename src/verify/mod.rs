@@ -141,6 +141,18 @@ pub enum VerifyError {
         after: Duration,
         console: Box<Console>,
     },
+    #[error(
+        "dm-verity refused a block of the root (/dev/mapper/root) after {:.2} s: {line} — the \
+         root partition differs from what its root hash covers (changed after the build, or \
+         damaged); QEMU was killed{}",
+        after.as_secs_f64(),
+        console
+    )]
+    Corrupted {
+        line: String,
+        after: Duration,
+        console: Box<Console>,
+    },
 }
 
 impl VerifyError {
@@ -150,7 +162,8 @@ impl VerifyError {
             VerifyError::Timeout { console, .. }
             | VerifyError::Exited { console, .. }
             | VerifyError::Panic { console, .. }
-            | VerifyError::Refused { console, .. } => Some(console),
+            | VerifyError::Refused { console, .. }
+            | VerifyError::Corrupted { console, .. } => Some(console),
             _ => None,
         }
     }
@@ -274,6 +287,9 @@ pub struct BootReport {
     /// What the kernel said about UEFI Secure Boot (`Secure boot enabled`), when it said it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secure_boot: Option<String>,
+    /// The dm-verity root hash the root was mounted with, when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verity_root_hash: Option<String>,
     /// Whether the guest ended QEMU by itself (power off) after the marker.
     pub powered_off: bool,
     /// QEMU's process id (gone by the time the report exists).
@@ -535,7 +551,7 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
     let deadline = started + spec.timeout;
     let mut grace_deadline = None;
     let mut eof = false;
-    while !eof && seen.panic.is_none() && seen.refused.is_none() {
+    while !eof && seen.panic.is_none() && seen.refused.is_none() && seen.corrupted.is_none() {
         let until = grace_deadline.unwrap_or(deadline);
         let now = Instant::now();
         if now >= until {
@@ -568,6 +584,17 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
         path: qemu.clone(),
         source,
     };
+    if let Some((after, line)) = seen.corrupted.clone() {
+        process.kill().map_err(|e| io_err("stopping QEMU", e))?;
+        return Err(VerifyError::Corrupted {
+            line,
+            after,
+            console: Box::new(Console {
+                log: spec.serial_log.clone(),
+                tail: watcher.tail(),
+            }),
+        });
+    }
     if let Some((time_to_marker, marker_line)) = seen.marker.clone() {
         let remaining = grace_deadline
             .map(|g| g.saturating_duration_since(Instant::now()))
@@ -594,6 +621,7 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
             total,
             marker_line,
             secure_boot: seen.secure_boot.clone(),
+            verity_root_hash: seen.verity_root.clone(),
             powered_off: exited.is_some(),
             qemu_pid: pid,
             serial_log: spec.serial_log.clone(),
@@ -746,6 +774,8 @@ struct Seen {
     panic: Option<(Duration, String)>,
     secure_boot: Option<String>,
     refused: Option<(Duration, String)>,
+    corrupted: Option<(Duration, String)>,
+    verity_root: Option<String>,
 }
 
 impl Seen {
@@ -770,6 +800,13 @@ impl Seen {
                     self.refused.get_or_insert((at, line));
                 }
                 Event::Refused(_) => {}
+                // A changed block fails the boot even when the marker came first.
+                Event::VerityRoot(hash) => {
+                    self.verity_root.get_or_insert(hash);
+                }
+                Event::Corrupted(line) => {
+                    self.corrupted.get_or_insert((at, line));
+                }
             }
         }
     }

@@ -291,7 +291,7 @@ mod tests {
     fn project_profiles_parse() {
         for (name, text) in BUILTIN {
             let p = Profile::parse(name, name, text).unwrap();
-            assert_eq!(p.machine, "q35");
+            assert!(p.machine.starts_with("q35"), "{name}: {}", p.machine);
             assert_eq!(p.boot == BootMethod::Uefi, p.firmware.is_some());
         }
     }

@@ -17,6 +17,13 @@ pub const PANIC_TEXT: &str = "Kernel panic - not syncing";
 /// kiln's busybox init repeats it on a quiet console.
 pub const SECURE_BOOT_TEXT: &str = "secureboot: ";
 
+/// What the kernel prints when a block read through dm-verity does not match its hash tree
+/// (`device-mapper: verity: 254:0: data block 7 is corrupted`).
+const VERITY_TEXT: &str = "device-mapper: verity: ";
+
+/// What kiln's initramfs says when it mounts the root through dm-verity; the root hash follows.
+const VERITY_ROOT_TEXT: &str = "through dm-verity (";
+
 /// What UEFI firmware and systemd-boot print when a signature check refuses an image (EFI status
 /// texts, compared ignoring case).
 const REFUSED_TEXTS: [&str; 2] = ["access denied", "security violation"];
@@ -38,6 +45,10 @@ pub enum Event {
     SecureBoot(String),
     /// The firmware or boot loader refused to start an image (a signature check failed).
     Refused(String),
+    /// dm-verity found a block that does not match the root hash.
+    Corrupted(String),
+    /// The root is mounted through dm-verity with this root hash (hex).
+    VerityRoot(String),
 }
 
 /// Splits serial output into lines and watches them.
@@ -128,6 +139,15 @@ impl SerialWatcher {
         if let Some(at) = line.find(SECURE_BOOT_TEXT) {
             let state = line[at + SECURE_BOOT_TEXT.len()..].trim().to_string();
             events.push(Event::SecureBoot(state));
+        }
+        if line.contains(VERITY_ROOT_TEXT)
+            && let Some((_, rest)) = line.split_once("root hash ")
+        {
+            let hash: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+            events.push(Event::VerityRoot(hash));
+        }
+        if line.contains(VERITY_TEXT) && line.contains("corrupted") {
+            events.push(Event::Corrupted(line.clone()));
         }
         let lower = line.to_ascii_lowercase();
         if REFUSED_TEXTS.iter().any(|t| lower.contains(t)) {

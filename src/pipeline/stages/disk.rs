@@ -12,7 +12,7 @@ use crate::boot::{
 };
 use crate::bus;
 use crate::digest::Digest256;
-use crate::disk::build::{DiskSpec, PartitionInput, build_disk};
+use crate::disk::build::{DiskSpec, PartitionInput, TreeMaker, VeritySpec, build_disk};
 use crate::disk::gpt::PartitionKind;
 use crate::disk::image::{ImageFormat, ImageOptions};
 use crate::disk::layout::{Filesystem, Size, parse_size};
@@ -29,6 +29,9 @@ pub struct DiskStage;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskOut {
     pub image: Digest256,
+    /// The dm-verity root hash (hex) of a `disk.verity` image: on its kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_hash: Option<String>,
     /// `raw` or `qcow2`.
     pub format: String,
     pub disk_size: u64,
@@ -165,9 +168,8 @@ fn os_release(root: &Tree, build: &Artifacts) -> Result<String, StageError> {
 fn unified_kernel_image(
     stub: &Content,
     entry: &BootEntry,
-    root: &Tree,
+    os_release: &str,
     kernel: &super::kernel::KernelOut,
-    build: &Artifacts,
 ) -> Result<Vec<u8>, StageError> {
     let stub = read_all(stub, crate::uki::STUB_PATH)?;
     let vmlinuz = read_all(&entry.kernel, "the kernel")?;
@@ -175,7 +177,6 @@ fn unified_kernel_image(
         Some(c) => Some(read_all(c, "the initramfs")?),
         None => None,
     };
-    let os_release = os_release(root, build)?;
     let cmdline = entry.options();
     Ok(crate::uki::assemble(
         &stub,
@@ -183,7 +184,7 @@ fn unified_kernel_image(
             kernel: &vmlinuz,
             initrd: initrd.as_deref(),
             cmdline: &cmdline,
-            os_release: &os_release,
+            os_release,
             uname: Some(&kernel.version),
         },
     )?)
@@ -204,10 +205,18 @@ fn disk(
     let root_tree = load_tree(blobs, &rootfs_out.manifest, "the rootfs manifest")?;
     let ids = Partitions::of(loaded);
     let loader = recipe.boot.loader.unwrap_or(Loader::SystemdBoot);
-    let mut esp = if loader == Loader::SystemdBoot && ids.esp.is_some() {
-        let package = read_pkg(env, loaded, &pk.systemd_boot)?;
-        let sdboot = systemd_boot_from(&package)?;
-        let entry = BootEntry {
+    let package = match loader == Loader::SystemdBoot && ids.esp.is_some() {
+        true => Some(read_pkg(env, loaded, &pk.systemd_boot)?),
+        false => None,
+    };
+    let os_release = os_release(&root_tree, build)?;
+    // The ESP, for a root hash when the root has dm-verity (it goes on the command line).
+    let make_esp = |root_hash: Option<&str>| -> Result<Option<Tree>, StageError> {
+        let Some(package) = &package else {
+            return Ok(None);
+        };
+        let sdboot = systemd_boot_from(package)?;
+        let mut entry = BootEntry {
             name: recipe.name.clone(),
             title: recipe
                 .description
@@ -222,13 +231,18 @@ fn disk(
             cmdline: kernel_cmdline(loaded, kernel_out),
             root_partuuid: Some(ids.root),
         };
+        if let Some(hash) = root_hash {
+            // The initramfs finds the root and its hash tree from the root hash alone.
+            entry.cmdline = format!("{} roothash={hash}", entry.cmdline.trim());
+            entry.root_partuuid = None;
+        }
         let mut loader_opts = LoaderOptions::new(loaded.source_date_epoch);
         if let Some(t) = recipe.boot.timeout {
             loader_opts.timeout_secs = t;
         }
         if recipe.boot.uki {
-            let stub = package_file(&package, crate::uki::STUB_PATH)?;
-            let mut uki = unified_kernel_image(&stub, &entry, &root_tree, kernel_out, build)?;
+            let stub = package_file(package, crate::uki::STUB_PATH)?;
+            let mut uki = unified_kernel_image(&stub, &entry, &os_release, kernel_out)?;
             let mut sdboot = sdboot;
             if let Some(key) = secure_boot {
                 // Signed in-process (deterministic); the firmware enrolls the key from the ESP.
@@ -242,18 +256,22 @@ fn disk(
                     ));
                 }
             }
-            Some(uki_esp_tree(
+            Ok(Some(uki_esp_tree(
                 &sdboot,
                 &recipe.name,
                 Content::inline(uki),
                 &loader_opts,
-            )?)
+            )?))
         } else {
-            Some(esp_tree(&sdboot, &[entry], &loader_opts)?)
+            Ok(Some(esp_tree(&sdboot, &[entry], &loader_opts)?))
         }
-    } else {
-        None
     };
+    // With dm-verity, sized with a stand-in hash of the same length, made again with the real
+    // one once the root is written.
+    let stand_in = "0".repeat(64);
+    let verity = recipe.disk.verity;
+    let mut esp = make_esp(verity.then_some(stand_in.as_str()))?;
+    let mut names = (None, None);
     let mut root_tree = Some(root_tree);
     let size = |text: Option<&str>| -> Result<Size, StageError> {
         match text {
@@ -265,16 +283,22 @@ fn disk(
     for p in &recipe.disk.partitions {
         let raw = p.filesystem() == FilesystemKind::None;
         let (kind, filesystem, tree) = match p.kind {
-            PartitionType::Esp => (
-                PartitionKind::Esp,
-                Filesystem::Fat32,
-                Some(esp.take().unwrap_or_default()),
-            ),
-            PartitionType::Root => (
-                PartitionKind::RootX86_64,
-                Filesystem::Ext4,
-                root_tree.take(),
-            ),
+            PartitionType::Esp => {
+                names.0 = Some(p.name.clone());
+                (
+                    PartitionKind::Esp,
+                    Filesystem::Fat32,
+                    Some(esp.take().unwrap_or_default()),
+                )
+            }
+            PartitionType::Root => {
+                names.1 = Some(p.name.clone());
+                (
+                    PartitionKind::RootX86_64,
+                    Filesystem::Ext4,
+                    root_tree.take(),
+                )
+            }
             PartitionType::Data if raw => (PartitionKind::LinuxData, Filesystem::None, None),
             PartitionType::Data => (
                 PartitionKind::LinuxData,
@@ -291,7 +315,42 @@ fn disk(
             label: p.label.clone(),
             tree,
         });
+        if verity && p.kind == PartitionType::Root {
+            // The hash tree right after the root (Discoverable Partitions' pair).
+            inputs.push(PartitionInput {
+                name: format!("{}-verity", p.name),
+                kind: PartitionKind::RootVerityX86_64,
+                filesystem: Filesystem::None,
+                size: Size::Auto,
+                label: None,
+                tree: None,
+            });
+        }
     }
+    let verity_spec = match (verity, names) {
+        (true, (esp_name, Some(root_name))) => Some(VeritySpec {
+            hash: format!("{root_name}-verity"),
+            data: root_name,
+            params: crate::verity::VerityParams {
+                // From the build's inputs: the same recipe, the same tree.
+                salt: sha2::Digest::finalize(sha2::Digest::chain_update(
+                    <sha2::Sha256 as sha2::Digest>::new(),
+                    format!("{}/verity-salt", loaded.inputs),
+                ))
+                .into(),
+                uuid: crate::disk::derive_id(&loaded.inputs, "verity-superblock"),
+            },
+            remake: esp_name.map(|name| {
+                let maker: TreeMaker<'_> = Box::new(|hash: &str| {
+                    make_esp(Some(hash))
+                        .map(Option::unwrap_or_default)
+                        .map_err(|e| crate::error::Chain(&e).to_string())
+                });
+                (name, maker)
+            }),
+        }),
+        _ => None,
+    };
     let format = match recipe.disk.format {
         Some(DiskFormat::Raw) => ImageFormat::Raw,
         _ => ImageFormat::Qcow2,
@@ -306,7 +365,7 @@ fn disk(
         seed: loaded.inputs.clone(),
         epoch: loaded.source_date_epoch,
         partitions: inputs,
-        verity: None,
+        verity: verity_spec,
     };
     let tmp_dir = env.home.join("tmp");
     std::fs::create_dir_all(&tmp_dir).map_err(io("creating the cache's tmp dir"))?;
@@ -355,6 +414,7 @@ fn disk(
     let (image, _) = blobs.put_file(&path).map_err(io("storing the image"))?;
     Ok(DiskOut {
         image,
+        root_hash: report.root_hash,
         format: format.name().into(),
         disk_size: report.layout.disk_size,
         file_size: report.image.file_size,

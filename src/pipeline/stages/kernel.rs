@@ -75,6 +75,9 @@ struct PackagedKey<'a> {
     kernel: Option<&'a Digest256>,
     modules: &'a [String],
     root: String,
+    /// `disk.verity`: the packages of `dmsetup` that go into the initramfs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    verity_tools: Vec<&'a Digest256>,
 }
 
 /// The key of a kernel built from source.
@@ -136,6 +139,7 @@ impl StageWork for KernelStage {
                 },
                 modules: &recipe.initramfs.modules,
                 root: Partitions::of(loaded).root.to_string(),
+                verity_tools: pk.verity_tools.iter().map(|p| &p.sha256).collect(),
             };
             run.step("kernel", 1, &key, |run| packaged_kernel(run.env, build))?
         };
@@ -169,8 +173,14 @@ fn packaged_kernel(env: &StageEnv, build: &Artifacts) -> Result<KernelOut, Stage
     let busybox = read_pkg(env, &build.loaded, &pk.busybox)?;
     let kernel = InstalledKernel::from_tree(&kernel_tree)?;
     let ids = Partitions::of(&build.loaded);
+    let verity_tools = pk
+        .verity_tools
+        .iter()
+        .map(|p| read_pkg(env, &build.loaded, p))
+        .collect::<Result<Vec<Tree>, StageError>>()?;
     let mut spec = InitramfsSpec::new(&kernel, &busybox, ids.root.to_string());
     spec.modules = recipe.initramfs.modules.clone();
+    spec.verity_tools = verity_tools.iter().collect();
     spec.compression = recipe.initramfs.compression.unwrap_or(Compression::Zstd);
     spec.epoch = build.loaded.source_date_epoch;
     let (bytes, closure) = initramfs::build_bytes(&spec)?;
@@ -286,6 +296,7 @@ mod tests {
                 kernel,
                 modules: &modules,
                 root: "u-root".into(),
+                verity_tools: Vec::new(),
             };
             let old = json!({
                 "kernel": kernel, "base": base, "busybox": d, "modules": modules,

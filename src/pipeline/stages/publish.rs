@@ -491,6 +491,7 @@ mod tests {
         let mut build = Artifacts::new(loaded);
         let image = Digest256::from_sha256(&[7u8; 32]);
         build.disk = Some(DiskOut {
+            root_hash: None,
             image: image.clone(),
             format: "raw".into(),
             disk_size: 1 << 20,
@@ -507,6 +508,7 @@ mod tests {
             total: 1.0,
             marker_line: "marker-1".into(),
             secure_boot: None,
+            verity_root_hash: None,
         });
         let records = LocalRecords::new(dir.path());
         let refused = check_verified(&records, &build).unwrap_err();

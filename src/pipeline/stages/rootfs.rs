@@ -24,6 +24,9 @@ pub struct ChosenPackages {
     pub kernel: PackageRef,
     pub busybox: PackageRef,
     pub systemd_boot: PackageRef,
+    /// `disk.verity`: `dmsetup` and the libraries it runs with, for the initramfs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verity_tools: Vec<PackageRef>,
     /// The SHA-256 of the verified `InRelease` they were chosen from (the provenance names it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<Digest256>,
@@ -36,6 +39,7 @@ impl ChosenPackages {
         [&self.kernel, &self.busybox, &self.systemd_boot]
             .into_iter()
             .filter(|p| !(debian && *p == &self.kernel))
+            .chain(&self.verity_tools)
             .collect()
     }
 }
@@ -86,6 +90,8 @@ struct PackagesKey<'a> {
     kernel: &'a str,
     mirror: &'a str,
     release: &'a Digest256,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    verity: bool,
 }
 
 /// The key of the `rootfs` step.
@@ -165,6 +171,7 @@ fn packages(run: &mut StageRun<'_>, loaded: &Loaded) -> Result<ChosenPackages, S
         kernel: &kernel,
         mirror: &archive.options().mirror,
         release: archive.release_digest(),
+        verity: loaded.recipe.disk.verity,
     };
     // Version 2: package references carry their source package (for the SBOM).
     let mut chosen: ChosenPackages = run.step("packages", 2, &key, |_| {
@@ -172,6 +179,11 @@ fn packages(run: &mut StageRun<'_>, loaded: &Loaded) -> Result<ChosenPackages, S
             kernel: versioned_package(&archive, &kernel)?,
             busybox: one_package(&archive, "busybox-static")?,
             systemd_boot: one_package(&archive, "systemd-boot-efi")?,
+            verity_tools: if loaded.recipe.disk.verity {
+                archive.resolve(&["dmsetup"], Deps::All)?
+            } else {
+                Vec::new()
+            },
             release: None,
         })
     })?;
@@ -410,6 +422,7 @@ mod tests {
             kernel: crate::debian::DEFAULT_KERNEL_PACKAGE,
             mirror: "http://deb.debian.org/debian",
             release: &d,
+            verity: false,
         };
         let old = json!({
             "release": d, "kernel": crate::debian::DEFAULT_KERNEL_PACKAGE,

@@ -36,6 +36,9 @@ pub struct BootSummary {
     /// What the kernel said about UEFI Secure Boot (`Secure boot enabled`), when it said it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_boot: Option<String>,
+    /// The dm-verity root hash the root was mounted with (kiln's initramfs says it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity_root_hash: Option<String>,
 }
 
 /// The boots of the verify stage, in the order of the profiles, and its signed boot
@@ -230,6 +233,7 @@ fn attest_boots(
             "timeToMarker": b.time_to_marker,
             "markerLine": b.marker_line,
             "secureBoot": b.secure_boot,
+            "verityRootHash": b.verity_root_hash,
             "serialLog": b.serial_log_blob.as_ref().map(|d| serde_json::json!({"sha256": d.hex()})),
             "result": "passed",
         }));
@@ -389,11 +393,18 @@ fn verify_boot(
     if method == verify::profile::BootMethod::Direct {
         bo.kernel = Some(env.blobs.path(&kernel_out.vmlinuz));
         bo.initrd = kernel_out.initrd.as_ref().map(|d| env.blobs.path(d));
-        bo.cmdline = format!(
-            "{} root=PARTUUID={}",
-            kernel_cmdline(&build.loaded, kernel_out),
-            Partitions::of(&build.loaded).root
-        );
+        bo.cmdline = match &disk_out.root_hash {
+            // A dm-verity root is found from its hash, as the image's own command line says.
+            Some(hash) => format!(
+                "{} roothash={hash}",
+                kernel_cmdline(&build.loaded, kernel_out)
+            ),
+            None => format!(
+                "{} root=PARTUUID={}",
+                kernel_cmdline(&build.loaded, kernel_out),
+                Partitions::of(&build.loaded).root
+            ),
+        };
     }
     bo.serial_log = Some(log.clone());
     let report = verify::boot_image(&env.blobs.path(&disk_out.image), &bo)?;
@@ -413,6 +424,7 @@ fn verify_boot(
         total: report.total.as_secs_f64(),
         marker_line: report.marker_line.clone(),
         secure_boot: report.secure_boot.clone(),
+        verity_root_hash: report.verity_root_hash.clone(),
     })
 }
 

@@ -73,20 +73,37 @@ pub enum Command {
                             runs guests, else TCG."
     )]
     Boot(BootArgs),
-    /// Write a signing key (FILE, PKCS#8 PEM, mode 0600) and its public key (FILE.pub).
+    /// Write a signing key (FILE, PKCS#8 PEM, mode 0600) and its public key (FILE.pub); with
+    /// --secure-boot, a UEFI Secure Boot key (RSA 2048) and its certificate (FILE.crt).
     #[command(
         after_help = "Examples:\n  kiln keygen -o keys/images.key                  # ECDSA P-256: keys/images.key and keys/images.key.pub\n  \
-                      kiln keygen -o keys/images.key --type ed25519\n\n\
+                      kiln keygen -o keys/images.key --type ed25519\n  \
+                      kiln keygen --secure-boot -o keys/secureboot.key # keys/secureboot.key and keys/secureboot.key.crt\n\n\
                       FILE.pub is what `kiln pull --trust`, `kiln agent --trust`, `cosign verify --key` and a \
-                      containers-policy.json sigstoreSigned entry (keyPath) take."
+                      containers-policy.json sigstoreSigned entry (keyPath) take. A Secure Boot key is what \
+                      `kiln up/worker --secure-boot-key` sign boot loaders and unified kernel images with \
+                      (default $KILN_HOME/secureboot.key, made on first use); its certificate is what firmware \
+                      enrolls as db (and, in kiln's images, PK and KEK) and what `sbverify --cert` checks."
     )]
     Keygen {
-        /// Where the secret key goes; the public key goes to FILE.pub.
+        /// Where the secret key goes; the public key goes to FILE.pub (FILE.crt with
+        /// --secure-boot).
         #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
         /// Key type: ecdsa-p256 (cosign's default) or ed25519.
         #[arg(long = "type", value_enum, default_value_t = crate::store::KeyType::EcdsaP256)]
         key_type: crate::store::KeyType,
+        /// A UEFI Secure Boot key and self-signed certificate instead of an image signing key.
+        #[arg(long, conflicts_with = "key_type")]
+        secure_boot: bool,
+        /// The certificate's common name (with --secure-boot).
+        #[arg(
+            long,
+            value_name = "NAME",
+            requires = "secure_boot",
+            default_value = "kiln Secure Boot key"
+        )]
+        name: String,
     },
     /// Sign an image already in a registry or layout, in cosign's format: to add a key, or to
     /// replace a signature in kiln's old format.
@@ -851,6 +868,12 @@ pub struct PublishOpts {
     /// `--trust-verifier`.
     #[arg(long, value_name = "FILE")]
     pub verifier_key: Option<PathBuf>,
+    /// The key the disk stage signs systemd-boot and unified kernel images with for recipes
+    /// with `boot.secure_boot` (its certificate at FILE.crt; `kiln keygen --secure-boot`).
+    /// Default: `$KILN_HOME/secureboot.key`, made on first use. Give every worker of a farm the
+    /// same key.
+    #[arg(long, value_name = "FILE")]
+    pub secure_boot_key: Option<PathBuf>,
 }
 
 impl PublishOpts {
@@ -1138,7 +1161,15 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Build(args) => build(args, quiet),
         Command::Boot(args) => boot(args),
         Command::Disk(args) => disk(args),
-        Command::Keygen { output, key_type } => keygen(&output, key_type),
+        Command::Keygen {
+            output,
+            secure_boot: true,
+            name,
+            ..
+        } => secure_boot_keygen(&output, &name),
+        Command::Keygen {
+            output, key_type, ..
+        } => keygen(&output, key_type),
         Command::Sign(args) => sign(args),
         Command::Verify(args) => verify_image(args),
         Command::Sbom(args) => sbom(args),
@@ -1837,6 +1868,17 @@ fn keygen(output: &std::path::Path, kind: crate::store::KeyType) -> anyhow::Resu
     }
 }
 
+fn secure_boot_keygen(output: &std::path::Path, name: &str) -> anyhow::Result<i32> {
+    let key = crate::secureboot::keygen(output, name).map_err(BadInput::error)?;
+    println!(
+        "Secure Boot key {} (RSA 2048, keep it private), certificate {} (CN {name:?}, {})",
+        output.display(),
+        crate::secureboot::cert_path_of(output).display(),
+        key.fingerprint()
+    );
+    Ok(0)
+}
+
 fn verify_image(args: VerifyArgs) -> anyhow::Result<i32> {
     let key = crate::store::load_verifying_key(&args.key).map_err(BadInput::error)?;
     let opts = crate::store::StoreOptions {
@@ -2403,6 +2445,12 @@ fn worker_config(
     config.profiles_dir = profiles;
     config.publish = publish.target();
     config.verifier = Some(verifier_key(publish.verifier_key.as_deref(), &config.home)?);
+    if let Some(path) = &publish.secure_boot_key {
+        // Refused now, not at the first Secure Boot build.
+        crate::secureboot::SecureBootKey::load(path, &crate::secureboot::cert_path_of(path))
+            .map_err(BadInput::error)?;
+        config.secure_boot_key = Some(path.clone());
+    }
     Ok(config)
 }
 

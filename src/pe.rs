@@ -280,17 +280,29 @@ pub fn add_sections(
 /// 16-bit one's-complement-style sum that `imagehlp`'s `CheckSumMappedFile` computes, plus the
 /// file's length.
 pub fn checksum(bytes: &[u8], field: usize) -> u32 {
+    // Every 16-bit word summed as a plain (wide) integer, eight bytes at a time; the checksum
+    // field's two words taken back out exactly; then the carries folded, which equals folding
+    // after each addition.
+    let word = |at: usize| -> u64 {
+        u64::from(bytes.get(at).copied().unwrap_or(0))
+            | (u64::from(bytes.get(at + 1).copied().unwrap_or(0)) << 8)
+    };
+    let mut chunks = bytes.chunks_exact(8);
     let mut sum: u64 = 0;
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        let at = i * 2;
-        if at == field || at == field + 2 {
-            continue;
-        }
-        let word = u64::from(pair[0]) | (u64::from(*pair.get(1).unwrap_or(&0)) << 8);
-        sum += word;
+    for c in &mut chunks {
+        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        sum += (w & 0xffff) + ((w >> 16) & 0xffff) + ((w >> 32) & 0xffff) + (w >> 48);
+    }
+    let tail_start = bytes.len() - chunks.remainder().len();
+    for at in (tail_start..bytes.len()).step_by(2) {
+        sum += word(at);
+    }
+    if field + 4 <= bytes.len() {
+        sum -= word(field) + word(field + 2);
+    }
+    while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    sum = (sum & 0xffff) + (sum >> 16);
     (sum as u32).wrapping_add(bytes.len() as u32)
 }
 

@@ -133,6 +133,22 @@ fn a_signed_uki_boots_under_secure_boot_and_nothing_else_does() {
     let home = common::shared_home();
     let work = tempfile::tempdir().unwrap();
     let w = |n: &str| work.path().join(n);
+    // The project's key, where the build looks for it ($KILN_HOME/secureboot.key).
+    let o = output(
+        kiln(home.path())
+            .args([
+                "keygen",
+                "--secure-boot",
+                "--name",
+                "kiln test Secure Boot key",
+                "-o",
+            ])
+            .arg(home.path().join("secureboot.key")),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    run(Command::new("openssl")
+        .args(["pkey", "-noout", "-in"])
+        .arg(home.path().join("secureboot.key")));
     let report = build(home.path(), &w("out"), &["uefi-secureboot", "direct"]);
     let boots = report["boots"].as_array().unwrap();
     // Secure Boot enforcing with kiln's keys, enrolled by systemd-boot on the first boot.
@@ -156,7 +172,7 @@ fn a_signed_uki_boots_under_secure_boot_and_nothing_else_does() {
     let x509 = run(Command::new("openssl")
         .args(["x509", "-noout", "-subject", "-in"])
         .arg(&cert));
-    assert!(x509.contains("kiln Secure Boot key"), "{x509}");
+    assert!(x509.contains("kiln test Secure Boot key"), "{x509}");
     let image = PathBuf::from(report["image"].as_str().unwrap());
     let (raw, esp) = raw_and_esp(&image, work.path());
     let uki = w("uki.efi");

@@ -1,7 +1,7 @@
 //! Writing DER (ITU-T X.690) by hand for the few fixed structures kiln signs: X.509
 //! certificates, PKCS#7 SignedData for Authenticode and UEFI authenticated variables. Each
 //! function returns one complete TLV; constructed values take their already-encoded parts.
-//! Reading DER is left to the callers' parsers (`rsa`'s PKCS#8, `x509` in the tests).
+//! Reading is only splitting TLVs ([`split_tlv`]): enough to find a certificate's fields.
 
 /// One TLV with `tag` around `content`.
 pub fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
@@ -114,9 +114,19 @@ pub fn algorithm(dotted: &str) -> Vec<u8> {
     sequence(&[&oid(dotted), &null()])
 }
 
-/// The content octets of one TLV (its value without tag and length), or `None` when `der` is
-/// not one whole TLV.
-pub fn content_of(der: &[u8]) -> Option<&[u8]> {
+/// One TLV read from the front of a buffer.
+pub struct Tlv<'a> {
+    pub tag: u8,
+    /// Tag, length and content.
+    pub whole: &'a [u8],
+    pub content: &'a [u8],
+    /// What follows it.
+    pub rest: &'a [u8],
+}
+
+/// The TLV at the start of `der`, or `None` when it is cut short or its length does not fit.
+pub fn split_tlv(der: &[u8]) -> Option<Tlv<'_>> {
+    let tag = *der.first()?;
     let first = *der.get(1)?;
     let (len, start) = if first < 0x80 {
         (usize::from(first), 2)
@@ -131,7 +141,20 @@ pub fn content_of(der: &[u8]) -> Option<&[u8]> {
         }
         (len, 2 + n)
     };
-    (der.len() == start.checked_add(len)?).then(|| &der[start..])
+    let end = start.checked_add(len)?;
+    Some(Tlv {
+        tag,
+        whole: der.get(..end)?,
+        content: der.get(start..end)?,
+        rest: der.get(end..)?,
+    })
+}
+
+/// The content octets of one TLV (its value without tag and length), or `None` when `der` is
+/// not one whole TLV.
+pub fn content_of(der: &[u8]) -> Option<&[u8]> {
+    let tlv = split_tlv(der)?;
+    tlv.rest.is_empty().then_some(tlv.content)
 }
 
 #[cfg(test)]

@@ -168,6 +168,14 @@ impl Pe {
         })
     }
 
+    /// Bytes of `image` before its certificate table (all of it when unsigned).
+    fn unsigned_len(&self, image: &[u8]) -> usize {
+        match self.certificates {
+            Some((offset, _)) if (offset as usize) <= image.len() => offset as usize,
+            _ => image.len(),
+        }
+    }
+
     /// The raw bytes of the section `name`, cut to its virtual size.
     pub fn section<'a>(&self, bytes: &'a [u8], name: &str) -> Option<&'a [u8]> {
         let s = self.sections.iter().find(|s| s.name == name)?;
@@ -330,10 +338,7 @@ pub fn authenticode_sha256(bytes: &[u8], what: &str) -> Result<[u8; 32], PeError
         h.update(&bytes[start..end]);
         hashed += s.raw_size as usize;
     }
-    let end = match pe.certificates {
-        Some((offset, _)) => (offset as usize).min(bytes.len()),
-        None => bytes.len(),
-    };
+    let end = pe.unsigned_len(bytes);
     if end > hashed {
         h.update(&bytes[hashed..end]);
     }
@@ -344,11 +349,7 @@ pub fn authenticode_sha256(bytes: &[u8], what: &str) -> Result<[u8; 32], PeError
 /// certificate table will start.
 pub fn pad_for_signing(image: &[u8], what: &str) -> Result<Vec<u8>, PeError> {
     let pe = Pe::parse(image, what)?;
-    let body = match pe.certificates {
-        Some((offset, _)) if (offset as usize) <= image.len() => offset as usize,
-        _ => image.len(),
-    };
-    let mut out = image[..body].to_vec();
+    let mut out = image[..pe.unsigned_len(image)].to_vec();
     out.resize(align(out.len() as u64, 8) as usize, 0);
     if pe.certificates.is_some() {
         put_u32(&mut out, pe.certificate_entry(), 0);
@@ -366,11 +367,7 @@ pub fn with_certificate_table(
     what: &str,
 ) -> Result<Vec<u8>, PeError> {
     let pe = Pe::parse(image, what)?;
-    let body = match pe.certificates {
-        Some((offset, _)) if (offset as usize) <= image.len() => offset as usize,
-        _ => image.len(),
-    };
-    let mut out = image[..body].to_vec();
+    let mut out = image[..pe.unsigned_len(image)].to_vec();
     out.resize(align(out.len() as u64, 8) as usize, 0);
     let too_large = || PeError::TooLarge {
         what: what.to_string(),

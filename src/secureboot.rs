@@ -134,23 +134,7 @@ fn pem(label: &str, der: &[u8]) -> String {
 
 /// One TLV at the start of `der`: (tag, the whole TLV, what follows).
 fn next_tlv(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let tag = *der.first()?;
-    let first = *der.get(1)?;
-    let (len, start) = if first < 0x80 {
-        (usize::from(first), 2)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 {
-            return None;
-        }
-        let mut len = 0usize;
-        for &b in der.get(2..2 + n)? {
-            len = (len << 8) | usize::from(b);
-        }
-        (len, 2 + n)
-    };
-    let end = start.checked_add(len)?;
-    Some((tag, der.get(..end)?, der.get(end..)?))
+    der::split_tlv(der).map(|t| (t.tag, t.whole, t.rest))
 }
 
 /// (issuer Name, serial INTEGER, SubjectPublicKeyInfo) of a certificate, as DER TLVs.

@@ -286,21 +286,14 @@ fn cosign_verifies_what_kiln_signs_and_refuses_what_it_must() {
     let signed = publish(&image, &format!("{repo}:v1"), Some(&secret("ecdsa")));
     let moved = publish(&unsigned, &format!("{repo}:v1"), None);
     let sig = sig_of("kiln/moved", &signed);
-    let sig_file = w("sig.json");
-    std::fs::write(&sig_file, &sig).unwrap();
-    curl(&[
-        "-s",
-        "-X",
-        "PUT",
-        "-H",
-        "Content-Type: application/vnd.oci.image.manifest.v1+json",
-        "--data-binary",
-        &format!("@{}", sig_file.display()),
+    put_manifest(
         &format!(
             "http://{host}/v2/kiln/moved/manifests/sha256-{}.sig",
             moved.trim_start_matches("sha256:")
         ),
-    ]);
+        &sig,
+        &w("sig.json"),
+    );
     let o = cosign_verify(&public("ecdsa"), &format!("{repo}:v1"), &cosign_home);
     assert!(
         !o.status.success(),
@@ -365,17 +358,11 @@ fn an_old_format_signature_is_named_and_replaced_and_wrong_attestations_are_refu
         }],
     });
     let old_file = w("old.json");
-    std::fs::write(&old_file, serde_json::to_vec(&old).unwrap()).unwrap();
-    curl(&[
-        "-s",
-        "-X",
-        "PUT",
-        "-H",
-        "Content-Type: application/vnd.oci.image.manifest.v1+json",
-        "--data-binary",
-        &format!("@{}", old_file.display()),
+    put_manifest(
         &format!("http://{host}/v2/kiln/legacy/manifests/sha256-{hex}.sig"),
-    ]);
+        &serde_json::to_vec(&old).unwrap(),
+        &old_file,
+    );
 
     let o = pull(&format!("{repo}:v1"), &w("p.raw"), &w("ecdsa.key.pub"));
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -475,16 +462,7 @@ fn an_old_format_signature_is_named_and_replaced_and_wrong_attestations_are_refu
         layer["digest"] = d.into();
         layer["size"] = bytes.len().into();
         m["layers"].as_array_mut().unwrap().push(layer);
-        std::fs::write(w("att.json"), serde_json::to_vec(&m).unwrap()).unwrap();
-        curl(&[
-            "-X",
-            "PUT",
-            "-H",
-            "Content-Type: application/vnd.oci.image.manifest.v1+json",
-            "--data-binary",
-            &format!("@{}", w("att.json").display()),
-            &att_url,
-        ]);
+        put_manifest(&att_url, &serde_json::to_vec(&m).unwrap(), &w("att.json"));
     };
     add_layer(&statement(&manifest, 2));
     let o = verify_sbom();
@@ -895,16 +873,8 @@ fn a_published_build_carries_an_sbom_provenance_and_boot_attestation_that_others
     att2["layers"][sbom_layer]["digest"] = digest.into();
     att2["layers"][sbom_layer]["size"] = bytes.len().into();
     let att_file = w("att.json");
-    std::fs::write(&att_file, serde_json::to_vec(&att2).unwrap()).unwrap();
-    curl(&[
-        "-X",
-        "PUT",
-        "-H",
-        "Content-Type: application/vnd.oci.image.manifest.v1+json",
-        "--data-binary",
-        &format!("@{}", att_file.display()),
-        &format!("http://{host}/v2/kiln/app/manifests/sha256-{hex}.att"),
-    ]);
+    let att_url = format!("http://{host}/v2/kiln/app/manifests/sha256-{hex}.att");
+    put_manifest(&att_url, &serde_json::to_vec(&att2).unwrap(), &att_file);
     let o = output(
         common::kiln(home.path())
             .args(["verify", &by_digest, "--json", "--key"])
@@ -947,16 +917,7 @@ fn a_published_build_carries_an_sbom_provenance_and_boot_attestation_that_others
         let mut changed = att.clone();
         changed["layers"][sbom_layer]["digest"] = digest.into();
         changed["layers"][sbom_layer]["size"] = size.into();
-        std::fs::write(&att_file, serde_json::to_vec(&changed).unwrap()).unwrap();
-        curl(&[
-            "-X",
-            "PUT",
-            "-H",
-            "Content-Type: application/vnd.oci.image.manifest.v1+json",
-            "--data-binary",
-            &format!("@{}", att_file.display()),
-            &format!("http://{host}/v2/kiln/app/manifests/sha256-{hex}.att"),
-        ]);
+        put_manifest(&att_url, &serde_json::to_vec(&changed).unwrap(), &att_file);
         let o = output(
             common::kiln(home.path())
                 .args(["verify", &by_digest, "--json", "--key"])
@@ -980,6 +941,21 @@ fn a_published_build_carries_an_sbom_provenance_and_boot_attestation_that_others
             .unwrap();
         assert_eq!(provenance["status"], "verified", "{report}");
     }
+}
+
+/// PUT `manifest` (an OCI image manifest) at `url` (a registry's manifest URL), through `scratch`.
+fn put_manifest(url: &str, manifest: &[u8], scratch: &Path) {
+    std::fs::write(scratch, manifest).unwrap();
+    curl(&[
+        "-s",
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/vnd.oci.image.manifest.v1+json",
+        "--data-binary",
+        &format!("@{}", scratch.display()),
+        url,
+    ]);
 }
 
 /// Upload `bytes` as a blob of `repo` (monolithic POST + PUT); its digest.

@@ -118,7 +118,8 @@ fn build_runs_through_a_private_server_and_leaves_nothing_behind() {
         [
             "minimal-1.0.0.qcow2",
             "minimal-1.0.0.qcow2.report.json",
-            "minimal-1.0.0.qcow2.serial.log"
+            "minimal-1.0.0.qcow2.serial.log",
+            "minimal-1.0.0.qcow2.spdx.json"
         ]
     );
     let serial =

@@ -86,6 +86,7 @@ def main():
     work = args.work or tempfile.mkdtemp(prefix="kiln-bench-attest.")
     os.makedirs(work, exist_ok=True)
     procs = []
+    made = []
     try:
         reg_port, nats_port = free_port(), free_port()
         with open(os.path.join(work, "registry.yml"), "w") as f:
@@ -107,11 +108,20 @@ def main():
              "--recipes", REPO, "--listen", "none"],
             stdout=subprocess.DEVNULL, stderr=up_log, env=env, cwd=REPO))
         stamp = str(int(time.time()))
+        recipe = args.recipe
+        text = open(os.path.join(REPO, recipe)).read()
+        if "\npublish:" not in text:
+            # A recipe without a publish section (the Debian example): a copy beside it that has
+            # one, removed at the end.
+            recipe = os.path.join(os.path.dirname(recipe), f".bench-attest-{os.getpid()}.yaml")
+            with open(os.path.join(REPO, recipe), "w") as f:
+                f.write(text + "\npublish:\n  repository: kiln/bench\n  tags: [latest]\n")
+            made.append(os.path.join(REPO, recipe))
         rows = []
         ref = None
         for i in range(args.builds):
             r = subprocess.run(
-                [kiln, "submit", args.recipe, "--profile", "direct", "--set",
+                [kiln, "submit", recipe, "--profile", "direct", "--set",
                  f"{args.vary}=bench-{stamp}-{i}", "--follow", "--timeout", "1800", "--json",
                  "--nats", url],
                 env=env, cwd=REPO, capture_output=True, text=True)
@@ -148,6 +158,8 @@ def main():
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        for path in made:
+            os.remove(path)
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 pub const DPKG_STATUS: &str = "/var/lib/dpkg/status";
 
 /// One package the document lists.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SbomPackage {
     pub name: String,
     pub version: String,

@@ -89,7 +89,7 @@ impl StageWork for PublishStage {
                 .iter()
                 .map(|d| d.image.clone())
                 .chain(b.boot_attestation.clone())
-                .chain(b.rootfs.as_ref().and_then(|r| r.dpkg_status.clone()))
+                .chain(b.rootfs.as_ref().and_then(|r| r.installed.clone()))
                 .map(Need::Blob)
                 .collect(),
             _ => Vec::new(),
@@ -254,32 +254,22 @@ pub struct Origin<'a> {
     pub boot_attestation: Option<Vec<u8>>,
 }
 
-/// A Debian image's installed packages: its dpkg status file, each package matched (name,
-/// version, architecture) in the verified index for its `.deb`'s SHA-256. `Err`: why there is
-/// no list.
+/// A Debian image's installed packages, as the rootfs stage recorded them (matched in the
+/// verified index). `Err`: why there is no list.
 fn installed_packages(
     env: &StageEnv,
     build: &Artifacts,
 ) -> Result<Vec<crate::sbom::SbomPackage>, String> {
-    let status = build
+    let list = build
         .rootfs
         .as_ref()
-        .and_then(|r| r.dpkg_status.as_ref())
-        .ok_or("the image has no /var/lib/dpkg/status")?;
-    let path = env.blobs.path(status);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read the dpkg status {}: {e}", path.display()))?;
-    let mut packages = crate::sbom::parse_dpkg_status(&text);
-    let archive = super::open_archive(env, &build.loaded).map_err(|e| e.to_string())?;
-    let index = archive.index().map_err(|e| e.to_string())?;
-    for p in &mut packages {
-        p.deb = index
-            .versions_of(&p.name)
-            .map(|(_, e)| e)
-            .find(|e| e.version_str() == p.version && e.architecture() == p.architecture)
-            .map(|e| (Digest256::from_sha256(e.sha256()), e.filename().to_string()));
-    }
-    Ok(packages)
+        .and_then(|r| r.installed.as_ref())
+        .ok_or("the rootfs stage recorded no installed packages for the image")?;
+    let path = env.blobs.path(list);
+    let bytes = std::fs::read(&path)
+        .map_err(|e| format!("cannot read the installed packages {}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| format!("the installed packages {}: {e}", path.display()))
 }
 
 /// The Debian suite a build's packages came from.

@@ -54,6 +54,11 @@ pub struct RootfsOut {
     /// The blob of the image's `/var/lib/dpkg/status` (Debian images): what the SBOM lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpkg_status: Option<Digest256>,
+    /// The blob of the installed packages (JSON list of [`crate::sbom::SbomPackage`]), each
+    /// matched in the verified index for its `.deb`'s SHA-256 (Debian images): the SBOM's
+    /// packages, found once here rather than at every publish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed: Option<Digest256>,
     /// The files kiln wrote into the root itself (init, units, accounts, the recipe's files):
     /// the SBOM lists them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -126,9 +131,9 @@ impl StageWork for RootfsStage {
             inputs: &loaded.inputs,
             root: ids.root.to_string(),
         };
-        // Version 2 recorded the dpkg status file's blob, version 3 the generated files (for
-        // the SBOM).
-        let rootfs = run.step("rootfs", 3, &key, |run| {
+        // Version 2 recorded the dpkg status file's blob, version 3 the generated files,
+        // version 4 the installed packages matched in the index (all for the SBOM).
+        let rootfs = run.step("rootfs", 4, &key, |run| {
             rootfs(run.env, loaded, &packages, base_manifest.as_ref())
         })?;
         Ok(RootfsStageOut {
@@ -154,6 +159,7 @@ impl StageWork for RootfsStage {
             out.push(Need::Tree(r.manifest.clone()));
             // A Debian base's files are all in the image; its manifest is the kernel stage's.
             out.extend(r.base.clone().map(Need::Blob));
+            out.extend(r.installed.clone().map(Need::Blob));
         }
         out
     }
@@ -293,6 +299,10 @@ fn rootfs(
             }),
         None => None,
     };
+    let installed = match &dpkg_status {
+        Some(status) => Some(installed_packages(env, loaded, status)?),
+        None => None,
+    };
     let base_manifest = match base {
         Some(b) => Some(read_manifest(&env.blobs, b, "the Debian base manifest")?),
         None => None,
@@ -316,8 +326,40 @@ fn rootfs(
         manifest: digest,
         base: base.cloned(),
         dpkg_status,
+        installed,
         generated,
     })
+}
+
+/// The packages a Debian image's dpkg status file says are installed, each matched (name,
+/// version, architecture) in the verified index for its `.deb`'s SHA-256, stored as a blob.
+fn installed_packages(
+    env: &StageEnv,
+    loaded: &Loaded,
+    status: &Digest256,
+) -> Result<Digest256, StageError> {
+    let path = env.blobs.path(status);
+    let text = std::fs::read_to_string(&path).map_err(super::io(format!(
+        "reading the dpkg status {}",
+        path.display()
+    )))?;
+    let mut packages = crate::sbom::parse_dpkg_status(&text);
+    let archive = open_archive(env, loaded)?;
+    let index = archive.index()?;
+    for p in &mut packages {
+        p.deb = index
+            .versions_of(&p.name)
+            .map(|(_, e)| e)
+            .find(|e| e.version_str() == p.version && e.architecture() == p.architecture)
+            .map(|e| (Digest256::from_sha256(e.sha256()), e.filename().to_string()));
+    }
+    let bytes = serde_json::to_vec(&packages)
+        .map_err(|e| super::io("recording the installed packages")(std::io::Error::other(e)))?;
+    let (digest, _) = env
+        .blobs
+        .put_bytes(&bytes)
+        .map_err(super::io("storing the installed packages"))?;
+    Ok(digest)
 }
 
 /// The kernel package the recipe names: the recipe's, the default, or the kernel source

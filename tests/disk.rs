@@ -447,7 +447,8 @@ fn a_verity_root_is_what_veritysetup_verifies() {
     let json = run(Command::new("sfdisk").arg("--json").arg(&raw));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let parts = v["partitiontable"]["partitions"].as_array().unwrap();
-    assert_eq!(parts[2]["type"], "2C7357ED-EBD2-46D9-AEC3-23D8A1C2E9E7");
+    // root-x86-64-verity as the specification spells it (systemd's SD_GPT_ROOT_X86_64_VERITY).
+    assert_eq!(parts[2]["type"], "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5");
     let uuid = |i: usize| {
         parts[i]["uuid"]
             .as_str()
@@ -456,6 +457,28 @@ fn a_verity_root_is_what_veritysetup_verifies() {
             .to_lowercase()
     };
     assert_eq!(format!("{}{}", uuid(1), uuid(2)), hash);
+    // systemd pairs the two partitions from the root hash alone (it needs loop devices: root).
+    if Path::new("/usr/bin/systemd-dissect").exists() && nix_root() {
+        let o = output(
+            Command::new("systemd-dissect")
+                .args(["--json=short", &format!("--root-hash={hash}")])
+                .arg(&raw),
+        );
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "systemd-dissect --root-hash: {text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mounts = v["mounts"].as_array().unwrap();
+        let find = |d: &str| mounts.iter().find(|m| m["designator"] == d).cloned();
+        let root = find("root").unwrap_or_else(|| panic!("no root in {text}"));
+        assert_eq!(root["verity"], "yes", "{text}");
+        assert_eq!(root["rw"], "ro", "{text}");
+        let verity = find("root-verity").unwrap_or_else(|| panic!("no root-verity in {text}"));
+        assert_eq!(verity["fstype"], "DM_verity_hash", "{text}");
+    }
     // One byte of a file changed: veritysetup finds it.
     let o = output(
         Command::new("debugfs")

@@ -108,7 +108,7 @@ fn dps_type(kind: PartitionKind) -> &'static str {
     match kind {
         PartitionKind::Esp => "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
         PartitionKind::RootX86_64 => "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
-        PartitionKind::RootVerityX86_64 => "2C7357ED-EBD2-46D9-AEC3-23D8A1C2E9E7",
+        PartitionKind::RootVerityX86_64 => "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5",
         PartitionKind::LinuxData => "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
         PartitionKind::Swap => "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F",
     }

@@ -58,7 +58,7 @@ impl PartitionKind {
             PartitionKind::Esp => uuid::uuid!("c12a7328-f81f-11d2-ba4b-00a0c93ec93b"),
             PartitionKind::RootX86_64 => uuid::uuid!("4f68bce3-e8cd-4db1-96e7-fbcaf984b709"),
             PartitionKind::RootVerityX86_64 => {
-                uuid::uuid!("2c7357ed-ebd2-46d9-aec3-23d8a1c2e9e7")
+                uuid::uuid!("2c7357ed-ebd2-46d9-aec1-23d437ec2bf5")
             }
             PartitionKind::LinuxData => uuid::uuid!("0fc63daf-8483-4772-8e79-3d69d8477de4"),
             PartitionKind::Swap => uuid::uuid!("0657fd6d-a4ab-43c4-84e5-0933c84b4f4f"),
@@ -404,6 +404,10 @@ mod tests {
         assert_eq!(
             PartitionKind::RootX86_64.type_uuid().to_string(),
             "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"
+        );
+        assert_eq!(
+            PartitionKind::RootVerityX86_64.type_uuid().to_string(),
+            "2c7357ed-ebd2-46d9-aec1-23d437ec2bf5"
         );
         assert_eq!(PartitionKind::Esp.type_guid()[0], 0xc1);
     }

@@ -297,6 +297,38 @@ fn a_signed_uki_boots_under_secure_boot_and_nothing_else_does() {
     let disk = with_uki(&raw, &esp, &changed, "changed", work.path());
     refused(home.path(), &disk, &marker);
 
+    // Under firmware without Secure Boot that ends the boot at a reset, the enrollment's reset
+    // is said as such, with the profile to use.
+    let o = output(kiln(home.path()).arg("boot").arg(&raw).args([
+        "--profile",
+        "uefi",
+        "--timeout",
+        "120",
+        "--expect",
+        &marker,
+    ]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("enrolled its Secure Boot keys and reset the machine")
+            && err.contains("uefi-secureboot"),
+        "{err}"
+    );
+
+    // systemd pairs the root with its verity partition from the root hash alone.
+    if Path::new("/usr/bin/systemd-dissect").exists() && common::is_root() {
+        let json = run(Command::new("systemd-dissect")
+            .args(["--json=short", &format!("--root-hash={root_hash}")])
+            .arg(&raw));
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let verity = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["designator"] == "root" && m["verity"] == "yes");
+        assert!(verity, "{json}");
+    }
+
     // One byte of /etc/hostname (read at every boot) changed in the root: dm-verity refuses it.
     let changed_root = changed_file(&raw, &p2, 2, "/etc/hostname", &w("changed-root.raw"));
     let o = output(kiln(home.path()).arg("boot").arg(&changed_root).args([

@@ -150,7 +150,7 @@ fn raw_and_qcow2_disks_pass_every_checker_and_match() {
     let ls = run(Command::new("debugfs").arg("-R").arg("ls -l /var").arg(&p2));
     assert!(ls.contains("fifo"), "{ls}");
 
-    if Path::new("/usr/bin/systemd-dissect").exists() && nix_root() {
+    if Path::new("/usr/bin/systemd-dissect").exists() && common::is_root() {
         let o = output(
             Command::new("systemd-dissect")
                 .args(["--json=short"])
@@ -165,11 +165,6 @@ fn raw_and_qcow2_disks_pass_every_checker_and_match() {
         assert!(text.contains("\"designator\":\"root\""), "{text}");
         assert!(text.contains("\"designator\":\"esp\""), "{text}");
     }
-}
-
-fn nix_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 #[test]
@@ -458,7 +453,7 @@ fn a_verity_root_is_what_veritysetup_verifies() {
     };
     assert_eq!(format!("{}{}", uuid(1), uuid(2)), hash);
     // systemd pairs the two partitions from the root hash alone (it needs loop devices: root).
-    if Path::new("/usr/bin/systemd-dissect").exists() && nix_root() {
+    if Path::new("/usr/bin/systemd-dissect").exists() && common::is_root() {
         let o = output(
             Command::new("systemd-dissect")
                 .args(["--json=short", &format!("--root-hash={hash}")])

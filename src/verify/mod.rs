@@ -118,6 +118,18 @@ pub enum VerifyError {
         console: Box<Console>,
     },
     #[error(
+        "the image enrolled its Secure Boot keys and reset the machine after {:.2} s, which this \
+         profile ends the boot at; boot an image with `boot.secure_boot` under a profile with \
+         Secure Boot firmware and `reboot = true`, such as `uefi-secureboot` (`--profile \
+         uefi-secureboot`, or `verify.profile` in the recipe){}",
+        after.as_secs_f64(),
+        console
+    )]
+    ResetAfterEnrolling {
+        after: Duration,
+        console: Box<Console>,
+    },
+    #[error(
         "the kernel panicked after {:.2} s, before a line containing {marker:?} appeared: {line}; \
          QEMU was killed{}",
         after.as_secs_f64(),
@@ -161,6 +173,7 @@ impl VerifyError {
         match self {
             VerifyError::Timeout { console, .. }
             | VerifyError::Exited { console, .. }
+            | VerifyError::ResetAfterEnrolling { console, .. }
             | VerifyError::Panic { console, .. }
             | VerifyError::Refused { console, .. }
             | VerifyError::Corrupted { console, .. } => Some(console),
@@ -663,16 +676,21 @@ pub fn boot(spec: &BootSpec) -> Result<BootReport, VerifyError> {
                 "closed its console and was killed".to_string()
             }
         };
+        let console = Box::new(Console {
+            log: spec.serial_log.clone(),
+            tail: watcher.tail(),
+        });
+        // systemd-boot enrolling keys in setup mode resets the machine when it is done.
+        if !spec.profile.reboot && console.tail.contains("Enrolling secure boot keys") {
+            return Err(VerifyError::ResetAfterEnrolling { after, console });
+        }
         let stderr = stderr.text();
         return Err(VerifyError::Exited {
             marker: spec.expect.clone(),
             status,
             after,
             stderr,
-            console: Box::new(Console {
-                log: spec.serial_log.clone(),
-                tail: watcher.tail(),
-            }),
+            console,
         });
     }
     process.kill().map_err(|e| io_err("stopping QEMU", e))?;

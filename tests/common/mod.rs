@@ -35,7 +35,7 @@ pub use git::commit_all;
 #[allow(unused_imports)]
 pub use hash::{sha256, sha256_bytes, sha256_digest};
 #[allow(unused_imports)]
-pub use process::{Running, curl, free_port, output, run, succeeded};
+pub use process::{Running, curl, free_port, is_root, output, run, succeeded};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

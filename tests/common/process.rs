@@ -120,3 +120,9 @@ impl Drop for Running {
         self.kill9();
     }
 }
+
+/// Whether the tests run as root (tools such as `systemd-dissect` need loop devices).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}

@@ -507,14 +507,24 @@ fn stream_and_object_store_leaders_killed_mid_builds_lose_nothing() {
         .map(|i| common::unique_hostname(&format!("f{i}-{tag}")))
         .collect();
     let ids: Vec<String> = (0..3).map(|i| format!("fault-{tag}-{i}")).collect();
-    for (id, set) in ids.iter().zip(&sets) {
+    let submit = |i: usize| {
         let o = kiln(home.path())
-            .args(["submit", "recipes/minimal.yaml", "--no-verify", "--id", id])
-            .args(["--set", set, "--nats", &urls])
+            .args([
+                "submit",
+                "recipes/minimal.yaml",
+                "--no-verify",
+                "--id",
+                &ids[i],
+            ])
+            .args(["--set", &sets[i], "--nats", &urls])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", text(&o));
-    }
+    };
+    // Two builds now; the third just before the second fault, so that one is surely under way
+    // when it lands however fast this machine runs the first two.
+    submit(0);
+    submit(1);
     let logs = |cluster: &Cluster| format!("{}\n{}", up.log(), cluster.logs());
     let completed_stages = || -> usize {
         ids.iter()
@@ -550,6 +560,7 @@ fn stream_and_object_store_leaders_killed_mid_builds_lose_nothing() {
     cluster.wait_for_meta_leader(Duration::from_secs(60));
 
     // Then the node leading the object store's stream.
+    submit(2);
     let obj_leader = cluster.leader(OBJ).unwrap();
     eprintln!("SIGKILL {} (leads {OBJ})", cluster.nodes[obj_leader].name);
     cluster.kill9(obj_leader);

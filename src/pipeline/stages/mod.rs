@@ -22,7 +22,8 @@ use crate::digest::Digest256;
 use crate::disk::derive_id;
 use crate::home::BlobStore;
 use crate::manifest::{Manifest, from_manifest, to_manifest};
-use crate::packages::{Archive, ArchiveOptions, PackageRef, read_into_tree};
+use crate::packages::deb::read_deb;
+use crate::packages::{Archive, ArchiveOptions, PackageRef};
 use crate::recipe::Loaded;
 use crate::recipe::schema::{PartitionType, RootfsBase};
 use crate::tree::Tree;
@@ -778,13 +779,32 @@ fn deb_path(env: &StageEnv, loaded: &Loaded, p: &PackageRef) -> Result<PathBuf, 
 
 /// A package's files as a Tree (their content in the blob store).
 fn read_pkg(env: &StageEnv, loaded: &Loaded, p: &PackageRef) -> Result<Tree, StageError> {
-    let path = deb_path(env, loaded, p)?;
-    let mut tree = Tree::new();
-    read_into_tree(&path, &p.deb_limits(), &mut tree, &env.blobs).map_err(|source| {
-        StageError::Deb {
-            package: p.name.clone(),
-            source: Box::new(source),
+    // A collection (`kiln gc`, `--cache-max`) may remove a cached .deb between finding it and
+    // opening it: then it is fetched again. Once open, it stays readable whatever happens to
+    // its name.
+    let mut again = false;
+    let (path, file) = loop {
+        let path = deb_path(env, loaded, p)?;
+        match std::fs::File::open(&path) {
+            Ok(file) => break (path, file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !again => {
+                tracing::info!("{} was removed from the cache: fetching it again", p.name);
+                again = true;
+            }
+            Err(e) => return Err(io(format!("opening {}", path.display()))(e)),
         }
+    };
+    let mut tree = Tree::new();
+    read_deb(
+        &path,
+        std::io::BufReader::with_capacity(1 << 20, file),
+        &p.deb_limits(),
+        &mut tree,
+        &env.blobs,
+    )
+    .map_err(|source| StageError::Deb {
+        package: p.name.clone(),
+        source: Box::new(source),
     })?;
     Ok(tree)
 }

@@ -210,12 +210,36 @@ fn disk(
         false => None,
     };
     let os_release = os_release(&root_tree, build)?;
+    // What does not depend on the root hash, made once: systemd-boot (signed for Secure Boot
+    // with a unified kernel image) and the key variables it enrolls.
+    let mut loader_opts = LoaderOptions::new(loaded.source_date_epoch);
+    if let Some(t) = recipe.boot.timeout {
+        loader_opts.timeout_secs = t;
+    }
+    let sdboot = match &package {
+        None => None,
+        Some(package) => {
+            let sdboot = systemd_boot_from(package)?;
+            match secure_boot.filter(|_| recipe.boot.uki) {
+                None => Some(sdboot),
+                Some(key) => {
+                    let loader = read_all(&sdboot, crate::boot::SYSTEMD_BOOT_EFI)?;
+                    for var in ["PK", "KEK", "db"] {
+                        loader_opts.enroll.push((
+                            var.to_string(),
+                            key.auth_variable(var, loaded.source_date_epoch)?,
+                        ));
+                    }
+                    Some(Content::inline(key.sign_pe(&loader, "systemd-boot")?))
+                }
+            }
+        }
+    };
     // The ESP, for a root hash when the root has dm-verity (it goes on the command line).
     let make_esp = |root_hash: Option<&str>| -> Result<Option<Tree>, StageError> {
-        let Some(package) = &package else {
+        let (Some(package), Some(sdboot)) = (&package, &sdboot) else {
             return Ok(None);
         };
-        let sdboot = systemd_boot_from(package)?;
         let mut entry = BootEntry {
             name: recipe.name.clone(),
             title: recipe
@@ -236,34 +260,21 @@ fn disk(
             entry.cmdline = format!("{} roothash={hash}", entry.cmdline.trim());
             entry.root_partuuid = None;
         }
-        let mut loader_opts = LoaderOptions::new(loaded.source_date_epoch);
-        if let Some(t) = recipe.boot.timeout {
-            loader_opts.timeout_secs = t;
-        }
         if recipe.boot.uki {
             let stub = package_file(package, crate::uki::STUB_PATH)?;
             let mut uki = unified_kernel_image(&stub, &entry, &os_release, kernel_out)?;
-            let mut sdboot = sdboot;
             if let Some(key) = secure_boot {
                 // Signed in-process (deterministic); the firmware enrolls the key from the ESP.
                 uki = key.sign_pe(&uki, "the unified kernel image")?;
-                let loader = read_all(&sdboot, crate::boot::SYSTEMD_BOOT_EFI)?;
-                sdboot = Content::inline(key.sign_pe(&loader, "systemd-boot")?);
-                for var in ["PK", "KEK", "db"] {
-                    loader_opts.enroll.push((
-                        var.to_string(),
-                        key.auth_variable(var, loaded.source_date_epoch)?,
-                    ));
-                }
             }
             Ok(Some(uki_esp_tree(
-                &sdboot,
+                sdboot,
                 &recipe.name,
                 Content::inline(uki),
                 &loader_opts,
             )?))
         } else {
-            Ok(Some(esp_tree(&sdboot, &[entry], &loader_opts)?))
+            Ok(Some(esp_tree(sdboot, &[entry], &loader_opts)?))
         }
     };
     // With dm-verity, sized with a stand-in hash of the same length, made again with the real

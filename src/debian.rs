@@ -375,6 +375,7 @@ pub fn debian_rootfs(
         "hostname": hostname,
         "root_partuuid": mounts.root_partuuid,
         "esp_partuuid": mounts.esp_partuuid,
+        "verity": mounts.verity,
     });
     let render = |name: &str, ctx: Value| {
         spec.templates
@@ -397,6 +398,11 @@ pub fn debian_rootfs(
         render("debian/fstab.j2", ctx.clone())?,
         0o644,
     )?;
+    // The ESP's mount point (systemd makes a missing one, but not on a read-only root).
+    let boot_efi = TreePath::new("/boot/efi")?;
+    if mounts.esp_partuuid.is_some() && tree.get(&boot_efi).is_none() {
+        tree.insert(boot_efi, Entry::dir(0o755))?;
+    }
     // Logs and caches of the build host's run, not of the image.
     for path in [
         "/var/log/dpkg.log",

@@ -44,6 +44,8 @@ pub enum RootfsError {
 pub struct Mounts {
     pub root_partuuid: String,
     pub esp_partuuid: Option<String>,
+    /// `disk.verity`: the root is `/dev/mapper/root`, read-only (kiln's initramfs set it up).
+    pub verity: bool,
 }
 
 /// A user or group with its numeric id settled.

@@ -144,6 +144,8 @@ struct InitContext {
     fail_delay: u32,
     /// dmsetup is here: a `roothash=` root is set up through dm-verity.
     verity: bool,
+    /// overlayfs is here: a dm-verity root's /etc and /var get a writable layer in memory.
+    overlay: bool,
 }
 
 /// The uncompressed initramfs as a Tree, with the module closure it loads.
@@ -163,8 +165,15 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
     } else {
         spec.modules.clone()
     };
-    if !spec.verity_tools.is_empty() && !requested.iter().any(|m| m == "dm-verity") {
+    let verity = !spec.verity_tools.is_empty();
+    if verity && !requested.iter().any(|m| m == "dm-verity") {
         requested.push("dm-verity".into());
+    }
+    // A dm-verity root is read-only: /etc and /var get a writable layer in memory (overlayfs)
+    // where the kernel has it.
+    let overlay = verity && spec.kernel.index.resolve("overlay").is_some();
+    if overlay && !requested.iter().any(|m| m == "overlay") {
+        requested.push("overlay".into());
     }
     let closure = spec.kernel.closure(&requested)?;
     check_safe("kernel version", &spec.kernel.version)?;
@@ -223,7 +232,8 @@ pub fn build_tree(spec: &InitramfsSpec<'_>) -> Result<(Tree, Closure), Initramfs
         rootfstype: spec.rootfstype.clone(),
         timeout: spec.timeout_secs,
         fail_delay: spec.fail_delay_secs,
-        verity: !spec.verity_tools.is_empty(),
+        verity,
+        overlay,
     };
     let init = render_init(
         spec.init_template.unwrap_or(DEFAULT_INIT_TEMPLATE),

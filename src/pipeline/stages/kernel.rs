@@ -72,6 +72,8 @@ struct PackagedKey<'a> {
     busybox: &'a Digest256,
     compression: Option<Compression>,
     epoch: i64,
+    /// The initramfs's `/init` template: a kiln whose `/init` changed makes the initramfs again.
+    init: Digest256,
     kernel: Option<&'a Digest256>,
     modules: &'a [String],
     root: String,
@@ -139,6 +141,7 @@ impl StageWork for KernelStage {
                 },
                 modules: &recipe.initramfs.modules,
                 root: Partitions::of(loaded).root.to_string(),
+                init: Digest256::of(initramfs::DEFAULT_INIT_TEMPLATE.as_bytes()),
                 verity_tools: pk.verity_tools.iter().map(|p| &p.sha256).collect(),
             };
             run.step("kernel", 1, &key, |run| packaged_kernel(run.env, build))?
@@ -280,8 +283,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// Typed keys serialise to the bytes of the JSON objects earlier kiln versions hashed, so
-    /// records made before stay valid.
+    /// Typed keys serialise to the bytes of the JSON objects kiln hashed when they were plain
+    /// JSON (the initramfs's /init template is in the key since it changed).
     #[test]
     fn keys_keep_their_bytes() {
         let d = Digest256::from_sha256(&[1u8; 32]);
@@ -296,11 +299,12 @@ mod tests {
                 kernel,
                 modules: &modules,
                 root: "u-root".into(),
+                init: e.clone(),
                 verity_tools: Vec::new(),
             };
             let old = json!({
                 "kernel": kernel, "base": base, "busybox": d, "modules": modules,
-                "compression": Some(Compression::Zstd), "root": "u-root", "epoch": 7,
+                "compression": Some(Compression::Zstd), "root": "u-root", "epoch": 7, "init": e,
             });
             assert_eq!(
                 serde_json::to_vec(&typed).unwrap(),

@@ -132,8 +132,9 @@ impl StageWork for RootfsStage {
             root: ids.root.to_string(),
         };
         // Version 2 recorded the dpkg status file's blob, version 3 the generated files,
-        // version 4 the installed packages matched in the index (all for the SBOM).
-        let rootfs = run.step("rootfs", 4, &key, |run| {
+        // version 4 the installed packages matched in the index (all for the SBOM); version 5
+        // gives a Debian image's ESP its mount point (/boot/efi).
+        let rootfs = run.step("rootfs", 5, &key, |run| {
             rootfs(run.env, loaded, &packages, base_manifest.as_ref())
         })?;
         Ok(RootfsStageOut {
@@ -275,6 +276,7 @@ fn rootfs(
     let mounts = crate::rootfs::Mounts {
         root_partuuid: ids.root.to_string(),
         esp_partuuid: ids.esp.map(|u| u.to_string()),
+        verity: loaded.recipe.disk.verity,
     };
     let tree = match base {
         Some(base) => {

@@ -540,16 +540,30 @@ impl Registry {
         Ok(offset)
     }
 
-    /// Upload a small blob in one request (POST, then PUT ?digest= with the bytes).
+    /// Upload a small blob: one POST with the bytes (201), or POST then PUT ?digest= (202).
     pub fn upload_small_blob(&self, repo: &str, bytes: &[u8]) -> Result<Digest256, StoreError> {
         let digest = Digest256::of(bytes);
-        if self.blob_exists(repo, &digest)?.is_some() {
+        // A small blob is sent whole, without asking first whether the registry has it: in one
+        // request where the registry takes a monolithic upload (POST with the digest: 201
+        // Created), else the POST opens an upload session (202) that a PUT completes.
+        let r = self.send(
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/?digest={digest}"),
+            &|rb| {
+                rb.timeout(UPLOAD_TIMEOUT)
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(bytes.to_vec())
+            },
+        )?;
+        let r = self.expect(
+            r,
+            "POST",
+            "start blob upload",
+            &[StatusCode::CREATED, StatusCode::ACCEPTED],
+        )?;
+        if r.status() == StatusCode::CREATED {
             return Ok(digest);
         }
-        let r = self.send("POST", &format!("/v2/{repo}/blobs/uploads/"), &|rb| {
-            rb.header(header::CONTENT_LENGTH, "0")
-        })?;
-        let r = self.expect(r, "POST", "start blob upload", &[StatusCode::ACCEPTED])?;
         let location = self.location(&r, "start blob upload")?;
         let sep = if location.contains('?') { '&' } else { '?' };
         let url = format!("{location}{sep}digest={digest}");

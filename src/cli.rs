@@ -235,9 +235,21 @@ pub enum Command {
                             deploy: section) unless overridden here. VMs outlive the agent: a restarted agent \
                             re-adopts the VM in STATE-DIR/state.json (QEMU alive and answering QMP) or boots its \
                             image again. --listen is a stable address forwarded to the running VM, switched at \
-                            the swap. With --json every result is a JSON line on stdout."
+                            the swap. With --json every result is a JSON line on stdout. Every --heartbeat-interval \
+                            the agent records its state, groups (--group) and running image in the kiln-agents \
+                            bucket, which `kiln agents` lists."
     )]
     Agent(AgentArgs),
+    /// List the fleet: every agent's state, groups and running image, from its heartbeats.
+    #[command(
+        after_help = "Examples:\n  kiln agents\n  kiln agents --group web --json\n\n\
+                            Read from the kiln-agents KV bucket, where each `kiln agent` records a heartbeat \
+                            every --heartbeat-interval (10 s by default). STATE is what the agent said — idle, \
+                            deploying, healthy (its VM's QEMU is alive), unhealthy (it is not) — or gone when \
+                            no heartbeat came for three intervals. UPTIME is the running VM's, SEEN the time \
+                            since the last heartbeat. Exit 1 when an agent listed is unhealthy or gone."
+    )]
+    Agents(AgentsArgs),
     /// List recent builds, or show the stages of one: time, cache hit/miss and worker.
     #[command(
         after_help = "Examples:\n  kiln status\n  kiln status --limit 5 --json\n  \
@@ -1017,6 +1029,13 @@ pub struct AgentArgs {
     /// Plain http for a registry that is not on loopback.
     #[arg(long)]
     pub insecure: bool,
+    /// A group this agent joins (repeatable), e.g. `--group web --group eu-1`: `kiln agents
+    /// --group` lists by it.
+    #[arg(long = "group", value_name = "GROUP", value_parser = parse_group)]
+    pub groups: Vec<String>,
+    /// Seconds between heartbeats in the kiln-agents bucket (three missed: `gone`).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_interval: u64,
     /// Print every result as a JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -1067,6 +1086,18 @@ pub struct StatusArgs {
     #[arg(long, conflicts_with = "build")]
     pub cluster: bool,
     /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    /// Only the agents of this group (`kiln agent --group`).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Print JSON: `{"agents": [...]}`, each its last heartbeat with `state` and `last_seen_s`.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -1185,6 +1216,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Submit(args) => nats_submit(args),
         Command::Watch(args) => watch(args),
         Command::Status(args) => nats_status(args),
+        Command::Agents(args) => agents(args),
         Command::Logs(args) => nats_logs(args),
         Command::Agent(args) => agent(args),
         Command::Gc(args) => gc(args, quiet),
@@ -2759,6 +2791,8 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
             signed_for: args.signed_for.clone(),
             ..Default::default()
         },
+        groups: args.groups.clone(),
+        heartbeat: std::time::Duration::from_secs(args.heartbeat_interval),
     };
     let json = args.json;
     let report: crate::agent::Report = Box::new(move |event: &AgentEvent| {
@@ -2894,6 +2928,77 @@ fn gc(args: GcArgs, quiet: bool) -> anyhow::Result<i32> {
         eprintln!("kiln gc: {e}");
     }
     Ok(if errors.is_empty() { 0 } else { 1 })
+}
+
+/// A group name: what a subject token and a KV key may hold, 1 to 64 characters.
+fn parse_group(s: &str) -> Result<String, String> {
+    crate::bus::agents::valid_group(s)
+        .then(|| s.to_string())
+        .ok_or_else(|| {
+            format!("{s:?}: a group is 1 to 64 letters, digits, `-`, `_` or `.`, e.g. web or eu-1")
+        })
+}
+
+/// `kiln agents`: the fleet from the kiln-agents bucket.
+fn agents(args: AgentsArgs) -> anyhow::Result<i32> {
+    use crate::bus::agents::{Inventory, in_group};
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
+        let now = crate::time::now_ms() as i64;
+        let entries = match Inventory::open_existing(&bus).await? {
+            Some(inv) => in_group(inv.list(now).await?, args.group.as_deref()),
+            None => Vec::new(),
+        };
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            let doc = serde_json::json!({ "agents": entries });
+            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        } else if entries.is_empty() {
+            writeln!(
+                out,
+                "no agents{} (each `kiln agent` records itself in the kiln-agents bucket)",
+                args.group
+                    .as_deref()
+                    .map(|g| format!(" in group {g}"))
+                    .unwrap_or_default()
+            )?;
+        } else {
+            let age = |s: u64| crate::pipeline::events::age_text(0, s * 1000);
+            writeln!(
+                out,
+                "{:<16} {:<10} {:<16} {:>7} {:>6} IMAGE",
+                "AGENT", "STATE", "GROUPS", "UPTIME", "SEEN"
+            )?;
+            for e in &entries {
+                let hb = &e.heartbeat;
+                writeln!(
+                    out,
+                    "{:<16} {:<10} {:<16} {:>7} {:>6} {}",
+                    hb.agent,
+                    e.state,
+                    if hb.groups.is_empty() {
+                        "-".to_string()
+                    } else {
+                        hb.groups.join(",")
+                    },
+                    hb.uptime_s.map(age).unwrap_or_else(|| "-".into()),
+                    age(e.last_seen_s),
+                    hb.deploying
+                        .as_ref()
+                        .map(|d| format!(
+                            "{} (deploying {d})",
+                            hb.running.as_deref().unwrap_or("-")
+                        ))
+                        .or_else(|| hb.running.clone())
+                        .unwrap_or_else(|| "-".into()),
+                )?;
+            }
+        }
+        let bad = entries
+            .iter()
+            .any(|e| e.state == "gone" || e.state == "unhealthy");
+        Ok(if bad { EXIT_FAILURE } else { 0 })
+    })
 }
 
 fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {

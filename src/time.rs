@@ -93,6 +93,40 @@ pub fn rfc3339(unix_ms: i64, precision: Precision) -> String {
     }
 }
 
+/// Unix milliseconds of an RFC 3339 UTC time as [`rfc3339`] writes it
+/// (`YYYY-MM-DDTHH:MM:SS[.fff]Z`); `None` for anything else.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let t = text.strip_suffix('Z')?;
+    let (date, time) = t.split_once('T')?;
+    let num = |s: &str, len: usize| -> Option<i64> {
+        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
+    };
+    let mut d = date.split('-');
+    let (y, mo, day) = (num(d.next()?, 4)?, num(d.next()?, 2)?, num(d.next()?, 2)?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut h = hms.split(':');
+    let (hh, mm, ss) = (num(h.next()?, 2)?, num(h.next()?, 2)?, num(h.next()?, 2)?);
+    if d.next().is_some()
+        || h.next().is_some()
+        || !(1..=12).contains(&mo)
+        || !(1..=31).contains(&day)
+        || hh > 23
+        || mm > 59
+        || ss > 60
+    {
+        return None;
+    }
+    let ms = match frac.len() {
+        0 => 0,
+        1..=9 if frac.bytes().all(|b| b.is_ascii_digit()) => {
+            frac[..frac.len().min(3)].parse::<i64>().ok()? * 10i64.pow(3 - frac.len().min(3) as u32)
+        }
+        _ => return None,
+    };
+    let secs = days_from_civil(y, mo, day) * 86_400 + hh * 3600 + mm * 60 + ss;
+    Some(secs * 1000 + ms)
+}
+
 /// The ISO 8601 basic form `YYYYMMDDTHHMMSSZ` of `unix_ms` (milliseconds dropped): a stamp that
 /// sorts by time and is a valid subject token.
 pub fn basic_stamp(unix_ms: i64) -> String {
@@ -104,6 +138,27 @@ pub fn basic_stamp(unix_ms: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn rfc3339_parses_back_what_it_writes() {
+        for ms in [0i64, 1_700_000_000_123, 951_782_400_000] {
+            assert_eq!(parse_rfc3339(&rfc3339(ms, Precision::Millis)), Some(ms));
+            assert_eq!(
+                parse_rfc3339(&rfc3339(ms, Precision::Seconds)),
+                Some(ms - ms % 1000)
+            );
+        }
+        for bad in [
+            "",
+            "2026-12-06",
+            "2026-12-06T10:00:00",
+            "2026-13-01T00:00:00Z",
+            "2026-12-06T10:00:00.x1Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

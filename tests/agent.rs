@@ -343,6 +343,10 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
             "--metrics",
             &metrics_port.to_string(),
             "--json",
+            "--group",
+            "web",
+            "--heartbeat-interval",
+            "1",
             "--trust",
         ])
         .arg(&trust)
@@ -392,6 +396,49 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     let v2_pid = v2["vm"]["pid"].as_u64().unwrap() as u32;
     assert_eq!(qemus_in(&state), vec![v2_pid], "v1's VM must be gone");
     assert!(page(listen).contains("kiln-app release 2"));
+    // The inventory: hv-test in group web, healthy, running v2 in the VM whose pid QEMU has.
+    let o = kiln(home.path())
+        .args(["agents", "--group", "web", "--json", "--nats", &url])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o, &agent_log));
+    let inv: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let me = &inv["agents"][0];
+    assert_eq!(me["agent"], "hv-test", "{inv}");
+    assert_eq!(me["state"], "healthy", "{inv}");
+    assert_eq!(me["running"].as_str().unwrap(), v2_ref, "{inv}");
+    assert_eq!(me["previous"].as_str().unwrap(), msg.reference, "{inv}");
+    assert_eq!(me["pid"].as_u64().unwrap() as u32, v2_pid, "{inv}");
+    assert_eq!(me["listen"], format!("127.0.0.1:{listen}"), "{inv}");
+    // The stream's history of its heartbeats: each change once, the deploys included.
+    let mut history: Vec<(String, Option<String>)> = rt().block_on(async {
+        let bus = Bus::connect_url(&url).await.unwrap();
+        bus.stored_messages("kiln.agent.hv-test.heartbeat")
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let hb: kiln::bus::AgentHeartbeat = kiln::bus::decode(&m.payload).unwrap();
+                (hb.health.name().to_string(), hb.deploying.or(hb.running))
+            })
+            .collect()
+    });
+    // (Its first beat may come before or after it took up v1.)
+    if history.first().is_some_and(|(h, _)| h == "idle") {
+        history.remove(0);
+    }
+    let v1_ref = Some(msg.reference.clone());
+    let v2_some = Some(v2_ref.clone());
+    assert_eq!(
+        history,
+        [
+            ("deploying".to_string(), v1_ref.clone()),
+            ("healthy".to_string(), v1_ref),
+            ("deploying".to_string(), v2_some.clone()),
+            ("healthy".to_string(), v2_some),
+        ],
+        "heartbeats on the stream"
+    );
 
     // --- v3: boot-verified (its init prints the marker), but its application never comes up
     // under the agent: rolled back, v2 keeps running, and the message says why.

@@ -1065,3 +1065,128 @@ fn running_out_of_file_descriptors_is_logged_and_survived() {
     }
     assert!(!up.log().contains("panicked"), "{}", up.log());
 }
+
+/// The fleet's inventory with real agents: two `kiln agent`s (nothing to run yet) join groups
+/// and record a heartbeat every second; `kiln agents` and `GET /v1/agents` list them, by group
+/// too; the stream keeps one heartbeat per change, not one per beat; an agent killed with
+/// SIGKILL is `gone` after three silent intervals, and `kiln agents` says so by its exit.
+#[test]
+fn agents_record_heartbeats_and_a_silent_one_is_gone() {
+    let home = shared_home();
+    let server = PrivateServer::start().unwrap();
+    let nats = server.url();
+    let (_up, base) = kiln_up(home.path(), &nats, &[], true);
+    let key = home.path().join("images.key");
+    let o = kiln(home.path())
+        .args(["keygen", "-o"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let agent = |name: &str, groups: &[&str]| -> Running {
+        let mut c = kiln(home.path());
+        c.args(["agent", "--nats", &nats, "--name", name])
+            .args(["--watch", "127.0.0.1:9/kiln/none:latest", "--trust"])
+            .arg(home.path().join("images.key.pub"))
+            .args(["--require", "signature", "--heartbeat-interval", "1"])
+            .arg("--state-dir")
+            .arg(home.path().join(name));
+        for g in groups {
+            c.args(["--group", g]);
+        }
+        Running::spawn(c, &home.path().join(format!("{name}.log")))
+    };
+    let mut a = agent("hv-a", &["web", "eu-1"]);
+    let _b = agent("hv-b", &["db"]);
+    let agents = |extra: &[&str]| -> (Option<i32>, serde_json::Value) {
+        let o = kiln(home.path())
+            .args(["agents", "--json", "--nats", &nats])
+            .args(extra)
+            .output()
+            .unwrap();
+        let v = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
+        (o.status.code(), v)
+    };
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["agent"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (code, all) = loop {
+        let (code, v) = agents(&[]);
+        if names(&v).len() == 2 || Instant::now() > deadline {
+            break (code, v);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(names(&all), ["hv-a", "hv-b"], "{all}");
+    assert_eq!(code, Some(0), "{all}");
+    let first = &all["agents"][0];
+    assert_eq!(first["state"], "idle", "{all}");
+    assert_eq!(first["health"], "idle", "{all}");
+    assert_eq!(first["groups"], serde_json::json!(["eu-1", "web"]), "{all}");
+    assert_eq!(first["interval_s"], 1);
+    assert_eq!(first["watch"], "127.0.0.1:9/kiln/none:latest");
+    assert!(first["kiln_version"].is_string() && first["running"].is_null());
+
+    // By group, on the command line and over HTTP.
+    assert_eq!(names(&agents(&["--group", "web"]).1), ["hv-a"]);
+    assert_eq!(
+        names(&agents(&["--group", "nobody"]).1),
+        Vec::<String>::new()
+    );
+    let http = client()
+        .get(format!("{base}/v1/agents?group=db"))
+        .send()
+        .unwrap();
+    assert_eq!(http.status(), 200);
+    assert_eq!(names(&http.json_value()), ["hv-b"]);
+    let bad = client()
+        .get(format!("{base}/v1/agents?group=no%20spaces"))
+        .send()
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let text = kiln(home.path())
+        .args(["agents", "--nats", &nats])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.starts_with("AGENT") && text.contains("hv-a") && text.contains("eu-1,web"),
+        "{text}"
+    );
+
+    // Beats go to the bucket every second; the stream only heard the first (no change since).
+    std::thread::sleep(Duration::from_secs(3));
+    let stored = common::rt().block_on(async {
+        let bus = kiln::bus::Bus::connect_url(&nats).await.unwrap();
+        bus.stored_messages("kiln.agent.hv-a.heartbeat")
+            .await
+            .unwrap()
+    });
+    assert_eq!(stored.len(), 1, "one heartbeat per change on the stream");
+    let (_, now) = agents(&[]);
+    assert!(
+        now["agents"][0]["last_seen_s"].as_u64().unwrap() <= 2,
+        "{now}"
+    );
+
+    // hv-a dies without a word: gone after three silent intervals, and the exit says so.
+    a.kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (code, v) = loop {
+        let (code, v) = agents(&[]);
+        if v["agents"][0]["state"] == "gone" || Instant::now() > deadline {
+            break (code, v);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(v["agents"][0]["state"], "gone", "{v}");
+    assert_eq!(v["agents"][1]["state"], "idle", "{v}");
+    assert_eq!(code, Some(1), "{v}");
+}

@@ -58,6 +58,7 @@ fn every_documented_example_parses() {
             "image-published" => decode::<ImagePublished>(bytes).map(|_| ()),
             "deploy-completed" => decode::<DeployCompleted>(bytes).map(|_| ()),
             "deploy-failed" => decode::<DeployFailed>(bytes).map(|_| ()),
+            "agent-heartbeat" => decode::<kiln::bus::AgentHeartbeat>(bytes).map(|_| ()),
             other => panic!("docs/messages.md: unknown example name {other:?}"),
         };
         r.unwrap_or_else(|e| panic!("docs/messages.md example {name}: {e}\n{json}"));

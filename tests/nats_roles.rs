@@ -363,6 +363,47 @@ fn the_server_refuses_what_a_role_may_not_do() {
         assert_eq!(stored(&as_worker, "kiln.deploy.hv-01.>").await, 1);
         assert_eq!(stored(&as_worker, "kiln.deploy.hv-02.>").await, 0);
 
+        // It records its own heartbeat in the inventory the workers made, not another's; a
+        // submitter lists the fleet.
+        let beat = |name: &str| kiln::bus::AgentHeartbeat {
+            v: 1,
+            agent: name.into(),
+            groups: vec!["web".into()],
+            watch: "registry:5000/web:prod".into(),
+            health: kiln::bus::AgentHealth::Idle,
+            running: None,
+            digest: None,
+            previous: None,
+            deploying: None,
+            pid: None,
+            uptime_s: None,
+            listen: None,
+            kiln_version: "test".into(),
+            interval_s: 10,
+            sent_ms: 1,
+            time: kiln::bus::EventTime::now(),
+        };
+        let inventory = kiln::bus::agents::Inventory::open_existing(&agent)
+            .await
+            .unwrap()
+            .expect("the workers made kiln-agents");
+        inventory.beat(&beat("hv-01"), true).await.unwrap();
+        assert!(inventory.beat(&beat("hv-02"), false).await.is_err());
+        assert_eq!(
+            next_error(&mut agent_errors).await,
+            "nats: Permissions Violation for Publish to \"$KV.kiln-agents.hv-02\""
+        );
+        let (ci_reader, _) = connect_as(&url, CI, quick).await;
+        let fleet = kiln::bus::agents::Inventory::open_existing(&ci_reader)
+            .await
+            .unwrap()
+            .unwrap()
+            .list(0)
+            .await
+            .unwrap();
+        let names: Vec<&str> = fleet.iter().map(|e| e.heartbeat.agent.as_str()).collect();
+        assert_eq!(names, ["hv-01"]);
+
         // A stage worker publishes stage events, not requests or announcements.
         let (worker, mut worker_errors) = connect_as(&url, WORKER, quick).await;
         worker

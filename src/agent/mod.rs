@@ -96,6 +96,10 @@ pub struct AgentConfig {
     pub health_port: Option<u16>,
     pub health_timeout: Option<u64>,
     pub store: StoreOptions,
+    /// Groups this agent joins (`--group`), for `kiln agents --group` and rollouts.
+    pub groups: Vec<String>,
+    /// How often the agent records its heartbeat in the `kiln-agents` bucket.
+    pub heartbeat: Duration,
 }
 
 /// Split `REPO:TAG` (the tag is after the last `:` that follows the last `/`).
@@ -744,6 +748,18 @@ pub async fn run(
             reference_digest(&c.reference),
         );
     }
+    let status = std::sync::Arc::new(std::sync::Mutex::new(Status::of(&state, None)));
+    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let set_status = |s: Status| {
+        *status.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        changed.notify_one();
+    };
+    let beats = tokio::spawn(send_heartbeats(
+        bus.clone(),
+        config.clone(),
+        status.clone(),
+        changed.clone(),
+    ));
     report(&AgentEvent::Ready {
         agent: config.name.clone(),
         watch: format!("{}:{}", config.repository, config.tag),
@@ -789,6 +805,7 @@ pub async fn run(
             continue;
         }
         tracing::info!("deploying {}", msg.reference);
+        set_status(Status::of(&state, Some(msg.reference.clone())));
         let (st, outcome) = {
             let config = config.clone();
             let backend = backend.clone();
@@ -810,10 +827,114 @@ pub async fn run(
             .await?
         };
         state = st;
+        set_status(Status::of(&state, None));
         announce(bus, &outcome, &report).await;
     }
     reader.abort();
+    beats.abort();
     Ok(())
+}
+
+/// What the agent's heartbeat says, shared by the deploy loop (which changes it) and the
+/// heartbeat task (which sends it).
+#[derive(Debug, Clone, Default)]
+struct Status {
+    deploying: Option<String>,
+    current: Option<VmRecord>,
+    previous: Option<String>,
+}
+
+impl Status {
+    fn of(state: &AgentState, deploying: Option<String>) -> Status {
+        Status {
+            deploying,
+            current: state.current.clone(),
+            previous: state.previous.clone(),
+        }
+    }
+}
+
+/// The heartbeat `status` makes now: a VM whose QEMU is gone is `unhealthy`.
+fn heartbeat(config: &AgentConfig, status: &Status) -> crate::bus::AgentHeartbeat {
+    use crate::bus::AgentHealth;
+    let now = crate::time::now_ms() as i64;
+    let vm = status.current.as_ref();
+    let alive = vm.is_some_and(|c| crate::home::process_alive(c.pid));
+    let health = match (&status.deploying, vm) {
+        (Some(_), _) => AgentHealth::Deploying,
+        (None, None) => AgentHealth::Idle,
+        (None, Some(_)) if alive => AgentHealth::Healthy,
+        (None, Some(_)) => AgentHealth::Unhealthy,
+    };
+    let mut groups = config.groups.clone();
+    groups.sort();
+    groups.dedup();
+    crate::bus::AgentHeartbeat {
+        v: VERSION,
+        agent: config.name.clone(),
+        groups,
+        watch: format!("{}:{}", config.repository, config.tag),
+        health,
+        running: vm.map(|c| c.reference.clone()),
+        digest: vm.map(|c| c.digest.clone()),
+        previous: status.previous.clone(),
+        deploying: status.deploying.clone(),
+        pid: vm.map(|c| c.pid),
+        uptime_s: vm
+            .and_then(|c| crate::time::parse_rfc3339(&c.since))
+            .map(|since| (now.saturating_sub(since).max(0) / 1000) as u64),
+        listen: config.listen.map(|a| a.to_string()),
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        interval_s: config.heartbeat.as_secs().max(1),
+        sent_ms: now,
+        time: EventTime::now(),
+    }
+}
+
+/// Record the agent's heartbeat every `config.heartbeat` and at once when `changed` fires; put
+/// it on the stream too when its health or running image changed. A bucket that cannot be
+/// opened or written (no worker made it yet, no permission) is retried at the next beat.
+async fn send_heartbeats(
+    bus: Bus,
+    config: AgentConfig,
+    status: std::sync::Arc<std::sync::Mutex<Status>>,
+    changed: std::sync::Arc<tokio::sync::Notify>,
+) {
+    let mut inventory: Option<crate::bus::agents::Inventory> = None;
+    let mut announced: Option<(crate::bus::AgentHealth, Option<String>)> = None;
+    loop {
+        let snapshot = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let hb = heartbeat(&config, &snapshot);
+        if inventory.is_none() {
+            // Made by the workers; made here only when missing (an agent may not be allowed to).
+            let opened = match crate::bus::agents::Inventory::open_existing(&bus).await {
+                Ok(Some(i)) => Ok(i),
+                Ok(None) => crate::bus::agents::Inventory::open(&bus).await,
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok(i) => inventory = Some(i),
+                Err(e) => tracing::warn!(
+                    "cannot open the kiln-agents bucket (retrying): {}",
+                    crate::error::Chain(&e)
+                ),
+            }
+        }
+        if let Some(inv) = &inventory {
+            let key = (hb.health, hb.digest.clone());
+            let announce = announced.as_ref() != Some(&key);
+            match inv.beat(&hb, announce).await {
+                Ok(()) => announced = Some(key),
+                Err(e) => {
+                    tracing::warn!("cannot record the heartbeat: {}", crate::error::Chain(&e))
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.heartbeat) => {}
+            _ = changed.notified() => {}
+        }
+    }
 }
 
 /// How long the watch may see nothing before it re-creates its consumer (an ordered consumer
@@ -987,6 +1108,8 @@ mod tests {
             health_port: None,
             health_timeout: None,
             store: StoreOptions::default(),
+            groups: Vec::new(),
+            heartbeat: Duration::from_secs(10),
         };
         let ann = std::collections::BTreeMap::from([(
             store::ANN_DEPLOY.to_string(),

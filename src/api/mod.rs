@@ -222,13 +222,14 @@ pub fn router(bus: Bus, config: ApiConfig) -> Router {
         .route("/v1/builds", post(submit).get(list))
         .route("/v1/builds/{id}", get(status))
         .route("/v1/builds/{id}/events", get(events))
+        .route("/v1/agents", get(agents))
         .route("/v1/hooks/git", post(git_hook))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route; see docs/api.md (POST /v1/builds, GET /v1/builds, GET /v1/builds/{id}, GET /v1/builds/{id}/events, POST /v1/hooks/git, GET /metrics)",
+                "no such route; see docs/api.md (POST /v1/builds, GET /v1/builds, GET /v1/builds/{id}, GET /v1/builds/{id}/events, GET /v1/agents, POST /v1/hooks/git, GET /metrics)",
             )
         })
         .with_state(state)
@@ -369,6 +370,31 @@ async fn list(
     let index = crate::bus::BuildIndex::open_existing(bus).await?;
     let builds = crate::bus::index::recent(bus, index.as_ref(), limit).await?;
     Ok(axum::Json(json!({ "builds": builds })))
+}
+
+/// `GET /v1/agents[?group=G]`: the fleet as `kiln agents --json` shows it.
+async fn agents(
+    State(state): State<AppState>,
+    uri: http::Uri,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    use crate::bus::agents::{Inventory, in_group};
+    let group = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|p| p.strip_prefix("group="));
+    if group.is_some_and(|g| !crate::bus::agents::valid_group(g)) {
+        return Err(ApiError::invalid(
+            Some("group".into()),
+            "group is 1 to 64 letters, digits, `-`, `_` or `.`".to_string(),
+        ));
+    }
+    let now = crate::time::now_ms() as i64;
+    let entries = match Inventory::open_existing(&state.0.bus).await? {
+        Some(inv) => in_group(inv.list(now).await?, group),
+        None => Vec::new(),
+    };
+    Ok(axum::Json(json!({ "agents": entries })))
 }
 
 /// How long a measured cache size is reused by scrapes (walking a large cache takes a while).

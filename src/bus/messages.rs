@@ -695,6 +695,74 @@ pub struct DeployFailed {
     pub time: EventTime,
 }
 
+/// What an agent is doing, as its heartbeat says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentHealth {
+    /// Nothing runs (no image deployed yet).
+    Idle,
+    /// A new image is being pulled, booted and checked.
+    Deploying,
+    /// A VM runs and its QEMU is alive.
+    Healthy,
+    /// The VM that should run is not running (its QEMU is gone).
+    Unhealthy,
+}
+
+impl AgentHealth {
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentHealth::Idle => "idle",
+            AgentHealth::Deploying => "deploying",
+            AgentHealth::Healthy => "healthy",
+            AgentHealth::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// `kiln.agent.<agent>.heartbeat`, and the agent's entry in the `kiln-agents` KV bucket: what
+/// runs on one host. The bucket gets one every `interval_s`; the stream only when the health
+/// or the running image changed, so it stays a history rather than a clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentHeartbeat {
+    pub v: u32,
+    /// Agent (host) name, unsanitized.
+    pub agent: String,
+    /// The groups it joined (`kiln agent --group`), sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// `repository:tag` it follows.
+    pub watch: String,
+    pub health: AgentHealth,
+    /// Image running now: `repo:tag@sha256:…`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
+    /// Its manifest digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Image that ran before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    /// Image being deployed (health `deploying`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploying: Option<String>,
+    /// The running VM's QEMU process id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Seconds since the running VM became healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_s: Option<u64>,
+    /// The stable address forwarded to the running VM (`kiln agent --listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    pub kiln_version: String,
+    /// Seconds between heartbeats: an agent not heard from for three is `gone`.
+    pub interval_s: u64,
+    /// When it was sent, in milliseconds since the Unix epoch (what `gone` is judged by).
+    pub sent_ms: i64,
+    pub time: EventTime,
+}
+
 macro_rules! message {
     ($t:ty, $name:literal) => {
         impl Message for $t {
@@ -718,6 +786,7 @@ message!(StageFailed, "stage-failed");
 message!(ImagePublished, "image-published");
 message!(DeployCompleted, "deploy-completed");
 message!(DeployFailed, "deploy-failed");
+message!(AgentHeartbeat, "agent-heartbeat");
 
 /// Any stage event, as read back from the stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -800,6 +869,12 @@ impl DeployFailed {
     }
 }
 
+impl AgentHeartbeat {
+    pub fn subject(&self) -> String {
+        subjects::agent_heartbeat(&self.agent)
+    }
+}
+
 fn schema_of<T: JsonSchema>() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(T)).unwrap_or(serde_json::Value::Null)
 }
@@ -838,6 +913,10 @@ pub fn json_schemas() -> Vec<(String, serde_json::Value)> {
         (
             format!("{}.json", DeployFailed::NAME),
             schema_of::<DeployFailed>(),
+        ),
+        (
+            format!("{}.json", AgentHeartbeat::NAME),
+            schema_of::<AgentHeartbeat>(),
         ),
     ]
 }

@@ -7,6 +7,7 @@
 //! created by hand because `create_key_value` cannot parse 2.9's account info. See
 //! `docs/messages.md` for the subjects and the stream/consumer setup.
 
+pub mod agents;
 pub mod blobs;
 pub mod cluster;
 pub mod index;
@@ -20,10 +21,11 @@ pub use blobs::{BLOB_BUCKET, BlobError, Blobs, STAGE_BUCKET, STATE_BUCKET, Stage
 pub use cluster::{ClusterReport, TlsFiles};
 pub use index::{BUILD_BUCKET, BuildIndex, BuildPhase, BuildSummary};
 pub use messages::{
-    BuildRequest, COMPLETED_VERSION, CacheStatus, DecodeError, DeployCompleted, DeployFailed,
-    ErrorInfo, ErrorKind, EventTime, GitSource, ImagePublished, Message, RecipeSource,
-    RequestError, StageCompleted, StageEvent, StageFailed, StageProgress, StageStarted, VERSION,
-    assigned_build_id, decode, encode, is_valid_build_id, new_build_id, refused_build_id,
+    AgentHealth, AgentHeartbeat, BuildRequest, COMPLETED_VERSION, CacheStatus, DecodeError,
+    DeployCompleted, DeployFailed, ErrorInfo, ErrorKind, EventTime, GitSource, ImagePublished,
+    Message, RecipeSource, RequestError, StageCompleted, StageEvent, StageFailed, StageProgress,
+    StageStarted, VERSION, assigned_build_id, decode, encode, is_valid_build_id, new_build_id,
+    refused_build_id,
 };
 pub use server::{PrivateServer, ServerError};
 pub use subjects::{DeployKind, EventKind, Stage};
@@ -540,8 +542,8 @@ impl Bus {
             )))
     }
 
-    /// The stream, every stage's consumer, the blob bucket, the stage KV bucket and the build
-    /// index.
+    /// The stream, every stage's consumer, the blob bucket, the stage KV bucket, the build
+    /// index and the agents' inventory.
     pub async fn setup(&self, policy: &RetryPolicy) -> Result<(), BusError> {
         self.ensure_kiln_stream().await?;
         for stage in Stage::ALL {
@@ -551,6 +553,7 @@ impl Bus {
         StageOutputs::open(self).await?;
         StageOutputs::open_bucket(self, STATE_BUCKET).await?;
         BuildIndex::open(self).await?;
+        agents::Inventory::open(self).await?;
         Ok(())
     }
 

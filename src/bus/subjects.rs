@@ -204,6 +204,11 @@ pub fn deploy(agent: &str, kind: DeployKind) -> String {
     format!("{ROOT}.deploy.{}.{}", sanitize_token(agent), kind.name())
 }
 
+/// `kiln.agent.<agent>.heartbeat`; the agent name is sanitized.
+pub fn agent_heartbeat(agent: &str) -> String {
+    format!("{ROOT}.agent.{}.heartbeat", sanitize_token(agent))
+}
+
 /// A parsed `kiln.build.<id>.<stage>.<kind>` subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageSubject {

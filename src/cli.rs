@@ -113,6 +113,18 @@ pub enum Command {
                       (other keys) are kept. Check with `kiln pull --trust KEY.pub` or `cosign verify --key KEY.pub`."
     )]
     Sign(SignArgs),
+    /// Move a channel (a tag such as dev, canary, stable) to an image that verifies, and announce
+    /// it to the agents that follow the channel.
+    #[command(
+        after_help = "Example:\n  kiln promote 127.0.0.1:5000/kiln/app@sha256:3b6b… --channel stable \\\n      \
+                      --trust images.key.pub --trust-verifier verifier.key.pub --nats nats://127.0.0.1:4222\n\n\
+                      The image must be given by digest. Its signature (by --trust) and a passing boot \
+                      attestation (by a --trust-verifier key) are checked first, as `kiln verify` does; an image \
+                      that fails either is refused and nothing moves. Then the same manifest is tagged CHANNEL \
+                      in its repository and kiln.image.published.<repository> announces it with the channel as \
+                      its tag and who promoted it: agents run with --watch REPO:CHANNEL deploy it."
+    )]
+    Promote(PromoteArgs),
     /// Check an image's signature, SBOM and provenance with a public key; exit 1 when a
     /// requirement fails.
     #[command(
@@ -524,6 +536,28 @@ pub struct SignArgs {
     pub insecure: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// The image, by digest: `host:port/repository@sha256:…`.
+    pub reference: String,
+    /// The channel to move: a tag of the repository (dev, canary, stable…).
+    #[arg(long, value_name = "NAME")]
+    pub channel: String,
+    /// Public key the image's signature must verify with (`kiln keygen`'s FILE.pub).
+    #[arg(long, value_name = "KEYFILE")]
+    pub trust: PathBuf,
+    /// Public key of a verifier whose boot attestation counts (repeatable; at least one).
+    #[arg(long, value_name = "KEYFILE", required = true)]
+    pub trust_verifier: Vec<PathBuf>,
+    /// Use plain http for a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOpts,
 }
 
 #[derive(Debug, Args)]
@@ -1202,6 +1236,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             output, key_type, ..
         } => keygen(&output, key_type),
         Command::Sign(args) => sign(args),
+        Command::Promote(args) => promote(args),
         Command::Verify(args) => verify_image(args),
         Command::Sbom(args) => sbom(args),
         Command::Publish(args) => publish(args),
@@ -2087,6 +2122,84 @@ fn sign(args: SignArgs) -> anyhow::Result<i32> {
         println!(
             "{} signed with {} key {} (signature manifest {})",
             r.reference, r.key_type, r.key, r.signature_digest
+        );
+    }
+    Ok(0)
+}
+
+/// `kiln promote`: check the image, tag it as the channel, announce it.
+fn promote(args: PromoteArgs) -> anyhow::Result<i32> {
+    use crate::store::{Location, Reference, Requirement, StoreOptions, load_verifying_key};
+    let trust = load_verifying_key(&args.trust)
+        .map_err(|e| anyhow::Error::new(BadInput::error(e)).context("--trust"))?;
+    let verifiers = args
+        .trust_verifier
+        .iter()
+        .map(|p| load_verifying_key(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::Error::new(BadInput::error(e)).context("--trust-verifier"))?;
+    let r = Reference::parse(&args.reference).map_err(BadInput::error)?;
+    let (Location::Registry { host, repository }, Some(_)) = (&r.location, &r.digest) else {
+        return Err(BadInput::Message(format!(
+            "{}: give the image in a registry by digest (host:port/repository@sha256:…, as `kiln \
+             images` lists it): a tag can move between the checks and the promotion",
+            args.reference
+        ))
+        .into());
+    };
+    let repository = format!("{host}/{repository}");
+    let opts = StoreOptions {
+        insecure: args.insecure,
+        ..Default::default()
+    };
+    let required = [Requirement::Signature, Requirement::Boot];
+    let report = crate::store::verify_image(&args.reference, &trust, &verifiers, &required, &opts)?;
+    if !report.ok {
+        let why: Vec<String> = report
+            .checks
+            .iter()
+            .filter(|c| c.required && c.status != "verified")
+            .map(|c| format!("{} is {}: {}", c.what, c.status, c.detail))
+            .collect();
+        return Err(BadInput::Message(format!(
+            "refused to promote {} to {}: {}; nothing moved",
+            report.reference,
+            args.channel,
+            why.join("; ")
+        ))
+        .into());
+    }
+    let promoted = crate::store::tag_image(&report.reference, &args.channel, &opts)?;
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let message = crate::bus::ImagePublished {
+        v: crate::bus::VERSION,
+        build: String::new(),
+        repository,
+        reference: promoted.clone(),
+        digest: report.manifest_digest.to_string(),
+        tags: vec![args.channel.clone()],
+        signature: None,
+        verification: serde_json::json!({ "checks": report.checks }),
+        promotion: Some(crate::bus::Promotion {
+            channel: args.channel.clone(),
+            by: format!("{user}@{}", crate::pipeline::worker::host_name()),
+            from: report.reference.clone(),
+        }),
+        time: crate::bus::EventTime::now(),
+    };
+    let sequence = runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
+        bus.publish_image(&message).await
+    })?;
+    if args.json {
+        let doc = serde_json::json!({ "promoted": promoted, "announcement": message, "sequence": sequence });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "{} is now {} (signature and boot attestation verified; announced to the agents following {}:{})",
+            report.reference, promoted, message.repository, args.channel
         );
     }
     Ok(0)

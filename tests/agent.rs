@@ -166,6 +166,7 @@ fn announce(url: &str, repository: &str, publish: &serde_json::Value, build: &st
         tags: vec!["latest".into()],
         signature: None,
         verification: serde_json::Value::Null,
+        promotion: None,
         time: EventTime::now(),
     };
     rt().block_on(async {
@@ -547,6 +548,74 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     assert!(why.contains("required boot is missing"), "{why}");
     assert_eq!(qemus_in(&state), vec![v2_pid]);
     assert!(page(listen).contains("kiln-app release 2"));
+
+    // --- Channels: v2 promoted to `stable` once its signature and boot attestation verify;
+    // the registry has the tag on v2's manifest, the stream an announcement saying who did it;
+    // the image without a boot attestation is refused and the channel stays where it was.
+    let promote = |reference: &str| {
+        kiln(home.path())
+            .args(["promote", reference, "--channel", "stable", "--json"])
+            .args(["--nats", &url, "--trust"])
+            .arg(&trust)
+            .arg("--trust-verifier")
+            .arg(home.path().join("verifier.key.pub"))
+            .output()
+            .unwrap()
+    };
+    let stable_digest = || {
+        let m = curl(&[
+            "-m",
+            "30",
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!("http://{host}/v2/kiln/app/manifests/stable"),
+        ]);
+        format!("sha256:{}", common::sha256_bytes(&m))
+    };
+    let o = promote(&format!("{repository}@{v2_digest}"));
+    assert!(o.status.success(), "{}", show(&o, &up_log));
+    let promoted: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        promoted["promoted"],
+        format!("{repository}:stable@{v2_digest}"),
+        "{promoted}"
+    );
+    assert_eq!(stable_digest(), v2_digest);
+    let announced: ImagePublished = rt().block_on(async {
+        let bus = Bus::connect_url(&url).await.unwrap();
+        let all = bus.stored_messages("kiln.image.published.>").await.unwrap();
+        kiln::bus::decode(&all.last().unwrap().payload).unwrap()
+    });
+    assert_eq!(announced.tags, ["stable"]);
+    assert_eq!(announced.digest, v2_digest);
+    let promotion = announced.promotion.expect("who promoted it");
+    assert_eq!(promotion.channel, "stable");
+    assert_eq!(promotion.from, format!("{repository}@{v2_digest}"));
+    assert!(promotion.by.contains('@'), "{}", promotion.by);
+    let unattested = tampered["manifest_digest"].as_str().unwrap();
+    let o = promote(&format!("{repository}@{unattested}"));
+    assert!(!o.status.success(), "{}", show(&o, &up_log));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("refused to promote")
+            && err.contains("boot is missing")
+            && err.contains("nothing moved"),
+        "{err}"
+    );
+    assert_eq!(stable_digest(), v2_digest);
+    // A tag is not enough: the image is named by digest.
+    let o = promote(&format!("{repository}:latest"));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("by digest"),
+        "{}",
+        show(&o, &up_log)
+    );
+    // The agent follows `latest`: the `stable` announcement is not for it.
+    assert!(
+        agent.lines.recv_timeout(Duration::from_secs(3)).is_err(),
+        "the agent acted on another channel"
+    );
 
     // --- kill -9 the agent, start it again: the running VM is adopted, not duplicated.
     agent.proc.kill9();

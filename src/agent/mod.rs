@@ -1065,6 +1065,7 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             signature: None,
             verification: Value::Null,
+            promotion: None,
             time: EventTime::now(),
         }
     }

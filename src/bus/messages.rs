@@ -649,7 +649,22 @@ pub struct ImagePublished {
     /// The verification report (profiles booted, markers seen, durations).
     #[serde(default)]
     pub verification: serde_json::Value,
+    /// Set when `kiln promote` moved a channel to the image: the agents following the channel
+    /// take it up like a new image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<Promotion>,
     pub time: EventTime,
+}
+
+/// Who moved which channel to an image, and from which reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Promotion {
+    /// The channel (a tag of the repository), e.g. `stable`.
+    pub channel: String,
+    /// Who promoted it: the user and host `kiln promote` ran as (`alice@ops-1`).
+    pub by: String,
+    /// The reference given to `kiln promote` (`repo@sha256:…`).
+    pub from: String,
 }
 
 /// `kiln.deploy.<agent>.completed`: what runs where now.

@@ -23,9 +23,9 @@ pub use index::{BUILD_BUCKET, BuildIndex, BuildPhase, BuildSummary};
 pub use messages::{
     AgentHealth, AgentHeartbeat, BuildRequest, COMPLETED_VERSION, CacheStatus, DecodeError,
     DeployCompleted, DeployFailed, ErrorInfo, ErrorKind, EventTime, GitSource, ImagePublished,
-    Message, RecipeSource, RequestError, StageCompleted, StageEvent, StageFailed, StageProgress,
-    StageStarted, VERSION, assigned_build_id, decode, encode, is_valid_build_id, new_build_id,
-    refused_build_id,
+    Message, Promotion, RecipeSource, RequestError, StageCompleted, StageEvent, StageFailed,
+    StageProgress, StageStarted, VERSION, assigned_build_id, decode, encode, is_valid_build_id,
+    new_build_id, refused_build_id,
 };
 pub use server::{PrivateServer, ServerError};
 pub use subjects::{DeployKind, EventKind, Stage};

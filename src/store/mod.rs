@@ -928,6 +928,35 @@ pub fn sign_image(
     })
 }
 
+/// Put the kiln image `reference` (pinned to its digest) under `tag` in its repository as
+/// well — the same manifest, so its signature and attestations, which name the digest, hold
+/// for it: a channel (`kiln promote`). Returns `repo:tag@sha256:…`.
+pub fn tag_image(reference: &str, tag: &str, opts: &StoreOptions) -> Result<String, StoreError> {
+    let r = Reference::parse(reference)?;
+    if r.digest.is_none() {
+        return Err(StoreError::Usage {
+            what: format!("tag {r}"),
+            reason: "give the image by digest (REPO@sha256:…): a tag can move between the \
+                     checks and the tagging"
+                .into(),
+        });
+    }
+    if !reference::valid_tag(tag) {
+        return Err(StoreError::Usage {
+            what: format!("tag {r} as {tag:?}"),
+            reason: "a tag is [A-Za-z0-9_][A-Za-z0-9._-]{0,127}".into(),
+        });
+    }
+    let target = Target::open(&r, opts, false)?;
+    let (bytes, digest, _) = fetch_image(&target, &r)?;
+    target.put_manifest(tag, &bytes, ARTIFACT_DISK)?;
+    Ok(Reference {
+        tag: Some(tag.to_string()),
+        ..r
+    }
+    .with_digest(&digest))
+}
+
 /// The kiln image manifest `reference` names, fetched and checked: its bytes, digest, and the
 /// reference parsed.
 fn fetch_image(

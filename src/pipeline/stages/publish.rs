@@ -431,6 +431,7 @@ pub fn publish_build(
         tags: report.tags.clone(),
         signature: report.signature_digest.as_ref().map(|d| d.to_string()),
         verification,
+        promotion: None,
         time: EventTime::now(),
     };
     Ok(PublishOut::Pushed(Pushed {

@@ -262,6 +262,32 @@ pub enum Command {
                             since the last heartbeat. Exit 1 when an agent listed is unhealthy or gone."
     )]
     Agents(AgentsArgs),
+    /// Move an image through a group of agents in waves that stop at the first failure;
+    /// `kiln rollout status|resume|abort|list` follow and steer it.
+    #[command(
+        after_help = "Examples:\n  kiln rollout 127.0.0.1:5000/kiln/app@sha256:3b6b… --group web --waves 1,25%,100% --bake 120 --follow\n  \
+                      kiln rollout status r-20261206T201500-1a2b\n  kiln rollout resume r-20261206T201500-1a2b\n  \
+                      kiln rollout abort r-20261206T201500-1a2b --reason \"wrong image\"\n\n\
+                      The hosts are the group's agents that are not gone (`kiln agents --group G`), in name order, \
+                      split into waves when the rollout starts: each wave is a number of hosts or a share of the group, \
+                      and the last takes every host left. A rollout controller (one runs in `kiln up`; more with \
+                      `kiln controller`) asks the wave's agents to deploy the image, at most --max-unavailable at a \
+                      time; each pulls, checks, boots and health-checks it as it would a published image, and swaps \
+                      or rolls back. When every host of the wave runs it, they must stay healthy on it for --bake \
+                      seconds; then the next wave starts. More than --max-failures failed hosts halt the rollout: \
+                      failed hosts keep their old VM, later waves are never touched, and `status` says why with the \
+                      host's serial tail. The rollout lives in the kiln-rollouts bucket and on kiln.rollout.<id>.*, \
+                      so it survives the CLI exiting and a controller dying (another takes over)."
+    )]
+    Rollout(RolloutArgs),
+    /// Run a rollout controller: move the running rollouts wave by wave (`kiln up` runs one).
+    #[command(
+        after_help = "Example:\n  kiln controller --nats nats://10.0.0.5:4222\n\n\
+                      Any number may run, on any host: each rollout is moved by one controller at a time, \
+                      which holds a lease on it in the kiln-rollouts bucket; when it dies, another takes the \
+                      rollout over within 5 s and goes on where it was."
+    )]
+    Controller(ControllerArgs),
     /// List recent builds, or show the stages of one: time, cache hit/miss and worker.
     #[command(
         after_help = "Examples:\n  kiln status\n  kiln status --limit 5 --json\n  \
@@ -809,6 +835,9 @@ pub struct UpArgs {
     /// what running builds use stays.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     pub cache_max: Option<u64>,
+    /// Do not run a rollout controller in this process (run `kiln controller` elsewhere).
+    #[arg(long)]
+    pub no_controller: bool,
     #[command(flatten)]
     pub access: AccessOpts,
     #[command(flatten)]
@@ -1139,6 +1168,96 @@ pub struct AgentsArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct RolloutArgs {
+    #[command(subcommand)]
+    pub action: Option<RolloutAction>,
+    /// The image, by digest: `host:port/repository@sha256:…`.
+    #[arg(required = true)]
+    pub reference: Option<String>,
+    /// The group of agents to roll out to (`kiln agent --group`).
+    #[arg(long, value_name = "GROUP", required = true)]
+    pub group: Option<String>,
+    /// Wave sizes, comma-separated: a number of hosts or a share of the group; the last wave
+    /// takes every host left.
+    #[arg(long, value_name = "LIST", default_value = "1,25%,100%")]
+    pub waves: String,
+    /// Hosts of a wave deploying at the same time.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub max_unavailable: u32,
+    /// Failed hosts tolerated before the rollout halts.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_failures: u32,
+    /// Seconds every host of a wave must stay healthy on the image before the next wave.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub bake: u64,
+    /// Seconds an agent has to pull, boot and health-check the image before it counts as failed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 900)]
+    pub deploy_timeout: u64,
+    /// Print each step until the rollout ends; exit 1 unless it completes.
+    #[arg(long)]
+    pub follow: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOpts,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutAction {
+    /// Show a rollout: its waves, each host's state, why it halted.
+    Status(RolloutIdArgs),
+    /// Go on with a halted rollout: its failed hosts are asked again, then the next waves.
+    Resume(RolloutIdArgs),
+    /// Stop a rollout: nothing more is deployed (hosts keep what they run).
+    Abort(RolloutAbortArgs),
+    /// List the rollouts, newest last.
+    List(RolloutListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutIdArgs {
+    /// The rollout's id (`kiln rollout` prints it).
+    pub id: String,
+    /// With `status`: print each step until the rollout ends; exit 1 unless it completes.
+    #[arg(long)]
+    pub follow: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutAbortArgs {
+    pub id: String,
+    /// Why (kept with the rollout).
+    #[arg(long, value_name = "TEXT", default_value = "aborted by an operator")]
+    pub reason: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutListArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// The controller's name in the rollouts it moves (default: host name and process id).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub nats: NatsOpts,
+}
+
+#[derive(Debug, Args)]
 pub struct LogsArgs {
     /// The build id.
     pub build: String,
@@ -1252,6 +1371,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Watch(args) => watch(args),
         Command::Status(args) => nats_status(args),
         Command::Agents(args) => agents(args),
+        Command::Rollout(args) => rollout(args),
+        Command::Controller(args) => controller(args),
         Command::Logs(args) => nats_logs(args),
         Command::Agent(args) => agent(args),
         Command::Gc(args) => gc(args, quiet),
@@ -2368,6 +2489,7 @@ fn run_workers(
     stages: Vec<crate::bus::Stage>,
     mut config: crate::pipeline::worker::WorkerConfig,
     api: Option<ApiSetup>,
+    with_controller: bool,
 ) -> anyhow::Result<i32> {
     use crate::pipeline::worker::run_workers;
     let stages = if stages.is_empty() {
@@ -2420,6 +2542,14 @@ fn run_workers(
                     api.listen
                 ),
             }
+        }
+        if with_controller {
+            let (bus, name, stop) = (bus.clone(), config.name.clone(), stopped(stop_rx.clone()));
+            tokio::spawn(async move {
+                if let Err(e) = crate::rollout::run(&bus, &name, stop).await {
+                    tracing::warn!("rollout controller stopped: {}", crate::error::Chain(&e));
+                }
+            });
         }
         run_workers(&bus, &stages, config, stopped(stop_rx)).await?;
         if let Some(server) = server {
@@ -2554,6 +2684,7 @@ fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
         Vec::new(),
         config,
         api,
+        !args.no_controller,
     )
 }
 
@@ -2573,6 +2704,7 @@ fn nats_worker(args: WorkerArgs) -> anyhow::Result<i32> {
         args.stages,
         config,
         None,
+        false,
     )
 }
 
@@ -3263,6 +3395,321 @@ fn nats_logs(args: LogsArgs) -> anyhow::Result<i32> {
             }
         }
         anyhow::bail!("the event stream of build {} ended", args.build)
+    })
+}
+
+/// `kiln rollout …`.
+fn rollout(args: RolloutArgs) -> anyhow::Result<i32> {
+    match args.action {
+        Some(RolloutAction::Status(a)) => rollout_status(a),
+        Some(RolloutAction::Resume(a)) => rollout_change(&a.id, a.json, &a.nats, |r| {
+            use crate::bus::{HostState, RolloutState};
+            if r.state != RolloutState::Halted {
+                return Err(format!(
+                    "rollout {} is {}: only a halted rollout resumes",
+                    r.id,
+                    r.state.name()
+                ));
+            }
+            let mut first = r.wave;
+            for h in r.hosts.iter_mut().filter(|h| h.state == HostState::Failed) {
+                h.state = HostState::Pending;
+                first = first.min(h.wave);
+            }
+            r.wave = first;
+            r.state = RolloutState::Running;
+            r.reason = None;
+            r.bake_since_ms = None;
+            r.event = "resumed".into();
+            Ok(())
+        }),
+        Some(RolloutAction::Abort(a)) => rollout_change(&a.id, a.json, &a.nats, |r| {
+            use crate::bus::RolloutState;
+            if matches!(r.state, RolloutState::Completed | RolloutState::Aborted) {
+                return Err(format!("rollout {} is {} already", r.id, r.state.name()));
+            }
+            r.state = RolloutState::Aborted;
+            r.reason = Some(a.reason.clone());
+            r.event = "aborted".into();
+            Ok(())
+        }),
+        Some(RolloutAction::List(a)) => rollout_list(a),
+        None => rollout_start(args),
+    }
+}
+
+fn rollout_start(args: RolloutArgs) -> anyhow::Result<i32> {
+    use crate::bus::agents::{Inventory, in_group, valid_group};
+    use crate::bus::rollouts::{Rollouts, parse_waves, plan};
+    use crate::bus::{HostState, Rollout, RolloutHost, RolloutState};
+    use crate::store::{Location, Reference};
+    let (Some(reference), Some(group)) = (args.reference.as_deref(), args.group.as_deref()) else {
+        return Err(BadInput::Message(
+            "give the image and --group (see kiln rollout --help)".into(),
+        )
+        .into());
+    };
+    let r = Reference::parse(reference).map_err(BadInput::error)?;
+    let (Location::Registry { host, repository }, Some(digest)) = (&r.location, &r.digest) else {
+        return Err(BadInput::Message(format!(
+            "{reference}: give the image in a registry by digest (host:port/repository@sha256:…): \
+             a tag can move while the rollout runs"
+        ))
+        .into());
+    };
+    if !valid_group(group) {
+        return Err(BadInput::Message(format!(
+            "--group {group:?}: a group is 1 to 64 letters, digits, '-', '_' or '.'"
+        ))
+        .into());
+    }
+    let waves = parse_waves(&args.waves)
+        .map_err(|e| BadInput::Message(format!("--waves {}: {e}", args.waves)))?;
+    let repository = format!("{host}/{repository}");
+    let digest = digest.to_string();
+    let json = args.json;
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
+        let now = crate::time::now_ms() as i64;
+        let entries = match Inventory::open_existing(&bus).await? {
+            Some(inv) => in_group(inv.list(now).await?, Some(group)),
+            None => Vec::new(),
+        };
+        let hosts: Vec<String> = entries
+            .iter()
+            .filter(|e| e.state != "gone")
+            .map(|e| e.heartbeat.agent.clone())
+            .collect();
+        if hosts.is_empty() {
+            return Err(BadInput::Message(format!(
+                "no agent of group {group} is there to roll out to (`kiln agents --group {group}` lists them; \
+                 agents join with `kiln agent --group {group}`)"
+            ))
+            .into());
+        }
+        let plan = plan(&hosts, &waves);
+        let user = std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| "unknown".into());
+        let rollout = Rollout {
+            v: crate::bus::VERSION,
+            id: format!("r-{}", crate::bus::new_build_id()),
+            event: "requested".into(),
+            reference: format!("{repository}@{digest}"),
+            repository,
+            digest,
+            group: group.to_string(),
+            waves: args.waves.split(',').map(|w| w.trim().to_string()).collect(),
+            hosts: plan
+                .iter()
+                .enumerate()
+                .flat_map(|(i, w)| {
+                    w.iter().map(move |a| RolloutHost {
+                        agent: a.clone(),
+                        wave: i,
+                        state: HostState::Pending,
+                        order: None,
+                        attempts: 0,
+                        ordered_ms: None,
+                        answered_ms: None,
+                        detail: None,
+                    })
+                })
+                .collect(),
+            plan,
+            max_unavailable: args.max_unavailable.max(1),
+            max_failures: args.max_failures,
+            bake_s: args.bake,
+            deploy_timeout_s: args.deploy_timeout.max(1),
+            by: format!("{user}@{}", crate::pipeline::worker::host_name()),
+            state: RolloutState::Running,
+            wave: 0,
+            bake_since_ms: None,
+            reason: None,
+            controller: None,
+            lease_until_ms: 0,
+            created_ms: now,
+            updated_ms: now,
+            time: crate::bus::EventTime::now(),
+        };
+        let rollouts = Rollouts::open(&bus).await?;
+        rollouts.create(&rollout).await?;
+        if json && !args.follow {
+            println!("{}", serde_json::to_string_pretty(&rollout)?);
+        } else if !json {
+            print!("{}", crate::rollout::describe(&rollout));
+        }
+        if args.follow {
+            return follow_rollout(&rollouts, &rollout.id, json).await;
+        }
+        if !json {
+            println!(
+                "follow it with `kiln rollout status {} --follow` (a controller runs it: `kiln up` has one)",
+                rollout.id
+            );
+        }
+        Ok(0)
+    })
+}
+
+/// Print the rollout's changes until it ends; 0 when it completes.
+async fn follow_rollout(
+    rollouts: &crate::bus::rollouts::Rollouts,
+    id: &str,
+    json: bool,
+) -> anyhow::Result<i32> {
+    use crate::bus::RolloutState;
+    let mut seen = 0;
+    loop {
+        let Some((r, revision)) = rollouts.get(id).await? else {
+            return Err(BadInput::Message(format!("no rollout {id}")).into());
+        };
+        if revision != seen {
+            seen = revision;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let hosts: Vec<String> = r
+                    .hosts
+                    .iter()
+                    .filter(|h| h.wave == r.wave.min(r.plan.len().saturating_sub(1)))
+                    .map(|h| format!("{} {:?}", h.agent, h.state).to_lowercase())
+                    .collect();
+                println!(
+                    "{} {} wave {}/{}: {}",
+                    crate::time::rfc3339(r.updated_ms, crate::time::Precision::Seconds),
+                    r.event,
+                    (r.wave + 1).min(r.plan.len()),
+                    r.plan.len(),
+                    hosts.join(", ")
+                );
+            }
+            match r.state {
+                RolloutState::Running => {}
+                RolloutState::Completed => return Ok(0),
+                RolloutState::Halted | RolloutState::Aborted => {
+                    if !json {
+                        println!("{}: {}", r.state.name(), r.reason.as_deref().unwrap_or("-"));
+                    }
+                    return Ok(EXIT_FAILURE);
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+fn rollout_status(a: RolloutIdArgs) -> anyhow::Result<i32> {
+    use crate::bus::RolloutState;
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&a.nats.connect_options()).await?;
+        let rollouts = crate::bus::rollouts::Rollouts::open(&bus).await?;
+        if a.follow {
+            return follow_rollout(&rollouts, &a.id, a.json).await;
+        }
+        let Some((r, _)) = rollouts.get(&a.id).await? else {
+            return Err(BadInput::Message(format!(
+                "no rollout {} (`kiln rollout list` shows them)",
+                a.id
+            ))
+            .into());
+        };
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            print!("{}", crate::rollout::describe(&r));
+        }
+        Ok(match r.state {
+            RolloutState::Running | RolloutState::Completed => 0,
+            RolloutState::Halted | RolloutState::Aborted => EXIT_FAILURE,
+        })
+    })
+}
+
+/// Change a rollout with `change` (compare-and-set, retried when a controller wrote first) and
+/// put the change on the stream.
+fn rollout_change(
+    id: &str,
+    json: bool,
+    nats: &NatsOpts,
+    change: impl Fn(&mut crate::bus::Rollout) -> Result<(), String>,
+) -> anyhow::Result<i32> {
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&nats.connect_options()).await?;
+        let rollouts = crate::bus::rollouts::Rollouts::open(&bus).await?;
+        for _ in 0..20 {
+            let Some((mut r, revision)) = rollouts.get(id).await? else {
+                return Err(BadInput::Message(format!(
+                    "no rollout {id} (`kiln rollout list` shows them)"
+                ))
+                .into());
+            };
+            change(&mut r).map_err(BadInput::Message)?;
+            r.updated_ms = crate::time::now_ms() as i64;
+            r.time = crate::bus::EventTime::now();
+            if rollouts.update(&r, revision, true).await?.is_some() {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print!("{}", crate::rollout::describe(&r));
+                }
+                return Ok(0);
+            }
+        }
+        anyhow::bail!("rollout {id} kept changing under this command; try again")
+    })
+}
+
+fn rollout_list(a: RolloutListArgs) -> anyhow::Result<i32> {
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&a.nats.connect_options()).await?;
+        let list = crate::bus::rollouts::Rollouts::open(&bus)
+            .await?
+            .list()
+            .await?;
+        if a.json {
+            let all: Vec<&crate::bus::Rollout> = list.iter().map(|(r, _)| r).collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "rollouts": all }))?
+            );
+            return Ok(0);
+        }
+        if list.is_empty() {
+            println!("no rollouts");
+        }
+        for (r, _) in &list {
+            println!(
+                "{:<30} {:<9} wave {}/{} {:<10} {}",
+                r.id,
+                r.state.name(),
+                (r.wave + 1).min(r.plan.len()),
+                r.plan.len(),
+                r.group,
+                r.reference
+            );
+        }
+        Ok(0)
+    })
+}
+
+/// `kiln controller`.
+fn controller(args: ControllerArgs) -> anyhow::Result<i32> {
+    let name = args.name.unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            crate::pipeline::worker::host_name(),
+            std::process::id()
+        )
+    });
+    runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
+        tracing::info!(
+            "rollout controller {name} running against {}",
+            redact(&args.nats.url)
+        );
+        crate::rollout::run(&bus, &name, shutdown_signal()).await?;
+        Ok(0)
     })
 }
 

@@ -26,6 +26,7 @@ pub mod pipeline;
 pub mod provenance;
 pub mod readahead;
 pub mod recipe;
+pub mod rollout;
 pub mod rootfs;
 pub mod sbom;
 pub mod secureboot;

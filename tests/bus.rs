@@ -59,6 +59,8 @@ fn every_documented_example_parses() {
             "deploy-completed" => decode::<DeployCompleted>(bytes).map(|_| ()),
             "deploy-failed" => decode::<DeployFailed>(bytes).map(|_| ()),
             "agent-heartbeat" => decode::<kiln::bus::AgentHeartbeat>(bytes).map(|_| ()),
+            "deploy-order" => decode::<kiln::bus::DeployOrder>(bytes).map(|_| ()),
+            "rollout" => decode::<kiln::bus::Rollout>(bytes).map(|_| ()),
             other => panic!("docs/messages.md: unknown example name {other:?}"),
         };
         r.unwrap_or_else(|e| panic!("docs/messages.md example {name}: {e}\n{json}"));

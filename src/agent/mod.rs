@@ -26,8 +26,8 @@ pub mod state;
 pub mod vm;
 
 use crate::bus::{
-    Bus, BusError, DeployCompleted, DeployFailed, ErrorInfo, ErrorKind, EventTime, ImagePublished,
-    VERSION, subjects,
+    Bus, BusError, DeployCompleted, DeployFailed, DeployOrder, ErrorInfo, ErrorKind, EventTime,
+    ImagePublished, VERSION, subjects,
 };
 use crate::store::{self, Reference, StoreError, StoreOptions, VerifyingKey};
 use crate::task::blocking;
@@ -39,6 +39,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// How long a swap waits for the connections open to the old VM to end before stopping it.
+const DRAIN: Duration = Duration::from_secs(10);
 /// How long a VM may take to quit after QMP `quit` before it is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(10);
 /// Health timeout when neither the image nor the command line gives one.
@@ -264,6 +266,7 @@ fn failed(
         error: ErrorInfo::new(kind, &message),
         rolled_back: booted && state.current.is_some(),
         running: state.current.as_ref().map(|c| c.reference.clone()),
+        order: None,
         time: EventTime::now(),
     })
 }
@@ -482,6 +485,16 @@ fn deploy(
             state.last_handled = Some(msg.digest.clone());
             state.save(&config.state_dir)?;
             if let Some(old) = &old {
+                // Requests already on their way to the old VM finish there first.
+                if let Some(port) = old.host_port
+                    && !backend.drain(port, DRAIN)
+                {
+                    tracing::warn!(
+                        "{} connection(s) to the old VM still open after {} s; stopping it",
+                        backend.open_to(port),
+                        DRAIN.as_secs()
+                    );
+                }
                 vm::stop(old, QUIT_GRACE);
             }
             // Keep the running image and the one before it (to go back to); drop the rest.
@@ -502,6 +515,7 @@ fn deploy(
                 reference: new.reference.clone(),
                 previous: state.previous.clone(),
                 vm: vm_json(&new, Some(seconds)),
+                order: None,
                 time: EventTime::now(),
             }))
         }
@@ -620,6 +634,7 @@ fn recover(
                 reference: new.reference.clone(),
                 previous: Some(cur.reference.clone()),
                 vm: vm_json(&new, None),
+                order: None,
                 time: EventTime::now(),
             })
         }
@@ -637,6 +652,7 @@ fn recover(
                 ),
                 rolled_back: false,
                 running: None,
+                order: None,
                 time: EventTime::now(),
             })
         }
@@ -770,14 +786,55 @@ pub async fn run(
 
     let subject = subjects::image_published(&config.repository);
     bus.kiln_stream().await?;
-    // A task reads the subject all the time, so the consumer is polled while a deploy blocks.
+    // Tasks read the subjects all the time, so the consumers are polled while a deploy blocks.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let reader = tokio::spawn(watch(bus.clone(), subject.clone(), tx));
+    let (order_tx, mut orders) = tokio::sync::mpsc::unbounded_channel();
+    let order_reader = tokio::spawn(watch(
+        bus.clone(),
+        subjects::agent_deploy(&config.name),
+        order_tx,
+    ));
     tokio::pin!(shutdown);
     loop {
         let next = tokio::select! {
             _ = &mut shutdown => break,
             m = rx.recv() => m,
+            o = orders.recv() => {
+                let Some(o) = o else { break };
+                let order: DeployOrder = match crate::bus::decode(&o.payload) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(
+                            "ignoring a message on {}: {}",
+                            o.subject,
+                            crate::error::Chain(&e)
+                        );
+                        continue;
+                    }
+                };
+                if order.agent != config.name || !wanted(bus, &order).await {
+                    continue;
+                }
+                set_status(Status::of(&state, Some(order.image.reference.clone())));
+                let (st, outcome) = {
+                    let config = config.clone();
+                    let backend = backend.clone();
+                    let trust = trust.clone();
+                    let verifiers = verifiers.clone();
+                    blocking::<_, AgentError>(move || {
+                        let mut st = state;
+                        let o = obey(&config, &trust, &verifiers, &mut st, &order, &backend)?;
+                        st.save(&config.state_dir)?;
+                        Ok((st, o))
+                    })
+                    .await?
+                };
+                state = st;
+                set_status(Status::of(&state, None));
+                announce(bus, &outcome, &report).await;
+                continue;
+            }
         };
         let Some(m) = next else { break };
         let received = Instant::now();
@@ -831,8 +888,133 @@ pub async fn run(
         announce(bus, &outcome, &report).await;
     }
     reader.abort();
+    order_reader.abort();
     beats.abort();
     Ok(())
+}
+
+/// Whether the rollout that sent `order` still waits for it: an order read again after a
+/// restart, or one whose rollout was aborted or moved on, is not acted on. When the bucket
+/// cannot be read, the order is.
+async fn wanted(bus: &Bus, order: &DeployOrder) -> bool {
+    let found = match crate::bus::rollouts::Rollouts::open(bus).await {
+        Ok(r) => r.get(&order.rollout).await,
+        Err(e) => Err(e),
+    };
+    match found {
+        Ok(Some((r, _))) => {
+            let waiting = r.state == crate::bus::RolloutState::Running
+                && r.hosts.iter().any(|h| {
+                    h.agent == order.agent
+                        && h.state == crate::bus::HostState::Ordered
+                        && h.order.as_ref() == Some(&order.order)
+                });
+            if !waiting {
+                tracing::info!(
+                    "order {} is not awaited by rollout {} ({}); ignored",
+                    order.order,
+                    r.id,
+                    r.state.name()
+                );
+            }
+            waiting
+        }
+        Ok(None) => {
+            tracing::info!(
+                "order {}: rollout {} is unknown; ignored",
+                order.order,
+                order.rollout
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot read rollout {} (acting on order {}): {}",
+                order.rollout,
+                order.order,
+                crate::error::Chain(&e)
+            );
+            true
+        }
+    }
+}
+
+/// Act on a rollout order (blocking): deploy its image as an announcement of the watched tag
+/// would be, and answer with the order's id. An order acted on before, or for the image that
+/// runs, is answered from what runs without deploying anything.
+fn obey(
+    config: &AgentConfig,
+    trust: &VerifyingKey,
+    verifiers: &[VerifyingKey],
+    state: &mut AgentState,
+    order: &DeployOrder,
+    backend: &proxy::Backend,
+) -> Result<Deployed, AgentError> {
+    let msg = &order.image;
+    let application = config
+        .repository
+        .rsplit('/')
+        .next()
+        .unwrap_or(&config.repository)
+        .to_string();
+    let running = state.current.clone();
+    let mut outcome = if msg.repository != config.repository {
+        failed(
+            config,
+            msg,
+            &application,
+            ErrorKind::InvalidMessage,
+            format!(
+                "order {} is for {}, but this agent runs {}",
+                order.order, msg.repository, config.repository
+            ),
+            state,
+            false,
+        )
+    } else if let Some(c) = running.as_ref().filter(|c| c.digest == msg.digest) {
+        tracing::info!("order {}: {} runs already", order.order, c.reference);
+        Deployed::Completed(DeployCompleted {
+            v: VERSION,
+            agent: config.name.clone(),
+            build: c.build.clone(),
+            application: c.application.clone(),
+            reference: c.reference.clone(),
+            previous: state.previous.clone(),
+            vm: vm_json(c, None),
+            order: None,
+            time: EventTime::now(),
+        })
+    } else if state.answered.iter().any(|o| o == &order.order) {
+        failed(
+            config,
+            msg,
+            &application,
+            ErrorKind::Verification,
+            format!(
+                "order {} was acted on already and {} did not stay",
+                order.order, msg.reference
+            ),
+            state,
+            true,
+        )
+    } else {
+        tracing::info!("order {}: deploying {}", order.order, msg.reference);
+        deploy(
+            config,
+            trust,
+            verifiers,
+            state,
+            msg,
+            Instant::now(),
+            backend,
+        )?
+    };
+    state.answer(&order.order);
+    match &mut outcome {
+        Deployed::Completed(c) => c.order = Some(order.order.clone()),
+        Deployed::Failed(f) => f.order = Some(order.order.clone()),
+    }
+    Ok(outcome)
 }
 
 /// What the agent's heartbeat says, shared by the deploy loop (which changes it) and the
@@ -1047,6 +1229,7 @@ mod tests {
             error: ErrorInfo::new(ErrorKind::Verification, "unsigned"),
             rolled_back: false,
             running: None,
+            order: None,
             time: EventTime::now(),
         });
         let v = serde_json::to_value(&failed).unwrap();

@@ -75,6 +75,23 @@ pub struct AgentState {
     /// The next VM id.
     #[serde(default)]
     pub next_vm: u64,
+    /// The last rollout orders acted on (newest last, at most [`ANSWERED`]): an order seen again
+    /// is answered from what runs, not deployed again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answered: Vec<String>,
+}
+
+/// Rollout orders remembered in [`AgentState::answered`].
+pub const ANSWERED: usize = 32;
+
+impl AgentState {
+    /// Remember that `order` was acted on.
+    pub fn answer(&mut self, order: &str) {
+        self.answered.retain(|o| o != order);
+        self.answered.push(order.to_string());
+        let over = self.answered.len().saturating_sub(ANSWERED);
+        self.answered.drain(..over);
+    }
 }
 
 /// `<dir>/state.json`.
@@ -151,7 +168,16 @@ mod tests {
             last_handled: Some("sha256:00".into()),
             refused_sequence: Some(42),
             next_vm: 4,
+            answered: Vec::new(),
         };
+        let mut s = s;
+        for i in 0..40 {
+            s.answer(&format!("r.0.a.{i}"));
+        }
+        s.answer("r.0.a.39");
+        assert_eq!(s.answered.len(), ANSWERED);
+        assert_eq!(s.answered.last().map(String::as_str), Some("r.0.a.39"));
+        assert_eq!(s.answered[0], "r.0.a.8");
         s.save(dir.path()).unwrap();
         assert_eq!(AgentState::load(dir.path()).unwrap(), s);
         std::fs::write(state_path(dir.path()), b"{").unwrap();

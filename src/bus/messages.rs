@@ -686,6 +686,9 @@ pub struct DeployCompleted {
     /// How the VM runs: QEMU pid, forwarded port, seconds from the published message to healthy…
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub vm: serde_json::Value,
+    /// The rollout order this answers ([`DeployOrder::order`]), when a rollout asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<String>,
     pub time: EventTime,
 }
 
@@ -707,6 +710,147 @@ pub struct DeployFailed {
     /// Image running now, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<String>,
+    /// The rollout order this answers ([`DeployOrder::order`]), when a rollout asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<String>,
+    pub time: EventTime,
+}
+
+/// `kiln.agent.<agent>.deploy`: a rollout controller asks one agent to deploy one image. The
+/// agent deploys it as it would an announcement of its tag (same checks, same swap or
+/// rollback) and answers on `kiln.deploy.<agent>.completed|failed` with the order's id. An
+/// order it has answered already is answered again from what runs, never deployed twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeployOrder {
+    pub v: u32,
+    /// Agent (host) name, unsanitized.
+    pub agent: String,
+    /// The rollout's id.
+    pub rollout: String,
+    /// This order's id, `<rollout>.<wave>.<agent>.<attempt>`: what the answer carries.
+    pub order: String,
+    /// The image, as announced (repository, `repo@sha256:…` reference, digest).
+    pub image: ImagePublished,
+    pub time: EventTime,
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutState {
+    /// A controller is moving it wave by wave.
+    Running,
+    /// Every wave deployed and baked.
+    Completed,
+    /// Stopped at a failure (`reason` says which host and why); `kiln rollout resume` goes on.
+    Halted,
+    /// Stopped by `kiln rollout abort`: nothing more is deployed.
+    Aborted,
+}
+
+impl RolloutState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Completed => "completed",
+            RolloutState::Halted => "halted",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+}
+
+/// Where one host of a rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    /// Not asked yet.
+    Pending,
+    /// Sent a [`DeployOrder`], waiting for the answer.
+    Ordered,
+    /// Runs the image, healthy.
+    Deployed,
+    /// Refused the image or rolled it back (or did not answer in time).
+    Failed,
+}
+
+/// One host of a rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RolloutHost {
+    pub agent: String,
+    /// The wave it belongs to (0-based).
+    pub wave: usize,
+    pub state: HostState,
+    /// The last order sent to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<String>,
+    /// Orders sent to it so far (a resumed rollout asks a failed host again).
+    #[serde(default)]
+    pub attempts: u32,
+    /// When the last order was sent (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordered_ms: Option<i64>,
+    /// When it answered (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_ms: Option<i64>,
+    /// The agent's answer: why it failed (with the serial console's last lines), or what
+    /// runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// `kiln.rollout.<id>.<event>` and the rollout's entry in the `kiln-rollouts` KV bucket: an
+/// image moving through a group of agents in waves. Every change is put on the stream with
+/// `event` saying what changed, so the stream is the rollout's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Rollout {
+    pub v: u32,
+    pub id: String,
+    /// What just happened: `requested`, `ordered`, `deployed`, `failed`, `baking`, `wave`,
+    /// `completed`, `halted`, `aborted`, `resumed`.
+    pub event: String,
+    /// The image: `repo@sha256:…`.
+    pub reference: String,
+    /// Repository, unsanitized (e.g. `registry:5000/team/web`).
+    pub repository: String,
+    /// Manifest digest `sha256:…`.
+    pub digest: String,
+    /// The group of agents it goes to.
+    pub group: String,
+    /// The waves as given (`1`, `25%`, …): each a number of hosts or a share of the group;
+    /// the last takes every host left.
+    pub waves: Vec<String>,
+    /// The hosts of each wave, fixed when the rollout starts.
+    #[serde(default)]
+    pub plan: Vec<Vec<String>>,
+    /// Hosts of a wave being deployed at once.
+    pub max_unavailable: u32,
+    /// Failed hosts tolerated before the rollout halts (0: the first failure halts it).
+    #[serde(default)]
+    pub max_failures: u32,
+    /// Seconds every host of a wave must stay healthy before the next wave starts.
+    pub bake_s: u64,
+    /// Seconds an agent has to answer an order.
+    pub deploy_timeout_s: u64,
+    /// Who asked (`user@host`).
+    pub by: String,
+    pub state: RolloutState,
+    /// The wave being deployed (0-based; `plan.len()` once completed).
+    pub wave: usize,
+    #[serde(default)]
+    pub hosts: Vec<RolloutHost>,
+    /// When the current wave's bake started (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_since_ms: Option<i64>,
+    /// Why it halted or was aborted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The controller that moves it (its lease ends at `lease_until_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
+    #[serde(default)]
+    pub lease_until_ms: i64,
+    pub created_ms: i64,
+    pub updated_ms: i64,
     pub time: EventTime,
 }
 
@@ -802,6 +946,8 @@ message!(ImagePublished, "image-published");
 message!(DeployCompleted, "deploy-completed");
 message!(DeployFailed, "deploy-failed");
 message!(AgentHeartbeat, "agent-heartbeat");
+message!(DeployOrder, "deploy-order");
+message!(Rollout, "rollout");
 
 /// Any stage event, as read back from the stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -890,6 +1036,18 @@ impl AgentHeartbeat {
     }
 }
 
+impl DeployOrder {
+    pub fn subject(&self) -> String {
+        subjects::agent_deploy(&self.agent)
+    }
+}
+
+impl Rollout {
+    pub fn subject(&self) -> String {
+        subjects::rollout_event(&self.id, &self.event)
+    }
+}
+
 fn schema_of<T: JsonSchema>() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(T)).unwrap_or(serde_json::Value::Null)
 }
@@ -933,6 +1091,11 @@ pub fn json_schemas() -> Vec<(String, serde_json::Value)> {
             format!("{}.json", AgentHeartbeat::NAME),
             schema_of::<AgentHeartbeat>(),
         ),
+        (
+            format!("{}.json", DeployOrder::NAME),
+            schema_of::<DeployOrder>(),
+        ),
+        (format!("{}.json", Rollout::NAME), schema_of::<Rollout>()),
     ]
 }
 

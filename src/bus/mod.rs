@@ -12,6 +12,7 @@ pub mod blobs;
 pub mod cluster;
 pub mod index;
 pub mod messages;
+pub mod rollouts;
 pub mod server;
 pub mod status;
 pub mod subjects;
@@ -22,10 +23,11 @@ pub use cluster::{ClusterReport, TlsFiles};
 pub use index::{BUILD_BUCKET, BuildIndex, BuildPhase, BuildSummary};
 pub use messages::{
     AgentHealth, AgentHeartbeat, BuildRequest, COMPLETED_VERSION, CacheStatus, DecodeError,
-    DeployCompleted, DeployFailed, ErrorInfo, ErrorKind, EventTime, GitSource, ImagePublished,
-    Message, Promotion, RecipeSource, RequestError, StageCompleted, StageEvent, StageFailed,
-    StageProgress, StageStarted, VERSION, assigned_build_id, decode, encode, is_valid_build_id,
-    new_build_id, refused_build_id,
+    DeployCompleted, DeployFailed, DeployOrder, ErrorInfo, ErrorKind, EventTime, GitSource,
+    HostState, ImagePublished, Message, Promotion, RecipeSource, RequestError, Rollout,
+    RolloutHost, RolloutState, StageCompleted, StageEvent, StageFailed, StageProgress,
+    StageStarted, VERSION, assigned_build_id, decode, encode, is_valid_build_id, new_build_id,
+    refused_build_id,
 };
 pub use server::{PrivateServer, ServerError};
 pub use subjects::{DeployKind, EventKind, Stage};
@@ -688,6 +690,10 @@ impl Bus {
         self.publish_raw(msg.subject(), encode(msg)).await
     }
 
+    pub async fn publish_deploy_order(&self, msg: &DeployOrder) -> Result<u64, BusError> {
+        self.publish_raw(msg.subject(), encode(msg)).await
+    }
+
     /// An ordered consumer reading `filter` from the `KILN` stream. It carries a name of its
     /// own (`kiln-read-<random>`), so the client creates it on
     /// `$JS.API.CONSUMER.CREATE.KILN.<name>.<filter>`: a server can then let readers create
@@ -897,11 +903,30 @@ impl Bus {
     /// Every message stored on subjects matching `filter` (e.g. `kiln.build.>`), in stream
     /// order, read with an ordered consumer up to the last one stored when called.
     pub async fn stored_messages(&self, filter: &str) -> Result<Vec<StoredMessage>, BusError> {
+        self.stored_messages_from(filter, consumer::DeliverPolicy::All)
+            .await
+    }
+
+    /// Like [`Bus::stored_messages`], from stream sequence `start` on.
+    pub async fn stored_messages_since(
+        &self,
+        filter: &str,
+        start: u64,
+    ) -> Result<Vec<StoredMessage>, BusError> {
+        let deliver = consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start.max(1),
+        };
+        self.stored_messages_from(filter, deliver).await
+    }
+
+    async fn stored_messages_from(
+        &self,
+        filter: &str,
+        deliver: consumer::DeliverPolicy,
+    ) -> Result<Vec<StoredMessage>, BusError> {
         let what = format!("read {filter} from stream {STREAM}");
         let stream = self.kiln_stream().await?;
-        let consumer = self
-            .reader(&stream, filter, consumer::DeliverPolicy::All, &what)
-            .await?;
+        let consumer = self.reader(&stream, filter, deliver, &what).await?;
         let mut out = Vec::new();
         if consumer.cached_info().num_pending == 0 {
             return Ok(out);

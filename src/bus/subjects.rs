@@ -209,6 +209,25 @@ pub fn agent_heartbeat(agent: &str) -> String {
     format!("{ROOT}.agent.{}.heartbeat", sanitize_token(agent))
 }
 
+/// `kiln.agent.<agent>.deploy`: rollout orders for one agent; the agent name is sanitized.
+pub fn agent_deploy(agent: &str) -> String {
+    format!("{ROOT}.agent.{}.deploy", sanitize_token(agent))
+}
+
+/// `kiln.rollout.<id>.<event>`.
+pub fn rollout_event(id: &str, event: &str) -> String {
+    format!(
+        "{ROOT}.rollout.{}.{}",
+        sanitize_token(id),
+        sanitize_token(event)
+    )
+}
+
+/// Every event of one rollout: `kiln.rollout.<id>.>`.
+pub fn rollout_events(id: &str) -> String {
+    format!("{ROOT}.rollout.{}.>", sanitize_token(id))
+}
+
 /// A parsed `kiln.build.<id>.<stage>.<kind>` subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageSubject {

@@ -6,12 +6,14 @@
 //! [`free_port`], [`curl`]), [`hash`] (sha256), [`files`] ([`copy_dir`], [`walk`]), [`metrics`] (promtool), [`git`]
 //! ([`commit_all`]), [`jetstream`] (kiln's buckets as a NATS client sees them), [`registry`], [`nats_roles`], [`raw_nats`] (the server asked in its own
 //! protocol), [`cluster`] (a JetStream cluster of nodes that can be killed and restarted,
-//! optionally with TLS), [`netns`] (a separate host in a network namespace), [`verify_support`].
+//! optionally with TLS), [`netns`] (a separate host in a network namespace), [`verify_support`],
+//! [`agents`] (`kiln agent` processes, their VMs, `recipes/app.yaml` builds).
 //!
 //! Each test binary compiles this module on its own and uses a part of it, hence
 //! `allow(dead_code)`.
 #![allow(dead_code)]
 
+pub mod agents;
 pub mod cluster;
 pub mod files;
 pub mod git;

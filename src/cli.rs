@@ -125,6 +125,20 @@ pub enum Command {
                       its tag and who promoted it: agents run with --watch REPO:CHANNEL deploy it."
     )]
     Promote(PromoteArgs),
+    /// Pull an image back everywhere: agents running it return to the image before it, and
+    /// pulls, promotions and agents refuse it from then on.
+    #[command(
+        after_help = "Example:\n  kiln revoke 127.0.0.1:5000/kiln/app@sha256:3b6b… --reason \"CVE-2026-1234 in openssl\" \\\n      \
+                      --nats nats://127.0.0.1:4222\n\n\
+                      The revocation is stored in the registry beside the image (the tag sha256-<hex>.revoked, \
+                      with the reason; the image is its subject), where `kiln pull`, `kiln verify`, `kiln promote` \
+                      and the agents look before they fetch anything, and announced on \
+                      kiln.image.revoked.<repository>: every agent running the image deploys the image it ran \
+                      before (checked again like any image) and reports kiln.deploy.<agent>.completed with the \
+                      revocation as its cause. `kiln agents` marks hosts still on a revoked image. To undo it, \
+                      delete the tag in the registry."
+    )]
+    Revoke(RevokeArgs),
     /// Check an image's signature, SBOM and provenance with a public key; exit 1 when a
     /// requirement fails.
     #[command(
@@ -577,6 +591,22 @@ pub struct PromoteArgs {
     /// Public key of a verifier whose boot attestation counts (repeatable; at least one).
     #[arg(long, value_name = "KEYFILE", required = true)]
     pub trust_verifier: Vec<PathBuf>,
+    /// Use plain http for a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The image, by digest: `host:port/repository@sha256:…`.
+    pub reference: String,
+    /// Why: kept with the revocation and shown in every refusal.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: String,
     /// Use plain http for a registry that is not on loopback.
     #[arg(long)]
     pub insecure: bool,
@@ -1099,6 +1129,14 @@ pub struct AgentArgs {
     /// Seconds between heartbeats in the kiln-agents bucket (three missed: `gone`).
     #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub heartbeat_interval: u64,
+    /// Seconds between health checks of the running VM (its QEMU alive, its health port
+    /// answering); 0 turns them off.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub health_interval: u64,
+    /// Failed health checks in a row before the agent acts: it restarts the VM the first
+    /// time, and goes back to the image before it the next.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub health_retries: u32,
     /// Print every result as a JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -1356,6 +1394,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         } => keygen(&output, key_type),
         Command::Sign(args) => sign(args),
         Command::Promote(args) => promote(args),
+        Command::Revoke(args) => revoke(args),
         Command::Verify(args) => verify_image(args),
         Command::Sbom(args) => sbom(args),
         Command::Publish(args) => publish(args),
@@ -2291,9 +2330,7 @@ fn promote(args: PromoteArgs) -> anyhow::Result<i32> {
         .into());
     }
     let promoted = crate::store::tag_image(&report.reference, &args.channel, &opts)?;
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
+    let user = user_name();
     let message = crate::bus::ImagePublished {
         v: crate::bus::VERSION,
         build: String::new(),
@@ -2324,6 +2361,60 @@ fn promote(args: PromoteArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// `kiln revoke`: store the revocation in the registry, then announce it to the agents.
+fn revoke(args: RevokeArgs) -> anyhow::Result<i32> {
+    use crate::store::{Location, Reference, StoreOptions};
+    let r = Reference::parse(&args.reference).map_err(BadInput::error)?;
+    let (Location::Registry { host, repository }, Some(digest)) = (&r.location, &r.digest) else {
+        return Err(BadInput::Message(format!(
+            "{}: give the image in a registry by digest (host:port/repository@sha256:…): a tag \
+             names whatever it points at now",
+            args.reference
+        ))
+        .into());
+    };
+    if args.reason.trim().is_empty() {
+        return Err(BadInput::Message("--reason: say why the image is revoked".into()).into());
+    }
+    let opts = StoreOptions {
+        insecure: args.insecure,
+        ..Default::default()
+    };
+    let by = format!("{}@{}", user_name(), crate::pipeline::worker::host_name());
+    let reference = crate::store::revoke_image(&args.reference, &args.reason, &by, &opts)?;
+    let message = crate::bus::ImageRevoked {
+        v: crate::bus::VERSION,
+        repository: format!("{host}/{repository}"),
+        reference: reference.clone(),
+        digest: digest.to_string(),
+        reason: args.reason.clone(),
+        by,
+        time: crate::bus::EventTime::now(),
+    };
+    let sequence = runtime()?.block_on(async {
+        let bus = crate::bus::Bus::connect(&args.nats.connect_options()).await?;
+        bus.publish_raw(message.subject(), crate::bus::encode(&message))
+            .await
+    })?;
+    if args.json {
+        let doc = serde_json::json!({ "revoked": reference, "announcement": message, "sequence": sequence });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "{reference} is revoked ({}); agents running it go back to the image before it",
+            args.reason
+        );
+    }
+    Ok(0)
+}
+
+/// Who runs this command, for the records of promotions, rollouts and revocations.
+fn user_name() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn publish(args: PublishArgs) -> anyhow::Result<i32> {
@@ -3038,6 +3129,8 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
         },
         groups: args.groups.clone(),
         heartbeat: std::time::Duration::from_secs(args.heartbeat_interval),
+        health_interval: std::time::Duration::from_secs(args.health_interval),
+        health_retries: args.health_retries,
     };
     let json = args.json;
     let report: crate::agent::Report = Box::new(move |event: &AgentEvent| {
@@ -3194,9 +3287,34 @@ fn agents(args: AgentsArgs) -> anyhow::Result<i32> {
             Some(inv) => in_group(inv.list(now).await?, args.group.as_deref()),
             None => Vec::new(),
         };
+        // Digests revoked within the stream's retention (the registry keeps them for good).
+        let revoked: std::collections::BTreeMap<String, String> = bus
+            .stored_messages("kiln.image.revoked.>")
+            .await?
+            .iter()
+            .filter_map(|m| crate::bus::decode::<crate::bus::ImageRevoked>(&m.payload).ok())
+            .map(|r| (r.digest, r.reason))
+            .collect();
+        let on_revoked = |e: &crate::bus::agents::AgentEntry| {
+            e.heartbeat
+                .digest
+                .as_ref()
+                .and_then(|d| revoked.get(d))
+                .cloned()
+        };
         let mut out = std::io::stdout().lock();
         if args.json {
-            let doc = serde_json::json!({ "agents": entries });
+            let listed: Vec<serde_json::Value> = entries
+                .iter()
+                .map(|e| {
+                    let mut v = serde_json::to_value(e).unwrap_or_default();
+                    if let (Some(why), Some(o)) = (on_revoked(e), v.as_object_mut()) {
+                        o.insert("revoked".into(), serde_json::Value::String(why));
+                    }
+                    v
+                })
+                .collect();
+            let doc = serde_json::json!({ "agents": listed });
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         } else if entries.is_empty() {
             writeln!(
@@ -3235,13 +3353,16 @@ fn agents(args: AgentsArgs) -> anyhow::Result<i32> {
                             hb.running.as_deref().unwrap_or("-")
                         ))
                         .or_else(|| hb.running.clone())
-                        .unwrap_or_else(|| "-".into()),
+                        .unwrap_or_else(|| "-".into())
+                        + &on_revoked(e)
+                            .map(|why| format!(" REVOKED: {why}"))
+                            .unwrap_or_default(),
                 )?;
             }
         }
         let bad = entries
             .iter()
-            .any(|e| e.state == "gone" || e.state == "unhealthy");
+            .any(|e| e.state == "gone" || e.state == "unhealthy" || on_revoked(e).is_some());
         Ok(if bad { EXIT_FAILURE } else { 0 })
     })
 }
@@ -3488,9 +3609,7 @@ fn rollout_start(args: RolloutArgs) -> anyhow::Result<i32> {
             .into());
         }
         let plan = plan(&hosts, &waves);
-        let user = std::env::var("USER")
-            .or_else(|_| std::env::var("LOGNAME"))
-            .unwrap_or_else(|_| "unknown".into());
+        let user = user_name();
         let rollout = Rollout {
             v: crate::bus::VERSION,
             id: format!("r-{}", crate::bus::new_build_id()),

@@ -171,12 +171,18 @@ async fn advance(
 
 /// The image as the orders carry it.
 pub fn announcement(r: &Rollout) -> ImagePublished {
+    announcement_of(&r.repository, &r.reference, &r.digest)
+}
+
+/// An image named by digest as an announcement carries it (no build, tags or report): what an
+/// agent deploys for an order or when it goes back from a revoked image.
+pub fn announcement_of(repository: &str, reference: &str, digest: &str) -> ImagePublished {
     ImagePublished {
         v: VERSION,
         build: String::new(),
-        repository: r.repository.clone(),
-        reference: r.reference.clone(),
-        digest: r.digest.clone(),
+        repository: repository.to_string(),
+        reference: reference.to_string(),
+        digest: digest.to_string(),
         tags: Vec::new(),
         signature: None,
         verification: serde_json::Value::Null,
@@ -550,6 +556,7 @@ mod tests {
             previous: None,
             vm: serde_json::Value::Null,
             order: Some(order.into()),
+            cause: None,
             time: EventTime::UnixMs(0),
         })
     }

@@ -61,6 +61,7 @@ fn every_documented_example_parses() {
             "agent-heartbeat" => decode::<kiln::bus::AgentHeartbeat>(bytes).map(|_| ()),
             "deploy-order" => decode::<kiln::bus::DeployOrder>(bytes).map(|_| ()),
             "rollout" => decode::<kiln::bus::Rollout>(bytes).map(|_| ()),
+            "image-revoked" => decode::<kiln::bus::ImageRevoked>(bytes).map(|_| ()),
             other => panic!("docs/messages.md: unknown example name {other:?}"),
         };
         r.unwrap_or_else(|e| panic!("docs/messages.md example {name}: {e}\n{json}"));

@@ -9,7 +9,8 @@
 //! each stable address see no failed request → a rollout of v3 (verified, but its application
 //! never comes up) halts after the first wave, that host back on v2 and the other two never
 //! asked → a rollout of v1 whose controller is killed between two waves is taken over by a
-//! second controller, and no host deploys twice.
+//! second controller, and no host deploys twice → v1 is revoked while all run it: each goes
+//! back to v2, and v1 is refused from then on.
 
 use kiln::bus::{Bus, DeployCompleted, Rollout};
 use std::path::PathBuf;
@@ -374,4 +375,193 @@ fn a_rollout_goes_wave_by_wave_halts_on_a_bad_image_and_outlives_its_controller(
         );
         assert!(page(*port).contains("kiln-app release 1"));
     }
+
+    // --- v1 revoked while all three run it: each goes back to the image before it (v2) and
+    // says why; pulls and promotions of v1 are refused from then on.
+    let o = kiln(home.path())
+        .args([
+            "revoke",
+            &format!("{repository}@{v1}"),
+            "--reason",
+            "v1 leaks memory",
+        ])
+        .args(["--nats", &url])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o, &up_log));
+    for (a, port) in agents.iter().zip(&ports) {
+        let c = a.next("completed", boot);
+        assert!(c["reference"].as_str().unwrap().ends_with(&v2), "{c}");
+        let cause = c["cause"].as_str().unwrap();
+        assert!(
+            cause.contains(&format!("revoked {v1}")) && cause.contains("v1 leaks memory"),
+            "{c}"
+        );
+        assert!(page(*port).contains("kiln-app release 2"));
+    }
+    let o = kiln(home.path())
+        .args(["pull", &format!("{repository}@{v1}"), "-o"])
+        .arg(work.path().join("v1.qcow2"))
+        .arg("--trust")
+        .arg(&trust)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("was revoked: v1 leaks memory"), "{err}");
+    assert!(!work.path().join("v1.qcow2").exists());
+    let o = kiln(home.path())
+        .args([
+            "promote",
+            &format!("{repository}@{v1}"),
+            "--channel",
+            "stable",
+        ])
+        .args(["--nats", &url, "--trust"])
+        .arg(&trust)
+        .arg("--trust-verifier")
+        .arg(&verifier)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("revoked"),
+        "{}",
+        show(&o, &up_log)
+    );
+    let o = kiln(home.path())
+        .args(["agents", "--group", "web", "--nats", &url])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "nobody runs a revoked image: {}",
+        show(&o, &up_log)
+    );
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("REVOKED"));
+}
+
+/// An application that stops answering 15 s after it started (`--set stop_after=15`): the
+/// agent's health checks notice, it restarts the VM, and when the restarted VM stops answering
+/// too it goes back to the image before and reports `failed`. An agent killed with SIGKILL is
+/// `gone` after three heartbeats and `healthy` again once restarted, without booting anything.
+#[test]
+fn a_vm_that_turns_unhealthy_is_restarted_then_rolled_back() {
+    let home = shared_home();
+    let work = tempfile::tempdir().unwrap();
+    let reg = start_registry(None);
+    let host = format!("127.0.0.1:{}", reg.port);
+    let repository = format!("{host}/kiln/app");
+    let server = kiln::bus::PrivateServer::start().unwrap();
+    let url = server.url();
+    let key = work.path().join("images.key");
+    let o = kiln(home.path())
+        .args(["keygen", "-o"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let up_log = work.path().join("up.log");
+    let _up = {
+        let mut c = kiln(home.path());
+        c.args(["up", "--listen", "none", "--nats", &url])
+            .args(["--publish-to", &host, "--key"])
+            .arg(&key)
+            .args(common::recipe_roots())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&up_log).unwrap());
+        Running::new(c.spawn().unwrap())
+    };
+    submit(home.path(), &url, &["release=1"], &up_log);
+    let state = work.path().join("hv-z");
+    let _reaper = VmReaper(state.clone());
+    let port = free_port();
+    let agent_cmd = || {
+        let mut c = kiln(home.path());
+        c.args(["agent", "--nats", &url, "--name", "hv-z", "--json"])
+            .args(["--watch", &format!("{repository}:latest")])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--group", "solo", "--heartbeat-interval", "1"])
+            .args(["--health-interval", "1", "--health-retries", "3", "--trust"])
+            .arg(work.path().join("images.key.pub"))
+            .arg("--trust-verifier")
+            .arg(home.path().join("verifier.key.pub"))
+            .arg("--state-dir")
+            .arg(&state);
+        c
+    };
+    let log = work.path().join("hv-z.log");
+    let mut agent = Agent::start(agent_cmd(), &log);
+    let boot = Duration::from_secs(240);
+    agent.next("ready", Duration::from_secs(30));
+    let v1 = agent.next("completed", boot);
+    let v1_ref = v1["reference"].as_str().unwrap().to_string();
+    let events = submit(home.path(), &url, &["release=2", "stop_after=15"], &up_log);
+    let v2_ref = events.last().unwrap()["outputs"]["reference"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v2 = agent.next("completed", boot);
+    assert_eq!(v2["reference"], v2_ref.as_str(), "{v2}");
+    assert!(page(port).contains("kiln-app release 2"));
+    let first_pid = v2["vm"]["pid"].as_u64().unwrap();
+
+    // 15 s later the application stops; three failed checks later the VM is restarted.
+    let restarted = agent.next("completed", boot);
+    assert_eq!(restarted["reference"], v2_ref.as_str(), "{restarted}");
+    let cause = restarted["cause"].as_str().unwrap();
+    assert!(
+        cause.starts_with("restarted: ")
+            && cause.contains("does not answer")
+            && cause.contains("3 checks in a row"),
+        "{restarted}"
+    );
+    assert_ne!(restarted["vm"]["pid"].as_u64().unwrap(), first_pid);
+    assert!(page(port).contains("kiln-app release 2"));
+
+    // It stops again: back to v1, reported as a failure of v2.
+    let failed = agent.next("failed", boot);
+    assert_eq!(failed["reference"], v2_ref.as_str(), "{failed}");
+    assert_eq!(failed["rolled_back"], true, "{failed}");
+    assert_eq!(failed["running"], v1_ref.as_str(), "{failed}");
+    let why = failed["error"]["message"].as_str().unwrap();
+    assert!(
+        why.contains("became unhealthy after it was deployed")
+            && why.contains("restarted once already")
+            && why.contains(&format!("went back to {v1_ref}")),
+        "{why}"
+    );
+    assert!(page(port).contains("kiln-app release 1"));
+    let history: Vec<String> = rt().block_on(async {
+        let bus = Bus::connect_url(&url).await.unwrap();
+        bus.stored_messages("kiln.agent.hv-z.heartbeat")
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| kiln::bus::decode::<kiln::bus::AgentHeartbeat>(&m.payload).unwrap())
+            .map(|h| h.health.name().to_string())
+            .collect()
+    });
+    assert!(history.iter().any(|h| h == "unhealthy"), "{history:?}");
+
+    // Killed, the agent is gone after three heartbeats; restarted, it re-adopts its VM and
+    // does not deploy v2 again from its announcement.
+    let agents = |expect_ok: bool| -> serde_json::Value {
+        let o = kiln(home.path())
+            .args(["agents", "--json", "--nats", &url])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.success(), expect_ok, "{}", show(&o, &up_log));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    agent.proc.kill9();
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(agents(false)["agents"][0]["state"], "gone");
+    agent = Agent::start(agent_cmd(), &log);
+    let ready = agent.next("ready", Duration::from_secs(30));
+    assert_eq!(ready["running"], v1_ref.as_str(), "{ready}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let listed = agents(true);
+    assert_eq!(listed["agents"][0]["state"], "healthy", "{listed}");
+    assert!(agent.lines.recv_timeout(Duration::from_secs(3)).is_err());
 }

@@ -14,7 +14,14 @@
 //!    section, unless the command line overrides it);
 //! 4. healthy: switches its proxy ([`proxy`], `--listen`) to the new VM, stops the old one with
 //!    QMP `quit`, and reports `kiln.deploy.<agent>.completed`; unhealthy: kills the new VM, the
-//!    old one keeps running, and `kiln.deploy.<agent>.failed` says why (rollback).
+//!    old one keeps running, and `kiln.deploy.<agent>.failed` says why (rollback);
+//! 5. keeps checking the running VM every `--health-interval` ([`check_health`]): after
+//!    `--health-retries` failures in a row it restarts the VM once, and the next time goes back
+//!    to the image before it ([`heal`]).
+//!
+//! It also deploys the images rollout controllers order on `kiln.agent.<agent>.deploy`
+//! ([`obey`]: each order once, answered with its id), and goes back from a running image that
+//! `kiln revoke` announces on `kiln.image.revoked.<repository>` ([`go_back`]).
 //!
 //! The state ([`state`]) is a JSON file written atomically after every change. A restarted agent
 //! re-adopts the VM it finds there when its QEMU is alive and answers QMP `query-status`, and
@@ -27,7 +34,7 @@ pub mod vm;
 
 use crate::bus::{
     Bus, BusError, DeployCompleted, DeployFailed, DeployOrder, ErrorInfo, ErrorKind, EventTime,
-    ImagePublished, VERSION, subjects,
+    ImagePublished, ImageRevoked, VERSION, subjects,
 };
 use crate::store::{self, Reference, StoreError, StoreOptions, VerifyingKey};
 use crate::task::blocking;
@@ -102,6 +109,10 @@ pub struct AgentConfig {
     pub groups: Vec<String>,
     /// How often the agent records its heartbeat in the `kiln-agents` bucket.
     pub heartbeat: Duration,
+    /// How often the running VM's health is checked (zero: never).
+    pub health_interval: Duration,
+    /// Failed checks in a row before the agent restarts the VM or goes back.
+    pub health_retries: u32,
 }
 
 /// Split `REPO:TAG` (the tag is after the last `:` that follows the last `/`).
@@ -516,6 +527,7 @@ fn deploy(
                 previous: state.previous.clone(),
                 vm: vm_json(&new, Some(seconds)),
                 order: None,
+                cause: None,
                 time: EventTime::now(),
             }))
         }
@@ -587,40 +599,7 @@ fn recover(
         cur.pid,
         cur.reference
     );
-    vm::stop(&cur, Duration::from_secs(2));
-    state.current = None;
-    let id = state.next_vm;
-    state.next_vm += 1;
-    state.save(&config.state_dir)?;
-    let req = vm::VmRequest {
-        id,
-        reference: cur.reference.clone(),
-        digest: cur.digest.clone(),
-        build: cur.build.clone(),
-        application: cur.application.clone(),
-        image: cur.image.clone(),
-        health: cur.health.clone(),
-        memory_mib: cur.memory_mib,
-        cpus: cur.cpus,
-    };
-    let started = Instant::now();
-    let outcome = vm::start(
-        &config.state_dir,
-        config.profiles_dir.as_deref(),
-        &config.profile,
-        &req,
-    )
-    .map_err(|e| crate::error::chain_text(&e))
-    .and_then(|mut new| match vm::wait_healthy(&new, started) {
-        Ok(_) => {
-            new.since = crate::time::rfc3339(now_ms() as i64, crate::time::Precision::Millis);
-            Ok(new)
-        }
-        Err(why) => {
-            vm::stop(&new, Duration::from_secs(2));
-            Err(why)
-        }
-    });
+    let outcome = reboot(config, state, &cur)?;
     Ok(Some(match outcome {
         Ok(new) => {
             backend.set(new.host_port);
@@ -635,6 +614,7 @@ fn recover(
                 previous: Some(cur.reference.clone()),
                 vm: vm_json(&new, None),
                 order: None,
+                cause: None,
                 time: EventTime::now(),
             })
         }
@@ -657,6 +637,195 @@ fn recover(
             })
         }
     }))
+}
+
+/// Stop `cur` and boot its image again in a new VM (blocking): the new VM once it is healthy,
+/// or why not (that VM is stopped then). `state.current` is cleared meanwhile; the caller puts
+/// the new VM in.
+fn reboot(
+    config: &AgentConfig,
+    state: &mut AgentState,
+    cur: &VmRecord,
+) -> Result<Result<VmRecord, String>, AgentError> {
+    vm::stop(cur, Duration::from_secs(2));
+    state.current = None;
+    let id = state.next_vm;
+    state.next_vm += 1;
+    state.save(&config.state_dir)?;
+    let req = vm::VmRequest {
+        id,
+        reference: cur.reference.clone(),
+        digest: cur.digest.clone(),
+        build: cur.build.clone(),
+        application: cur.application.clone(),
+        image: cur.image.clone(),
+        health: cur.health.clone(),
+        memory_mib: cur.memory_mib,
+        cpus: cur.cpus,
+    };
+    let started = Instant::now();
+    Ok(vm::start(
+        &config.state_dir,
+        config.profiles_dir.as_deref(),
+        &config.profile,
+        &req,
+    )
+    .map_err(|e| crate::error::chain_text(&e))
+    .and_then(|mut new| match vm::wait_healthy(&new, started) {
+        Ok(_) => {
+            new.since = crate::time::rfc3339(now_ms() as i64, crate::time::Precision::Millis);
+            Ok(new)
+        }
+        Err(why) => {
+            vm::stop(&new, Duration::from_secs(2));
+            Err(why)
+        }
+    }))
+}
+
+/// Whether the running VM is still healthy: its QEMU alive and, when it has a forwarded port,
+/// an answer there. `Err` says what failed.
+fn check_health(vm: &VmRecord) -> Result<(), String> {
+    if !vm::alive(vm) {
+        return Err(format!("its QEMU (pid {}) is gone", vm.pid));
+    }
+    if let Some(port) = vm.host_port
+        && !vm::port_answers(port)
+    {
+        return Err(format!(
+            "guest port {} (host 127.0.0.1:{port}) does not answer",
+            vm.guest_port.unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
+/// What the health watch remembers of the running image.
+#[derive(Debug, Default)]
+struct HealthWatch {
+    /// The digest these counts are about.
+    digest: Option<String>,
+    /// Failed checks in a row.
+    failures: u32,
+    /// The last failure.
+    why: String,
+    /// The VM was restarted once already for failing its checks.
+    restarted: bool,
+    /// Nothing more to try (no earlier image): do not report again until the image changes.
+    given_up: bool,
+}
+
+/// After `--health-retries` failed checks in a row (blocking): restart the VM once; when it
+/// fails its checks again (or the restart does not become healthy), go back to the image
+/// before it and report `failed` with the reason.
+fn heal(
+    config: &AgentConfig,
+    trust: &VerifyingKey,
+    verifiers: &[VerifyingKey],
+    state: &mut AgentState,
+    watch: &mut HealthWatch,
+    backend: &proxy::Backend,
+) -> Result<Option<Deployed>, AgentError> {
+    let Some(cur) = state.current.clone() else {
+        return Ok(None);
+    };
+    let why = format!(
+        "{} became unhealthy after it was deployed: {} ({} checks in a row, every {} s)",
+        cur.reference,
+        watch.why,
+        watch.failures,
+        config.health_interval.as_secs()
+    );
+    watch.failures = 0;
+    let mut why = why;
+    if !watch.restarted {
+        watch.restarted = true;
+        tracing::warn!("{why}; restarting its VM");
+        match reboot(config, state, &cur)? {
+            Ok(new) => {
+                backend.set(new.host_port);
+                state.current = Some(new.clone());
+                state.save(&config.state_dir)?;
+                return Ok(Some(Deployed::Completed(DeployCompleted {
+                    v: VERSION,
+                    agent: config.name.clone(),
+                    build: new.build.clone(),
+                    application: new.application.clone(),
+                    reference: new.reference.clone(),
+                    previous: state.previous.clone(),
+                    vm: vm_json(&new, None),
+                    order: None,
+                    cause: Some(format!("restarted: {why}")),
+                    time: EventTime::now(),
+                })));
+            }
+            Err(e) => why = format!("{why}; the restarted VM did not become healthy: {e}"),
+        }
+    } else {
+        why = format!("{why}; it was restarted once already");
+        vm::stop(&cur, Duration::from_secs(2));
+        state.current = None;
+        backend.set(None);
+        state.save(&config.state_dir)?;
+    }
+    // Back to the image before it, checked again like any image.
+    let previous = state
+        .previous
+        .clone()
+        .filter(|p| p.contains('@') && reference_digest(p) != cur.digest);
+    let msg = crate::rollout::announcement_of(&config.repository, &cur.reference, &cur.digest);
+    let Some(previous) = previous else {
+        watch.given_up = true;
+        return Ok(Some(failed(
+            config,
+            &msg,
+            &cur.application,
+            ErrorKind::Verification,
+            format!("{why}; there is no earlier image to go back to"),
+            state,
+            false,
+        )));
+    };
+    tracing::warn!("{why}; going back to {previous}");
+    let back =
+        crate::rollout::announcement_of(&config.repository, &previous, reference_digest(&previous));
+    let outcome = deploy(
+        config,
+        trust,
+        verifiers,
+        state,
+        &back,
+        Instant::now(),
+        backend,
+    )?;
+    let message = match &outcome {
+        Deployed::Completed(_) => format!("{why}; went back to {previous}"),
+        Deployed::Failed(f) => format!(
+            "{why}; going back to {previous} failed: {}",
+            f.error.message
+        ),
+    };
+    let rolled_back = matches!(outcome, Deployed::Completed(_));
+    // The image that failed counts as handled (a restarted agent does not deploy it again from
+    // its announcement), and it is the one that ran before.
+    state.last_handled = Some(cur.digest.clone());
+    if rolled_back {
+        state.previous = Some(cur.reference.clone());
+    }
+    state.save(&config.state_dir)?;
+    let mut report = failed(
+        config,
+        &msg,
+        &cur.application,
+        ErrorKind::Verification,
+        message,
+        state,
+        rolled_back,
+    );
+    if let Deployed::Failed(f) = &mut report {
+        f.rolled_back = rolled_back;
+    }
+    Ok(Some(report))
 }
 
 /// The digest of a `repo:tag@sha256:…` reference (the whole text when it has none).
@@ -795,11 +964,114 @@ pub async fn run(
         subjects::agent_deploy(&config.name),
         order_tx,
     ));
+    let (revoked_tx, mut revocations) = tokio::sync::mpsc::unbounded_channel();
+    let revoked_reader = tokio::spawn(watch(
+        bus.clone(),
+        subjects::image_revoked(&config.repository),
+        revoked_tx,
+    ));
+    let mut checks = tokio::time::interval(if config.health_interval.is_zero() {
+        Duration::from_secs(86_400 * 365)
+    } else {
+        config.health_interval
+    });
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    checks.tick().await;
+    let mut health = HealthWatch::default();
     tokio::pin!(shutdown);
     loop {
         let next = tokio::select! {
             _ = &mut shutdown => break,
+            _ = checks.tick(), if !config.health_interval.is_zero() => {
+                let Some(cur) = state.current.clone() else { continue };
+                if health.digest.as_deref() != Some(cur.digest.as_str()) {
+                    health = HealthWatch { digest: Some(cur.digest.clone()), ..HealthWatch::default() };
+                }
+                if health.given_up {
+                    continue;
+                }
+                let result = tokio::task::spawn_blocking(move || check_health(&cur)).await?;
+                match result {
+                    Ok(()) => {
+                        if health.failures > 0 {
+                            tracing::info!("healthy again after {} failed check(s)", health.failures);
+                            set_status(Status::of(&state, None));
+                        }
+                        health.failures = 0;
+                        continue;
+                    }
+                    Err(why) => {
+                        health.failures += 1;
+                        tracing::warn!("health check {} of {}: {why}", health.failures, config.health_retries);
+                        health.why = why;
+                        let mut s = Status::of(&state, None);
+                        s.failing = Some(health.why.clone());
+                        set_status(s);
+                        if health.failures < config.health_retries {
+                            continue;
+                        }
+                    }
+                }
+                let (st, w, outcome) = {
+                    let config = config.clone();
+                    let backend = backend.clone();
+                    let trust = trust.clone();
+                    let verifiers = verifiers.clone();
+                    let mut w = std::mem::take(&mut health);
+                    blocking::<_, AgentError>(move || {
+                        let mut st = state;
+                        let o = heal(&config, &trust, &verifiers, &mut st, &mut w, &backend)?;
+                        st.save(&config.state_dir)?;
+                        Ok((st, w, o))
+                    })
+                    .await?
+                };
+                state = st;
+                health = w;
+                set_status(Status::of(&state, None));
+                if let Some(o) = &outcome {
+                    announce(bus, o, &report).await;
+                }
+                continue;
+            }
             m = rx.recv() => m,
+            r = revocations.recv() => {
+                let Some(r) = r else { break };
+                let revoked: ImageRevoked = match crate::bus::decode(&r.payload) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(
+                            "ignoring a message on {}: {}",
+                            r.subject,
+                            crate::error::Chain(&e)
+                        );
+                        continue;
+                    }
+                };
+                let runs_it = state.current.as_ref().is_some_and(|c| c.digest == revoked.digest);
+                if !runs_it || revoked.repository != config.repository {
+                    continue;
+                }
+                tracing::warn!("{} was revoked ({}); going back", revoked.reference, revoked.reason);
+                set_status(Status::of(&state, state.previous.clone()));
+                let (st, outcome) = {
+                    let config = config.clone();
+                    let backend = backend.clone();
+                    let trust = trust.clone();
+                    let verifiers = verifiers.clone();
+                    blocking::<_, AgentError>(move || {
+                        let mut st = state;
+                        let o = go_back(&config, &trust, &verifiers, &mut st, &revoked, &backend)?;
+                        st.save(&config.state_dir)?;
+                        Ok((st, o))
+                    })
+                    .await?
+                };
+                state = st;
+                set_status(Status::of(&state, None));
+                announce(bus, &outcome, &report).await;
+                continue;
+            }
             o = orders.recv() => {
                 let Some(o) = o else { break };
                 let order: DeployOrder = match crate::bus::decode(&o.payload) {
@@ -889,8 +1161,70 @@ pub async fn run(
     }
     reader.abort();
     order_reader.abort();
+    revoked_reader.abort();
     beats.abort();
     Ok(())
+}
+
+/// The running image was revoked (blocking): deploy the one that ran before it, as a new
+/// image (pulled and checked again: a revoked or unsigned one is refused), and report with the
+/// revocation as the cause. Without an image to go back to, the VM keeps running and the
+/// failure says so.
+fn go_back(
+    config: &AgentConfig,
+    trust: &VerifyingKey,
+    verifiers: &[VerifyingKey],
+    state: &mut AgentState,
+    revoked: &ImageRevoked,
+    backend: &proxy::Backend,
+) -> Result<Deployed, AgentError> {
+    let cause = format!("revoked {}: {}", revoked.digest, revoked.reason);
+    let application = state
+        .current
+        .as_ref()
+        .map_or_else(|| config.name.clone(), |c| c.application.clone());
+    let previous = state
+        .previous
+        .clone()
+        .filter(|p| reference_digest(p) != revoked.digest && p.contains('@'));
+    let Some(previous) = previous else {
+        let msg = crate::rollout::announcement_of(
+            &revoked.repository,
+            &revoked.reference,
+            &revoked.digest,
+        );
+        return Ok(failed(
+            config,
+            &msg,
+            &application,
+            ErrorKind::Verification,
+            format!("{cause}; there is no earlier image to go back to, so it keeps running"),
+            state,
+            false,
+        ));
+    };
+    let msg = crate::rollout::announcement_of(
+        &revoked.repository,
+        &previous,
+        reference_digest(&previous),
+    );
+    let mut outcome = deploy(
+        config,
+        trust,
+        verifiers,
+        state,
+        &msg,
+        Instant::now(),
+        backend,
+    )?;
+    state.last_handled = Some(revoked.digest.clone());
+    match &mut outcome {
+        Deployed::Completed(c) => c.cause = Some(cause),
+        Deployed::Failed(f) => {
+            f.error.message = format!("{cause}; going back failed: {}", f.error.message)
+        }
+    }
+    Ok(outcome)
 }
 
 /// Whether the rollout that sent `order` still waits for it: an order read again after a
@@ -982,6 +1316,7 @@ fn obey(
             previous: state.previous.clone(),
             vm: vm_json(c, None),
             order: None,
+            cause: None,
             time: EventTime::now(),
         })
     } else if state.answered.iter().any(|o| o == &order.order) {
@@ -1022,6 +1357,8 @@ fn obey(
 #[derive(Debug, Clone, Default)]
 struct Status {
     deploying: Option<String>,
+    /// Why the running VM failed its last health check, while it does.
+    failing: Option<String>,
     current: Option<VmRecord>,
     previous: Option<String>,
 }
@@ -1030,6 +1367,7 @@ impl Status {
     fn of(state: &AgentState, deploying: Option<String>) -> Status {
         Status {
             deploying,
+            failing: None,
             current: state.current.clone(),
             previous: state.previous.clone(),
         }
@@ -1045,7 +1383,7 @@ fn heartbeat(config: &AgentConfig, status: &Status) -> crate::bus::AgentHeartbea
     let health = match (&status.deploying, vm) {
         (Some(_), _) => AgentHealth::Deploying,
         (None, None) => AgentHealth::Idle,
-        (None, Some(_)) if alive => AgentHealth::Healthy,
+        (None, Some(_)) if alive && status.failing.is_none() => AgentHealth::Healthy,
         (None, Some(_)) => AgentHealth::Unhealthy,
     };
     let mut groups = config.groups.clone();
@@ -1294,6 +1632,8 @@ mod tests {
             store: StoreOptions::default(),
             groups: Vec::new(),
             heartbeat: Duration::from_secs(10),
+            health_interval: Duration::from_secs(10),
+            health_retries: 3,
         };
         let ann = std::collections::BTreeMap::from([(
             store::ANN_DEPLOY.to_string(),

@@ -656,6 +656,24 @@ pub struct ImagePublished {
     pub time: EventTime,
 }
 
+/// `kiln.image.revoked.<repository>`: `kiln revoke` pulled an image back. Every agent running it
+/// returns to the image it ran before and reports; from then on pulls, promotions and agents
+/// refuse it (the registry holds the revocation too, tagged `sha256-<hex>.revoked`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ImageRevoked {
+    pub v: u32,
+    /// Repository, unsanitized (e.g. `registry:5000/team/web`).
+    pub repository: String,
+    /// The image: `repo@sha256:…`.
+    pub reference: String,
+    /// Manifest digest `sha256:…`.
+    pub digest: String,
+    pub reason: String,
+    /// Who revoked it (`user@host`).
+    pub by: String,
+    pub time: EventTime,
+}
+
 /// Who moved which channel to an image, and from which reference.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Promotion {
@@ -689,6 +707,10 @@ pub struct DeployCompleted {
     /// The rollout order this answers ([`DeployOrder::order`]), when a rollout asked for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order: Option<String>,
+    /// Why the agent acted without an announcement or order: `revoked sha256:…: …` (it went
+    /// back from a revoked image), `restarted: …` (the VM failed its health checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
     pub time: EventTime,
 }
 
@@ -864,7 +886,7 @@ pub enum AgentHealth {
     Deploying,
     /// A VM runs and its QEMU is alive.
     Healthy,
-    /// The VM that should run is not running (its QEMU is gone).
+    /// The VM that should run is not running (its QEMU is gone), or fails its health checks.
     Unhealthy,
 }
 
@@ -948,6 +970,7 @@ message!(DeployFailed, "deploy-failed");
 message!(AgentHeartbeat, "agent-heartbeat");
 message!(DeployOrder, "deploy-order");
 message!(Rollout, "rollout");
+message!(ImageRevoked, "image-revoked");
 
 /// Any stage event, as read back from the stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -1036,6 +1059,12 @@ impl AgentHeartbeat {
     }
 }
 
+impl ImageRevoked {
+    pub fn subject(&self) -> String {
+        subjects::image_revoked(&self.repository)
+    }
+}
+
 impl DeployOrder {
     pub fn subject(&self) -> String {
         subjects::agent_deploy(&self.agent)
@@ -1096,6 +1125,10 @@ pub fn json_schemas() -> Vec<(String, serde_json::Value)> {
             schema_of::<DeployOrder>(),
         ),
         (format!("{}.json", Rollout::NAME), schema_of::<Rollout>()),
+        (
+            format!("{}.json", ImageRevoked::NAME),
+            schema_of::<ImageRevoked>(),
+        ),
     ]
 }
 

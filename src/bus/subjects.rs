@@ -183,6 +183,12 @@ pub fn image_published(repository: &str) -> String {
     format!("{ROOT}.image.published.{}", sanitize_token(repository))
 }
 
+/// `kiln.image.revoked.<repository>`; the repository is sanitized as for
+/// [`image_published`].
+pub fn image_revoked(repository: &str) -> String {
+    format!("{ROOT}.image.revoked.{}", sanitize_token(repository))
+}
+
 /// Outcome of a deployment on one agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeployKind {

@@ -172,6 +172,14 @@ pub enum StoreError {
     #[error("{reference} is not a kiln disk image: {reason}")]
     NotKilnImage { reference: String, reason: String },
     #[error(
+        "{reference} was revoked: {reason} (tag {tag}; an operator removes the tag to undo it)"
+    )]
+    Revoked {
+        reference: String,
+        reason: String,
+        tag: String,
+    },
+    #[error(
         "{reference} (manifest {digest}) has no signature; refusing it because a trusted key was given"
     )]
     Unsigned {
@@ -445,6 +453,7 @@ fn is_attached_tag(tag: &str) -> bool {
             t.strip_suffix(".sig")
                 .or_else(|| t.strip_suffix(".att"))
                 .or_else(|| t.strip_suffix(".sbom"))
+                .or_else(|| t.strip_suffix(".revoked"))
         })
         .is_some_and(|h| h.len() == 64)
 }
@@ -1047,6 +1056,85 @@ pub fn attach_sbom(
     target.put_manifest(&sbom_tag(&digest), &to_json(&m)?, MEDIA_SPDX)
 }
 
+/// `artifactType` of a revocation (`kiln revoke`).
+pub const ARTIFACT_REVOCATION: &str = "application/vnd.kiln.revocation.v1+json";
+/// Annotation of a revocation manifest: why.
+pub const ANN_REVOKED_REASON: &str = "dev.kiln.revoked.reason";
+/// Annotation of a revocation manifest: who and when.
+pub const ANN_REVOKED_BY: &str = "dev.kiln.revoked.by";
+
+/// The tag a revocation is stored under: `sha256-<hex>.revoked`.
+pub fn revocation_tag(manifest: &Digest256) -> String {
+    format!("sha256-{}.revoked", manifest.hex())
+}
+
+/// Revoke the image `reference` (by digest): a manifest with the image as `subject` (a
+/// referrer where the registry has the API) and the reason and author as annotations, tagged
+/// `sha256-<hex>.revoked`. From then on [`pull`] and [`verify_image`] refuse the digest.
+/// Returns the image, by digest.
+pub fn revoke_image(
+    reference: &str,
+    reason: &str,
+    by: &str,
+    opts: &StoreOptions,
+) -> Result<String, StoreError> {
+    let r = Reference::parse(reference)?;
+    if r.digest.is_none() {
+        return Err(StoreError::Usage {
+            what: format!("revoke {r}"),
+            reason: "give the image by digest (REPO@sha256:…): a tag names whatever it points \
+                     at now"
+                .into(),
+        });
+    }
+    let target = Target::open(&r, opts, false)?;
+    let (bytes, digest, _) = fetch_image(&target, &r)?;
+    let empty = target.put_small_blob(b"{}")?;
+    let m = OciManifest {
+        schema_version: 2,
+        media_type: Some(OCI_MANIFEST.into()),
+        artifact_type: Some(ARTIFACT_REVOCATION.into()),
+        config: Descriptor {
+            media_type: MEDIA_EMPTY.into(),
+            digest: empty.clone(),
+            size: 2,
+            artifact_type: None,
+            annotations: BTreeMap::new(),
+        },
+        layers: vec![Descriptor {
+            media_type: MEDIA_EMPTY.into(),
+            digest: empty,
+            size: 2,
+            artifact_type: None,
+            annotations: BTreeMap::new(),
+        }],
+        subject: Some(manifest_descriptor(&bytes)),
+        annotations: BTreeMap::from([
+            (ANN_REVOKED_REASON.to_string(), reason.to_string()),
+            (ANN_REVOKED_BY.to_string(), by.to_string()),
+        ]),
+    };
+    target.put_manifest(&revocation_tag(&digest), &to_json(&m)?, ARTIFACT_REVOCATION)?;
+    Ok(r.with_digest(&digest))
+}
+
+/// Refuse `digest` when a revocation is stored for it in `target`.
+fn check_revoked(target: &Target, r: &Reference, digest: &Digest256) -> Result<(), StoreError> {
+    let tag = revocation_tag(digest);
+    let Some(found) = target.get_manifest(&tag)? else {
+        return Ok(());
+    };
+    let reason = serde_json::from_slice::<OciManifest>(&found.bytes)
+        .ok()
+        .and_then(|m| m.annotations.get(ANN_REVOKED_REASON).cloned())
+        .unwrap_or_else(|| "no reason given".into());
+    Err(StoreError::Revoked {
+        reference: r.with_digest(digest),
+        reason,
+        tag,
+    })
+}
+
 /// The name a Statement gives the image published at `reference`: its repository, as the
 /// signature's `docker-reference`.
 pub fn subject_name(reference: &str) -> Result<String, StoreError> {
@@ -1136,6 +1224,7 @@ pub fn verify_image(
     let r = Reference::parse(reference)?;
     let target = Target::open(&r, opts, false)?;
     let (_, digest, m) = fetch_image(&target, &r)?;
+    check_revoked(&target, &r, &digest)?;
     let disk = m.layers.first().map(|l| l.digest.clone());
     let mut checks = Vec::new();
     let mut sbom = None;
@@ -1525,6 +1614,7 @@ pub fn pull(
     let r = Reference::parse(reference)?;
     let target = Target::open(&r, opts, false)?;
     let (_, manifest_digest, m) = fetch_manifest(&target, &r, &r.manifest_ref())?;
+    check_revoked(&target, &r, &manifest_digest)?;
     let not_kiln = |reason: String| StoreError::NotKilnImage {
         reference: r.to_string(),
         reason,

@@ -269,8 +269,10 @@ fn step(
         .iter_mut()
         .filter(|h| h.state == HostState::Deployed)
     {
+        // An agent never leaves the bucket (it turns `gone`): one missing from a listing was
+        // missed by that listing, and is judged at the next.
         let why = match agents.get(&h.agent) {
-            None => Some("it left the inventory".to_string()),
+            None => None,
             Some(e) if e.state == "gone" => {
                 Some(format!("no heartbeat for {} s (gone)", e.last_seen_s))
             }
@@ -351,13 +353,9 @@ fn step(
                 out.events.push("failed");
                 continue;
             }
-            None => {
-                h.state = HostState::Failed;
-                h.detail = Some("not in the kiln-agents inventory".into());
-                out.events.push("failed");
-                continue;
-            }
-            Some(_) => {}
+            // Missed by this listing (see below): the order is sent; an agent that is not
+            // there fails after the deploy timeout.
+            None | Some(_) => {}
         }
         if in_flight >= r.max_unavailable.max(1) as usize {
             continue;

@@ -13,14 +13,14 @@
 //! back to v2, and v1 is refused from then on.
 
 use kiln::bus::{Bus, DeployCompleted, Rollout};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::agents::{Agent, VmReaper, page, show, submit};
+use common::agents::{Agent, VmReaper, page, qemus_in, show, submit, try_page};
 use common::registry::start_registry;
 use common::{Running, free_port, kiln, rt, shared_home};
 
@@ -45,7 +45,7 @@ impl Clients {
                 let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        let text = std::panic::catch_unwind(|| page(port)).unwrap_or_default();
+                        let text = try_page(port).unwrap_or_else(|e| e.to_string());
                         if text.contains("kiln-app release") {
                             ok.fetch_add(1, Ordering::Relaxed);
                         } else {
@@ -443,8 +443,9 @@ fn a_rollout_goes_wave_by_wave_halts_on_a_bad_image_and_outlives_its_controller(
 
 /// An application that stops answering 15 s after it started (`--set stop_after=15`): the
 /// agent's health checks notice, it restarts the VM, and when the restarted VM stops answering
-/// too it goes back to the image before and reports `failed`. An agent killed with SIGKILL is
-/// `gone` after three heartbeats and `healthy` again once restarted, without booting anything.
+/// too it goes back to the image before and reports `failed`. An agent killed with SIGKILL while
+/// a new VM boots stops that VM when it starts again, and its stable address is back at once;
+/// killed, it is `gone` after three heartbeats and `healthy` again once restarted.
 #[test]
 fn a_vm_that_turns_unhealthy_is_restarted_then_rolled_back() {
     let home = shared_home();
@@ -496,11 +497,54 @@ fn a_vm_that_turns_unhealthy_is_restarted_then_rolled_back() {
     agent.next("ready", Duration::from_secs(30));
     let v1 = agent.next("completed", boot);
     let v1_ref = v1["reference"].as_str().unwrap().to_string();
+    let v1_pid = v1["vm"]["pid"].as_u64().unwrap() as u32;
     let events = submit(home.path(), &url, &["release=2", "stop_after=15"], &up_log);
     let v2_ref = events.last().unwrap()["outputs"]["reference"]
         .as_str()
         .unwrap()
         .to_string();
+
+    // Killed while v2's VM boots, the agent leaves that VM behind; restarted, it stops it,
+    // its stable address serves v1 again at once, and it deploys v2 again.
+    let deadline = Instant::now() + boot;
+    let stray = loop {
+        let booting: Vec<u32> = qemus_in(&state)
+            .into_iter()
+            .filter(|p| *p != v1_pid)
+            .collect();
+        if !booting.is_empty() {
+            break booting;
+        }
+        assert!(Instant::now() < deadline, "v2's VM never started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    agent.proc.kill9();
+    assert!(
+        try_page(port).is_err(),
+        "the stable address went with the agent"
+    );
+    let restarted_at = Instant::now();
+    agent = Agent::start(agent_cmd(), &log);
+    let back = loop {
+        if try_page(port).is_ok_and(|t| t.contains("kiln-app release 1")) {
+            break restarted_at.elapsed();
+        }
+        assert!(
+            restarted_at.elapsed() < Duration::from_secs(10),
+            "the stable address is not back"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!("stable address back {back:?} after the agent was started again");
+    assert!(back < Duration::from_secs(1), "{back:?}");
+    let ready = agent.next("ready", Duration::from_secs(30));
+    assert_eq!(ready["running"], v1_ref.as_str(), "{ready}");
+    for pid in &stray {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists() || !qemus_in(&state).contains(pid),
+            "the VM left behind (pid {pid}) still runs"
+        );
+    }
     let v2 = agent.next("completed", boot);
     assert_eq!(v2["reference"], v2_ref.as_str(), "{v2}");
     assert!(page(port).contains("kiln-app release 2"));

@@ -24,8 +24,9 @@
 //! `kiln revoke` announces on `kiln.image.revoked.<repository>` ([`go_back`]).
 //!
 //! The state ([`state`]) is a JSON file written atomically after every change. A restarted agent
-//! re-adopts the VM it finds there when its QEMU is alive and answers QMP `query-status`, and
-//! boots the same image again when it is gone. VMs outlive the agent on purpose: stopping the
+//! stops the VMs it started but does not track (a deploy it was killed in the middle of:
+//! [`vm::reap_strays`]), re-adopts the VM it finds in the state when its QEMU is alive and
+//! answers QMP `query-status`, and boots the same image again when it is gone. VMs outlive the agent on purpose: stopping the
 //! agent does not stop the application.
 
 pub mod proxy;
@@ -901,6 +902,12 @@ pub async fn run(
         source,
     })?;
     let backend = proxy::Backend::default();
+    let mut state = AgentState::load(&config.state_dir)?;
+    // The stable address serves the VM that ran before at once, while the rest of the start
+    // (stopping strays, checking that VM over QMP) goes on.
+    if let Some(c) = state.current.as_ref().filter(|c| vm::alive(c)) {
+        backend.set(c.host_port);
+    }
     if let Some(addr) = config.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -911,12 +918,12 @@ pub async fn run(
             })?;
         tokio::spawn(proxy::serve(listener, backend.clone()));
     }
-    let mut state = AgentState::load(&config.state_dir)?;
     let (st, outcome) = {
         let config = config.clone();
         let backend = backend.clone();
         blocking::<_, AgentError>(move || {
             let mut st = state;
+            vm::reap_strays(&config.state_dir, st.current.as_ref());
             let o = recover(&config, &mut st, &backend)?;
             Ok((st, o))
         })

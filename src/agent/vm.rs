@@ -266,6 +266,72 @@ pub fn stop(vm: &VmRecord, grace: Duration) {
     }
 }
 
+/// Stop every VM under `state_dir` other than `keep` (blocking): what an agent killed in the
+/// middle of a deploy left behind — a half-booted new VM nobody tracks. Its QEMU is found by
+/// its command line, which names the VM's QMP socket `<state_dir>/vm-<id>/qmp.sock` (a pidfile
+/// may not be written yet), stopped, and every `vm-<id>` directory but `keep`'s is removed.
+/// Returns the ids and pids of the QEMUs that were running.
+pub fn reap_strays(state_dir: &Path, keep: Option<&VmRecord>) -> Vec<(u64, u32)> {
+    let prefix = state_dir.join("vm-");
+    let prefix = prefix.to_string_lossy();
+    let kept = |id: u64| keep.is_some_and(|k| k.id == id);
+    let mut stopped = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if !cmdline.contains("qemu-system") {
+            continue;
+        }
+        // `<state_dir>/vm-<id>/…` anywhere on the command line.
+        let id = cmdline.split(['\0', ',', '=']).find_map(|arg| {
+            arg.strip_prefix(prefix.as_ref())
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|n| n.parse::<u64>().ok())
+        });
+        let Some(id) = id.filter(|id| !kept(*id)) else {
+            continue;
+        };
+        tracing::warn!(
+            "VM {id} (QEMU pid {pid}) under {} is not tracked (left by an agent stopped in the middle of a deploy); stopping it",
+            state_dir.display()
+        );
+        let qmp_socket = state_dir.join(format!("vm-{id}")).join("qmp.sock");
+        qmp_quit_then_kill(&qmp_socket, pid);
+        stopped.push((id, pid));
+    }
+    for e in std::fs::read_dir(state_dir).into_iter().flatten().flatten() {
+        let id = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("vm-"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(id) = id.filter(|id| !kept(*id))
+            && let Err(err) = std::fs::remove_dir_all(e.path())
+        {
+            tracing::warn!("removing VM {id}'s directory {}: {err}", e.path().display());
+        }
+    }
+    stopped
+}
+
+/// QMP `quit` (when the socket answers), then SIGKILL after two seconds.
+fn qmp_quit_then_kill(socket: &Path, pid: u32) {
+    let gone = || !Path::new(&format!("/proc/{pid}")).exists();
+    let _ = qmp(socket, "quit");
+    let until = Instant::now() + Duration::from_secs(2);
+    while !gone() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !gone() {
+        signal(pid, libc::SIGKILL);
+    }
+}
+
 /// The last `n` lines of the serial log, joined with ` | ` (a message is one line).
 pub fn serial_tail(log: &Path, n: usize) -> String {
     let text = std::fs::read(log)

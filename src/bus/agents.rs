@@ -117,14 +117,24 @@ impl Inventory {
     /// Every agent's latest heartbeat, judged at `now_ms`, sorted by name; entries that do not
     /// decode are skipped (with a warning).
     pub async fn list(&self, now_ms: i64) -> Result<Vec<AgentEntry>, BusError> {
-        let mut keys = self
-            .kv
-            .keys()
-            .await
-            .map_err(nats_err(format!("list {AGENT_BUCKET}")))?;
+        // A key written while the listing runs can be left out of it (its old entry is no
+        // longer the last, its new one comes after the listing ended): two listings, merged.
+        let mut names = std::collections::BTreeSet::new();
+        for _ in 0..2 {
+            let mut keys = self
+                .kv
+                .keys()
+                .await
+                .map_err(nats_err(format!("list {AGENT_BUCKET}")))?;
+            while let Some(key) = keys.next().await {
+                names.insert(key.map_err(nats_err(format!("list {AGENT_BUCKET}")))?);
+                if names.len() > MAX_AGENTS {
+                    break;
+                }
+            }
+        }
         let mut out = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(nats_err(format!("list {AGENT_BUCKET}")))?;
+        for key in names {
             if out.len() >= MAX_AGENTS {
                 tracing::warn!(
                     "{AGENT_BUCKET} has more than {MAX_AGENTS} agents: listing the first"

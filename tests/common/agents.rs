@@ -105,12 +105,17 @@ pub fn show(o: &Output, log: &Path) -> String {
 
 /// One HTTP GET through the agent's stable address: the page the guest serves.
 pub fn page(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    try_page(port).unwrap_or_else(|e| panic!("GET / through 127.0.0.1:{port}: {e}"))
+}
+
+/// [`page`], with the error when the address does not take the connection or the request.
+pub fn try_page(port: u16) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
-    text
+    Ok(text)
 }
 
 /// Submit `recipes/app.yaml` with `sets` to the running `kiln up`; returns the events.

@@ -4,9 +4,10 @@
 //! A rollout is an entry of the `kiln-rollouts` bucket ([`crate::bus::rollouts`]) made by
 //! `kiln rollout` with its plan (the hosts of each wave, fixed when it starts). Any number of
 //! controllers (`kiln controller`, and one in `kiln up`) look at the running rollouts every
-//! [`TICK`]; one at a time moves each, holding a lease that it renews with compare-and-set, so
-//! a controller that dies (or loses NATS) is replaced by another within [`LEASE`], which goes
-//! on where the entry says. Each step:
+//! [`TICK`] ([`IDLE_TICK`] while none runs; they do not create the bucket). One at a time
+//! moves each, holding a lease that it renews with compare-and-set, so a controller that dies
+//! (or loses NATS) is replaced by another within [`LEASE`], which goes on where the entry
+//! says. Each step:
 //!
 //! 1. reads the answers of the agents it sent [`DeployOrder`]s to (`kiln.deploy.<agent>.*`
 //!    carrying the order's id); an agent that does not answer within the deploy timeout failed;
@@ -34,6 +35,8 @@ use std::time::Duration;
 
 /// How often a controller looks at the running rollouts.
 pub const TICK: Duration = Duration::from_millis(500);
+/// How often a controller looks when no rollout runs.
+pub const IDLE_TICK: Duration = Duration::from_secs(2);
 /// How long a controller's claim on a rollout lasts without renewal.
 pub const LEASE: Duration = Duration::from_secs(5);
 
@@ -65,14 +68,24 @@ pub async fn run(
     name: &str,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BusError> {
-    let rollouts = Rollouts::open(bus).await?;
+    let mut rollouts: Option<Rollouts> = None;
     let mut sent: HashSet<String> = HashSet::new();
+    let mut pause = TICK;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
+        // Idle (no bucket yet, or nothing running): look less often.
+        pause = IDLE_TICK;
+        if rollouts.is_none() {
+            match Rollouts::open_existing(bus).await {
+                Ok(r) => rollouts = r,
+                Err(e) => tracing::debug!("rollout controller: {}", crate::error::Chain(&e)),
+            }
+        }
+        let Some(rollouts) = &rollouts else { continue };
         let list = match rollouts.list().await {
             Ok(l) => l,
             Err(e) => {
@@ -84,11 +97,12 @@ pub async fn run(
             if r.state != RolloutState::Running {
                 continue;
             }
+            pause = TICK;
             let now = crate::time::now_ms() as i64;
             if r.controller.as_deref() != Some(name) && r.lease_until_ms > now {
                 continue;
             }
-            if let Err(e) = advance(bus, &rollouts, name, r, revision, &mut sent).await {
+            if let Err(e) = advance(bus, rollouts, name, r, revision, &mut sent).await {
                 tracing::warn!("rollout controller: {}", crate::error::Chain(&e));
             }
         }

@@ -1238,8 +1238,9 @@ fn go_back(
 /// restart, or one whose rollout was aborted or moved on, is not acted on. When the bucket
 /// cannot be read, the order is.
 async fn wanted(bus: &Bus, order: &DeployOrder) -> bool {
-    let found = match crate::bus::rollouts::Rollouts::open(bus).await {
-        Ok(r) => r.get(&order.rollout).await,
+    let found = match crate::bus::rollouts::Rollouts::open_existing(bus).await {
+        Ok(Some(r)) => r.get(&order.rollout).await,
+        Ok(None) => Ok(None),
         Err(e) => Err(e),
     };
     match found {

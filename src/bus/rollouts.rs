@@ -110,6 +110,33 @@ impl Rollouts {
         })
     }
 
+    /// Open the bucket without creating it: `None` until the first `kiln rollout` made it (so
+    /// controllers and agents add nothing to a server that has no rollouts).
+    pub async fn open_existing(bus: &Bus) -> Result<Option<Rollouts>, BusError> {
+        use async_nats::jetstream::ErrorCode;
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        let js = bus.jetstream();
+        let what = || format!("open KV bucket {ROLLOUT_BUCKET}");
+        match js.get_stream(format!("KV_{ROLLOUT_BUCKET}")).await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(nats_err(what())(e)),
+        }
+        let kv = js
+            .get_key_value(ROLLOUT_BUCKET)
+            .await
+            .map_err(nats_err(what()))?;
+        Ok(Some(Rollouts {
+            bus: bus.clone(),
+            kv,
+        }))
+    }
+
     /// Store a new rollout (fails if its id exists) and put it on the stream.
     pub async fn create(&self, r: &Rollout) -> Result<u64, BusError> {
         let revision = self

@@ -1176,6 +1176,49 @@ fn agents_record_heartbeats_and_a_silent_one_is_gone() {
         "{now}"
     );
 
+    // A rollout to group web: kiln up's controller orders hv-a, whose registry does not answer,
+    // so the first wave fails and the rollout halts with the agent's reason; the API shows it.
+    let image = format!("127.0.0.1:9/kiln/none@sha256:{}", "a".repeat(64));
+    let o = kiln(home.path())
+        .args(["rollout", &image, "--group", "web", "--bake", "0", "--json"])
+        .args(["--nats", &nats])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let started: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = started["id"].as_str().unwrap().to_string();
+    assert_eq!(started["plan"], serde_json::json!([["hv-a"]]), "{started}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let halted = loop {
+        let r = client()
+            .get(format!("{base}/v1/rollouts/{id}"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v = r.json_value();
+        if v["state"] != "running" || Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(halted["state"], "halted", "{halted}");
+    let reason = halted["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("hv-a: refused") && reason.contains("nothing was booted"),
+        "{reason}"
+    );
+    let listed = client()
+        .get(format!("{base}/v1/rollouts"))
+        .send()
+        .unwrap()
+        .json_value();
+    assert_eq!(listed["rollouts"][0]["id"], id.as_str(), "{listed}");
+    let missing = client()
+        .get(format!("{base}/v1/rollouts/r-nope"))
+        .send()
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
     // hv-a dies without a word: gone after three silent intervals, and the exit says so.
     a.kill9();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -223,13 +223,15 @@ pub fn router(bus: Bus, config: ApiConfig) -> Router {
         .route("/v1/builds/{id}", get(status))
         .route("/v1/builds/{id}/events", get(events))
         .route("/v1/agents", get(agents))
+        .route("/v1/rollouts", get(rollouts))
+        .route("/v1/rollouts/{id}", get(rollout))
         .route("/v1/hooks/git", post(git_hook))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route; see docs/api.md (POST /v1/builds, GET /v1/builds, GET /v1/builds/{id}, GET /v1/builds/{id}/events, GET /v1/agents, POST /v1/hooks/git, GET /metrics)",
+                "no such route; see docs/api.md (POST /v1/builds, GET /v1/builds, GET /v1/builds/{id}, GET /v1/builds/{id}/events, GET /v1/agents, GET /v1/rollouts, GET /v1/rollouts/{id}, POST /v1/hooks/git, GET /metrics)",
             )
         })
         .with_state(state)
@@ -395,6 +397,36 @@ async fn agents(
         None => Vec::new(),
     };
     Ok(axum::Json(json!({ "agents": entries })))
+}
+
+/// `GET /v1/rollouts`: every rollout in the `kiln-rollouts` bucket, oldest first.
+async fn rollouts(
+    State(state): State<AppState>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let list = match crate::bus::rollouts::Rollouts::open_existing(&state.0.bus).await? {
+        Some(r) => r.list().await?.into_iter().map(|(r, _)| r).collect(),
+        None => Vec::new(),
+    };
+    Ok(axum::Json(json!({ "rollouts": list })))
+}
+
+/// `GET /v1/rollouts/{id}`: one rollout, as `kiln rollout status ID --json` shows it.
+async fn rollout(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<crate::bus::Rollout>, ApiError> {
+    let found = match crate::bus::rollouts::Rollouts::open_existing(&state.0.bus).await? {
+        Some(r) => r.get(&id).await?,
+        None => None,
+    };
+    match found {
+        Some((r, _)) => Ok(axum::Json(r)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no rollout {id:?} (GET /v1/rollouts lists them)"),
+        )),
+    }
 }
 
 /// How long a measured cache size is reused by scrapes (walking a large cache takes a while).

@@ -13,7 +13,7 @@
 mod common;
 
 use common::nats_roles::{
-    ADMIN, AGENT_HV_01, CI, PUBLISHER, RolesServer, WORKER, connect_as, next_error,
+    ADMIN, AGENT_HV_01, CI, PUBLISHER, RELEASE, RolesServer, WORKER, connect_as, next_error,
     start_roles_server, wait_for_stream,
 };
 use common::{Running, kiln, rt, shared_home};
@@ -466,4 +466,88 @@ fn a_submitter_is_told_when_the_server_refuses_it() {
         show(&o)
     );
     assert!(err.contains("docs/nats-roles.md"), "{}", show(&o));
+}
+
+/// A rollout under the reference roles: `kiln rollout` and `kiln controller` as the release
+/// user, an agent as its own user. The agent is ordered, reads the rollouts bucket to check the
+/// order, answers (it cannot reach the image's registry: a refusal), and the rollout halts with
+/// its reason; the server refused nobody anything.
+#[test]
+fn a_release_manager_rolls_out_to_an_agent_under_their_roles() {
+    let server = start_roles_server();
+    let url = server.url();
+    rt().block_on(set_up_as_worker(&server));
+    let home = shared_home();
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("images.key");
+    let o = kiln(home.path())
+        .args(["keygen", "-o"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let mut agent = kiln(home.path());
+    agent
+        .args(["agent", "--nats", &url, "--name", "hv-01"])
+        .args(AGENT_HV_01.args())
+        .args(["--watch", "127.0.0.1:9/kiln/none:latest", "--trust"])
+        .arg(work.path().join("images.key.pub"))
+        .args(["--require", "signature", "--group", "web"])
+        .args(["--heartbeat-interval", "1", "--state-dir"])
+        .arg(work.path().join("hv-01"));
+    let _agent = Running::spawn(agent, &work.path().join("agent.log"));
+    let mut controller = kiln(home.path());
+    controller
+        .args(["controller", "--nats", &url, "--name", "ctl"])
+        .args(RELEASE.args());
+    let _controller = Running::spawn(controller, &work.path().join("controller.log"));
+    let logs = || {
+        ["agent.log", "controller.log"]
+            .iter()
+            .map(|f| std::fs::read_to_string(work.path().join(f)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+            + "\n--- server:\n"
+            + &server.log()
+    };
+    // The agent is in the inventory once it beat.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = kiln(home.path())
+            .args(["agents", "--json", "--nats", &url])
+            .args(RELEASE.args())
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&o.stdout).contains("hv-01") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}\n{}",
+            show(&o),
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let image = format!("127.0.0.1:9/kiln/none@sha256:{}", "a".repeat(64));
+    let o = kiln(home.path())
+        .args([
+            "rollout", &image, "--group", "web", "--bake", "0", "--follow",
+        ])
+        .args(["--json", "--nats", &url])
+        .args(RELEASE.args())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}\n{}", show(&o), logs());
+    let text = String::from_utf8_lossy(&o.stdout);
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["state"], "halted", "{last}");
+    let reason = last["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("hv-01: refused") && reason.contains("nothing was booted"),
+        "{reason}\n{}",
+        logs()
+    );
+    assert!(!server.log().contains("Violation"), "{}", logs());
+    assert!(!logs().contains("Permissions Violation"), "{}", logs());
 }

@@ -39,12 +39,25 @@ pub const AGENT_HV_02: Role = Role {
     password: "hv-02-test-password",
     variable: "KILN_NATS_AGENT_HV_02_PASSWORD",
 };
+pub const RELEASE: Role = Role {
+    user: "release",
+    password: "release-test-password",
+    variable: "KILN_NATS_RELEASE_PASSWORD",
+};
 pub const ADMIN: Role = Role {
     user: "admin",
     password: "admin-test-password",
     variable: "KILN_NATS_ADMIN_PASSWORD",
 };
-pub const ROLES: [Role; 6] = [CI, WORKER, PUBLISHER, AGENT_HV_01, AGENT_HV_02, ADMIN];
+pub const ROLES: [Role; 7] = [
+    CI,
+    WORKER,
+    PUBLISHER,
+    AGENT_HV_01,
+    AGENT_HV_02,
+    RELEASE,
+    ADMIN,
+];
 
 impl Role {
     /// `--nats-user USER --nats-password PASSWORD`

@@ -17,9 +17,10 @@ Measured, per round (v2, v1, v2, … alternately):
 Then once: `kiln revoke` of the image all three run, and the time from the command's start until
 the last agent's `completed` line back on the image before.
 
-Usage: bench/fleet.py [--rounds N] [--bake S] [--kiln PATH] [--work DIR] [--keep]
+Usage: bench/fleet.py [--profile uefi|direct] [--rounds N] [--bake S] [--kiln PATH] [--work DIR] [--keep]
 (KILN_HOME defaults to the tests' shared cache /var/tmp/kiln-test-cache so packages are reused.)
-Agents boot with the `uefi` profile (OVMF → systemd-boot → kernel); they have no `direct` mode yet.
+`--profile` is the agents' (`uefi`: OVMF → systemd-boot → kernel; `direct`: QEMU boots the kernel
+and initrd of the image's boot entry).
 """
 
 import argparse
@@ -62,6 +63,7 @@ class Clients(threading.Thread):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile", default="uefi", help="the agents' QEMU profile: uefi or direct")
     ap.add_argument("--bake", type=int, default=2, help="seconds each wave bakes")
     ap.add_argument("--kiln", default=None)
     ap.add_argument("--work", default=None)
@@ -117,7 +119,7 @@ def main():
                 [kiln, "agent", "--nats", nats, "--name", name, "--watch", f"{repo}:stable",
                  "--trust", key + ".pub", "--require", "signature", "--state-dir", state,
                  "--group", "bench", "--heartbeat-interval", "1",
-                 "--listen", f"127.0.0.1:{port}", "--json",
+                 "--listen", f"127.0.0.1:{port}", "--json", "--profile", args.profile,
                  "--health-port", "8080", "--health-serial", "app-ready"],
                 stdout=subprocess.PIPE, stderr=open(os.path.join(work, f"{name}.log"), "w"),
                 text=True, env=env)
@@ -171,7 +173,7 @@ def main():
                 time.sleep(0.02)
             back.append(time.time() - t0)
         print()
-        print(f"three agents, waves 1,1,1, bake {args.bake} s, uefi profile, {len(rows)} rounds:")
+        print(f"three agents, waves 1,1,1, bake {args.bake} s, {args.profile} profile, {len(rows)} rounds:")
         print(f"  rollout median {statistics.median(r['rollout_s'] for r in rows):.2f} s "
               f"(min {min(r['rollout_s'] for r in rows):.2f}, max {max(r['rollout_s'] for r in rows):.2f}); "
               f"failed requests {sum(r['failed'] for r in rows)} of {sum(r['requests'] for r in rows)}")

@@ -230,6 +230,26 @@ pub fn render_loader_conf(default: &str, opts: &LoaderOptions) -> Result<String,
     )
 }
 
+/// What a Boot Loader Specification Type #1 entry boots: `(linux, initrd, options)` (the first
+/// `initrd` line; `options` lines joined with spaces). `None` without a `linux` line.
+pub fn parse_entry(text: &str) -> Option<(String, Option<String>, String)> {
+    let mut linux = None;
+    let mut initrd = None;
+    let mut options: Vec<&str> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let (key, value) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let value = value.trim();
+        match key {
+            "linux" if linux.is_none() => linux = Some(value.to_string()),
+            "initrd" if initrd.is_none() => initrd = Some(value.to_string()),
+            "options" => options.push(value),
+            _ => {}
+        }
+    }
+    Some((linux?, initrd, options.join(" ")))
+}
+
 /// `loader/entries/<name>.conf` for `entry`.
 pub fn render_entry(entry: &BootEntry) -> Result<String, BootError> {
     entry.check()?;

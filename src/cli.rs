@@ -1104,7 +1104,9 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics on `GET /metrics` at this address (`PORT` alone: 127.0.0.1:PORT).
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     pub metrics: Option<std::net::SocketAddr>,
-    /// QEMU machine profile (a UEFI one: the image's own boot loader starts it).
+    /// QEMU machine profile: `uefi` (the image's own firmware and boot loader start it), or
+    /// `direct` (faster, for test fleets: QEMU boots the kernel and initrd of the image's
+    /// default boot entry, read out of its ESP; not for unified kernel images).
     #[arg(long, default_value = "uefi")]
     pub profile: String,
     /// Directory of QEMU profiles (default: qemu/ of the kiln checkout, then built-ins).

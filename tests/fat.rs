@@ -682,3 +682,62 @@ fn host_tree_with_a_fifo_is_refused() {
     assert!(err.to_string().contains("/EFI/pipe"), "{err}");
     assert!(err.to_string().contains("fifo"), "{err}");
 }
+
+/// kiln's own FAT32 reader (the agents' `direct` profile reads kernels out of ESPs with it)
+/// gets back every file of a tree kiln wrote — long names, 8.3 names, nested directories, a
+/// multi-cluster file — and mcopy (mtools) agrees on the bytes.
+#[test]
+fn the_reader_gets_back_what_the_writer_wrote() {
+    use kiln::disk::read::Fat32;
+    let dir = tempfile::tempdir().unwrap();
+    let big = noise(7, 3 * 4096 + 17);
+    let mut tree = Tree::new();
+    for d in ["loader", "loader/entries", "Debian 12 kernel"] {
+        tree.insert(TreePath::new(d).unwrap(), Entry::dir(0o755))
+            .unwrap();
+    }
+    let files: [(&str, Vec<u8>); 4] = [
+        (
+            "loader/entries/kiln.conf",
+            b"linux /kiln/vmlinuz\noptions quiet\n".to_vec(),
+        ),
+        ("Debian 12 kernel/vmlinuz-6.1.0-50-cloud-amd64", big.clone()),
+        ("README.TXT", b"short name\n".to_vec()),
+        ("empty", Vec::new()),
+    ];
+    for (p, bytes) in &files {
+        tree.insert(TreePath::new(p).unwrap(), file(bytes.clone()))
+            .unwrap();
+    }
+    let img = image(
+        dir.path(),
+        "esp.img",
+        &tree,
+        40 * MIB,
+        &FatOptions::new("s", EPOCH),
+    );
+    let disk = File::open(&img).unwrap();
+    let fat = Fat32::open(&disk, 0, 40 * MIB).unwrap();
+    for (p, bytes) in &files {
+        assert_eq!(&fat.read(p).unwrap(), bytes, "{p}");
+        // Names are matched ignoring case, as FAT does.
+        assert_eq!(&fat.read(&p.to_uppercase()).unwrap(), bytes, "{p}");
+    }
+    let mut root = fat.list("").unwrap();
+    root.sort();
+    assert_eq!(root, ["Debian 12 kernel", "README.TXT", "empty", "loader"]);
+    assert_eq!(fat.list("loader/entries").unwrap(), ["kiln.conf"]);
+    assert!(fat.read("loader/entries/missing.conf").is_err());
+    assert!(fat.read("loader").is_err());
+    // The second opinion: mtools reads the same bytes.
+    let out = dir.path().join("kernel");
+    let status = Command::new("mcopy")
+        .arg("-i")
+        .arg(&img)
+        .arg("::Debian 12 kernel/vmlinuz-6.1.0-50-cloud-amd64")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), big);
+}

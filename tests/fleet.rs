@@ -1,5 +1,6 @@
 //! Rollouts over a fleet, end to end, with real components only: three `kiln agent`s in one
-//! group on this machine (each its own state directory, stable address and QEMU VM), Debian's
+//! group on this machine (each its own state directory, stable address and QEMU VM; one boots
+//! with the `direct` profile, the kernel and initrd read out of the image's ESP), Debian's
 //! `docker-registry`, a private `nats-server`, `kiln up` building and publishing, and
 //! `kiln controller` processes that are killed with SIGKILL. What the agents run is read back
 //! from their stable addresses (the page each VM serves) and from the stream.
@@ -179,6 +180,10 @@ fn a_rollout_goes_wave_by_wave_halts_on_a_bad_image_and_outlives_its_controller(
             .arg(&verifier)
             .arg("--state-dir")
             .arg(&state);
+        if name == "hv-c" {
+            // The fast option for test fleets: the kernel and initrd of the image's boot entry.
+            c.args(["--profile", "direct"]);
+        }
         let agent = Agent::start(c, &work.path().join(format!("{name}.log")));
         agent.next("ready", Duration::from_secs(30));
         agents.push(agent);
@@ -189,6 +194,13 @@ fn a_rollout_goes_wave_by_wave_halts_on_a_bad_image_and_outlives_its_controller(
         let done = a.next("completed", boot);
         assert!(done["reference"].as_str().unwrap().ends_with(&v1), "{done}");
         assert!(page(*port).contains("kiln-app release 1"));
+        // hv-c's QEMU boots the kernel itself; the others go through OVMF.
+        let pid = done["vm"]["pid"].as_u64().unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let direct = done["agent"] == "hv-c";
+        assert_eq!(cmdline.contains("\0-kernel\0"), direct, "{done}: {cmdline}");
+        assert_eq!(cmdline.contains("pflash"), !direct, "{done}: {cmdline}");
     }
 
     let controller = |name: &str| {

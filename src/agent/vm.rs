@@ -64,12 +64,6 @@ pub fn start(
     req: &VmRequest,
 ) -> Result<VmRecord, AgentError> {
     let profile = ProfileDir::locate(profiles_dir)?.load(profile)?;
-    if profile.boot != crate::verify::BootMethod::Uefi {
-        return Err(AgentError::Config(format!(
-            "profile {} boots a kernel directly; the agent boots the image's own boot loader, so it needs a UEFI profile (e.g. uefi)",
-            profile.name
-        )));
-    }
     let qemu = find_qemu()?;
     let (accel, _) = profile_accel(&profile, &qemu)?;
     let dir = state_dir.join(format!("vm-{}", req.id));
@@ -96,6 +90,14 @@ pub fn start(
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
+    // A direct profile boots the kernel and initrd of the image's default boot entry.
+    let direct = match profile.boot {
+        crate::verify::BootMethod::Uefi => None,
+        _ => Some(
+            direct_boot(&req.image, &dir)
+                .map_err(|why| AgentError::Config(format!("profile {}: {why}", profile.name)))?,
+        ),
+    };
     let vars = match &profile.firmware {
         Some(fw) => Some(crate::verify::private_vars(&fw.vars, &dir)?),
         None => None,
@@ -116,6 +118,7 @@ pub fn start(
         smbios_serial: Some(AGENT_SMBIOS_SERIAL.into()),
         memory_mib: req.memory_mib,
         cpus: req.cpus,
+        direct,
     };
     let out = Command::new(&qemu)
         .args(service_args(&vm))
@@ -264,6 +267,82 @@ pub fn stop(vm: &VmRecord, grace: Duration) {
     if let Err(e) = std::fs::remove_dir_all(&vm.dir) {
         tracing::warn!("removing {}: {e}", vm.dir.display());
     }
+}
+
+/// The kernel, initrd and command line of the image's default Boot Loader Specification entry,
+/// copied into `dir` (blocking): the image is converted to raw with qemu-img (in `dir`, removed
+/// after), its EFI system partition found in the GPT and read with kiln's FAT32 reader. An image
+/// that boots a unified kernel image (Secure Boot) has no such entry: it needs a UEFI profile.
+fn direct_boot(image: &Path, dir: &Path) -> Result<crate::verify::qemu::DirectBoot, String> {
+    use crate::disk::read::{Fat32, find_esp};
+    let raw = dir.join("image.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(image)
+        .arg(&raw)
+        .output()
+        .map_err(|e| format!("run qemu-img convert: {e}"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&raw);
+        return Err(format!(
+            "qemu-img convert {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let found = (|| -> Result<crate::verify::qemu::DirectBoot, String> {
+        let disk = std::fs::File::open(&raw).map_err(|e| format!("open {}: {e}", raw.display()))?;
+        let (offset, len) = find_esp(&disk).map_err(|e| e.to_string())?;
+        let fat = Fat32::open(&disk, offset, len).map_err(|e| e.to_string())?;
+        let mut entries: Vec<String> = fat
+            .list("loader/entries")
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.to_ascii_lowercase().ends_with(".conf"))
+            .collect();
+        if entries.is_empty() {
+            let uki = fat.list("EFI/Linux").is_ok_and(|l| !l.is_empty());
+            return Err(if uki {
+                "the image boots a unified kernel image (EFI/Linux/*.efi) and has no boot entry to \
+                 boot directly: run it with a UEFI profile (uefi, or uefi-secureboot for a signed one)"
+                    .into()
+            } else {
+                "the image's ESP has no boot entry (loader/entries/*.conf) to boot directly".into()
+            });
+        }
+        entries.sort();
+        // loader.conf's `default`, when it names an entry; else the first.
+        let default = fat
+            .read("loader/loader.conf")
+            .ok()
+            .and_then(|t| {
+                String::from_utf8_lossy(&t).lines().find_map(|l| {
+                    l.trim()
+                        .strip_prefix("default")
+                        .map(|v| v.trim().to_string())
+                })
+            })
+            .filter(|d| entries.iter().any(|e| e.eq_ignore_ascii_case(d)));
+        let name = default.unwrap_or_else(|| entries[0].clone());
+        let text = fat
+            .read(&format!("loader/entries/{name}"))
+            .map_err(|e| e.to_string())?;
+        let (linux, initrd, options) = crate::boot::parse_entry(&String::from_utf8_lossy(&text))
+            .ok_or_else(|| format!("loader/entries/{name} has no `linux` line"))?;
+        let copy = |from: &str, to: &str| -> Result<PathBuf, String> {
+            let bytes = fat.read(from).map_err(|e| e.to_string())?;
+            let path = dir.join(to);
+            std::fs::write(&path, bytes).map_err(|e| format!("write {}: {e}", path.display()))?;
+            Ok(path)
+        };
+        Ok(crate::verify::qemu::DirectBoot {
+            kernel: copy(&linux, "linux")?,
+            initrd: initrd.map(|i| copy(&i, "initrd")).transpose()?,
+            cmdline: options,
+        })
+    })();
+    let _ = std::fs::remove_file(&raw);
+    found
 }
 
 /// Stop every VM under `state_dir` other than `keep` (blocking): what an agent killed in the

@@ -7,6 +7,7 @@ pub mod fat;
 pub mod gpt;
 pub mod image;
 pub mod layout;
+pub mod read;
 
 use std::io;
 

@@ -160,6 +160,17 @@ pub struct ServiceVm {
     /// Override the profile's memory and CPUs.
     pub memory_mib: Option<u32>,
     pub cpus: Option<u32>,
+    /// Direct boot (a `direct` profile): the kernel, initrd and command line QEMU loads itself.
+    pub direct: Option<DirectBoot>,
+}
+
+/// What QEMU boots directly (`-kernel`, `-initrd`, `-append`; the profile's `append` follows
+/// the command line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
 }
 
 /// QEMU's arguments for a [`ServiceVm`] (with `-daemonize`: QEMU returns once the VM runs and
@@ -189,6 +200,20 @@ pub fn service_args(vm: &ServiceVm) -> Vec<OsString> {
     if let Some(vars) = &vm.vars {
         args.push("-drive".into());
         args.push(format!("if=pflash,format=raw,unit=1,file={}", drive_file(vars)).into());
+    }
+    if let Some(d) = &vm.direct {
+        args.push("-kernel".into());
+        args.push(d.kernel.clone().into());
+        if let Some(initrd) = &d.initrd {
+            args.push("-initrd".into());
+            args.push(initrd.clone().into());
+        }
+        let append = match profile.append.trim() {
+            "" => d.cmdline.clone(),
+            extra => format!("{} {extra}", d.cmdline),
+        };
+        args.push("-append".into());
+        args.push(append.into());
     }
     args.push("-drive".into());
     args.push(format!("file={},format=qcow2,if=virtio", drive_file(&vm.disk)).into());

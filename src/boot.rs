@@ -406,6 +406,24 @@ pub fn package_file(package: &Tree, file: &str) -> Result<Content, BootError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_entry_parses_back_to_what_boots() {
+        let text = "# comment\ntitle kiln\nlinux /kiln/vmlinuz\ninitrd /kiln/initrd\ninitrd /other\noptions root=PARTUUID=x ro\noptions quiet\n";
+        assert_eq!(
+            parse_entry(text),
+            Some((
+                "/kiln/vmlinuz".to_string(),
+                Some("/kiln/initrd".to_string()),
+                "root=PARTUUID=x ro quiet".to_string()
+            ))
+        );
+        assert_eq!(parse_entry("title x\noptions y\n"), None);
+        assert_eq!(
+            parse_entry("linux\t/k\n"),
+            Some(("/k".to_string(), None, String::new()))
+        );
+    }
+
     fn entry(name: &str) -> BootEntry {
         BootEntry {
             name: name.into(),

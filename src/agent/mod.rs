@@ -977,6 +977,12 @@ pub async fn run(
         subjects::image_revoked(&config.repository),
         revoked_tx,
     ));
+    let kit = Kit {
+        config: config.clone(),
+        trust: trust.clone(),
+        verifiers: verifiers.clone(),
+        backend: backend.clone(),
+    };
     let mut checks = tokio::time::interval(if config.health_interval.is_zero() {
         Duration::from_secs(86_400 * 365)
     } else {
@@ -1019,20 +1025,13 @@ pub async fn run(
                         }
                     }
                 }
-                let (st, w, outcome) = {
-                    let config = config.clone();
-                    let backend = backend.clone();
-                    let trust = trust.clone();
-                    let verifiers = verifiers.clone();
-                    let mut w = std::mem::take(&mut health);
-                    blocking::<_, AgentError>(move || {
-                        let mut st = state;
-                        let o = heal(&config, &trust, &verifiers, &mut st, &mut w, &backend)?;
-                        st.save(&config.state_dir)?;
-                        Ok((st, w, o))
+                let mut w = std::mem::take(&mut health);
+                let (st, (w, outcome)) = kit
+                    .act(state, move |k, st| {
+                        let o = heal(&k.config, &k.trust, &k.verifiers, st, &mut w, &k.backend)?;
+                        Ok((w, o))
                     })
-                    .await?
-                };
+                    .await?;
                 state = st;
                 health = w;
                 set_status(Status::of(&state, None));
@@ -1061,19 +1060,11 @@ pub async fn run(
                 }
                 tracing::warn!("{} was revoked ({}); going back", revoked.reference, revoked.reason);
                 set_status(Status::of(&state, state.previous.clone()));
-                let (st, outcome) = {
-                    let config = config.clone();
-                    let backend = backend.clone();
-                    let trust = trust.clone();
-                    let verifiers = verifiers.clone();
-                    blocking::<_, AgentError>(move || {
-                        let mut st = state;
-                        let o = go_back(&config, &trust, &verifiers, &mut st, &revoked, &backend)?;
-                        st.save(&config.state_dir)?;
-                        Ok((st, o))
+                let (st, outcome) = kit
+                    .act(state, move |k, st| {
+                        go_back(&k.config, &k.trust, &k.verifiers, st, &revoked, &k.backend)
                     })
-                    .await?
-                };
+                    .await?;
                 state = st;
                 set_status(Status::of(&state, None));
                 announce(bus, &outcome, &report).await;
@@ -1096,19 +1087,11 @@ pub async fn run(
                     continue;
                 }
                 set_status(Status::of(&state, Some(order.image.reference.clone())));
-                let (st, outcome) = {
-                    let config = config.clone();
-                    let backend = backend.clone();
-                    let trust = trust.clone();
-                    let verifiers = verifiers.clone();
-                    blocking::<_, AgentError>(move || {
-                        let mut st = state;
-                        let o = obey(&config, &trust, &verifiers, &mut st, &order, &backend)?;
-                        st.save(&config.state_dir)?;
-                        Ok((st, o))
+                let (st, outcome) = kit
+                    .act(state, move |k, st| {
+                        obey(&k.config, &k.trust, &k.verifiers, st, &order, &k.backend)
                     })
-                    .await?
-                };
+                    .await?;
                 state = st;
                 set_status(Status::of(&state, None));
                 announce(bus, &outcome, &report).await;
@@ -1142,26 +1125,25 @@ pub async fn run(
         }
         tracing::info!("deploying {}", msg.reference);
         set_status(Status::of(&state, Some(msg.reference.clone())));
-        let (st, outcome) = {
-            let config = config.clone();
-            let backend = backend.clone();
-            let trust = trust.clone();
-            let verifiers = verifiers.clone();
-            blocking::<_, AgentError>(move || {
-                let mut st = state;
+        let (st, outcome) = kit
+            .act(state, move |k, st| {
                 let o = deploy(
-                    &config, &trust, &verifiers, &mut st, &msg, received, &backend,
+                    &k.config,
+                    &k.trust,
+                    &k.verifiers,
+                    st,
+                    &msg,
+                    received,
+                    &k.backend,
                 )?;
                 // Deployed or rolled back: `deploy` marked the digest handled. Refused without
                 // booting: only this message is, so a restart does not act on it again.
                 if st.last_handled.as_deref() != Some(msg.digest.as_str()) {
                     st.refused_sequence = sequence;
                 }
-                st.save(&config.state_dir)?;
-                Ok((st, o))
+                Ok(o)
             })
-            .await?
-        };
+            .await?;
         state = st;
         set_status(Status::of(&state, None));
         announce(bus, &outcome, &report).await;
@@ -1358,6 +1340,33 @@ fn obey(
         Deployed::Failed(f) => f.order = Some(order.order.clone()),
     }
     Ok(outcome)
+}
+
+/// What acting on the state needs besides it, shared with the blocking threads that act.
+#[derive(Clone)]
+struct Kit {
+    config: AgentConfig,
+    trust: VerifyingKey,
+    verifiers: Vec<VerifyingKey>,
+    backend: proxy::Backend,
+}
+
+impl Kit {
+    /// Run `act` on `state` on a blocking thread (pulls, boots and health checks block), then
+    /// save the state; both come back.
+    async fn act<T: Send + 'static>(
+        &self,
+        mut state: AgentState,
+        act: impl FnOnce(&Kit, &mut AgentState) -> Result<T, AgentError> + Send + 'static,
+    ) -> Result<(AgentState, T), AgentError> {
+        let kit = self.clone();
+        blocking::<_, AgentError>(move || {
+            let out = act(&kit, &mut state)?;
+            state.save(&kit.config.state_dir)?;
+            Ok((state, out))
+        })
+        .await
+    }
 }
 
 /// What the agent's heartbeat says, shared by the deploy loop (which changes it) and the

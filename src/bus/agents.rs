@@ -2,7 +2,7 @@
 //! name) holding its latest [`AgentHeartbeat`], and how a reader judges an entry: an agent not
 //! heard from for [`GONE_AFTER`] heartbeat intervals is `gone`, whatever it last said.
 
-use super::blobs::kv_bucket_stream;
+use super::blobs::{existing_kv, kv_bucket_stream};
 use super::messages::{AgentHeartbeat, decode, encode};
 use super::{Bus, BusError, RETENTION, nats_err, subjects};
 use async_nats::jetstream::kv;
@@ -76,25 +76,7 @@ impl Inventory {
 
     /// Open the bucket without creating it; `None` when no agent or worker has made it yet.
     pub async fn open_existing(bus: &Bus) -> Result<Option<Inventory>, BusError> {
-        use async_nats::jetstream::ErrorCode;
-        use async_nats::jetstream::context::GetStreamErrorKind;
-        let js = bus.jetstream();
-        let what = || format!("open KV bucket {AGENT_BUCKET}");
-        match js.get_stream(format!("KV_{AGENT_BUCKET}")).await {
-            Ok(_) => {}
-            Err(e)
-                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(nats_err(what())(e)),
-        }
-        let kv = js
-            .get_key_value(AGENT_BUCKET)
-            .await
-            .map_err(nats_err(what()))?;
-        Ok(Some(Inventory {
+        Ok(existing_kv(bus, AGENT_BUCKET).await?.map(|kv| Inventory {
             bus: bus.clone(),
             kv,
         }))

@@ -589,6 +589,30 @@ pub(crate) fn kv_bucket_stream(
     }
 }
 
+/// Open the KV bucket `bucket` without creating it (readers may not create streams): `None`
+/// while nobody has made it.
+pub(crate) async fn existing_kv(bus: &Bus, bucket: &str) -> Result<Option<kv::Store>, BusError> {
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    let js = bus.jetstream();
+    let what =
+        || format!("open KV bucket {bucket} (may this NATS user read it? see docs/nats-roles.md)");
+    match js.get_stream(format!("KV_{bucket}")).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
+                if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(nats_err(what())(e)),
+    }
+    js.get_key_value(bucket)
+        .await
+        .map(Some)
+        .map_err(nats_err(what()))
+}
+
 /// The KV key of a stage key: `:` becomes `=` (a digest `sha256:<hex>` is a common key), other
 /// characters must already be valid.
 fn kv_key(key: &str) -> Result<String, BlobError> {

@@ -233,32 +233,12 @@ impl BuildIndex {
     /// Open the bucket without creating it (readers may not create streams); `None` when no
     /// worker has created it yet.
     pub async fn open_existing(bus: &Bus) -> Result<Option<BuildIndex>, BusError> {
-        use async_nats::jetstream::ErrorCode;
-        use async_nats::jetstream::context::GetStreamErrorKind;
-        let js = bus.jetstream();
-        let what = || {
-            format!(
-                "open KV bucket {BUILD_BUCKET} (may this NATS user read it? see docs/nats-roles.md)"
-            )
-        };
-        match js.get_stream(format!("KV_{BUILD_BUCKET}")).await {
-            Ok(_) => {}
-            Err(e)
-                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(nats_err(what())(e)),
-        }
-        let kv = js
-            .get_key_value(BUILD_BUCKET)
-            .await
-            .map_err(nats_err(what()))?;
-        Ok(Some(BuildIndex {
-            kv,
-            written: Default::default(),
-        }))
+        Ok(super::blobs::existing_kv(bus, BUILD_BUCKET)
+            .await?
+            .map(|kv| BuildIndex {
+                kv,
+                written: Default::default(),
+            }))
     }
 
     /// The summary of one build, if indexed.

@@ -3,7 +3,7 @@
 //! never both move one rollout; the history on `kiln.rollout.<id>.<event>`; and how waves are
 //! planned from a group (pure, [`parse_waves`] and [`plan`]).
 
-use super::blobs::kv_bucket_stream;
+use super::blobs::{existing_kv, kv_bucket_stream};
 use super::messages::{Rollout, decode, encode};
 use super::{Bus, BusError, RETENTION, nats_err};
 use async_nats::jetstream::kv;
@@ -113,25 +113,7 @@ impl Rollouts {
     /// Open the bucket without creating it: `None` until the first `kiln rollout` made it (so
     /// controllers and agents add nothing to a server that has no rollouts).
     pub async fn open_existing(bus: &Bus) -> Result<Option<Rollouts>, BusError> {
-        use async_nats::jetstream::ErrorCode;
-        use async_nats::jetstream::context::GetStreamErrorKind;
-        let js = bus.jetstream();
-        let what = || format!("open KV bucket {ROLLOUT_BUCKET}");
-        match js.get_stream(format!("KV_{ROLLOUT_BUCKET}")).await {
-            Ok(_) => {}
-            Err(e)
-                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(nats_err(what())(e)),
-        }
-        let kv = js
-            .get_key_value(ROLLOUT_BUCKET)
-            .await
-            .map_err(nats_err(what()))?;
-        Ok(Some(Rollouts {
+        Ok(existing_kv(bus, ROLLOUT_BUCKET).await?.map(|kv| Rollouts {
             bus: bus.clone(),
             kv,
         }))

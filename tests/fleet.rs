@@ -388,6 +388,31 @@ fn a_rollout_goes_wave_by_wave_halts_on_a_bad_image_and_outlives_its_controller(
         assert!(page(*port).contains("kiln-app release 1"));
     }
 
+    // --- A revocation announced on the stream without one in the registry is a claim nobody
+    // stored: the agents keep running v1.
+    rt().block_on(async {
+        let bus = Bus::connect_url(&url).await.unwrap();
+        let forged = kiln::bus::ImageRevoked {
+            v: 1,
+            repository: repository.clone(),
+            reference: format!("{repository}@{v1}"),
+            digest: v1.clone(),
+            reason: "forged".into(),
+            by: "nobody@nowhere".into(),
+            time: kiln::bus::EventTime::now(),
+        };
+        bus.publish_raw(forged.subject(), kiln::bus::encode(&forged))
+            .await
+            .unwrap();
+    });
+    for (a, port) in agents.iter().zip(&ports) {
+        assert!(
+            a.lines.recv_timeout(Duration::from_secs(3)).is_err(),
+            "acted on a forged revocation"
+        );
+        assert!(page(*port).contains("kiln-app release 1"));
+    }
+
     // --- v1 revoked while all three run it: each goes back to the image before it (v2) and
     // says why; pulls and promotions of v1 are refused from then on.
     let o = kiln(home.path())

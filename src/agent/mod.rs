@@ -1067,7 +1067,9 @@ pub async fn run(
                     .await?;
                 state = st;
                 set_status(Status::of(&state, None));
-                announce(bus, &outcome, &report).await;
+                if let Some(o) = &outcome {
+                    announce(bus, o, &report).await;
+                }
                 continue;
             }
             o = orders.recv() => {
@@ -1158,7 +1160,8 @@ pub async fn run(
 /// The running image was revoked (blocking): deploy the one that ran before it, as a new
 /// image (pulled and checked again: a revoked or unsigned one is refused), and report with the
 /// revocation as the cause. Without an image to go back to, the VM keeps running and the
-/// failure says so.
+/// failure says so. The announcement is only a claim: the revocation stored in the registry
+/// is the record, and without it nothing is done (`None`).
 fn go_back(
     config: &AgentConfig,
     trust: &VerifyingKey,
@@ -1166,7 +1169,24 @@ fn go_back(
     state: &mut AgentState,
     revoked: &ImageRevoked,
     backend: &proxy::Backend,
-) -> Result<Deployed, AgentError> {
+) -> Result<Option<Deployed>, AgentError> {
+    let image = format!("{}@{}", config.repository, revoked.digest);
+    match store::revocation(&image, &config.store) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            tracing::warn!(
+                "{image} was announced as revoked, but its registry holds no revocation for it; ignored"
+            );
+            return Ok(None);
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot confirm the revocation of {image} with its registry ({}); ignored",
+                crate::error::Chain(&e)
+            );
+            return Ok(None);
+        }
+    }
     let cause = format!("revoked {}: {}", revoked.digest, revoked.reason);
     let application = state
         .current
@@ -1182,7 +1202,7 @@ fn go_back(
             &revoked.reference,
             &revoked.digest,
         );
-        return Ok(failed(
+        return Ok(Some(failed(
             config,
             &msg,
             &application,
@@ -1190,7 +1210,7 @@ fn go_back(
             format!("{cause}; there is no earlier image to go back to, so it keeps running"),
             state,
             false,
-        ));
+        )));
     };
     let msg = crate::rollout::announcement_of(
         &revoked.repository,
@@ -1213,7 +1233,7 @@ fn go_back(
             f.error.message = format!("{cause}; going back failed: {}", f.error.message)
         }
     }
-    Ok(outcome)
+    Ok(Some(outcome))
 }
 
 /// Whether the rollout that sent `order` still waits for it: an order read again after a

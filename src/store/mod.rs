@@ -1118,6 +1118,24 @@ pub fn revoke_image(
     Ok(r.with_digest(&digest))
 }
 
+/// The reason stored with the revocation of the image `reference` (by digest) in its
+/// registry or layout; `None` when it is not revoked.
+pub fn revocation(reference: &str, opts: &StoreOptions) -> Result<Option<String>, StoreError> {
+    let r = Reference::parse(reference)?;
+    let Some(digest) = r.digest.clone() else {
+        return Err(StoreError::Usage {
+            what: format!("look up the revocation of {r}"),
+            reason: "give the image by digest".into(),
+        });
+    };
+    let target = Target::open(&r, opts, false)?;
+    match check_revoked(&target, &r, &digest) {
+        Ok(()) => Ok(None),
+        Err(StoreError::Revoked { reason, .. }) => Ok(Some(reason)),
+        Err(e) => Err(e),
+    }
+}
+
 /// Refuse `digest` when a revocation is stored for it in `target`.
 fn check_revoked(target: &Target, r: &Reference, digest: &Digest256) -> Result<(), StoreError> {
     let tag = revocation_tag(digest);

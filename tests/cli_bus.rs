@@ -454,3 +454,62 @@ fn logs_follow_a_build_live_and_status_lists_builds() {
     let two: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(two["builds"].as_array().unwrap()[..], builds[..2], "{two}");
 }
+
+/// `kiln rollout` refuses what it cannot roll out, with exit 2 and a message that says what to
+/// do: a tag instead of a digest, a bad group or wave list, a group with no agents, an unknown
+/// rollout; nothing is created for them.
+#[test]
+fn rollout_arguments_that_cannot_work_are_clear_errors() {
+    let home = shared_home();
+    let server = PrivateServer::start().unwrap();
+    let url = server.url();
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let image = format!("127.0.0.1:9/kiln/app@{digest}");
+    let cases: [(Vec<String>, &str); 5] = [
+        (
+            vec![
+                "127.0.0.1:9/kiln/app:latest".into(),
+                "--group".into(),
+                "web".into(),
+            ],
+            "by digest",
+        ),
+        (
+            vec![image.clone(), "--group".into(), "no spaces".into()],
+            "a group is 1 to 64 letters",
+        ),
+        (
+            vec![
+                image.clone(),
+                "--group".into(),
+                "web".into(),
+                "--waves".into(),
+                "0,101%".into(),
+            ],
+            "a wave is a number of hosts",
+        ),
+        (
+            vec![image.clone(), "--group".into(), "web".into()],
+            "no agent of group web",
+        ),
+        (vec!["status".into(), "r-nope".into()], "no rollout r-nope"),
+    ];
+    for (args, expect) in cases {
+        let o = kiln(home.path())
+            .arg("rollout")
+            .args(&args)
+            .args(["--nats", &url])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let o = kiln(home.path())
+        .args(["rollout", "list", "--nats", &url])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "no rollouts");
+}

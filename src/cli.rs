@@ -2740,6 +2740,7 @@ fn api_setup(args: &UpArgs) -> anyhow::Result<Option<ApiSetup>> {
                 read_timeout: std::time::Duration::from_secs_f64(args.api_read_timeout),
                 ..crate::api::Limits::default()
             },
+            trust: None,
         },
     }))
 }
@@ -2761,7 +2762,7 @@ impl BadInput {
 }
 
 fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
-    let api = api_setup(&args)?;
+    let mut api = api_setup(&args)?;
     let mut config = worker_config(
         &args.access,
         &args.limits,
@@ -2770,6 +2771,18 @@ fn nats_up(args: UpArgs) -> anyhow::Result<i32> {
         &args.publish,
     )?;
     config.cache_max = args.cache_max;
+    // The dashboard checks published images with the keys they are signed with.
+    if let (Some(api), Some(publish), Some(verifier)) =
+        (api.as_mut(), &config.publish, &config.verifier)
+        && let Some(key) = &publish.key
+    {
+        let key = crate::store::load_signing_key(key).map_err(BadInput::error)?;
+        api.config.trust = Some(crate::api::Trust {
+            key: key.verifying_key(),
+            verifiers: vec![verifier.verifying_key()],
+            store: publish.store.clone(),
+        });
+    }
     run_workers(
         &args.nats,
         &args.replicas,

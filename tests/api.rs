@@ -7,55 +7,17 @@ use git2::{Repository, RepositoryInitOptions};
 use kiln::bus::PrivateServer;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
+use common::up::Lines;
 use common::{Running, commit_all, copy_dir, kiln, root, shared_home};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 
-/// A child process (stopped by its [`Running`] guard when dropped) with its stdout lines on a
-/// channel.
-struct Lines {
-    _proc: Running,
-    lines: mpsc::Receiver<String>,
-    log: PathBuf,
-}
-
-impl Lines {
-    fn spawn(mut c: Command, log: &Path) -> Lines {
-        let f = std::fs::File::create(log).unwrap();
-        let mut child = c.stdout(Stdio::piped()).stderr(f).spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Lines {
-            _proc: Running::new(child),
-            lines,
-            log: log.to_path_buf(),
-        }
-    }
-
-    /// The next stdout line within `wait`.
-    fn line(&self, wait: Duration) -> Option<String> {
-        self.lines.recv_timeout(wait).ok()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// `kiln up` with the API on a free loopback port; returns the process and the API's base URL.
+/// `kiln up` with the API on a free loopback port (the token in `$KILN_API_TOKEN` when
+/// `env_token`); returns the process and the API's base URL.
 fn kiln_up(home: &Path, nats: &str, extra: &[&str], env_token: bool) -> (Lines, String) {
     kiln_up_with(home, nats, extra, env_token, |_| {})
 }
@@ -68,24 +30,7 @@ fn kiln_up_with(
     env_token: bool,
     customize: impl FnOnce(&mut Command),
 ) -> (Lines, String) {
-    let mut c = kiln(home);
-    c.args(["up", "--nats", nats, "--listen", "127.0.0.1:0"])
-        .args(common::recipe_roots())
-        .args(extra);
-    if env_token {
-        c.env("KILN_API_TOKEN", TOKEN);
-    }
-    customize(&mut c);
-    let up = Lines::spawn(c, &home.join("up.log"));
-    let line = up
-        .line(Duration::from_secs(60))
-        .unwrap_or_else(|| panic!("kiln up printed no URL\n{}", up.log()));
-    let base = line
-        .strip_prefix("kiln api listening on ")
-        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-        .to_string();
-    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
-    (up, base)
+    common::up::kiln_up(home, nats, extra, env_token.then_some(TOKEN), customize)
 }
 
 /// JSON bodies without reqwest's `json` feature.

@@ -413,10 +413,7 @@ fn qmp_quit_then_kill(socket: &Path, pid: u32) {
 
 /// The last `n` lines of the serial log, joined with ` | ` (a message is one line).
 pub fn serial_tail(log: &Path, n: usize) -> String {
-    let text = std::fs::read(log)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let text = strip_escapes(&text);
+    let text = crate::verify::serial::console_text(&std::fs::read(log).unwrap_or_default());
     let lines: Vec<&str> = text
         .lines()
         .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c.is_control()))
@@ -424,27 +421,6 @@ pub fn serial_tail(log: &Path, n: usize) -> String {
         .collect();
     let start = lines.len().saturating_sub(n);
     lines[start..].join(" | ")
-}
-
-/// Remove terminal escape sequences (`ESC [ … letter`, as the firmware prints them).
-fn strip_escapes(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for d in chars.by_ref() {
-                    if d.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Whether the guest answers on `127.0.0.1:port`: it must send at least one byte back to a

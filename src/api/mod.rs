@@ -12,14 +12,19 @@
 //!   whose inputs changed, through the watcher ([`hook`]).
 //!
 //! - `GET /metrics`: Prometheus metrics of this process ([`crate::metrics`]).
+//! - `GET /v1/events`, `/v1/builds/{id}/serial`, `/v1/images`, `/v1/images/verify`,
+//!   `/v1/farm`: the read-only views the dashboard is drawn from ([`views`]).
+//! - `GET /`: the web dashboard ([`dashboard`]).
 //!
 //! Every POST needs `Authorization: Bearer <token>` (compared in constant time); GETs only read.
 //! Errors are JSON `{"error": {"kind", "message", "field"?}}`. `kiln up` binds to loopback unless
 //! told otherwise. Connections, request read times, bodies and live event followers are
 //! bounded ([`serve`]).
 
+pub mod dashboard;
 pub mod hook;
 pub mod serve;
+pub mod views;
 
 use crate::bus::status::{BuildStatus, ends_build};
 use crate::bus::{BuildRequest, Bus, BusError, VERSION};
@@ -41,6 +46,7 @@ use subtle::ConstantTimeEq;
 
 pub use hook::HookConfig;
 pub use serve::{ClientAddr, Limits};
+pub use views::Trust;
 
 /// The address `kiln up` listens on unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -138,6 +144,9 @@ pub struct ApiConfig {
     pub token: String,
     pub hook: HookConfig,
     pub limits: Limits,
+    /// The keys `GET /v1/images/verify` checks images with: None when this process publishes
+    /// nothing.
+    pub trust: Option<Trust>,
 }
 
 struct Inner {
@@ -153,6 +162,9 @@ struct Inner {
     limits: Limits,
     /// Live event streams, per client address and overall.
     followers: Arc<serve::Followers>,
+    trust: Option<Trust>,
+    /// Image verifications, reused for a while.
+    verified: views::Verified,
 }
 
 #[derive(Clone)]
@@ -217,21 +229,37 @@ pub fn router(bus: Bus, config: ApiConfig) -> Router {
         hook_lock: tokio::sync::Mutex::new(()),
         limits: config.limits,
         followers: Arc::new(serve::Followers::default()),
+        trust: config.trust,
+        verified: views::Verified::default(),
     }));
     Router::new()
         .route("/v1/builds", post(submit).get(list))
         .route("/v1/builds/{id}", get(status))
         .route("/v1/builds/{id}/events", get(events))
+        .route("/v1/builds/{id}/serial", get(views::serial))
+        .route("/v1/events", get(views::live))
+        .route("/v1/images", get(views::images))
+        .route("/v1/images/verify", get(views::verify))
+        .route("/v1/farm", get(views::farm))
         .route("/v1/agents", get(agents))
         .route("/v1/rollouts", get(rollouts))
         .route("/v1/rollouts/{id}", get(rollout))
         .route("/v1/hooks/git", post(git_hook))
         .route("/metrics", get(metrics))
+        .route("/", get(dashboard::page))
+        .route("/builds", get(dashboard::page))
+        .route("/builds/{id}", get(dashboard::page))
+        .route("/images", get(dashboard::page))
+        .route("/fleet", get(dashboard::page))
+        .route("/farm", get(dashboard::page))
+        .route("/ui/app.js", get(dashboard::script))
+        .route("/ui/app.css", get(dashboard::style))
+        .route("/ui/icon.svg", get(dashboard::icon))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route; see docs/api.md (POST /v1/builds, GET /v1/builds, GET /v1/builds/{id}, GET /v1/builds/{id}/events, GET /v1/agents, GET /v1/rollouts, GET /v1/rollouts/{id}, POST /v1/hooks/git, GET /metrics)",
+                "no such route; see docs/api.md (POST /v1/builds, GET /v1/builds, GET /v1/builds/{id}, GET /v1/builds/{id}/events, GET /v1/builds/{id}/serial, GET /v1/events, GET /v1/images, GET /v1/images/verify, GET /v1/farm, GET /v1/agents, GET /v1/rollouts, GET /v1/rollouts/{id}, POST /v1/hooks/git, GET /metrics; the dashboard at /)",
             )
         })
         .with_state(state)
@@ -465,10 +493,14 @@ async fn status(
     }
     let status = BuildStatus::from_events(&id, &events);
     let deployments = crate::bus::status::deployments(&state.0.bus, &id).await?;
-    Ok(axum::Json(crate::bus::status::status_document(
-        &status,
-        deployments,
-    )))
+    let mut doc = crate::bus::status::status_document(&status, deployments);
+    // The recipe, requester, image and reference, as the list of builds shows them.
+    if let Some(index) = crate::bus::BuildIndex::open_existing(&state.0.bus).await?
+        && let Some(summary) = index.get(&id).await?
+    {
+        doc["summary"] = serde_json::to_value(summary).unwrap_or_default();
+    }
+    Ok(axum::Json(doc))
 }
 
 fn unknown_build(id: &str) -> ApiError {

@@ -44,6 +44,9 @@ pub struct StageStatus {
     /// The worker of the latest event.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+    /// How many times the stage started (more than 1: a worker failed or was lost and it was
+    /// redelivered).
+    pub attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,6 +108,7 @@ impl BuildStatus {
                         started: None,
                         time: None,
                         worker: None,
+                        attempts: 0,
                         cache: None,
                         duration_ms: None,
                         progress: None,
@@ -120,6 +124,7 @@ impl BuildStatus {
                     row.status = StageState::Started;
                     row.started = Some(s.time.clone());
                     row.worker = Some(s.worker.clone());
+                    row.attempts += 1;
                     row.error = None;
                 }
                 StageEvent::Progress(p) => {

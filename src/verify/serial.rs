@@ -174,6 +174,18 @@ impl SerialWatcher {
     }
 }
 
+/// A whole console log as plain text for people: one line per line the guest printed, each as
+/// [`clean_line`] leaves it (no carriage returns, no terminal escapes), empty lines kept.
+pub fn console_text(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for line in bytes.split(|b| *b == b'\n') {
+        out.push_str(&clean_line(line));
+        out.push('\n');
+    }
+    out.pop();
+    out
+}
+
 /// A line as text: invalid UTF-8 replaced, ANSI escape sequences (firmware screen control) and
 /// other control characters except tab removed.
 fn clean_line(bytes: &[u8]) -> String {
@@ -207,6 +219,10 @@ mod tests {
     #[test]
     fn lines_markers_and_panics() {
         let mut w = SerialWatcher::new("READY");
+        assert_eq!(
+            console_text(b"\x1b[2J\x1b[01;01Hfirmware\r\n\r\nLinux \x1b]0;t\x07x\x1b[0m\n"),
+            "firmware\n\nLinux 0;tx\n"
+        );
         let ev = w.feed(b"\x1b[2J\x1b[01;01Hfirmware\r\n[    0.0] Linux version 6.1\r\npart");
         assert_eq!(
             ev,

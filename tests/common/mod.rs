@@ -7,7 +7,8 @@
 //! ([`commit_all`]), [`jetstream`] (kiln's buckets as a NATS client sees them), [`registry`], [`nats_roles`], [`raw_nats`] (the server asked in its own
 //! protocol), [`cluster`] (a JetStream cluster of nodes that can be killed and restarted,
 //! optionally with TLS), [`netns`] (a separate host in a network namespace), [`verify_support`],
-//! [`agents`] (`kiln agent` processes, their VMs, `recipes/app.yaml` builds).
+//! [`agents`] (`kiln agent` processes, their VMs, `recipes/app.yaml` builds), [`up`] (`kiln up`
+//! and its API's URL).
 //!
 //! Each test binary compiles this module on its own and uses a part of it, hence
 //! `allow(dead_code)`.
@@ -25,6 +26,7 @@ pub mod netns;
 pub mod process;
 pub mod raw_nats;
 pub mod registry;
+pub mod up;
 pub mod verify_support;
 
 // Each test binary uses some of these.

@@ -3,19 +3,24 @@
 //! nats-server, publishing to a real docker-registry. A build submitted through the API shows up
 //! in the list running and then completed without a reload; its page has seven stage bars and
 //! the serial console's marker line; a broken recipe submitted from the page (the token asked for
-//! once) shows its file:line:column; the image's signature and attestations are verified; the
-//! page makes no request outside the kiln server. Screenshots of every page are kept in
+//! once) shows its file:line:column; the image's signature and attestations are verified; an
+//! agent runs the image and a rollout moves it, both on the fleet page; the page makes no
+//! request outside the kiln server. Screenshots of every page are kept in
 //! `$CARGO_TARGET_TMPDIR/dashboard/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 mod common;
+use common::agents::{Agent, VmReaper};
 use common::registry::start_registry;
 use common::{kiln, root, shared_home};
 
 const TOKEN: &str = "dashboard-test-token-0123456789";
 const CHROMIUM: &str = "/usr/bin/chromium";
+/// The agent the fleet page shows.
+const AGENT: &str = "hv-dash";
 /// Where .ci/setup installs playwright-core.
 const BROWSER_MODULES: &str = "/var/tmp/kiln-test-tools/browser/node_modules";
 
@@ -113,6 +118,29 @@ fn the_dashboard_shows_builds_live_images_and_failures_in_a_real_browser() {
         |_| {},
     );
 
+    // An agent in group `web` that runs what `kiln/app:latest` becomes (the fleet page's host).
+    let state = work.path().join("hv-dash");
+    let _reaper = VmReaper(state.clone());
+    let verifier = home.path().join("verifier.key.pub");
+    let mut c = kiln(home.path());
+    c.args(["agent", "--nats", &server.url(), "--name", AGENT, "--json"])
+        .args([
+            "--watch",
+            &format!("{host}/kiln/app:latest"),
+            "--group",
+            "web",
+        ])
+        .args(["--profile", "direct", "--heartbeat-interval", "1"])
+        .args(["--listen", &format!("127.0.0.1:{}", common::free_port())])
+        .arg("--trust")
+        .arg(work.path().join("images.key.pub"))
+        .arg("--trust-verifier")
+        .arg(&verifier)
+        .arg("--state-dir")
+        .arg(&state);
+    let agent = Agent::start(c, &work.path().join("agent.log"));
+    agent.next("ready", Duration::from_secs(60));
+
     // A recipe whose third line is an unknown field (the recipe roots include the temp dir).
     let broken = work.path().join("broken.yaml");
     std::fs::write(&broken, "name: broken\nversion: \"1\"\nkernal: x\n").unwrap();
@@ -128,13 +156,18 @@ fn the_dashboard_shows_builds_live_images_and_failures_in_a_real_browser() {
         .env("KILN_ARTIFACTS", &artifacts)
         .env("KILN_BROWSER_MODULES", BROWSER_MODULES)
         .env("KILN_CHROMIUM", CHROMIUM)
+        .env("KILN_AGENT", AGENT)
+        .env("KILN_NATS", server.url())
+        .env("KILN_BIN", env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_HOME", home.path())
         .output()
         .expect("node runs (installed by .ci/setup)");
     let report = format!(
-        "stdout:\n{}\nstderr:\n{}\nkiln up:\n{}",
+        "stdout:\n{}\nstderr:\n{}\nkiln up:\n{}\nagent:\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
-        up.log()
+        up.log(),
+        std::fs::read_to_string(work.path().join("agent.log")).unwrap_or_default()
     );
     assert!(out.status.success(), "{report}");
     println!("{report}");

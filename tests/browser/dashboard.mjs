@@ -4,9 +4,11 @@
 //
 // Environment: KILN_URL (the API's base URL), KILN_TOKEN, KILN_APP (path of recipes/app.yaml),
 // KILN_BROKEN (a recipe with an error at KILN_BROKEN_AT, file:line:column), KILN_MARKER (a
-// substring of the marker line the app image prints), KILN_ARTIFACTS, KILN_BROWSER_MODULES
-// (where playwright-core is installed), KILN_CHROMIUM.
+// substring of the marker line the app image prints), KILN_AGENT (an agent that runs the app
+// image), KILN_BIN, KILN_NATS and KILN_HOME (for `kiln rollout`), KILN_ARTIFACTS,
+// KILN_BROWSER_MODULES (where playwright-core is installed), KILN_CHROMIUM.
 import { createRequire } from "node:module";
+import { execFileSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
 
 const env = (name) => {
@@ -144,11 +146,28 @@ try {
   const packages = await image.locator("ul.packages li").count();
   if (packages < 1) throw new Error("the SBOM lists no package");
   step(`images: signature, sbom (${packages} packages), provenance and boot verified`);
+
+  // The agent runs the image (the images page says where), then a rollout moves it there.
+  const agent = env("KILN_AGENT");
+  await image.locator("td", { hasText: agent }).waitFor({ timeout: 300_000 });
+  step(`images: running on ${agent}`);
   await shot("images");
+  const reference = await image.getAttribute("data-reference");
+  const rolled = execFileSync(env("KILN_BIN"), ["rollout", reference, "--group", "web", "--waves", "1",
+    "--bake", "1", "--follow", "--json", "--nats", env("KILN_NATS")], { encoding: "utf8", timeout: 300_000 });
+  const rollout = JSON.parse(rolled.trim().split("\n").pop());
+  step(`rollout ${rollout.id}: ${rollout.state}`);
 
   await page.click('nav a[data-section="fleet"]');
   await page.locator("h1", { hasText: "Fleet" }).waitFor();
-  await page.locator("text=No agent has sent a heartbeat").waitFor();
+  await page.locator(`tr[data-agent="${agent}"] .state.healthy`).waitFor({ timeout: 30_000 });
+  const digest = reference.split("@")[1];
+  if (await page.locator(`tr[data-agent="${agent}"] td:nth-child(4) [title$="${digest}"]`).count() !== 1) {
+    throw new Error(`the fleet page shows ${agent} running: ${await page.locator(`tr[data-agent="${agent}"]`).textContent()}`);
+  }
+  await page.locator(`tr[data-rollout="${rollout.id}"] .state.completed`).waitFor({ timeout: 30_000 });
+  await page.locator(`tr[data-rollout="${rollout.id}"] .wave .state.deployed`).waitFor();
+  step("fleet: the agent healthy on the image, the rollout completed with its wave");
   await shot("fleet");
 
   await page.click('nav a[data-section="farm"]');

@@ -61,6 +61,22 @@ function short(digest) {
   return digest ? digest.replace("sha256:", "").slice(0, 12) : "";
 }
 
+/** An image reference `repo:tag@sha256:…` with its digest cut short (the whole in its title). */
+function imageRef(reference) {
+  if (!reference) return "";
+  const [name, digest] = reference.split("@");
+  return h("span", { class: "mono", title: reference }, digest ? name + "@" + short(digest) : name);
+}
+
+/** Seconds as people say them: 42 s, 3 min, 5 h, 2 d. */
+function span(s) {
+  if (s === undefined || s === null) return "";
+  if (s < 60) return Math.round(s) + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min";
+  if (s < 86400) return Math.floor(s / 3600) + " h";
+  return Math.floor(s / 86400) + " d";
+}
+
 async function getJSON(path) {
   const r = await fetch(path, { headers: { Accept: "application/json" } });
   const body = await r.json().catch(() => ({}));
@@ -383,7 +399,7 @@ function buildView(id) {
       ? h("table", { "aria-label": "Deployments" },
           h("thead", {}, h("tr", {}, ["Agent", "Result", "Image", "Detail"].map((t) => h("th", { scope: "col" }, t)))),
           h("tbody", {}, d.map((x) => h("tr", {}, h("td", {}, x.agent || ""), h("td", {}, badge(x.kind)),
-            h("td", { class: "mono" }, x.reference || x.image || ""), h("td", {}, x.error ? (x.error.message || JSON.stringify(x.error)) : (x.cause || ""))))))
+            h("td", {}, imageRef(x.reference || x.image)), h("td", {}, x.error ? (x.error.message || JSON.stringify(x.error)) : (x.cause || ""))))))
       : h("p", { class: "muted" }, "Not deployed (yet)."));
     drawConsoles();
   };
@@ -462,7 +478,7 @@ function imagesView() {
     }
     body.replaceChildren(h("table", { "aria-label": "Images" },
       h("thead", {}, h("tr", {}, ["Repository", "Tags", "Digest", "Build", "Published", "Checks", "Running on"].map((t) => h("th", { scope: "col" }, t)))),
-      h("tbody", {}, shown.map((i) => h("tr", { "data-digest": i.digest },
+      h("tbody", {}, shown.map((i) => h("tr", { "data-digest": i.digest, "data-reference": i.reference },
         h("td", {}, i.repository, i.revoked ? [" ", h("span", { class: "state revoked", title: i.revoked.reason + " (" + i.revoked.by + ")" }, "revoked")] : null),
         h("td", {}, h("div", { class: "tags" }, i.tags.map((t) => h("span", { class: "tag" }, t)))),
         h("td", { class: "mono", title: i.digest }, short(i.digest)),
@@ -502,15 +518,15 @@ function fleetView() {
     try {
       const [{ agents }, { rollouts }] = await Promise.all([getJSON("/v1/agents"), getJSON("/v1/rollouts")]);
       agentsBox.replaceChildren(agents.length ? h("table", { "aria-label": "Agents" },
-        h("thead", {}, h("tr", {}, ["Agent", "State", "Groups", "Running", "Before", "Up", "Heard from"].map((t) => h("th", { scope: "col" }, t)))),
+        h("thead", {}, h("tr", {}, ["Agent", "State", "Groups", "Running", "Before", "Up", "Heard from"].map((t) => h("th", { scope: "col", class: t === "Up" ? "num" : null }, t)))),
         h("tbody", {}, agents.map((a) => h("tr", { "data-agent": a.agent },
           h("td", {}, a.agent, a.listen ? h("div", { class: "muted mono" }, a.listen) : null),
           h("td", {}, badge(a.state), a.deploying ? h("div", { class: "muted mono" }, "→ " + a.deploying) : null),
           h("td", {}, (a.groups || []).join(", ")),
-          h("td", { class: "mono" }, a.digest ? h("a", { href: "/images?digest=" + encodeURIComponent(a.digest) }, a.running || a.digest) : "none"),
-          h("td", { class: "mono muted" }, a.previous || ""),
-          h("td", { class: "num" }, a.uptime_s !== undefined && a.uptime_s !== null ? secs(a.uptime_s * 1000) : ""),
-          h("td", {}, a.last_seen_s + " s ago")))))
+          h("td", {}, a.digest ? h("a", { href: "/images?digest=" + encodeURIComponent(a.digest) }, imageRef(a.running || a.digest)) : "none"),
+          h("td", { class: "muted" }, imageRef(a.previous)),
+          h("td", { class: "num" }, span(a.uptime_s)),
+          h("td", {}, span(a.last_seen_s) + " ago")))))
         : h("p", { class: "empty" }, "No agent has sent a heartbeat: start one with `kiln agent`."));
       rolloutsBox.replaceChildren(rollouts.length ? h("table", { "aria-label": "Rollouts" },
         h("thead", {}, h("tr", {}, ["Rollout", "Image", "Group", "State", "Waves"].map((t) => h("th", { scope: "col" }, t)))),
@@ -539,7 +555,7 @@ function rolloutRow(r) {
     }));
   return h("tr", { "data-rollout": r.id },
     h("td", { class: "mono" }, r.id, h("div", { class: "muted" }, "by " + r.by)),
-    h("td", { class: "mono" }, r.reference),
+    h("td", {}, imageRef(r.reference)),
     h("td", {}, r.group),
     h("td", {}, badge(r.state), r.reason ? h("div", { class: "muted" }, r.reason) : null),
     h("td", {}, h("div", { class: "waves" }, (r.plan || []).map(wave))));
@@ -566,15 +582,15 @@ function farmView() {
           card("Stream", bytes(f.stream.bytes), f.stream.messages + " messages")),
         h("h2", {}, "Stages"),
         h("table", { "aria-label": "Stages" },
-          h("thead", {}, h("tr", {}, ["Stage", "Waiting", "Working", "Cache hits", "Misses", "Median time when missed"].map((t) => h("th", { scope: "col" }, t)))),
+          h("thead", {}, h("tr", {}, ["Stage", "Waiting", "Working", "Cache hits", "Misses", "Median time when missed"].map((t, i) => h("th", { scope: "col", class: i ? "num" : null }, t)))),
           h("tbody", {}, f.stages.map((s) => h("tr", { "data-stage": s.stage }, h("td", {}, s.stage),
             h("td", { class: "num" }, s.pending === null ? "–" : s.pending), h("td", { class: "num" }, s.working === null ? "–" : s.working),
             h("td", { class: "num" }, s.hits), h("td", { class: "num" }, s.misses), h("td", { class: "num" }, secs(s.median_miss_ms)))))),
         h("h2", {}, "Workers"),
         f.workers.length ? h("table", { "aria-label": "Workers" },
-          h("thead", {}, h("tr", {}, ["Worker", "Stages", "Completed", "Last seen"].map((t) => h("th", { scope: "col" }, t)))),
+          h("thead", {}, h("tr", {}, ["Worker", "Stages", "Completed", "Last seen"].map((t) => h("th", { scope: "col", class: t === "Completed" ? "num" : null }, t)))),
           h("tbody", {}, f.workers.map((w) => h("tr", {}, h("td", {}, w.worker), h("td", {}, w.stages.join(", ")),
-            h("td", { class: "num" }, w.completed), h("td", {}, w.last_seen_s + " s ago")))))
+            h("td", { class: "num" }, w.completed), h("td", {}, span(w.last_seen_s) + " ago")))))
           : h("p", { class: "empty" }, "No worker completed a stage in the last 15 minutes."),
         h("p", { class: "muted" }, "Cache figures cover the stream's last " + f.window_messages + " messages. Prometheus: ", h("a", { href: "/metrics" }, "/metrics"), "."));
     } catch (e) {

@@ -669,6 +669,11 @@ pub struct PullArgs {
     /// signed for another repository. Without it a signature counts only in its own repository.
     #[arg(long, value_name = "REPO", requires = "trust")]
     pub signed_for: Vec<String>,
+    /// An image already here (an earlier version, repeatable): the disk is rebuilt from its
+    /// chunks plus the chunks fetched, when the image has a chunk index (`kiln publish` makes
+    /// one); every chunk and the whole disk are checked.
+    #[arg(long, value_name = "FILE")]
+    pub seed: Vec<PathBuf>,
     /// Use plain http for a registry that is not on loopback.
     #[arg(long)]
     pub insecure: bool,
@@ -1139,6 +1144,10 @@ pub struct AgentArgs {
     /// time, and goes back to the image before it the next.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub health_retries: u32,
+    /// Pulled images to keep in the state directory (the running one and the one before it
+    /// always are): the next image is rebuilt from their chunks, fetching only what changed.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub keep: u32,
     /// Print every result as a JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -2469,6 +2478,13 @@ fn publish(args: PublishArgs) -> anyhow::Result<i32> {
                         ", unsigned"
                     }
                 );
+                println!(
+                    "  {} chunks ({} different): {} the registry had, {} uploaded",
+                    r.chunks.chunks,
+                    r.chunks.unique,
+                    crate::gc::human_bytes(r.chunks.existing_bytes),
+                    crate::gc::human_bytes(r.chunks.uploaded_bytes),
+                );
             }
             Ok(0)
         }
@@ -2491,7 +2507,22 @@ fn pull(args: PullArgs) -> anyhow::Result<i32> {
         signed_for: args.signed_for.clone(),
         ..Default::default()
     };
-    match crate::store::pull(&args.reference, &args.output, trust.as_ref(), &opts) {
+    for seed in &args.seed {
+        if !seed.is_file() {
+            return Err(BadInput::Message(format!(
+                "--seed {}: no such file; give an image pulled or built before",
+                seed.display()
+            ))
+            .into());
+        }
+    }
+    match crate::store::pull_seeded(
+        &args.reference,
+        &args.output,
+        trust.as_ref(),
+        &args.seed,
+        &opts,
+    ) {
         Ok(r) => {
             if args.json {
                 /// The report and where it went.
@@ -2515,6 +2546,19 @@ fn pull(args: PullArgs) -> anyhow::Result<i32> {
                     r.seconds,
                     r.signature
                 );
+                if let Some(d) = &r.delta {
+                    println!(
+                        "  {} chunks: {} fetched ({}), {} from the seeds ({}), {} kept from before ({}), {} of zeros",
+                        d.chunks,
+                        d.fetched_chunks,
+                        crate::gc::human_bytes(d.fetched_bytes),
+                        d.reused_chunks,
+                        crate::gc::human_bytes(d.reused_bytes),
+                        d.resumed_chunks,
+                        crate::gc::human_bytes(d.resumed_bytes),
+                        crate::gc::human_bytes(d.zero_bytes),
+                    );
+                }
             }
             Ok(0)
         }
@@ -3146,6 +3190,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<i32> {
         heartbeat: std::time::Duration::from_secs(args.heartbeat_interval),
         health_interval: std::time::Duration::from_secs(args.health_interval),
         health_retries: args.health_retries,
+        keep: args.keep as usize,
     };
     let json = args.json;
     let report: crate::agent::Report = Box::new(move |event: &AgentEvent| {
@@ -3447,7 +3492,7 @@ fn nats_status(args: StatusArgs) -> anyhow::Result<i32> {
         let status = BuildStatus::from_events(build, &events);
         let deployments = crate::bus::status::deployments(&bus, build).await?;
         if args.json {
-            let doc = crate::bus::status::status_document(&status, deployments);
+            let doc = crate::bus::status::status_document(&bus, &status, deployments).await?;
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         } else {
             writeln!(out, "build {build}")?;

@@ -569,6 +569,7 @@ mod tests {
             vm: serde_json::Value::Null,
             order: Some(order.into()),
             cause: None,
+            pull: None,
             time: EventTime::UnixMs(0),
         })
     }

@@ -263,6 +263,32 @@ fn a_build_is_published_then_deployed_swapped_rolled_back_refused_and_readopted(
     let v2_pid = v2["vm"]["pid"].as_u64().unwrap() as u32;
     assert_eq!(qemus_in(&state), vec![v2_pid], "v1's VM must be gone");
     assert!(page(listen).contains("kiln-app release 2"));
+    // v2 came as a delta: rebuilt from v1's chunks plus the few that changed, as the deploy
+    // message on the stream says; v1 came whole.
+    let pulls: Vec<serde_json::Value> = rt().block_on(async {
+        let bus = Bus::connect_url(&url).await.unwrap();
+        bus.stored_messages("kiln.deploy.hv-test.completed")
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| {
+                serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["pull"].clone()
+            })
+            .collect()
+    });
+    let (whole, delta) = (&pulls[0], &pulls[1]);
+    assert_eq!(whole["chunks"], 0, "{pulls:?}");
+    assert_eq!(whole["fetched_bytes"], whole["bytes"], "{pulls:?}");
+    let bytes = delta["bytes"].as_u64().unwrap();
+    assert!(delta["chunks"].as_u64().unwrap() > 0, "{pulls:?}");
+    assert!(
+        delta["fetched_bytes"].as_u64().unwrap() * 10 < bytes,
+        "{pulls:?}"
+    );
+    assert!(
+        delta["reused_bytes"].as_u64().unwrap() * 2 > bytes,
+        "{pulls:?}"
+    );
     // The inventory: hv-test in group web, healthy, running v2 in the VM whose pid QEMU has.
     let o = kiln(home.path())
         .args(["agents", "--group", "web", "--json", "--nats", &url])

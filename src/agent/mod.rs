@@ -114,6 +114,9 @@ pub struct AgentConfig {
     pub health_interval: Duration,
     /// Failed checks in a row before the agent restarts the VM or goes back.
     pub health_retries: u32,
+    /// Pulled images kept (the running one and the one before it always are): the seeds of
+    /// delta pulls.
+    pub keep: usize,
 }
 
 /// Split `REPO:TAG` (the tag is after the last `:` that follows the last `/`).
@@ -375,7 +378,22 @@ fn deploy(
             ));
         }
     }
-    let report = match store::pull(&pull_ref, &image, Some(trust), &config.store) {
+    // Earlier images kept here seed a delta pull: only the chunks they lack are fetched.
+    let seeds = kept_images(&images);
+    let pulled = match store::pull_seeded(&pull_ref, &image, Some(trust), &seeds, &config.store) {
+        // A chunk index that does not describe the signed image is refused; the whole disk
+        // (checked against the signed digest) is still good.
+        Err(e @ StoreError::Malformed { .. }) if !seeds.is_empty() => {
+            tracing::warn!(
+                "{}; pulling the whole disk instead",
+                crate::error::Chain(&e)
+            );
+            let _ = std::fs::remove_file(store::partial_path(&image));
+            store::pull(&pull_ref, &image, Some(trust), &config.store)
+        }
+        other => other,
+    };
+    let report = match pulled {
         Ok(r) => r,
         Err(e) => {
             // A refused download is not kept for resuming: its bytes are not trusted.
@@ -509,10 +527,11 @@ fn deploy(
                 }
                 vm::stop(old, QUIT_GRACE);
             }
-            // Keep the running image and the one before it (to go back to); drop the rest.
+            // Keep the running image, the one before it (to go back to) and the newest others
+            // up to --keep (seeds); drop the rest.
             let mut keep = vec![new.image.clone()];
             keep.extend(old.as_ref().map(|o| o.image.clone()));
-            prune_images(&images, &keep);
+            prune_images(&images, &keep, config.keep);
             tracing::info!(
                 "{} healthy after {:.1} s (boot {:.1} s); running it",
                 msg.reference,
@@ -529,6 +548,7 @@ fn deploy(
                 vm: vm_json(&new, Some(seconds)),
                 order: None,
                 cause: None,
+                pull: Some(pull_stats(&report)),
                 time: EventTime::now(),
             }))
         }
@@ -553,14 +573,49 @@ fn deploy(
     }
 }
 
-/// Remove pulled images in `dir` other than `keep` (and their `.partial` leftovers).
-fn prune_images(dir: &Path, keep: &[PathBuf]) {
+/// What pulling cost, for the deploy result.
+fn pull_stats(report: &store::PullReport) -> crate::bus::PullStats {
+    let delta = report.delta.clone().unwrap_or_default();
+    crate::bus::PullStats {
+        bytes: report.bytes,
+        fetched_bytes: report.transferred,
+        reused_bytes: delta.reused_bytes + delta.resumed_bytes,
+        chunks: delta.chunks as u64,
+        fetched_chunks: delta.fetched_chunks as u64,
+        seconds: report.seconds,
+    }
+}
+
+/// The pulled images in `dir` (`*.img`, not `.partial` leftovers), newest first.
+fn kept_images(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut images: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "img"))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    images.sort_by(|a, b| b.cmp(a));
+    images.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Remove pulled images in `dir` but `keep` and the newest others up to `most` in all (the
+/// seeds of the next delta pull), and every `.partial` leftover.
+fn prune_images(dir: &Path, keep: &[PathBuf], most: usize) {
+    let mut kept: Vec<PathBuf> = keep.to_vec();
+    for image in kept_images(dir) {
+        if kept.len() < most && !kept.contains(&image) {
+            kept.push(image);
+        }
+    }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
         let path = e.path();
-        if !keep.contains(&path)
+        if !kept.contains(&path)
             && let Err(err) = std::fs::remove_file(&path)
         {
             tracing::warn!("removing {}: {err}", path.display());
@@ -616,6 +671,7 @@ fn recover(
                 vm: vm_json(&new, None),
                 order: None,
                 cause: None,
+                pull: None,
                 time: EventTime::now(),
             })
         }
@@ -757,6 +813,7 @@ fn heal(
                     vm: vm_json(&new, None),
                     order: None,
                     cause: Some(format!("restarted: {why}")),
+                    pull: None,
                     time: EventTime::now(),
                 })));
             }
@@ -1327,6 +1384,7 @@ fn obey(
             vm: vm_json(c, None),
             order: None,
             cause: None,
+            pull: None,
             time: EventTime::now(),
         })
     } else if state.answered.iter().any(|o| o == &order.order) {
@@ -1671,6 +1729,7 @@ mod tests {
             heartbeat: Duration::from_secs(10),
             health_interval: Duration::from_secs(10),
             health_retries: 3,
+            keep: 2,
         };
         let ann = std::collections::BTreeMap::from([(
             store::ANN_DEPLOY.to_string(),

@@ -493,13 +493,7 @@ async fn status(
     }
     let status = BuildStatus::from_events(&id, &events);
     let deployments = crate::bus::status::deployments(&state.0.bus, &id).await?;
-    let mut doc = crate::bus::status::status_document(&status, deployments);
-    // The recipe, requester, image and reference, as the list of builds shows them.
-    if let Some(index) = crate::bus::BuildIndex::open_existing(&state.0.bus).await?
-        && let Some(summary) = index.get(&id).await?
-    {
-        doc["summary"] = serde_json::to_value(summary).unwrap_or_default();
-    }
+    let doc = crate::bus::status::status_document(&state.0.bus, &status, deployments).await?;
     Ok(axum::Json(doc))
 }
 

@@ -711,7 +711,27 @@ pub struct DeployCompleted {
     /// back from a revoked image), `restarted: …` (the VM failed its health checks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
+    /// How the image got here, when the agent pulled it for this deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullStats>,
     pub time: EventTime,
+}
+
+/// What pulling an image cost an agent: the disk's size, the bytes fetched from the registry,
+/// and, for a delta pull (the image has a chunk index and the agent kept earlier images), the
+/// bytes taken from those images and the chunks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PullStats {
+    pub bytes: u64,
+    pub fetched_bytes: u64,
+    #[serde(default)]
+    pub reused_bytes: u64,
+    /// Chunks in the image's index (0: the whole disk was downloaded).
+    #[serde(default)]
+    pub chunks: u64,
+    #[serde(default)]
+    pub fetched_chunks: u64,
+    pub seconds: f64,
 }
 
 /// `kiln.deploy.<agent>.failed`: the new image did not take; says why and what runs now.

@@ -24,10 +24,10 @@ pub use index::{BUILD_BUCKET, BuildIndex, BuildPhase, BuildSummary};
 pub use messages::{
     AgentHealth, AgentHeartbeat, BuildRequest, COMPLETED_VERSION, CacheStatus, DecodeError,
     DeployCompleted, DeployFailed, DeployOrder, ErrorInfo, ErrorKind, EventTime, GitSource,
-    HostState, ImagePublished, ImageRevoked, Message, Promotion, RecipeSource, RequestError,
-    Rollout, RolloutHost, RolloutState, StageCompleted, StageEvent, StageFailed, StageProgress,
-    StageStarted, VERSION, assigned_build_id, decode, encode, is_valid_build_id, new_build_id,
-    refused_build_id,
+    HostState, ImagePublished, ImageRevoked, Message, Promotion, PullStats, RecipeSource,
+    RequestError, Rollout, RolloutHost, RolloutState, StageCompleted, StageEvent, StageFailed,
+    StageProgress, StageStarted, VERSION, assigned_build_id, decode, encode, is_valid_build_id,
+    new_build_id, refused_build_id,
 };
 pub use server::{PrivateServer, ServerError};
 pub use subjects::{DeployKind, EventKind, Stage};

@@ -241,15 +241,22 @@ pub async fn deployments(
     Ok(out)
 }
 
-/// A build's status and where its image was deployed, as `kiln status --json` and
-/// `GET /v1/builds/{id}` show it.
-pub fn status_document(
+/// A build's status, where its image was deployed and, once a worker indexed it, its entry in
+/// the list of builds (`summary`: recipe, requester, image, reference), as `kiln status --json`
+/// and `GET /v1/builds/{id}` show it.
+pub async fn status_document(
+    bus: &super::Bus,
     status: &BuildStatus,
     deployments: Vec<serde_json::Value>,
-) -> serde_json::Value {
+) -> Result<serde_json::Value, super::BusError> {
     let mut doc = serde_json::to_value(status).unwrap_or_default();
     doc["deployments"] = deployments.into();
-    doc
+    if let Some(index) = super::BuildIndex::open_existing(bus).await?
+        && let Some(summary) = index.get(&status.build).await?
+    {
+        doc["summary"] = serde_json::to_value(summary).unwrap_or_default();
+    }
+    Ok(doc)
 }
 
 /// An event time as RFC 3339 text.

@@ -44,6 +44,7 @@
 //! `KILN_REGISTRY_PASSWORD` from the environment.
 
 pub mod attest;
+pub mod chunks;
 pub mod layout;
 pub mod reference;
 pub mod registry;
@@ -360,6 +361,8 @@ pub struct PublishReport {
     pub bytes: u64,
     /// Bytes of the disk actually uploaded (0 when the registry had the blob already).
     pub uploaded: u64,
+    /// The disk's chunks and their index, for delta pulls.
+    pub chunks: chunks::ChunkReport,
     pub seconds: f64,
 }
 
@@ -415,6 +418,9 @@ pub struct PullReport {
     pub transferred: u64,
     /// Bytes already in `OUT.partial` that were kept.
     pub resumed_from: u64,
+    /// For a pull with seeds: what was fetched, reused from the seeds and kept from before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<chunks::DeltaReport>,
     pub seconds: f64,
 }
 
@@ -454,6 +460,7 @@ fn is_attached_tag(tag: &str) -> bool {
                 .or_else(|| t.strip_suffix(".att"))
                 .or_else(|| t.strip_suffix(".sbom"))
                 .or_else(|| t.strip_suffix(".revoked"))
+                .or_else(|| t.strip_suffix(".chunks"))
         })
         .is_some_and(|h| h.len() == 64)
 }
@@ -755,6 +762,13 @@ pub fn publish(
     };
     let manifest_bytes = to_json(&manifest)?;
     let manifest_digest = Digest256::of(&manifest_bytes);
+    // The chunks and their index first: an agent that sees the tag finds them.
+    let chunks = chunks::publish(
+        &target,
+        image,
+        &manifest.layers[0],
+        &manifest_descriptor(&manifest_bytes),
+    )?;
     for tag in &tags {
         target.put_manifest(tag, &manifest_bytes, ARTIFACT_DISK)?;
     }
@@ -776,6 +790,7 @@ pub fn publish(
         tags,
         bytes: size,
         uploaded,
+        chunks,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -1628,6 +1643,19 @@ pub fn pull(
     trust: Option<&VerifyingKey>,
     opts: &StoreOptions,
 ) -> Result<PullReport, StoreError> {
+    pull_seeded(reference, out, trust, &[], opts)
+}
+
+/// [`pull`], rebuilding the disk from the chunks of `seeds` (images already here) and fetching
+/// only the other chunks when the image has a chunk index ([`chunks`]); without seeds or an
+/// index, the whole layer is downloaded.
+pub fn pull_seeded(
+    reference: &str,
+    out: &Path,
+    trust: Option<&VerifyingKey>,
+    seeds: &[PathBuf],
+    opts: &StoreOptions,
+) -> Result<PullReport, StoreError> {
     let start = Instant::now();
     let r = Reference::parse(reference)?;
     let target = Target::open(&r, opts, false)?;
@@ -1674,7 +1702,26 @@ pub fn pull(
                 .unwrap_or("raw")
                 .to_string()
         });
-    let (transferred, resumed_from) = download(&target, &layer, out)?;
+    let index = match seeds.is_empty() {
+        true => None,
+        false => {
+            let index = chunks::fetch_index(&target, &r, &manifest_digest, &layer)?;
+            if index.is_none() {
+                tracing::warn!(reference = %r, "the image has no chunk index; pulling the whole disk");
+            }
+            index
+        }
+    };
+    let (transferred, resumed_from, delta) = match index {
+        Some(index) => {
+            let d = chunks::assemble(&target, &index, seeds, &partial_path(out), out)?;
+            (d.fetched_bytes, d.resumed_bytes, Some(d))
+        }
+        None => {
+            let (t, k) = download(&target, &layer, out)?;
+            (t, k, None)
+        }
+    };
     Ok(PullReport {
         reference: r.with_digest(&manifest_digest),
         manifest_digest,
@@ -1685,6 +1732,7 @@ pub fn pull(
         bytes: layer.size,
         transferred,
         resumed_from,
+        delta,
         seconds: start.elapsed().as_secs_f64(),
     })
 }

@@ -171,3 +171,107 @@ pub fn start_fake_registry(
     });
     FakeRegistry { port, requests }
 }
+
+/// A loopback HTTP proxy in front of a registry that counts the bytes the registry sends
+/// through it (the oracle for what a pull fetched, independent of kiln's own report), logs
+/// each request, and on request corrupts or refuses the blobs it is told about.
+pub struct CountingProxy {
+    pub port: u16,
+    /// Bytes of responses (headers and bodies) passed to clients.
+    pub bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Each request: method, path, and whether it was answered.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<(String, String, bool)>>>,
+    /// Blob digests whose body gets its last byte flipped.
+    pub corrupt: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Blob digests whose requests are dropped without an answer.
+    pub refuse: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl CountingProxy {
+    /// Start one in front of `127.0.0.1:upstream`.
+    pub fn start(upstream: u16) -> CountingProxy {
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = CountingProxy {
+            port: listener.local_addr().unwrap().port(),
+            bytes: Arc::default(),
+            log: Arc::new(Mutex::new(Vec::new())),
+            corrupt: Arc::default(),
+            refuse: Arc::default(),
+        };
+        let (bytes, log) = (proxy.bytes.clone(), proxy.log.clone());
+        let (corrupt, refuse) = (proxy.corrupt.clone(), proxy.refuse.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (bytes, log) = (bytes.clone(), log.clone());
+                let (corrupt, refuse) = (corrupt.clone(), refuse.clone());
+                std::thread::spawn(move || {
+                    let _ = serve_proxied(client, upstream, &bytes, &log, &corrupt, &refuse);
+                });
+            }
+        });
+        proxy
+    }
+
+    /// Bytes passed so far, and forget them.
+    pub fn take_bytes(&self) -> u64 {
+        self.bytes.swap(0, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The requests so far, and forget them.
+    pub fn take_log(&self) -> Vec<(String, String, bool)> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+/// One client connection, one request (no body: GET or HEAD), sent to the registry on a
+/// connection of its own that closes after the answer, which is passed back whole.
+fn serve_proxied(
+    mut client: std::net::TcpStream,
+    upstream: u16,
+    bytes: &std::sync::atomic::AtomicU64,
+    log: &std::sync::Mutex<Vec<(String, String, bool)>>,
+    corrupt: &std::sync::Mutex<std::collections::HashSet<String>>,
+    refuse: &std::sync::Mutex<std::collections::HashSet<String>>,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if client.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let mut words = text.split_whitespace();
+    let method = words.next().unwrap_or("").to_string();
+    let path = words.next().unwrap_or("").to_string();
+    let blob = path.rsplit_once("/blobs/").map(|(_, d)| d.to_string());
+    let is = |set: &std::sync::Mutex<std::collections::HashSet<String>>| {
+        blob.as_ref()
+            .is_some_and(|d| set.lock().unwrap().contains(d))
+    };
+    if is(refuse) {
+        log.lock().unwrap().push((method, path, false));
+        return Ok(()); // dropped: the client sees the connection close
+    }
+    let forwarded: String = text
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    let forwarded = forwarded.trim_end().to_string() + "\r\nConnection: close\r\n\r\n";
+    let mut up = std::net::TcpStream::connect(("127.0.0.1", upstream))?;
+    up.write_all(forwarded.as_bytes())?;
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer)?;
+    if method == "GET" && is(corrupt) && answer.len() > 1 {
+        *answer.last_mut().unwrap() ^= 0x5a;
+    }
+    bytes.fetch_add(answer.len() as u64, std::sync::atomic::Ordering::SeqCst);
+    log.lock().unwrap().push((method, path, true));
+    // The registry closed after this answer; so does the proxy (the client sees
+    // `Connection: close`).
+    client.write_all(&answer)
+}

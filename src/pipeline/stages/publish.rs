@@ -48,7 +48,7 @@ pub enum PublishOut {
     /// Nothing to do, and why.
     Skipped { skipped: String },
     /// Pushed (and signed when the worker has a key).
-    Pushed(Pushed),
+    Pushed(Box<Pushed>),
 }
 
 /// A pushed image.
@@ -62,6 +62,8 @@ pub struct Pushed {
     pub bytes: u64,
     /// Bytes uploaded (0 when the registry had the disk already).
     pub uploaded: u64,
+    /// The disk's chunks for delta pulls: how many, the bytes the registry had, those uploaded.
+    pub chunks: crate::store::chunks::ChunkReport,
     pub seconds: f64,
     /// The `sha256-<hex>.att` manifest holding the signed SBOM and provenance (when signed).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -131,6 +133,7 @@ impl StageWork for PublishStage {
         // A redelivered message pushes nothing: the registry had it all.
         if let PublishOut::Pushed(p) = &out
             && p.uploaded == 0
+            && p.chunks.uploaded_bytes == 0
         {
             run.set_cache(CacheStatus::Hit);
         }
@@ -434,7 +437,7 @@ pub fn publish_build(
         promotion: None,
         time: EventTime::now(),
     };
-    Ok(PublishOut::Pushed(Pushed {
+    Ok(PublishOut::Pushed(Box::new(Pushed {
         reference: report.reference,
         manifest: report.manifest_digest,
         layer: report.layer_digest,
@@ -442,13 +445,14 @@ pub fn publish_build(
         tags: report.tags,
         bytes: report.bytes,
         uploaded: report.uploaded,
+        chunks: report.chunks,
         seconds: report.seconds,
         attestations,
         attestation_seconds: attested.elapsed().as_secs_f64(),
         sbom_packages: sbom.as_ref().ok().copied(),
         sbom_skipped: sbom.err(),
         message: Box::new(message),
-    }))
+    })))
 }
 
 /// Whether a registry error may heal on retry (the network, a server error); other refusals are

@@ -123,7 +123,11 @@ fn publish_list_fetch_with_curl_and_pull_verified() {
         .collect();
     tags.sort();
     let sig_tag = format!("sha256-{}.sig", rep.manifest_digest.hex());
-    assert_eq!(tags, vec![sig_tag.clone(), "stable".into(), "v1".into()]);
+    let chunks_tag = format!("sha256-{}.chunks", rep.manifest_digest.hex());
+    assert_eq!(
+        tags,
+        vec![chunks_tag, sig_tag.clone(), "stable".into(), "v1".into()]
+    );
 
     // curl fetches the manifest and the blob; their sha256 match.
     let mpath = work.path().join("manifest.json");
@@ -548,12 +552,19 @@ fn oci_layout_directory_round_trip() {
     assert_eq!(oci_layout["imageLayoutVersion"], "1.0.0");
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    // The image, its chunk index and its signature.
     let entries = index["manifests"].as_array().unwrap();
-    assert_eq!(entries.len(), 2);
-    assert_eq!(entries[0]["digest"], rep.manifest_digest.as_str());
-    assert_eq!(
-        entries[0]["annotations"]["org.opencontainers.image.ref.name"],
-        "v1"
+    assert_eq!(entries.len(), 3, "{index}");
+    let tagged = entries
+        .iter()
+        .find(|e| e["annotations"]["org.opencontainers.image.ref.name"] == "v1")
+        .unwrap();
+    assert_eq!(tagged["digest"], rep.manifest_digest.as_str());
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["annotations"]["org.opencontainers.image.ref.name"]
+                == format!("sha256-{}.chunks", rep.manifest_digest.hex()))
     );
     // Every blob is stored under its sha256.
     for e in std::fs::read_dir(dir.join("blobs/sha256")).unwrap() {

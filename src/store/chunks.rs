@@ -445,25 +445,12 @@ pub(super) fn assemble(
             tracing::warn!(seed = %seed.display(), "seed not used: {e}");
         }
     }
-    let open_seeds: Vec<Option<File>> = seeds.iter().map(|s| File::open(s).ok()).collect();
-    let mut fetch: Vec<&Chunk> = Vec::new();
-    for c in todo {
-        let b = &mut buf[..c.length as usize];
-        let from_seed = found.get(&c.digest).and_then(|f| {
-            let seed = open_seeds.get(f.seed)?.as_ref()?;
-            seed.read_exact_at(b, f.offset).ok()?;
-            // A seed that changed since it was scanned is not trusted.
-            (Digest256::of(b) == c.digest).then_some(())
-        });
-        if from_seed.is_some() {
-            file.write_all_at(b, c.offset)
-                .map_err(|e| io_err("write", partial, e))?;
-            report.reused_chunks += 1;
-            report.reused_bytes += u64::from(c.length);
-        } else {
-            fetch.push(c);
-        }
-    }
+    let pending: HashSet<u64> = todo.iter().map(|c| c.offset).collect();
+    let fetch: Vec<&Chunk> = todo
+        .iter()
+        .filter(|c| !found.contains_key(&c.digest))
+        .copied()
+        .collect();
 
     // The rest from the registry, a few at a time; a chunk that fails its digest is fetched
     // once more.
@@ -505,21 +492,41 @@ pub(super) fn assemble(
         return Err(e);
     }
 
-    // The whole, against the digest the signed manifest names.
+    // One pass in order: the seeds' chunks are copied in, and everything is hashed on the way
+    // (zeros between chunks, the rest read back), to check the whole against the digest the
+    // signed manifest names.
+    let open_seeds: Vec<Option<File>> = seeds.iter().map(|s| File::open(s).ok()).collect();
     let mut hasher = Sha256::new();
-    let mut reader = &file;
-    let mut big = vec![0u8; 4 << 20];
-    std::io::Seek::seek(&mut reader, io::SeekFrom::Start(0))
-        .map_err(|e| io_err("seek in", partial, e))?;
-    loop {
-        let n = reader
-            .read(&mut big)
-            .map_err(|e| io_err("read", partial, e))?;
-        if n == 0 {
-            break;
+    let zeros = vec![0u8; MAX_CHUNK];
+    let hash_zeros = |hasher: &mut Sha256, mut len: u64| {
+        while len > 0 {
+            let n = len.min(zeros.len() as u64) as usize;
+            hasher.update(&zeros[..n]);
+            len -= n as u64;
         }
-        hasher.update(&big[..n]);
+    };
+    let mut at = 0u64;
+    let seed_misread = |f: &Found| io::Error::other(format!("seed {} changed", seeds[f.seed].display()));
+    for c in &index.chunks {
+        hash_zeros(&mut hasher, c.offset - at);
+        let b = &mut buf[..c.length as usize];
+        match found.get(&c.digest).filter(|_| pending.contains(&c.offset)) {
+            Some(f) => {
+                let seed = open_seeds[f.seed].as_ref().ok_or_else(|| seed_misread(f));
+                seed.and_then(|seed| seed.read_exact_at(b, f.offset))
+                    .map_err(|e| io_err("read", &seeds[f.seed], e))?;
+                file.write_all_at(b, c.offset).map_err(|e| io_err("write", partial, e))?;
+                report.reused_chunks += 1;
+                report.reused_bytes += u64::from(c.length);
+            }
+            None => file
+                .read_exact_at(b, c.offset)
+                .map_err(|e| io_err("read", partial, e))?,
+        }
+        hasher.update(&*b);
+        at = c.offset + u64::from(c.length);
     }
+    hash_zeros(&mut hasher, index.size - at);
     let actual = Digest256::from_sha256(&hasher.finalize());
     if actual != index.digest {
         let _ = std::fs::remove_file(partial);

@@ -3,8 +3,8 @@
 
 Set-up (all real, on loopback): Debian's `docker-registry`; for each example recipe three
 builds without a boot (`kiln build --no-verify --no-bus`): v1, v2a after a one-template change
-(`--set hostname=…`: /etc/hostname, /etc/issue or the motd change) and v2b with one added Debian
-package (`tree`, in a copy of the recipe); each published with `kiln publish --key` (disk, chunks,
+(`--set hostname=…`: /etc/hostname, /etc/issue or the motd change) and, for the Debian example,
+v2b with one added Debian package (`tree`, in a copy of the recipe); each published with `kiln publish --key` (disk, chunks,
 chunk index, signature).
 
 Measured:
@@ -137,21 +137,20 @@ def main():
         if args.debian:
             examples.append(("debian", "recipes/debian-bookworm.yaml", "kiln-debian-2"))
         rows = []
+        publishes = []
         for name, recipe, hostname in examples:
             # v2b: the same recipe with one more package, beside it (templates resolve the same).
+            # (A busybox root takes no Debian packages: `rootfs.packages` is for `base: debian`.)
             text = open(os.path.join(REPO, recipe)).read()
+            variants = [("v1", recipe, []), ("v2a", recipe, ["--set", f"hostname={hostname}"])]
             if "  packages:\n" in text:
-                text = text.replace("  packages:\n", "  packages:\n    - tree\n", 1)
-            else:
-                text = text.replace("rootfs:\n", "rootfs:\n  packages: [tree]\n", 1)
-            copy = os.path.join(REPO, "recipes", f".bench-delta-{name}.yaml")
-            with open(copy, "w") as f:
-                f.write(text)
-            copies.append(copy)
+                copy = os.path.join(REPO, "recipes", f".bench-delta-{name}.yaml")
+                with open(copy, "w") as f:
+                    f.write(text.replace("  packages:\n", "  packages:\n    - tree\n", 1))
+                copies.append(copy)
+                variants.append(("v2b", copy, []))
             images = {}
-            for variant, path, sets in [("v1", recipe, []),
-                                        ("v2a", recipe, ["--set", f"hostname={hostname}"]),
-                                        ("v2b", copy, [])]:
+            for variant, path, sets in variants:
                 out = os.path.join(work, name, variant)
                 report = json.loads(run([kiln, "build", path, "--no-verify", "--no-bus", "--json",
                                          "-o", out] + sets, env, cwd=REPO))
@@ -159,10 +158,11 @@ def main():
                 ref = f"127.0.0.1:{port}/bench/{name}:{variant}"
                 pub = json.loads(run([kiln, "publish", image, "--to", ref, "--key", key, "--json"], env))
                 images[variant] = (image, pub)
+                publishes.append((name, variant, pub))
                 print(f"{name} {variant}: {pub['bytes']} bytes, {pub['chunks']['chunks']} chunks, "
                       f"{pub['chunks']['uploaded_bytes']} chunk bytes uploaded", file=sys.stderr)
             v1 = images["v1"][0]
-            for variant in ["v2a", "v2b"]:
+            for variant in [v for v in ["v2a", "v2b"] if v in images]:
                 image, pub = images[variant]
                 size = pub["bytes"]
                 via = f"127.0.0.1:{proxy.port}/bench/{name}:{variant}"
@@ -216,6 +216,13 @@ def main():
             name, _, full, seeded, curl = r
             print(f"| {name} | {full:.3f} s | {seeded:.3f} s | {seeded / full:.2f} | {curl:.3f} s | "
                   f"{curl / full:.2f} |")
+        print()
+        print("| example | published | seconds | chunks (different) | chunk bytes the registry had | uploaded |")
+        print("|---|---|---|---|---|---|")
+        for name, variant, pub in publishes:
+            c = pub["chunks"]
+            print(f"| {name} | {variant} | {pub['seconds']:.2f} s | {c['chunks']} ({c['unique']}) | "
+                  f"{c['existing_bytes'] / 2**20:.1f} MiB | {c['uploaded_bytes'] / 2**20:.1f} MiB |")
         print(f"\n(medians of {args.rounds} runs; {kiln})")
     finally:
         registry.terminate()

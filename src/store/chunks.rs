@@ -506,7 +506,8 @@ pub(super) fn assemble(
         }
     };
     let mut at = 0u64;
-    let seed_misread = |f: &Found| io::Error::other(format!("seed {} changed", seeds[f.seed].display()));
+    let seed_misread =
+        |f: &Found| io::Error::other(format!("seed {} changed", seeds[f.seed].display()));
     for c in &index.chunks {
         hash_zeros(&mut hasher, c.offset - at);
         let b = &mut buf[..c.length as usize];
@@ -515,7 +516,8 @@ pub(super) fn assemble(
                 let seed = open_seeds[f.seed].as_ref().ok_or_else(|| seed_misread(f));
                 seed.and_then(|seed| seed.read_exact_at(b, f.offset))
                     .map_err(|e| io_err("read", &seeds[f.seed], e))?;
-                file.write_all_at(b, c.offset).map_err(|e| io_err("write", partial, e))?;
+                file.write_all_at(b, c.offset)
+                    .map_err(|e| io_err("write", partial, e))?;
                 report.reused_chunks += 1;
                 report.reused_bytes += u64::from(c.length);
             }

@@ -318,8 +318,8 @@ impl Registry {
             reason: "bad HTTP method".into(),
         })?;
         let auth = self.current_auth();
-        let resp = build(self.apply(self.http.request(m.clone(), &url), &auth))
-            .send()
+        let resp = self
+            .send_retrying(&m, &url, &auth, build)
             .map_err(|e| http_err(method, &url, &e, self.stall))?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
@@ -332,8 +332,8 @@ impl Registry {
             })?;
         let next = self.answer(&challenge, &url)?;
         self.set_auth(next.clone());
-        let resp = build(self.apply(self.http.request(m, &url), &next))
-            .send()
+        let resp = self
+            .send_retrying(&m, &url, &next, build)
             .map_err(|e| http_err(method, &url, &e, self.stall))?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             return Err(StoreError::Unauthorized {
@@ -349,6 +349,26 @@ impl Registry {
             });
         }
         Ok(resp)
+    }
+
+    /// Send once more, after a short pause, when the request never got an answer because the
+    /// connection failed under it (a kept-alive connection the registry closed just then: every
+    /// request kiln sends may be repeated). A timeout is not repeated.
+    fn send_retrying(
+        &self,
+        m: &reqwest::Method,
+        url: &str,
+        auth: &Auth,
+        build: &dyn Fn(RequestBuilder) -> RequestBuilder,
+    ) -> Result<Response, reqwest::Error> {
+        match build(self.apply(self.http.request(m.clone(), url), auth)).send() {
+            Err(e) if !e.is_timeout() && (e.is_connect() || e.is_request()) => {
+                tracing::debug!("{m} {}: {e}; sending it again", redact(url));
+                std::thread::sleep(Duration::from_millis(100));
+                build(self.apply(self.http.request(m.clone(), url), auth)).send()
+            }
+            other => other,
+        }
     }
 
     fn answer(&self, ch: &Challenge, url: &str) -> Result<Auth, StoreError> {

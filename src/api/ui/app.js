@@ -397,9 +397,11 @@ function buildView(id) {
     const d = status.deployments || [];
     deploys.replaceChildren(d.length
       ? h("table", { "aria-label": "Deployments" },
-          h("thead", {}, h("tr", {}, ["Agent", "Result", "Image", "Detail"].map((t) => h("th", { scope: "col" }, t)))),
+          h("thead", {}, h("tr", {}, ["Agent", "Result", "Image", "Pulled", "Detail"].map((t) => h("th", { scope: "col" }, t)))),
           h("tbody", {}, d.map((x) => h("tr", {}, h("td", {}, x.agent || ""), h("td", {}, badge(x.kind)),
-            h("td", {}, imageRef(x.reference || x.image)), h("td", {}, x.error ? (x.error.message || JSON.stringify(x.error)) : (x.cause || ""))))))
+            h("td", {}, imageRef(x.reference || x.image)),
+            h("td", {}, x.pull ? bytes(x.pull.fetched_bytes) + " of " + bytes(x.pull.bytes) + (x.pull.chunks ? " (delta)" : "") : ""),
+            h("td", {}, x.error ? (x.error.message || JSON.stringify(x.error)) : (x.cause || ""))))))
       : h("p", { class: "muted" }, "Not deployed (yet)."));
     drawConsoles();
   };

@@ -97,7 +97,7 @@ impl StageWork for DiskStage {
             name: &recipe.name,
             rootfs: &build.rootfs()?.manifest,
             secure_boot: secure_boot.as_ref().map(|k| k.fingerprint()),
-            seed: &build.loaded.inputs,
+            seed: &super::disk_seed(&build.loaded),
             systemd_boot: &build.packages()?.systemd_boot.sha256,
             version: &recipe.version,
             vmlinuz: &kernel.vmlinuz,
@@ -343,13 +343,14 @@ fn disk(
             hash: format!("{root_name}-verity"),
             data: root_name,
             params: crate::verity::VerityParams {
-                // From the build's inputs: the same recipe, the same tree.
+                // From the disk's seed: the same recipe, the same salt, so unchanged blocks
+                // keep their hashes from one build to the next.
                 salt: sha2::Digest::finalize(sha2::Digest::chain_update(
                     <sha2::Sha256 as sha2::Digest>::new(),
-                    format!("{}/verity-salt", loaded.inputs),
+                    format!("{}/verity-salt", super::disk_seed(loaded)),
                 ))
                 .into(),
-                uuid: crate::disk::derive_id(&loaded.inputs, "verity-superblock"),
+                uuid: crate::disk::derive_id(&super::disk_seed(loaded), "verity-superblock"),
             },
             remake: esp_name.map(|name| {
                 let maker: TreeMaker<'_> = Box::new(|hash: &str| {
@@ -373,7 +374,7 @@ fn disk(
             compress: recipe.disk.compress,
             ..ImageOptions::default()
         },
-        seed: loaded.inputs.clone(),
+        seed: super::disk_seed(loaded),
         epoch: loaded.source_date_epoch,
         partitions: inputs,
         verity: verity_spec,
@@ -461,7 +462,7 @@ mod tests {
             name: &r.name,
             rootfs: &d,
             secure_boot: None,
-            seed: &loaded.inputs,
+            seed: &crate::pipeline::stages::disk_seed(&loaded),
             systemd_boot: &d,
             version: &r.version,
             vmlinuz: &d,
@@ -469,7 +470,7 @@ mod tests {
         let old = json!({
             "rootfs": d, "systemd_boot": d, "vmlinuz": d, "initrd": initrd,
             "disk": r.disk, "boot": r.boot, "name": r.name, "description": r.description,
-            "version": r.version, "seed": loaded.inputs, "epoch": loaded.source_date_epoch,
+            "version": r.version, "seed": crate::pipeline::stages::disk_seed(&loaded), "epoch": loaded.source_date_epoch,
         });
         assert_eq!(
             serde_json::to_vec(&typed).unwrap(),

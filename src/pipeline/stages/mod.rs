@@ -809,8 +809,17 @@ fn read_pkg(env: &StageEnv, loaded: &Loaded, p: &PackageRef) -> Result<Tree, Sta
     Ok(tree)
 }
 
-/// Partition identities follow from the seed (`build.inputs`), so the initramfs and fstab can
-/// name them before the disk exists.
+/// What a disk's identities (GPT GUIDs, filesystem UUIDs and hash seeds, the FAT volume id, the
+/// dm-verity salt) derive from: the recipe's name, so that they stay the same from one build of
+/// a recipe to the next. Were they to follow the inputs, every ext4 metadata block (their
+/// checksums are seeded with the UUID) would change with any change of the recipe, and a delta
+/// pull would fetch them all.
+pub fn disk_seed(loaded: &Loaded) -> String {
+    format!("recipe:{}", loaded.recipe.name)
+}
+
+/// Partition identities follow from the disk's seed ([`disk_seed`]), so the initramfs and fstab
+/// can name them before the disk exists.
 pub struct Partitions {
     pub root: uuid::Uuid,
     pub esp: Option<uuid::Uuid>,
@@ -820,7 +829,7 @@ impl Partitions {
     pub fn of(loaded: &Loaded) -> Self {
         let parts = &loaded.recipe.disk.partitions;
         let id = |name: &str| {
-            uuid::Uuid::from_bytes(derive_id(&loaded.inputs, &format!("partition:{name}")))
+            uuid::Uuid::from_bytes(derive_id(&disk_seed(loaded), &format!("partition:{name}")))
         };
         let root = parts
             .iter()

@@ -5,7 +5,7 @@ Set-up (all real, on loopback): Debian's `docker-registry`; for each example rec
 builds without a boot (`kiln build --no-verify --no-bus`): v1, v2a after a one-template change
 (`--set hostname=…`: /etc/hostname, /etc/issue or the motd change) and, for the Debian example,
 v2b with one added Debian package (`tree`, in a copy of the recipe); each published with `kiln publish --key` (disk, chunks,
-chunk index, signature).
+chunk index, signature; also tagged `latest`, so each publish knows the chunks of the one before).
 
 Measured:
   bytes     what a pull of v2a / v2b passes through a counting proxy in front of the registry
@@ -156,7 +156,9 @@ def main():
                                          "-o", out] + sets, env, cwd=REPO))
                 image = report["image"]
                 ref = f"127.0.0.1:{port}/bench/{name}:{variant}"
-                pub = json.loads(run([kiln, "publish", image, "--to", ref, "--key", key, "--json"], env))
+                # Each also as `latest`, as a CI would: the chunks of what `latest` was are known.
+                pub = json.loads(run([kiln, "publish", image, "--to", ref, "--tag", "latest",
+                                      "--key", key, "--json"], env))
                 images[variant] = (image, pub)
                 publishes.append((name, variant, pub))
                 print(f"{name} {variant}: {pub['bytes']} bytes, {pub['chunks']['chunks']} chunks, "

@@ -212,7 +212,8 @@ fn a_seeded_pull_fetches_what_changed_checks_every_chunk_and_resumes() {
 
     // Cut off midway (half the new chunks refused), then resumed: what arrived the first time
     // is not fetched again.
-    let half: HashSet<String> = new.iter().take(new.len() / 2 + 1).cloned().collect();
+    let half: HashSet<String> = new.iter().take(new.len().div_ceil(2)).cloned().collect();
+    assert!(half.len() < new.len(), "{new:?}");
     *proxy.refuse.lock().unwrap() = half;
     let resumed = work.path().join("resumed.img");
     let o = pull(home.path(), &via, &resumed, &trust, &[&v1]);
@@ -227,6 +228,7 @@ fn a_seeded_pull_fetches_what_changed_checks_every_chunk_and_resumes() {
         "the partial pull is kept"
     );
     let first = chunk_gets(&proxy.take_log(), &d2, true);
+    assert!(!first.is_empty(), "no chunk arrived before the cut");
     proxy.refuse.lock().unwrap().clear();
     let report = json(&pull(home.path(), &via, &resumed, &trust, &[&v1]));
     assert_eq!(sha256(&resumed), sha256(&v2));

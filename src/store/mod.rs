@@ -765,6 +765,8 @@ pub fn publish(
     // The chunks and their index first: an agent that sees the tag finds them.
     let chunks = chunks::publish(
         &target,
+        &r,
+        &tags,
         image,
         &manifest.layers[0],
         &manifest_descriptor(&manifest_bytes),

@@ -132,6 +132,9 @@ pub struct Registry {
     auth: Mutex<Auth>,
     /// How long the registry may send nothing (see [`crate::net::stall_timeout`]).
     stall: Duration,
+    /// Set once the registry answered a POST with a body and a digest by opening an upload
+    /// session (distribution 2.8 does): later small uploads send their body once, in the PUT.
+    no_monolithic: std::sync::atomic::AtomicBool,
 }
 
 /// Longest a request that uploads a body (a blob chunk, a manifest) may take in all: uploads
@@ -222,6 +225,7 @@ impl Registry {
             credentials,
             auth: Mutex::new(Auth::Anonymous),
             stall,
+            no_monolithic: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -562,19 +566,26 @@ impl Registry {
 
     /// Upload a small blob: one POST with the bytes (201), or POST then PUT ?digest= (202).
     pub fn upload_small_blob(&self, repo: &str, bytes: &[u8]) -> Result<Digest256, StoreError> {
+        use std::sync::atomic::Ordering;
         let digest = Digest256::of(bytes);
         // A small blob is sent whole, without asking first whether the registry has it: in one
         // request where the registry takes a monolithic upload (POST with the digest: 201
-        // Created), else the POST opens an upload session (202) that a PUT completes.
-        let r = self.send(
-            "POST",
-            &format!("/v2/{repo}/blobs/uploads/?digest={digest}"),
-            &|rb| {
-                rb.timeout(UPLOAD_TIMEOUT)
-                    .header(header::CONTENT_TYPE, "application/octet-stream")
-                    .body(bytes.to_vec())
-            },
-        )?;
+        // Created), else the POST opens an upload session (202) that a PUT completes; once a
+        // registry has been seen to do that, the POST goes without the body.
+        let monolithic = !self.no_monolithic.load(Ordering::Relaxed);
+        let r = if monolithic {
+            self.send(
+                "POST",
+                &format!("/v2/{repo}/blobs/uploads/?digest={digest}"),
+                &|rb| {
+                    rb.timeout(UPLOAD_TIMEOUT)
+                        .header(header::CONTENT_TYPE, "application/octet-stream")
+                        .body(bytes.to_vec())
+                },
+            )?
+        } else {
+            self.send("POST", &format!("/v2/{repo}/blobs/uploads/"), &|rb| rb)?
+        };
         let r = self.expect(
             r,
             "POST",
@@ -583,6 +594,9 @@ impl Registry {
         )?;
         if r.status() == StatusCode::CREATED {
             return Ok(digest);
+        }
+        if monolithic {
+            self.no_monolithic.store(true, Ordering::Relaxed);
         }
         let location = self.location(&r, "start blob upload")?;
         let sep = if location.contains('?') { '&' } else { '?' };

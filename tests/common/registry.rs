@@ -183,7 +183,8 @@ pub struct CountingProxy {
     pub log: std::sync::Arc<std::sync::Mutex<Vec<(String, String, bool)>>>,
     /// Blob digests whose body gets its last byte flipped.
     pub corrupt: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-    /// Blob digests whose requests are dropped without an answer.
+    /// Blob digests whose requests are dropped without an answer, half a second after they
+    /// came.
     pub refuse: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
@@ -254,7 +255,10 @@ fn serve_proxied(
     };
     if is(refuse) {
         log.lock().unwrap().push((method, path, false));
-        return Ok(()); // dropped: the client sees the connection close
+        // Dropped after a while (the requests in flight beside it finish first): the client
+        // sees the connection close without an answer.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        return Ok(());
     }
     let forwarded: String = text
         .split("\r\n")

@@ -5,7 +5,8 @@ Set-up (all real, on loopback): Debian's `docker-registry`; for each example rec
 builds without a boot (`kiln build --no-verify --no-bus`): v1, v2a after a one-template change
 (`--set hostname=…`: /etc/hostname, /etc/issue or the motd change) and, for the Debian example,
 v2b with one added Debian package (`tree`, in a copy of the recipe); each published with `kiln publish --key` (disk, chunks,
-chunk index, signature; also tagged `latest`, so each publish knows the chunks of the one before).
+chunk index, signature; also tagged `latest`, so each publish reports what is new since the one
+before).
 
 Measured:
   bytes     what a pull of v2a / v2b passes through a counting proxy in front of the registry
@@ -162,7 +163,7 @@ def main():
                 images[variant] = (image, pub)
                 publishes.append((name, variant, pub))
                 print(f"{name} {variant}: {pub['bytes']} bytes, {pub['chunks']['chunks']} chunks, "
-                      f"{pub['chunks']['uploaded_bytes']} chunk bytes uploaded", file=sys.stderr)
+                      f"{pub['chunks']['new_bytes']} new", file=sys.stderr)
             v1 = images["v1"][0]
             for variant in [v for v in ["v2a", "v2b"] if v in images]:
                 image, pub = images[variant]
@@ -219,12 +220,13 @@ def main():
             print(f"| {name} | {full:.3f} s | {seeded:.3f} s | {seeded / full:.2f} | {curl:.3f} s | "
                   f"{curl / full:.2f} |")
         print()
-        print("| example | published | seconds | chunks (different) | chunk bytes the registry had | uploaded |")
-        print("|---|---|---|---|---|---|")
+        print("| example | published | seconds | disk uploaded | chunks (different) | in the image `latest` was | new |")
+        print("|---|---|---|---|---|---|---|")
         for name, variant, pub in publishes:
             c = pub["chunks"]
-            print(f"| {name} | {variant} | {pub['seconds']:.2f} s | {c['chunks']} ({c['unique']}) | "
-                  f"{c['existing_bytes'] / 2**20:.1f} MiB | {c['uploaded_bytes'] / 2**20:.1f} MiB |")
+            print(f"| {name} | {variant} | {pub['seconds']:.2f} s | {pub['uploaded'] / 2**20:.1f} MiB | "
+                  f"{c['chunks']} ({c['unique']}) | {c['known_bytes'] / 2**20:.1f} MiB | "
+                  f"{c['new_bytes'] / 2**20:.1f} MiB |")
         print(f"\n(medians of {args.rounds} runs; {kiln})")
     finally:
         registry.terminate()

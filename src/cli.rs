@@ -2479,11 +2479,11 @@ fn publish(args: PublishArgs) -> anyhow::Result<i32> {
                     }
                 );
                 println!(
-                    "  {} chunks ({} different): {} the registry had, {} uploaded",
+                    "  {} chunks ({} different): {} in the images the tags pointed at, {} new (what a host running one of those fetches)",
                     r.chunks.chunks,
                     r.chunks.unique,
-                    crate::gc::human_bytes(r.chunks.existing_bytes),
-                    crate::gc::human_bytes(r.chunks.uploaded_bytes),
+                    crate::gc::human_bytes(r.chunks.known_bytes),
+                    crate::gc::human_bytes(r.chunks.new_bytes),
                 );
             }
             Ok(0)

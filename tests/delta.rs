@@ -1,5 +1,6 @@
 //! Delta delivery against Debian's `docker-registry`: two builds of `recipes/app.yaml` that
-//! differ in one rendered file, published with their chunk indexes; pulls of v2 seeded with v1
+//! differ in one rendered file, published with their chunk indexes (chunks are fetched as
+//! ranges of the disk layer); pulls of v2 seeded with v1
 //! through a counting proxy (written here: the bytes it passes are the oracle, not kiln's own
 //! report) fetch a small part of v2 and give v2 byte for byte; a registry that serves one bad
 //! chunk fails the pull naming it after one retry, with nothing written in place; a pull cut off
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod common;
-use common::registry::{CountingProxy, start_registry};
+use common::registry::{CountingProxy, Proxied, start_registry};
 use common::{kiln, root, sha256, shared_home};
 
 /// `kiln build recipes/app.yaml --set release=R` without a boot; the image's path.
@@ -87,16 +88,28 @@ fn digests(index: &serde_json::Value) -> HashSet<String> {
         .collect()
 }
 
-/// The chunk blobs a proxy log shows fetched (answered or not).
+/// The chunks (by digest) that a proxy log shows fetched as ranges of the layer `layer`,
+/// answered or not, by the chunks' offsets in `index`.
 fn chunk_gets(
-    log: &[(String, String, bool)],
-    chunks: &HashSet<String>,
+    log: &[Proxied],
+    layer: &str,
+    index: &serde_json::Value,
     answered: bool,
 ) -> Vec<String> {
+    let at: std::collections::HashMap<u64, String> = index["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["offset"].as_u64().unwrap(),
+                c["digest"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
     log.iter()
-        .filter(|(m, _, ok)| m == "GET" && *ok == answered)
-        .filter_map(|(_, p, _)| p.rsplit_once("/blobs/").map(|(_, d)| d.to_string()))
-        .filter(|d| chunks.contains(d))
+        .filter(|p| p.method == "GET" && p.answered == answered && p.path.ends_with(layer))
+        .filter_map(|p| at.get(&p.range_start?).cloned())
         .collect()
 }
 
@@ -128,6 +141,8 @@ fn a_seeded_pull_fetches_what_changed_checks_every_chunk_and_resumes() {
                 .args([
                     "--to",
                     &format!("127.0.0.1:{}/{repo}:{tag}", reg.port),
+                    "--tag",
+                    "latest",
                     "--json",
                     "--key",
                 ])
@@ -138,13 +153,15 @@ fn a_seeded_pull_fetches_what_changed_checks_every_chunk_and_resumes() {
     };
     let p1 = publish(&v1, "v1");
     let p2 = publish(&v2, "v2");
-    // The second publish finds most chunks in the registry already.
+    // The second publish finds most of its chunks in the image `latest` pointed at.
     let c2 = &p2["chunks"];
     assert!(c2["chunks"].as_u64().unwrap() > 10, "{p2}");
     assert!(
-        c2["uploaded_bytes"].as_u64().unwrap() * 10 < c2["existing_bytes"].as_u64().unwrap(),
+        c2["new_bytes"].as_u64().unwrap() * 10 < c2["known_bytes"].as_u64().unwrap(),
         "{p2}"
     );
+    assert_eq!(p1["chunks"]["known_bytes"], 0, "{p1}");
+    let layer = p2["layer_digest"].as_str().unwrap().to_string();
     let i1 = chunk_index(reg.port, repo, p1["manifest_digest"].as_str().unwrap());
     let i2 = chunk_index(reg.port, repo, p2["manifest_digest"].as_str().unwrap());
     assert_eq!(
@@ -187,7 +204,7 @@ fn a_seeded_pull_fetches_what_changed_checks_every_chunk_and_resumes() {
         delta["fetched_bytes"].as_u64().unwrap() <= seeded_bytes,
         "{report}"
     );
-    let fetched: HashSet<String> = chunk_gets(&proxy.take_log(), &d2, true)
+    let fetched: HashSet<String> = chunk_gets(&proxy.take_log(), &layer, &i2, true)
         .into_iter()
         .collect();
     assert_eq!(fetched, new, "exactly the chunks v1 lacks are fetched");
@@ -195,24 +212,44 @@ fn a_seeded_pull_fetches_what_changed_checks_every_chunk_and_resumes() {
         "v2 {size} bytes: whole pull {full_bytes} bytes through the proxy, seeded {seeded_bytes}"
     );
 
+    // The byte offset of each chunk of v2, for the proxy.
+    let offset_of = |digest: &str| -> u64 {
+        i2["chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["digest"] == digest)
+            .unwrap()["offset"]
+            .as_u64()
+            .unwrap()
+    };
+
     // One chunk served wrong every time: fetched twice, then the pull fails naming it, and
     // nothing is written in place.
     let bad = new.iter().next().unwrap().clone();
-    proxy.corrupt.lock().unwrap().insert(bad.clone());
+    proxy
+        .corrupt
+        .lock()
+        .unwrap()
+        .insert(format!("{layer}@{}", offset_of(&bad)));
     let broken = work.path().join("broken.img");
     let o = pull(home.path(), &via, &broken, &trust, &[&v1]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&bad) && err.contains("fetched twice"), "{err}");
     assert!(!broken.exists(), "a failed pull left {}", broken.display());
-    let gets = chunk_gets(&proxy.take_log(), &d2, true);
+    let gets = chunk_gets(&proxy.take_log(), &layer, &i2, true);
     assert_eq!(gets.iter().filter(|d| **d == bad).count(), 2, "{gets:?}");
     proxy.corrupt.lock().unwrap().clear();
     std::fs::remove_file(kiln::store::partial_path(&broken)).ok();
 
     // Cut off midway (half the new chunks refused), then resumed: what arrived the first time
     // is not fetched again.
-    let half: HashSet<String> = new.iter().take(new.len().div_ceil(2)).cloned().collect();
+    let half: HashSet<String> = new
+        .iter()
+        .take(new.len().div_ceil(2))
+        .map(|d| format!("{layer}@{}", offset_of(d)))
+        .collect();
     assert!(half.len() < new.len(), "{new:?}");
     *proxy.refuse.lock().unwrap() = half;
     let resumed = work.path().join("resumed.img");
@@ -227,12 +264,12 @@ fn a_seeded_pull_fetches_what_changed_checks_every_chunk_and_resumes() {
         kiln::store::partial_path(&resumed).exists(),
         "the partial pull is kept"
     );
-    let first = chunk_gets(&proxy.take_log(), &d2, true);
+    let first = chunk_gets(&proxy.take_log(), &layer, &i2, true);
     assert!(!first.is_empty(), "no chunk arrived before the cut");
     proxy.refuse.lock().unwrap().clear();
     let report = json(&pull(home.path(), &via, &resumed, &trust, &[&v1]));
     assert_eq!(sha256(&resumed), sha256(&v2));
-    let second = chunk_gets(&proxy.take_log(), &d2, true);
+    let second = chunk_gets(&proxy.take_log(), &layer, &i2, true);
     for d in &first {
         assert!(
             !second.contains(d),

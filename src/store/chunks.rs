@@ -44,9 +44,7 @@ pub const MAX_CHUNK: usize = 32 * BLOCK;
 pub const CUT_ONE_IN: u64 = 4;
 /// The largest chunk index read (about 2 million chunks, a 60 GiB disk).
 const MAX_INDEX_BYTES: u64 = 256 << 20;
-/// The chunk manifest lists its chunks as layers (so registries keep them) up to this many.
-const MAX_LISTED: usize = 20_000;
-/// Chunks uploaded or fetched at once.
+/// Chunks fetched at once.
 const PARALLEL: usize = 16;
 
 /// The tag a chunk index is stored under: `sha256-<manifest hex>.chunks`.
@@ -235,46 +233,44 @@ pub fn split(
     ))
 }
 
-/// What publishing the chunks did (part of `kiln publish --json`).
+/// What publishing the chunk index did (part of `kiln publish --json`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ChunkReport {
     /// Chunks in the index, and how many are different.
     pub chunks: usize,
     pub unique: usize,
-    /// Bytes of (different) chunks the registry had already, and bytes uploaded.
-    pub existing_bytes: u64,
-    pub uploaded_bytes: u64,
+    /// Bytes of the disk in chunks the registry already holds in the images the tags pointed at
+    /// (what a host running one of those reuses), and the rest (what it fetches).
+    pub known_bytes: u64,
+    pub new_bytes: u64,
     /// The chunk index manifest, also tagged `sha256-<image hex>.chunks`.
     pub index: Digest256,
 }
 
-/// The chunks the chunk index manifests of what `tags` point at now list: the repository has
-/// them (a listed chunk is kept by the registry like any layer), so they need no question.
-fn listed_chunks(target: &Target, r: &super::Reference, tags: &[String]) -> HashSet<Digest256> {
+/// The chunks that the chunk indexes of what `tags` point at now list.
+fn known_chunks(target: &Target, r: &super::Reference, tags: &[String]) -> HashSet<Digest256> {
     let mut known = HashSet::new();
     for tag in tags {
-        let Ok(Some(m)) = target.get_manifest(tag) else {
+        let Ok(Some(fetched)) = target.get_manifest(tag) else {
             continue;
         };
-        let digest = Digest256::of(&m.bytes);
-        let Ok(found) =
-            super::attached_manifests(target, r, &digest, ARTIFACT_CHUNKS, &chunks_tag(&digest))
-        else {
+        let Ok(m) = serde_json::from_slice::<OciManifest>(&fetched.bytes) else {
             continue;
         };
-        for m in found
-            .iter()
-            .filter(|m| m.config.media_type == MEDIA_CHUNK_INDEX)
-        {
-            known.extend(m.layers.iter().map(|l| l.digest.clone()));
+        let [layer] = m.layers.as_slice() else {
+            continue;
+        };
+        let digest = Digest256::of(&fetched.bytes);
+        if let Ok(Some(index)) = fetch_index(target, r, &digest, layer) {
+            known.extend(index.chunks.into_iter().map(|c| c.digest));
         }
     }
     known
 }
 
-/// Split the layer file `image` (digest `layer`) into chunks, upload those the repository lacks,
-/// and publish the index referring to the image manifest `subject`. The chunks of the images
-/// `tags` point at now are known to be there; others are asked about first.
+/// Split the layer file `image` (digest `layer`) into chunks and publish their index referring
+/// to the image manifest `subject`. The chunks are not stored again: a puller fetches each as a
+/// range of the layer, which the registry has whole.
 pub(super) fn publish(
     target: &Target,
     r: &super::Reference,
@@ -283,68 +279,18 @@ pub(super) fn publish(
     layer: &Descriptor,
     subject: &Descriptor,
 ) -> Result<ChunkReport, StoreError> {
-    let known = listed_chunks(target, r, tags);
-    let existing = AtomicU64::new(0);
-    let uploaded = AtomicU64::new(0);
-    let failure: Mutex<Option<StoreError>> = Mutex::new(None);
+    let known = known_chunks(target, r, tags);
     let mut file = File::open(image).map_err(|e| io_err("open", image, e))?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(Digest256, Vec<u8>)>(PARALLEL * 2);
-    let rx = Mutex::new(rx);
-    let mut unique: Vec<Descriptor> = Vec::new();
-    let split_result = std::thread::scope(|scope| {
-        for _ in 0..PARALLEL {
-            scope.spawn(|| {
-                loop {
-                    let next = rx.lock().map(|r| r.recv());
-                    let Ok(Ok((digest, bytes))) = next else { break };
-                    let there = match known.contains(&digest) {
-                        true => Ok(Some(bytes.len() as u64)),
-                        false => target.blob_exists(&digest),
-                    };
-                    let done = match there {
-                        Ok(Some(_)) => {
-                            existing.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                            Ok(())
-                        }
-                        Ok(None) => target.put_small_blob(&bytes).map(|_| {
-                            uploaded.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        }),
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = done {
-                        failure
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
-                    }
-                }
-            });
+    let mut seen = HashSet::new();
+    let mut known_bytes = 0u64;
+    let (chunks, size, _) = split(&mut file, false, |chunk, _| {
+        seen.insert(chunk.digest.clone());
+        if known.contains(&chunk.digest) {
+            known_bytes += u64::from(chunk.length);
         }
-        let mut seen = HashSet::new();
-        let result = split(&mut file, false, |chunk, bytes| {
-            if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
-                return Err(io::Error::other("an upload failed"));
-            }
-            if seen.insert(chunk.digest.clone()) {
-                unique.push(Descriptor {
-                    media_type: MEDIA_CHUNK.into(),
-                    digest: chunk.digest.clone(),
-                    size: u64::from(chunk.length),
-                    artifact_type: None,
-                    annotations: BTreeMap::new(),
-                });
-                tx.send((chunk.digest.clone(), bytes.to_vec()))
-                    .map_err(|_| io::Error::other("the uploads stopped"))?;
-            }
-            Ok(())
-        });
-        drop(tx);
-        result
-    });
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
-    let (chunks, size, _) = split_result.map_err(|e| io_err("read", image, e))?;
+        Ok(())
+    })
+    .map_err(|e| io_err("read", image, e))?;
     if size != layer.size {
         return Err(StoreError::SizeMismatch {
             what: format!(
@@ -355,6 +301,7 @@ pub(super) fn publish(
             actual: size,
         });
     }
+    let covered: u64 = chunks.iter().map(|c| u64::from(c.length)).sum();
     let count = chunks.len();
     let index = to_json(&ChunkIndex {
         v: 1,
@@ -363,27 +310,19 @@ pub(super) fn publish(
         block: BLOCK as u32,
         chunks,
     })?;
-    let config = Descriptor {
-        media_type: MEDIA_CHUNK_INDEX.into(),
-        digest: target.put_small_blob(&index)?,
-        size: index.len() as u64,
-        artifact_type: None,
-        annotations: BTreeMap::new(),
-    };
-    let unique_count = unique.len();
-    if unique.len() > MAX_LISTED {
-        tracing::warn!(
-            chunks = unique.len(),
-            "too many chunks to list in the index manifest; a registry garbage collection may remove them (pulls then fetch the whole layer)"
-        );
-        unique.clear();
-    }
     let m = OciManifest {
         schema_version: 2,
         media_type: Some(super::registry::OCI_MANIFEST.into()),
         artifact_type: Some(ARTIFACT_CHUNKS.into()),
-        config,
-        layers: unique,
+        config: Descriptor {
+            media_type: MEDIA_CHUNK_INDEX.into(),
+            digest: target.put_small_blob(&index)?,
+            size: index.len() as u64,
+            artifact_type: None,
+            annotations: BTreeMap::new(),
+        },
+        // The disk the chunks are ranges of.
+        layers: vec![layer.clone()],
         subject: Some(subject.clone()),
         annotations: BTreeMap::new(),
     };
@@ -391,9 +330,9 @@ pub(super) fn publish(
         target.put_manifest(&chunks_tag(&subject.digest), &to_json(&m)?, ARTIFACT_CHUNKS)?;
     Ok(ChunkReport {
         chunks: count,
-        unique: unique_count,
-        existing_bytes: existing.into_inner(),
-        uploaded_bytes: uploaded.into_inner(),
+        unique: seen.len(),
+        known_bytes,
+        new_bytes: covered - known_bytes,
         index: digest,
     })
 }
@@ -552,11 +491,18 @@ pub(super) fn assemble(
                     let Some(c) = next.lock().ok().and_then(|mut i| i.next().copied()) else {
                         break;
                     };
-                    let result = fetch_chunk(target, c, &mut buf, &fetched, &fetched_chunks)
-                        .and_then(|()| {
-                            file.write_all_at(&buf, c.offset)
-                                .map_err(|e| io_err("write", partial, e))
-                        });
+                    let result = fetch_chunk(
+                        target,
+                        &index.digest,
+                        c,
+                        &mut buf,
+                        &fetched,
+                        &fetched_chunks,
+                    )
+                    .and_then(|()| {
+                        file.write_all_at(&buf, c.offset)
+                            .map_err(|e| io_err("write", partial, e))
+                    });
                     if let Err(e) = result {
                         failure
                             .lock()
@@ -654,9 +600,11 @@ pub(super) fn assemble(
     Ok(report)
 }
 
-/// Fetch chunk `c` into `buf` and check its digest; once more when it does not match.
+/// Fetch chunk `c` (a range of the layer `layer`) into `buf` and check its digest; once more
+/// when it does not match.
 fn fetch_chunk(
     target: &Target,
+    layer: &Digest256,
     c: &Chunk,
     buf: &mut Vec<u8>,
     fetched: &AtomicU64,
@@ -666,10 +614,11 @@ fn fetch_chunk(
     let mut actual = None;
     for attempt in 0..2 {
         buf.clear();
-        let body = target.get_blob(&c.digest, 0)?.body;
-        body.take(length + 1)
+        target
+            .get_range(layer, c.offset, length)?
+            .take(length + 1)
             .read_to_end(buf)
-            .map_err(|e| target.read_error("chunk", &c.digest, &e))?;
+            .map_err(|e| target.read_error("chunk", layer, &e))?;
         fetched.fetch_add(buf.len() as u64, Ordering::Relaxed);
         fetched_chunks.fetch_add(1, Ordering::Relaxed);
         let digest = Digest256::of(buf);
@@ -678,17 +627,18 @@ fn fetch_chunk(
         }
         tracing::warn!(
             chunk = %c.digest, attempt = attempt + 1,
-            "chunk from {} does not match its digest ({} bytes, {digest})",
-            target.blob_source(&c.digest), buf.len()
+            "chunk at {} of {} does not match its digest ({} bytes, {digest})",
+            c.offset, target.blob_source(layer), buf.len()
         );
         actual = Some(digest);
     }
     Err(StoreError::DigestMismatch {
         what: format!(
-            "chunk {} at offset {} (fetched twice from {})",
+            "chunk {} (bytes {}-{} of {}, fetched twice)",
             c.digest,
             c.offset,
-            target.blob_source(&c.digest)
+            c.offset + length - 1,
+            target.blob_source(layer)
         ),
         expected: c.digest.clone(),
         actual: actual.unwrap_or_else(|| c.digest.clone()),

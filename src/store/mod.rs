@@ -555,6 +555,14 @@ impl Target {
         }
     }
 
+    /// A reader of `len` bytes of blob `d` from byte `from`.
+    fn get_range(&self, d: &Digest256, from: u64, len: u64) -> Result<Box<dyn Read>, StoreError> {
+        match self {
+            Target::Registry { reg, repo } => Ok(Box::new(reg.get_blob_range(repo, d, from, len)?)),
+            Target::Layout(l) => Ok(Box::new(l.open_blob(d, from)?.take(len))),
+        }
+    }
+
     /// How messages name where a blob comes from.
     fn blob_source(&self, d: &Digest256) -> String {
         match self {

@@ -723,6 +723,47 @@ impl Registry {
         }
     }
 
+    /// `len` bytes of a blob from byte `from` (a chunk of a disk layer): the registry must answer
+    /// with exactly that range (206); one that ignores `Range` is a protocol error.
+    pub fn get_blob_range(
+        &self,
+        repo: &str,
+        digest: &Digest256,
+        from: u64,
+        len: u64,
+    ) -> Result<Response, StoreError> {
+        let last = from + len.max(1) - 1;
+        let range = format!("bytes={from}-{last}");
+        let r = self.send("GET", &format!("/v2/{repo}/blobs/{digest}"), &|rb| {
+            rb.header(header::RANGE, range.as_str())
+        })?;
+        if r.status() == StatusCode::NOT_FOUND {
+            return Err(StoreError::NotFound {
+                what: format!("blob {digest}"),
+                reference: repo.to_string(),
+            });
+        }
+        let r = self.expect(
+            r,
+            "GET",
+            "fetch a range of a blob",
+            &[StatusCode::PARTIAL_CONTENT, StatusCode::OK],
+        )?;
+        let cr = header_str(r.headers(), header::CONTENT_RANGE).unwrap_or("");
+        if r.status() != StatusCode::PARTIAL_CONTENT
+            || !cr.starts_with(&format!("bytes {from}-{last}/"))
+        {
+            return Err(StoreError::Protocol {
+                url: redact(r.url().as_str()).into_owned(),
+                reason: format!(
+                    "asked for bytes {from}-{last}, got {} with Content-Range {cr:?}: the registry does not serve ranges of blobs",
+                    r.status()
+                ),
+            });
+        }
+        Ok(r)
+    }
+
     /// A list endpoint with `Link: <…>; rel="next"` pagination; `key` is the JSON array field.
     fn list(&self, first: &str, key: &str, what: &str) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();

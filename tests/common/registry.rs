@@ -172,6 +172,15 @@ pub fn start_fake_registry(
     FakeRegistry { port, requests }
 }
 
+/// One request through a [`CountingProxy`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxied {
+    pub method: String,
+    pub path: String,
+    pub range_start: Option<u64>,
+    pub answered: bool,
+}
+
 /// A loopback HTTP proxy in front of a registry that counts the bytes the registry sends
 /// through it (the oracle for what a pull fetched, independent of kiln's own report), logs
 /// each request, and on request corrupts or refuses the blobs it is told about.
@@ -179,12 +188,14 @@ pub struct CountingProxy {
     pub port: u16,
     /// Bytes of responses (headers and bodies) passed to clients.
     pub bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Each request: method, path, and whether it was answered.
-    pub log: std::sync::Arc<std::sync::Mutex<Vec<(String, String, bool)>>>,
-    /// Blob digests whose body gets its last byte flipped.
+    /// Each request: method, path, the first byte of its `Range` (if any), and whether it was
+    /// answered.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<Proxied>>>,
+    /// Blobs (`sha256:…`, or `sha256:…@START` for the range from byte START) whose answer gets
+    /// its last byte flipped.
     pub corrupt: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-    /// Blob digests whose requests are dropped without an answer, half a second after they
-    /// came.
+    /// Blobs (as for `corrupt`) whose requests are dropped without an answer, half a second
+    /// after they came.
     pub refuse: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
@@ -220,7 +231,7 @@ impl CountingProxy {
     }
 
     /// The requests so far, and forget them.
-    pub fn take_log(&self) -> Vec<(String, String, bool)> {
+    pub fn take_log(&self) -> Vec<Proxied> {
         std::mem::take(&mut *self.log.lock().unwrap())
     }
 }
@@ -231,7 +242,7 @@ fn serve_proxied(
     mut client: std::net::TcpStream,
     upstream: u16,
     bytes: &std::sync::atomic::AtomicU64,
-    log: &std::sync::Mutex<Vec<(String, String, bool)>>,
+    log: &std::sync::Mutex<Vec<Proxied>>,
     corrupt: &std::sync::Mutex<std::collections::HashSet<String>>,
     refuse: &std::sync::Mutex<std::collections::HashSet<String>>,
 ) -> std::io::Result<()> {
@@ -249,12 +260,28 @@ fn serve_proxied(
     let method = words.next().unwrap_or("").to_string();
     let path = words.next().unwrap_or("").to_string();
     let blob = path.rsplit_once("/blobs/").map(|(_, d)| d.to_string());
+    let range_start: Option<u64> = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("range: bytes=")
+                .map(str::to_string)
+        })
+        .and_then(|r| r.split('-').next().and_then(|n| n.trim().parse().ok()));
     let is = |set: &std::sync::Mutex<std::collections::HashSet<String>>| {
-        blob.as_ref()
-            .is_some_and(|d| set.lock().unwrap().contains(d))
+        let set = set.lock().unwrap();
+        blob.as_ref().is_some_and(|d| {
+            set.contains(d) || range_start.is_some_and(|r| set.contains(&format!("{d}@{r}")))
+        })
+    };
+    let entry = |answered| Proxied {
+        method: method.clone(),
+        path: path.clone(),
+        range_start,
+        answered,
     };
     if is(refuse) {
-        log.lock().unwrap().push((method, path, false));
+        log.lock().unwrap().push(entry(false));
         // Dropped after a while (the requests in flight beside it finish first): the client
         // sees the connection close without an answer.
         std::thread::sleep(std::time::Duration::from_millis(500));
@@ -274,7 +301,7 @@ fn serve_proxied(
         *answer.last_mut().unwrap() ^= 0x5a;
     }
     bytes.fetch_add(answer.len() as u64, std::sync::atomic::Ordering::SeqCst);
-    log.lock().unwrap().push((method, path, true));
+    log.lock().unwrap().push(entry(true));
     // The registry closed after this answer; so does the proxy (the client sees
     // `Connection: close`).
     client.write_all(&answer)

@@ -62,7 +62,8 @@ pub struct Pushed {
     pub bytes: u64,
     /// Bytes uploaded (0 when the registry had the disk already).
     pub uploaded: u64,
-    /// The disk's chunks for delta pulls: how many, the bytes the registry had, those uploaded.
+    /// The disk's chunk index for delta pulls: how many chunks, the bytes in the images the tags
+    /// pointed at, the new bytes.
     pub chunks: crate::store::chunks::ChunkReport,
     pub seconds: f64,
     /// The `sha256-<hex>.att` manifest holding the signed SBOM and provenance (when signed).
@@ -133,7 +134,6 @@ impl StageWork for PublishStage {
         // A redelivered message pushes nothing: the registry had it all.
         if let PublishOut::Pushed(p) = &out
             && p.uploaded == 0
-            && p.chunks.uploaded_bytes == 0
         {
             run.set_cache(CacheStatus::Hit);
         }

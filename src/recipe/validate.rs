@@ -48,6 +48,15 @@ pub fn validate(recipe: &Recipe) -> Vec<Problem> {
             "name the OCI repository, e.g. `localhost:5000/images/minimal`",
         ));
     }
+    if recipe.rootfs.base == crate::recipe::schema::RootfsBase::Busybox
+        && !recipe.rootfs.packages.is_empty()
+    {
+        out.push(problem(
+            "rootfs.packages",
+            "rootfs.packages lists Debian packages, but a busybox root takes none (only a `base: debian` root installs them)",
+            "set `rootfs.base: debian`, or remove rootfs.packages",
+        ));
+    }
     if let Some(expect) = &recipe.verify.expect
         && expect.trim().is_empty()
     {
@@ -816,6 +825,25 @@ fn check_line_fields(recipe: &Recipe, out: &mut Vec<Problem>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busybox_root_takes_no_debian_packages() {
+        let mut recipe = Recipe::default();
+        recipe.rootfs.packages = vec!["tree".into()];
+        let problems = validate(&recipe);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.path == "rootfs.packages" && p.help.contains("base: debian")),
+            "{problems:?}"
+        );
+        recipe.rootfs.base = crate::recipe::schema::RootfsBase::Debian;
+        assert!(
+            !validate(&recipe)
+                .iter()
+                .any(|p| p.path == "rootfs.packages")
+        );
+    }
 
     #[test]
     fn image_paths() {

@@ -83,6 +83,18 @@ fn the_dashboard_is_served_from_the_binary_with_a_strict_policy() {
     assert_eq!(r.status(), 400);
     let v: serde_json::Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
     assert_eq!(v["error"]["field"], "ref", "{v}");
+    // An image nobody announced, on another host: refused, nothing is fetched.
+    let elsewhere = format!(
+        "127.0.0.1:{}/x@sha256:{}",
+        common::free_port(),
+        "0".repeat(64)
+    );
+    let r = reqwest::blocking::get(format!(
+        "{base}/v1/images/verify?ref={}",
+        kiln::net::percent_encode(&elsewhere)
+    ))
+    .unwrap();
+    assert_eq!(r.status(), 404);
 }
 
 #[test]

@@ -267,7 +267,9 @@ pub(super) struct Verified {
 
 /// `GET /v1/images/verify?ref=REPO@DIGEST`: the image's signature, SBOM (with its packages),
 /// provenance and boot attestation checked with the keys of this `kiln up` (its `--key`'s
-/// public key and its verifier key), as `kiln verify --json` reports them, plus its size.
+/// public key and its verifier key), as `kiln verify --json` reports them, plus its size. Only
+/// for images announced on the stream (404 otherwise), so that no reader can point the server
+/// at another host.
 pub(super) async fn verify(
     State(state): State<AppState>,
     uri: http::Uri,
@@ -302,6 +304,20 @@ pub(super) async fn verify(
         {
             return Ok(axum::Json(v.clone()));
         }
+    }
+    // Only images announced here: a reader cannot make this server fetch from anywhere else.
+    let announced = catalog(&state.0.bus.stored_messages("kiln.image.>").await?);
+    if !announced
+        .iter()
+        .any(|i| i["reference"] == reference.as_str())
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "{reference} is not an image announced on this kiln's stream (GET /v1/images lists them)"
+            ),
+        ));
     }
     let Some(trust) = state.0.trust.clone() else {
         return Ok(axum::Json(json!({

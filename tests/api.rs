@@ -1022,12 +1022,7 @@ fn agents_record_heartbeats_and_a_silent_one_is_gone() {
     let nats = server.url();
     let (_up, base) = kiln_up(home.path(), &nats, &[], true);
     let key = home.path().join("images.key");
-    let o = kiln(home.path())
-        .args(["keygen", "-o"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    common::keygen(home.path(), &key);
     let agent = |name: &str, groups: &[&str]| -> Running {
         let mut c = kiln(home.path());
         c.args(["agent", "--nats", &nats, "--name", name])

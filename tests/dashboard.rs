@@ -115,12 +115,7 @@ fn the_dashboard_shows_builds_live_images_and_failures_in_a_real_browser() {
     let host = format!("127.0.0.1:{}", reg.port);
     let server = kiln::bus::PrivateServer::start().unwrap();
     let key = work.path().join("images.key");
-    let o = kiln(home.path())
-        .args(["keygen", "-o"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{o:?}");
+    common::keygen(home.path(), &key);
     let key_arg = key.display().to_string();
     let (up, base) = common::up::kiln_up(
         home.path(),

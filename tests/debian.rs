@@ -725,12 +725,7 @@ fn a_published_debian_image_lists_what_dpkg_query_reads_from_it() {
     let server = kiln::bus::PrivateServer::start().unwrap();
     let url = server.url();
     let key = work.path().join("images.key");
-    let o = kiln(home.path())
-        .args(["keygen", "-o"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    common::keygen(home.path(), &key);
     let recipe = recipe_copy(|t| t + "\npublish:\n  repository: kiln/debian\n  tags: [latest]\n");
     let log = work.path().join("up.log");
     let _up = {

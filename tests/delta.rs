@@ -50,25 +50,33 @@ fn pull(home: &Path, reference: &str, out: &Path, trust: &Path, seeds: &[&Path])
     c.output().unwrap()
 }
 
+/// The manifest `reference` of `repo`, read with plain HTTP from the registry.
+fn manifest(port: u16, repo: &str, reference: &str) -> serde_json::Value {
+    let bytes = reqwest::blocking::Client::new()
+        .get(format!(
+            "http://127.0.0.1:{port}/v2/{repo}/manifests/{reference}"
+        ))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
 /// The chunk index of an image manifest, read with plain HTTP from the registry.
-fn chunk_index(port: u16, repo: &str, manifest: &str) -> serde_json::Value {
+fn chunk_index(port: u16, repo: &str, manifest_digest: &str) -> serde_json::Value {
     let http = reqwest::blocking::Client::new();
-    let tag = format!("sha256-{}.chunks", manifest.trim_start_matches("sha256:"));
-    let m: serde_json::Value = serde_json::from_slice(
-        &http
-            .get(format!("http://127.0.0.1:{port}/v2/{repo}/manifests/{tag}"))
-            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
-            .send()
-            .unwrap()
-            .bytes()
-            .unwrap(),
-    )
-    .unwrap();
+    let tag = format!(
+        "sha256-{}.chunks",
+        manifest_digest.trim_start_matches("sha256:")
+    );
+    let m = manifest(port, repo, &tag);
     assert_eq!(
         m["artifactType"], "application/vnd.kiln.chunks.v1+json",
         "{m}"
     );
-    assert_eq!(m["subject"]["digest"], manifest, "{m}");
+    assert_eq!(m["subject"]["digest"], manifest_digest, "{m}");
     let config = m["config"]["digest"].as_str().unwrap();
     let index = http
         .get(format!("http://127.0.0.1:{port}/v2/{repo}/blobs/{config}"))
@@ -124,14 +132,7 @@ fn a_seeded_pull_fetches_what_changed_checks_every_chunk_and_resumes() {
     let reg = start_registry(None);
     let repo = "kiln/delta";
     let key = work.path().join("k.key");
-    assert!(
-        kiln(home.path())
-            .args(["keygen", "-o"])
-            .arg(&key)
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::keygen(home.path(), &key);
     let trust = work.path().join("k.key.pub");
     let publish = |image: &Path, tag: &str| -> serde_json::Value {
         json(
@@ -315,20 +316,7 @@ fn a_seeded_pull_fetches_what_changed_checks_every_chunk_and_resumes() {
             .unwrap()
             .trim_start_matches("sha256:")
     );
-    let m: serde_json::Value = serde_json::from_slice(
-        &http
-            .get(format!(
-                "http://127.0.0.1:{}/v2/{repo}/manifests/{tag}",
-                reg.port
-            ))
-            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
-            .send()
-            .unwrap()
-            .bytes()
-            .unwrap(),
-    )
-    .unwrap();
-    let mut m = m;
+    let mut m = manifest(reg.port, repo, &tag);
     m["config"]["digest"] = blob.clone().into();
     m["config"]["size"] = forged_bytes.len().into();
     let r = http

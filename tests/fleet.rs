@@ -116,12 +116,7 @@ fn a_rollout_goes_wave_by_wave_halts_on_a_bad_image_and_outlives_its_controller(
     let server = kiln::bus::PrivateServer::start().unwrap();
     let url = server.url();
     let key = work.path().join("images.key");
-    let o = kiln(home.path())
-        .args(["keygen", "-o"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    common::keygen(home.path(), &key);
     let trust = work.path().join("images.key.pub");
     let verifier = home.path().join("verifier.key.pub");
 
@@ -493,12 +488,7 @@ fn a_vm_that_turns_unhealthy_is_restarted_then_rolled_back() {
     let server = kiln::bus::PrivateServer::start().unwrap();
     let url = server.url();
     let key = work.path().join("images.key");
-    let o = kiln(home.path())
-        .args(["keygen", "-o"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    common::keygen(home.path(), &key);
     let up_log = work.path().join("up.log");
     let _up = {
         let mut c = kiln(home.path());

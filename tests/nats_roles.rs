@@ -480,12 +480,7 @@ fn a_release_manager_rolls_out_to_an_agent_under_their_roles() {
     let home = shared_home();
     let work = tempfile::tempdir().unwrap();
     let key = work.path().join("images.key");
-    let o = kiln(home.path())
-        .args(["keygen", "-o"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    common::keygen(home.path(), &key);
     let mut agent = kiln(home.path());
     agent
         .args(["agent", "--nats", &url, "--name", "hv-01"])

@@ -335,12 +335,7 @@ fn forged_stage_events_are_refused_and_nothing_is_signed() {
     let home = shared_home();
     let work = tempfile::tempdir().unwrap();
     let key = work.path().join("images.key");
-    let o = kiln(home.path())
-        .args(["keygen", "-o"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    common::keygen(home.path(), &key);
     let layout = work.path().join("layout");
     let log = work.path().join("up.log");
     let _up = Running::spawn(

@@ -206,31 +206,21 @@ fn cut(
     Ok(offset + filled as u64)
 }
 
-/// Split what `reader` holds into chunks, calling `each` with every chunk and its bytes, in
-/// order. Returns the chunks, the size read and, when `whole` is set, the digest of everything.
-pub fn split(
-    reader: &mut dyn Read,
-    whole: bool,
-    mut each: impl FnMut(&Chunk, &[u8]) -> io::Result<()>,
-) -> io::Result<(Vec<Chunk>, u64, Option<Digest256>)> {
-    let mut all = whole.then(Sha256::new);
+/// Split what `reader` holds into chunks, in order; returns them, the size read and the digest
+/// of everything (one pass: the digest that names a layer and its chunks come together).
+pub fn split(reader: &mut dyn Read) -> io::Result<(Vec<Chunk>, u64, Digest256)> {
+    let mut all = Sha256::new();
     let mut chunks = Vec::new();
-    let size = cut(reader, all.as_mut(), |offset, bytes, weak| {
-        let chunk = Chunk {
+    let size = cut(reader, Some(&mut all), |offset, bytes, weak| {
+        chunks.push(Chunk {
             offset,
             length: bytes.len() as u32,
             digest: Digest256::of(bytes),
             weak,
-        };
-        each(&chunk, bytes)?;
-        chunks.push(chunk);
+        });
         Ok(())
     })?;
-    Ok((
-        chunks,
-        size,
-        all.map(|h| Digest256::from_sha256(&h.finalize())),
-    ))
+    Ok((chunks, size, Digest256::from_sha256(&all.finalize())))
 }
 
 /// What publishing the chunk index did (part of `kiln publish --json`).
@@ -268,45 +258,31 @@ fn known_chunks(target: &Target, r: &super::Reference, tags: &[String]) -> HashS
     known
 }
 
-/// Split the layer file `image` (digest `layer`) into chunks and publish their index referring
-/// to the image manifest `subject`. The chunks are not stored again: a puller fetches each as a
-/// range of the layer, which the registry has whole.
+/// Publish the index of `chunks` (from [`split`]) of the disk `layer`, referring to the image
+/// manifest `subject`. The chunks are not stored again: a puller fetches each as a range of the
+/// layer, which the registry has whole.
 pub(super) fn publish(
     target: &Target,
     r: &super::Reference,
     tags: &[String],
-    image: &Path,
+    chunks: Vec<Chunk>,
     layer: &Descriptor,
     subject: &Descriptor,
 ) -> Result<ChunkReport, StoreError> {
     let known = known_chunks(target, r, tags);
-    let mut file = File::open(image).map_err(|e| io_err("open", image, e))?;
-    let mut seen = HashSet::new();
-    let mut known_bytes = 0u64;
-    let (chunks, size, _) = split(&mut file, false, |chunk, _| {
-        seen.insert(chunk.digest.clone());
-        if known.contains(&chunk.digest) {
-            known_bytes += u64::from(chunk.length);
-        }
-        Ok(())
-    })
-    .map_err(|e| io_err("read", image, e))?;
-    if size != layer.size {
-        return Err(StoreError::SizeMismatch {
-            what: format!(
-                "{} (changed while it was split into chunks)",
-                image.display()
-            ),
-            expected: layer.size,
-            actual: size,
-        });
-    }
+    let unique: HashSet<&Digest256> = chunks.iter().map(|c| &c.digest).collect();
+    let unique = unique.len();
+    let known_bytes: u64 = chunks
+        .iter()
+        .filter(|c| known.contains(&c.digest))
+        .map(|c| u64::from(c.length))
+        .sum();
     let covered: u64 = chunks.iter().map(|c| u64::from(c.length)).sum();
     let count = chunks.len();
     let index = to_json(&ChunkIndex {
         v: 1,
         digest: layer.digest.clone(),
-        size,
+        size: layer.size,
         block: BLOCK as u32,
         chunks,
     })?;
@@ -330,7 +306,7 @@ pub(super) fn publish(
         target.put_manifest(&chunks_tag(&subject.digest), &to_json(&m)?, ARTIFACT_CHUNKS)?;
     Ok(ChunkReport {
         chunks: count,
-        unique: seen.len(),
+        unique,
         known_bytes,
         new_bytes: covered - known_bytes,
         index: digest,
@@ -353,7 +329,10 @@ pub(super) fn fetch_index(
     }) else {
         return Ok(None);
     };
-    let bytes = target.small_blob_within(&m.config, "chunk index", MAX_INDEX_BYTES)?;
+    // A chunk is at least a block, and its entry well under 256 bytes: a larger index is not
+    // one of this disk's.
+    let max = MAX_INDEX_BYTES.min(layer.size / BLOCK as u64 * 256 + (64 << 10));
+    let bytes = target.small_blob_within(&m.config, "chunk index", max)?;
     let index: ChunkIndex = serde_json::from_slice(&bytes).map_err(|e| StoreError::Malformed {
         what: "chunk index".into(),
         reference: r.to_string(),
@@ -691,7 +670,8 @@ mod tests {
     }
 
     fn chunks_of(data: &[u8]) -> (Vec<Chunk>, u64, Option<Digest256>) {
-        split(&mut &data[..], true, |_, _| Ok(())).unwrap()
+        let (chunks, size, whole) = split(&mut &data[..]).unwrap();
+        (chunks, size, Some(whole))
     }
 
     #[test]
@@ -762,7 +742,8 @@ mod tests {
         data[5 << 20..(5 << 20) + 3 * BLOCK].fill(0);
         data.truncate(data.len() - 123);
         let whole = chunks_of(&data);
-        let trickled = split(&mut Trickle(&data, 0), true, |_, _| Ok(())).unwrap();
+        let (chunks, size, all) = split(&mut Trickle(&data, 0)).unwrap();
+        let trickled = (chunks, size, Some(all));
         assert_eq!(whole, trickled);
         // The weak hash tells chunks apart like the sha256 does.
         let weak: HashSet<u64> = whole.0.iter().map(|c| c.weak).collect();

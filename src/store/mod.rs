@@ -692,9 +692,10 @@ pub fn publish(
     if let Target::Registry { reg, .. } = &target {
         reg.ping()?;
     }
-    let (layer_digest, size) = {
+    // The digest and the chunks (for delta pulls) in one pass.
+    let (chunk_list, size, layer_digest) = {
         let mut f = File::open(image).map_err(|e| io_err("open", image, e))?;
-        crate::digest::hash_file(&mut f).map_err(|e| io_err("read", image, e))?
+        chunks::split(&mut f).map_err(|e| io_err("read", image, e))?
     };
     let uploaded = match target.blob_exists(&layer_digest)? {
         Some(_) => 0,
@@ -775,7 +776,7 @@ pub fn publish(
         &target,
         &r,
         &tags,
-        image,
+        chunk_list,
         &manifest.layers[0],
         &manifest_descriptor(&manifest_bytes),
     )?;

@@ -689,26 +689,8 @@ impl Registry {
         digest: &Digest256,
         from: u64,
     ) -> Result<(Response, u64), StoreError> {
-        let range = format!("bytes={from}-");
-        let r = self.send("GET", &format!("/v2/{repo}/blobs/{digest}"), &|rb| {
-            if from > 0 {
-                rb.header(header::RANGE, range.as_str())
-            } else {
-                rb
-            }
-        })?;
-        if r.status() == StatusCode::NOT_FOUND {
-            return Err(StoreError::NotFound {
-                what: format!("blob {digest}"),
-                reference: repo.to_string(),
-            });
-        }
-        let r = self.expect(
-            r,
-            "GET",
-            "fetch blob",
-            &[StatusCode::OK, StatusCode::PARTIAL_CONTENT],
-        )?;
+        let range = (from > 0).then(|| format!("bytes={from}-"));
+        let r = self.blob_request(repo, digest, range.as_deref(), "fetch blob")?;
         if r.status() == StatusCode::PARTIAL_CONTENT {
             let cr = header_str(r.headers(), header::CONTENT_RANGE).unwrap_or("");
             if !cr.starts_with(&format!("bytes {from}-")) {
@@ -723,6 +705,37 @@ impl Registry {
         }
     }
 
+    /// GET a blob, with a `Range` header when given: its answer (200 or 206), `NotFound` for a
+    /// 404, an error for any other status.
+    fn blob_request(
+        &self,
+        repo: &str,
+        digest: &Digest256,
+        range: Option<&str>,
+        what: &str,
+    ) -> Result<Response, StoreError> {
+        let r = self.send(
+            "GET",
+            &format!("/v2/{repo}/blobs/{digest}"),
+            &|rb| match range {
+                Some(range) => rb.header(header::RANGE, range),
+                None => rb,
+            },
+        )?;
+        if r.status() == StatusCode::NOT_FOUND {
+            return Err(StoreError::NotFound {
+                what: format!("blob {digest}"),
+                reference: repo.to_string(),
+            });
+        }
+        self.expect(
+            r,
+            "GET",
+            what,
+            &[StatusCode::OK, StatusCode::PARTIAL_CONTENT],
+        )
+    }
+
     /// `len` bytes of a blob from byte `from` (a chunk of a disk layer): the registry must answer
     /// with exactly that range (206); one that ignores `Range` is a protocol error.
     pub fn get_blob_range(
@@ -734,21 +747,7 @@ impl Registry {
     ) -> Result<Response, StoreError> {
         let last = from + len.max(1) - 1;
         let range = format!("bytes={from}-{last}");
-        let r = self.send("GET", &format!("/v2/{repo}/blobs/{digest}"), &|rb| {
-            rb.header(header::RANGE, range.as_str())
-        })?;
-        if r.status() == StatusCode::NOT_FOUND {
-            return Err(StoreError::NotFound {
-                what: format!("blob {digest}"),
-                reference: repo.to_string(),
-            });
-        }
-        let r = self.expect(
-            r,
-            "GET",
-            "fetch a range of a blob",
-            &[StatusCode::PARTIAL_CONTENT, StatusCode::OK],
-        )?;
+        let r = self.blob_request(repo, digest, Some(&range), "fetch a range of a blob")?;
         let cr = header_str(r.headers(), header::CONTENT_RANGE).unwrap_or("");
         if r.status() != StatusCode::PARTIAL_CONTENT
             || !cr.starts_with(&format!("bytes {from}-{last}/"))

@@ -87,6 +87,13 @@ pub fn recipe_roots() -> Vec<std::ffi::OsString> {
     ]
 }
 
+/// `kiln keygen -o KEY` (an ECDSA P-256 image signing key and `KEY.pub`); fails the test with
+/// its output when it fails.
+pub fn keygen(home: &Path, key: &Path) {
+    let o = kiln(home).args(["keygen", "-o"]).arg(key).output().unwrap();
+    assert!(o.status.success(), "kiln keygen: {o:?}");
+}
+
 /// The JSON report a successful `kiln ... --json` printed; fails the test with its output otherwise.
 pub fn json_report(o: &std::process::Output) -> serde_json::Value {
     assert!(

@@ -642,6 +642,20 @@ fn workers_on_two_homes_build_a_debian_image_through_the_object_store() {
             std::fs::read_to_string(&log_b).unwrap_or_default()
         )
     };
+    // The stream exists once both workers say they are ready: a request sent before would find
+    // no stream to take it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while ![&log_a, &log_b]
+        .iter()
+        .all(|l| std::fs::read_to_string(l).is_ok_and(|t| t.contains(" ready: ")))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workers not ready\n{}",
+            logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let o = kiln(home_a.path())
         .args(["submit", "recipes/debian-bookworm.yaml", "--no-verify"])
         .args(["--follow", "--timeout", "1200", "--json", "--nats", &url])
